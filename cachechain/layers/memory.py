@@ -1,0 +1,189 @@
+"""MemoryLayer: a bounded, thread-safe, in-process layer with per-entry TTLs.
+
+Built on cachetools' ``LRUCache`` under one ``threading.Lock``. Each entry is stored as
+``(value, expires_at)`` on a monotonic clock, so per-entry TTLs cost one comparison on a
+hit, and an entry without a TTL costs no clock read at all. Expired entries are removed
+when they are next read, and by :meth:`MemoryLayer.expire`; LRU eviction bounds the
+size either way. Values are stored by reference, as in cachetools: do not mutate a value
+after caching it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cachetools import LRUCache
+
+from ..errors import ConfigError
+from .base import MISSING, BaseLayer
+
+__all__ = ["MemoryLayer", "MemoryLayerStats"]
+
+_Item = tuple[Any, "float | None"]
+
+
+class _CountingLRU(LRUCache[str, _Item]):
+    """An ``LRUCache`` that counts evictions (``popitem`` runs only to make room)."""
+
+    evictions = 0
+
+    def popitem(self) -> tuple[str, _Item]:
+        item = super().popitem()
+        self.evictions += 1
+        return item
+
+
+@dataclass(frozen=True)
+class MemoryLayerStats:
+    """A point-in-time view of a :class:`MemoryLayer`.
+
+    ``entries`` counts stored entries (expired ones not yet removed included),
+    ``maxsize`` is the bound, ``evictions`` counts entries removed to make room since
+    the layer was created.
+    """
+
+    entries: int
+    maxsize: int
+    evictions: int
+
+
+class MemoryLayer(BaseLayer):
+    """An in-process cache layer, bounded to ``maxsize`` entries with LRU eviction.
+
+    ``default_ttl`` (seconds, ``None`` for no expiry) applies to writes without a TTL;
+    ``max_ttl`` caps every TTL. ``clock`` returns monotonic seconds and exists for
+    tests. Raises :class:`~cachechain.errors.ConfigError` for a bad ``maxsize`` or TTL.
+    """
+
+    local = True
+
+    def __init__(
+        self,
+        name: str = "L1",
+        *,
+        maxsize: int = 10_000,
+        default_ttl: float | None = 300.0,
+        max_ttl: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(name, default_ttl=default_ttl, max_ttl=max_ttl)
+        if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
+            raise ConfigError(f"maxsize must be an int >= 1, got {maxsize!r}")
+        self._data = _CountingLRU(maxsize)
+        self._lock = threading.Lock()
+        self._clock = clock
+
+    def get(self, key: str) -> Any:
+        """Return the value under ``key``, or :data:`~cachechain.layers.MISSING`."""
+        with self._lock:
+            try:
+                item = self._data[key]
+            except KeyError:
+                return MISSING
+        expires = item[1]
+        if expires is not None and expires <= self._clock():
+            self._drop_if_same(key, item)
+            return MISSING
+        return item[0]
+
+    def get_with_ttl(self, key: str) -> tuple[Any, float | None]:
+        """Return ``(value, remaining_seconds)`` or ``(MISSING, None)``."""
+        with self._lock:
+            try:
+                item = self._data[key]
+            except KeyError:
+                return MISSING, None
+        expires = item[1]
+        if expires is None:
+            return item[0], None
+        remaining = expires - self._clock()
+        if remaining <= 0:
+            self._drop_if_same(key, item)
+            return MISSING, None
+        return item[0], remaining
+
+    def get_many_with_ttl(self, keys: Sequence[str]) -> dict[str, tuple[Any, float | None]]:
+        """Return the live entries among ``keys``, read under one lock acquisition."""
+        data = self._data
+        items: list[tuple[str, _Item]] = []
+        with self._lock:
+            for key in keys:
+                try:  # noqa: SIM105 - contextlib.suppress costs a call per key
+                    items.append((key, data[key]))
+                except KeyError:
+                    pass
+        now = self._clock()
+        found: dict[str, tuple[Any, float | None]] = {}
+        for key, (value, expires) in items:
+            if expires is None:
+                found[key] = (value, None)
+            elif expires > now:
+                found[key] = (value, expires - now)
+            else:
+                self._drop_if_same(key, (value, expires))
+        return found
+
+    def set(self, key: str, value: Any, ttl: float | None = None) -> None:
+        """Store ``value`` for ``ttl`` seconds (default: ``default_ttl``)."""
+        ttl = self.effective_ttl(ttl)
+        item = (value, None if ttl is None else self._clock() + ttl)
+        with self._lock:
+            self._data[key] = item
+
+    def set_many(self, items: Mapping[str, Any], ttl: float | None = None) -> list[str]:
+        """Store every item under one lock acquisition; nothing is ever rejected."""
+        ttl = self.effective_ttl(ttl)
+        expires = None if ttl is None else self._clock() + ttl
+        data = self._data
+        with self._lock:
+            for key, value in items.items():
+                data[key] = (value, expires)
+        return []
+
+    def delete(self, key: str) -> None:
+        """Remove ``key`` if present."""
+        with self._lock:
+            self._data.pop(key, None)
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        """Remove every key in ``keys`` under one lock acquisition."""
+        data = self._data
+        with self._lock:
+            for key in keys:
+                data.pop(key, None)
+
+    def clear(self) -> None:
+        """Remove every entry."""
+        with self._lock:
+            self._data.clear()
+
+    def expire(self) -> int:
+        """Remove every expired entry now; return how many were removed."""
+        now = self._clock()
+        with self._lock:
+            dead = [k for k, (_, exp) in self._data.items() if exp is not None and exp <= now]
+            for key in dead:
+                del self._data[key]
+        return len(dead)
+
+    def stats(self) -> MemoryLayerStats:
+        """Return the entry count, the bound and the eviction count."""
+        with self._lock:
+            return MemoryLayerStats(
+                entries=len(self._data),
+                maxsize=int(self._data.maxsize),
+                evictions=self._data.evictions,
+            )
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def _drop_if_same(self, key: str, item: _Item) -> None:
+        """Remove an expired entry unless a writer replaced it since it was read."""
+        with self._lock:
+            if self._data.get(key) is item:
+                del self._data[key]

@@ -1,0 +1,409 @@
+"""The chain's behaviours from the seed: fallback, backfill, single flight, failures."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import pytest
+
+from cachechain import (
+    Chain,
+    ChainClosedError,
+    ChainConfig,
+    ConfigError,
+    InvalidKeyError,
+    LayerConfig,
+    LayerUnavailableError,
+    LoadTimeoutError,
+    MemoryLayer,
+)
+from cachechain.layers import MISSING
+from tests.support.fakes import FakeClock, FakeLayer
+
+
+def memory_chain(n: int, **kw: Any) -> tuple[Chain, list[MemoryLayer]]:
+    layers = [MemoryLayer(f"L{i + 1}") for i in range(n)]
+    return Chain(layers, **kw), layers
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_fallback_finds_the_value_in_any_layer_and_backfills_the_ones_above(n: int) -> None:
+    chain, layers = memory_chain(n)
+    with chain:
+        for depth in range(n):
+            key = f"k{depth}"
+            layers[depth].set(key, depth, 60)
+            assert chain.get(key) == depth
+            assert chain.flush(5)
+            for upper in range(depth):
+                assert layers[upper].get(key) == depth, (upper, depth)
+            for lower in range(depth + 1, n):
+                assert layers[lower].get(key) is MISSING
+        assert chain.get("absent") is None
+        assert chain.get("absent", "dflt") == "dflt"
+
+
+def test_backfill_uses_the_remaining_ttl() -> None:
+    clock = FakeClock()
+    l1 = MemoryLayer("L1", clock=clock)
+    l2 = FakeLayer("L2", local=True, clock=clock)
+    with Chain([l1, l2]) as chain:
+        l2.set("k", "v", 100)
+        clock.advance(40)
+        assert chain.get("k") == "v"
+        value, ttl = l1.get_with_ttl("k")
+        assert value == "v" and ttl == pytest.approx(60)
+        clock.advance(61)
+        assert l1.get("k") is MISSING
+
+
+def test_backfill_never_exceeds_the_upper_layers_max_ttl() -> None:
+    clock = FakeClock()
+    l1 = MemoryLayer("L1", clock=clock, max_ttl=5)
+    l2 = FakeLayer("L2", local=True, clock=clock)
+    with Chain([l1, l2]) as chain:
+        l2.set("k", "v", 100)
+        assert chain.get("k") == "v"
+        assert l1.get_with_ttl("k")[1] == pytest.approx(5)
+
+
+def test_a_value_without_expiry_is_backfilled_with_the_upper_layers_default() -> None:
+    clock = FakeClock()
+    l1 = MemoryLayer("L1", clock=clock, default_ttl=30)
+    l2 = FakeLayer("L2", local=True, clock=clock)
+    with Chain([l1, l2]) as chain:
+        l2.set("k", "v")  # no TTL: never expires
+        assert chain.get("k") == "v"
+        assert l1.get_with_ttl("k")[1] == pytest.approx(30)
+
+
+def test_backfill_into_lower_upper_layers_goes_through_their_writers() -> None:
+    l1, l2, l3 = MemoryLayer("L1"), FakeLayer("L2"), FakeLayer("L3")
+    with Chain([l1, l2, l3]) as chain:
+        l3.set("k", "v", 60)
+        assert chain.get("k") == "v"
+        assert chain.flush(5)
+        assert l2.get("k") == "v"
+        assert chain.writers["L2"].stats().written == 1
+
+
+def test_a_failing_layer_is_skipped_as_a_miss_and_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    l1, l2, l3 = MemoryLayer("L1"), FakeLayer("L2"), FakeLayer("L3")
+    l3.set("k", "v", 60)
+    l2.fail = LayerUnavailableError("down")
+    with Chain([l1, l2, l3], breaker=None) as chain, caplog.at_level(logging.DEBUG):
+        assert chain.get("k") == "v"
+        l1.delete("k")
+        assert chain.get("k") == "v"
+        assert chain.get("other", 7) == 7
+    failures = [r for r in caplog.records if "'L2' failed on get" in r.getMessage()]
+    assert [r.levelno for r in failures] == [logging.WARNING, logging.DEBUG, logging.DEBUG]
+
+
+def test_a_layer_raising_anything_never_reaches_the_caller() -> None:
+    l1, l2 = FakeLayer("L1", local=True), FakeLayer("L2", local=True)
+    l1.fail = RuntimeError("boom")
+    l2.set("k", "v", 60)
+    with Chain([l1, l2]) as chain:
+        assert chain.get("k") == "v"
+        assert chain.get_many(["k", "x"]) == {"k": "v"}
+        assert chain.set("k2", 1) is False
+        assert l2.get("k2") == 1
+        assert chain.delete("k2") is False
+        assert l2.get("k2") is MISSING
+
+
+def test_set_and_delete_reach_every_layer() -> None:
+    chain, layers = memory_chain(3)
+    with chain:
+        assert chain.set("k", {"a": 1}, ttl=30) is True
+        assert all(layer.get("k") == {"a": 1} for layer in layers)
+        assert chain.delete("k") is True
+        assert all(layer.get("k") is MISSING for layer in layers)
+        assert chain.set_many({"a": 1, "b": 2}) is True
+        assert all(layer.get_many(["a", "b"]) == {"a": 1, "b": 2} for layer in layers)
+        assert chain.delete_many(["a", "b"]) is True
+        assert all(layer.get_many(["a", "b"]) == {} for layer in layers)
+
+
+def test_delete_cancels_a_queued_backfill() -> None:
+    l1, l2, l3 = MemoryLayer("L1"), FakeLayer("L2"), FakeLayer("L3")
+    with Chain([l1, l2, l3]) as chain:
+        writer = chain.writers["L2"]
+        gate = threading.Event()
+        original_set = l2.set
+
+        def slow_set(key: str, value: Any, ttl: float | None = None) -> None:
+            gate.wait(10)
+            original_set(key, value, ttl)
+
+        l2.set = slow_set  # type: ignore[method-assign]
+        l3.set("busy", 1, 60)
+        l3.set("k", "old", 60)
+        assert chain.get("busy") == 1  # the writer's worker now blocks on `busy`
+        assert chain.get("k") == "old"  # backfill of k queued behind it
+        assert writer.stats().depth >= 1
+        assert chain.delete("k") is True
+        gate.set()
+        assert chain.flush(5)
+        assert l2.data.get("k") is None
+        assert l3.data.get("k") is None
+        assert l1.get("k") is MISSING
+
+
+def test_a_delete_during_a_read_prevents_the_stale_backfill() -> None:
+    l1, l2 = MemoryLayer("L1"), FakeLayer("L2", local=True)
+    l2.set("k", "old", 60)
+    gate = l2.block_get = threading.Event()
+    with Chain([l1, l2]) as chain:
+        results: list[Any] = []
+        reader = threading.Thread(target=lambda: results.append(chain.get("k")))
+        reader.start()
+        assert l2.entered.wait(5)  # the reader has read "old" from L2
+        assert chain.delete("k") is True
+        gate.set()
+        reader.join(5)
+        assert results == ["old"]
+        assert l1.get("k") is MISSING, "the stale value was backfilled after the delete"
+
+
+def test_get_many_asks_each_layer_only_for_what_the_layers_above_missed() -> None:
+    l1 = MemoryLayer("L1")
+    l2, l3 = FakeLayer("L2", local=True), FakeLayer("L3", local=True)
+    l1.set("a", 1)
+    l2.set("b", 2)
+    l3.set("c", 3)
+    with Chain([l1, l2, l3]) as chain:
+        assert chain.get_many(["a", "b", "c", "d", "a"]) == {"a": 1, "b": 2, "c": 3}
+        assert l2.ops("get_many") == [["b", "c", "d"]]
+        assert l3.ops("get_many") == [["c", "d"]]
+        assert l1.get_many(["b", "c"]) == {"b": 2, "c": 3}  # backfilled
+        assert chain.flush(5)
+        assert l2.data["c"][0] == 3
+
+
+def test_get_or_load_runs_the_loader_once_for_64_threads() -> None:
+    chain, _ = memory_chain(2)
+    calls = []
+    release = threading.Event()
+
+    def loader() -> str:
+        calls.append(1)
+        release.wait(10)
+        return "loaded"
+
+    results: list[Any] = []
+    barrier = threading.Barrier(64)
+
+    def worker() -> None:
+        barrier.wait()
+        results.append(chain.get_or_load("k", loader, ttl=60))
+
+    threads = [threading.Thread(target=worker) for _ in range(64)]
+    for t in threads:
+        t.start()
+    _wait_for_waiters(chain, "k", 63)
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert calls == [1]
+    assert results == ["loaded"] * 64
+    assert chain.get("k") == "loaded"
+    chain.close()
+
+
+def test_a_raising_loader_releases_every_waiter_and_caches_nothing() -> None:
+    chain, _ = memory_chain(2)
+    release = threading.Event()
+    calls = []
+
+    class LoadFailed(Exception):
+        pass
+
+    def loader() -> str:
+        calls.append(1)
+        release.wait(10)
+        raise LoadFailed("db down")
+
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(64)
+
+    def worker() -> None:
+        barrier.wait()
+        try:
+            chain.get_or_load("k", loader)
+        except LoadFailed as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(64)]
+    for t in threads:
+        t.start()
+    _wait_for_waiters(chain, "k", 63)
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert calls == [1]
+    assert len(errors) == 64
+    assert chain._flight.in_flight() == 0
+    assert chain.get("k", MISSING) is MISSING
+    assert chain.get_or_load("k", lambda: "second") == "second"
+    chain.close()
+
+
+def test_a_waiter_with_its_own_timeout_gives_up_and_the_load_goes_on() -> None:
+    chain, _ = memory_chain(1)
+    started, release = threading.Event(), threading.Event()
+
+    def loader() -> str:
+        started.set()
+        release.wait(10)
+        return "late"
+
+    leader = threading.Thread(target=lambda: chain.get_or_load("k", loader))
+    leader.start()
+    assert started.wait(5)
+    with pytest.raises(LoadTimeoutError):
+        chain.get_or_load("k", loader, wait_timeout=0.01)
+    release.set()
+    leader.join(5)
+    assert chain.get("k") == "late"
+    assert chain._flight.in_flight() == 0
+    chain.close()
+
+
+def test_a_loader_returning_none_is_cached() -> None:
+    chain, _ = memory_chain(2)
+    calls = []
+    with chain:
+        for _ in range(3):
+            assert chain.get_or_load("k", lambda: calls.append(1)) is None
+        assert calls == [1]
+
+
+def test_a_loaded_value_is_not_cached_when_the_key_is_deleted_during_the_load() -> None:
+    chain, layers = memory_chain(2)
+    with chain:
+
+        def loader() -> str:
+            chain.delete("k")  # e.g. the row was updated while we read it
+            return "stale"
+
+        assert chain.get_or_load("k", loader) == "stale"
+        assert chain.flush(5)
+        assert all(layer.get("k") is MISSING for layer in layers)
+
+
+def test_cached_decorator_and_invalidate() -> None:
+    chain, _ = memory_chain(2)
+    calls: list[tuple[int, int]] = []
+
+    @chain.cached(ttl=60)
+    def add(a: int, b: int = 0) -> int:
+        calls.append((a, b))
+        return a + b
+
+    with chain:
+        assert add(1, b=2) == 3
+        assert add(1, b=2) == 3
+        assert add(2) == 2
+        assert calls == [(1, 2), (2, 0)]
+        add.invalidate(1, b=2)  # type: ignore[attr-defined]
+        assert add(1, b=2) == 3
+        assert calls == [(1, 2), (2, 0), (1, 2)]
+        assert "add(1, b=2)" in add.cache_key(1, b=2)  # type: ignore[attr-defined]
+
+    @chain.cached(key=lambda user: f"user:{user}")
+    def profile(user: str) -> str:
+        return user.upper()
+
+    assert profile.cache_key("bob") == "user:bob"  # type: ignore[attr-defined]
+
+
+def test_invalid_keys_are_refused_with_a_clear_error() -> None:
+    chain, _ = memory_chain(2)
+    with chain:
+        with pytest.raises(InvalidKeyError, match="must be str, got int"):
+            chain.get(42)  # type: ignore[arg-type]
+        with pytest.raises(InvalidKeyError, match="unhashable list"):
+            chain.get(["a"])  # type: ignore[arg-type]
+        with pytest.raises(InvalidKeyError):
+            chain.set(b"k", 1)  # type: ignore[arg-type]
+        with pytest.raises(InvalidKeyError):
+            chain.get_many("abc")
+        with pytest.raises(InvalidKeyError):
+            chain.delete_many("abc")
+        with pytest.raises(InvalidKeyError):
+            chain.get_many(["ok", 3])  # type: ignore[list-item]
+
+
+def test_an_empty_chain_and_bad_settings_are_refused() -> None:
+    with pytest.raises(ConfigError, match="at least one layer"):
+        Chain([])
+    with pytest.raises(ConfigError, match="unique"):
+        Chain([MemoryLayer("L1"), MemoryLayer("L1")])
+    with pytest.raises(ConfigError, match="sequence"):
+        Chain("L1")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="name"):
+        Chain([MemoryLayer()], name="")
+    with pytest.raises(ConfigError, match="ChainConfig"):
+        Chain.from_config({"layers": []})  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="CacheLayer"):
+        LayerConfig(layer="nope")  # type: ignore[arg-type]
+
+
+def test_a_closed_chain_refuses_every_call() -> None:
+    chain, _ = memory_chain(2)
+    chain.set("k", 1)
+    assert chain.close() == 0
+    assert chain.close() == 0
+    assert chain.closed
+    for call in (
+        lambda: chain.get("k"),
+        lambda: chain.get("absent"),
+        lambda: chain.get_many(["k"]),
+        lambda: chain.set("k", 2),
+        lambda: chain.delete("k"),
+        lambda: chain.set_many({"k": 2}),
+        lambda: chain.delete_many(["k"]),
+        lambda: chain.get_or_load("k", lambda: 1),
+    ):
+        with pytest.raises(ChainClosedError):
+            call()
+
+
+def test_from_config_builds_the_same_chain() -> None:
+    l1, l2 = MemoryLayer("L1"), MemoryLayer("L2")
+    l2.set("key", "value", 60)
+    chain = Chain.from_config(ChainConfig(layers=[l1, LayerConfig(layer=l2)], name="web"))
+    with chain:
+        assert chain.name == "web"
+        assert chain.get("key") == "value"
+        assert [lay.name for lay in chain.layers] == ["L1", "L2"]
+        assert "web" in repr(chain)
+
+
+def test_remote_layers_are_wrapped_in_a_breaker_and_local_ones_are_not() -> None:
+    l1, l2 = MemoryLayer("L1"), FakeLayer("L2")
+    with Chain([l1, l2]) as chain:
+        assert set(chain.breakers) == {"L2"}
+    l3 = FakeLayer("L3")
+    with Chain([MemoryLayer("A"), LayerConfig(layer=l3, resilient=False)]) as chain:
+        assert chain.breakers == {}
+
+
+def _wait_for_waiters(chain: Chain, key: str, n: int) -> None:
+    """Wait (bounded) until ``n`` threads have joined the in-flight load of ``key``."""
+    flight = chain._flight
+    ready = threading.Event()
+    for _ in range(5000):
+        with flight._lock:
+            call = flight._calls.get(key)
+            if call is not None and call.waiters >= n:
+                ready.set()
+        if ready.wait(0.002):
+            return
+    raise AssertionError(f"fewer than {n} threads joined the load")
