@@ -248,9 +248,7 @@ class Chain:
         except Exception as exc:
             value = self._l1_failed(key, exc)
         if value is not MISSING:
-            elapsed = _perf() - start
-            m.record_get(self._names[0], True, elapsed)
-            m.record_chain_get(True, 0, elapsed)
+            m.record_first_layer_hit(self._names[0], _perf() - start)
             return value
         value, index = self._lookup(key, m, start)
         m.record_chain_get(index >= 0, index, _perf() - start)

@@ -34,7 +34,7 @@ import pickle
 import struct
 from typing import Any, Protocol, runtime_checkable
 
-from .errors import ConfigError, InvalidValueError, LayerError
+from .errors import ConfigError, CorruptValueError, InvalidValueError
 
 __all__ = [
     "ENVELOPE_HEADER_SIZE",
@@ -54,18 +54,6 @@ _HEADER = struct.Struct(">BBd")
 
 #: Bytes of envelope before the codec payload (magic, codec id, ``expires_at``).
 ENVELOPE_HEADER_SIZE = _HEADER.size
-
-
-class CorruptValueError(LayerError):
-    """Stored bytes could not be read back: a wrong envelope, another codec's data, a
-    bad signature, or a payload the codec rejects.
-
-    The chain counts it and treats the entry as a miss. It says nothing about the
-    backend's health, so it never trips a circuit breaker.
-    """
-
-    error_type = "serialization"
-    trips_breaker = False
 
 
 @runtime_checkable

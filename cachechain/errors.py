@@ -20,6 +20,7 @@ __all__ = [
     "ChainClosedError",
     "CircuitOpenError",
     "ConfigError",
+    "CorruptValueError",
     "InvalidKeyError",
     "InvalidValueError",
     "LayerError",
@@ -106,6 +107,18 @@ class CircuitOpenError(LayerUnavailableError):
     """
 
     error_type = "connection"
+    trips_breaker = False
+
+
+class CorruptValueError(LayerError):
+    """Stored bytes could not be read back: a wrong envelope, another codec's data, a
+    bad signature, or a payload the codec rejects.
+
+    The chain counts it and treats the entry as a miss. It says nothing about the
+    backend's health, so it never trips a circuit breaker.
+    """
+
+    error_type = "serialization"
     trips_breaker = False
 
 

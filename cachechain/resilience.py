@@ -55,8 +55,10 @@ class ResilientLayer:
     failures. Implements the whole :class:`~cachechain.layers.base.CacheLayer` protocol.
 
     ``breaker`` defaults to ``CircuitBreaker(layer.name)``. ``timeout`` (seconds,
-    ``None`` = no slow-call check) defaults to the wrapped layer's ``timeout`` attribute
-    when it has one. ``clock`` returns monotonic seconds and times each call. Raises
+    ``None`` = no slow-call check) defaults to the wrapped layer's ``timeout`` plus its
+    ``connect_timeout`` when it has them (a socket timeout bounds each read, and a
+    healthy call may also have to connect). ``clock`` returns monotonic seconds and
+    times each call. Raises
     :class:`~cachechain.errors.ConfigError` for a layer that is not a ``CacheLayer`` or
     an invalid timeout (``layer.timeout`` is named when the default was invalid).
     Every operation raises :class:`~cachechain.errors.CircuitOpenError` while the
@@ -78,7 +80,12 @@ class ResilientLayer:
         elif not isinstance(breaker, CircuitBreaker):
             raise ConfigError(f"breaker must be a CircuitBreaker, got {breaker!r}")
         if timeout is None:
-            self._timeout = _check_timeout(getattr(layer, "timeout", None), "layer.timeout")
+            # A socket timeout bounds each read; a healthy call may also connect.
+            own = _check_timeout(getattr(layer, "timeout", None), "layer.timeout")
+            connect = _check_timeout(
+                getattr(layer, "connect_timeout", None), "layer.connect_timeout"
+            )
+            self._timeout = own if own is None or connect is None else own + connect
         else:
             self._timeout = _check_timeout(timeout, "timeout")
         if not callable(clock):

@@ -647,7 +647,7 @@ def _install_hooks() -> None:
     try:
         if register is None:
             raise RuntimeError("threading._register_atexit is not available")
-        atexit.register(_at_exit)
+        register(_at_exit)
     except RuntimeError:  # pragma: no cover - other interpreters, or import at shutdown
         atexit.register(_at_exit)
     if hasattr(os, "register_at_fork"):

@@ -154,8 +154,8 @@ class BaseLayer(abc.ABC):
         """
         if ttl is None:
             ttl = self.default_ttl
-        elif isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl > 0:
-            raise InvalidValueError(f"ttl must be a number of seconds > 0, got {ttl!r}")
+        elif isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl < math.inf:
+            raise InvalidValueError(f"ttl must be a finite number of seconds > 0, got {ttl!r}")
         if ttl is not None and self._max_ttl is not None and ttl > self._max_ttl:
             return self._max_ttl
         return ttl

@@ -43,8 +43,8 @@ from dataclasses import dataclass
 from operator import methodcaller
 from typing import Any, TypeVar
 
-from pymemcache.client.base import Client  # type: ignore[import-untyped]
-from pymemcache.exceptions import (  # type: ignore[import-untyped]
+from pymemcache.client.base import Client
+from pymemcache.exceptions import (
     MemcacheError,
     MemcacheServerError,
     MemcacheUnexpectedCloseError,

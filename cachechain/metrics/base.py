@@ -73,6 +73,14 @@ class MetricsCollector:
         """
         return self
 
+    def record_first_layer_hit(self, layer: str, duration: float) -> None:
+        """A logical get served by the first layer in ``duration`` s: the same as
+        ``record_get(layer, True, duration)`` then ``record_chain_get(True, 0,
+        duration)``, which is what this default does. The chain's hottest path makes
+        this one call, so a collector can override it to do both in one step."""
+        self.record_get(layer, True, duration)
+        self.record_chain_get(True, 0, duration)
+
     def record_error(self, layer: str, operation: str, error_type: str) -> None:
         """A call to ``layer`` failed; ``error_type`` is one of
         :data:`cachechain.errors.ERROR_TYPES`. Not called for misses."""
@@ -149,6 +157,7 @@ class CollectorGuard:
     record_singleflight_shared: Callable[[], None]
     record_evictions: Callable[[str, int], None]
     record_entries: Callable[[str, int], None]
+    record_first_layer_hit: Callable[[str, float], None]
 
     def __init__(self, collector: Any) -> None:
         self.collector = collector
@@ -166,6 +175,17 @@ class CollectorGuard:
             if name == "record_write_dropped" and not _accepts_reason(method):
                 method = _drop_reason(method)
             setattr(self, name, self._guard(method))
+        fused = getattr(collector, "record_first_layer_hit", None)
+        if fused is None:
+            get, chain_get = self.record_get, self.record_chain_get
+
+            def fused(layer: str, duration: float) -> None:
+                get(layer, True, duration)
+                chain_get(True, 0, duration)
+
+            self.record_first_layer_hit = fused
+        else:
+            self.record_first_layer_hit = self._guard(fused)
 
     def _guard(self, method: Callable[..., Any]) -> Callable[..., None]:
         def guarded(*args: Any) -> None:
