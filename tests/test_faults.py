@@ -1,0 +1,295 @@
+"""The fault matrix of reliability.md at the chain level, against a real memcached.
+
+Each test names the rows it covers. Sockets use 100-200 ms timeouts; breakers use an
+injected clock wherever a test would otherwise wait for the open period to pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from cachechain import (
+    Chain,
+    CircuitBreaker,
+    LayerConfig,
+    MemcachedLayer,
+    MemoryLayer,
+    ResilientLayer,
+    State,
+)
+from cachechain.metrics.memory import MemoryCollector
+from tests.support.fakes import FakeClock
+from tests.support.faultproxy import BacklogListener, FaultProxy
+from tests.support.servers import MemcachedProcess
+
+pytestmark = pytest.mark.memcached
+
+TIMEOUT = 0.1
+
+
+def guarded(
+    address: str, clock: FakeClock, *, max_failures: int = 3, timeout: float = TIMEOUT
+) -> ResilientLayer:
+    layer = MemcachedLayer("L2", address, timeout=timeout, connect_timeout=timeout)
+    breaker = CircuitBreaker("L2", max_failures=max_failures, reset_timeout=5.0, clock=clock)
+    return ResilientLayer(layer, breaker=breaker)
+
+
+class StateWatch:
+    """Events set when a breaker enters each state."""
+
+    def __init__(self, breaker: CircuitBreaker) -> None:
+        self.entered = {s: threading.Event() for s in State}
+        self.transitions: list[tuple[State, State]] = []
+        breaker.add_listener(self)
+
+    def __call__(self, name: str, old: State, new: State) -> None:
+        self.transitions.append((old, new))
+        self.entered[new].set()
+
+
+@pytest.fixture()
+def proxy(memcached: MemcachedProcess) -> Iterator[FaultProxy]:
+    with FaultProxy(("127.0.0.1", memcached.port)).start() as p:
+        yield p
+        assert p.errors == []
+
+
+def test_memcached_killed_and_restarted_under_8_threads(own_memcached: MemcachedProcess) -> None:
+    """Rows 1 and 2: kill memcached under load, then restart it."""
+    clock = FakeClock()
+    l2 = guarded(own_memcached.address, clock)
+    watch = StateWatch(l2.breaker)
+    collector = MemoryCollector()
+    chain = Chain([MemoryLayer("L1", maxsize=20), l2], metrics=collector)
+    keys = [f"item:{i}" for i in range(200)]
+    for i, key in enumerate(keys):
+        l2.set(key, f"v{i}", 300)
+    baseline_threads = threading.active_count()
+
+    stop = threading.Event()
+    progress = [threading.Semaphore(0) for _ in range(8)]
+    errors: list[BaseException] = []
+    wrong: list[tuple[str, Any]] = []
+
+    def worker(n: int) -> None:
+        i = n
+        try:
+            while not stop.is_set():
+                i = (i * 31 + 7) % len(keys)
+                value = chain.get_or_load(keys[i], lambda i=i: f"v{i}")
+                if value != f"v{i}":
+                    wrong.append((keys[i], value))
+                progress[n].release()
+        except BaseException as exc:
+            errors.append(exc)
+
+    def run_a_while() -> None:
+        for sem in progress:
+            for _ in range(200):
+                assert sem.acquire(timeout=10), "a worker is stuck"
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        run_a_while()
+        own_memcached.stop()
+        assert watch.entered[State.OPEN].wait(10), "the breaker never opened"
+        failures_before_open = sum(collector.snapshot().layer_metrics["L2"].errors_by_type.values())
+        run_a_while()
+        assert threading.active_count() <= baseline_threads + 8 + 2, "threads piled up"
+        rejected = collector.snapshot().layer_metrics["L2"].circuit_rejected
+        assert rejected > 0
+        own_memcached.start()
+        clock.advance(5.0)  # the open period is over: the next call is a trial
+        assert watch.entered[State.CLOSED].wait(10), "the breaker never closed"
+        run_a_while()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+        chain.close()
+    assert errors == []
+    assert wrong == []
+    # 3 consecutive failures open it; calls already in flight may fail too
+    assert 3 <= failures_before_open <= 3 + 7
+    assert watch.transitions[:3] == [
+        (State.CLOSED, State.OPEN),
+        (State.OPEN, State.HALF_OPEN),
+        (State.HALF_OPEN, State.CLOSED),
+    ]
+
+
+def test_black_hole_bounds_every_get_and_the_open_breaker_costs_no_io(
+    proxy: FaultProxy, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Row 3: a server that accepts and never answers."""
+    clock = FakeClock()
+    l2 = guarded(proxy.address, clock, max_failures=5)
+    watch = StateWatch(l2.breaker)
+    l1 = MemoryLayer("L1")
+    chain = Chain([l1, l2])
+
+    def loader() -> str:
+        return "loaded"
+
+    for i in range(10):
+        l2.set(f"k{i}", i, 60)
+    proxy.black_hole()
+    latencies = []
+    for i in range(10):
+        start = time.perf_counter()
+        assert chain.get_or_load(f"k{i}", loader) == "loaded"
+        latencies.append(time.perf_counter() - start)
+        l1.clear()
+    assert watch.entered[State.OPEN].is_set()
+    latencies.sort()
+    worst = latencies[-1]
+    assert worst <= TIMEOUT * 2 + 0.15, f"a get took {worst:.3f} s under a black hole"
+
+    before = proxy.stats()
+    open_costs = []
+    for i in range(2000):
+        start = time.perf_counter()
+        chain.get_or_load(f"open{i}", loader)
+        open_costs.append(time.perf_counter() - start)
+    after = proxy.stats()
+    assert after.connections == before.connections
+    assert after.bytes_received == before.bytes_received
+
+    baseline = Chain([MemoryLayer("L1")])
+    base_costs = []
+    for i in range(2000):
+        start = time.perf_counter()
+        baseline.get_or_load(f"open{i}", loader)
+        base_costs.append(time.perf_counter() - start)
+    chain.close()
+    baseline.close()
+    open_us = statistics.median(open_costs) * 1e6
+    base_us = statistics.median(base_costs) * 1e6
+    with capsys.disabled():
+        print(
+            f"\n[black hole] worst get {worst * 1000:.1f} ms (timeout {TIMEOUT * 1000:.0f} ms);"
+            f" open breaker: miss+load {open_us:.1f} us vs L1-only chain {base_us:.1f} us"
+        )
+    assert open_us < 1000, "with the breaker open a miss must not touch the network"
+
+
+def test_slow_trickle_counts_as_failures_and_opens_the_breaker(proxy: FaultProxy) -> None:
+    """Row 5: every read succeeds but the whole call takes far longer than the timeout."""
+    clock = FakeClock()
+    l2 = guarded(proxy.address, clock, max_failures=2)
+    with Chain([MemoryLayer("L1"), l2]) as chain:
+        l2.set("k", "x" * 64, 60)
+        proxy.trickle(8, 0.03)
+        assert chain.get("k") == "x" * 64  # the value is right, just slow
+        assert l2.breaker.stats().consecutive_failures == 1
+        chain.layers[0].delete("k")  # type: ignore[attr-defined]
+        chain.get("k")
+        assert l2.breaker.state is State.OPEN
+
+
+@pytest.mark.parametrize("fault", ["reset", "close_mid_reply"])
+def test_a_broken_connection_is_a_miss_and_the_next_call_is_correct(
+    proxy: FaultProxy, fault: str
+) -> None:
+    """Row 6: connection reset, or closed in the middle of a reply."""
+    clock = FakeClock()
+    l2 = guarded(proxy.address, clock)
+    collector = MemoryCollector()
+    with Chain([MemoryLayer("L1", maxsize=1), l2], metrics=collector) as chain:
+        l2.set("k", "value", 60)
+        if fault == "reset":
+            proxy.reset()
+        else:
+            proxy.close_mid_reply(10)
+        assert chain.get("k", "miss") == "miss"
+        assert sum(collector.snapshot().layer_metrics["L2"].errors_by_type.values()) == 1
+        proxy.pass_through()
+        assert chain.get("k") == "value"
+        assert l2.breaker.state is State.CLOSED
+
+
+def test_a_connect_that_never_completes_is_bounded_by_the_connect_timeout() -> None:
+    """Row 4: a listener whose accept queue is full."""
+    with BacklogListener().start() as listener:
+        clock = FakeClock()
+        l2 = guarded(listener.address, clock)
+        with Chain([MemoryLayer("L1"), l2]) as chain:
+            start = time.perf_counter()
+            assert chain.get("k", "dflt") == "dflt"
+            elapsed = time.perf_counter() - start
+    assert elapsed < TIMEOUT + 0.2
+
+
+def test_writes_queued_for_a_dead_layer_fail_fast_and_are_counted(
+    own_memcached: MemcachedProcess,
+) -> None:
+    """Row 19: a lower layer dies while write-behind sets are queued."""
+    clock = FakeClock()
+    l2 = guarded(own_memcached.address, clock, max_failures=2)
+    collector = MemoryCollector()
+    chain = Chain([MemoryLayer("L1"), LayerConfig(layer=l2, write_behind=True)], metrics=collector)
+    own_memcached.stop()
+    threads_before = threading.active_count()
+    for i in range(300):
+        chain.set(f"k{i}", i, 60)
+    assert chain.flush(10)
+    writer_stats = chain.writers["L2"].stats()
+    assert writer_stats.depth == 0
+    assert writer_stats.dropped_by_reason.get("circuit_open", 0) > 250
+    assert writer_stats.failed <= 3
+    assert threading.active_count() <= threads_before + 1
+    snap = collector.snapshot().layer_metrics["L2"]
+    assert (
+        snap.dropped_by_reason.get("circuit_open", 0)
+        == writer_stats.dropped_by_reason["circuit_open"]
+    )
+    assert chain.get("k299") == 299  # L1 still serves
+    chain.close(timeout=1)
+
+
+def test_close_drains_pending_writes_to_memcached_within_its_deadline(
+    memcached: MemcachedProcess,
+) -> None:
+    """Row 20: close(timeout) with pending writes."""
+    l2 = MemcachedLayer("L2", memcached.address)
+    chain = Chain([MemoryLayer("L1"), LayerConfig(layer=l2, write_behind=True)])
+    for i in range(1000):
+        chain.set(f"k{i}", i, 60)
+    start = time.monotonic()
+    assert chain.close(timeout=10) == 0
+    assert time.monotonic() - start < 10
+    check = MemcachedLayer("check", memcached.address)
+    assert check.get_many([f"k{i}" for i in range(1000)]) == {f"k{i}": i for i in range(1000)}
+    check.close()
+
+
+def test_a_collector_that_raises_changes_no_result(caplog: pytest.LogCaptureFixture) -> None:
+    """Row 23: an exporter that raises is counted and logged once."""
+
+    class Broken(MemoryCollector):
+        def record_chain_get(self, hit: bool, layer_index: int, total_duration: float) -> None:
+            raise RuntimeError("exporter down")
+
+        def record_first_layer_hit(self, layer: str, duration: float) -> None:
+            raise OSError("exporter down")
+
+    with caplog.at_level(logging.WARNING):
+        chain = Chain([MemoryLayer("L1"), MemoryLayer("L2")], metrics=Broken())
+        chain.set("k", 1)
+        for _ in range(5):
+            assert chain.get("k") == 1
+            assert chain.get("absent", 2) == 2
+        assert chain._m is not None
+        assert chain._m.failures == 10
+        chain.close()
+    assert len([r for r in caplog.records if "metrics collector" in r.getMessage()]) == 1
