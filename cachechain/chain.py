@@ -45,6 +45,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _STRIPES = 64  # a power of two
+_SETTLE_DEFAULT = 1.0  # seconds; a layer without a timeout of its own
 _perf = time.perf_counter
 
 
@@ -158,6 +159,10 @@ class Chain:
                 )
                 for lay, cfg in zip(self._layers[1:], configs[1:], strict=True)
             ),
+        )
+        # How long a synchronous write waits for an in-flight write of its key.
+        self._settle = tuple(
+            getattr(lay, "timeout", None) or _SETTLE_DEFAULT for lay in self._layers
         )
         self._set_wait = tuple(
             (cfg.writer or writer).max_wait if cfg.write_behind else 0.0 for cfg in configs
@@ -489,15 +494,14 @@ class Chain:
         ok = True
         try:
             for index in reversed(range(1, len(self._layers))):
-                layer, writer = self._layers[index], self._writers[index]
-                if writer is not None:
-                    for key in items:
-                        writer.cancel(key)
-                if self._write_behind[index] and writer is not None:
-                    for key, value in items.items():
-                        ok = writer.set(key, value, ttl, max_wait=self._set_wait[index]) and ok
-                    continue
-                ok = self._sync_call(index, "set_many", layer.set_many, items, ttl) and ok
+                batch = {
+                    key: value
+                    for key, value in items.items()
+                    if not self._write_one_queued(index, key, value, ttl)
+                }
+                if batch:
+                    layer = self._layers[index]
+                    ok = self._sync_call(index, "set_many", layer.set_many, batch, ttl) and ok
         finally:
             with self._mut_lock:
                 for stripe in stripes:
@@ -535,15 +539,10 @@ class Chain:
         ok = True
         try:
             for index in reversed(range(1, len(self._layers))):
-                layer, writer = self._layers[index], self._writers[index]
-                if writer is not None:
-                    for key in wanted:
-                        writer.cancel(key)
-                if self._write_behind[index] and writer is not None:
-                    for key in wanted:
-                        writer.delete(key)
-                    continue
-                ok = self._sync_call(index, "delete_many", layer.delete_many, wanted) and ok
+                batch = [k for k in wanted if not self._delete_one_queued(index, k)]
+                if batch:
+                    layer = self._layers[index]
+                    ok = self._sync_call(index, "delete_many", layer.delete_many, batch) and ok
         finally:
             with self._mut_lock:
                 for stripe in stripes:
@@ -585,24 +584,60 @@ class Chain:
         self, index: int, key: str, value: Any, ttl: float | None, *, backfill: bool
     ) -> bool:
         """Write one key to layer ``index``: queued for a backfill or a write-behind
-        layer, else synchronous. Never raises for a layer failure."""
+        layer, else synchronously once no older queued or in-flight write of the key can
+        overtake it. Never raises for a layer failure."""
         writer = self._writers[index]
         if writer is not None:
-            if backfill:
-                return writer.set(key, value, ttl, max_wait=0.0)
-            writer.cancel(key)
-            if self._write_behind[index]:
-                return writer.set(key, value, ttl, max_wait=self._set_wait[index])
+            try:
+                if backfill:
+                    return writer.set(key, value, ttl, max_wait=0.0)
+                if self._write_behind[index] or not writer.settle(key, self._settle[index]):
+                    return writer.set(key, value, ttl, max_wait=self._set_wait[index])
+            except ChainClosedError:  # the chain is being closed by another thread
+                return False
         return self._sync_call(index, "set", self._layers[index].set, key, value, ttl)
 
     def _delete_one(self, index: int, key: str) -> bool:
+        """Delete one key from layer ``index``, after (or behind) any write of it that
+        its writer holds, so that no older write can bring the key back."""
         writer = self._writers[index]
         if writer is not None:
-            writer.cancel(key)
-            if self._write_behind[index]:
+            try:
+                if self._write_behind[index] or not writer.settle(key, self._settle[index]):
+                    writer.delete(key)
+                    return True
+            except ChainClosedError:
+                return False
+        return self._sync_call(index, "delete", self._layers[index].delete, key)
+
+    def _write_one_queued(self, index: int, key: str, value: Any, ttl: float | None) -> bool:
+        """For a batch: queue the write of ``key`` if it must go through the writer
+        (write-behind, or behind an older write); return False to write it in the
+        synchronous batch instead."""
+        writer = self._writers[index]
+        if writer is None:
+            return False
+        try:
+            if self._write_behind[index] or not writer.settle(key, self._settle[index]):
+                writer.set(key, value, ttl, max_wait=self._set_wait[index])
+                return True
+        except ChainClosedError:
+            return True
+        return False
+
+    def _delete_one_queued(self, index: int, key: str) -> bool:
+        """For a batch: queue the delete of ``key`` where it must go through the writer;
+        return False to delete it in the synchronous batch instead."""
+        writer = self._writers[index]
+        if writer is None:
+            return False
+        try:
+            if self._write_behind[index] or not writer.settle(key, self._settle[index]):
                 writer.delete(key)
                 return True
-        return self._sync_call(index, "delete", self._layers[index].delete, key)
+        except ChainClosedError:
+            return True
+        return False
 
     def _sync_call(self, index: int, operation: str, fn: Callable[..., Any], *args: Any) -> bool:
         """Run one synchronous write operation on a layer, timing and counting it."""
@@ -693,8 +728,9 @@ class _WriterMetrics:
         self.m = m
         self.layer = layer
 
-    def dropped(self, reason: str) -> None:
-        self.m.record_write_dropped(self.layer, reason)
+    def dropped(self, reason: str, count: int) -> None:
+        for _ in range(count):
+            self.m.record_write_dropped(self.layer, reason)
 
     def written(self, success: bool, duration: float) -> None:
         self.m.record_async_write(self.layer, success, duration)

@@ -41,12 +41,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from .errors import ChainClosedError, CircuitOpenError, ConfigError
 from .layers.base import CacheLayer
 
-__all__ = ["DROP_REASONS", "AsyncWriter", "WriterStats"]
+__all__ = ["DROP_REASONS", "AsyncWriter", "WriterObserver", "WriterStats"]
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,21 @@ def _check_count(value: object, field: str) -> int:
     return value
 
 
+class WriterObserver(Protocol):
+    """Told what a writer did; set as :attr:`AsyncWriter.observer` (the chain sets one
+    that feeds its metrics). Called outside the writer's lock, from the thread that
+    caused the event; must not block and should not raise (what it raises is logged)."""
+
+    def dropped(self, reason: str, count: int) -> None:
+        """``count`` operations were dropped for ``reason`` (one of DROP_REASONS)."""
+
+    def written(self, success: bool, duration: float) -> None:
+        """One write was made (``success``) or failed, in ``duration`` seconds."""
+
+    def depth(self, depth: int) -> None:
+        """The queue holds ``depth`` operations after a write."""
+
+
 class AsyncWriter:
     """Writes ``set``/``delete`` operations to one cache layer in the background.
 
@@ -158,7 +173,7 @@ class AsyncWriter:
         self._max_wait = _check_seconds(max_wait, "max_wait")
         self._workers = _check_count(workers, "workers")
         self._idle_timeout = _check_seconds(idle_timeout, "idle_timeout", allow_zero=False)
-        if executor is not None and not isinstance(executor, Executor):
+        if executor is not None and not isinstance(executor, ThreadPoolExecutor):
             raise ConfigError(f"executor must be a ThreadPoolExecutor or None, got {executor!r}")
         if not callable(clock):
             raise ConfigError(f"clock must be a callable returning seconds, got {clock!r}")
@@ -166,6 +181,8 @@ class AsyncWriter:
         self._name = name
         self._clock = clock
         self._given_executor: Executor | None = executor
+        #: Told about drops and write results, outside the lock (see WriterObserver).
+        self.observer: WriterObserver | None = None
         #: Intake stopped: set/delete raise ChainClosedError.
         self._closed = False
         #: Draining is over: workers take nothing more.
@@ -183,6 +200,9 @@ class AsyncWriter:
         self._room = threading.Condition(self._lock)
         #: Notified when nothing is queued or in flight, for flush and close.
         self._idle = threading.Condition(self._lock)
+        #: Notified when a write ends while some thread waits in settle().
+        self._settled = threading.Condition(self._lock)
+        self._settlers = 0
         self._pending: OrderedDict[str, _Op] = OrderedDict()
         self._inflight: set[str] = set()
         self._running = 0
@@ -195,6 +215,8 @@ class AsyncWriter:
         self._write_seconds = 0.0
         self._dropped = dict.fromkeys(DROP_REASONS, 0)
         self._logged_types: set[type[BaseException]] = set()
+        #: Events for the observer, delivered once the lock is released.
+        self._events: list[tuple[str, Any, Any]] = []
 
     # ------------------------------------------------------------------ public API
 
@@ -240,17 +262,22 @@ class AsyncWriter:
                 reason = self._wait_for_room(key, wait)
                 if reason is not None:
                     self._count_drop(reason)
-                    return False
-                if key in pending:
+                    events = self._take_events()
+                elif key in pending:
                     pending[key] = op
                     self._count_coalesced()
                     self._pass_room_on()
                     return True
-                pending[key] = op
-                self._pass_room_on()
+                else:
+                    pending[key] = op
+                    self._pass_room_on()
             else:
+                reason = None
                 pending[key] = op
-            executor = self._wake_worker()
+            executor = None if reason is not None else self._wake_worker()
+        if reason is not None:
+            self._deliver(events)
+            return False
         if executor is not None:
             return self._submit(executor)
         return True
@@ -292,6 +319,36 @@ class AsyncWriter:
             if not self._pending and not self._inflight:
                 self._idle.notify_all()
             return True
+
+    def settle(self, key: str, timeout: float) -> bool:
+        """Make way for a synchronous write of ``key``: cancel its queued set and wait
+        until no worker is writing it (at most ``timeout`` seconds).
+
+        Returns True when nothing of ``key`` is queued or in flight any more, so a write
+        made now cannot be overtaken by an older one from this writer; False if a write
+        of it is still in flight at the deadline or a delete of it is queued (then the
+        caller should queue its own operation behind it instead).
+        """
+        with self._lock:
+            op = self._pending.get(key)
+            if op is not None and op[0] is _SET:
+                del self._pending[key]
+                if self._room_waiters:
+                    self._room.notify()
+                if not self._pending and not self._inflight:
+                    self._idle.notify_all()
+            if key not in self._inflight:
+                return key not in self._pending
+            deadline = self._clock() + timeout
+            self._settlers += 1
+            try:
+                while key in self._inflight:
+                    remaining = deadline - self._clock()
+                    if remaining <= 0 or not self._settled.wait(remaining):
+                        break
+            finally:
+                self._settlers -= 1
+            return key not in self._inflight and key not in self._pending
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until nothing is queued or in flight; return True if that happened in time.
@@ -335,8 +392,11 @@ class AsyncWriter:
         dropped = self._finish_stop(deadline)
         with self._lock:
             executor = self._executor if self._given_executor is None else None
+            events = self._take_events()
+        self._deliver(events)
         if executor is not None:
-            executor.shutdown(wait=False, cancel_futures=True)
+            # Drain tasks still queued in the pool see the writer closed and end at once.
+            executor.shutdown(wait=False)
         return dropped
 
     def stats(self) -> WriterStats:
@@ -365,6 +425,8 @@ class AsyncWriter:
     def _count_drop(self, reason: str, count: int = 1) -> None:
         """Count ``count`` operations dropped for ``reason`` (one of DROP_REASONS)."""
         self._dropped[reason] += count
+        if self.observer is not None:
+            self._events.append(("dropped", reason, count))
 
     def _count_result(self, success: bool, duration: float) -> None:
         """Count one write made (``success``) or failed, which took ``duration`` seconds."""
@@ -373,6 +435,32 @@ class AsyncWriter:
         else:
             self._failed += 1
         self._write_seconds += duration
+        if self.observer is not None:
+            self._events.append(("written", success, duration))
+            self._events.append(("depth", len(self._pending), None))
+
+    def _take_events(self) -> list[tuple[str, Any, Any]]:
+        """Take the events for the observer (lock held); deliver them once released."""
+        events = self._events
+        if events:
+            self._events = []
+        return events
+
+    def _deliver(self, events: list[tuple[str, Any, Any]]) -> None:
+        """Tell the observer about ``events`` (lock not held); its errors are logged."""
+        observer = self.observer
+        if observer is None or not events:
+            return
+        try:
+            for kind, a, b in events:
+                if kind == "dropped":
+                    observer.dropped(a, b)
+                elif kind == "written":
+                    observer.written(a, b)
+                else:
+                    observer.depth(a)
+        except Exception:
+            log.exception("cachechain writer for layer %r: its observer raised", self._name)
 
     def _count_coalesced(self) -> None:
         """Count one operation that replaced a queued operation of the same key."""
@@ -440,11 +528,11 @@ class AsyncWriter:
         return executor
 
     def _submit(self, executor: Executor) -> bool:
-        """Submit one reserved drain task; return False if the executor refused it.
+        """Submit one reserved drain task; return False if queued operations were lost.
 
         An executor that was shut down (or the interpreter's shutdown) refuses tasks. If
         no worker is left to drain the queue, its operations are dropped (reason
-        ``closed``) rather than left to wait forever.
+        ``closed``) rather than left to wait forever, and False is returned.
         """
         try:
             executor.submit(self._drain)
@@ -459,6 +547,8 @@ class AsyncWriter:
                     self._room.notify_all()
                     if not self._inflight:
                         self._idle.notify_all()
+                events = self._take_events()
+            self._deliver(events)
             log.warning(
                 "cachechain writer for layer %r: its executor refused a worker (%s); "
                 "%d queued writes dropped",
@@ -466,7 +556,7 @@ class AsyncWriter:
                 exc,
                 lost,
             )
-            return False
+            return lost == 0
         return True
 
     def _next_key(self) -> str | None:
@@ -521,15 +611,24 @@ class AsyncWriter:
                     finally:
                         duration = clock() - start
                         lock.acquire()
-                        inflight.discard(key)
                         if outcome == _REFUSED:
                             self._count_drop("circuit_open")
                         else:
                             self._count_result(outcome == _WRITTEN, duration)
+                        events = self._take_events()
+                        if events:  # told before the write counts as done (flush, settle)
+                            lock.release()
+                            self._deliver(events)
+                            lock.acquire()
+                        inflight.discard(key)
+                        if self._settlers:
+                            self._settled.notify_all()
                         if not pending and not inflight:
                             self._idle.notify_all()
             finally:
                 self._running -= 1
+                events = self._take_events()
+        self._deliver(events)
 
     def _log_failure(self, key: str, op: _Op, exc: Exception) -> None:
         """Log a failed write: WARNING for the first of its type on this writer, then DEBUG."""
@@ -566,7 +665,7 @@ class AsyncWriter:
             executor = self._start_workers(wanted)
         for _ in range(wanted):
             if executor is not None and not self._submit(executor):
-                break
+                break  # the queue was dropped: no point in more workers
         return deadline
 
     def _finish_stop(self, deadline: float) -> int:

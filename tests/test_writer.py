@@ -114,10 +114,12 @@ class RecordingExecutor(concurrent.futures.ThreadPoolExecutor):
         return future
 
 
-class ParkingExecutor(concurrent.futures.Executor):
-    """An executor that accepts tasks and never runs them (a stand-in for a dead pool)."""
+class ParkingExecutor(concurrent.futures.ThreadPoolExecutor):
+    """A pool that accepts tasks and never runs them (a stand-in for a pool whose threads
+    are gone, as in a forked child)."""
 
     def __init__(self) -> None:
+        super().__init__(max_workers=1)
         self.tasks: list[Callable[..., Any]] = []
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:

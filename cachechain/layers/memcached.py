@@ -246,6 +246,15 @@ def _close_quietly(client: Any) -> None:
 
 _LAYERS: weakref.WeakSet[MemcachedLayer] = weakref.WeakSet()
 
+#: Failures of a connection that was open before the call: the server went away (or
+#: restarted) since. Timeouts are not among them: a slow server is not retried.
+_STALE_CONNECTION = (
+    MemcacheUnexpectedCloseError,
+    ConnectionResetError,
+    BrokenPipeError,
+    ConnectionAbortedError,
+)
+
 
 def _after_fork_in_child() -> None:
     for layer in list(_LAYERS):
@@ -494,26 +503,47 @@ class MemcachedLayer(BaseLayer):
         return LayerError(f"{where} sent an unexpected reply: {exc!r}", layer=self.name)
 
     def _call(self, node: _Node, op: Callable[[Any], _T]) -> _T:
-        """Run ``op(client)`` on a pooled client of ``node``, mapping failures."""
-        cluster = self._cluster
-        if cluster:
+        """Run ``op(client)`` on a pooled client of ``node``, mapping failures.
+
+        Every operation is idempotent, so when a connection that was already open
+        turns out to be dead (the server restarted since it was last used), the node's
+        idle connections are dropped and the call is tried once more on a new one.
+        """
+        if self._cluster:
             self._check_node_up(node)
+        return self._attempt(node, op, retry=True)
+
+    def _attempt(self, node: _Node, op: Callable[[Any], _T], *, retry: bool) -> _T:
         client = self._acquire(node)
+        reused = getattr(client, "sock", None) is not None
         try:
             result = op(client)
         except Exception as exc:
             self._release(node, client, healthy=False)
+            if retry and reused and isinstance(exc, _STALE_CONNECTION):
+                self._drop_idle(node)
+                return self._attempt(node, op, retry=False)
             error = self._translate(exc, node)
-            if cluster:
+            if self._cluster:
                 self._mark(node, down=isinstance(error, (LayerTimeoutError, LayerUnavailableError)))
             raise error from exc
         except BaseException:
             self._release(node, client, healthy=False)
             raise
         self._release(node, client, healthy=True)
-        if cluster:
+        if self._cluster:
             self._mark(node, down=False)
         return result
+
+    def _drop_idle(self, node: _Node) -> None:
+        """Close every idle connection of ``node`` (they outlived their server)."""
+        with node.cond:
+            stale, node.idle = node.idle, []
+            for client in stale:
+                node.clients.discard(client)
+            node.cond.notify_all()
+        for client in stale:
+            _close_quietly(client)
 
     # -- reads ---------------------------------------------------------------------
 
