@@ -407,3 +407,39 @@ def _wait_for_waiters(chain: Chain, key: str, n: int) -> None:
         if ready.wait(0.002):
             return
     raise AssertionError(f"fewer than {n} threads joined the load")
+
+
+@pytest.mark.parametrize("timeout", [None, 0.05], ids=["waits", "queues-behind"])
+def test_a_delete_is_not_overtaken_by_a_backfill_already_in_flight(
+    timeout: float | None,
+) -> None:
+    """The writer is writing an old value into L2 when the key is deleted: the delete
+    either waits for that write (settle) or, past the layer's timeout, is queued behind
+    it. Either way L2 ends without the key."""
+    l1, l2, l3 = MemoryLayer("L1"), FakeLayer("L2"), FakeLayer("L3")
+    entered, release = threading.Event(), threading.Event()
+    real_set = l2.set
+
+    def blocking_set(key: str, value: Any, ttl: float | None = None) -> None:
+        entered.set()
+        release.wait(10)
+        real_set(key, value, ttl)
+
+    l2.set = blocking_set  # type: ignore[method-assign]
+    l3.set("k", "old", 60)
+    with Chain([l1, LayerConfig(layer=l2, timeout=timeout), l3]) as chain:
+        assert chain.get("k") == "old"
+        assert entered.wait(5)  # the backfill of "old" into L2 is in flight
+        done = threading.Event()
+        deleter = threading.Thread(target=lambda: (chain.delete("k"), done.set()))
+        deleter.start()
+        if timeout is None:
+            assert not done.wait(0.05)  # the delete waits for the write in flight
+        else:
+            assert done.wait(5)  # it gave up waiting and queued itself behind
+        release.set()
+        deleter.join(5)
+        assert chain.flush(5)
+        assert "k" not in l2.data
+        assert "k" not in l3.data
+        assert l1.get("k") is MISSING

@@ -1013,3 +1013,83 @@ def test_a_forked_child_gets_a_fresh_queue_lock_and_workers(
     gate.set()
     assert writer.flush(SAFETY)
     assert layer.data == {"held": "held-value", "queued": 1}
+
+
+# ---------------------------------------------------------------------- settle, observer
+
+
+def test_settle_cancels_a_queued_set_and_waits_for_a_write_in_flight(
+    make_writer: Callable[..., AsyncWriter],
+) -> None:
+    layer = FakeLayer()
+    writer = make_writer(layer)
+    gate = hold_first_write(writer, layer)
+    writer.set("queued", 1)
+    assert writer.settle("queued", 0) is True  # cancelled: nothing of it is left
+    assert writer.settle("absent", 0) is True
+    writer.delete("del")
+    assert writer.settle("del", 0) is False  # a queued delete is never cancelled
+    assert writer.settle("held", 0.01) is False  # still in flight at the deadline
+    settled: list[bool] = []
+    waiter = threading.Thread(target=lambda: settled.append(writer.settle("held", SAFETY)))
+    waiter.start()
+    gate.set()  # the write in flight ends: the waiter is woken
+    waiter.join(SAFETY)
+    assert settled == [True]
+    assert writer.flush(SAFETY)
+    assert layer.ops_of("queued") == []
+
+
+class RecordingObserver:
+    def __init__(self, writer: AsyncWriter) -> None:
+        self.writer = writer
+        self.events: list[tuple[str, Any]] = []
+
+    def dropped(self, reason: str, count: int) -> None:
+        self.writer.stats()  # calling back into the writer must not deadlock
+        self.events.append(("dropped", (reason, count)))
+
+    def written(self, success: bool, duration: float) -> None:
+        self.writer.stats()
+        self.events.append(("written", success))
+
+    def depth(self, depth: int) -> None:
+        self.events.append(("depth", depth))
+
+
+def test_the_observer_is_told_of_writes_and_drops_outside_the_lock(
+    make_writer: Callable[..., AsyncWriter],
+) -> None:
+    layer = FakeLayer()
+    writer = make_writer(layer, queue_size=1)
+    observer = RecordingObserver(writer)
+    writer.observer = observer
+    gate = hold_first_write(writer, layer)
+    assert writer.set("a", 1)
+    assert writer.set("b", 2) is False  # the queue holds one key: dropped
+    gate.set()
+    assert writer.flush(SAFETY)
+    kinds = [kind for kind, _ in observer.events]
+    assert ("dropped", ("queue_full", 1)) in observer.events
+    assert kinds.count("written") == 2
+    assert kinds.count("depth") == 2
+    assert writer.close(SAFETY) == 0
+
+
+def test_an_observer_that_raises_is_logged_and_harms_nothing(
+    make_writer: Callable[..., AsyncWriter], caplog: pytest.LogCaptureFixture
+) -> None:
+    class Raising:
+        def dropped(self, reason: str, count: int) -> None:
+            raise RuntimeError("observer down")
+
+        written = depth = dropped  # type: ignore[assignment]
+
+    layer = FakeLayer()
+    writer = make_writer(layer)
+    writer.observer = Raising()  # type: ignore[assignment]
+    with caplog.at_level(logging.ERROR):
+        assert writer.set("a", 1)
+        assert writer.flush(SAFETY)
+    assert layer.ops_of("a") == ["set"]
+    assert any("observer raised" in r.getMessage() for r in caplog.records)
