@@ -246,6 +246,12 @@ class CircuitBreaker:
         self._emit()
         return state
 
+    def refusing(self) -> bool:
+        """True while the breaker is OPEN and its ``reset_timeout`` has not passed: a
+        call now would be refused. Lock-free and without side effects (it makes no
+        transition), for callers that want to skip work bound to be refused."""
+        return self._state is State.OPEN and self._clock() - self._opened_at < self._reset_timeout
+
     def acquire(self) -> Permit:
         """Ask to make one guarded call; return its :class:`Permit`.
 

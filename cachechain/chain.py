@@ -20,6 +20,7 @@ import functools
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any, ParamSpec, TypeVar, cast
 
@@ -147,6 +148,9 @@ class Chain:
                 layer.breaker.add_listener(self._on_breaker_change)
             wrapped.append(layer)
         self._layers: tuple[CacheLayer, ...] = tuple(wrapped)
+        self._breaker_at = tuple(
+            lay.breaker if isinstance(lay, ResilientLayer) else None for lay in wrapped
+        )
         self._write_behind = tuple(c.write_behind for c in configs)
         self._writers: tuple[AsyncWriter | None, ...] = (
             None,
@@ -167,6 +171,8 @@ class Chain:
         self._set_wait = tuple(
             (cfg.writer or writer).max_wait if cfg.write_behind else 0.0 for cfg in configs
         )
+        self._evictions_seen: dict[str, int] = {}
+        self._closed = False
         m = self._m
         if m is not None:
             for lay, w in zip(self._layers, self._writers, strict=True):
@@ -176,6 +182,9 @@ class Chain:
             for lay in self._layers:
                 if isinstance(lay, ResilientLayer):
                     m.record_circuit_state(lay.name, int(lay.breaker.state))
+            add_hook = getattr(m.collector, "add_refresh_hook", None)
+            if add_hook is not None:
+                add_hook(_weak_refresh(self))
 
         self._l1 = self._layers[0]
         self._l1_get: Callable[[str], Any] = self._l1.get
@@ -183,7 +192,6 @@ class Chain:
         self._mut_lock = threading.Lock()
         self._mut_seq = [0] * _STRIPES
         self._mut_active = [0] * _STRIPES
-        self._closed = False
         self._close_lock = threading.Lock()
 
     @classmethod
@@ -590,6 +598,9 @@ class Chain:
         if writer is not None:
             try:
                 if backfill:
+                    breaker = self._breaker_at[index]
+                    if breaker is not None and breaker.refusing():
+                        return False  # the writer would only see it refused
                     return writer.set(key, value, ttl, max_wait=0.0)
                 if self._write_behind[index] or not writer.settle(key, self._settle[index]):
                     return writer.set(key, value, ttl, max_wait=self._set_wait[index])
@@ -674,6 +685,27 @@ class Chain:
         if self._m is not None:
             self._m.record_circuit_state(layer, int(new))
 
+    def _refresh_metrics(self) -> None:
+        """Report the polled figures: queue depths, and the entries and evictions of
+        layers that count them. The collector calls it before it reads its figures."""
+        m = self._m
+        if m is None:
+            return
+        for lay, writer in zip(self._layers, self._writers, strict=True):
+            if writer is not None:
+                m.record_queue_depth(lay.name, writer.stats().depth)
+            stats = getattr(lay, "stats", None)
+            figures = stats() if callable(stats) else None
+            entries = getattr(figures, "entries", None)
+            evictions = getattr(figures, "evictions", None)
+            if isinstance(entries, int):
+                m.record_entries(lay.name, entries)
+            if isinstance(evictions, int):
+                seen = self._evictions_seen.get(lay.name, 0)
+                if evictions > seen:
+                    m.record_evictions(lay.name, evictions - seen)
+                self._evictions_seen[lay.name] = evictions
+
     # -- lifecycle --------------------------------------------------------------------
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every async writer has written what it holds (``timeout`` seconds
@@ -737,6 +769,18 @@ class _WriterMetrics:
 
     def depth(self, depth: int) -> None:
         self.m.record_queue_depth(self.layer, depth)
+
+
+def _weak_refresh(chain: Chain) -> Callable[[], None]:
+    """A refresh hook that does not keep the chain alive (collectors outlive chains)."""
+    ref = weakref.ref(chain)
+
+    def refresh() -> None:
+        alive = ref()
+        if alive is not None and not alive.closed:
+            alive._refresh_metrics()
+
+    return refresh
 
 
 def _check_key(key: object) -> None:

@@ -84,6 +84,10 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+#: One decoder for every call: ``json.loads`` with a hook builds a new one each time.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 class JsonCodec:
     """Compact JSON (``codec_id`` 1), UTF-8 encoded; the default codec.
 
@@ -123,7 +127,7 @@ class JsonCodec:
         Raises :class:`CorruptValueError` for bytes that are not UTF-8 JSON.
         """
         try:
-            return json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+            return _DECODER.decode(data.decode("utf-8"))
         except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
             raise CorruptValueError(f"stored value is not valid JSON: {exc}") from exc
 

@@ -31,7 +31,9 @@ class _Call(Generic[T]):
     __slots__ = ("done", "error", "result", "traceback", "waiters")
 
     def __init__(self) -> None:
-        self.done = threading.Event()
+        # Created by the first waiter (under the group's lock): a load nobody joins
+        # costs no Event.
+        self.done: threading.Event | None = None
         self.result: T | None = None
         self.error: BaseException | None = None
         self.traceback: TracebackType | None = None
@@ -64,8 +66,11 @@ class SingleFlight(Generic[T]):
             else:
                 call.waiters += 1
                 leader = False
+                if call.done is None:
+                    call.done = threading.Event()
+                done = call.done
         if not leader:
-            if not call.done.wait(wait_timeout):
+            if not done.wait(wait_timeout):
                 raise LoadTimeoutError(
                     f"gave up after {wait_timeout} s waiting for the load of {key!r}"
                 )
@@ -85,7 +90,9 @@ class SingleFlight(Generic[T]):
             with self._lock:
                 if self._calls.get(key) is call:
                     del self._calls[key]
-            call.done.set()
+                event = call.done
+            if event is not None:
+                event.set()
 
     def in_flight(self) -> int:
         """Return how many keys have a call in flight right now."""

@@ -984,3 +984,14 @@ def test_concurrent_outcomes_keep_counts_consistent() -> None:
         assert new is old
     state = b.state  # may make a due transition first, delivered before it returns
     assert rec.calls[-1][2] is state
+
+
+def test_refusing_is_true_only_while_open_within_the_reset_timeout() -> None:
+    clock = FakeClock()
+    b = CircuitBreaker("L2", max_failures=1, reset_timeout=5.0, clock=clock)
+    assert b.refusing() is False
+    b.on_failure(b.acquire())
+    assert b.refusing() is True
+    clock.advance(5.0)
+    assert b.refusing() is False  # a call now would be a trial
+    assert b.state is State.HALF_OPEN
