@@ -172,6 +172,7 @@ class Chain:
             (cfg.writer or writer).max_wait if cfg.write_behind else 0.0 for cfg in configs
         )
         self._evictions_seen: dict[str, int] = {}
+        self._owned_collector: Any = None
         self._closed = False
         m = self._m
         if m is not None:
@@ -195,18 +196,30 @@ class Chain:
         self._close_lock = threading.Lock()
 
     @classmethod
-    def from_config(cls, config: ChainConfig) -> Chain:
+    def from_config(cls, config: ChainConfig | Mapping[str, Any]) -> Chain:
         """Build a chain from a :class:`~cachechain.config.ChainConfig` (the seed's
-        ``NewWithConfig``)."""
+        ``NewWithConfig``), or from a plain mapping as it would sit in Django settings
+        or a JSON/TOML file (see :mod:`cachechain.settings`: layers by type, exporters
+        by name). Raises :class:`~cachechain.errors.ConfigError` naming the field that
+        is wrong."""
+        if isinstance(config, Mapping):
+            from .settings import chain_config_from_mapping
+
+            config = chain_config_from_mapping(config)
         if not isinstance(config, ChainConfig):
-            raise ConfigError(f"from_config takes a ChainConfig, got {type(config).__name__}")
-        return cls(
+            raise ConfigError(
+                f"from_config takes a ChainConfig or a mapping, got {type(config).__name__}"
+            )
+        chain = cls(
             config.layers,
             name=config.name,
             metrics=config.metrics_collector,
             breaker=config.breaker,
             writer=config.writer,
         )
+        if config.owns_collector:
+            chain._owned_collector = config.metrics_collector
+        return chain
 
     # -- properties -------------------------------------------------------------------
     @property
@@ -738,6 +751,13 @@ class Chain:
                 layer.close()
             except Exception as exc:
                 self._layer_failed(index, "close", exc)
+        close_collector = getattr(self._owned_collector, "close", None)
+        if close_collector is not None:  # after the writers: their last events are in
+            try:
+                close_collector()
+            except Exception as exc:
+                if self._m is not None:
+                    self._m.failed(exc)
         return lost
 
     def __enter__(self) -> Chain:

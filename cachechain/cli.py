@@ -1,4 +1,8 @@
-"""The ``cachechain`` command: ``cachechain demo`` (and ``python -m cachechain demo``)."""
+"""The ``cachechain`` command (also ``python -m cachechain``).
+
+``cachechain demo`` runs a chain under load; ``cachechain plugins [--json]`` lists the
+installed metrics exporters with the distribution and version providing each.
+"""
 
 from __future__ import annotations
 
@@ -70,7 +74,50 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PORT",
         help="serve Prometheus /metrics on this port (0: any free port)",
     )
+    plugins = sub.add_parser(
+        "plugins",
+        help="list the installed metrics exporters and the distributions providing them",
+    )
+    plugins.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
+
+
+def _plugins(as_json: bool) -> int:
+    """Print the exporters, conflicts and broken plugins; 1 if any are broken or clash."""
+    import json
+    import warnings
+
+    from .exporters import PluginLoadWarning, exporter_report
+
+    with warnings.catch_warnings():  # broken plugins are listed below instead
+        warnings.simplefilter("ignore", PluginLoadWarning)
+        report = exporter_report()
+    status = 1 if report.conflicts or report.failures else 0
+    if as_json:
+        print(json.dumps(report.as_dict(), indent=2, sort_keys=True))
+        return status
+    rows = [("EXPORTER", "DISTRIBUTION", "VERSION", "PLUGIN", "DESCRIPTION")]
+    for info in report.exporters:
+        rows.append(
+            (
+                info.name,
+                info.distribution or "-",
+                info.version or "-",
+                info.plugin,
+                info.description,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row[:4], widths, strict=True)]
+        print("  ".join([*cells, row[4]]).rstrip())
+    for conflict in report.conflicts:
+        print(f"conflict: {conflict.describe()}; the name is unusable until one is removed")
+    for failure in report.failures:
+        where = failure.distribution or "unknown distribution"
+        version = f" {failure.version}" if failure.version else ""
+        print(f"broken plugin {failure.plugin!r} ({where}{version}): {failure.error}")
+    return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -97,4 +144,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"cachechain demo: {exc}", file=sys.stderr)
             return 2
         return 0
+    if args.command == "plugins":
+        return _plugins(args.json)
     return 2  # pragma: no cover - argparse refuses unknown commands

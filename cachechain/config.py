@@ -128,7 +128,9 @@ class ChainConfig:
     ``layers`` are ordered fastest first; each is a layer or a :class:`LayerConfig`.
     ``name`` labels the chain's metrics. ``metrics_collector`` receives the metrics
     (``None``: none are recorded, at no cost). ``breaker`` and ``writer`` are the
-    defaults for every layer that does not set its own.
+    defaults for every layer that does not set its own. ``owns_collector``: the chain
+    closes the collector (if it has ``close()``) when the chain closes; set by
+    :func:`cachechain.settings.chain_config_from_mapping`, which creates it.
     """
 
     layers: Sequence[CacheLayer | LayerConfig]
@@ -136,3 +138,4 @@ class ChainConfig:
     metrics_collector: Any = None
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
     writer: WriterConfig = field(default_factory=WriterConfig)
+    owns_collector: bool = False

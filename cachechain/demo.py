@@ -14,6 +14,7 @@ again once the fault ends.
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 import sys
 import threading
@@ -148,11 +149,25 @@ def _zipf_cum_weights(n: int, skew: float) -> list[float]:
     return list(itertools.accumulate(1.0 / (i + 1) ** skew for i in range(n)))
 
 
-def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> MetricsSnapshot:
-    """Run the demo and print to ``out``; return the final metrics snapshot.
+def run_demo(options: DemoOptions, out: TextIO | None = None) -> MetricsSnapshot:
+    """Run the demo and print to ``out`` (default: standard output); return the final
+    metrics snapshot.
 
     Raises :class:`~cachechain.errors.ConfigError` for a bad memcached address.
     """
+    if out is None:
+        out = sys.stdout
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logging.Formatter("    %(name)s: %(message)s"))
+    logger = logging.getLogger("cachechain")
+    logger.addHandler(handler)
+    try:
+        return _run(options, out)
+    finally:
+        logger.removeHandler(handler)
+
+
+def _run(options: DemoOptions, out: TextIO) -> MetricsSnapshot:
     collector = MemoryCollector()
     l2 = FaultyLayer(_second_layer(options), options.timeout)
     l1 = MemoryLayer("L1", maxsize=max(options.keys // 10, 1), default_ttl=30)

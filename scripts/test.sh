@@ -22,6 +22,25 @@ fi
 echo "== installing cachechain and its test dependencies (pip)"
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'
 
+# ---- exporter plugins (issue 5): the StatsD daemon, the plugin, the example ------------
+# Etsy's StatsD daemon (npm package statsd) receives the tests' metrics; it goes into
+# .tools/statsd (git-ignored). cachechain-statsd and the example exporter are installed
+# the way users install them, so the tests find them through their entry points.
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  echo "== installing nodejs and npm (apt)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+fi
+if [ ! -f .tools/statsd/node_modules/statsd/stats.js ]; then
+  echo "== installing the StatsD daemon (npm statsd@0.9.0 into .tools/statsd)"
+  npm install --prefix .tools/statsd --no-audit --no-fund --loglevel=error statsd@0.9.0 >/dev/null
+fi
+echo "== installing cachechain-statsd and the example exporter (pip)"
+python3 -m pip install -q --disable-pip-version-check \
+  -e ./plugins/cachechain-statsd -e ./examples/custom_exporter
+# ---- end of the exporter plugins block ---------------------------------------------------
+
 echo "== ruff"
 python3 -m ruff check cachechain tests examples benchmarks
 python3 -m ruff format --check cachechain tests examples benchmarks
@@ -31,3 +50,12 @@ python3 -m mypy
 
 echo "== pytest"
 python3 -m pytest --cov=cachechain --cov-report=term-missing "$@"
+
+# ---- exporter plugins (issue 5): cachechain-statsd's own checks and coverage gate -------
+echo "== cachechain-statsd: ruff, mypy (strict), pytest (coverage >= 90%)"
+python3 -m ruff check plugins/cachechain-statsd
+python3 -m ruff format --check plugins/cachechain-statsd
+python3 -m mypy --config-file plugins/cachechain-statsd/pyproject.toml \
+  plugins/cachechain-statsd/src/cachechain_statsd
+(cd plugins/cachechain-statsd && python3 -m pytest --cov=cachechain_statsd --cov-report=term-missing)
+# ---- end of the cachechain-statsd block --------------------------------------------------

@@ -20,6 +20,7 @@ from cachechain import (
     MemoryLayer,
 )
 from cachechain.layers import MISSING
+from cachechain.metrics.memory import MemoryCollector
 from tests.support.fakes import FakeClock, FakeLayer
 
 
@@ -350,7 +351,7 @@ def test_an_empty_chain_and_bad_settings_are_refused() -> None:
     with pytest.raises(ConfigError, match="name"):
         Chain([MemoryLayer()], name="")
     with pytest.raises(ConfigError, match="ChainConfig"):
-        Chain.from_config({"layers": []})  # type: ignore[arg-type]
+        Chain.from_config([MemoryLayer()])  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="CacheLayer"):
         LayerConfig(layer="nope")  # type: ignore[arg-type]
 
@@ -443,3 +444,41 @@ def test_a_delete_is_not_overtaken_by_a_backfill_already_in_flight(
         assert "k" not in l2.data
         assert "k" not in l3.data
         assert l1.get("k") is MISSING
+
+
+class ClosingCollector(MemoryCollector):
+    """A collector with close(), built by name through a config mapping."""
+
+    made: list[ClosingCollector] = []
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = False
+        ClosingCollector.made.append(self)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_from_config_takes_a_mapping_and_closes_the_collector_it_made() -> None:
+    ClosingCollector.made.clear()
+    config = {
+        "name": "web",
+        "layers": [{"type": "memory", "name": "L1"}, {"type": "memory", "name": "L2"}],
+        "metrics": {"exporter": "tests.test_chain:ClosingCollector"},
+    }
+    chain = Chain.from_config(config)
+    chain.set("k", 1)
+    assert chain.get("k") == 1
+    (collector,) = ClosingCollector.made
+    assert collector.snapshot().chain_metrics.total_hits == 1
+    chain.close()
+    assert collector.closed
+    with pytest.raises(ConfigError, match="layers"):
+        Chain.from_config({"layers": []})
+
+
+def test_a_collector_given_by_the_caller_is_not_closed_by_the_chain() -> None:
+    collector = ClosingCollector()
+    Chain.from_config(ChainConfig(layers=[MemoryLayer()], metrics_collector=collector)).close()
+    assert not collector.closed

@@ -1,0 +1,572 @@
+"""StatsdExporter against a plain UDP receiver: names, batching, bounds, failures."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from typing import Any
+
+import pytest
+from cachechain import Chain, MemoryLayer
+from cachechain.errors import ConfigError
+from cachechain.metrics.base import MetricsCollector
+
+import cachechain_statsd
+from cachechain_statsd import exporter as exporter_module
+from cachechain_statsd.exporter import StatsdExporter
+
+from .conftest import Receiver
+
+
+def make(receiver: Receiver, **options: Any) -> StatsdExporter:
+    """An exporter sending to ``receiver``, without its thread unless asked."""
+    options.setdefault("start", False)
+    options.setdefault("environ", {})
+    return StatsdExporter("127.0.0.1", receiver.port, **options)
+
+
+def flushed(x: StatsdExporter, receiver: Receiver) -> list[str]:
+    """Flush ``x`` and return every line ``receiver`` got from this flush."""
+    before = x.stats().packets_sent
+    assert x.flush()
+    got = receiver.receive(x.stats().packets_sent - before)
+    return [line for d in got for line in d.decode("ascii").split("\n") if line]
+
+
+def parse(lines: list[str]) -> dict[str, list[str]]:
+    """``{"name": ["3|c", ...]}`` for the lines given."""
+    out: dict[str, list[str]] = {}
+    for line in lines:
+        name, _, rest = line.partition(":")
+        out.setdefault(name, []).append(rest)
+    return out
+
+
+# -- names ---------------------------------------------------------------------------------
+
+
+def test_plain_names_cover_every_record_method(receiver: Receiver) -> None:
+    x = make(receiver, timer_sample_rate=1.0)
+    m = x.bind_chain("web", ["L1", "L2"])
+    m.record_get("L1", True, 0.001)
+    m.record_get("L1", False, 0.002)
+    m.record_get("L2", True, 0.003)
+    m.record_chain_get(True, 1, 0.004)
+    m.record_chain_get(False, -1, 0.005)
+    m.record_first_layer_hit("L1", 0.0005)
+    m.record_set("L2", True, 0.001)
+    m.record_set("L2", False, 0.001)
+    m.record_delete("L2", True, 0.001)
+    m.record_delete("L2", False, 0.001)
+    m.record_async_write("L2", True, 0.002)
+    m.record_async_write("L2", False, 0.002)
+    m.record_error("L2", "get", "timeout")
+    m.record_write_dropped("L2", "queue_full")
+    m.record_queue_depth("L2", 7)
+    m.record_queue_capacity("L2", 100)
+    m.record_circuit_state("L2", 0)
+    m.record_circuit_state("L2", 1)
+    m.record_circuit_rejected("L2")
+    m.record_load(True, 0.01)
+    m.record_load(False, 0.01)
+    m.record_singleflight_shared()
+    m.record_evictions("L1", 3)
+    m.record_entries("L1", 42)
+    got = parse(flushed(x, receiver))
+    p = "cache_chain.web"
+    expected_counters = {
+        f"{p}.L1.hits": "2|c",
+        f"{p}.L1.misses": "1|c",
+        f"{p}.L2.hits": "1|c",
+        f"{p}.requests.hit.L1": "1|c",
+        f"{p}.requests.hit.L2": "1|c",
+        f"{p}.requests.miss.none": "1|c",
+        f"{p}.L2.operations.set.success": "1|c",
+        f"{p}.L2.operations.set.failure": "1|c",
+        f"{p}.L2.operations.delete.success": "1|c",
+        f"{p}.L2.operations.delete.failure": "1|c",
+        f"{p}.L2.async_writes.success": "1|c",
+        f"{p}.L2.async_writes.failure": "1|c",
+        f"{p}.L2.errors.get.timeout": "1|c",
+        f"{p}.L2.writes_dropped.queue_full": "1|c",
+        f"{p}.L2.circuit_transitions.open": "1|c",
+        f"{p}.L2.circuit_rejected": "1|c",
+        f"{p}.loads.success": "1|c",
+        f"{p}.loads.failure": "1|c",
+        f"{p}.singleflight_shared": "1|c",
+        f"{p}.L1.evictions": "3|c",
+    }
+    for name, line in expected_counters.items():
+        assert got.get(name) == [line], name
+    assert got[f"{p}.L2.queue_depth"] == ["7|g"]
+    assert got[f"{p}.L2.queue_capacity"] == ["100|g"]
+    assert got[f"{p}.L2.circuit_state"] == ["1|g"]
+    assert got[f"{p}.L1.entries"] == ["42|g"]
+    # Timers in milliseconds; the first-layer hit feeds both timers it stands for.
+    assert sorted(got[f"{p}.L1.operation_duration.get"]) == [
+        "0.500000|ms",
+        "1.000000|ms",
+        "2.000000|ms",
+    ]
+    assert sorted(got[f"{p}.request_duration.hit"]) == ["0.500000|ms", "4.000000|ms"]
+    assert got[f"{p}.request_duration.miss"] == ["5.000000|ms"]
+    assert got[f"{p}.L2.operation_duration.set"] == ["1.000000|ms"] * 2
+    assert got[f"{p}.L2.operation_duration.delete"] == ["1.000000|ms"] * 2
+    assert got[f"{p}.L2.async_write_duration"] == ["2.000000|ms"] * 2
+    assert got[f"{p}.load_duration"] == ["10.000000|ms"] * 2
+    # Nothing else: every line is one of the above.
+    assert all(name.startswith(p) for name in got)
+    x.close()
+
+
+def test_a_second_flush_sends_only_what_changed(receiver: Receiver) -> None:
+    x = make(receiver, timer_sample_rate=0)
+    m = x.bind_chain("c", ["L1"])
+    m.record_get("L1", True, 0.001)
+    m.record_queue_depth("L1", 3)
+    assert parse(flushed(x, receiver)) == {
+        "cache_chain.c.L1.hits": ["1|c"],
+        "cache_chain.c.L1.queue_depth": ["3|g"],
+    }
+    m.record_get("L1", True, 0.001)
+    m.record_get("L1", True, 0.001)
+    # Counters are sent as their increase; gauges are sent again at every flush.
+    assert parse(flushed(x, receiver)) == {
+        "cache_chain.c.L1.hits": ["2|c"],
+        "cache_chain.c.L1.queue_depth": ["3|g"],
+    }
+    x.close()
+
+
+def test_tags_mode_puts_labels_in_dogstatsd_tags(receiver: Receiver) -> None:
+    x = make(receiver, tags=True, prefix="app", timer_sample_rate=0.5)
+    m = x.bind_chain("web", ["L1"])
+    m.record_first_layer_hit("L1", 0.002)
+    m.record_first_layer_hit("L1", 0.002)
+    m.record_error("L1", "get", "other")
+    lines = set(flushed(x, receiver))
+    assert "app.hits:2|c|#chain:web,layer:L1" in lines
+    assert "app.requests:2|c|#chain:web,result:hit,served_by:L1" in lines
+    assert "app.errors:1|c|#chain:web,layer:L1,operation:get,error_type:other" in lines
+    # One hit in two keeps its duration, sent with the rate for StatsD to scale by.
+    assert "app.operation_duration:2.000000|ms|@0.5|#chain:web,layer:L1,operation:get" in lines
+    assert "app.request_duration:2.000000|ms|@0.5|#chain:web,result:hit" in lines
+    assert len(lines) == 5
+    x.close()
+
+
+def test_names_are_sanitized(receiver: Receiver) -> None:
+    x = make(receiver, prefix=" my-app..cache ", timer_sample_rate=0)
+    m = x.bind_chain("shop front", ["L1:mem"])
+    m.record_get("L1:mem", False, 0.0)
+    assert flushed(x, receiver) == ["my_app.cache.shop_front.L1_mem.misses:1|c"]
+    x.close()
+
+
+def test_empty_prefix_and_root_level_records_go_to_the_default_chain(receiver: Receiver) -> None:
+    x = make(receiver, prefix="", timer_sample_rate=0)
+    x.record_get("L1", True, 0.0)
+    x.record_set("L1", True, 0.0)
+    x.record_delete("L1", True, 0.0)
+    x.record_first_layer_hit("L1", 0.0)
+    x.record_chain_get(True, 0, 0.0)
+    x.record_circuit_state("L1", 2)
+    x.record_queue_depth("L1", 1)
+    x.record_queue_capacity("L1", 2)
+    x.record_write_dropped("L1", "closed")
+    x.record_async_write("L1", True, 0.0)
+    x.record_error("L1", "set", "backend")
+    x.record_circuit_rejected("L1")
+    x.record_load(True, 0.0)
+    x.record_singleflight_shared()
+    x.record_evictions("L1", 0)  # nothing to add
+    x.record_entries("L1", 5)
+    got = parse(flushed(x, receiver))
+    assert got["default.L1.hits"] == ["2|c"]
+    # Layer index 0 of a chain bound without layers has no name: the index stands in.
+    assert got["default.requests.hit.0"] == ["2|c"]
+    assert got["default.L1.circuit_state"] == ["2|g"]
+    assert got["default.L1.writes_dropped.closed"] == ["1|c"]
+    assert "default.L1.evictions" not in got
+    x.close()
+
+
+def test_bind_chain_returns_one_view_per_chain_and_layers(receiver: Receiver) -> None:
+    x = make(receiver, timer_sample_rate=0)
+    a = x.bind_chain("a", ["L1"])
+    assert x.bind_chain("a", ["L1"]) is a
+    b = x.bind_chain("b", ["L1"])
+    assert b is not a and "'b'" in repr(b)
+    a.record_first_layer_hit("L1", 0.0)
+    b.record_first_layer_hit("L1", 0.0)
+    b.record_first_layer_hit("other", 0.0)  # not the first layer: counted the long way
+    got = parse(flushed(x, receiver))
+    assert got["cache_chain.a.L1.hits"] == ["1|c"]
+    assert got["cache_chain.b.L1.hits"] == ["1|c"]
+    assert got["cache_chain.b.other.hits"] == ["1|c"]
+    assert got["cache_chain.b.requests.hit.L1"] == ["2|c"]
+    x.close()
+
+
+def test_circuit_transitions_are_counted_only_on_change(receiver: Receiver) -> None:
+    x = make(receiver)
+    m = x.bind_chain("c", ["L2"])
+    for state in (0, 0, 1, 1, 2, 0, 7):
+        m.record_circuit_state("L2", state)
+    got = parse(flushed(x, receiver))
+    assert got["cache_chain.c.L2.circuit_transitions.open"] == ["1|c"]
+    assert got["cache_chain.c.L2.circuit_transitions.half_open"] == ["1|c"]
+    assert got["cache_chain.c.L2.circuit_transitions.closed"] == ["1|c"]
+    assert got["cache_chain.c.L2.circuit_transitions.7"] == ["1|c"]
+    assert got["cache_chain.c.L2.circuit_state"] == ["7|g"]
+    x.close()
+
+
+# -- counts are exact, timers are sampled and bounded --------------------------------------
+
+
+def test_counters_are_exact_under_threads(receiver: Receiver) -> None:
+    x = make(receiver, timer_sample_rate=0.001)
+    m = x.bind_chain("c", ["L1", "L2"])
+    threads, per_thread = 8, 20_000
+    barrier = threading.Barrier(threads)
+
+    def work() -> None:
+        barrier.wait()
+        for _ in range(per_thread):
+            m.record_first_layer_hit("L1", 0.0)
+            m.record_get("L2", False, 0.0)
+
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    got = parse(flushed(x, receiver))
+    total = threads * per_thread
+    assert got["cache_chain.c.L1.hits"] == [f"{total}|c"]
+    assert got["cache_chain.c.requests.hit.L1"] == [f"{total}|c"]
+    assert got["cache_chain.c.L2.misses"] == [f"{total}|c"]
+    # Every 1000th event keeps its duration.
+    assert len(got["cache_chain.c.L1.operation_duration.get"]) == total // 1000
+    assert len(got["cache_chain.c.L2.operation_duration.get"]) == total // 1000
+    x.close()
+
+
+def test_sample_rate_is_rounded_to_one_in_n_and_zero_turns_timers_off(receiver: Receiver) -> None:
+    x = make(receiver, timer_sample_rate=0.3)
+    assert x.sample_period == 3
+    assert x.timer_sample_rate == pytest.approx(1 / 3)
+    m = x.bind_chain("c", ["L1"])
+    for _ in range(9):
+        m.record_first_layer_hit("L1", 0.001)
+    got = parse(flushed(x, receiver))
+    assert got["cache_chain.c.L1.operation_duration.get"] == ["1.000000|ms|@0.333333"] * 3
+    x.close()
+
+    off = make(receiver, timer_sample_rate=0)
+    m = off.bind_chain("c", ["L1"])
+    for _ in range(5):
+        m.record_first_layer_hit("L1", 0.001)
+        m.record_get("L1", False, 0.001)
+    assert parse(flushed(off, receiver)) == {
+        "cache_chain.c.L1.hits": ["5|c"],
+        "cache_chain.c.L1.misses": ["5|c"],
+        "cache_chain.c.requests.hit.L1": ["5|c"],
+    }
+    off.close()
+
+
+def test_a_full_buffer_drops_samples_and_counts_them(receiver: Receiver) -> None:
+    x = make(receiver, timer_sample_rate=1.0, max_samples=5)
+    m = x.bind_chain("c", ["L1"])
+    for _ in range(20):
+        m.record_first_layer_hit("L1", 0.001)
+        m.record_get("L1", False, 0.001)
+    assert x.stats().dropped_samples == 15 + 15
+    got = parse(flushed(x, receiver))
+    assert got["cache_chain.c.L1.hits"] == ["20|c"]  # counts stay exact
+    assert len(got["cache_chain.c.L1.operation_duration.get"]) == 5 + 5
+    assert got["cache_chain.statsd_exporter.dropped_samples"] == ["30|c"]
+    # The buffers are empty again after the flush.
+    m.record_first_layer_hit("L1", 0.001)
+    got = parse(flushed(x, receiver))
+    assert got["cache_chain.c.L1.operation_duration.get"] == ["1.000000|ms"]
+    x.close()
+
+
+def test_too_many_series_are_dropped_and_counted(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(exporter_module, "MAX_SERIES", 30)
+    x = make(receiver, timer_sample_rate=1.0)
+    m = x.bind_chain("c", ["L1"])  # about 20 series
+    for i in range(40):
+        m.record_error(f"X{i}", "get", "other")
+        m.record_load(True, 0.0)
+        m.record_queue_depth(f"X{i}", i)
+    for i in range(40):
+        x._gauge(f"g{i}", i)
+    stats = x.stats()
+    assert stats.dropped_series > 0
+    names = parse(flushed(x, receiver))
+    assert len(names) <= 30 + 30 + 1
+    x.close()
+
+
+def test_lines_are_packed_into_datagrams_of_at_most_max_udp_size(receiver: Receiver) -> None:
+    x = make(receiver, timer_sample_rate=1.0, max_udp_size=200)
+    m = x.bind_chain("c", ["L1"])
+    for _ in range(100):
+        m.record_first_layer_hit("L1", 0.001)
+    before = x.stats()
+    lines = flushed(x, receiver)
+    assert len(lines) == 2 + 2 * 100  # two counters, two timers of 100 values
+    assert all(len(d) <= 200 for d in receiver.datagrams)
+    stats = x.stats()
+    # Batched: several lines per datagram, far fewer datagrams than operations.
+    assert 10 < stats.packets_sent - before.packets_sent < 100
+    assert stats.lines_sent - before.lines_sent == len(lines)
+    x.close()
+
+
+# -- the sending thread --------------------------------------------------------------------
+
+
+def test_the_thread_flushes_at_the_interval(receiver: Receiver) -> None:
+    x = make(receiver, start=True, flush_interval=0.05, timer_sample_rate=0)
+    m = x.bind_chain("c", ["L1"])
+    m.record_get("L1", True, 0.0)
+    got = receiver.receive(1)  # blocks until the thread sent it
+    assert got == [b"cache_chain.c.L1.hits:1|c"]
+    x.close()
+    assert x.closed
+
+
+def test_a_half_full_buffer_wakes_the_thread_before_the_interval(receiver: Receiver) -> None:
+    x = make(receiver, start=True, flush_interval=3600, timer_sample_rate=1.0, max_samples=10)
+    m = x.bind_chain("c", ["L1"])
+    for _ in range(6):  # the 6th value finds 5 = max_samples // 2 in the buffer
+        m.record_get("L1", True, 0.001)
+    got = receiver.receive(1)[0].decode().split("\n")
+    assert "cache_chain.c.L1.hits:6|c" in got
+    assert got.count("cache_chain.c.L1.operation_duration.get:1.000000|ms") == 6
+    x.close(timeout=5)
+
+
+def test_close_sends_what_is_pending_and_is_idempotent(receiver: Receiver) -> None:
+    x = make(receiver, start=True, flush_interval=3600, timer_sample_rate=0)
+    x.bind_chain("c", ["L1"]).record_get("L1", False, 0.0)
+    x.close(timeout=5)
+    assert receiver.receive(1) == [b"cache_chain.c.L1.misses:1|c"]
+    x.close()
+    x.start()  # a closed exporter does not start again
+    assert x._thread is not None and not x._thread.is_alive()
+    x.bind_chain("c", ["L1"]).record_get("L1", False, 0.0)  # kept, never sent, no error
+    assert x.flush() is False
+
+
+def test_close_without_a_thread_flushes_in_the_caller(receiver: Receiver) -> None:
+    x = make(receiver, timer_sample_rate=0)
+    x.bind_chain("c", ["L1"]).record_get("L1", True, 0.0)
+    x.close()
+    assert receiver.receive(1) == [b"cache_chain.c.L1.hits:1|c"]
+
+
+def test_start_twice_keeps_one_thread(receiver: Receiver) -> None:
+    x = make(receiver, start=True, flush_interval=3600)
+    first = x._thread
+    x.start()
+    assert x._thread is first
+    x.close(timeout=5)
+
+
+# -- failures never reach the caller -------------------------------------------------------
+
+
+class FlakyResolver:
+    """``socket.getaddrinfo`` that fails until ``healthy`` is set."""
+
+    def __init__(self) -> None:
+        self.healthy = False
+        self.calls = 0
+
+    def __call__(self, host: str, port: int, family: int, kind: int) -> Any:
+        self.calls += 1
+        if not self.healthy:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return socket.getaddrinfo("127.0.0.1", port, family, kind)
+
+
+def test_an_unresolvable_host_is_retried_at_each_flush_and_counts_are_kept(
+    receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    resolver = FlakyResolver()
+    x = StatsdExporter(
+        "statsd.example", receiver.port, resolver=resolver, start=False, timer_sample_rate=0
+    )
+    m = x.bind_chain("c", ["L1"])
+    m.record_get("L1", True, 0.0)
+    with caplog.at_level(logging.WARNING, logger="cachechain.statsd"):
+        assert x.flush() is False
+        assert x.flush() is False
+    stats = x.stats()
+    assert (stats.resolve_failures, stats.resolved, stats.packets_sent) == (2, False, 0)
+    assert len([r for r in caplog.records if "cannot resolve" in r.getMessage()]) == 1
+    m.record_get("L1", True, 0.0)
+    resolver.healthy = True
+    assert flushed(x, receiver) == ["cache_chain.c.L1.hits:2|c"]
+    assert x.stats().resolved
+    x.close()
+
+
+def test_send_errors_are_counted_not_raised(receiver: Receiver) -> None:
+    x = make(receiver, timer_sample_rate=0)
+    m = x.bind_chain("c", ["L1"])
+    m.record_get("L1", True, 0.0)
+    assert x.flush()
+
+    class BrokenSocket:
+        def sendto(self, data: bytes, addr: Any) -> int:
+            raise OSError(105, "No buffer space available")
+
+        def close(self) -> None:
+            pass
+
+    real = x._sock
+    x._sock = BrokenSocket()  # type: ignore[assignment]
+    m.record_get("L1", True, 0.0)
+    assert x.flush()
+    assert x.stats().send_errors == 1
+    x._sock = real
+    x.close()
+
+
+def test_a_chain_is_unaffected_by_a_daemon_that_is_down_or_unresolvable() -> None:
+    closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now
+    down = StatsdExporter("127.0.0.1", port, flush_interval=0.01, environ={})
+    nowhere = StatsdExporter("nonexistent.invalid", 8125, flush_interval=0.01, environ={})
+    for x in (down, nowhere):
+        with Chain([MemoryLayer("L1"), MemoryLayer("L2")], metrics=x) as chain:
+            for i in range(2000):
+                assert chain.set(f"k{i % 50}", i)
+                assert chain.get(f"k{i % 50}") == i
+                assert chain.get("absent") is None
+            assert x.flush() in (True, False)
+        x.close()
+    assert down.stats().resolved is False  # closed
+    assert nowhere.stats().resolve_failures >= 1
+    assert nowhere.stats().packets_sent == 0
+
+
+# -- options -------------------------------------------------------------------------------
+
+
+def test_environment_variables_fill_in_the_options() -> None:
+    env = {
+        "STATSD_HOST": "10.1.2.3",
+        "STATSD_PORT": "9125",
+        "STATSD_PREFIX": "shop.cache",
+        "STATSD_MAXUDPSIZE": "1432",
+        "STATSD_IPV6": "1",
+    }
+    x = StatsdExporter(environ=env, start=False)
+    assert (x.host, x.port, x.prefix, x.max_udp_size, x.ipv6) == (
+        "10.1.2.3",
+        9125,
+        "shop.cache",
+        1432,
+        True,
+    )
+    assert "10.1.2.3:9125" in repr(x)
+    # Options win over the environment.
+    y = StatsdExporter(
+        "127.0.0.1", 8125, "p", max_udp_size=512, ipv6=False, environ=env, start=False
+    )
+    assert (y.host, y.port, y.prefix, y.max_udp_size, y.ipv6) == (
+        "127.0.0.1",
+        8125,
+        "p",
+        512,
+        False,
+    )
+    z = StatsdExporter(environ={}, start=False)
+    assert (z.host, z.port, z.prefix, z.max_udp_size, z.ipv6) == (
+        "localhost",
+        8125,
+        "cache_chain",
+        512,
+        False,
+    )
+    for e in (x, y, z):
+        e.close()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"host": ""}, "host must be a host name"),
+        ({"host": "a b"}, "host must be a host name"),
+        ({"port": 0}, "port must be an int in 1-65535"),
+        ({"port": "http"}, "port must be an int in 1-65535"),
+        ({"port": True}, "port must be an int in 1-65535"),
+        ({"prefix": 3}, "prefix must be a str"),
+        ({"tags": "maybe"}, "tags must be true or false"),
+        ({"flush_interval": 0}, "flush_interval must be a number of seconds"),
+        ({"flush_interval": float("nan")}, "flush_interval must be a number of seconds"),
+        ({"timer_sample_rate": 1.5}, "timer_sample_rate must be 0"),
+        ({"timer_sample_rate": True}, "timer_sample_rate must be 0"),
+        ({"max_udp_size": 10}, "max_udp_size must be an int in 64-65000"),
+        ({"max_samples": 0}, "max_samples must be an int"),
+        ({"ipv6": 2}, "ipv6 must be true or false"),
+        ({"resolver": "dns"}, "resolver must be callable"),
+        ({"environ": {"STATSD_PORT": "x"}}, "STATSD_PORT must be an int"),
+        ({"environ": {"STATSD_HOST": " "}}, "STATSD_HOST must be a host name"),
+        ({"environ": {"STATSD_IPV6": "sometimes"}}, "STATSD_IPV6 must be true or false"),
+        ({"environ": {"STATSD_MAXUDPSIZE": "9"}}, "STATSD_MAXUDPSIZE must be an int"),
+    ],
+)
+def test_bad_options_are_refused_with_the_field_named(
+    options: dict[str, Any], message: str
+) -> None:
+    options.setdefault("environ", {})
+    with pytest.raises(ConfigError, match=message):
+        StatsdExporter(start=False, **options)
+
+
+def test_the_string_forms_of_booleans_and_ints_are_accepted() -> None:
+    x = StatsdExporter(port=" 8125 ", tags="yes", ipv6="off", environ={}, start=False)  # type: ignore[arg-type]
+    assert (x.port, x.tags, x.ipv6) == (8125, True, False)
+    x.close()
+
+
+def test_the_view_is_a_metrics_collector_and_the_package_exports_lazily() -> None:
+    x = StatsdExporter(environ={}, start=False)
+    assert isinstance(x.bind_chain("c", ["L1"]), MetricsCollector)
+    assert cachechain_statsd.StatsdExporter is StatsdExporter
+    assert cachechain_statsd.StatsdExporterStats is exporter_module.StatsdExporterStats
+    with pytest.raises(AttributeError):
+        _ = cachechain_statsd.Nope  # type: ignore[attr-defined]
+    x.close()
+
+
+def test_after_fork_the_child_starts_fresh_and_does_not_resend_the_parents_counts(
+    receiver: Receiver,
+) -> None:
+    x = make(receiver, timer_sample_rate=1.0)
+    m = x.bind_chain("c", ["L1"])
+    m.record_first_layer_hit("L1", 0.001)
+    x._after_fork()  # what os.register_at_fork runs in a child
+    assert x._thread is not None and x._thread.is_alive()
+    m.record_first_layer_hit("L1", 0.002)
+    assert parse(flushed(x, receiver)) == {
+        "cache_chain.c.L1.hits": ["1|c"],
+        "cache_chain.c.requests.hit.L1": ["1|c"],
+        "cache_chain.c.L1.operation_duration.get": ["2.000000|ms"],
+        "cache_chain.c.request_duration.hit": ["2.000000|ms"],
+    }
+    x.close(timeout=5)

@@ -1,0 +1,92 @@
+"""The main job: ``cachechain demo``, in process and as the installed command."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import pytest
+
+from cachechain.cli import main
+from cachechain.demo import DemoOptions, run_demo
+from tests.support.servers import MemcachedProcess
+
+
+def test_the_demo_runs_on_the_embedded_default_and_reports_every_layer() -> None:
+    out = io.StringIO()
+    snap = run_demo(DemoOptions(seconds=0.6, threads=4, keys=500), out)
+    text = out.getvalue()
+    assert "in-process stand-in" in text
+    assert "gets |" in text  # progress lines
+    assert "\nL1 " in text and "\nL2 " in text and "\nchain " in text
+    ch = snap.chain_metrics
+    assert ch.total_hits + ch.total_misses > 0
+    assert snap.layer_metrics["L1"].hits > 0
+    assert ch.loads > 0
+
+
+@pytest.mark.parametrize("fault", ["stop", "blackhole"])
+def test_the_demo_fault_opens_the_breaker_and_it_closes_again(fault: str) -> None:
+    out = io.StringIO()
+    snap = run_demo(
+        DemoOptions(
+            seconds=2.0,
+            threads=4,
+            keys=500,
+            fault=fault,
+            fault_at=0.2,
+            fault_for=0.3,
+            timeout=0.02,
+        ),
+        out,
+    )
+    text = out.getvalue()
+    assert f"fault on: L2 {fault}" in text and "fault off" in text
+    l2 = snap.layer_metrics["L2"]
+    assert l2.circuit_opens >= 1
+    assert l2.circuit_rejected > 0
+    assert "CLOSED -> OPEN" in text
+    assert l2.circuit_state == 0, "the breaker should have closed once L2 came back"
+
+
+@pytest.mark.memcached
+def test_the_demo_against_a_real_memcached(memcached: MemcachedProcess) -> None:
+    out = io.StringIO()
+    snap = run_demo(DemoOptions(seconds=0.6, threads=4, keys=300, memcached=memcached.address), out)
+    assert f"memcached {memcached.address}" in out.getvalue()
+    assert snap.layer_metrics["L2"].errors == 0
+    assert snap.layer_metrics["L2"].hits + snap.layer_metrics["L2"].misses > 0
+
+
+def test_the_command_line_runs_the_demo(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--seconds", "0.3", "--threads", "2", "--keys", "100"]) == 0
+    assert "gets in" in capsys.readouterr().out
+
+
+def test_a_bad_memcached_address_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--seconds", "0.3", "--memcached", "nohost:notaport"]) == 2
+    assert "cachechain demo:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args", [["demo", "--seconds", "0"], ["demo", "--threads", "0"], ["demo", "--fault-at", "2"]]
+)
+def test_bad_options_are_refused(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    assert "must be" in capsys.readouterr().err
+
+
+def test_python_dash_m_cachechain_demo() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "cachechain", "demo", "--seconds", "0.3", "--keys", "100"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "gets in" in done.stdout
+    assert done.stderr == ""
