@@ -188,6 +188,7 @@ class Chain:
                 add_hook(_weak_refresh(self))
 
         self._l1 = self._layers[0]
+        self._l1_name = self._names[0]
         self._l1_get: Callable[[str], Any] = self._l1.get
         self._flight: SingleFlight[Any] = SingleFlight()
         self._mut_lock = threading.Lock()
@@ -252,7 +253,8 @@ class Chain:
         :class:`~cachechain.errors.InvalidKeyError` for a key that is not a ``str`` and
         :class:`~cachechain.errors.ChainClosedError` after :meth:`close`.
         """
-        if self._m is None:
+        m = self._m
+        if m is None:
             try:
                 value = self._l1_get(key)
             except ChainClosedError:
@@ -263,9 +265,7 @@ class Chain:
                 return value
             value, _ = self._lookup(key, None, 0.0)
             return default if value is MISSING else value
-        return self._get_timed(key, default, self._m)
-
-    def _get_timed(self, key: str, default: Any, m: CollectorGuard) -> Any:
+        # The same, timed (kept inline: this is the hottest path with metrics on).
         start = _perf()
         try:
             value = self._l1_get(key)
@@ -274,7 +274,7 @@ class Chain:
         except Exception as exc:
             value = self._l1_failed(key, exc)
         if value is not MISSING:
-            m.record_first_layer_hit(self._names[0], _perf() - start)
+            m.record_first_layer_hit(self._l1_name, _perf() - start)
             return value
         value, index = self._lookup(key, m, start)
         m.record_chain_get(index >= 0, index, _perf() - start)
@@ -791,14 +791,16 @@ class _WriterMetrics:
         self.m.record_queue_depth(self.layer, depth)
 
 
-def _weak_refresh(chain: Chain) -> Callable[[], None]:
+def _weak_refresh(chain: Chain) -> Callable[[], bool]:
     """A refresh hook that does not keep the chain alive (collectors outlive chains)."""
     ref = weakref.ref(chain)
 
-    def refresh() -> None:
+    def refresh() -> bool:
         alive = ref()
-        if alive is not None and not alive.closed:
-            alive._refresh_metrics()
+        if alive is None or alive.closed:
+            return False  # the collector drops a hook that returns False
+        alive._refresh_metrics()
+        return True
 
     return refresh
 

@@ -169,13 +169,19 @@ def run_demo(options: DemoOptions, out: TextIO | None = None) -> MetricsSnapshot
 
 def _run(options: DemoOptions, out: TextIO) -> MetricsSnapshot:
     collector = MemoryCollector()
+    metrics: Any = collector
+    if options.metrics_port is not None:
+        from .metrics.fanout import FanoutCollector
+        from .metrics.prometheus import PrometheusCollector
+
+        metrics = FanoutCollector(collector, PrometheusCollector())
     l2 = FaultyLayer(_second_layer(options), options.timeout)
     l1 = MemoryLayer("L1", maxsize=max(options.keys // 10, 1), default_ttl=30)
     breaker = BreakerConfig(max_failures=5, reset_timeout=max(options.seconds / 10, 0.2))
     chain = Chain(
         [l1, LayerConfig(layer=l2, timeout=options.timeout, breaker=breaker)],
         name="demo",
-        metrics=collector,
+        metrics=metrics,
     )
     server = None
     if options.metrics_port is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -449,7 +449,7 @@ def test_a_delete_is_not_overtaken_by_a_backfill_already_in_flight(
 class ClosingCollector(MemoryCollector):
     """A collector with close(), built by name through a config mapping."""
 
-    made: list[ClosingCollector] = []
+    made: ClassVar[list[ClosingCollector]] = []
 
     def __init__(self) -> None:
         super().__init__()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+import threading
+import urllib.request
 
 import pytest
 
@@ -90,3 +92,45 @@ def test_python_dash_m_cachechain_demo() -> None:
     assert done.returncode == 0, done.stderr
     assert "gets in" in done.stdout
     assert done.stderr == ""
+
+
+class _Watched(io.StringIO):
+    """An output stream that signals when the demo prints its /metrics URL."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.url: str | None = None
+        self.ready = threading.Event()
+
+    def write(self, text: str) -> int:
+        if "Prometheus metrics at " in text:
+            self.url = text.split(" at ", 1)[1].strip()
+            self.ready.set()
+        return super().write(text)
+
+
+def test_the_demo_serves_prometheus_metrics_that_promtool_accepts() -> None:
+    out = _Watched()
+    runner = threading.Thread(
+        target=run_demo,
+        args=(DemoOptions(seconds=2.0, threads=2, keys=200, metrics_port=0), out),
+    )
+    runner.start()
+    try:
+        assert out.ready.wait(10), out.getvalue()
+        assert out.url is not None
+        with urllib.request.urlopen(out.url, timeout=10) as reply:
+            body = reply.read()
+    finally:
+        runner.join(30)
+    text = body.decode()
+    assert 'cache_chain_requests_total{chain="demo"' in text
+    assert 'cache_chain_hits_total{chain="demo",layer="L1"}' in text
+    check = subprocess.run(
+        ["promtool", "check", "metrics"],
+        input=body,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr

@@ -16,13 +16,14 @@ import inspect
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = [
     "CollectorGuard",
     "MetricsCollector",
     "NoOpCollector",
     "adapt",
+    "never_raises",
 ]
 
 log = logging.getLogger("cachechain.metrics")
@@ -103,6 +104,14 @@ class MetricsCollector:
     def record_entries(self, layer: str, entries: int) -> None:
         """The in-process ``layer`` holds ``entries`` entries."""
 
+    def add_refresh_hook(self, fn: Callable[[], object]) -> None:
+        """Ask the collector to call ``fn()`` before it reads its figures (each scrape,
+        snapshot or flush), so that values polled rather than pushed (an in-process
+        layer's entries and evictions) are current when read. ``fn`` reports through
+        the ``record_*`` methods; whatever it raises is swallowed by the collector, and
+        a hook that returns ``False`` is dropped (its chain is gone). The default does
+        nothing: a collector that never reads needs no refresh."""
+
 
 class NoOpCollector(MetricsCollector):
     """Records nothing. The default: a chain given it does not even read the clock."""
@@ -131,6 +140,24 @@ _SEED = (
 
 def _noop(*args: Any, **kwargs: Any) -> None:
     return None
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def never_raises(fn: F) -> F:
+    """Mark a collector method (a plain function or closure) as one that never raises.
+
+    :class:`CollectorGuard` then calls it directly instead of through its guard,
+    saving a call per metric on the request path. Only mark code that catches its own
+    errors; an unmarked method (a subclass override, say) stays guarded.
+    """
+    fn.__dict__["never_raises"] = True
+    return fn
+
+
+def _trusted(method: Callable[..., Any]) -> bool:
+    return getattr(method, "never_raises", False) is True
 
 
 class CollectorGuard:
@@ -174,7 +201,7 @@ class CollectorGuard:
                 continue
             if name == "record_write_dropped" and not _accepts_reason(method):
                 method = _drop_reason(method)
-            setattr(self, name, self._guard(method))
+            setattr(self, name, method if _trusted(method) else self._guard(method))
         fused = getattr(collector, "record_first_layer_hit", None)
         if fused is None:
             get, chain_get = self.record_get, self.record_chain_get
@@ -185,7 +212,7 @@ class CollectorGuard:
 
             self.record_first_layer_hit = fused
         else:
-            self.record_first_layer_hit = self._guard(fused)
+            self.record_first_layer_hit = fused if _trusted(fused) else self._guard(fused)
 
     def _guard(self, method: Callable[..., Any]) -> Callable[..., None]:
         def guarded(*args: Any) -> None:

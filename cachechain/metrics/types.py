@@ -9,6 +9,7 @@ whatever the traffic, and percentiles are accurate to within one bucket (about 1
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -39,8 +40,12 @@ class LatencyStats:
 class CacheMetrics:
     """Everything recorded about one layer (the seed's ``CacheMetrics``).
 
-    Counts since creation or the last reset; ``queue_depth`` and ``circuit_state``
-    (0 closed, 1 open, 2 half-open) are the latest values reported.
+    Counts since creation or the last reset: ``sets`` and ``deletes`` count every
+    synchronous call (failed ones included; their failures are in ``errors``),
+    ``async_writes`` every write the layer's async writer made (``failed_writes`` of
+    them failed). ``queue_depth``, ``queue_capacity``, ``entries`` and
+    ``circuit_state`` (0 closed, 1 open, 2 half-open) are the latest values reported;
+    ``circuit_opens`` counts transitions to open. Latencies are in seconds.
     """
 
     hits: int = 0
@@ -72,7 +77,11 @@ class CacheMetrics:
 
 @dataclass(frozen=True)
 class ChainMetrics:
-    """Chain-level figures: one count per logical get, by the layer that served it."""
+    """Chain-level figures: one count per logical get, by the layer that served it.
+
+    ``hits_by_layer`` maps a layer's position (0 = the first) to the gets it served;
+    ``latency`` covers every logical get, ``load_latency`` every loader call.
+    """
 
     total_hits: int = 0
     total_misses: int = 0
@@ -83,30 +92,59 @@ class ChainMetrics:
     latency: LatencyStats = field(default_factory=LatencyStats)
     load_latency: LatencyStats = field(default_factory=LatencyStats)
 
+    @property
+    def hit_ratio(self) -> float:
+        """total_hits / (total_hits + total_misses), 0.0 before any get."""
+        total = self.total_hits + self.total_misses
+        return self.total_hits / total if total else 0.0
+
 
 @dataclass(frozen=True)
 class MetricsSnapshot:
-    """A consistent copy of a collector's figures: per layer and for the chain."""
+    """A copy of a collector's figures: per layer (by name) and for the chain."""
 
     layer_metrics: dict[str, CacheMetrics]
     chain_metrics: ChainMetrics
 
 
 class LatencyHistogram:
-    """Counts durations in the fixed :data:`BUCKET_BOUNDS` buckets. Not thread-safe:
-    the owner serializes access."""
+    """Counts durations (seconds) in fixed buckets: ``bounds`` are the buckets' upper
+    bounds, ascending (default :data:`BUCKET_BOUNDS`), plus one bucket above the last.
+    Memory is constant whatever is counted. Not thread-safe: the owner serializes
+    access (the collectors keep one per thread and merge them on read)."""
 
-    __slots__ = ("count", "counts", "max", "total")
+    __slots__ = ("bounds", "count", "counts", "max", "total")
 
-    def __init__(self) -> None:
-        self.counts = [0] * (len(BUCKET_BOUNDS) + 1)
+    def __init__(self, bounds: Sequence[float] = BUCKET_BOUNDS) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
         self.count = 0
         self.total = 0.0
         self.max = 0.0
 
+    @classmethod
+    def from_counts(
+        cls,
+        counts: Sequence[int],
+        total: float,
+        max_seen: float,
+        bounds: Sequence[float] = BUCKET_BOUNDS,
+    ) -> LatencyHistogram:
+        """Build a histogram from per-bucket counts (``len(bounds) + 1`` of them, not
+        cumulative), the sum of the durations and the largest one (seconds). Raises
+        ``ValueError`` when the number of counts does not match ``bounds``."""
+        hist = cls(bounds)
+        if len(counts) != len(hist.counts):
+            raise ValueError(f"expected {len(hist.counts)} bucket counts, got {len(counts)}")
+        hist.counts = [int(n) for n in counts]
+        hist.count = sum(hist.counts)
+        hist.total = float(total)
+        hist.max = float(max_seen)
+        return hist
+
     def add(self, seconds: float) -> None:
         """Count one duration (seconds)."""
-        self.counts[bisect.bisect_left(BUCKET_BOUNDS, seconds)] += 1
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
         self.count += 1
         self.total += seconds
         if seconds > self.max:
@@ -114,17 +152,18 @@ class LatencyHistogram:
 
     def quantile(self, q: float) -> float:
         """Return the upper bound of the bucket holding quantile ``q`` (0 to 1),
-        never more than the largest duration seen."""
+        never more than the largest duration seen; 0.0 when nothing was counted."""
         if not self.count:
             return 0.0
         rank = q * self.count
         seen = 0
+        bounds = self.bounds
         for index, n in enumerate(self.counts):
             seen += n
             if seen >= rank and n:
-                bound = BUCKET_BOUNDS[index] if index < len(BUCKET_BOUNDS) else self.max
+                bound = bounds[index] if index < len(bounds) else self.max
                 return min(bound, self.max)
-        return self.max
+        return self.max  # pragma: no cover - the loop always reaches the last count
 
     def stats(self) -> LatencyStats:
         """Return the p50, p95, p99, max and count."""
