@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import json.scanner
 import math
 import pickle
 import struct
@@ -84,8 +85,10 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-#: One decoder for every call: ``json.loads`` with a hook builds a new one each time.
+#: One decoder for every call (``json.loads`` with a hook builds a new one each time),
+#: used through its scanner: our encoder writes no surrounding whitespace.
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_SCAN = json.scanner.make_scanner(_DECODER)  # type: ignore[arg-type]  # the stub names the wrong type
 
 
 class JsonCodec:
@@ -127,9 +130,15 @@ class JsonCodec:
         Raises :class:`CorruptValueError` for bytes that are not UTF-8 JSON.
         """
         try:
-            return _DECODER.decode(data.decode("utf-8"))
+            text = data.decode("utf-8")
+            value, end = _SCAN(text, 0)
+        except StopIteration as exc:  # the scanner's "no JSON value at this index"
+            raise CorruptValueError("stored value is not valid JSON") from exc
         except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
             raise CorruptValueError(f"stored value is not valid JSON: {exc}") from exc
+        if end != len(text):
+            raise CorruptValueError(f"stored value is not valid JSON: extra data at {end}")
+        return value
 
     def __repr__(self) -> str:
         return "JsonCodec()"

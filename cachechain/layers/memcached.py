@@ -40,7 +40,6 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from operator import methodcaller
 from typing import Any, TypeVar
 
 from pymemcache.client.base import Client
@@ -214,7 +213,17 @@ class MemcachedLayerStats:
 class _Node:
     """One memcached server: its pool of clients and its down-marking."""
 
-    __slots__ = ("clients", "cond", "down_until", "host", "idle", "node_id", "port", "weight")
+    __slots__ = (
+        "clients",
+        "cond",
+        "down_until",
+        "host",
+        "idle",
+        "node_id",
+        "port",
+        "waiting",
+        "weight",
+    )
 
     def __init__(self, node_id: str, host: str, port: int) -> None:
         self.node_id = node_id
@@ -225,9 +234,23 @@ class _Node:
         self.cond = threading.Condition(threading.Lock())
         #: Every client this node created and has not discarded (idle or in use).
         self.clients: set[Any] = set()
+        #: Idle clients. ``pop``/``append`` on a list are atomic, so the common case
+        #: (a client is free) takes no lock; ``cond`` serves only callers that wait.
         self.idle: list[Any] = []
+        #: Callers waiting in ``cond`` for a client (changed under its lock).
+        self.waiting = 0
         #: Monotonic time until which the node is down; None while it is up.
         self.down_until: float | None = None
+
+    def take_idle(self) -> list[Any]:
+        """Remove and return every idle client (one at a time: a client released
+        concurrently is either taken here or stays idle, never lost)."""
+        taken = []
+        while True:
+            try:
+                taken.append(self.idle.pop())
+            except IndexError:
+                return taken
 
     def reset_after_fork(self) -> None:
         """Forget inherited clients (closing this process's copies of their sockets)."""
@@ -236,6 +259,7 @@ class _Node:
             _close_quietly(client)
         self.clients = set()
         self.idle = []
+        self.waiting = 0
         self.down_until = None
 
 
@@ -414,33 +438,43 @@ class MemcachedLayer(BaseLayer):
             raise ChainClosedError(f"memcached layer {self.name!r} is closed")
 
     def _acquire(self, node: _Node) -> Any:
+        try:
+            return node.idle.pop()  # the common case: no lock
+        except IndexError:
+            return self._acquire_slow(node)
+
+    def _acquire_slow(self, node: _Node) -> Any:
+        """Wait for an idle client or room for a new one, at most ``pool_timeout`` s."""
         cond = node.cond
+        deadline: float | None = None
         with cond:
-            if node.idle:
-                return node.idle.pop()
-            deadline: float | None = None
-            while True:
-                if self._closed:
-                    raise ChainClosedError(f"memcached layer {self.name!r} is closed")
-                if node.idle:
-                    return node.idle.pop()
-                if len(node.clients) < self._pool_size:
-                    client = Client(
-                        (node.host, node.port),
-                        default_noreply=False,
-                        connect_timeout=self._connect_timeout,
-                        timeout=self._timeout,
-                        no_delay=True,
-                    )
-                    node.clients.add(client)
-                    return client
-                now = time.monotonic()  # a real wait, not a modelled one
-                if deadline is None:
-                    deadline = now + self._pool_timeout
-                remaining = deadline - now
-                if remaining <= 0:
-                    break
-                cond.wait(remaining)
+            node.waiting += 1  # before looking at idle again: see _release
+            try:
+                while True:
+                    if self._closed:
+                        raise ChainClosedError(f"memcached layer {self.name!r} is closed")
+                    try:
+                        return node.idle.pop()
+                    except IndexError:
+                        pass
+                    if len(node.clients) < self._pool_size:
+                        client = Client(
+                            (node.host, node.port),
+                            default_noreply=False,
+                            connect_timeout=self._connect_timeout,
+                            timeout=self._timeout,
+                            no_delay=True,
+                        )
+                        node.clients.add(client)
+                        return client
+                    now = time.monotonic()  # a real wait, not a modelled one
+                    if deadline is None:
+                        deadline = now + self._pool_timeout
+                    if now >= deadline:
+                        break
+                    cond.wait(deadline - now)
+            finally:
+                node.waiting -= 1
         with self._stats_lock:
             self._exhausted += 1
         raise PoolExhaustedError(
@@ -450,13 +484,18 @@ class MemcachedLayer(BaseLayer):
         )
 
     def _release(self, node: _Node, client: Any, *, healthy: bool) -> None:
+        if healthy and not self._closed:
+            # A waiter counts itself under the lock before it looks at idle again, so
+            # either it sees this client or we see it waiting and wake it.
+            node.idle.append(client)
+            if node.waiting:
+                with node.cond:
+                    node.cond.notify()
+            return
         with node.cond:
-            if healthy and not self._closed and client in node.clients:
-                node.idle.append(client)
-            else:
-                node.clients.discard(client)
-                _close_quietly(client)
+            node.clients.discard(client)
             node.cond.notify()
+        _close_quietly(client)
 
     def _check_node_up(self, node: _Node) -> None:
         """In a cluster, raise NodeDownError for a node marked down, or let one caller
@@ -502,8 +541,9 @@ class MemcachedLayer(BaseLayer):
         # A reply pymemcache could not parse (ValueError, KeyError...): protocol error.
         return LayerError(f"{where} sent an unexpected reply: {exc!r}", layer=self.name)
 
-    def _call(self, node: _Node, op: Callable[[Any], _T]) -> _T:
-        """Run ``op(client)`` on a pooled client of ``node``, mapping failures.
+    def _call(self, node: _Node, op: str, *args: Any) -> Any:
+        """Run the client method named ``op`` with ``args`` on a pooled client of
+        ``node``, mapping failures.
 
         Every operation is idempotent, so when a connection that was already open
         turns out to be dead (the server restarted since it was last used), the node's
@@ -511,18 +551,18 @@ class MemcachedLayer(BaseLayer):
         """
         if self._cluster:
             self._check_node_up(node)
-        return self._attempt(node, op, retry=True)
+        return self._attempt(node, op, args, retry=True)
 
-    def _attempt(self, node: _Node, op: Callable[[Any], _T], *, retry: bool) -> _T:
+    def _attempt(self, node: _Node, op: str, args: tuple[Any, ...], *, retry: bool) -> Any:
         client = self._acquire(node)
         reused = getattr(client, "sock", None) is not None
         try:
-            result = op(client)
+            result = getattr(client, op)(*args)
         except Exception as exc:
             self._release(node, client, healthy=False)
             if retry and reused and isinstance(exc, _STALE_CONNECTION):
                 self._drop_idle(node)
-                return self._attempt(node, op, retry=False)
+                return self._attempt(node, op, args, retry=False)
             error = self._translate(exc, node)
             if self._cluster:
                 self._mark(node, down=isinstance(error, (LayerTimeoutError, LayerUnavailableError)))
@@ -537,8 +577,8 @@ class MemcachedLayer(BaseLayer):
 
     def _drop_idle(self, node: _Node) -> None:
         """Close every idle connection of ``node`` (they outlived their server)."""
+        stale = node.take_idle()
         with node.cond:
-            stale, node.idle = node.idle, []
             for client in stale:
                 node.clients.discard(client)
             node.cond.notify_all()
@@ -571,9 +611,10 @@ class MemcachedLayer(BaseLayer):
         :meth:`stats`) for stored bytes that cannot be decoded, and :class:`NodeDownError`
         for a key whose node is marked down.
         """
-        self._check_open()
+        if self._closed:
+            self._check_open()
         mkey = _map_key(key, self._prefix)
-        data = self._call(self._node_for(mkey), lambda c: c.get(mkey))
+        data = self._call(self._node_for(mkey), "get", mkey)
         if data is None:
             return MISSING, None
         return self._decode(data, self._clock())
@@ -595,7 +636,7 @@ class MemcachedLayer(BaseLayer):
         for node, group in groups.items():
             mkeys = list(group)
             try:
-                raw: dict[bytes, bytes] = self._call(node, methodcaller("get_many", mkeys))
+                raw: dict[bytes, bytes] = self._call(node, "get_many", mkeys)
             except NodeDownError:
                 continue
             except (LayerTimeoutError, LayerUnavailableError) as exc:
@@ -655,7 +696,7 @@ class MemcachedLayer(BaseLayer):
         mkey = _map_key(key, self._prefix)
         expires_at, exptime = self._expiry(ttl)
         data = self._encode(value, expires_at)
-        stored = self._call(self._node_for(mkey), lambda c: c.set(mkey, data, exptime))
+        stored = self._call(self._node_for(mkey), "set", mkey, data, exptime)
         if not stored:
             raise LayerError(f"memcached did not store key {key!r}", layer=self.name)
 
@@ -708,14 +749,14 @@ class MemcachedLayer(BaseLayer):
         its later items unconfirmed: store them one by one, rejecting the large ones.
         """
         try:
-            failed: list[bytes] = self._call(node, lambda c: c.set_many(batch, exptime))
+            failed: list[bytes] = self._call(node, "set_many", batch, exptime)
             return failed
         except InvalidValueError:
             pass
         failed = []
         for mkey, data in batch.items():
             try:
-                if not self._call(node, methodcaller("set", mkey, data, exptime)):
+                if not self._call(node, "set", mkey, data, exptime):
                     failed.append(mkey)
             except InvalidValueError:
                 rejected.append(group[mkey])
@@ -725,7 +766,7 @@ class MemcachedLayer(BaseLayer):
         """Remove ``key`` and wait for memcached's reply; an absent key is fine."""
         self._check_open()
         mkey = _map_key(key, self._prefix)
-        self._call(self._node_for(mkey), lambda c: c.delete(mkey))
+        self._call(self._node_for(mkey), "delete", mkey)
 
     def delete_many(self, keys: Iterable[str]) -> None:
         """Remove every key in ``keys``: one pipelined round trip per node.
@@ -740,7 +781,7 @@ class MemcachedLayer(BaseLayer):
         for node, group in self._group(keys).items():
             mkeys = list(group)
             try:
-                self._call(node, methodcaller("delete_many", mkeys))
+                self._call(node, "delete_many", mkeys)
             except (LayerError, PoolExhaustedError) as exc:
                 first_error = first_error or exc
         if first_error is not None:
@@ -772,12 +813,13 @@ class MemcachedLayer(BaseLayer):
         calls raise :class:`~cachechain.errors.ChainClosedError`. Idempotent."""
         self._closed = True
         for node in self._nodes:
+            idle = node.take_idle()
             with node.cond:
-                for client in node.idle:
+                for client in idle:
                     node.clients.discard(client)
-                    _close_quietly(client)
-                node.idle.clear()
                 node.cond.notify_all()
+            for client in idle:
+                _close_quietly(client)
 
     @property
     def closed(self) -> bool:

@@ -24,11 +24,13 @@ def free_port() -> int:
 class MemcachedProcess:
     """One memcached server on ``127.0.0.1:port``, started by :meth:`start`."""
 
-    def __init__(self, port: int | None = None, *, memory_mb: int = 64) -> None:
+    def __init__(self, port: int | None = None, *, memory_mb: int = 64, threads: int = 2) -> None:
         binary = shutil.which("memcached") or "/usr/bin/memcached"
         self.binary = binary
         self.port = port or free_port()
         self.memory_mb = memory_mb
+        #: memcached worker threads; each connection is served by one of them.
+        self.threads = threads
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -52,7 +54,7 @@ class MemcachedProcess:
                 "-u",
                 "root",
                 "-t",
-                "2",
+                str(self.threads),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
