@@ -6,7 +6,14 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support.fakes import UNPICKLED
 from tests.support.servers import MemcachedProcess
+
+
+@pytest.fixture(autouse=True)
+def _clear_unpickled() -> None:
+    """Start every test with no trace of an unpickled ``Boom``."""
+    UNPICKLED.clear()
 
 
 @pytest.fixture(scope="session")

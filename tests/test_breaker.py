@@ -29,21 +29,9 @@ from cachechain.errors import (
     LayerUnavailableError,
     PoolExhaustedError,
 )
+from tests.support.fakes import FakeClock
 
 WAIT = 10.0  # seconds: the most any thread test waits before it fails
-
-
-class FakeClock:
-    """A monotonic clock that moves only when the test says so (seconds)."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = [start]
-
-    def __call__(self) -> float:
-        return self.now[0]
-
-    def advance(self, seconds: float) -> None:
-        self.now[0] += seconds
 
 
 class CountingLock:
@@ -886,7 +874,7 @@ def test_injected_clock_going_backwards_reanchors_the_open_period() -> None:
     clock = FakeClock(start=100.0)
     b = make(clock)
     open_breaker(b)
-    clock.now[0] = 50.0  # a misbehaving clock: the open period restarts from here
+    clock.now = 50.0  # a misbehaving clock: the open period restarts from here
     assert b.state is State.OPEN
     clock.advance(9.0)
     assert b.state is State.OPEN

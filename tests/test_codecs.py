@@ -35,27 +35,9 @@ from cachechain.errors import (
     classify_error,
     trips_breaker,
 )
+from tests.support.fakes import UNPICKLED, Boom
 
 SECRET = b"test-secret"
-
-#: Calls made by unpickling a Boom; a test fails if anything unpickles one unexpectedly.
-UNPICKLED: list[str] = []
-
-
-def _unpickled(tag: str) -> None:
-    UNPICKLED.append(tag)
-
-
-class Boom:
-    """Unpickling it calls ``_unpickled``: proof that a pickle was (or was not) loaded."""
-
-    def __reduce__(self) -> tuple[Any, tuple[str]]:
-        return _unpickled, ("boom",)
-
-
-@pytest.fixture(autouse=True)
-def _clear_unpickled() -> None:
-    UNPICKLED.clear()
 
 
 @dataclass

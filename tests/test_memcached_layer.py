@@ -50,44 +50,13 @@ from cachechain.layers.memcached import (
     NodeDownError,
     memcached_key,
 )
+from tests.support.fakes import UNPICKLED, Boom, FakeClock
 from tests.support.servers import MemcachedProcess, free_port
 
 pytestmark = pytest.mark.memcached
 
 SECRET = b"layer-test-secret"
 THIRTY_DAYS = 30 * 24 * 3600
-
-#: Calls made by unpickling a Boom; proof that a pickle was (or was not) loaded.
-UNPICKLED: list[str] = []
-
-
-def _unpickled(tag: str) -> None:
-    UNPICKLED.append(tag)
-
-
-class Boom:
-    """Unpickling it appends to UNPICKLED."""
-
-    def __reduce__(self) -> tuple[Any, tuple[str]]:
-        return _unpickled, ("boom",)
-
-
-@pytest.fixture(autouse=True)
-def _clear_unpickled() -> None:
-    UNPICKLED.clear()
-
-
-class FakeClock:
-    """An injected clock that moves only when told to."""
-
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def raw_client(server: MemcachedProcess) -> Client:

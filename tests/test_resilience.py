@@ -28,22 +28,10 @@ from cachechain.layers.base import MISSING, CacheLayer
 from cachechain.layers.memcached import MemcachedLayer
 from cachechain.layers.memory import MemoryLayer
 from cachechain.resilience import BreakerStats, CircuitBreaker, ResilientLayer, State
+from tests.support.fakes import FakeClock
 from tests.support.servers import MemcachedProcess
 
 WAIT = 10.0  # seconds: the most any thread test waits before it fails
-
-
-class FakeClock:
-    """A monotonic clock that moves only when told to (seconds)."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = [start]
-
-    def __call__(self) -> float:
-        return self.now[0]
-
-    def advance(self, seconds: float) -> None:
-        self.now[0] += seconds
 
 
 class FakeLayer:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 __all__ = [
+    "RECORD_METHODS",
     "CollectorGuard",
     "MetricsCollector",
     "NoOpCollector",
@@ -136,6 +137,10 @@ _SEED = (
     "record_async_write",
     "record_chain_get",
 )
+
+#: Every ``record_*`` method of :class:`MetricsCollector`: the seed's eight, the extras
+#: and the fused first-layer hit.
+RECORD_METHODS: tuple[str, ...] = (*_SEED, *_EXTRA, "record_first_layer_hit")
 
 
 def _noop(*args: Any, **kwargs: Any) -> None:

@@ -12,8 +12,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .base import CollectorGuard, MetricsCollector
-from .memory import RECORD_METHODS
+from .base import RECORD_METHODS, CollectorGuard, MetricsCollector
 
 __all__ = ["FanoutCollector"]
 

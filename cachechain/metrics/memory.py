@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ERROR_TYPES
-from .base import MetricsCollector, never_raises
+from .base import RECORD_METHODS, MetricsCollector, never_raises
 from .types import (
     BUCKET_BOUNDS,
     CacheMetrics,
@@ -87,25 +87,6 @@ _L_HISTS = L_ERRORS + len(OPERATIONS) * len(ERROR_TYPES)
 # Slots of a chain's block (at the start of its list).
 C_MISS, C_LOAD_OK, C_LOAD_FAIL, C_SHARED, C_HIT = 0, 1, 2, 3, 4
 
-#: The ``record_*`` methods a collector implements (the seed's eight and the extras).
-RECORD_METHODS: tuple[str, ...] = (
-    "record_get",
-    "record_set",
-    "record_delete",
-    "record_circuit_state",
-    "record_queue_depth",
-    "record_write_dropped",
-    "record_async_write",
-    "record_chain_get",
-    "record_first_layer_hit",
-    "record_error",
-    "record_circuit_rejected",
-    "record_queue_capacity",
-    "record_load",
-    "record_singleflight_shared",
-    "record_evictions",
-    "record_entries",
-)
 
 Acc = list[Any]  # one thread's numbers for one chain: ints, and floats for sums and maxima
 

@@ -1,4 +1,5 @@
-"""Fakes for injecting faults and time: a fake clock and a scriptable fake layer."""
+"""Fakes for injecting faults and time: a fake clock, a scriptable fake layer, and
+``Boom``, whose unpickling leaves a trace (to prove nothing unpickles untrusted bytes)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,21 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from cachechain.layers.base import MISSING, BaseLayer
+
+#: Calls made by unpickling a Boom; the tests' conftest clears it before each test.
+UNPICKLED: list[str] = []
+
+
+def _unpickled(tag: str) -> None:
+    UNPICKLED.append(tag)
+
+
+class Boom:
+    """Unpickling it appends to :data:`UNPICKLED`: proof that a pickle was (or was not)
+    loaded."""
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return _unpickled, ("boom",)
 
 
 class FakeClock:
