@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
@@ -784,6 +785,7 @@ def bench_metrics(ctx: Ctx) -> Section:
     sec = Section("metrics", "6. Metrics: an L1 hit with each collector", base="none")
     key = "user:42"
     chains: list[Chain] = []
+    sinks: list[_UdpSink] = []
 
     def make(metrics: Any) -> Chain:
         chain = Chain([MemoryLayer("L1"), MemcachedLayer("L2", ctx.address)], metrics=metrics)
@@ -812,6 +814,20 @@ def bench_metrics(ctx: Ctx) -> Section:
             )
         else:
             sec.skip("prom", "Chain.get, L1 hit, PrometheusCollector", why)
+        sink = _UdpSink()  # a StatsD "daemon" in another process: reads and drops
+        sinks.append(sink)
+        statsd_rows = (
+            ("statsd", "StatsD exporter (selected by name), daemon up", "127.0.0.1", sink.port),
+            ("statsd_down", "StatsD exporter, nothing listening", "127.0.0.1", free_udp_port()),
+            ("statsd_dns", "StatsD exporter, host does not resolve", "statsd.invalid", 8125),
+        )
+        for ident, label, host, port in statsd_rows:
+            exporter, why = _statsd_exporter(host, port)
+            if exporter is None:
+                sec.skip(ident, f"Chain.get, L1 hit, {label}", why)
+                continue
+            chain = make(exporter)
+            contenders.append(Contender(ident, f"Chain.get, L1 hit, {label}", loop(chain.get, key)))
 
         lru: LRUCache[str, Any] = LRUCache(10_000)
         lru[key] = VALUE
@@ -866,11 +882,60 @@ def bench_metrics(ctx: Ctx) -> Section:
             Goal("MemoryCollector <= 2x metrics=None", "memory", "none", "<=", 2.0),
             Goal("PrometheusCollector <= 2x metrics=None", "prom", "none", "<=", 2.0),
             Goal("PrometheusCollector vs naive prometheus", "prom", "naive", "info"),
+            Goal("StatsD exporter <= 2x metrics=None", "statsd", "none", "<=", 2.0),
+            Goal("StatsD, daemon down: no added latency", "statsd_down", "statsd", "<=", 1.1),
+            Goal("StatsD, host unresolvable: no added latency", "statsd_dns", "statsd", "<=", 1.1),
         ]
     finally:
         for chain in chains:
             chain.close()
+        for sink in sinks:
+            sink.close()
     return sec
+
+
+class _UdpSink:
+    """A process that reads UDP datagrams on a loopback port and drops them."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import socket\n"
+                "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                "s.bind(('127.0.0.1', 0))\n"
+                "print(s.getsockname()[1], flush=True)\n"
+                "while True:\n"
+                "    s.recv(65536)\n",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        self.port = int(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+def free_udp_port() -> int:
+    """A loopback UDP port with nothing bound to it a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _statsd_exporter(host: str, port: int) -> tuple[Any, str]:
+    """The StatsD exporter as a user gets it (by name, through its entry point)."""
+    try:
+        from cachechain.exporters import create_exporter
+
+        spec = {"exporter": "statsd", "options": {"host": host, "port": port}}
+        return create_exporter(spec), ""
+    except Exception as exc:  # not installed: pip install ./plugins/cachechain-statsd
+        return None, f"{type(exc).__name__}: {exc}"
 
 
 def bench_open_breaker(ctx: Ctx) -> Section:
