@@ -26,10 +26,19 @@ __all__ = ["MemoryLayer", "MemoryLayerStats"]
 _Item = tuple[Any, "float | None"]
 
 
+#: What the store returns for an absent key (cachetools' ``__missing__`` hook): a
+#: miss then costs no exception, which is twice as fast.
+_ABSENT: Any = (MISSING, None)
+
+
 class _CountingLRU(LRUCache[str, _Item]):
-    """An ``LRUCache`` that counts evictions (``popitem`` runs only to make room)."""
+    """An ``LRUCache`` that counts evictions (``popitem`` runs only to make room) and
+    returns :data:`_ABSENT` for an absent key instead of raising ``KeyError``."""
 
     evictions = 0
+
+    def __missing__(self, key: str) -> _Item:
+        return _ABSENT  # type: ignore[no-any-return]
 
     def popitem(self) -> tuple[str, _Item]:
         item = super().popitem()
@@ -80,10 +89,7 @@ class MemoryLayer(BaseLayer):
     def get(self, key: str) -> Any:
         """Return the value under ``key``, or :data:`~cachechain.layers.MISSING`."""
         with self._lock:
-            try:
-                item = self._data[key]
-            except KeyError:
-                return MISSING
+            item = self._data[key]
         expires = item[1]
         if expires is not None and expires <= self._clock():
             self._drop_if_same(key, item)
@@ -93,10 +99,7 @@ class MemoryLayer(BaseLayer):
     def get_with_ttl(self, key: str) -> tuple[Any, float | None]:
         """Return ``(value, remaining_seconds)`` or ``(MISSING, None)``."""
         with self._lock:
-            try:
-                item = self._data[key]
-            except KeyError:
-                return MISSING, None
+            item = self._data[key]
         expires = item[1]
         if expires is None:
             return item[0], None
@@ -112,19 +115,19 @@ class MemoryLayer(BaseLayer):
         items: list[tuple[str, _Item]] = []
         with self._lock:
             for key in keys:
-                try:  # noqa: SIM105 - contextlib.suppress costs a call per key
-                    items.append((key, data[key]))
-                except KeyError:
-                    pass
+                item = data[key]
+                if item is not _ABSENT:
+                    items.append((key, item))
         now = self._clock()
         found: dict[str, tuple[Any, float | None]] = {}
-        for key, (value, expires) in items:
+        for key, item in items:
+            value, expires = item
             if expires is None:
                 found[key] = (value, None)
             elif expires > now:
                 found[key] = (value, expires - now)
             else:
-                self._drop_if_same(key, (value, expires))
+                self._drop_if_same(key, item)
         return found
 
     def set(self, key: str, value: Any, ttl: float | None = None) -> None:
