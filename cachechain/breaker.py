@@ -46,6 +46,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import ParamSpec, TypeVar
 
+from . import _fork
 from .errors import CircuitOpenError, ConfigError, trips_breaker
 
 __all__ = ["BreakerStats", "CircuitBreaker", "Permit", "State", "StateListener"]
@@ -216,6 +217,14 @@ class CircuitBreaker:
         self._trial_calls = 0
         # Transitions waiting to be delivered to the listeners, in order.
         self._events: deque[tuple[State, State]] = deque()
+        self._notifying = False
+        _fork.track(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: a fresh lock; trial calls of the parent's threads will
+        never report back, so their slots are freed."""
+        self._lock = threading.Lock()
+        self._trials = []
         self._notifying = False
 
     # -- public API -----------------------------------------------------------------

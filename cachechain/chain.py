@@ -24,6 +24,7 @@ import weakref
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any, ParamSpec, TypeVar, cast
 
+from . import _fork
 from .config import BreakerConfig, ChainConfig, LayerConfig, WriterConfig
 from .errors import (
     ChainClosedError,
@@ -195,6 +196,16 @@ class Chain:
         self._mut_seq = [0] * _STRIPES
         self._mut_active = [0] * _STRIPES
         self._close_lock = threading.Lock()
+        _fork.track(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: fresh locks, no loads or mutations of the parent's
+        threads in flight (their stripes would otherwise stay busy for ever)."""
+        self._mut_lock = threading.Lock()
+        self._close_lock = threading.Lock()
+        self._mut_active = [0] * _STRIPES
+        self._flight = SingleFlight()
+        self._log_failure = _LogOnce()
 
     @classmethod
     def from_config(cls, config: ChainConfig | Mapping[str, Any]) -> Chain:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Generic, TypeVar
 
+from . import _fork
 from .errors import CacheError
 
 __all__ = ["LoadTimeoutError", "SingleFlight"]
@@ -46,6 +47,12 @@ class SingleFlight(Generic[T]):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._calls: dict[str, _Call[T]] = {}
+        _fork.track(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: a fresh lock and no calls (their threads are gone)."""
+        self._lock = threading.Lock()
+        self._calls = {}
 
     def do(
         self, key: str, fn: Callable[[], T], wait_timeout: float | None = None

@@ -168,3 +168,25 @@ def _stats(server: MemcachedProcess) -> dict[str, int]:
         if len(parts) == 3 and parts[0] == "STAT" and parts[2].isdigit():
             out[parts[1]] = int(parts[2])
     return out
+
+
+@pytest.mark.parametrize("write_behind", [False, True], ids=["sync", "write-behind"])
+def test_a_refused_write_leaves_no_older_value_in_memcached(
+    memcached: MemcachedProcess, write_behind: bool
+) -> None:
+    """v1 is stored, then v2 cannot be (not JSON, too large): memcached must not go on
+    serving v1 to other processes once L1 forgets the key."""
+    l2 = MemcachedLayer("L2", memcached.address)
+    other_process = MemcachedLayer("elsewhere", memcached.address)
+    config = LayerConfig(layer=l2, write_behind=write_behind)
+    with Chain([MemoryLayer("L1"), config]) as chain:
+        assert chain.set("k", "v1") and chain.set_many({"a": 1, "b": 2})
+        assert chain.flush(10)
+        assert other_process.get("k") == "v1"
+        unstorable = {1, 2}  # a set: JSON cannot encode it
+        chain.set("k", unstorable)
+        chain.set_many({"a": unstorable, "b": b"x" * (2 * 1024 * 1024)})
+        assert chain.flush(10)
+        assert chain.get("k") == unstorable  # L1 still serves it in this process
+        assert other_process.get_many(["k", "a", "b"]) == {}
+    other_process.close()

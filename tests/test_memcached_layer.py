@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -31,6 +32,7 @@ from pymemcache.exceptions import (
 )
 
 import cachechain.layers.memcached as mcmod
+from cachechain import _fork
 from cachechain.codecs import ENVELOPE_MAGIC, CorruptValueError, JsonCodec, SignedPickleCodec
 from cachechain.errors import (
     ChainClosedError,
@@ -580,7 +582,7 @@ def test_invalid_ttl(layer: MemcachedLayer, ttl: Any) -> None:
 # -- values ------------------------------------------------------------------------------
 
 
-def test_two_mib_value_is_refused_before_io(
+def test_a_two_mib_value_is_never_sent_and_its_old_value_is_deleted(
     memcached: MemcachedProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     lay = make_layer(memcached)
@@ -588,10 +590,12 @@ def test_two_mib_value_is_refused_before_io(
     spy = CallSpy(monkeypatch)
     with pytest.raises(InvalidValueError, match="max_value_size") as info:
         lay.set("big", "x" * (2 * 1024 * 1024))
-    assert spy.calls == []
+    assert [name for name, _ in spy.calls] == ["_misc_cmd"]  # the delete; no store
     assert info.value.trips_breaker is False
+    assert lay.get("big") is MISSING  # the old value does not outlive the refused write
+    lay.set("big", "old")
     assert lay.set_many({"big": "x" * (2 * 1024 * 1024), "small": 1}) == ["big"]
-    assert lay.get("big") == "old"  # nothing stored
+    assert lay.get("big") is MISSING
     assert lay.get("small") == 1
 
 
@@ -859,10 +863,14 @@ def test_server_too_large_in_a_batch_falls_back_to_single_sets(
     assert list(stored) == [b"ok", b"ok2"]
 
 
-def test_all_invalid_batch_does_no_io(layer: MemcachedLayer, monkeypatch: Any) -> None:
+def test_an_all_invalid_batch_stores_nothing_and_deletes_old_values(
+    layer: MemcachedLayer, monkeypatch: Any
+) -> None:
+    layer.set_many({"a": 1, "b": 2})
     spy = CallSpy(monkeypatch)
     assert layer.set_many({"a": object(), "b": {1, 2}}) == ["a", "b"]
-    assert spy.calls == []
+    assert [name for name, _ in spy.calls] == ["_misc_cmd"]  # one delete_many; no store
+    assert layer.get_many(["a", "b"]) == {}
 
 
 def test_base_exception_discards_the_client(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1367,8 +1375,8 @@ def test_reset_after_fork_drops_inherited_state(
     node = lay._nodes[0]
     old_client = next(iter(node.clients))
     old_cond = node.cond
-    monkeypatch.setattr(mcmod, "_LAYERS", mcmod.weakref.WeakSet([lay]))
-    mcmod._after_fork_in_child()
+    monkeypatch.setattr(_fork, "_TRACKED", weakref.WeakSet([lay]))
+    _fork.after_fork_in_child()
     assert node.cond is not old_cond
     assert node.clients == set()
     assert old_client.sock is None  # this process's copy of the socket is closed

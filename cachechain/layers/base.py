@@ -87,7 +87,8 @@ class CacheLayer(Protocol):
         """Store ``value`` for ``ttl`` seconds (``None``: the layer's default).
 
         Raises :class:`~cachechain.errors.InvalidValueError` for a value it cannot
-        store, or a layer error when the backend fails.
+        store, or a layer error when the backend fails. A layer that refuses a value
+        must not go on serving an older value of ``key`` (delete it, best effort).
         """
 
     def set_many(self, items: Mapping[str, Any], ttl: float | None = None) -> list[str]:

@@ -32,12 +32,11 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import logging
 import math
-import os
 import re
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -49,6 +48,7 @@ from pymemcache.exceptions import (
     MemcacheUnexpectedCloseError,
 )
 
+from .. import _fork
 from ..codecs import Codec, CorruptValueError, JsonCodec, pack, unpack
 from ..errors import (
     CacheError,
@@ -62,6 +62,8 @@ from ..errors import (
     PoolExhaustedError,
 )
 from .base import MISSING, BaseLayer
+
+log = logging.getLogger("cachechain.memcached")
 
 __all__ = [
     "HASHED_KEY_MARKER",
@@ -268,8 +270,6 @@ def _close_quietly(client: Any) -> None:
         client.close()
 
 
-_LAYERS: weakref.WeakSet[MemcachedLayer] = weakref.WeakSet()
-
 #: Failures of a connection that was open before the call: the server went away (or
 #: restarted) since. Timeouts are not among them: a slow server is not retried.
 _STALE_CONNECTION = (
@@ -278,15 +278,6 @@ _STALE_CONNECTION = (
     BrokenPipeError,
     ConnectionAbortedError,
 )
-
-
-def _after_fork_in_child() -> None:
-    for layer in list(_LAYERS):
-        layer._reset_after_fork()
-
-
-if hasattr(os, "register_at_fork"):  # pragma: no branch - absent only on Windows
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class MemcachedLayer(BaseLayer):
@@ -373,7 +364,7 @@ class MemcachedLayer(BaseLayer):
         self._stats_lock = threading.Lock()
         self._corrupt = 0
         self._exhausted = 0
-        _LAYERS.add(self)
+        _fork.track(self)
 
     # -- read-only configuration -------------------------------------------------
 
@@ -688,21 +679,28 @@ class MemcachedLayer(BaseLayer):
         """Store ``value`` for ``ttl`` seconds (``None``: ``default_ttl``) and wait for
         memcached's reply.
 
-        Raises :class:`~cachechain.errors.InvalidValueError` before any I/O for a value
-        the codec refuses or whose encoding exceeds ``max_value_size`` (and when the
-        server answers "object too large").
+        Raises :class:`~cachechain.errors.InvalidValueError` for a value the codec
+        refuses or whose encoding exceeds ``max_value_size`` (and when the server
+        answers "object too large"); the key's older value, if any, is deleted first,
+        so that a refused write never leaves a stale value behind.
         """
         self._check_open()
         mkey = _map_key(key, self._prefix)
         expires_at, exptime = self._expiry(ttl)
-        data = self._encode(value, expires_at)
-        stored = self._call(self._node_for(mkey), "set", mkey, data, exptime)
+        node = self._node_for(mkey)
+        try:
+            data = self._encode(value, expires_at)
+            stored = self._call(node, "set", mkey, data, exptime)
+        except InvalidValueError:
+            self._forget(node, [mkey])
+            raise
         if not stored:
             raise LayerError(f"memcached did not store key {key!r}", layer=self.name)
 
     def set_many(self, items: Mapping[str, Any], ttl: float | None = None) -> list[str]:
         """Store every item (one round trip per node); return the keys whose values were
-        invalid for this layer (not encodable, too large).
+        invalid for this layer (not encodable, too large): their older values are
+        deleted, so no stale value outlives a refused write.
 
         Nodes are written in turn; if one fails (or is marked down) the others are still
         written and the first failure is raised at the end.
@@ -731,9 +729,20 @@ class MemcachedLayer(BaseLayer):
                     f"memcached {node.node_id} did not store {len(failed)} keys",
                     layer=self.name,
                 )
+        if rejected:  # their older values must not outlive the refused writes
+            for node, mkeys in self._group(rejected).items():
+                self._forget(node, list(mkeys))
         if first_error is not None:
             raise first_error
         return rejected
+
+    def _forget(self, node: _Node, mkeys: list[bytes]) -> None:
+        """Delete ``mkeys`` after their new values were refused; best effort: a failure
+        here is the one the write would have hit anyway, so it is not raised."""
+        try:
+            self._call(node, "delete_many", mkeys)
+        except (LayerError, PoolExhaustedError):
+            log.debug("memcached layer %r: could not delete refused keys", self.name)
 
     def _store_batch(
         self,
@@ -826,7 +835,7 @@ class MemcachedLayer(BaseLayer):
         """Whether :meth:`close` was called."""
         return self._closed
 
-    def _reset_after_fork(self) -> None:
+    def _after_fork(self) -> None:
         """In a forked child: new locks, no inherited connections, no down-marks."""
         self._stats_lock = threading.Lock()
         for node in self._nodes:

@@ -18,6 +18,7 @@ from typing import Any
 
 from cachetools import LRUCache
 
+from .. import _fork
 from ..errors import ConfigError
 from .base import MISSING, BaseLayer
 
@@ -85,6 +86,11 @@ class MemoryLayer(BaseLayer):
         self._data = _CountingLRU(maxsize)
         self._lock = threading.Lock()
         self._clock = clock
+        _fork.track(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: a fresh lock (the entries are kept)."""
+        self._lock = threading.Lock()
 
     def get(self, key: str) -> Any:
         """Return the value under ``key``, or :data:`~cachechain.layers.MISSING`."""
