@@ -1,0 +1,222 @@
+"""Framework integrations: cachechain as a Django cache backend and a Flask-Caching backend.
+
+- :mod:`cachechain.contrib.django`: :class:`~cachechain.contrib.django.CachechainCache`,
+  used through ``CACHES = {"default": {"BACKEND":
+  "cachechain.contrib.django.CachechainCache", "OPTIONS": {...}}}``.
+- :mod:`cachechain.contrib.flask`: :class:`~cachechain.contrib.flask.CachechainBackend`,
+  used through ``CACHE_TYPE = "cachechain.contrib.flask.CachechainBackend"`` and
+  ``CACHE_OPTIONS = {...}``.
+
+In both, the options are the mapping of :mod:`cachechain.settings` (``layers``,
+``breaker``, ``writer``, ``metrics``, ``name``). What the two backends share, and why:
+
+- **Values are copies, as in every Django and Flask-Caching backend.** ``str``, ``int``,
+  ``float``, ``bool`` and ``None`` are stored as they are (immutable, and JSON can carry
+  them to memcached); any other value is pickled when it is stored and unpickled when
+  it is read, so every read returns a fresh object. A cached ``HttpResponse`` or Flask
+  ``Response`` that middleware or ``after_request`` handlers mutate (headers, cookies)
+  therefore never changes what the next request gets. A value that cannot be pickled
+  raises :class:`pickle.PicklingError`, as both frameworks document; a stored value
+  that can no longer be unpickled (its class was renamed in a deploy) is a miss,
+  logged once.
+- **Memcached gets a signed pickle codec by default.** A ``memcached`` layer that names
+  no ``codec`` is given :class:`~cachechain.codecs.SignedPickleCodec` keyed by the
+  application's ``SECRET_KEY``: those frameworks cache arbitrary picklable objects, and
+  nothing read from memcached is unpickled unless its HMAC signature checks out. Every
+  process sharing the memcached must use the same ``SECRET_KEY``; after a change of
+  ``SECRET_KEY`` older entries are misses. A layer with an explicit ``"codec": "json"``
+  stores only the plain values above; the others stay in the layers that can hold them.
+- **"Never expires"** is stored as :data:`NO_EXPIRY_TTL` seconds (ten years): the
+  layers take finite TTLs. Each layer's ``max_ttl`` still caps every TTL: keep the
+  in-process layer's ``max_ttl`` short, since another process's ``delete`` does not reach
+  this process's memory.
+- **clear() empties only this process's in-process layers.** cachechain has no
+  operation that empties a shared memcached (``flush_all`` would wipe every
+  application using that server). To drop everything at once, change the key
+  namespace instead: ``VERSION`` or ``KEY_PREFIX`` (Django), ``CACHE_KEY_PREFIX``
+  (Flask-Caching), or the memcached layer's ``key_prefix``.
+- The chains these backends build are closed (their queued writes drained) when the
+  interpreter exits.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import pickle
+import threading
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+from ..chain import Chain
+from ..codecs import SignedPickleCodec
+from ..layers.base import MISSING
+
+__all__ = ["NO_EXPIRY_TTL"]
+
+log = logging.getLogger("cachechain.contrib")
+
+#: The TTL, in seconds (ten years), that stands for "never expires" (Django's
+#: ``timeout=None``, Flask-Caching's ``timeout=0``).
+NO_EXPIRY_TTL: Final[float] = 10 * 365 * 24 * 3600.0
+
+#: Values stored as they are; any other value is stored pickled.
+_PLAIN: Final = frozenset({str, int, float, bool, type(None)})
+
+_PICKLE_PROTOCOL: Final = pickle.HIGHEST_PROTOCOL
+
+
+def _encode(value: Any) -> Any:
+    """Return what the chain stores for ``value``: the value itself when it is a plain
+    immutable (``str``, ``int``, ``float``, ``bool``, ``None``), else its pickle (bytes).
+
+    Raises :class:`pickle.PicklingError` for a value that cannot be pickled.
+    """
+    if value.__class__ in _PLAIN:
+        return value
+    try:
+        return pickle.dumps(value, protocol=_PICKLE_PROTOCOL)
+    except Exception as exc:  # PicklingError, TypeError, AttributeError, RecursionError
+        raise pickle.PicklingError(
+            f"cannot cache a {type(value).__name__}: it cannot be pickled ({exc!r})"
+        ) from exc
+
+
+_undecodable_seen: set[str] = set()
+_undecodable_lock = threading.Lock()
+
+
+def _decode(stored: Any) -> Any:
+    """Return the value that :func:`_encode` stored: a fresh unpickled object for bytes,
+    the stored object otherwise, or :data:`~cachechain.layers.MISSING` when the bytes
+    cannot be unpickled any more (logged at WARNING once per error type, then DEBUG)."""
+    if stored.__class__ is not bytes:
+        return stored
+    try:
+        return pickle.loads(stored)
+    except Exception as exc:  # a class renamed or removed since the value was stored
+        kind = type(exc).__name__
+        with _undecodable_lock:
+            first = kind not in _undecodable_seen
+            _undecodable_seen.add(kind)
+        if first:
+            log.warning(
+                "a cached value could not be unpickled (%s: %s); treated as a miss. "
+                "Further %s errors are logged at DEBUG",
+                kind,
+                exc,
+                kind,
+            )
+        else:
+            log.debug("a cached value could not be unpickled: %r", exc)
+        return MISSING
+
+
+def _with_default_codec(
+    options: Mapping[str, Any], secret: str | bytes | None
+) -> tuple[Mapping[str, Any], list[str]]:
+    """Return ``options`` with a :class:`~cachechain.codecs.SignedPickleCodec` keyed by
+    ``secret`` given to every ``memcached`` layer that names no ``codec``, and the names
+    of such layers left on JSON because ``secret`` is empty. ``options`` is not changed;
+    anything malformed is passed on untouched for the settings to report."""
+    layers = options.get("layers")
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
+        return options, []
+    entries: list[Any] = []
+    on_json: list[str] = []
+    codec: SignedPickleCodec | None = None
+    for index, entry in enumerate(layers):
+        if isinstance(entry, Mapping) and entry.get("type") == "memcached" and "codec" not in entry:
+            if secret:
+                codec = codec or SignedPickleCodec(secret)
+                entry = {**entry, "codec": codec}
+            else:
+                on_json.append(str(entry.get("name", f"L{index + 1}")))
+        entries.append(entry)
+    return {**options, "layers": entries}, on_json
+
+
+def _clear_local_layers(chain: Chain) -> bool:
+    """Empty every in-process layer of ``chain`` that can be emptied; return True when
+    that was every layer (so the whole cache is empty), False when other layers (such
+    as memcached) were left as they are."""
+    complete = True
+    for layer in chain.layers:
+        clear = getattr(layer, "clear", None)
+        if layer.local and callable(clear):
+            clear()
+        else:
+            complete = False
+    return complete
+
+
+_LOCK_STRIPES: Final = 64  # a power of two
+
+
+class _KeyLocks:
+    """Striped locks by key: they make the read-then-write operations (``add``,
+    ``incr``, ``touch``) atomic between the threads of a process."""
+
+    __slots__ = ("__weakref__", "_locks")
+
+    def __init__(self) -> None:
+        self._reset()
+        with _OPEN_LOCK:
+            _KEY_LOCKS.add(self)
+
+    def _reset(self) -> None:
+        self._locks = tuple(threading.Lock() for _ in range(_LOCK_STRIPES))
+
+    def __call__(self, key: str) -> threading.Lock:
+        """Return the lock of ``key``'s stripe."""
+        return self._locks[hash(key) & (_LOCK_STRIPES - 1)]
+
+
+_KEY_LOCKS: weakref.WeakSet[_KeyLocks] = weakref.WeakSet()
+
+#: The chains built by the backends and not yet garbage collected, closed at exit.
+_OPEN: weakref.WeakSet[Chain] = weakref.WeakSet()
+_OPEN_LOCK = threading.Lock()
+_EXITING = threading.Event()
+_EXIT_TIMEOUT: Final = 2.0
+
+
+def _close_at_exit(chain: Chain) -> None:
+    """Have ``chain`` closed when the interpreter exits."""
+    with _OPEN_LOCK:
+        _OPEN.add(chain)
+
+
+def _exiting() -> bool:
+    """Whether the exit hook has run (no chain is built or rebuilt after that)."""
+    return _EXITING.is_set()
+
+
+def _close_open_chains() -> None:
+    """The exit hook: close every chain a backend built, each within
+    ``_EXIT_TIMEOUT`` seconds. Never raises (exit prints no traceback)."""
+    _EXITING.set()
+    with _OPEN_LOCK:
+        chains = list(_OPEN)
+    for chain in chains:
+        try:
+            chain.close(_EXIT_TIMEOUT)
+        except Exception:  # pragma: no cover - Chain.close does not raise
+            log.debug("cachechain: could not close chain %r at exit", chain.name, exc_info=True)
+
+
+def _after_fork_in_child() -> None:  # pragma: no cover - runs in a forked child
+    """Locks held by another thread at fork time would never be released in the child:
+    give it fresh ones (the chains reset their own connections and writers)."""
+    global _OPEN_LOCK, _undecodable_lock
+    _OPEN_LOCK = threading.Lock()
+    _undecodable_lock = threading.Lock()
+    for locks in list(_KEY_LOCKS):
+        locks._reset()
+
+
+atexit.register(_close_open_chains)
+if hasattr(os, "register_at_fork"):  # pragma: no branch - absent only on Windows
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,297 @@
+"""cachechain as a Flask-Caching backend.
+
+Configure Flask-Caching with it; ``CACHE_OPTIONS`` is the chain mapping of
+:mod:`cachechain.settings`::
+
+    app.config.update(
+        SECRET_KEY="...",                      # keys the memcached layer's signed pickle
+        CACHE_TYPE="cachechain.contrib.flask.CachechainBackend",
+        CACHE_DEFAULT_TIMEOUT=300,             # seconds; 0 = never expires
+        CACHE_KEY_PREFIX="shop:",              # prefixes every key (default "flask_cache_")
+        CACHE_OPTIONS={
+            "name": "web",
+            "layers": [
+                {"type": "memory", "name": "L1", "maxsize": 10_000, "max_ttl": 30},
+                {"type": "memcached", "name": "L2", "servers": ["10.0.0.5:11211"],
+                 "timeout": 0.1, "connect_timeout": 0.1},
+            ],
+        },
+    )
+    cache = Cache(app)
+
+then use ``@cache.cached``, ``@cache.memoize`` and ``cache.get``/``cache.set`` as with
+any backend. What to know:
+
+- **One chain per backend.** Flask-Caching builds one backend per ``Cache`` and
+  application (``init_app``), shared by every thread; it owns one thread-safe
+  :class:`~cachechain.Chain`, closed at interpreter exit or by :meth:`close`.
+- **Failures never reach the view**: a layer that is down, slow or returns garbage is a
+  miss; a write it missed is counted and logged. ``CACHE_IGNORE_ERRORS`` is accepted
+  and has no effect: ``delete_many`` never raises for a cache failure, it returns the
+  keys whose deletion every layer confirmed.
+- **Values** are copies (see :mod:`cachechain.contrib`). A ``memcached`` layer without
+  a ``codec`` gets a signed pickle codec keyed by the app's ``SECRET_KEY``, so cached
+  ``Response`` objects and memoized results of any picklable type reach memcached.
+  Without a ``SECRET_KEY`` such a layer stays on JSON (logged at WARNING when the
+  backend is built): only ``str``, ``int``, ``float``, ``bool`` and ``None`` values
+  reach it, the others stay in the in-process layer.
+- **Timeouts** follow Flask-Caching: ``None`` is ``CACHE_DEFAULT_TIMEOUT``, ``0``
+  never expires (stored as :data:`~cachechain.contrib.NO_EXPIRY_TTL`), a
+  :class:`~datetime.timedelta` is taken to the microsecond, and a negative timeout does
+  not cache (``set`` removes the key). Each layer's ``max_ttl`` caps every timeout.
+- **Keys** must be ``str``; ``CACHE_KEY_PREFIX`` is put in front of each, as by
+  Flask-Caching's Redis and memcached backends.
+- **Not atomic across processes**: ``add``, ``inc`` and ``dec`` read, then write. Within
+  one process they hold a per-key lock, so threads do not lose increments.
+- ``clear()`` empties this process's in-process layers only and returns False when
+  other layers (memcached) were left as they are; change ``CACHE_KEY_PREFIX`` to drop
+  every entry at once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask
+from flask_caching.backends.base import BaseCache
+
+from ..chain import Chain
+from ..errors import ConfigError, InvalidKeyError
+from ..layers.base import MISSING
+from . import (
+    NO_EXPIRY_TTL,
+    _clear_local_layers,
+    _close_at_exit,
+    _decode,
+    _encode,
+    _KeyLocks,
+    _with_default_codec,
+    log,
+)
+
+__all__ = ["CachechainBackend"]
+
+
+class CachechainBackend(BaseCache):
+    """A Flask-Caching backend over a cachechain :class:`~cachechain.Chain`.
+
+    ``options`` is the chain mapping of :mod:`cachechain.settings` (Flask-Caching's
+    ``CACHE_OPTIONS``). ``default_timeout`` (seconds, or a ``timedelta``; ``0`` never
+    expires) applies when a write gives no timeout; ``key_prefix`` is put in front of
+    every key; ``secret`` keys the signed pickle codec of ``memcached`` layers that name
+    no ``codec`` (``None`` or empty: they stay on JSON). ``ignore_delete_many_errors`` is
+    accepted for Flask-Caching's sake and has no effect (nothing here raises for a cache
+    failure).
+
+    Raises :class:`~cachechain.errors.ConfigError`, naming the field, for bad options.
+    """
+
+    def __init__(
+        self,
+        options: Mapping[str, Any],
+        *,
+        default_timeout: int | dt.timedelta = 300,
+        key_prefix: str = "",
+        secret: str | bytes | None = None,
+        ignore_delete_many_errors: bool = False,
+    ) -> None:
+        if isinstance(default_timeout, dt.timedelta):  # as Flask-Caching: whole seconds, up
+            default_timeout = math.ceil(default_timeout.total_seconds())
+        super().__init__(
+            default_timeout=default_timeout, ignore_delete_many_errors=ignore_delete_many_errors
+        )
+        if not isinstance(options, Mapping):
+            raise ConfigError(
+                f"CACHE_OPTIONS must be a cachechain chain mapping, got {type(options).__name__}"
+            )
+        if not isinstance(key_prefix, str):
+            raise ConfigError(f"CACHE_KEY_PREFIX must be a str, got {key_prefix!r}")
+        resolved, on_json = _with_default_codec(options, secret)
+        try:
+            chain = Chain.from_config(resolved)
+        except ConfigError as exc:
+            raise ConfigError(f"CACHE_OPTIONS: {exc}") from exc
+        for name in on_json:
+            log.warning(
+                "memcached layer %r has no codec and the app has no SECRET_KEY: it stores "
+                "JSON, so only str, int, float, bool and None values reach it. Set "
+                "SECRET_KEY (signed pickle) or give the layer a codec",
+                name,
+            )
+        self._chain = chain
+        self._prefix = key_prefix
+        self._lock = _KeyLocks()
+        _close_at_exit(chain)
+
+    @classmethod
+    def factory(
+        cls,
+        app: Flask,
+        config: dict[str, Any],
+        args: list[Any],
+        kwargs: dict[str, Any],
+    ) -> CachechainBackend:
+        """Build the backend as Flask-Caching does for ``CACHE_TYPE``: ``kwargs`` holds
+        ``default_timeout``, ``ignore_delete_many_errors`` and the keys of
+        ``CACHE_OPTIONS`` (the chain mapping); the key prefix is ``CACHE_KEY_PREFIX`` and
+        the codec secret the app's ``SECRET_KEY``. Raises
+        :class:`~cachechain.errors.ConfigError` for ``CACHE_ARGS`` (unused: put settings
+        in ``CACHE_OPTIONS``) or bad options."""
+        if args:
+            raise ConfigError(
+                f"CACHE_ARGS is not used by {cls.__name__}: put the chain settings in "
+                f"CACHE_OPTIONS, got {args!r}"
+            )
+        options = dict(kwargs)
+        default_timeout = options.pop("default_timeout", 300)
+        ignore = bool(options.pop("ignore_delete_many_errors", False))
+        return cls(
+            options,
+            default_timeout=default_timeout,
+            key_prefix=config.get("CACHE_KEY_PREFIX") or "",
+            secret=app.config.get("SECRET_KEY") or None,
+            ignore_delete_many_errors=ignore,
+        )
+
+    # -- helpers ------------------------------------------------------------------
+
+    @property
+    def chain(self) -> Chain:
+        """The :class:`~cachechain.Chain` of this backend (for metrics, breakers,
+        ``get_or_load``). Its keys carry the key prefix and its values are the stored
+        forms described in :mod:`cachechain.contrib`."""
+        return self._chain
+
+    def _key(self, key: str) -> str:
+        if not isinstance(key, str):
+            raise InvalidKeyError(f"cache keys must be str, got {type(key).__name__}")
+        return self._prefix + key
+
+    def _ttl(self, timeout: int | float | dt.timedelta | None) -> float | None:
+        """Flask-Caching's timeout as the chain's TTL in seconds; ``None`` for "do not
+        cache"."""
+        if timeout is None:
+            timeout = self.default_timeout
+        if isinstance(timeout, dt.timedelta):
+            timeout = timeout.total_seconds()
+        if timeout == 0:
+            return NO_EXPIRY_TTL
+        if timeout < 0:
+            return None
+        return min(float(timeout), NO_EXPIRY_TTL)
+
+    # -- reads --------------------------------------------------------------------
+
+    def get(self, key: str) -> Any:
+        """Return the value cached under ``key`` (a fresh copy), or ``None``. A layer
+        failure is a miss."""
+        stored = self._chain.get(self._key(key), MISSING)
+        if stored is MISSING:
+            return None
+        value = _decode(stored)
+        return None if value is MISSING else value
+
+    def get_many(self, *keys: str) -> list[Any]:
+        """Return the values of ``keys`` in order, ``None`` for each miss (one batch per
+        layer)."""
+        made = [self._key(k) for k in keys]
+        found = self._chain.get_many(made)
+        values: list[Any] = []
+        for made_key in made:
+            stored = found.get(made_key, MISSING)
+            value = MISSING if stored is MISSING else _decode(stored)
+            values.append(None if value is MISSING else value)
+        return values
+
+    def has(self, key: str) -> bool:
+        """Return whether some reachable layer holds ``key`` (a cached ``None`` too)."""
+        return self._chain.get(self._key(key), MISSING) is not MISSING
+
+    # -- writes -------------------------------------------------------------------
+
+    def set(self, key: str, value: Any, timeout: int | float | dt.timedelta | None = None) -> bool:
+        """Store ``value`` under ``key`` in every layer for ``timeout`` seconds (see the
+        module docstring); a negative timeout removes the key instead. Return True when
+        every layer took it, False when some layer failed or refused it (the others
+        still hold it). Raises :class:`pickle.PicklingError` for a value that cannot be
+        pickled."""
+        stored = _encode(value)
+        key = self._key(key)
+        ttl = self._ttl(timeout)
+        if ttl is None:
+            return self._chain.delete(key)
+        return self._chain.set(key, stored, ttl)
+
+    def add(self, key: str, value: Any, timeout: int | float | dt.timedelta | None = None) -> bool:
+        """Store ``value`` only if no reachable layer holds ``key``; return True when it
+        was stored in every layer. Atomic between the threads of this process, not
+        across processes."""
+        stored = _encode(value)
+        key = self._key(key)
+        ttl = self._ttl(timeout)
+        with self._lock(key):
+            if self._chain.get(key, MISSING) is not MISSING:
+                return False
+            if ttl is None:
+                return True
+            return self._chain.set(key, stored, ttl)
+
+    def set_many(
+        self, mapping: Mapping[str, Any], timeout: int | float | dt.timedelta | None = None
+    ) -> list[Any]:
+        """Store every item (one batch per layer); return the keys that were set: all of
+        them when every layer took the batch, else none (the chain reports per batch;
+        the values are still in the layers that took them)."""
+        items = {self._key(k): _encode(v) for k, v in mapping.items()}
+        ttl = self._ttl(timeout)
+        if ttl is None:
+            ok = self._chain.delete_many(list(items))
+        else:
+            ok = self._chain.set_many(items, ttl)
+        return list(mapping) if ok else []
+
+    def delete(self, key: str) -> bool:
+        """Remove ``key`` from every layer; return True when it was cached and every
+        layer confirmed the delete."""
+        key = self._key(key)
+        existed = self._chain.get(key, MISSING) is not MISSING
+        return self._chain.delete(key) and existed
+
+    def delete_many(self, *keys: str) -> list[Any]:
+        """Remove ``keys`` from every layer (one batch per layer); return them all when
+        every layer confirmed, else none. Never raises for a cache failure."""
+        if self._chain.delete_many([self._key(k) for k in keys]):
+            return list(keys)
+        return []
+
+    def inc(self, key: str, delta: int = 1) -> int | None:
+        """Add ``delta`` to the value of ``key`` (a missing key counts as 0), store it for
+        the default timeout and return it; ``None`` when some layer did not take it.
+        Atomic between the threads of this process, not across processes."""
+        made = self._key(key)
+        with self._lock(made):
+            stored = self._chain.get(made, MISSING)
+            current = 0 if stored is MISSING else _decode(stored)
+            value: int = (0 if current is MISSING or current is None else current) + delta
+            ok = self.set(key, value)
+        return value if ok else None
+
+    def dec(self, key: str, delta: int = 1) -> int | None:
+        """Subtract ``delta``: :meth:`inc` with ``-delta``."""
+        return self.inc(key, -delta)
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def clear(self) -> bool:
+        """Empty this process's in-process layers; return True only when they were every
+        layer, False when memcached (or another shared layer) was left as it is."""
+        return _clear_local_layers(self._chain)
+
+    def close(self, timeout: float = 5.0) -> int:
+        """Close the chain, draining its queued writes within ``timeout`` seconds; return
+        how many were dropped. Later calls raise
+        :class:`~cachechain.errors.ChainClosedError`. Also done at interpreter exit."""
+        return self._chain.close(timeout)

@@ -1,0 +1,779 @@
+"""cachechain.contrib.django: a real Django app (settings, URLconf, views, cache_page)
+driven through Django's test Client, with a MemoryLayer L1 over the real memcached."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import django
+import pytest
+from django.conf import settings
+
+if not settings.configured:
+    settings.configure(
+        DEBUG=False,
+        SECRET_KEY="cachechain-test-secret-key",
+        ALLOWED_HOSTS=["testserver"],
+        INSTALLED_APPS=[],
+        USE_TZ=True,
+        CACHES={"default": {"BACKEND": "django.core.cache.backends.dummy.DummyCache"}},
+    )
+    django.setup()
+
+from django.core.cache import cache, caches
+from django.core.cache.backends.base import InvalidCacheKey
+from django.core.exceptions import ImproperlyConfigured
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.test import Client
+from django.test.utils import override_settings
+from django.urls import path
+from django.views.decorators.cache import cache_page
+
+from cachechain import Chain
+from cachechain.codecs import JsonCodec, SignedPickleCodec
+from cachechain.contrib import _EXITING, NO_EXPIRY_TTL, _close_open_chains
+from cachechain.contrib.django import CachechainCache, close_chains
+from cachechain.errors import ChainClosedError, ConfigError
+from cachechain.layers.base import MISSING
+from cachechain.layers.memcached import MemcachedLayer
+from tests.support.servers import MemcachedProcess
+
+SECRET = "codec-secret-for-the-tests"
+ROOT = Path(__file__).resolve().parents[1]
+
+# -- the app: views, URLconf, a middleware that mutates every response -----------------
+
+LOADS: collections.Counter[str] = collections.Counter()
+
+
+def profile_view(request: HttpRequest, uid: int) -> HttpResponse:
+    """Reads through django.core.cache.cache; 'loads' counts the slow path."""
+    key = f"profile:{uid}"
+    data = cache.get(key)
+    if data is None:
+        LOADS[key] += 1
+        data = {"uid": uid, "loads": LOADS[key]}
+        cache.set(key, data, 60)
+    return JsonResponse(data)
+
+
+@cache_page(60)
+def page_view(request: HttpRequest) -> HttpResponse:
+    LOADS["page"] += 1
+    return HttpResponse(f"page rendered {LOADS['page']} times")
+
+
+def hits_view(request: HttpRequest) -> HttpResponse:
+    cache.add("hits", 0, None)
+    return HttpResponse(str(cache.incr("hits")))
+
+
+class StampMiddleware:
+    """Appends to a header of every response, as real middleware mutates responses."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        response = self.get_response(request)
+        response["X-Stamp"] = response.get("X-Stamp", "") + "x"
+        return response
+
+
+urlpatterns = [
+    path("profile/<int:uid>/", profile_view),
+    path("page/", page_view),
+    path("hits/", hits_view),
+]
+
+
+def caches_setting(address: str, *, codec: Any = None, **backend: Any) -> dict[str, dict[str, Any]]:
+    l2: dict[str, Any] = {
+        "type": "memcached",
+        "name": "L2",
+        "servers": [address],
+        "key_prefix": "dj:",
+        "timeout": 0.2,
+        "connect_timeout": 0.2,
+    }
+    if codec is not None:
+        l2["codec"] = codec
+    return {
+        "default": {
+            "BACKEND": "cachechain.contrib.django.CachechainCache",
+            "TIMEOUT": 120,
+            "KEY_PREFIX": "t",
+            "OPTIONS": {
+                "name": "django-test",
+                "layers": [{"type": "memory", "name": "L1", "maxsize": 1000}, l2],
+            },
+            **backend,
+        }
+    }
+
+
+PICKLE_CODEC = {"type": "signed_pickle", "secret": SECRET}
+
+
+@contextlib.contextmanager
+def django_app(caches_config: dict[str, dict[str, Any]], **more: Any) -> Iterator[None]:
+    """Serve this module's URLconf with ``caches_config``; close the chains after."""
+    LOADS.clear()
+    try:
+        with override_settings(
+            CACHES=caches_config,
+            ROOT_URLCONF=__name__,
+            MIDDLEWARE=[f"{__name__}.StampMiddleware"],
+            **more,
+        ):
+            yield
+    finally:
+        close_chains()
+
+
+@pytest.fixture()
+def app(memcached: MemcachedProcess) -> Iterator[MemcachedProcess]:
+    """The app over the session memcached, with the signed pickle codec configured."""
+    with django_app(caches_setting(memcached.address, codec=PICKLE_CODEC)):
+        yield memcached
+
+
+def l2_reader(address: str, codec: Any) -> Chain:
+    """Another process's view of the memcached layer: a chain with no L1."""
+    return Chain(
+        [
+            MemcachedLayer(
+                "L2", [address], key_prefix="dj:", codec=codec, timeout=0.2, connect_timeout=0.2
+            )
+        ]
+    )
+
+
+def backend() -> CachechainCache:
+    b = caches["default"]
+    assert isinstance(b, CachechainCache)
+    return b
+
+
+# -- the app, through Django's test Client ---------------------------------------------
+
+
+@pytest.mark.memcached
+def test_a_view_reads_through_l1_and_memcached(app: MemcachedProcess) -> None:
+    client = Client()
+    assert client.get("/profile/7/").json() == {"uid": 7, "loads": 1}
+    assert client.get("/profile/7/").json() == {"uid": 7, "loads": 1}
+    made = backend().make_key("profile:7")
+    assert made == "t:1:profile:7"
+    l1, l2 = backend().chain.layers
+    assert l1.get(made) is not MISSING and l2.get(made) is not MISSING
+    # Another process (no L1 of its own) reads the signed pickle from memcached.
+    with l2_reader(app.address, SignedPickleCodec(SECRET)) as other:
+        assert pickle.loads(other.get(made)) == {"uid": 7, "loads": 1}
+    # This process forgets its L1: the value comes back from memcached, not the view.
+    backend().clear()
+    assert l1.get(made) is MISSING
+    assert client.get("/profile/7/").json() == {"uid": 7, "loads": 1}
+    assert LOADS["profile:7"] == 1
+    assert not backend().chain.closed  # Django's close() at request_finished kept it
+
+
+@pytest.mark.memcached
+def test_cache_page_serves_a_fresh_copy_of_the_cached_response(app: MemcachedProcess) -> None:
+    client = Client()
+    for _ in range(3):
+        response = client.get("/page/")
+        assert response.status_code == 200
+        assert response.content == b"page rendered 1 times"
+        # The middleware's change to the response served never reaches the cached one.
+        assert response["X-Stamp"] == "x"
+    backend().clear()  # only memcached has the page now: a signed pickle of HttpResponse
+    response = client.get("/page/")
+    assert (response.content, response["X-Stamp"]) == (b"page rendered 1 times", "x")
+    assert LOADS["page"] == 1
+
+
+@pytest.mark.memcached
+def test_add_and_incr_in_a_view(app: MemcachedProcess) -> None:
+    client = Client()
+    assert [client.get("/hits/").content for _ in range(3)] == [b"1", b"2", b"3"]
+    with l2_reader(app.address, SignedPickleCodec(SECRET)) as other:
+        assert other.get(backend().make_key("hits")) == 3  # ints are stored as they are
+
+
+@pytest.mark.memcached
+def test_the_views_answer_while_memcached_is_down(own_memcached: MemcachedProcess) -> None:
+    with django_app(caches_setting(own_memcached.address, codec=PICKLE_CODEC)):
+        client = Client()
+        assert client.get("/profile/1/").json()["loads"] == 1
+        own_memcached.stop()
+        backend().clear()
+        started = time.perf_counter()
+        for _ in range(3):
+            for url in ("/profile/1/", "/page/", "/hits/"):
+                assert client.get(url).status_code == 200
+        assert time.perf_counter() - started < 3.0
+        # L1 alone still caches: the profile was reloaded once, the page rendered once.
+        assert client.get("/profile/1/").json()["loads"] == 2
+        assert client.get("/page/").content == b"page rendered 1 times"
+        assert client.get("/hits/").content == b"4"
+        assert backend().set_many({"a": 1, "b": [2]}) == ["a", "b"]  # L2 did not take it
+        assert backend().get_many(["a", "b"]) == {"a": 1, "b": [2]}  # L1 did
+        assert backend().delete("a") is False  # not confirmed by memcached
+
+
+@pytest.mark.memcached
+def test_views_answer_when_memcached_was_never_up(own_memcached: MemcachedProcess) -> None:
+    own_memcached.stop()
+    with django_app(caches_setting(own_memcached.address, codec=PICKLE_CODEC)):
+        client = Client()
+        assert [client.get("/profile/2/").json()["loads"] for _ in range(2)] == [1, 1]
+        assert client.get("/page/").status_code == 200
+
+
+# -- one chain per configuration and process -------------------------------------------
+
+
+@pytest.mark.memcached
+def test_the_backends_of_every_thread_share_one_chain(app: MemcachedProcess) -> None:
+    barrier = threading.Barrier(8)
+    seen: list[tuple[CachechainCache, Chain]] = []
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        b = backend()
+        b.set(f"from-{i}", i)
+        with lock:
+            seen.append((b, b.chain))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len({id(b) for b, _ in seen}) == 8  # Django made one backend per thread
+    assert {id(c) for _, c in seen} == {id(backend().chain)}
+    assert backend().get_many([f"from-{i}" for i in range(8)]) == {f"from-{i}": i for i in range(8)}
+    caches.close_all()  # what Django does at the end of each request
+    assert not backend().chain.closed
+
+
+@pytest.mark.memcached
+def test_location_names_the_shared_chain(memcached: MemcachedProcess) -> None:
+    base = caches_setting(memcached.address, codec=PICKLE_CODEC)["default"]
+    config = {
+        "a": {**base, "LOCATION": "one"},
+        "b": {**base, "LOCATION": "one", "KEY_PREFIX": "other"},
+        "c": {**base, "LOCATION": "two"},
+    }
+    with django_app({"default": base, **config}):
+        a, b, c = caches["a"], caches["b"], caches["c"]
+        assert a.chain is b.chain
+        assert a.chain is not c.chain
+        assert caches["default"].chain not in (a.chain, c.chain)  # LOCATION ""
+        a.set("k", "from a")
+        assert b.get("k") is None  # KEY_PREFIX still keeps their keys apart
+        made = a.make_key("k")
+        assert a.chain.layers[0].get(made) == "from a"
+        assert c.chain.layers[0].get(made) is MISSING  # c has an L1 of its own...
+        assert c.get("k") == "from a"  # ...over the same memcached
+
+
+@pytest.mark.memcached
+def test_close_chains_closes_them_and_backends_build_new_ones(app: MemcachedProcess) -> None:
+    b = backend()
+    b.set("k", "v")
+    first = b.chain
+    close_chains()
+    assert first.closed
+    assert b.chain is not first and not b.chain.closed
+    assert b.get("k") == "v"  # from memcached; the new L1 started empty
+    assert close_chains() == 0
+
+
+def test_chains_are_closed_and_drained_at_interpreter_exit(memcached: MemcachedProcess) -> None:
+    script = textwrap.dedent(
+        f"""
+        import atexit
+        state = {{}}
+        atexit.register(lambda: print("closed", state["chain"].closed))  # runs last
+
+        import django
+        from django.conf import settings
+        settings.configure(SECRET_KEY="exit-test", CACHES={{"default": {{
+            "BACKEND": "cachechain.contrib.django.CachechainCache",
+            "OPTIONS": {{"layers": [
+                {{"type": "memory"}},
+                {{"type": "memcached", "servers": ["{memcached.address}"],
+                  "key_prefix": "dj:", "write_behind": True}},
+            ]}},
+        }}}})
+        django.setup()
+        from django.core.cache import cache
+        cache.set("queued", "written at exit")
+        state["chain"] = cache.chain
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "closed True"
+    assert "Traceback" not in done.stderr
+    with l2_reader(memcached.address, SignedPickleCodec("exit-test")) as other:
+        assert other.get(":1:queued") == "written at exit"
+
+
+@pytest.mark.memcached
+def test_a_forked_child_does_not_inherit_a_held_key_lock(app: MemcachedProcess) -> None:
+    b = backend()
+    b.set("n", 1)
+    lock = b._live().lock(b.make_key("n"))
+    lock.acquire()  # another thread is inside incr("n") when the process forks
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child exits without reporting coverage
+            code = 3
+            try:
+                code = 0 if b.incr("n") == 2 else 1
+            finally:
+                os._exit(code)
+    finally:
+        lock.release()
+    status = None
+    gone = threading.Event()
+    for _ in range(500):
+        waited, status = os.waitpid(pid, os.WNOHANG)
+        if waited == pid:
+            break
+        gone.wait(0.01)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung on a lock held in the parent")
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert b.chain.layers[1].get(b.make_key("n")) == 2  # the child's write reached memcached
+    assert b.get("n") == 1  # while this process's L1 keeps its own copy until it expires
+
+
+def test_after_the_exit_hook_a_backend_builds_no_new_chain() -> None:
+    b = CachechainCache("exit", memory_only())
+    try:
+        _close_open_chains()
+        assert b.chain.closed  # not rebuilt while the interpreter exits
+        with pytest.raises(ChainClosedError):
+            b.get("k")
+    finally:
+        _EXITING.clear()
+        close_chains()
+    assert not b.chain.closed  # after close_chains (and outside exit) it is rebuilt
+    close_chains()
+
+
+class UnhashableCodec(JsonCodec):
+    """A codec object of a user's own that defines equality, so it is not hashable."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, UnhashableCodec)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+@pytest.mark.memcached
+def test_options_holding_objects_share_a_chain_by_identity(memcached: MemcachedProcess) -> None:
+    codec = UnhashableCodec()
+    options = caches_setting(memcached.address, codec=codec)["default"]
+    first, second = CachechainCache("", options), CachechainCache("", options)
+    assert first.chain is second.chain
+    other = caches_setting(memcached.address, codec=UnhashableCodec())["default"]
+    assert CachechainCache("", other).chain is not first.chain
+    close_chains()
+
+
+# -- configuration ---------------------------------------------------------------------
+
+
+def memory_only(**backend: Any) -> dict[str, Any]:
+    return {
+        "BACKEND": "cachechain.contrib.django.CachechainCache",
+        "OPTIONS": {"layers": [{"type": "memory", "name": "L1"}]},
+        **backend,
+    }
+
+
+def test_bad_options_raise_config_errors_naming_the_field() -> None:
+    with pytest.raises(ConfigError, match="OPTIONS must be a cachechain chain mapping"):
+        CachechainCache("", {"OPTIONS": ["memory"]})
+    with pytest.raises(ConfigError, match=r"CACHES OPTIONS of LOCATION 'x': layers\[0\]"):
+        CachechainCache("x", {"OPTIONS": {"layers": [{"type": "memory", "maxsize": 0}]}})
+    with pytest.raises(ConfigError, match="a cachechain cache: layers must"):
+        CachechainCache("", {})
+
+
+@pytest.mark.memcached
+def test_memcached_gets_a_signed_pickle_codec_keyed_by_secret_key(
+    memcached: MemcachedProcess,
+) -> None:
+    with django_app(caches_setting(memcached.address), SECRET_KEY="the-django-secret"):
+        layer = backend().chain.layers[1].layer  # type: ignore[attr-defined]
+        assert isinstance(layer.codec, SignedPickleCodec)
+        backend().set("obj", {"a": (1, 2)})
+        made = backend().make_key("obj")
+        with l2_reader(memcached.address, SignedPickleCodec("the-django-secret")) as other:
+            assert pickle.loads(other.get(made)) == {"a": (1, 2)}
+        with l2_reader(memcached.address, SignedPickleCodec("another-secret")) as other:
+            assert other.get(made, MISSING) is MISSING  # a bad signature is a miss
+        with l2_reader(memcached.address, JsonCodec()) as other:
+            assert other.get(made, MISSING) is MISSING
+
+
+def test_a_memcached_layer_without_codec_needs_secret_key(memcached: MemcachedProcess) -> None:
+    options = caches_setting(memcached.address)["default"]
+    with override_settings(SECRET_KEY=""), pytest.raises(ImproperlyConfigured, match="codec"):
+        CachechainCache("", options)
+    # With a codec of its own, SECRET_KEY is not needed.
+    explicit = caches_setting(memcached.address, codec="json")["default"]
+    with override_settings(SECRET_KEY=""):
+        assert not CachechainCache("", explicit).chain.closed
+    close_chains()
+
+
+@pytest.mark.memcached
+def test_an_explicit_json_codec_keeps_other_values_in_l1(memcached: MemcachedProcess) -> None:
+    with django_app(caches_setting(memcached.address, codec="json")):
+        b = backend()
+        assert isinstance(b.chain.layers[1].layer.codec, JsonCodec)  # type: ignore[attr-defined]
+        b.set("text", "plain")
+        b.set("obj", {"a": 1})
+        assert b.get("obj") == {"a": 1}
+        with l2_reader(memcached.address, JsonCodec()) as other:
+            assert other.get(b.make_key("text")) == "plain"
+            assert other.get(b.make_key("obj"), MISSING) is MISSING
+
+
+# -- the cache API ---------------------------------------------------------------------
+
+
+@pytest.mark.memcached
+def test_timeouts_follow_django(app: MemcachedProcess) -> None:
+    b = backend()
+    l1, l2 = b.chain.layers
+    made = b.make_key("k")
+
+    def ttls() -> tuple[float | None, float | None]:
+        return l1.get_with_ttl(made)[1], l2.get_with_ttl(made)[1]
+
+    b.set("k", 1)  # DEFAULT_TIMEOUT: the backend's TIMEOUT, 120 s
+    assert all(110 < t <= 120 for t in ttls())  # type: ignore[operator]
+    b.set("k", 1, 30)
+    assert all(25 < t <= 30 for t in ttls())  # type: ignore[operator]
+    b.set("k", 1, 2.5)
+    assert all(0 < t <= 2.5 for t in ttls())  # type: ignore[operator]
+    b.set("k", 1, None)  # never expires
+    assert all(t > NO_EXPIRY_TTL - 60 for t in ttls())  # type: ignore[operator]
+    b.set("k", 2, 0)  # not cached, and the old value is gone
+    assert b.get("k") is None and l2.get(made) is MISSING
+    b.set("k", 3, 30)
+    b.set("k", 4, -5)
+    assert b.get("k") is None and l2.get(made) is MISSING
+
+
+def test_timeout_none_as_the_backend_default_never_expires() -> None:
+    with django_app({"default": memory_only(TIMEOUT=None)}):
+        b = backend()
+        b.set("k", 1)
+        ttl = b.chain.layers[0].get_with_ttl(b.make_key("k"))[1]
+        assert ttl is not None and ttl > NO_EXPIRY_TTL - 60
+
+
+@pytest.mark.memcached
+def test_add_delete_has_key_and_touch(app: MemcachedProcess) -> None:
+    b = backend()
+    assert b.add("a", 1) is True
+    assert b.add("a", 2) is False
+    assert b.get("a") == 1
+    assert b.add("zero", 1, 0) is True and b.has_key("zero") is False
+    assert b.has_key("a") and "a" in b and "nope" not in b
+    assert b.delete("a") is True
+    assert b.delete("a") is False
+    assert b.delete("never") is False
+    b.set("none", None)
+    assert b.has_key("none") and b.get("none", "default") is None
+    assert b.touch("missing", 10) is False
+    b.set("t", "v", 30)
+    assert b.touch("t", 100) is True
+    assert 90 < b.chain.layers[1].get_with_ttl(b.make_key("t"))[1] <= 100  # type: ignore[operator]
+    assert b.touch("t", 0) is True and b.get("t") is None
+
+
+@pytest.mark.memcached
+def test_get_many_set_many_delete_many(app: MemcachedProcess) -> None:
+    b = backend()
+    assert b.set_many({"a": 1, "b": [2], 3: "int key"}) == []
+    assert b.get_many(["a", "b", 3, "c"]) == {"a": 1, "b": [2], 3: "int key"}
+    assert b.get_many(k for k in ("a", "c")) == {"a": 1}
+    b.delete_many(["a", "b"])
+    assert b.get_many(["a", "b", 3]) == {3: "int key"}
+    assert b.set_many({3: "gone"}, timeout=0) == []
+    assert b.get(3) is None
+
+
+@pytest.mark.memcached
+def test_incr_and_decr(app: MemcachedProcess) -> None:
+    b = backend()
+    with pytest.raises(ValueError, match="not found"):
+        b.incr("n")
+    b.set("n", 1)
+    assert b.incr("n") == 2
+    assert b.incr("n", 5) == 7
+    assert b.decr("n") == 6
+    assert b.decr("n", 10) == -4
+    assert b.get("n") == -4
+    b.set("s", "text")
+    with pytest.raises(TypeError):
+        b.incr("s")
+
+
+@pytest.mark.memcached
+def test_incr_loses_no_update_between_threads(app: MemcachedProcess) -> None:
+    backend().set("n", 0)
+    barrier = threading.Barrier(8)
+
+    def worker() -> None:
+        b = backend()  # each thread its own backend, all on one chain
+        barrier.wait()
+        for _ in range(50):
+            b.incr("n")
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert backend().get("n") == 400
+
+
+@pytest.mark.memcached
+def test_versions_and_key_prefix(app: MemcachedProcess) -> None:
+    b = backend()
+    b.set("v", "one", version=2)
+    assert b.get("v") is None
+    assert b.get("v", version=2) == "one"
+    assert b.incr_version("v", version=2) == 3
+    assert b.get("v", version=2) is None and b.get("v", version=3) == "one"
+    assert b.make_key("v", version=3) == "t:3:v"
+
+
+@pytest.mark.memcached
+def test_any_str_key_works_without_a_key_warning(app: MemcachedProcess) -> None:
+    b = backend()
+    key = "spaces, unicode é and length " * 20
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        b.set(key, "stored")
+        b.clear()
+        assert b.get(key) == "stored"  # from memcached, under a hashed key
+
+
+def test_a_key_function_returning_no_str_is_an_invalid_key() -> None:
+    def key_function(key: str, prefix: str, version: int) -> int:
+        return 42
+
+    b = CachechainCache("", memory_only(KEY_FUNCTION=key_function))
+    with pytest.raises(InvalidCacheKey, match="KEY_FUNCTION"):
+        b.get("k")
+    close_chains()
+
+
+@pytest.mark.memcached
+def test_values_are_copies(app: MemcachedProcess) -> None:
+    b = backend()
+    value = {"items": [1, 2]}
+    b.set("v", value)
+    value["items"].append(3)
+    first = b.get("v")
+    assert first == {"items": [1, 2]}
+    first["items"].append(4)
+    assert b.get("v") == {"items": [1, 2]}
+    assert b.get("v") is not b.get("v")
+    b.set("s", "a str")
+    assert b.chain.get(b.make_key("s")) == "a str"  # plain values are not pickled
+    assert isinstance(b.chain.get(b.make_key("v")), bytes)
+
+
+def test_a_value_that_cannot_be_pickled_raises_pickling_error() -> None:
+    b = CachechainCache("", memory_only())
+    with pytest.raises(pickle.PicklingError, match="lock"):
+        b.set("k", threading.Lock())
+    assert b.get("k") is None
+    close_chains()
+
+
+def test_a_stored_value_that_cannot_be_unpickled_is_a_miss(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    b = CachechainCache("", memory_only())
+    made = b.make_key("k")
+    b.chain.set(made, b"\x80\x05not a pickle", 60)
+    with caplog.at_level("DEBUG", logger="cachechain.contrib"):
+        assert b.get("k", "default") == "default"
+        assert b.get_many(["k"]) == {}
+    warnings_logged = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings_logged) <= 1  # once per error type and process
+    assert b.get_or_set("k", "fresh") == "fresh"
+    assert b.get("k") == "fresh"
+    b.chain.set(made, b"\x80\x05not a pickle", 60)
+    assert b.get_or_set("k", "not cached", timeout=0) == "not cached"
+    with pytest.raises(ValueError, match="not found"):
+        b.incr("k")
+    close_chains()
+
+
+@pytest.mark.memcached
+def test_get_or_set(app: MemcachedProcess) -> None:
+    b = backend()
+    assert b.get_or_set("g", lambda: {"x": 1}) == {"x": 1}
+    assert b.get_or_set("g", lambda: {"x": 2}) == {"x": 1}
+    assert b.get_or_set("plain", "value") == "value"
+    assert b.get_or_set("none", None) is None and b.has_key("none")
+    assert b.get_or_set("zero", lambda: "computed", timeout=0) == "computed"
+    assert b.has_key("zero") is False
+    b.set("zero", "cached")
+    assert b.get_or_set("zero", lambda: "computed", timeout=0) == "cached"
+
+
+@pytest.mark.memcached
+def test_get_or_set_runs_the_default_once_for_eight_threads(app: MemcachedProcess) -> None:
+    calls: list[int] = []
+    release = threading.Event()
+
+    def slow_default() -> str:
+        calls.append(1)
+        release.wait(10)
+        return "loaded"
+
+    results: list[Any] = []
+    barrier = threading.Barrier(8)
+
+    def worker() -> None:
+        b = backend()
+        barrier.wait()
+        results.append(b.get_or_set("once", slow_default))
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    wait_for_waiters(backend().chain, backend().make_key("once"), 7)
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert calls == [1]
+    assert results == ["loaded"] * 8
+
+
+def wait_for_waiters(chain: Chain, key: str, n: int) -> None:
+    """Wait (bounded) until ``n`` threads have joined the in-flight load of ``key``."""
+    flight = chain._flight
+    ready = threading.Event()
+    for _ in range(5000):
+        with flight._lock:
+            call = flight._calls.get(key)
+            if call is not None and call.waiters >= n:
+                ready.set()
+        if ready.wait(0.002):
+            return
+    raise AssertionError(f"fewer than {n} threads joined the load")
+
+
+@pytest.mark.memcached
+def test_clear_empties_only_the_in_process_layer(app: MemcachedProcess) -> None:
+    b = backend()
+    b.set("k", "v")
+    b.clear()
+    assert b.chain.layers[0].get(b.make_key("k")) is MISSING
+    assert b.get("k") == "v"  # memcached was not flushed
+
+
+def test_clear_empties_a_memory_only_chain() -> None:
+    b = CachechainCache("", memory_only())
+    b.set("k", "v")
+    b.clear()
+    assert b.get("k") is None
+    close_chains()
+
+
+@pytest.mark.memcached
+def test_the_async_variants(app: MemcachedProcess) -> None:
+    b = backend()
+
+    async def scenario() -> list[Any]:
+        await b.aset("a", {"n": 1})
+        assert await b.aset_many({"n": 1, "m": 2}) == []
+        got = await b.aget_many(["a", "n", "x"])
+        has = await b.ahas_key("a"), await b.ahas_key("x")
+        loaded = await b.aget_or_set("g", lambda: "loaded")
+        counted = await b.aincr("n", 4), await b.adecr("n")
+        await b.adelete_many(["a", "n"])
+        return [got, has, loaded, counted, await b.aget("a"), await b.aget("m")]
+
+    assert asyncio.run(scenario()) == [
+        {"a": {"n": 1}, "n": 1},
+        (True, False),
+        "loaded",
+        (5, 4),
+        None,
+        2,
+    ]
+
+
+def test_the_example_project_serves_its_views(memcached: MemcachedProcess) -> None:
+    script = textwrap.dedent(
+        """
+        import json
+        import app
+        from django.core.cache import cache
+        from django.test import Client
+        client = Client()
+        first, second = client.get("/"), client.get("/")
+        pages = [client.get("/page/").content.decode() for _ in range(2)]
+        cache.clear()  # the in-process layer only: the next reads come from memcached
+        third = client.get("/")
+        print(json.dumps({
+            "codes": [r.status_code for r in (first, second, third)],
+            "same": first.json() == second.json() == third.json(),
+            "pages": pages[0] == pages[1],
+            "page_after_clear": client.get("/page/").content.decode() == pages[0],
+        }))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT / "examples" / "django_app",
+        env={**os.environ, "PYTHONPATH": str(ROOT), "CACHECHAIN_MEMCACHED": memcached.address},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == (
+        '{"codes": [200, 200, 200], "same": true, "pages": true, "page_after_clear": true}'
+    )

@@ -1,0 +1,423 @@
+"""cachechain.contrib.flask: a real Flask app with Flask-Caching (@cache.cached and
+@cache.memoize views) driven by app.test_client(), L1 in memory over the real memcached."""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import importlib.util
+import pickle
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask, Response, jsonify
+from flask_caching import Cache
+
+from cachechain import Chain
+from cachechain.codecs import JsonCodec, SignedPickleCodec
+from cachechain.contrib import _EXITING, NO_EXPIRY_TTL, _close_open_chains
+from cachechain.contrib.flask import CachechainBackend
+from cachechain.errors import ChainClosedError, ConfigError, InvalidKeyError
+from cachechain.layers.base import MISSING
+from cachechain.layers.memcached import MemcachedLayer
+from tests.support.servers import MemcachedProcess
+
+SECRET = "flask-test-secret"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class WebApp:
+    """A Flask app with cached and memoized views, its Cache and its backend."""
+
+    def __init__(self, address: str | None, **config: Any) -> None:
+        layers: list[dict[str, Any]] = [{"type": "memory", "name": "L1", "maxsize": 1000}]
+        if address is not None:
+            layers.append(
+                {
+                    "type": "memcached",
+                    "name": "L2",
+                    "servers": [address],
+                    "key_prefix": "fl:",
+                    "timeout": 0.2,
+                    "connect_timeout": 0.2,
+                }
+            )
+        app = Flask(__name__)
+        app.config.update(
+            SECRET_KEY=SECRET,
+            CACHE_TYPE="cachechain.contrib.flask.CachechainBackend",
+            CACHE_DEFAULT_TIMEOUT=120,
+            CACHE_KEY_PREFIX="app:",
+            CACHE_OPTIONS={"name": "flask-test", "layers": layers},
+        )
+        app.config.update(config)
+        cache = Cache(app)
+        loads: collections.Counter[str] = collections.Counter()
+
+        @app.route("/text")
+        @cache.cached(timeout=60)
+        def text_view() -> str:
+            loads["text"] += 1
+            return f"rendered {loads['text']} times"
+
+        @app.route("/json")
+        @cache.cached(timeout=60)
+        def json_view() -> Response:
+            loads["json"] += 1
+            return jsonify(rendered=loads["json"])
+
+        @cache.memoize(60)
+        def square(n: int) -> dict[str, int]:
+            loads[f"square {n}"] += 1
+            return {"n": n, "square": n * n}
+
+        @app.route("/square/<int:n>")
+        def square_view(n: int) -> dict[str, int]:
+            return square(n)
+
+        @app.after_request
+        def stamp(response: Response) -> Response:
+            """Mutates every response, as real after_request handlers do."""
+            response.headers["X-Stamp"] = response.headers.get("X-Stamp", "") + "x"
+            return response
+
+        self.app, self.cache, self.loads, self.square = app, cache, loads, square
+        self.client = app.test_client()
+        backend = app.extensions["cache"][cache]
+        assert isinstance(backend, CachechainBackend)
+        self.backend = backend
+
+
+@pytest.fixture()
+def web(memcached: MemcachedProcess) -> Iterator[WebApp]:
+    web = WebApp(memcached.address)
+    yield web
+    web.backend.close()
+
+
+def l2_reader(address: str, codec: Any) -> Chain:
+    """Another process's view of the memcached layer: a chain with no L1."""
+    return Chain(
+        [
+            MemcachedLayer(
+                "L2", [address], key_prefix="fl:", codec=codec, timeout=0.2, connect_timeout=0.2
+            )
+        ]
+    )
+
+
+# -- the app, through the test client --------------------------------------------------
+
+
+@pytest.mark.memcached
+def test_a_cached_view_is_served_from_l1_then_memcached(
+    web: WebApp, memcached: MemcachedProcess
+) -> None:
+    for _ in range(3):
+        response = web.client.get("/text")
+        assert (response.status_code, response.text) == (200, "rendered 1 times")
+        assert response.headers["X-Stamp"] == "x"
+    # Another process reads the page from memcached (a str: the backend did not pickle it).
+    with l2_reader(memcached.address, SignedPickleCodec(SECRET)) as other:
+        assert other.get("app:view//text") == "rendered 1 times"
+    web.backend.clear()  # this process forgets its L1: memcached still has the page
+    assert web.client.get("/text").text == "rendered 1 times"
+    assert web.loads["text"] == 1
+
+
+@pytest.mark.memcached
+def test_a_cached_response_object_is_a_fresh_copy_each_time(web: WebApp) -> None:
+    for _ in range(3):
+        response = web.client.get("/json")
+        assert response.json == {"rendered": 1}
+        assert response.headers["X-Stamp"] == "x"  # after_request never edits the cached one
+    web.backend.clear()  # only memcached has it now: a signed pickle of the Response
+    response = web.client.get("/json")
+    assert (response.json, response.headers["X-Stamp"]) == ({"rendered": 1}, "x")
+    assert web.loads["json"] == 1
+
+
+@pytest.mark.memcached
+def test_a_memoized_function(web: WebApp, memcached: MemcachedProcess) -> None:
+    assert [web.client.get("/square/3").json for _ in range(2)] == [{"n": 3, "square": 9}] * 2
+    assert web.client.get("/square/4").json == {"n": 4, "square": 16}
+    assert web.loads["square 3"] == 1
+    web.backend.clear()
+    assert web.client.get("/square/3").json == {"n": 3, "square": 9}  # from memcached
+    assert web.loads["square 3"] == 1
+    with web.app.app_context():
+        web.cache.delete_memoized(web.square, 3)
+    assert web.client.get("/square/3").json == {"n": 3, "square": 9}
+    assert web.loads["square 3"] == 2
+    assert web.loads["square 4"] == 1
+    version_key = next(k for k in _l1_keys(web.backend) if k.endswith("_memver"))
+    assert version_key.startswith("app:")
+    with l2_reader(memcached.address, SignedPickleCodec(SECRET)) as other:
+        assert isinstance(other.get(version_key), str)  # the memoize version is shared
+
+
+def _l1_keys(backend: CachechainBackend) -> list[str]:
+    layer = backend.chain.layers[0]
+    return list(layer._data)  # type: ignore[attr-defined]
+
+
+@pytest.mark.memcached
+def test_the_views_answer_while_memcached_is_down(own_memcached: MemcachedProcess) -> None:
+    web = WebApp(own_memcached.address)
+    try:
+        assert web.client.get("/text").text == "rendered 1 times"
+        own_memcached.stop()
+        web.backend.clear()
+        started = time.perf_counter()
+        for _ in range(3):
+            for url in ("/text", "/json", "/square/5"):
+                assert web.client.get(url).status_code == 200
+        assert time.perf_counter() - started < 3.0
+        # L1 alone still caches: each view ran once more after the clear, then hit L1.
+        assert (web.loads["text"], web.loads["json"], web.loads["square 5"]) == (2, 1, 1)
+        b = web.backend
+        assert b.set("k", "v") is False  # memcached did not take it...
+        assert b.get("k") == "v"  # ...L1 did
+        assert b.set_many({"a": 1}) == []
+        assert b.delete_many("a", "k") == []  # not confirmed by memcached
+        assert b.inc("n") is None
+    finally:
+        web.backend.close()
+
+
+@pytest.mark.memcached
+def test_views_answer_when_memcached_was_never_up(own_memcached: MemcachedProcess) -> None:
+    own_memcached.stop()
+    web = WebApp(own_memcached.address)
+    try:
+        assert [web.client.get("/text").text for _ in range(2)] == ["rendered 1 times"] * 2
+        assert web.client.get("/square/2").json == {"n": 2, "square": 4}
+    finally:
+        web.backend.close()
+
+
+# -- configuration ---------------------------------------------------------------------
+
+
+def test_factory_errors() -> None:
+    with pytest.raises(ConfigError, match="CACHE_ARGS is not used"):
+        WebApp(None, CACHE_ARGS=["x"])
+    with pytest.raises(ConfigError, match="CACHE_OPTIONS: layers must"):
+        WebApp(None, CACHE_OPTIONS=None)
+    with pytest.raises(ConfigError, match=r"CACHE_OPTIONS: layers\[0\].maxsize"):
+        WebApp(None, CACHE_OPTIONS={"layers": [{"type": "memory", "maxsize": 0}]})
+    with pytest.raises(ConfigError, match="CACHE_OPTIONS must be a cachechain chain mapping"):
+        CachechainBackend(["memory"])  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="CACHE_KEY_PREFIX must be a str"):
+        CachechainBackend({"layers": [{"type": "memory"}]}, key_prefix=1)  # type: ignore[arg-type]
+
+
+@pytest.mark.memcached
+def test_memcached_gets_a_signed_pickle_codec_keyed_by_secret_key(web: WebApp) -> None:
+    layer = web.backend.chain.layers[1].layer  # type: ignore[attr-defined]
+    assert isinstance(layer.codec, SignedPickleCodec)
+    assert web.backend.set("obj", {"a": (1, 2)}) is True
+    address = layer.servers[0]
+    with l2_reader(address, SignedPickleCodec(SECRET)) as other:
+        assert pickle.loads(other.get("app:obj")) == {"a": (1, 2)}
+    with l2_reader(address, SignedPickleCodec("another secret")) as other:
+        assert other.get("app:obj", MISSING) is MISSING
+
+
+@pytest.mark.memcached
+def test_a_bytes_secret_key_works(memcached: MemcachedProcess) -> None:
+    web = WebApp(memcached.address, SECRET_KEY=b"bytes secret")
+    try:
+        assert web.backend.set("obj", [1]) is True
+        with l2_reader(memcached.address, SignedPickleCodec(b"bytes secret")) as other:
+            assert pickle.loads(other.get("app:obj")) == [1]
+    finally:
+        web.backend.close()
+
+
+@pytest.mark.memcached
+def test_without_secret_key_memcached_stays_on_json(
+    memcached: MemcachedProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("WARNING", logger="cachechain.contrib"):
+        web = WebApp(memcached.address, SECRET_KEY=None)
+    try:
+        assert any("'L2' has no codec" in r.getMessage() for r in caplog.records)
+        b = web.backend
+        assert isinstance(b.chain.layers[1].layer.codec, JsonCodec)  # type: ignore[attr-defined]
+        assert b.set("text", "plain") is True
+        assert b.set("obj", {"a": 1}) is False  # kept in L1 only
+        assert b.get("obj") == {"a": 1}
+        with l2_reader(memcached.address, JsonCodec()) as other:
+            assert other.get("app:text") == "plain"
+            assert other.get("app:obj", MISSING) is MISSING
+        assert web.client.get("/text").text == "rendered 1 times"  # str views still shared
+    finally:
+        web.backend.close()
+
+
+# -- the cache API ---------------------------------------------------------------------
+
+
+@pytest.fixture()
+def backend(web: WebApp) -> CachechainBackend:
+    return web.backend
+
+
+@pytest.mark.memcached
+def test_timeouts_follow_flask_caching(backend: CachechainBackend) -> None:
+    l1, l2 = backend.chain.layers
+
+    def ttls() -> list[float]:
+        found = [l1.get_with_ttl("app:k")[1], l2.get_with_ttl("app:k")[1]]
+        assert None not in found
+        return found  # type: ignore[return-value]
+
+    assert backend.set("k", 1) is True  # None: CACHE_DEFAULT_TIMEOUT, 120 s
+    assert all(110 < t <= 120 for t in ttls())
+    backend.set("k", 1, 30)
+    assert all(25 < t <= 30 for t in ttls())
+    backend.set("k", 1, dt.timedelta(milliseconds=2500))
+    assert all(0 < t <= 2.5 for t in ttls())
+    backend.set("k", 1, 0)  # never expires
+    assert all(t > NO_EXPIRY_TTL - 60 for t in ttls())
+    assert backend.set("k", 2, -1) is True  # not cached, and the old value is gone
+    assert backend.get("k") is None and l2.get("app:k") is MISSING
+    assert backend.add("k", 1, -1) is True and backend.has("k") is False
+    assert backend.set_many({"k": 1}, timeout=-1) == ["k"] and backend.has("k") is False
+
+
+def test_a_zero_default_timeout_never_expires() -> None:
+    b = CachechainBackend({"layers": [{"type": "memory"}]}, default_timeout=dt.timedelta(seconds=0))
+    b.set("k", "v")
+    ttl = b.chain.layers[0].get_with_ttl("k")[1]
+    assert ttl is not None and ttl > NO_EXPIRY_TTL - 60
+    b.close()
+
+
+@pytest.mark.memcached
+def test_get_set_add_delete_has(backend: CachechainBackend) -> None:
+    assert backend.get("missing") is None
+    assert backend.set("a", {"x": 1}) is True
+    assert backend.get("a") == {"x": 1}
+    assert backend.add("a", 2) is False
+    assert backend.add("b", 2) is True and backend.get("b") == 2
+    assert backend.has("a") and not backend.has("missing")
+    backend.set("none", None)
+    assert backend.has("none") and backend.get("none") is None
+    assert backend.delete("a") is True
+    assert backend.delete("a") is False
+    with pytest.raises(InvalidKeyError, match="must be str"):
+        backend.get(1)  # type: ignore[arg-type]
+
+
+@pytest.mark.memcached
+def test_get_many_set_many_delete_many(backend: CachechainBackend) -> None:
+    assert backend.set_many({"a": 1, "b": [2]}) == ["a", "b"]
+    assert backend.get_many("a", "x", "b") == [1, None, [2]]
+    assert backend.get_dict("a", "b") == {"a": 1, "b": [2]}
+    assert backend.delete_many("a", "x") == ["a", "x"]
+    assert backend.get_many("a", "b") == [None, [2]]
+
+
+@pytest.mark.memcached
+def test_inc_and_dec(backend: CachechainBackend) -> None:
+    assert backend.inc("n") == 1  # a missing key starts at 0
+    assert backend.inc("n", 5) == 6
+    assert backend.dec("n", 2) == 4
+    assert backend.dec("m") == -1
+    backend.set("none", None)
+    assert backend.inc("none") == 1
+    backend.set("s", "text")
+    with pytest.raises(TypeError):
+        backend.inc("s")
+
+
+@pytest.mark.memcached
+def test_inc_loses_no_update_between_threads(backend: CachechainBackend) -> None:
+    barrier = threading.Barrier(8)
+
+    def worker() -> None:
+        barrier.wait()
+        for _ in range(50):
+            backend.inc("n")
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert backend.get("n") == 400
+
+
+@pytest.mark.memcached
+def test_values_are_copies(backend: CachechainBackend) -> None:
+    value = {"items": [1, 2]}
+    backend.set("v", value)
+    value["items"].append(3)
+    first = backend.get("v")
+    assert first == {"items": [1, 2]}
+    first["items"].append(4)
+    assert backend.get("v") == {"items": [1, 2]}
+    assert backend.get("v") is not backend.get("v")
+    with pytest.raises(pickle.PicklingError):
+        backend.set("lock", threading.Lock())
+    backend.chain.set("app:junk", b"\x80\x05not a pickle", 60)
+    assert backend.get("junk") is None and backend.get_many("junk") == [None]
+    assert backend.inc("junk") == 1  # an unreadable value counts as missing
+
+
+@pytest.mark.memcached
+def test_clear_empties_only_the_in_process_layer(backend: CachechainBackend) -> None:
+    backend.set("k", "v")
+    assert backend.clear() is False  # memcached was left as it is
+    assert backend.chain.layers[0].get("app:k") is MISSING
+    assert backend.get("k") == "v"
+
+
+def test_clear_empties_a_memory_only_chain() -> None:
+    web = WebApp(None)
+    assert web.backend.set("k", "v") is True
+    assert web.backend.clear() is True
+    assert web.backend.get("k") is None
+    assert web.backend.close() == 0
+    with pytest.raises(ChainClosedError):
+        web.backend.get("k")
+
+
+def test_the_exit_hook_closes_every_chain_a_backend_built() -> None:
+    web = WebApp(None)
+    try:
+        _close_open_chains()
+        assert web.backend.chain.closed
+    finally:
+        _EXITING.clear()
+
+
+def test_the_example_app_serves_its_views(
+    memcached: MemcachedProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CACHECHAIN_MEMCACHED", memcached.address)
+    spec = importlib.util.spec_from_file_location(
+        "flask_example_app", ROOT / "examples" / "flask_app" / "app.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    example: Flask = module.app
+    backend = example.extensions["cache"][module.cache]
+    try:
+        client = example.test_client()
+        first, second = client.get("/"), client.get("/")
+        assert first.status_code == second.status_code == 200
+        assert first.json == second.json
+        assert client.get("/square/7").text == "7 squared is 49"
+        backend.clear()  # the in-process layer only: the next reads come from memcached
+        assert client.get("/").json == first.json
+        assert client.get("/square/7").text == "7 squared is 49"
+    finally:
+        backend.close()
