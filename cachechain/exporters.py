@@ -90,7 +90,17 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 ExporterFactory = Callable[..., Any]
 
 _NAME = re.compile(r"[a-z][a-z0-9_-]{0,63}")
-_SEED_METHODS = ("record_get", "record_set", "record_delete", "record_chain_get")
+#: The seed's eight methods: a chain refuses a collector without any of them.
+_SEED_METHODS = (
+    "record_get",
+    "record_set",
+    "record_delete",
+    "record_circuit_state",
+    "record_queue_depth",
+    "record_write_dropped",
+    "record_async_write",
+    "record_chain_get",
+)
 
 
 class PluginLoadWarning(UserWarning):
@@ -460,8 +470,14 @@ class ExporterManager:
         *,
         environ: Mapping[str, str] | None = None,
         field: str = "metrics",
+        borrowed: list[Any] | None = None,
     ) -> Any:
-        """Build the collector that ``spec`` describes; see :func:`create_exporter`."""
+        """Build the collector that ``spec`` describes; see :func:`create_exporter`.
+
+        ``borrowed``, when given, receives every collector object that ``spec`` hands
+        over as it is (an object, or a ``"module:attr"`` naming an instance) rather than
+        one created here: such a collector may serve others, so its user must not close
+        it."""
         if spec is None:
             env = os.environ if environ is None else environ
             value = env.get(ENV_VAR, "").strip()
@@ -471,13 +487,15 @@ class ExporterManager:
             spec = parts[0] if len(parts) == 1 else parts
             field = ENV_VAR
         if isinstance(spec, str):
-            return self._create_named(spec, {}, field)
+            return self._create_named(spec, {}, field, borrowed)
         if isinstance(spec, Mapping):
             name, options = _parse_mapping(spec, field)
-            return self._create_named(name, options, field)
+            return self._create_named(name, options, field, borrowed)
         if isinstance(spec, (list, tuple)):
-            return self._create_fanout(spec, environ, field)
+            return self._create_fanout(spec, environ, field, borrowed)
         if _is_collector(spec):
+            if borrowed is not None:
+                borrowed.append(spec)
             return spec
         raise ConfigError(
             f"{field} must be an exporter name, a mapping like "
@@ -486,9 +504,14 @@ class ExporterManager:
         )
 
     def _create_fanout(
-        self, specs: Sequence[Any], environ: Mapping[str, str] | None, field: str
+        self,
+        specs: Sequence[Any],
+        environ: Mapping[str, str] | None,
+        field: str,
+        borrowed: list[Any] | None = None,
     ) -> Any:
         made: list[Any] = []
+        mine: list[Any] = []  # the items handed over as they are: never closed here
         try:
             for index, item in enumerate(specs):
                 if item is None or isinstance(item, (list, tuple)):
@@ -496,11 +519,16 @@ class ExporterManager:
                         f"{field}[{index}] must be an exporter name, a mapping or a "
                         f"collector, got {item!r}"
                     )
-                made.append(self.create(item, environ=environ, field=f"{field}[{index}]"))
+                made.append(
+                    self.create(item, environ=environ, field=f"{field}[{index}]", borrowed=mine)
+                )
         except BaseException:
             for collector in made:
-                _close_quietly(collector)
+                if not any(collector is b for b in mine):
+                    _close_quietly(collector)
             raise
+        if borrowed is not None:
+            borrowed.extend(mine)
         active = [c for c in made if type(c) is not NoOpCollector]
         if not active:
             return NoOpCollector()
@@ -510,7 +538,13 @@ class ExporterManager:
 
         return FanoutCollector(*active)
 
-    def _create_named(self, name: str, options: Mapping[str, Any], field: str) -> Any:
+    def _create_named(
+        self,
+        name: str,
+        options: Mapping[str, Any],
+        field: str,
+        borrowed: list[Any] | None = None,
+    ) -> Any:
         name = name.strip()
         if ":" in name:
             factory: Any = _import_path(name, f"{field}.exporter")
@@ -526,6 +560,8 @@ class ExporterManager:
                         f"{field}.exporter: {name!r} is neither a collector nor a callable "
                         f"that returns one"
                     )
+                if borrowed is not None:
+                    borrowed.append(factory)
                 return factory
         else:
             lowered = name.lower()
@@ -542,9 +578,10 @@ class ExporterManager:
             ) from exc
         if not _is_collector(collector):
             _close_quietly(collector)
+            missing = [m for m in _SEED_METHODS if not callable(getattr(collector, m, None))]
             raise ConfigError(
                 f"{field}: exporter {label!r} returned {collector!r}, which is not a "
-                f"metrics collector (it lacks record_get and friends)"
+                f"metrics collector (it lacks {', '.join(missing)})"
             )
         return collector
 

@@ -99,7 +99,9 @@ def chain_config_from_mapping(
 
     ``environ`` (default ``os.environ``) is read for ``CACHECHAIN_EXPORTER`` when the
     mapping names no exporter. Everything is validated before anything with a thread
-    or socket is made; if a later step fails, what was made is closed again. Raises
+    or socket is made; if a later step fails, what was made is closed again. The chain
+    owns (closes) the collector only when the mapping made it: a collector object, or a
+    ``"module:attr"`` naming one, may serve other chains and is never closed. Raises
     :class:`~cachechain.errors.ConfigError` naming the field, and its subclasses
     :class:`~cachechain.exporters.UnknownExporterError` and
     :class:`~cachechain.exporters.ExporterConflictError`.
@@ -127,10 +129,11 @@ def chain_config_from_mapping(
         seen[plan.name] = plan.index
 
     built: list[LayerConfig] = []
+    borrowed: list[Any] = []  # collector objects the mapping hands over: not the chain's
     try:
         for plan in plans:
             built.append(plan.build())
-        collector = get_manager().create(mapping.get("metrics"), environ=environ)
+        collector = get_manager().create(mapping.get("metrics"), environ=environ, borrowed=borrowed)
     except BaseException:
         for done in built:
             _close_quietly(done.layer)
@@ -141,7 +144,7 @@ def chain_config_from_mapping(
         metrics_collector=collector,
         breaker=breaker,
         writer=writer,
-        owns_collector=collector is not None,
+        owns_collector=collector is not None and not borrowed,
     )
 
 

@@ -61,6 +61,20 @@ class Recorder(MetricsCollector):
 RECORDERS: list[Recorder] = []
 RECORDER_INSTANCE = Recorder("instance")
 NOT_A_COLLECTOR = 42
+
+
+class HalfACollector:
+    """Four of the seed's eight methods: a chain cannot report to it."""
+
+    def record_get(self, layer: str, hit: bool, duration: float) -> None: ...
+
+    def record_set(self, layer: str, success: bool, duration: float) -> None: ...
+
+    def record_delete(self, layer: str, success: bool, duration: float) -> None: ...
+
+    def record_chain_get(self, hit: bool, layer_index: int, total_duration: float) -> None: ...
+
+
 MADE: list[Any] = []
 
 
@@ -432,6 +446,18 @@ def test_a_module_attr_path_selects_a_custom_exporter_without_a_plugin() -> None
     with pytest.raises(ConfigError, match="is not a metrics collector"):
         manager.create("tests.test_exporters:returns_a_closable_non_collector")
     assert MADE[0].closed  # what was made is closed again
+
+
+def test_a_collector_missing_a_seed_method_is_refused_naming_the_field() -> None:
+    """The chain needs every one of the seed's eight methods: a factory returning less
+    is a config error naming what is missing, not a TypeError when the chain is built
+    (with the layers the config made left open)."""
+    with pytest.raises(ConfigError, match=r"^metrics: exporter .*HalfACollector.* lacks "):
+        builtins_only().create("tests.test_exporters:HalfACollector")
+    with pytest.raises(ConfigError, match="record_queue_depth"):
+        Chain.from_config(
+            {"layers": [{"type": "memory"}], "metrics": "tests.test_exporters:HalfACollector"}
+        )
 
 
 def test_a_fanout_closes_what_it_made_when_a_later_entry_fails() -> None:

@@ -183,3 +183,44 @@ def test_a_chain_reports_to_memory_and_prometheus_at_once() -> None:
         assert memory.snapshot().layer_metrics["L1"].entries == 2
         evictions = get("cache_chain_evictions_total", {"chain": "shop", "layer": "L1"})
         assert evictions == memory.snapshot().layer_metrics["L1"].evictions == 2
+
+
+def test_failures_through_a_chain_are_counted_on_the_collector_given_to_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A chain binds the fan-out; what its children raise there must still be counted
+    in the ``failures`` of the fan-out the user holds, and logged once per child."""
+    memory, twin = MemoryCollector(), Recorder()
+    fan = FanoutCollector(memory, Raising("bad"), twin)
+    with caplog.at_level(logging.WARNING, "cachechain.metrics"):
+        chains = [Chain([MemoryLayer("L1")], name=n, metrics=fan) for n in ("a", "b")]
+        for chain in chains:
+            chain.set("k", 1)
+            assert chain.get("k") == 1
+            chain.close()
+    assert memory.snapshot().layer_metrics["L1"].hits == 2
+    # Every record call the twin got raised in the failing child; so did bind_chain and
+    # add_refresh_hook, once per chain.
+    assert len(twin.calls) >= 4
+    assert fan.failures == len(twin.calls) + 2 * 2
+    assert len([r for r in caplog.records if "raised" in r.getMessage()]) == 1
+
+
+def test_a_collector_whose_bind_chain_raises_does_not_stop_the_chain(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """As a fan-out does for its children: the collector is used unbound, the failure
+    is counted and logged once, and the chain is built and works."""
+
+    class BindFails(Recorder):
+        def bind_chain(self, chain: str, layers: Sequence[str]) -> MetricsCollector:
+            raise RuntimeError("bind down")
+
+    collector = BindFails()
+    with caplog.at_level(logging.WARNING, "cachechain.metrics"):
+        chain = Chain([MemoryLayer("L1")], name="c", metrics=collector)
+    assert chain.set("k", 1) and chain.get("k") == 1
+    assert [name for name, _ in collector.calls] == ["record_set", "record_first_layer_hit"]
+    assert chain._m is not None and chain._m.failures == 1
+    assert len([r for r in caplog.records if "bind down" in r.getMessage()]) == 1
+    chain.close()

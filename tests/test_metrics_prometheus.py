@@ -375,6 +375,28 @@ def test_collect_and_describe_for_direct_registration() -> None:
     assert "single process" in repr(collector)
 
 
+def test_a_closed_collector_leaves_its_registries() -> None:
+    """A chain built from config owns its collector and closes it; a new chain built
+    again (Django's close_chains(), another Flask app) registers a new one. The closed
+    one must not stay in the registry: its last gauges would add to the live ones."""
+    registry = CollectorRegistry()
+    config = {
+        "name": "web",
+        "layers": [{"type": "memory", "name": "L1"}, {"type": "memory", "name": "L2"}],
+        "metrics": {"exporter": "prometheus", "options": {"registry": registry}},
+    }
+    first = Chain.from_config(config)
+    assert first.get("k") is None
+    assert registry.get_sample_value("cache_chain_entries", {"chain": "web", "layer": "L1"}) == 0
+    first.close()
+    assert "cache_chain_" not in exposition(registry)
+    second = Chain.from_config(config)
+    get = registry.get_sample_value
+    assert get("cache_chain_queue_capacity", {"chain": "web", "layer": "L2"}) == 1000
+    assert get("cache_chain_misses_total", {"chain": "web", "layer": "L1"}) == 0
+    second.close()
+
+
 def test_a_failing_collector_does_not_break_the_scrape(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -526,6 +548,44 @@ def test_multiprocess_mode_in_process(multiproc_dir: Path) -> None:
         == 11
     )
     promtool_check(exposition(scrape_dir(multiproc_dir)))
+
+
+def test_concurrent_flushes_never_write_older_figures_over_newer(multiproc_dir: Path) -> None:
+    """A flush that read the figures, then waited for the file lock while another flush
+    wrote newer ones, must not write its older figures: a counter that goes back in the
+    files reads as a counter reset, and rate() turns it into a spike."""
+    collector = PrometheusCollector(flush_interval=3600)  # no background flush here
+    view = collector.bind_chain("web", ("L1",))
+    view.record_first_layer_hit("L1", 0.000_002)
+    lock = collector._flush_lock
+    at_lock, go = threading.Event(), threading.Event()
+
+    class Gate:
+        """The flush lock; the thread named "slow" pauses before taking it."""
+
+        def __enter__(self) -> None:
+            if threading.current_thread().name == "slow":
+                at_lock.set()
+                assert go.wait(10)
+            lock.acquire()
+
+        def __exit__(self, *exc: object) -> None:
+            lock.release()
+
+    collector._flush_lock = Gate()  # type: ignore[assignment]
+    slow = threading.Thread(target=collector.flush, name="slow")
+    slow.start()
+    assert at_lock.wait(10)
+    for _ in range(4):
+        view.record_first_layer_hit("L1", 0.000_002)
+    assert collector.flush()  # writes 5 hits
+    go.set()
+    slow.join(10)
+    hits = scrape_dir(multiproc_dir).get_sample_value(
+        "cache_chain_hits_total", {"chain": "web", "layer": "L1"}
+    )
+    assert hits == 5
+    collector.close()
 
 
 def test_multiprocess_flush_failure_is_logged_once(

@@ -58,6 +58,21 @@ def parse(mapping: dict[str, Any], **env: str) -> ChainConfig:
     return chain_config_from_mapping(mapping, environ=env)
 
 
+class ClosableCollector(MemoryCollector):
+    """A collector that counts its ``close()`` calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = 0
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+#: A collector instance named by path in configs ("tests.test_settings:SHARED").
+SHARED = ClosableCollector()
+
+
 def test_a_full_mapping_builds_the_chain_config(memcached: MemcachedProcess) -> None:
     config = parse(
         {
@@ -327,6 +342,26 @@ def test_config_objects_are_accepted_where_a_python_config_holds_them() -> None:
     breaker = BreakerConfig(max_failures=2)
     config = parse({"layers": [{"type": "memory", "breaker": breaker}], "writer": WriterConfig()})
     assert config.layers[0].breaker is breaker
+
+
+def test_a_collector_the_config_hands_over_is_not_closed_with_the_chain() -> None:
+    """A collector object (or a "module:attr" naming one) may serve other chains: only
+    a collector the config creates belongs to the chain and is closed with it."""
+    mine = ClosableCollector()
+    for spec in (mine, [mine, "memory"], "tests.test_settings:SHARED", {"exporter": "none"}):
+        config = parse({"layers": [{"type": "memory"}], "metrics": spec})
+        Chain.from_config(config).close()
+    with pytest.raises(UnknownExporterError):  # what a failing list made is closed, not mine
+        parse({"layers": [{"type": "memory"}], "metrics": [mine, "no-such-exporter"]})
+    assert mine.closed == 0 and SHARED.closed == 0
+    config = parse({"layers": [{"type": "memory"}], "metrics": "tests.test_settings:SHARED"})
+    assert config.owns_collector is False
+    made = parse(
+        {"layers": [{"type": "memory"}], "metrics": "tests.test_settings:ClosableCollector"}
+    )
+    assert made.owns_collector is True
+    Chain.from_config(made).close()
+    assert made.metrics_collector.closed == 1
 
 
 def test_json_and_toml_files(tmp_path: Path) -> None:

@@ -267,12 +267,20 @@ def adapt(collector: Any, chain: str, layers: Sequence[str]) -> CollectorGuard |
     """Prepare ``collector`` for a chain: ``None`` for no metrics at all, else a guard.
 
     ``None`` and :class:`NoOpCollector` give ``None`` (the chain then skips timing
-    entirely). A collector with ``bind_chain`` is bound to the chain first. Raises
-    ``TypeError`` when a seed method is missing.
+    entirely). A collector with ``bind_chain`` is bound to the chain first; if that
+    raises, the collector is used unbound and the failure counted and logged like any
+    other. Raises ``TypeError`` when a seed method is missing.
     """
     if collector is None or type(collector) is NoOpCollector:
         return None
     bind = getattr(collector, "bind_chain", None)
+    failure: Exception | None = None
     if bind is not None:
-        collector = bind(chain, tuple(layers))
-    return CollectorGuard(collector)
+        try:
+            collector = bind(chain, tuple(layers))
+        except Exception as exc:
+            failure = exc
+    guard = CollectorGuard(collector)
+    if failure is not None:
+        guard.failed(failure)
+    return guard

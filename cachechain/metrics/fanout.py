@@ -52,17 +52,22 @@ class FanoutCollector(MetricsCollector):
     def __init__(self, *collectors: Any) -> None:
         self.collectors: tuple[Any, ...] = collectors
         self._guards = tuple(CollectorGuard(c) for c in collectors)
+        #: Where failures are counted: these guards, or those of the fan-out this one
+        #: was bound from (so the collector given to a chain counts what the chain saw).
+        self._counted = self._guards
         for name in RECORD_METHODS:
             setattr(self, name, _fan(tuple(getattr(g, name) for g in self._guards)))
 
     @property
     def failures(self) -> int:
         """How many calls into the children raised, all children together."""
-        return sum(g.failures for g in self._guards)
+        return sum(g.failures for g in self._counted)
 
     def bind_chain(self, chain: str, layers: Sequence[str]) -> MetricsCollector:
         """Return a fan-out of each child bound to the chain (a child without
-        ``bind_chain``, or whose ``bind_chain`` raised, is used as it is)."""
+        ``bind_chain``, or whose ``bind_chain`` raised, is used as it is). What its
+        children raise is counted in this fan-out's :attr:`failures`, and logged once
+        per child however many chains are bound."""
         bound = []
         for child, guard in zip(self.collectors, self._guards, strict=True):
             bind = getattr(child, "bind_chain", None)
@@ -72,7 +77,11 @@ class FanoutCollector(MetricsCollector):
                 except Exception as exc:
                     guard.failed(exc)
             bound.append(child)
-        return FanoutCollector(*bound)
+        fan = FanoutCollector(*bound)
+        for guard, counted in zip(fan._guards, self._counted, strict=True):
+            guard.failed = counted.failed  # type: ignore[method-assign]
+        fan._counted = self._counted
+        return fan
 
     def add_refresh_hook(self, fn: Callable[[], object]) -> None:
         """Register ``fn`` with every child that reads (each calls it before its own

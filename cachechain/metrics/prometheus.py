@@ -599,9 +599,8 @@ class PrometheusCollector(AccumulatingCollector):
         if writer is None:
             return False
         try:
-            table = engine_series(self)
-            with self._flush_lock:
-                writer.write(table)
+            with self._flush_lock:  # read and write in one go: never older over newer
+                writer.write(engine_series(self))
         except Exception as exc:
             self._flush_failures += 1
             if self._flush_failures == 1:
@@ -610,8 +609,10 @@ class PrometheusCollector(AccumulatingCollector):
         return True
 
     def close(self) -> None:
-        """Stop the background flush and flush a last time (multiprocess mode).
-        Recording still works; idempotent."""
+        """Stop the background flush and flush a last time (multiprocess mode); in one
+        process, leave every registry it was registered in (a closed chain's last
+        gauges would otherwise add to those of the chains built after it). Recording
+        still works; idempotent."""
         if self._closed:
             return
         self._closed = True
@@ -620,6 +621,10 @@ class PrometheusCollector(AccumulatingCollector):
         if flusher is not None and flusher is not threading.current_thread():
             flusher.join(5)
         self.flush()
+        with _HUBS_LOCK:
+            registries = list(_HUBS.keys())
+        for registry in registries:
+            self.unregister(registry)
 
     def _after_fork_in_child(self) -> None:
         super()._after_fork_in_child()

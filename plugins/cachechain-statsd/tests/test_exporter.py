@@ -192,6 +192,27 @@ def test_empty_prefix_and_root_level_records_go_to_the_default_chain(receiver: R
     x.close()
 
 
+def test_a_chains_polled_figures_are_sent_at_each_flush(receiver: Receiver) -> None:
+    """Entries, evictions and queue depth are polled: the chain's refresh hook must run
+    before each flush, or a real chain never reports them."""
+    x = make(receiver, timer_sample_rate=0)
+    chain = Chain([MemoryLayer("L1", maxsize=2), MemoryLayer("L2")], name="web", metrics=x)
+    for key in "abcd":
+        chain.set(key, 1)  # L1 holds 2: two evictions
+    got = parse(flushed(x, receiver))
+    assert got["cache_chain.web.L1.entries"] == ["2|g"]
+    assert got["cache_chain.web.L2.entries"] == ["4|g"]
+    assert got["cache_chain.web.L1.evictions"] == ["2|c"]
+    assert got["cache_chain.web.L2.queue_depth"] == ["0|g"]
+    chain.set("e", 1)  # one more eviction, sent as the increase
+    got = parse(flushed(x, receiver))
+    assert got["cache_chain.web.L1.evictions"] == ["1|c"]
+    chain.close()  # a closed chain's hook is dropped; the flush still works
+    x.add_refresh_hook(lambda: 1 / 0)  # a failing hook is logged once, sends go on
+    assert x.flush() and x.flush()
+    x.close()
+
+
 def test_bind_chain_returns_one_view_per_chain_and_layers(receiver: Receiver) -> None:
     x = make(receiver, timer_sample_rate=0)
     a = x.bind_chain("a", ["L1"])

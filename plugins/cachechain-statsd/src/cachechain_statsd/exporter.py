@@ -17,7 +17,8 @@ What a cache call costs, and what it never does:
   dropped and counted (:attr:`StatsdExporterStats.dropped_samples`, and the counter
   ``<prefix>.statsd_exporter.dropped_samples``).
 - **Gauges** (queue depth and capacity, breaker state, entries) keep their latest value
-  and are sent at every flush.
+  and are sent at every flush. Figures a chain polls rather than pushes (entries,
+  evictions, queue depth) are read through its refresh hook just before each flush.
 - **Sending happens on one daemon thread**, every ``flush_interval`` seconds, and early
   when a timer buffer is half full (at most five times an interval). The lines are
   packed by the ``statsd`` package's pipeline into datagrams of at most
@@ -347,6 +348,7 @@ class StatsdExporter(MetricsCollector):
         self._tallies: dict[Any, _Tally] = {}
         self._samples: dict[Any, _Samples] = {}
         self._gauges: dict[str, float] = {}
+        self._hooks: list[Callable[[], object]] = []
         self._discard_tally = _Tally(())
         self._discard_samples = _Samples(())
         self._dropped = _Tally((f"{self._pfx}statsd_exporter.dropped_samples",))
@@ -477,6 +479,7 @@ class StatsdExporter(MetricsCollector):
         with self._flush_lock:
             if self._finished or (self._addr is None and not self._resolve()):
                 return False
+            self._refresh()
             self._flushes += 1
             with self._lock:
                 tallies = [*self._tallies.values(), self._dropped]
@@ -503,6 +506,28 @@ class StatsdExporter(MetricsCollector):
                         batch.timing(stat, max(0.0, seconds) * 1000.0, rate)
             batch.send()
             return True
+
+    def add_refresh_hook(self, fn: Callable[[], object]) -> None:
+        """Call ``fn()`` before each flush, so that figures a chain polls rather than
+        pushes (entries, evictions, queue depth) are sent current. ``fn`` reports through
+        the ``record_*`` methods; a hook that returns ``False`` is dropped (its chain is
+        closed or gone), and what one raises is logged once."""
+        with self._lock:
+            self._hooks.append(fn)
+
+    def _refresh(self) -> None:
+        with self._lock:
+            hooks = list(self._hooks)
+        dead = []
+        for fn in hooks:
+            try:
+                if fn() is False:
+                    dead.append(fn)
+            except Exception as exc:
+                self._log_once("refresh", "statsd exporter: a refresh hook raised %r", exc)
+        if dead:
+            with self._lock:
+                self._hooks = [h for h in self._hooks if h not in dead]
 
     def _resolve(self) -> bool:
         family = socket.AF_INET6 if self.ipv6 else socket.AF_INET
@@ -840,6 +865,11 @@ class _ChainView(MetricsCollector):
     def __repr__(self) -> str:
         return f"<StatsdExporter view of chain {self.chain!r} {list(self.layer_names)}>"
 
+    def add_refresh_hook(self, fn: Callable[[], object]) -> None:
+        """Have the exporter call ``fn()`` before each flush (see
+        :meth:`StatsdExporter.add_refresh_hook`)."""
+        self._x.add_refresh_hook(fn)
+
     def _layer(self, layer: str) -> _LayerSeries:
         series = self._per_layer.get(layer)
         if series is None:
@@ -975,6 +1005,8 @@ def _close_all_at_exit() -> None:
 
 
 def _after_fork_in_child() -> None:  # pragma: no cover - runs in a forked child
+    global _ADD_LOCK
+    _ADD_LOCK = threading.Lock()  # the sending thread may have held it (evictions)
     for exporter in list(_EXPORTERS):
         exporter._after_fork()
 
