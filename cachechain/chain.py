@@ -11,7 +11,10 @@ its key's stripe began or was in progress since the read started, checked under 
 same lock that a mutation holds while it bumps the counter and deletes from the first
 layer. So a backfill can never bring back a value that a concurrent ``delete`` or
 ``set`` replaced; at worst a backfill is skipped. Lower layers keep per-key order in
-their async writers, and a ``delete`` cancels queued writes of its key.
+their async writers, and a ``delete`` cancels queued writes of its key. A read also
+skips the backfill of a key that an async writer still holds a write of (a
+write-behind ``set`` or ``delete`` that returned before it reached its layer), since
+the lower layers may still have the older value.
 """
 
 from __future__ import annotations
@@ -173,6 +176,7 @@ class Chain:
             (cfg.writer or writer).max_wait if cfg.write_behind else 0.0 for cfg in configs
         )
         self._evictions_seen: dict[str, int] = {}
+        self._refresh_lock = threading.Lock()  # refreshes may run in several threads
         self._owned_collector: Any = None
         self._closed = False
         m = self._m
@@ -203,6 +207,7 @@ class Chain:
         threads in flight (their stripes would otherwise stay busy for ever)."""
         self._mut_lock = threading.Lock()
         self._close_lock = threading.Lock()
+        self._refresh_lock = threading.Lock()
         self._mut_active = [0] * _STRIPES
         self._flight = SingleFlight()
         self._log_failure = _LogOnce()
@@ -307,7 +312,9 @@ class Chain:
             m.record_get(self._names[0], False, _perf() - start)
         stripe = hash(key) & (_STRIPES - 1)
         seq = self._mut_seq[stripe]
-        busy = self._mut_active[stripe]
+        # Read after the counter: a write the writers still hold (a write-behind set or
+        # delete that has returned) has not reached the layers below yet.
+        busy = self._mut_active[stripe] or self._held([key])
         layers = self._layers
         for index in range(1, len(layers)):
             layer = layers[index]
@@ -359,6 +366,9 @@ class Chain:
         for index, layer in enumerate(self._layers):
             if not remaining:
                 break
+            if index == 1:  # what the first layer missed: see _lookup
+                for key in self._held(remaining):
+                    snapshot[key] = (*snapshot[key][:2], 1)
             t0 = _perf() if m is not None else 0.0
             try:
                 hits = layer.get_many_with_ttl(remaining)
@@ -385,6 +395,15 @@ class Chain:
                 index = served.get(key, -1)
                 m.record_chain_get(index >= 0, index, elapsed)
         return found
+
+    def _held(self, keys: Sequence[str]) -> set[str]:
+        """The keys among ``keys`` of which an async writer holds a write not made yet
+        (the lower layers may still have an older value of them)."""
+        held: set[str] = set()
+        for writer in self._writers:
+            if writer is not None:
+                held |= writer.holding(keys)
+        return held
 
     def _snapshot(self, keys: Sequence[str]) -> dict[str, tuple[int, int, int]]:
         seqs, active = self._mut_seq, self._mut_active
@@ -500,7 +519,9 @@ class Chain:
 
         Lower layers are written first, synchronously, or queued where the layer is
         write-behind. Returns True when every layer took the value (a queued write
-        counts), False when some layer failed or refused it (counted, logged once).
+        counts), False when some layer failed or refused it (counted, logged once). A
+        queued write that the writer drops (its queue full) is replaced by a queued
+        delete of the key, so no older value of it stays in that layer.
         Raises :class:`~cachechain.errors.InvalidKeyError` for a non-``str`` key.
         """
         _check_key(key)
@@ -526,11 +547,13 @@ class Chain:
         ok = True
         try:
             for index in reversed(range(1, len(self._layers))):
-                batch = {
-                    key: value
-                    for key, value in items.items()
-                    if not self._write_one_queued(index, key, value, ttl)
-                }
+                batch = {}
+                for key, value in items.items():
+                    queued = self._write_one_queued(index, key, value, ttl)
+                    if queued is None:
+                        batch[key] = value
+                    elif not queued:
+                        ok = False
                 if batch:
                     layer = self._layers[index]
                     ok = self._sync_call(index, "set_many", layer.set_many, batch, ttl) and ok
@@ -627,10 +650,20 @@ class Chain:
                         return False  # the writer would only see it refused
                     return writer.set(key, value, ttl, max_wait=0.0)
                 if self._write_behind[index] or not writer.settle(key, self._settle[index]):
-                    return writer.set(key, value, ttl, max_wait=self._set_wait[index])
+                    return self._queue_set(writer, index, key, value, ttl)
             except ChainClosedError:  # the chain is being closed by another thread
                 return False
         return self._sync_call(index, "set", self._layers[index].set, key, value, ttl)
+
+    def _queue_set(
+        self, writer: AsyncWriter, index: int, key: str, value: Any, ttl: float | None
+    ) -> bool:
+        """Queue a set of ``key``; if the writer drops it (queue full), queue a delete
+        instead (never dropped), so that no older value of ``key`` outlives it there."""
+        if writer.set(key, value, ttl, max_wait=self._set_wait[index]):
+            return True
+        writer.delete(key)
+        return False
 
     def _delete_one(self, index: int, key: str) -> bool:
         """Delete one key from layer ``index``, after (or behind) any write of it that
@@ -645,20 +678,19 @@ class Chain:
                 return False
         return self._sync_call(index, "delete", self._layers[index].delete, key)
 
-    def _write_one_queued(self, index: int, key: str, value: Any, ttl: float | None) -> bool:
+    def _write_one_queued(self, index: int, key: str, value: Any, ttl: float | None) -> bool | None:
         """For a batch: queue the write of ``key`` if it must go through the writer
-        (write-behind, or behind an older write); return False to write it in the
-        synchronous batch instead."""
+        (write-behind, or behind an older write) and return whether it was queued (see
+        :meth:`_queue_set`); return None to write it in the synchronous batch instead."""
         writer = self._writers[index]
         if writer is None:
-            return False
+            return None
         try:
             if self._write_behind[index] or not writer.settle(key, self._settle[index]):
-                writer.set(key, value, ttl, max_wait=self._set_wait[index])
-                return True
+                return self._queue_set(writer, index, key, value, ttl)
         except ChainClosedError:
-            return True
-        return False
+            return False
+        return None
 
     def _delete_one_queued(self, index: int, key: str) -> bool:
         """For a batch: queue the delete of ``key`` where it must go through the writer;
@@ -725,10 +757,11 @@ class Chain:
             if isinstance(entries, int):
                 m.record_entries(lay.name, entries)
             if isinstance(evictions, int):
-                seen = self._evictions_seen.get(lay.name, 0)
+                with self._refresh_lock:
+                    seen = self._evictions_seen.get(lay.name, 0)
+                    self._evictions_seen[lay.name] = max(seen, evictions)
                 if evictions > seen:
                     m.record_evictions(lay.name, evictions - seen)
-                self._evictions_seen[lay.name] = evictions
 
     # -- lifecycle --------------------------------------------------------------------
     def flush(self, timeout: float | None = None) -> bool:

@@ -102,7 +102,9 @@ class LayerConfig:
     ``resilient``: wrap the layer in a circuit breaker and timeout (``None``: yes for a
     remote layer, no for an in-process one). ``breaker`` overrides the chain's default
     breaker settings for this layer; ``timeout`` (seconds) is the longest a call may
-    take before it counts as a failure (default: the layer's own socket ``timeout``).
+    take before it counts as a failure (default: the layer's own socket ``timeout``
+    plus its ``connect_timeout``, as :class:`~cachechain.resilience.ResilientLayer`
+    computes it).
     ``write_behind``: ``set`` queues writes to this layer instead of waiting for them.
     ``writer`` overrides the chain's default writer settings.
     """

@@ -320,6 +320,16 @@ class AsyncWriter:
                 self._idle.notify_all()
             return True
 
+    def holding(self, keys: Iterable[str]) -> frozenset[str]:
+        """Return those of ``keys`` that have an operation queued or being written.
+
+        Such a key's value in the layer may be older than the chain's: a chain reading
+        it must not copy it into the layers above.
+        """
+        with self._lock:
+            pending, inflight = self._pending, self._inflight
+            return frozenset(key for key in keys if key in pending or key in inflight)
+
     def settle(self, key: str, timeout: float) -> bool:
         """Make way for a synchronous write of ``key``: cancel its queued set and wait
         until no worker is writing it (at most ``timeout`` seconds).

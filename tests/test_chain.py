@@ -18,8 +18,10 @@ from cachechain import (
     LayerUnavailableError,
     LoadTimeoutError,
     MemoryLayer,
+    WriterConfig,
 )
 from cachechain.layers import MISSING
+from cachechain.metrics import MetricsCollector
 from cachechain.metrics.memory import MemoryCollector
 from tests.support.fakes import FakeClock, FakeLayer
 
@@ -482,3 +484,152 @@ def test_a_collector_given_by_the_caller_is_not_closed_by_the_chain() -> None:
     collector = ClosingCollector()
     Chain.from_config(ChainConfig(layers=[MemoryLayer()], metrics_collector=collector)).close()
     assert not collector.closed
+
+
+@pytest.mark.parametrize("read", ["get", "get_many"])
+@pytest.mark.parametrize("state", ["in-flight", "queued"])
+def test_a_read_never_backfills_a_value_whose_delete_the_writer_still_holds(
+    state: str, read: str
+) -> None:
+    """A write-behind delete has returned, but its writer has not deleted the key from
+    L2 yet. A read meanwhile may still find the old value in L2; it must not copy it
+    into L1, where it would outlive the delete."""
+    l1, l2 = MemoryLayer("L1"), FakeLayer("L2")
+    entered, release = threading.Event(), threading.Event()
+    real_delete = l2.delete
+
+    def blocking_delete(key: str) -> None:
+        entered.set()
+        release.wait(10)
+        real_delete(key)
+
+    l2.delete = blocking_delete  # type: ignore[method-assign]
+    l2.set("k", "old", 60)
+    with Chain([l1, LayerConfig(layer=l2, write_behind=True)]) as chain:
+        if state == "queued":  # the worker is busy deleting another key
+            assert chain.delete("other") is True
+        assert chain.delete("k") is True
+        assert entered.wait(5)
+        if read == "get":  # may still see "old" in L2 (write-behind)
+            assert chain.get("k") in (None, "old")
+        else:
+            assert chain.get_many(["k"]) in ({}, {"k": "old"})
+        release.set()
+        assert chain.flush(5)
+        assert "k" not in l2.data
+        assert l1.get("k") is MISSING, "the old value was backfilled after the delete"
+        assert chain.get("k") is None
+
+
+def test_a_read_never_backfills_an_older_value_than_a_queued_write_behind_set() -> None:
+    """A write-behind set is still on its way to L2 when L1 loses the entry: a read
+    meanwhile must not put L2's older value back into L1."""
+    l1, l2 = MemoryLayer("L1"), FakeLayer("L2")
+    entered, release = threading.Event(), threading.Event()
+    real_set = l2.set
+
+    def blocking_set(key: str, value: Any, ttl: float | None = None) -> None:
+        entered.set()
+        release.wait(10)
+        real_set(key, value, ttl)
+
+    l2.data["k"] = ("old", None)
+    l2.set = blocking_set  # type: ignore[method-assign]
+    with Chain([l1, LayerConfig(layer=l2, write_behind=True)]) as chain:
+        assert chain.set("k", "new", 60) is True
+        assert entered.wait(5)
+        l1.delete("k")  # evicted or expired in L1
+        chain.get("k")
+        release.set()
+        assert chain.flush(5)
+        assert chain.get("k") == "new"
+
+
+def test_a_read_never_copies_into_l2_a_value_whose_delete_l3_still_holds() -> None:
+    """L2 was deleted synchronously, L3's delete is queued: a read that finds the old
+    value in L3 must not write it back into L2 (where nothing would delete it again)."""
+    l1, l2, l3 = MemoryLayer("L1"), FakeLayer("L2"), FakeLayer("L3")
+    entered, release = threading.Event(), threading.Event()
+    real_delete = l3.delete
+
+    def blocking_delete(key: str) -> None:
+        entered.set()
+        release.wait(10)
+        real_delete(key)
+
+    l3.delete = blocking_delete  # type: ignore[method-assign]
+    l2.set("k", "old", 60)
+    l3.set("k", "old", 60)
+    with Chain([l1, l2, LayerConfig(layer=l3, write_behind=True)]) as chain:
+        assert chain.delete("k") is True
+        assert entered.wait(5)
+        assert chain.get("k") in (None, "old")
+        release.set()
+        assert chain.flush(5)
+        assert "k" not in l3.data
+        assert "k" not in l2.data, "the old value was copied into L2 after the delete"
+        assert chain.get("k") is None
+
+
+@pytest.mark.parametrize("call", ["set", "set_many"])
+def test_a_set_dropped_by_a_full_queue_leaves_no_older_value_below(call: str) -> None:
+    """A write-behind set that finds the queue full is dropped (and reported); the older
+    value in L2 must not outlive it, or every reader after L1 expires gets it back."""
+    l1, l2 = MemoryLayer("L1"), FakeLayer("L2")
+    entered, release = threading.Event(), threading.Event()
+    real_set = l2.set
+
+    def blocking_set(key: str, value: Any, ttl: float | None = None) -> None:
+        entered.set()
+        release.wait(10)
+        real_set(key, value, ttl)
+
+    l2.data["k"] = ("old", None)
+    l2.set = blocking_set  # type: ignore[method-assign]
+    config = LayerConfig(layer=l2, write_behind=True, writer=WriterConfig(queue_size=1))
+    with Chain([l1, config]) as chain:
+        assert chain.set("busy", 1) is True  # in flight
+        assert entered.wait(5)
+        assert chain.set("full", 2) is True  # queued: the queue is full
+        if call == "set":
+            assert chain.set("k", "new") is False
+        else:
+            assert chain.set_many({"k": "new"}) is False
+        assert chain.writers["L2"].stats().dropped_by_reason["queue_full"] == 1
+        release.set()
+        assert chain.flush(5)
+        assert "k" not in l2.data, "the older value outlived the dropped set"
+        l1.delete("k")  # expired in L1
+        assert chain.get("k") is None
+
+
+def test_refreshes_running_at_once_report_each_eviction_once() -> None:
+    """Collectors call the chain's refresh hook from any thread (two scrapes at once):
+    an eviction must be reported once, not once per refresh that saw it."""
+    entered, release = threading.Event(), threading.Event()
+
+    class Evictions(MetricsCollector):
+        def __init__(self) -> None:
+            self.reported: list[int] = []
+
+        def record_evictions(self, layer: str, count: int) -> None:
+            self.reported.append(count)
+            if len(self.reported) == 1:  # the first refresh pauses here
+                entered.set()
+                release.wait(10)
+
+    collector = Evictions()
+    l1 = MemoryLayer("L1", maxsize=1)
+    with Chain([l1], metrics=collector) as chain:
+        l1.set("a", 1)
+        l1.set("b", 2)  # evicts "a"
+        first = threading.Thread(target=chain._refresh_metrics)
+        first.start()
+        assert entered.wait(5)
+        second = threading.Thread(target=chain._refresh_metrics)
+        second.start()
+        second.join(5)
+        assert not second.is_alive()
+        release.set()
+        first.join(5)
+    assert sum(collector.reported) == 1

@@ -1312,6 +1312,26 @@ def test_close_during_calls(memcached: MemcachedProcess, monkeypatch: Any) -> No
     assert lay.stats().connections_open == 0
 
 
+def test_a_client_released_while_the_layer_closes_is_not_left_open(
+    memcached: MemcachedProcess,
+) -> None:
+    """close() runs between a release's check of ``closed`` and its return of the
+    client to the idle list: the client must still be closed, not left idle."""
+    lay = make_layer(memcached)
+    lay.set("k", "v")
+    node = lay._nodes[0]
+
+    class CloseOnAppend(list[Any]):
+        def append(self, client: Any) -> None:
+            lay.close()
+            super().append(client)
+
+    node.idle = CloseOnAppend(node.take_idle())
+    assert lay.get("k") == "v"
+    assert lay.stats().connections_open == 0
+    assert list(node.idle) == []
+
+
 def test_forked_child_gets_fresh_connections_and_locks(memcached: MemcachedProcess) -> None:
     lay = make_layer(memcached)
     lay.set("k", "parent")

@@ -479,7 +479,9 @@ class MemcachedLayer(BaseLayer):
             # A waiter counts itself under the lock before it looks at idle again, so
             # either it sees this client or we see it waiting and wake it.
             node.idle.append(client)
-            if node.waiting:
+            if self._closed:  # close() ran since the check and missed this client
+                self._drop_idle(node)
+            elif node.waiting:
                 with node.cond:
                     node.cond.notify()
             return
