@@ -190,7 +190,10 @@ class Chain:
                     m.record_circuit_state(lay.name, int(lay.breaker.state))
             add_hook = getattr(m.collector, "add_refresh_hook", None)
             if add_hook is not None:
-                add_hook(_weak_refresh(self))
+                try:
+                    add_hook(_weak_refresh(self))
+                except Exception as exc:  # the chain works without polled figures
+                    m.failed(exc)
 
         self._l1 = self._layers[0]
         self._l1_name = self._names[0]
@@ -227,13 +230,20 @@ class Chain:
             raise ConfigError(
                 f"from_config takes a ChainConfig or a mapping, got {type(config).__name__}"
             )
-        chain = cls(
-            config.layers,
-            name=config.name,
-            metrics=config.metrics_collector,
-            breaker=config.breaker,
-            writer=config.writer,
-        )
+        try:
+            chain = cls(
+                config.layers,
+                name=config.name,
+                metrics=config.metrics_collector,
+                breaker=config.breaker,
+                writer=config.writer,
+            )
+        except BaseException:
+            if config.owns_collector:  # what the mapping made must not leak
+                _close_quietly(config.metrics_collector)
+                for entry in config.layers:
+                    _close_quietly(entry.layer if isinstance(entry, LayerConfig) else entry)
+            raise
         if config.owns_collector:
             chain._owned_collector = config.metrics_collector
         return chain
@@ -288,11 +298,13 @@ class Chain:
         except ChainClosedError:
             raise
         except Exception as exc:
-            value = self._l1_failed(key, exc)
-        if value is not MISSING:
-            m.record_first_layer_hit(self._l1_name, _perf() - start)
-            return value
-        value, index = self._lookup(key, m, start)
+            self._l1_failed(key, exc)
+            value, index = self._lookup(key, m, start, first_failed=True)
+        else:
+            if value is not MISSING:
+                m.record_first_layer_hit(self._l1_name, _perf() - start)
+                return value
+            value, index = self._lookup(key, m, start)
         m.record_chain_get(index >= 0, index, _perf() - start)
         return default if value is MISSING else value
 
@@ -301,14 +313,17 @@ class Chain:
         self._layer_failed(0, "get", exc)
         return MISSING
 
-    def _lookup(self, key: str, m: CollectorGuard | None, start: float) -> tuple[Any, int]:
-        """Read the layers below the first after a first-layer miss (already measured
-        from ``start`` when ``m`` is set). Return ``(value or MISSING, layer index or
-        -1)``, backfilling on a hit."""
+    def _lookup(
+        self, key: str, m: CollectorGuard | None, start: float, *, first_failed: bool = False
+    ) -> tuple[Any, int]:
+        """Read the layers below the first after a first-layer miss (measured from
+        ``start`` when ``m`` is set; not a miss but an error, already counted, when
+        ``first_failed``). Return ``(value or MISSING, layer index or -1)``, backfilling
+        on a hit."""
         _check_key(key)
         if self._closed:
             raise ChainClosedError("the chain is closed")
-        if m is not None:
+        if m is not None and not first_failed:
             m.record_get(self._names[0], False, _perf() - start)
         stripe = hash(key) & (_STRIPES - 1)
         seq = self._mut_seq[stripe]
@@ -371,7 +386,14 @@ class Chain:
                     snapshot[key] = (*snapshot[key][:2], 1)
             t0 = _perf() if m is not None else 0.0
             try:
-                hits = layer.get_many_with_ttl(remaining)
+                asked = set(remaining)
+                # Only what was asked, as (value, ttl) pairs: a layer that answers
+                # otherwise has failed, like one that raised.
+                hits = {
+                    k: (v, t)
+                    for k, (v, t) in layer.get_many_with_ttl(remaining).items()
+                    if k in asked
+                }
             except Exception as exc:
                 self._layer_failed(index, "get_many", exc)
                 continue
@@ -566,12 +588,13 @@ class Chain:
         return ok
 
     def delete(self, key: str) -> bool:
-        """Remove ``key`` from every layer. A delete is never dropped: it cancels queued
-        writes of the key and reaches each layer synchronously (or, for a write-behind
-        layer, through its ordered queue, which never drops deletes).
+        """Remove ``key`` from every layer. It cancels queued writes of the key and
+        reaches each layer synchronously, after any write of the key in flight (or,
+        for a write-behind layer, through its ordered queue, which never drops a
+        delete for lack of room).
 
-        Returns False when some layer could not be reached (counted, logged once).
-        Raises :class:`~cachechain.errors.InvalidKeyError` for a non-``str`` key.
+        Returns False when some layer could not be reached (down, or its breaker
+        open): that is counted and logged once, not retried later. Raises :class:`~cachechain.errors.InvalidKeyError` for a non-``str`` key.
         """
         _check_key(key)
         stripe = self._begin_mutation(key)
@@ -594,7 +617,13 @@ class Chain:
         ok = True
         try:
             for index in reversed(range(1, len(self._layers))):
-                batch = [k for k in wanted if not self._delete_one_queued(index, k)]
+                batch = []
+                for key in wanted:
+                    queued = self._delete_one_queued(index, key)
+                    if queued is None:
+                        batch.append(key)
+                    elif not queued:
+                        ok = False
                 if batch:
                     layer = self._layers[index]
                     ok = self._sync_call(index, "delete_many", layer.delete_many, batch) and ok
@@ -692,19 +721,20 @@ class Chain:
             return False
         return None
 
-    def _delete_one_queued(self, index: int, key: str) -> bool:
-        """For a batch: queue the delete of ``key`` where it must go through the writer;
-        return False to delete it in the synchronous batch instead."""
+    def _delete_one_queued(self, index: int, key: str) -> bool | None:
+        """For a batch: queue the delete of ``key`` where it must go through the writer
+        and return True; None to delete it in the synchronous batch instead; False if
+        it could not be queued (the chain is closing)."""
         writer = self._writers[index]
         if writer is None:
-            return False
+            return None
         try:
             if self._write_behind[index] or not writer.settle(key, self._settle[index]):
                 writer.delete(key)
                 return True
         except ChainClosedError:
-            return True
-        return False
+            return False
+        return None
 
     def _sync_call(self, index: int, operation: str, fn: Callable[..., Any], *args: Any) -> bool:
         """Run one synchronous write operation on a layer, timing and counting it."""
@@ -833,6 +863,16 @@ class _WriterMetrics:
 
     def depth(self, depth: int) -> None:
         self.m.record_queue_depth(self.layer, depth)
+
+
+def _close_quietly(obj: Any) -> None:
+    """Call ``obj.close()`` if it has one; what it raises is logged, not raised."""
+    close = getattr(obj, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception:
+            log.debug("could not close %r", obj, exc_info=True)
 
 
 def _weak_refresh(chain: Chain) -> Callable[[], bool]:

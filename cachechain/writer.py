@@ -61,6 +61,7 @@ _DELETE: Final = "delete"
 #: A queued operation: ``(kind, value, ttl)``. Every delete is this one tuple.
 _Op = tuple[str, Any, "float | None"]
 _DELETE_OP: Final[_Op] = (_DELETE, None, None)
+_NOTHING: Final[frozenset[str]] = frozenset()
 
 # Outcomes of one write, as seen by the drain loop.
 _WRITTEN: Final = 0
@@ -324,11 +325,14 @@ class AsyncWriter:
         """Return those of ``keys`` that have an operation queued or being written.
 
         Such a key's value in the layer may be older than the chain's: a chain reading
-        it must not copy it into the layers above.
+        it must not copy it into the layers above. Lock-free (it runs on every L1 miss):
+        a worker adds a key to the in-flight set before it removes it from the queue,
+        and this looks at the queue first, so a key being handed over is never missed.
         """
-        with self._lock:
-            pending, inflight = self._pending, self._inflight
-            return frozenset(key for key in keys if key in pending or key in inflight)
+        pending, inflight = self._pending, self._inflight
+        if not pending and not inflight:
+            return _NOTHING
+        return frozenset(key for key in keys if key in pending or key in inflight)
 
     def settle(self, key: str, timeout: float) -> bool:
         """Make way for a synchronous write of ``key``: cancel its queued set and wait
@@ -601,8 +605,8 @@ class AsyncWriter:
                         if not notified and self._next_key() is None:
                             return
                         continue
+                    inflight.add(key)  # before the pop: see holding()
                     op = pending.pop(key)
-                    inflight.add(key)
                     if self._room_waiters:
                         self._room.notify()
                     lock.release()

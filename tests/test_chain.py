@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import pytest
@@ -633,3 +634,78 @@ def test_refreshes_running_at_once_report_each_eviction_once() -> None:
         release.set()
         first.join(5)
     assert sum(collector.reported) == 1
+
+
+def test_a_failing_first_layer_is_counted_as_an_error_not_also_as_a_miss() -> None:
+    collector = MemoryCollector()
+    l1, l2 = FakeLayer("L1", local=True), MemoryLayer("L2")
+    l1.fail = RuntimeError("boom")
+    l2.set("k", "v", 60)
+    with Chain([l1, l2], metrics=collector) as chain:
+        assert chain.get("k") == "v"
+        snap = collector.snapshot()
+        assert snap.layer_metrics["L1"].errors == 2  # the get, then the backfill set
+        assert snap.layer_metrics["L1"].misses == 0
+        assert snap.layer_metrics["L2"].hits == 1
+        assert snap.chain_metrics.total_hits == 1
+
+
+def test_a_collector_whose_add_refresh_hook_raises_does_not_stop_the_chain() -> None:
+    class NoHooks(MemoryCollector):
+        def add_refresh_hook(self, fn: Any) -> None:
+            raise RuntimeError("no hooks here")
+
+    with Chain([MemoryLayer("L1")], metrics=NoHooks()) as chain:
+        chain.set("k", 1)
+        assert chain.get("k") == 1
+        assert chain._m is not None and chain._m.failures == 1
+
+
+class ClosingLayer(MemoryLayer):
+    """A layer that remembers being closed, built by type from a config mapping."""
+
+    made: ClassVar[list[ClosingLayer]] = []
+
+    def __init__(self, name: str = "L1", **kwargs: Any) -> None:
+        super().__init__(name, **kwargs)
+        self.was_closed = False
+        ClosingLayer.made.append(self)
+
+    def close(self) -> None:
+        self.was_closed = True
+
+
+def test_from_config_closes_what_the_mapping_made_when_the_chain_cannot_be_built() -> None:
+    ClosingCollector.made.clear()
+    ClosingLayer.made.clear()
+
+    class Unbuildable(Chain):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("cannot build")
+
+    config = {
+        "layers": [{"type": "tests.test_chain:ClosingLayer", "name": "L1"}],
+        "metrics": {"exporter": "tests.test_chain:ClosingCollector"},
+    }
+    with pytest.raises(RuntimeError, match="cannot build"):
+        Unbuildable.from_config(config)
+    assert [layer.was_closed for layer in ClosingLayer.made] == [True]
+    assert [c.closed for c in ClosingCollector.made] == [True]
+
+
+def test_get_many_treats_a_malformed_answer_as_a_layer_failure() -> None:
+    class Sloppy(FakeLayer):
+        def get_many_with_ttl(self, keys: Sequence[str]) -> dict[str, tuple[Any, Any]]:
+            answer = super().get_many_with_ttl(keys)
+            answer["never-asked"] = ("x", None)  # extra keys are ignored
+            return answer
+
+    class Broken(FakeLayer):
+        def get_many_with_ttl(self, keys: Sequence[str]) -> dict[str, Any]:
+            return {k: "not a pair" for k in keys}
+
+    sloppy, broken, l3 = Sloppy("L2", local=True), Broken("L3", local=True), MemoryLayer("L4")
+    sloppy.set("a", 1, 60)
+    l3.set("b", 2, 60)
+    with Chain([MemoryLayer("L1"), sloppy, broken, l3]) as chain:
+        assert chain.get_many(["a", "b"]) == {"a": 1, "b": 2}
