@@ -594,7 +594,8 @@ class Chain:
         delete for lack of room).
 
         Returns False when some layer could not be reached (down, or its breaker
-        open): that is counted and logged once, not retried later. Raises :class:`~cachechain.errors.InvalidKeyError` for a non-``str`` key.
+        open): that is counted and logged once, not retried later. Raises
+        :class:`~cachechain.errors.InvalidKeyError` for a non-``str`` key.
         """
         _check_key(key)
         stripe = self._begin_mutation(key)
