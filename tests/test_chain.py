@@ -24,7 +24,7 @@ from cachechain import (
 from cachechain.layers import MISSING
 from cachechain.metrics import MetricsCollector
 from cachechain.metrics.memory import MemoryCollector
-from tests.support.fakes import FakeClock, FakeLayer
+from tests.support.fakes import FakeClock, FakeLayer, wait_for_waiters
 
 
 def memory_chain(n: int, **kw: Any) -> tuple[Chain, list[MemoryLayer]]:
@@ -210,7 +210,7 @@ def test_get_or_load_runs_the_loader_once_for_64_threads() -> None:
     threads = [threading.Thread(target=worker) for _ in range(64)]
     for t in threads:
         t.start()
-    _wait_for_waiters(chain, "k", 63)
+    wait_for_waiters(chain, "k", 63)
     release.set()
     for t in threads:
         t.join(10)
@@ -246,7 +246,7 @@ def test_a_raising_loader_releases_every_waiter_and_caches_nothing() -> None:
     threads = [threading.Thread(target=worker) for _ in range(64)]
     for t in threads:
         t.start()
-    _wait_for_waiters(chain, "k", 63)
+    wait_for_waiters(chain, "k", 63)
     release.set()
     for t in threads:
         t.join(10)
@@ -397,20 +397,6 @@ def test_remote_layers_are_wrapped_in_a_breaker_and_local_ones_are_not() -> None
     l3 = FakeLayer("L3")
     with Chain([MemoryLayer("A"), LayerConfig(layer=l3, resilient=False)]) as chain:
         assert chain.breakers == {}
-
-
-def _wait_for_waiters(chain: Chain, key: str, n: int) -> None:
-    """Wait (bounded) until ``n`` threads have joined the in-flight load of ``key``."""
-    flight = chain._flight
-    ready = threading.Event()
-    for _ in range(5000):
-        with flight._lock:
-            call = flight._calls.get(key)
-            if call is not None and call.waiters >= n:
-                ready.set()
-        if ready.wait(0.002):
-            return
-    raise AssertionError(f"fewer than {n} threads joined the load")
 
 
 @pytest.mark.parametrize("timeout", [None, 0.05], ids=["waits", "queues-behind"])

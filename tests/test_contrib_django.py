@@ -49,6 +49,7 @@ from cachechain.contrib.django import CachechainCache, close_chains
 from cachechain.errors import ChainClosedError, ConfigError
 from cachechain.layers.base import MISSING
 from cachechain.layers.memcached import MemcachedLayer
+from tests.support.fakes import wait_for_waiters
 from tests.support.servers import MemcachedProcess
 
 SECRET = "codec-secret-for-the-tests"
@@ -688,20 +689,6 @@ def test_get_or_set_runs_the_default_once_for_eight_threads(app: MemcachedProces
         t.join(10)
     assert calls == [1]
     assert results == ["loaded"] * 8
-
-
-def wait_for_waiters(chain: Chain, key: str, n: int) -> None:
-    """Wait (bounded) until ``n`` threads have joined the in-flight load of ``key``."""
-    flight = chain._flight
-    ready = threading.Event()
-    for _ in range(5000):
-        with flight._lock:
-            call = flight._calls.get(key)
-            if call is not None and call.waiters >= n:
-                ready.set()
-        if ready.wait(0.002):
-            return
-    raise AssertionError(f"fewer than {n} threads joined the load")
 
 
 @pytest.mark.memcached

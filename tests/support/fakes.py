@@ -132,3 +132,18 @@ class FakeLayer(BaseLayer):
 
     def close(self) -> None:
         self.closed = True
+
+
+def wait_for_waiters(chain: Any, key: str, n: int) -> None:
+    """Wait (bounded) until ``n`` threads have joined the chain's in-flight load of
+    ``key`` (a SingleFlight has no event for "n waiters", so this polls, bounded)."""
+    flight = chain._flight
+    ready = threading.Event()
+    for _ in range(5000):
+        with flight._lock:
+            call = flight._calls.get(key)
+            if call is not None and call.waiters >= n:
+                ready.set()
+        if ready.wait(0.002):
+            return
+    raise AssertionError(f"fewer than {n} threads joined the load")
