@@ -44,7 +44,7 @@ from typing import Any
 import pluggy
 
 from .errors import ConfigError
-from .metrics.base import MetricsCollector, NoOpCollector
+from .metrics.base import SEED_METHODS, MetricsCollector, NoOpCollector
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -90,17 +90,6 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 ExporterFactory = Callable[..., Any]
 
 _NAME = re.compile(r"[a-z][a-z0-9_-]{0,63}")
-#: The seed's eight methods: a chain refuses a collector without any of them.
-_SEED_METHODS = (
-    "record_get",
-    "record_set",
-    "record_delete",
-    "record_circuit_state",
-    "record_queue_depth",
-    "record_write_dropped",
-    "record_async_write",
-    "record_chain_get",
-)
 
 
 class PluginLoadWarning(UserWarning):
@@ -578,7 +567,7 @@ class ExporterManager:
             ) from exc
         if not _is_collector(collector):
             _close_quietly(collector)
-            missing = [m for m in _SEED_METHODS if not callable(getattr(collector, m, None))]
+            missing = [m for m in SEED_METHODS if not callable(getattr(collector, m, None))]
             raise ConfigError(
                 f"{field}: exporter {label!r} returned {collector!r}, which is not a "
                 f"metrics collector (it lacks {', '.join(missing)})"
@@ -595,7 +584,7 @@ def _is_collector(obj: Any) -> bool:
         return True
     if isinstance(obj, type):
         return False
-    return all(callable(getattr(obj, m, None)) for m in _SEED_METHODS)
+    return all(callable(getattr(obj, m, None)) for m in SEED_METHODS)
 
 
 def _close_quietly(collector: Any) -> None:

@@ -138,14 +138,7 @@ def test_delete_cancels_a_queued_backfill() -> None:
     l1, l2, l3 = MemoryLayer("L1"), FakeLayer("L2"), FakeLayer("L3")
     with Chain([l1, l2, l3]) as chain:
         writer = chain.writers["L2"]
-        gate = threading.Event()
-        original_set = l2.set
-
-        def slow_set(key: str, value: Any, ttl: float | None = None) -> None:
-            gate.wait(10)
-            original_set(key, value, ttl)
-
-        l2.set = slow_set  # type: ignore[method-assign]
+        gate = l2.block_set = threading.Event()
         l3.set("busy", 1, 60)
         l3.set("k", "old", 60)
         assert chain.get("busy") == 1  # the writer's worker now blocks on `busy`
@@ -407,15 +400,8 @@ def test_a_delete_is_not_overtaken_by_a_backfill_already_in_flight(
     either waits for that write (settle) or, past the layer's timeout, is queued behind
     it. Either way L2 ends without the key."""
     l1, l2, l3 = MemoryLayer("L1"), FakeLayer("L2"), FakeLayer("L3")
-    entered, release = threading.Event(), threading.Event()
-    real_set = l2.set
-
-    def blocking_set(key: str, value: Any, ttl: float | None = None) -> None:
-        entered.set()
-        release.wait(10)
-        real_set(key, value, ttl)
-
-    l2.set = blocking_set  # type: ignore[method-assign]
+    entered, release = l2.write_entered, threading.Event()
+    l2.block_set = release
     l3.set("k", "old", 60)
     with Chain([l1, LayerConfig(layer=l2, timeout=timeout), l3]) as chain:
         assert chain.get("k") == "old"
@@ -482,16 +468,9 @@ def test_a_read_never_backfills_a_value_whose_delete_the_writer_still_holds(
     L2 yet. A read meanwhile may still find the old value in L2; it must not copy it
     into L1, where it would outlive the delete."""
     l1, l2 = MemoryLayer("L1"), FakeLayer("L2")
-    entered, release = threading.Event(), threading.Event()
-    real_delete = l2.delete
-
-    def blocking_delete(key: str) -> None:
-        entered.set()
-        release.wait(10)
-        real_delete(key)
-
-    l2.delete = blocking_delete  # type: ignore[method-assign]
+    entered, release = l2.write_entered, threading.Event()
     l2.set("k", "old", 60)
+    l2.block_delete = release
     with Chain([l1, LayerConfig(layer=l2, write_behind=True)]) as chain:
         if state == "queued":  # the worker is busy deleting another key
             assert chain.delete("other") is True
@@ -512,16 +491,9 @@ def test_a_read_never_backfills_an_older_value_than_a_queued_write_behind_set() 
     """A write-behind set is still on its way to L2 when L1 loses the entry: a read
     meanwhile must not put L2's older value back into L1."""
     l1, l2 = MemoryLayer("L1"), FakeLayer("L2")
-    entered, release = threading.Event(), threading.Event()
-    real_set = l2.set
-
-    def blocking_set(key: str, value: Any, ttl: float | None = None) -> None:
-        entered.set()
-        release.wait(10)
-        real_set(key, value, ttl)
-
+    entered, release = l2.write_entered, threading.Event()
+    l2.block_set = release
     l2.data["k"] = ("old", None)
-    l2.set = blocking_set  # type: ignore[method-assign]
     with Chain([l1, LayerConfig(layer=l2, write_behind=True)]) as chain:
         assert chain.set("k", "new", 60) is True
         assert entered.wait(5)
@@ -536,17 +508,10 @@ def test_a_read_never_copies_into_l2_a_value_whose_delete_l3_still_holds() -> No
     """L2 was deleted synchronously, L3's delete is queued: a read that finds the old
     value in L3 must not write it back into L2 (where nothing would delete it again)."""
     l1, l2, l3 = MemoryLayer("L1"), FakeLayer("L2"), FakeLayer("L3")
-    entered, release = threading.Event(), threading.Event()
-    real_delete = l3.delete
-
-    def blocking_delete(key: str) -> None:
-        entered.set()
-        release.wait(10)
-        real_delete(key)
-
-    l3.delete = blocking_delete  # type: ignore[method-assign]
+    entered, release = l3.write_entered, threading.Event()
     l2.set("k", "old", 60)
     l3.set("k", "old", 60)
+    l3.block_delete = release
     with Chain([l1, l2, LayerConfig(layer=l3, write_behind=True)]) as chain:
         assert chain.delete("k") is True
         assert entered.wait(5)
@@ -563,16 +528,9 @@ def test_a_set_dropped_by_a_full_queue_leaves_no_older_value_below(call: str) ->
     """A write-behind set that finds the queue full is dropped (and reported); the older
     value in L2 must not outlive it, or every reader after L1 expires gets it back."""
     l1, l2 = MemoryLayer("L1"), FakeLayer("L2")
-    entered, release = threading.Event(), threading.Event()
-    real_set = l2.set
-
-    def blocking_set(key: str, value: Any, ttl: float | None = None) -> None:
-        entered.set()
-        release.wait(10)
-        real_set(key, value, ttl)
-
+    entered, release = l2.write_entered, threading.Event()
+    l2.block_set = release
     l2.data["k"] = ("old", None)
-    l2.set = blocking_set  # type: ignore[method-assign]
     config = LayerConfig(layer=l2, write_behind=True, writer=WriterConfig(queue_size=1))
     with Chain([l1, config]) as chain:
         assert chain.set("busy", 1) is True  # in flight

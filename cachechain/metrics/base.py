@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 __all__ = [
     "RECORD_METHODS",
+    "SEED_METHODS",
     "CollectorGuard",
     "MetricsCollector",
     "NoOpCollector",
@@ -127,7 +128,8 @@ _EXTRA = (
     "record_evictions",
     "record_entries",
 )
-_SEED = (
+#: The seed's eight methods: every collector must have them.
+SEED_METHODS: tuple[str, ...] = (
     "record_get",
     "record_set",
     "record_delete",
@@ -140,7 +142,7 @@ _SEED = (
 
 #: Every ``record_*`` method of :class:`MetricsCollector`: the seed's eight, the extras
 #: and the fused first-layer hit.
-RECORD_METHODS: tuple[str, ...] = (*_SEED, *_EXTRA, "record_first_layer_hit")
+RECORD_METHODS: tuple[str, ...] = (*SEED_METHODS, *_EXTRA, "record_first_layer_hit")
 
 
 def _noop(*args: Any, **kwargs: Any) -> None:
@@ -197,10 +199,10 @@ class CollectorGuard:
         self.failures = 0
         self._logged = False
         self._lock = threading.Lock()
-        for name in _SEED + _EXTRA:
+        for name in SEED_METHODS + _EXTRA:
             method = getattr(collector, name, None)
             if method is None:
-                if name in _SEED:
+                if name in SEED_METHODS:
                     raise TypeError(f"metrics collector {collector!r} has no {name}()")
                 setattr(self, name, _noop)
                 continue

@@ -45,7 +45,10 @@ class FakeLayer(BaseLayer):
 
     ``fail`` (an exception instance or None) is raised by every operation while set.
     ``block_get`` (an Event) makes ``get_with_ttl``/``get_many_with_ttl`` wait for it;
-    ``entered`` is set when a blocked call has started. ``local`` may be set per fake.
+    ``entered`` is set when a blocked call has started. ``block_set`` and
+    ``block_delete`` (Events) make ``set`` / ``delete`` wait for them before they change
+    anything; ``write_entered`` is set when such a write has started. ``local`` may be set per
+    fake.
     """
 
     def __init__(
@@ -65,6 +68,9 @@ class FakeLayer(BaseLayer):
         self.fail: BaseException | None = None
         self.block_get: threading.Event | None = None
         self.entered = threading.Event()
+        self.block_set: threading.Event | None = None
+        self.block_delete: threading.Event | None = None
+        self.write_entered = threading.Event()
         self.closed = False
         self._lock = threading.Lock()
 
@@ -73,6 +79,11 @@ class FakeLayer(BaseLayer):
             self.calls.append((op, arg))
         if self.fail is not None:
             raise self.fail
+
+    def _hold_write(self, gate: threading.Event | None) -> None:
+        if gate is not None:
+            self.write_entered.set()
+            gate.wait(10)
 
     def ops(self, op: str) -> list[Any]:
         """The arguments of every call of ``op`` so far."""
@@ -109,6 +120,7 @@ class FakeLayer(BaseLayer):
         return found
 
     def set(self, key: str, value: Any, ttl: float | None = None) -> None:
+        self._hold_write(self.block_set)
         self._enter("set", key)
         ttl = self.effective_ttl(ttl)
         self.data[key] = (value, None if ttl is None else self.clock() + ttl)
@@ -121,6 +133,7 @@ class FakeLayer(BaseLayer):
         return []
 
     def delete(self, key: str) -> None:
+        self._hold_write(self.block_delete)
         self._enter("delete", key)
         self.data.pop(key, None)
 
