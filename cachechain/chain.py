@@ -198,6 +198,7 @@ class Chain:
         self._l1 = self._layers[0]
         self._l1_name = self._names[0]
         self._l1_get: Callable[[str], Any] = self._l1.get
+        self._remote_writers = tuple(w for w in self._writers if w is not None)
         self._flight: SingleFlight[Any] = SingleFlight()
         self._mut_lock = threading.Lock()
         self._mut_seq = [0] * _STRIPES
@@ -320,7 +321,8 @@ class Chain:
         ``start`` when ``m`` is set; not a miss but an error, already counted, when
         ``first_failed``). Return ``(value or MISSING, layer index or -1)``, backfilling
         on a hit."""
-        _check_key(key)
+        if type(key) is not str:
+            _check_key(key)
         if self._closed:
             raise ChainClosedError("the chain is closed")
         if m is not None and not first_failed:
@@ -329,7 +331,12 @@ class Chain:
         seq = self._mut_seq[stripe]
         # Read after the counter: a write the writers still hold (a write-behind set or
         # delete that has returned) has not reached the layers below yet.
-        busy = self._mut_active[stripe] or self._held([key])
+        busy = self._mut_active[stripe]
+        if not busy:
+            for writer in self._remote_writers:
+                if writer.holds(key):
+                    busy = 1
+                    break
         layers = self._layers
         for index in range(1, len(layers)):
             layer = layers[index]
@@ -356,7 +363,15 @@ class Chain:
             if self._mut_seq[stripe] != seq or self._mut_active[stripe]:
                 return
             for upper in range(index):
-                self._write_one(upper, key, value, ttl, backfill=True)
+                if upper or self._m is not None:
+                    self._write_one(upper, key, value, ttl, backfill=True)
+                    continue
+                # The first layer has no writer; without metrics to record, write it
+                # directly (what _write_one would do, minus two calls: the L2-hit path).
+                try:
+                    self._l1.set(key, value, ttl)
+                except Exception as exc:
+                    self._layer_failed(0, "set", exc)
 
     def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
         """Return the cached values of ``keys`` as a dict; keys no layer has are absent.

@@ -334,6 +334,11 @@ class AsyncWriter:
             return _NOTHING
         return frozenset(key for key in keys if key in pending or key in inflight)
 
+    def holds(self, key: str) -> bool:
+        """Whether ``key`` has an operation queued or being written: :meth:`holding`
+        for one key, as cheap as two dict lookups (lock-free; same ordering argument)."""
+        return key in self._pending or key in self._inflight
+
     def settle(self, key: str, timeout: float) -> bool:
         """Make way for a synchronous write of ``key``: cancel its queued set and wait
         until no worker is writing it (at most ``timeout`` seconds).

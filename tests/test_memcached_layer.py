@@ -45,6 +45,7 @@ from cachechain.errors import (
     PoolExhaustedError,
     trips_breaker,
 )
+from cachechain.layers import _sockets, _wire
 from cachechain.layers.base import MISSING
 from cachechain.layers.memcached import (
     MemcachedLayer,
@@ -749,9 +750,46 @@ def test_black_hole_times_out(fault_server: Any) -> None:
         lay.get("k")
     assert time.monotonic() - start < 1.0
     assert info.value.layer == "L2"
-    assert isinstance(info.value.__cause__, TimeoutError)
+    # On Linux the kernel enforces the timeout (EAGAIN); elsewhere Python's poll does.
+    expected = BlockingIOError if _sockets.SUPPORTED else TimeoutError
+    assert isinstance(info.value.__cause__, expected)
     assert isinstance(info.value, TimeoutError)
     assert lay.stats().connections_open == 0  # the client was discarded
+
+
+def test_a_write_that_cannot_progress_times_out(fault_server: Any) -> None:
+    # Nobody reads: 16 MB fill the socket buffers and sendall stalls.
+    lay = MemcachedLayer(
+        servers=fault_server("blackhole").address, timeout=0.1, max_value_size=32_000_000
+    )
+    start = time.monotonic()
+    with pytest.raises(LayerTimeoutError):
+        lay.set("k", "x" * 16_000_000)
+    assert time.monotonic() - start < 2.0
+    assert lay.stats().connections_open == 0
+
+
+@pytest.mark.parametrize(
+    ("seconds", "expected"),
+    [(0.25, (0, 250_000)), (2.5, (2, 500_000)), (1e-9, (0, 1)), (3.0000001, (3, 1))],
+)
+def test_timeval_rounds_up_to_a_microsecond(seconds: float, expected: tuple[int, int]) -> None:
+    assert struct.unpack("@ll", _sockets.timeval(seconds)) == expected
+
+
+def test_pooled_connections_carry_the_read_write_timeout(memcached: MemcachedProcess) -> None:
+    lay = MemcachedLayer(servers=memcached.address, timeout=0.3)
+    lay.set("k", 1)
+    (client,) = lay._nodes[0].idle
+    sock = client.sock
+    if not _sockets.SUPPORTED:  # Python's own timeout
+        assert sock.gettimeout() == 0.3
+    else:
+        assert sock.gettimeout() is None  # blocking: no poll() before each recv and send
+        for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+            raw = sock.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("@ll"))
+            assert struct.unpack("@ll", raw) == (0, 300_000)
+    assert lay.get("k") == 1
 
 
 def test_connect_timeout_bounds_connecting() -> None:
@@ -953,23 +991,26 @@ class SpyCondition(threading.Condition):
         return super().wait(timeout)
 
 
-def blocking_client_class(entered: threading.Event, release: threading.Event) -> type[Client]:
-    class BlockingClient(Client):  # type: ignore[misc]
-        block = True
+def block_first_get(
+    monkeypatch: pytest.MonkeyPatch, entered: threading.Event, release: threading.Event
+) -> None:
+    """Make the layer's next single-key read hold its pooled client until ``release``."""
+    original = _wire.get
+    block = [True]
 
-        def get(self, key: bytes, default: Any = None) -> Any:
-            if BlockingClient.block:
-                BlockingClient.block = False
-                entered.set()
-                assert release.wait(10)
-            return super().get(key, default)
+    def get(client: Client, key: bytes) -> bytes | None:
+        if block[0]:
+            block[0] = False
+            entered.set()
+            assert release.wait(10)
+        return original(client, key)
 
-    return BlockingClient
+    monkeypatch.setattr(_wire, "get", get)
 
 
 def test_pool_exhausted_error(memcached: MemcachedProcess, monkeypatch: Any) -> None:
     entered, release = threading.Event(), threading.Event()
-    monkeypatch.setattr(mcmod, "Client", blocking_client_class(entered, release))
+    block_first_get(monkeypatch, entered, release)
     lay = make_layer(memcached, pool_size=1, pool_timeout=0.02)
     lay.set("k", "v")
     results: list[Any] = []
@@ -994,7 +1035,7 @@ def test_pool_exhausted_error(memcached: MemcachedProcess, monkeypatch: Any) -> 
 
 def test_waiter_gets_the_released_client(memcached: MemcachedProcess, monkeypatch: Any) -> None:
     entered, release = threading.Event(), threading.Event()
-    monkeypatch.setattr(mcmod, "Client", blocking_client_class(entered, release))
+    block_first_get(monkeypatch, entered, release)
     lay = make_layer(memcached, pool_size=1, pool_timeout=10)
     lay.set("k", "v")
     cond = SpyCondition()
@@ -1211,7 +1252,7 @@ def test_only_one_caller_probes_a_node(
     lay._mark(b_node, down=True)  # as after a failure
     mono.advance(5.0)
     entered, release = threading.Event(), threading.Event()
-    monkeypatch.setattr(mcmod, "Client", blocking_client_class(entered, release))
+    block_first_get(monkeypatch, entered, release)
     drop_pooled_clients(lay)
     results: list[Any] = []
     prober = threading.Thread(target=lambda: results.append(lay.get(b_key)))
@@ -1284,7 +1325,7 @@ def test_closed_layer_refuses_every_call(memcached: MemcachedProcess) -> None:
 
 def test_close_during_calls(memcached: MemcachedProcess, monkeypatch: Any) -> None:
     entered, release = threading.Event(), threading.Event()
-    monkeypatch.setattr(mcmod, "Client", blocking_client_class(entered, release))
+    block_first_get(monkeypatch, entered, release)
     lay = make_layer(memcached, pool_size=1, pool_timeout=10)
     lay.set("k", "v")
     cond = SpyCondition()

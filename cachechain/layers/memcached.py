@@ -4,7 +4,8 @@ Design, and why:
 
 - Connections: plain ``pymemcache.client.base.Client`` objects, with no serde (values
   are bytes), ``default_noreply=False`` (a write returns only once memcached answered),
-  ``no_delay=True`` and both timeouts set (pymemcache's defaults are "forever"). Each
+  ``no_delay=True`` and both timeouts set (pymemcache's defaults are "forever"; on
+  Linux the read/write timeout is the kernel's, see :mod:`._sockets`). Each
   node has its own thread-safe pool of at most ``pool_size`` clients, created lazily;
   a caller waits at most ``pool_timeout`` seconds for a free one, then gets
   :class:`~cachechain.errors.PoolExhaustedError`. pymemcache's ``PooledClient`` raises
@@ -61,6 +62,7 @@ from ..errors import (
     LayerUnavailableError,
     PoolExhaustedError,
 )
+from . import _sockets, _wire
 from .base import MISSING, BaseLayer
 
 log = logging.getLogger("cachechain.memcached")
@@ -348,6 +350,12 @@ class MemcachedLayer(BaseLayer):
         self._codec = codec
         self._connect_timeout = _check_seconds(connect_timeout, "connect_timeout")
         self._timeout = _check_seconds(timeout, "timeout")
+        # Read/write timeouts enforced by the kernel where possible: see _sockets.
+        self._client_options: dict[str, Any] = (
+            {"timeout": None, "socket_module": _sockets.timed_socket_module(self._timeout)}
+            if _sockets.SUPPORTED
+            else {"timeout": self._timeout}
+        )
         self._pool_size = _check_int(pool_size, "pool_size")
         self._pool_timeout = _check_seconds(pool_timeout, "pool_timeout", allow_zero=True)
         self._dead_timeout = _check_seconds(dead_timeout, "dead_timeout")
@@ -428,18 +436,12 @@ class MemcachedLayer(BaseLayer):
         if self._closed:
             raise ChainClosedError(f"memcached layer {self.name!r} is closed")
 
-    def _acquire(self, node: _Node) -> Any:
-        try:
-            return node.idle.pop()  # the common case: no lock
-        except IndexError:
-            return self._acquire_slow(node)
-
     def _acquire_slow(self, node: _Node) -> Any:
         """Wait for an idle client or room for a new one, at most ``pool_timeout`` s."""
         cond = node.cond
         deadline: float | None = None
         with cond:
-            node.waiting += 1  # before looking at idle again: see _release
+            node.waiting += 1  # before looking at idle again: see _returned
             try:
                 while True:
                     if self._closed:
@@ -453,8 +455,8 @@ class MemcachedLayer(BaseLayer):
                             (node.host, node.port),
                             default_noreply=False,
                             connect_timeout=self._connect_timeout,
-                            timeout=self._timeout,
                             no_delay=True,
+                            **self._client_options,
                         )
                         node.clients.add(client)
                         return client
@@ -474,21 +476,23 @@ class MemcachedLayer(BaseLayer):
             layer=self.name,
         )
 
-    def _release(self, node: _Node, client: Any, *, healthy: bool) -> None:
-        if healthy and not self._closed:
-            # A waiter counts itself under the lock before it looks at idle again, so
-            # either it sees this client or we see it waiting and wake it.
-            node.idle.append(client)
-            if self._closed:  # close() ran since the check and missed this client
-                self._drop_idle(node)
-            elif node.waiting:
-                with node.cond:
-                    node.cond.notify()
-            return
+    def _discard(self, node: _Node, client: Any) -> None:
+        """Drop a client whose call failed (its stream is at an unknown point)."""
         with node.cond:
             node.clients.discard(client)
             node.cond.notify()
         _close_quietly(client)
+
+    def _returned(self, node: _Node) -> None:
+        """After a healthy client went back to ``node.idle`` with ``close()`` run or a
+        caller waiting: close it, or wake the waiter. A waiter counts itself under the
+        lock before it looks at idle again, so either it sees the client or the releaser
+        sees it waiting."""
+        if self._closed:  # close() ran meanwhile and may have missed this client
+            self._drop_idle(node)
+        elif node.waiting:
+            with node.cond:
+                node.cond.notify()
 
     def _check_node_up(self, node: _Node) -> None:
         """In a cluster, raise NodeDownError for a node marked down, or let one caller
@@ -521,6 +525,11 @@ class MemcachedLayer(BaseLayer):
         where = f"memcached {node.node_id}"
         if isinstance(exc, TimeoutError):  # socket.timeout is TimeoutError
             return LayerTimeoutError(f"{where} timed out: {exc!r}", layer=self.name)
+        if isinstance(exc, BlockingIOError):  # a kernel timeout (see _sockets)
+            return LayerTimeoutError(
+                f"{where} timed out: no progress within {self._timeout}s ({exc!r})",
+                layer=self.name,
+            )
         if isinstance(exc, MemcacheUnexpectedCloseError):
             return LayerUnavailableError(f"{where} closed the connection", layer=self.name)
         if isinstance(exc, MemcacheServerError) and b"too large" in _as_bytes(exc):
@@ -534,9 +543,10 @@ class MemcachedLayer(BaseLayer):
         # A reply pymemcache could not parse (ValueError, KeyError...): protocol error.
         return LayerError(f"{where} sent an unexpected reply: {exc!r}", layer=self.name)
 
-    def _call(self, node: _Node, op: str, *args: Any) -> Any:
-        """Run the client method named ``op`` with ``args`` on a pooled client of
-        ``node``, mapping failures.
+    def _call(self, node: _Node, op: str | Callable[..., Any], *args: Any) -> Any:
+        """Run the client method named ``op`` with ``args`` (or ``op(client, *args)``
+        for a function such as :func:`._wire.get`) on a pooled client of ``node``,
+        mapping failures.
 
         Every operation is idempotent, so when a connection that was already open
         turns out to be dead (the server restarted since it was last used), the node's
@@ -544,26 +554,34 @@ class MemcachedLayer(BaseLayer):
         """
         if self._cluster:
             self._check_node_up(node)
-        return self._attempt(node, op, args, retry=True)
+        return self._attempt(node, op, args, True)
 
-    def _attempt(self, node: _Node, op: str, args: tuple[Any, ...], *, retry: bool) -> Any:
-        client = self._acquire(node)
-        reused = getattr(client, "sock", None) is not None
+    def _attempt(
+        self, node: _Node, op: str | Callable[..., Any], args: tuple[Any, ...], retry: bool
+    ) -> Any:
+        # Kept flat (no helper calls on success): this is every L2 read's path.
         try:
-            result = getattr(client, op)(*args)
+            client = node.idle.pop()  # the common case: no lock
+        except IndexError:
+            client = self._acquire_slow(node)
+        reused = client.sock is not None
+        try:
+            result = getattr(client, op)(*args) if isinstance(op, str) else op(client, *args)
         except Exception as exc:
-            self._release(node, client, healthy=False)
+            self._discard(node, client)
             if retry and reused and isinstance(exc, _STALE_CONNECTION):
                 self._drop_idle(node)
-                return self._attempt(node, op, args, retry=False)
+                return self._attempt(node, op, args, False)
             error = self._translate(exc, node)
             if self._cluster:
                 self._mark(node, down=isinstance(error, (LayerTimeoutError, LayerUnavailableError)))
             raise error from exc
         except BaseException:
-            self._release(node, client, healthy=False)
+            self._discard(node, client)
             raise
-        self._release(node, client, healthy=True)
+        node.idle.append(client)
+        if self._closed or node.waiting:
+            self._returned(node)
         if self._cluster:
             self._mark(node, down=False)
         return result
@@ -607,7 +625,7 @@ class MemcachedLayer(BaseLayer):
         if self._closed:
             self._check_open()
         mkey = _map_key(key, self._prefix)
-        data = self._call(self._node_for(mkey), "get", mkey)
+        data = self._call(self._node_for(mkey), _wire.get, mkey)
         if data is None:
             return MISSING, None
         return self._decode(data, self._clock())
