@@ -133,3 +133,42 @@ def test_concurrent_writers_and_readers_keep_it_bounded_and_consistent() -> None
     assert bad == []
     assert len(layer) <= 50
     assert layer.stats().evictions > 0
+
+
+class EvictingLock:
+    """A lock that, when taken, first lets another "thread" remove ``key``: the race
+    between a read's lock-free membership test and its locked read, made certain."""
+
+    def __init__(self, layer: MemoryLayer, key: str) -> None:
+        self.layer, self.key, self.lock, self.armed = layer, key, threading.Lock(), True
+
+    def __enter__(self) -> None:
+        if self.armed:
+            self.armed = False
+            self.layer.delete(self.key)  # takes this lock, disarmed, and releases it
+        self.lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
+
+
+@pytest.mark.parametrize("read", ["get", "get_with_ttl"])
+def test_a_key_evicted_between_the_membership_test_and_the_read_is_a_miss(read: str) -> None:
+    layer = MemoryLayer(maxsize=4)
+    layer.set("k", "v", ttl=60)
+    real_lock = layer._lock
+    racing = EvictingLock(layer, "k")
+    racing.lock = real_lock
+    layer._lock = racing  # type: ignore[assignment]
+    result = getattr(layer, read)("k")
+    assert result == (MISSING if read == "get" else (MISSING, None))
+    assert not racing.armed  # the race did happen
+    layer._lock = real_lock
+    assert layer.get("k") is MISSING and len(layer) == 0
+
+
+def test_a_miss_reads_nothing_under_the_lock() -> None:
+    layer = MemoryLayer(maxsize=4)
+    layer._lock = None  # type: ignore[assignment]  # taking it would raise
+    assert layer.get("absent") is MISSING
+    assert layer.get_with_ttl("absent") == (MISSING, None)

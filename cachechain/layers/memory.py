@@ -27,8 +27,11 @@ __all__ = ["MemoryLayer", "MemoryLayerStats"]
 _Item = tuple[Any, "float | None"]
 
 
-#: What the store returns for an absent key (cachetools' ``__missing__`` hook): a
-#: miss then costs no exception, which is twice as fast.
+#: What the store returns for an absent key (cachetools' ``__missing__`` hook), which
+#: reads meet only when a key is evicted between their lock-free ``key in data`` test
+#: and their locked read. The test comes first because a miss through ``data[key]``
+#: costs two caught exceptions inside cachetools 8 (~800 ns against ~100 ns), for
+#: ~70 ns more on a hit.
 _ABSENT: Any = (MISSING, None)
 
 
@@ -42,7 +45,7 @@ class _CountingLRU(LRUCache[str, _Item]):
         return _ABSENT  # type: ignore[no-any-return]
 
     def popitem(self) -> tuple[str, _Item]:
-        item = super().popitem()
+        item = LRUCache.popitem(self)
         self.evictions += 1
         return item
 
@@ -94,8 +97,11 @@ class MemoryLayer(BaseLayer):
 
     def get(self, key: str) -> Any:
         """Return the value under ``key``, or :data:`~cachechain.layers.MISSING`."""
+        data = self._data
+        if key not in data:  # lock-free, and see _CountingLRU: a miss raises nothing
+            return MISSING
         with self._lock:
-            item = self._data[key]
+            item = data[key]  # _ABSENT if evicted since
         expires = item[1]
         if expires is not None and expires <= self._clock():
             self._drop_if_same(key, item)
@@ -104,8 +110,11 @@ class MemoryLayer(BaseLayer):
 
     def get_with_ttl(self, key: str) -> tuple[Any, float | None]:
         """Return ``(value, remaining_seconds)`` or ``(MISSING, None)``."""
+        data = self._data
+        if key not in data:
+            return MISSING, None
         with self._lock:
-            item = self._data[key]
+            item = data[key]  # _ABSENT if evicted since
         expires = item[1]
         if expires is None:
             return item[0], None
@@ -121,9 +130,8 @@ class MemoryLayer(BaseLayer):
         items: list[tuple[str, _Item]] = []
         with self._lock:
             for key in keys:
-                item = data[key]
-                if item is not _ABSENT:
-                    items.append((key, item))
+                if key in data:
+                    items.append((key, data[key]))
         now = self._clock()
         found: dict[str, tuple[Any, float | None]] = {}
         for key, item in items:
