@@ -23,7 +23,7 @@ def test_benchmarks_quick_run_completes_with_honest_rows(tmp_path: Path) -> None
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(out.read_text())
     sections = report["sections"]
-    assert len(sections) == 7
+    assert len(sections) == 8
     for section in sections:
         assert section["error"] in (None, ""), (section["id"], section["error"])
         assert all(check["ok"] for check in section["checks"]), section["id"]

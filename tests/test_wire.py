@@ -171,6 +171,11 @@ def test_any_split_of_a_reply_reads_the_same(reply: bytes, expected: bytes | Non
         (b"END\r\nEND\r\n", MemcacheUnknownError, "miss of"),
         (b"VALUE k 0 3\r\nabc\r\nXYZ\r\n", MemcacheUnknownError, "not followed by END"),
         (b"x" * 5000, MemcacheUnknownError, "too long"),
+        (  # a value larger than one read, with a bad trailer
+            b"VALUE k 0 70000\r\n" + b"x" * 70000 + b"\r\nXYZ\r\n",
+            MemcacheUnknownError,
+            "not followed by END",
+        ),
         (b"", MemcacheUnexpectedCloseError, None),
         (b"VALU", MemcacheUnexpectedCloseError, None),
         (b"VALUE k 0 3\r\nab", MemcacheUnexpectedCloseError, None),
