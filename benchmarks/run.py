@@ -426,35 +426,49 @@ def bench_l2_hit(ctx: Ctx) -> Section:
     return _l2_hit(ctx, sec)
 
 
-@contextmanager
-def _pinned_to_one_cpu(pid: int) -> Iterator[int]:
-    """Run this thread and every thread of process ``pid`` on one CPU (the last this
-    thread may use), restoring their CPU sets afterwards. Yields the CPU."""
+def _pin_to_one_cpu(pid: int) -> tuple[int, dict[int, set[int]]]:
+    """Put this thread and every thread of process ``pid`` on one CPU (the last this
+    thread may use). Returns the CPU and the CPU sets to restore with _restore_cpus.
+    Raises OSError where affinity cannot be set."""
     tasks = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
     saved = {0: os.sched_getaffinity(0), **{t: os.sched_getaffinity(t) for t in tasks}}
     cpu = max(saved[0])
     try:
         for task in saved:
-            os.sched_setaffinity(task, {cpu})
-        yield cpu
-    finally:
-        for task, cpus in saved.items():
-            with suppress(OSError):  # memcached has gone: nothing to restore
-                os.sched_setaffinity(task, cpus)
+            with suppress(ProcessLookupError):  # a memcached thread that has ended
+                os.sched_setaffinity(task, {cpu})
+    except OSError:
+        _restore_cpus(saved)
+        raise
+    return cpu, saved
+
+
+def _restore_cpus(saved: dict[int, set[int]]) -> None:
+    for task, cpus in saved.items():
+        with suppress(OSError):  # that thread has gone: nothing to restore
+            os.sched_setaffinity(task, cpus)
 
 
 def bench_l2_hit_pinned(ctx: Ctx) -> Section:
     sec = Section("l2_hit_pinned", "2b. L2 hit, the benchmark and memcached pinned to one CPU")
     if ctx.server_pid is None or not hasattr(os, "sched_setaffinity"):
-        raise RuntimeError("needs Linux CPU affinity and the benchmark's own memcached")
+        sec.notes.append("skipped: needs Linux CPU affinity and the suite's own memcached")
+        return sec
     sec.notes.append(
         "Section 2 again, with this thread and memcached's threads on one CPU: no "
         "wake-up of another CPU per round trip, so the round trip is short and steady "
         "(~22 us here against 60-100 us unpinned) and the chain's own cost weighs most."
     )
-    with _pinned_to_one_cpu(ctx.server_pid) as cpu:
+    try:
+        cpu, saved = _pin_to_one_cpu(ctx.server_pid)
+    except OSError as exc:  # a sandbox that forbids it
+        sec.notes.append(f"skipped: cannot pin to one CPU ({exc})")
+        return sec
+    try:
         sec.notes.append(f"pinned to CPU {cpu}")
         return _l2_hit(ctx, sec)
+    finally:
+        _restore_cpus(saved)
 
 
 def _l2_hit(ctx: Ctx, sec: Section) -> Section:

@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, Mapping, Sequence
 from typing import Any, ParamSpec, TypeVar, cast
 
 from . import _fork
@@ -198,7 +198,7 @@ class Chain:
         self._l1 = self._layers[0]
         self._l1_name = self._names[0]
         self._l1_get: Callable[[str], Any] = self._l1.get
-        self._remote_writers = tuple(w for w in self._writers if w is not None)
+        self._remote_writers = tuple((i, w) for i, w in enumerate(self._writers) if w is not None)
         self._flight: SingleFlight[Any] = SingleFlight()
         self._mut_lock = threading.Lock()
         self._mut_seq = [0] * _STRIPES
@@ -330,15 +330,21 @@ class Chain:
         stripe = hash(key) & (_STRIPES - 1)
         seq = self._mut_seq[stripe]
         # Read after the counter: a write the writers still hold (a write-behind set or
-        # delete that has returned) has not reached the layers below yet.
+        # delete that has returned, or a repair delete) has not reached its layer yet,
+        # so that layer's value of the key may be older: it is neither read nor copied.
         busy = self._mut_active[stripe]
-        if not busy:
-            for writer in self._remote_writers:
-                if writer.holds(key):
-                    busy = 1
-                    break
+        skip: list[int] | None = None
+        for at, writer in self._remote_writers:
+            if writer.holds(key):
+                busy = 1
+                if skip is None:
+                    skip = [at]
+                else:
+                    skip.append(at)
         layers = self._layers
         for index in range(1, len(layers)):
+            if skip is not None and index in skip:
+                continue
             layer = layers[index]
             t0 = _perf() if m is not None else 0.0
             try:
@@ -399,23 +405,29 @@ class Chain:
             if index == 1:  # what the first layer missed: see _lookup
                 for key in self._held(remaining):
                     snapshot[key] = (*snapshot[key][:2], 1)
+            ask = remaining
+            writer = self._writers[index]
+            if writer is not None:  # keys it holds are not read there (see _lookup)
+                held = writer.holding(remaining)
+                if held:
+                    ask = [k for k in remaining if k not in held]
+                    if not ask:
+                        continue
             t0 = _perf() if m is not None else 0.0
             try:
-                asked = set(remaining)
+                asked = set(ask)
                 # Only what was asked, as (value, ttl) pairs: a layer that answers
                 # otherwise has failed, like one that raised.
                 hits = {
-                    k: (v, t)
-                    for k, (v, t) in layer.get_many_with_ttl(remaining).items()
-                    if k in asked
+                    k: (v, t) for k, (v, t) in layer.get_many_with_ttl(ask).items() if k in asked
                 }
             except Exception as exc:
                 self._layer_failed(index, "get_many", exc)
                 continue
             if m is not None:
                 elapsed = _perf() - t0
-                for key in remaining:
-                    m.record_get(layer.name, key in hits, elapsed / len(remaining))
+                for key in ask:
+                    m.record_get(layer.name, key in hits, elapsed / len(ask))
             if not hits:
                 continue
             for key, (value, ttl) in hits.items():
@@ -557,8 +569,10 @@ class Chain:
         Lower layers are written first, synchronously, or queued where the layer is
         write-behind. Returns True when every layer took the value (a queued write
         counts), False when some layer failed or refused it (counted, logged once). A
-        queued write that the writer drops (its queue full) is replaced by a queued
-        delete of the key, so no older value of it stays in that layer.
+        lower layer that did not take the value (it failed, refused it, or its writer
+        dropped it for a full queue) gets a delete of the key instead, retried until it
+        lands, so no older value of it stays there; meanwhile this chain does not read
+        the key from that layer.
         Raises :class:`~cachechain.errors.InvalidKeyError` for a non-``str`` key.
         """
         _check_key(key)
@@ -593,7 +607,10 @@ class Chain:
                         ok = False
                 if batch:
                     layer = self._layers[index]
-                    ok = self._sync_call(index, "set_many", layer.set_many, batch, ttl) and ok
+                    ok = (
+                        self._sync_call(index, "set_many", layer.set_many, batch, ttl, keys=batch)
+                        and ok
+                    )
         finally:
             with self._mut_lock:
                 for stripe in stripes:
@@ -608,9 +625,11 @@ class Chain:
         for a write-behind layer, through its ordered queue, which never drops a
         delete for lack of room).
 
-        Returns False when some layer could not be reached (down, or its breaker
-        open): that is counted and logged once, not retried later. Raises
-        :class:`~cachechain.errors.InvalidKeyError` for a non-``str`` key.
+        Returns True when every layer took the delete or has it queued (a queued delete
+        is never dropped), False when some layer could not be reached (down, or its
+        breaker open): that is counted and logged once, and the layer's writer retries
+        the delete until it lands; meanwhile this chain does not read the key from that
+        layer. Raises :class:`~cachechain.errors.InvalidKeyError` for a non-``str`` key.
         """
         _check_key(key)
         stripe = self._begin_mutation(key)
@@ -642,7 +661,10 @@ class Chain:
                         ok = False
                 if batch:
                     layer = self._layers[index]
-                    ok = self._sync_call(index, "delete_many", layer.delete_many, batch) and ok
+                    ok = (
+                        self._sync_call(index, "delete_many", layer.delete_many, batch, keys=batch)
+                        and ok
+                    )
         finally:
             with self._mut_lock:
                 for stripe in stripes:
@@ -698,7 +720,7 @@ class Chain:
                     return self._queue_set(writer, index, key, value, ttl)
             except ChainClosedError:  # the chain is being closed by another thread
                 return False
-        return self._sync_call(index, "set", self._layers[index].set, key, value, ttl)
+        return self._sync_call(index, "set", self._layers[index].set, key, value, ttl, keys=(key,))
 
     def _queue_set(
         self, writer: AsyncWriter, index: int, key: str, value: Any, ttl: float | None
@@ -721,7 +743,7 @@ class Chain:
                     return True
             except ChainClosedError:
                 return False
-        return self._sync_call(index, "delete", self._layers[index].delete, key)
+        return self._sync_call(index, "delete", self._layers[index].delete, key, keys=(key,))
 
     def _write_one_queued(self, index: int, key: str, value: Any, ttl: float | None) -> bool | None:
         """For a batch: queue the write of ``key`` if it must go through the writer
@@ -752,8 +774,18 @@ class Chain:
             return False
         return None
 
-    def _sync_call(self, index: int, operation: str, fn: Callable[..., Any], *args: Any) -> bool:
-        """Run one synchronous write operation on a layer, timing and counting it."""
+    def _sync_call(
+        self,
+        index: int,
+        operation: str,
+        fn: Callable[..., Any],
+        *args: Any,
+        keys: Collection[str] = (),
+    ) -> bool:
+        """Run one synchronous write operation on a layer, timing and counting it.
+
+        ``keys`` are the keys it writes: those the layer did not take (the call raised,
+        or set_many returned them) get a repair delete (see :meth:`_repair`)."""
         m = self._m
         t0 = _perf() if m is not None else 0.0
         try:
@@ -761,12 +793,29 @@ class Chain:
         except Exception as exc:
             self._layer_failed(index, operation, exc)
             ok = False
+            self._repair(index, keys)
         else:
             ok = not rejected  # set_many returns the keys it could not store
+            if rejected and keys:
+                self._repair(index, rejected)
         if m is not None:
             record = m.record_delete if operation.startswith("delete") else m.record_set
             record(self._names[index], ok, _perf() - t0)
         return ok
+
+    def _repair(self, index: int, keys: Iterable[str]) -> None:
+        """Layer ``index`` missed a write of ``keys``, so it may keep older values of
+        them: have its writer delete them, retried until the deletes land. The writer
+        holds the keys meanwhile, so reads neither serve nor copy up that layer's value
+        (see :meth:`_lookup`). The first layer has no writer: nothing to repair."""
+        writer = self._writers[index]
+        if writer is None:
+            return
+        try:
+            for key in keys:
+                writer.delete(key)
+        except ChainClosedError:  # closing: the writer counts what it could not do
+            pass
 
     # -- failures and metrics ---------------------------------------------------------
     def _layer_failed(self, index: int, operation: str, exc: Exception) -> None:
@@ -811,8 +860,10 @@ class Chain:
 
     # -- lifecycle --------------------------------------------------------------------
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every async writer has written what it holds (``timeout`` seconds
-        in all, ``None``: no limit). Return True if they all got there in time."""
+        """Make every async writer write what it holds now, repair deletes included
+        (``timeout`` seconds in all, ``None``: no limit). Return True if they all got
+        there in time and no lower layer is left awaiting a repair (see
+        :meth:`AsyncWriter.flush <cachechain.writer.AsyncWriter.flush>`)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         done = True
         for writer in self._writers:

@@ -17,8 +17,14 @@ value. The writer keeps its own bounded queue rather than one executor task per 
   ``idle_timeout`` seconds without work. Under load an enqueue is a dict insert under a
   lock, far cheaper than ``ThreadPoolExecutor.submit``;
 - a write that raises is counted and logged (at WARNING once per exception type per
-  writer, then at DEBUG) and the worker carries on; a write refused by an open circuit
+  writer, then at DEBUG) and the worker carries on; a set refused by an open circuit
   breaker (:class:`~cachechain.errors.CircuitOpenError`) is counted as dropped;
+- a layer that missed a write may keep an older value of the key, so a write that fails
+  or is refused (unless its value was refused as invalid: the layer then deletes the
+  key itself) leaves a *repair*: a delete of the key, retried with a backoff from
+  ``retry_delay`` to ``max_retry_delay`` seconds until it lands. Until then the key is
+  held (:meth:`AsyncWriter.holds`), so a chain neither serves nor copies up the layer's
+  value of it. A newer set or delete of the key replaces its repair;
 - :meth:`AsyncWriter.close` stops intake and drains within one deadline; at interpreter
   exit without ``close`` every live writer is drained for at most
   :attr:`AsyncWriter.exit_timeout` seconds, before ``concurrent.futures`` joins its
@@ -79,7 +85,9 @@ class WriterStats:
     - ``written`` / ``failed``: writes that the layer accepted / that raised;
     - ``coalesced``: operations that replaced a queued operation of the same key;
     - ``dropped``: operations never written, the sum of ``dropped_by_reason``, a dict
-      with every reason of :data:`DROP_REASONS` as a key.
+      with every reason of :data:`DROP_REASONS` as a key;
+    - ``repairing``: keys whose repair delete waits to be retried (see the module
+      docstring): the layer may hold an older value of each.
 
     Counters start at zero when the writer is created (and again in a forked child).
     """
@@ -92,6 +100,7 @@ class WriterStats:
     coalesced: int
     dropped: int
     dropped_by_reason: dict[str, int]
+    repairing: int = 0
 
 
 def _check_seconds(value: object, field: str, *, allow_zero: bool = True) -> float:
@@ -138,8 +147,10 @@ class AsyncWriter:
     long (seconds) an idle worker waits for work before its task ends. ``executor`` is a
     thread pool to run the workers on; by default the writer creates its own (named
     ``cachechain-writer-<layer name>``) when first needed and shuts it down on
-    :meth:`close`; a given executor is never shut down by the writer. ``clock`` returns
-    monotonic seconds; it times deadlines and write durations and exists for tests.
+    :meth:`close`; a given executor is never shut down by the writer. ``retry_delay``
+    and ``max_retry_delay`` (seconds) bound the backoff between rounds of repair
+    deletes (see the module docstring). ``clock`` returns monotonic seconds; it times
+    deadlines, backoffs and write durations and exists for tests.
 
     All methods are thread-safe. Raises :class:`~cachechain.errors.ConfigError` naming
     the field for an invalid argument.
@@ -160,6 +171,8 @@ class AsyncWriter:
         max_wait: float = 0.0,
         workers: int = 1,
         idle_timeout: float = 1.0,
+        retry_delay: float = 0.05,
+        max_retry_delay: float = 2.0,
         executor: ThreadPoolExecutor | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -174,6 +187,13 @@ class AsyncWriter:
         self._max_wait = _check_seconds(max_wait, "max_wait")
         self._workers = _check_count(workers, "workers")
         self._idle_timeout = _check_seconds(idle_timeout, "idle_timeout", allow_zero=False)
+        self._min_retry = _check_seconds(retry_delay, "retry_delay", allow_zero=False)
+        self._max_retry = _check_seconds(max_retry_delay, "max_retry_delay", allow_zero=False)
+        if self._max_retry < self._min_retry:
+            raise ConfigError(
+                f"max_retry_delay must be >= retry_delay ({self._min_retry}), "
+                f"got {max_retry_delay!r}"
+            )
         if executor is not None and not isinstance(executor, ThreadPoolExecutor):
             raise ConfigError(f"executor must be a ThreadPoolExecutor or None, got {executor!r}")
         if not callable(clock):
@@ -206,6 +226,14 @@ class AsyncWriter:
         self._settlers = 0
         self._pending: OrderedDict[str, _Op] = OrderedDict()
         self._inflight: set[str] = set()
+        #: Keys whose repair delete waits for the next retry round (see the docstring).
+        self._retry: dict[str, None] = {}
+        self._retry_at = 0.0  # clock seconds: when the next round may start
+        self._retry_delay = self._min_retry  # the wait after the next failure
+        #: Every key in _pending, _inflight or _retry: added before a key enters one of
+        #: them, removed after it has left all three (lock held), so holds() is one
+        #: lock-free lookup that never misses a key moving between them.
+        self._held: set[str] = set()
         self._running = 0
         self._idle_workers = 0
         self._room_waiters = 0
@@ -258,11 +286,13 @@ class AsyncWriter:
                 pending[key] = op
                 self._count_coalesced()
                 return True
+            self._held.add(key)  # before it is queued (see _held); undone if dropped
             if len(pending) >= self._queue_size:
                 wait = self._max_wait if max_wait is None else max_wait
                 reason = self._wait_for_room(key, wait)
                 if reason is not None:
                     self._count_drop(reason)
+                    self._release(key)
                     events = self._take_events()
                 elif key in pending:
                     pending[key] = op
@@ -275,6 +305,8 @@ class AsyncWriter:
             else:
                 reason = None
                 pending[key] = op
+            if reason is None:
+                self._retry.pop(key, None)  # this set replaces the key's repair
             executor = None if reason is not None else self._wake_worker()
         if reason is not None:
             self._deliver(events)
@@ -298,7 +330,9 @@ class AsyncWriter:
                 pending[key] = _DELETE_OP
                 self._count_coalesced()
                 return
+            self._held.add(key)
             pending[key] = _DELETE_OP
+            self._retry.pop(key, None)  # tried now rather than at the next round
             executor = self._wake_worker()
         if executor is not None:
             self._submit(executor)
@@ -315,6 +349,7 @@ class AsyncWriter:
             if op is None or op[0] is not _SET:
                 return False
             del self._pending[key]
+            self._release(key)
             if self._room_waiters:
                 self._room.notify()
             if not self._pending and not self._inflight:
@@ -322,22 +357,22 @@ class AsyncWriter:
             return True
 
     def holding(self, keys: Iterable[str]) -> frozenset[str]:
-        """Return those of ``keys`` that have an operation queued or being written.
+        """Return those of ``keys`` that have an operation queued, being written, or a
+        repair delete waiting to be retried.
 
         Such a key's value in the layer may be older than the chain's: a chain reading
-        it must not copy it into the layers above. Lock-free (it runs on every L1 miss):
-        a worker adds a key to the in-flight set before it removes it from the queue,
-        and this looks at the queue first, so a key being handed over is never missed.
+        it must neither serve it nor copy it into the layers above. Lock-free (it runs
+        on every L1 miss): a key joins the held set before it enters the queue, and
+        leaves it only once it is neither queued, in flight nor awaiting a retry.
         """
-        pending, inflight = self._pending, self._inflight
-        if not pending and not inflight:
+        held = self._held
+        if not held:
             return _NOTHING
-        return frozenset(key for key in keys if key in pending or key in inflight)
+        return frozenset(key for key in keys if key in held)
 
     def holds(self, key: str) -> bool:
-        """Whether ``key`` has an operation queued or being written: :meth:`holding`
-        for one key, as cheap as two dict lookups (lock-free; same ordering argument)."""
-        return key in self._pending or key in self._inflight
+        """Whether ``key`` is held (see :meth:`holding`): one lock-free set lookup."""
+        return key in self._held
 
     def settle(self, key: str, timeout: float) -> bool:
         """Make way for a synchronous write of ``key``: cancel its queued set and wait
@@ -345,17 +380,21 @@ class AsyncWriter:
 
         Returns True when nothing of ``key`` is queued or in flight any more, so a write
         made now cannot be overtaken by an older one from this writer; False if a write
-        of it is still in flight at the deadline or a delete of it is queued (then the
-        caller should queue its own operation behind it instead).
+        of it is still in flight at the deadline, or a delete of it is queued or awaits
+        a retry (then the caller should queue its own operation instead, which replaces
+        that delete or follows it).
         """
         with self._lock:
             op = self._pending.get(key)
             if op is not None and op[0] is _SET:
                 del self._pending[key]
+                self._release(key)
                 if self._room_waiters:
                     self._room.notify()
                 if not self._pending and not self._inflight:
                     self._idle.notify_all()
+            if key in self._retry:
+                return False
             if key not in self._inflight:
                 return key not in self._pending
             deadline = self._clock() + timeout
@@ -367,32 +406,42 @@ class AsyncWriter:
                         break
             finally:
                 self._settlers -= 1
-            return key not in self._inflight and key not in self._pending
+            return key not in self._held
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until nothing is queued or in flight; return True if that happened in time.
+        """Make every queued write now, then every repair delete (those waiting for a
+        retry and those the writes just left), once each, and wait for them.
 
-        ``timeout`` is in seconds (``None``: wait as long as it takes). Writes that
-        failed or were dropped count as done. Raises
-        :class:`~cachechain.errors.ConfigError` for an invalid ``timeout``.
+        Returns True if at the end, within ``timeout`` seconds (``None``: as long as it
+        takes), nothing is queued, in flight or awaiting a retry: the layer has taken
+        every write handed to this writer (a write it failed was then repaired). False
+        otherwise, for instance while the layer is down. Writes that were dropped count
+        as done. Raises :class:`~cachechain.errors.ConfigError` for an invalid
+        ``timeout``.
         """
         if timeout is not None:
             timeout = _check_seconds(timeout, "timeout")
-        with self._lock:
-            deadline = None if timeout is None else self._clock() + timeout
-            idle = self._running == 0 and self._pending and not self._abandon
-            executor = self._start_workers(1) if idle else None
-        if executor is not None:
-            self._submit(executor)
-        with self._lock:
-            while self._pending or self._inflight:
-                if deadline is None:
-                    self._idle.wait()
-                    continue
-                remaining = deadline - self._clock()
-                if remaining <= 0 or not self._idle.wait(remaining):
-                    return not (self._pending or self._inflight)
-            return True
+        deadline = None if timeout is None else self._clock() + timeout
+        for _ in range(2):  # the queue with the waiting repairs, then the new repairs
+            with self._lock:
+                if not self._retry and not self._pending and not self._inflight:
+                    break
+                executor = None
+                if not self._abandon:
+                    self._requeue_repairs()
+                    if self._pending:
+                        executor = self._wake_worker()
+            if executor is not None:
+                self._submit(executor)
+            with self._lock:
+                while self._pending or self._inflight:
+                    if deadline is None:
+                        self._idle.wait()
+                        continue
+                    remaining = deadline - self._clock()
+                    if remaining <= 0 or not self._idle.wait(remaining):
+                        return not self._held
+        return not self._held
 
     def close(self, timeout: float = 5.0) -> int:
         """Stop intake, drain within ``timeout`` seconds, and return how many were dropped.
@@ -400,8 +449,11 @@ class AsyncWriter:
         After the call starts, :meth:`set` and :meth:`delete` raise
         :class:`~cachechain.errors.ChainClosedError`. Queued writes keep being made until
         the one deadline ``timeout`` seconds from now; those still queued then are
-        counted as dropped (reason ``closed``) and their number is returned. Writes in
-        flight at the deadline are left to finish and are counted as written or failed.
+        counted as dropped (reason ``closed``) and their number is returned; repair
+        deletes get one more try, and those that still fail are counted the same way
+        and logged (the layer may keep an older value of those keys until it expires).
+        Writes in flight at the deadline are left to finish and are counted as written
+        or failed.
         Shuts down the executor if the writer created it, without waiting for its
         threads. Idempotent: a later call returns 0. Raises
         :class:`~cachechain.errors.ConfigError` for an invalid ``timeout``.
@@ -431,6 +483,7 @@ class AsyncWriter:
                 coalesced=self._coalesced,
                 dropped=sum(dropped.values()),
                 dropped_by_reason=dropped,
+                repairing=len(self._retry),
             )
 
     def __repr__(self) -> str:
@@ -489,6 +542,38 @@ class AsyncWriter:
 
     def _closed_error(self) -> ChainClosedError:
         return ChainClosedError(f"the writer for layer {self._name!r} is closed")
+
+    def _release(self, key: str) -> None:
+        """Stop holding ``key`` if it is no longer queued, in flight or awaiting a
+        retry (lock held)."""
+        if key not in self._pending and key not in self._inflight and key not in self._retry:
+            self._held.discard(key)
+
+    def _requeue_repairs(self) -> None:
+        """Queue every repair delete awaiting a retry, to be tried now (lock held). A key
+        queued meanwhile keeps its newer operation. Deletes take no queue room."""
+        retry = self._retry
+        if not retry:
+            return
+        pending = self._pending
+        for key in retry:
+            if key not in pending:
+                pending[key] = _DELETE_OP
+        retry.clear()
+
+    def _schedule_repair(self, key: str) -> None:
+        """After a failed or refused write of ``key``: keep a delete of it for the next
+        retry round, unless a newer operation of it is queued (lock held)."""
+        if key in self._pending:
+            return  # the newer operation replaces the key's value (or deletes it)
+        if self._abandon:  # closed and drained: nobody will retry it
+            self._count_drop("closed")
+            return
+        self._retry[key] = None
+        now = self._clock()
+        if now >= self._retry_at:  # no round scheduled: back off from the last delay
+            self._retry_at = now + self._retry_delay
+            self._retry_delay = min(self._retry_delay * 2, self._max_retry)
 
     def _wait_for_room(self, key: str, wait: float) -> str | None:
         """Wait (lock held) up to ``wait`` seconds until ``key`` can be queued.
@@ -561,7 +646,10 @@ class AsyncWriter:
                 lost = 0
                 if self._running == 0 and self._pending:
                     lost = len(self._pending)
+                    dropped = list(self._pending)
                     self._pending.clear()
+                    for key in dropped:
+                        self._release(key)
                     self._count_drop("closed", lost)
                     self._room.notify_all()
                     if not self._inflight:
@@ -602,15 +690,22 @@ class AsyncWriter:
                     if key is None:
                         if self._closed:
                             return
+                        wait = self._idle_timeout
+                        if self._retry:  # this worker stays to run the next round
+                            due = self._retry_at - clock()
+                            if due <= 0:
+                                self._requeue_repairs()
+                                continue
+                            wait = min(wait, max(due, self._min_retry))
                         self._idle_workers += 1
                         try:
-                            notified = self._work.wait(self._idle_timeout)
+                            notified = self._work.wait(wait)
                         finally:
                             self._idle_workers -= 1
-                        if not notified and self._next_key() is None:
+                        if not notified and not self._retry and self._next_key() is None:
                             return
                         continue
-                    inflight.add(key)  # before the pop: see holding()
+                    inflight.add(key)
                     op = pending.pop(key)
                     if self._room_waiters:
                         self._room.notify()
@@ -630,16 +725,23 @@ class AsyncWriter:
                     finally:
                         duration = clock() - start
                         lock.acquire()
-                        if outcome == _REFUSED:
-                            self._count_drop("circuit_open")
+                        if outcome == _WRITTEN:
+                            self._count_result(True, duration)
+                            self._retry_delay = self._min_retry  # the layer answers:
+                            self._retry_at = 0.0  # repairs may go now
                         else:
-                            self._count_result(outcome == _WRITTEN, duration)
+                            if outcome == _FAILED:
+                                self._count_result(False, duration)
+                            elif op[0] is _SET:  # a refused delete is not dropped
+                                self._count_drop("circuit_open")
+                            self._schedule_repair(key)
                         events = self._take_events()
                         if events:  # told before the write counts as done (flush, settle)
                             lock.release()
                             self._deliver(events)
                             lock.acquire()
                         inflight.discard(key)
+                        self._release(key)
                         if self._settlers:
                             self._settled.notify_all()
                         if not pending and not inflight:
@@ -678,6 +780,8 @@ class AsyncWriter:
         with self._lock:
             deadline = self._clock() + timeout
             self._closed = True
+            if not self._abandon:
+                self._requeue_repairs()  # one last try
             self._work.notify_all()
             self._room.notify_all()
             wanted = 0 if self._abandon else min(self._workers - self._running, len(self._pending))
@@ -699,6 +803,19 @@ class AsyncWriter:
             if lost:
                 self._pending.clear()
                 self._count_drop("closed", lost)
+            unrepaired = len(self._retry)
+            if unrepaired:
+                self._retry.clear()
+                self._count_drop("closed", unrepaired)
+                log.warning(
+                    "cachechain writer for layer %r: closed with %d repair deletes not "
+                    "made; the layer may serve older values of those keys until they "
+                    "expire",
+                    self._name,
+                    unrepaired,
+                )
+                lost += unrepaired
+            self._held.intersection_update(self._inflight)
             self._work.notify_all()
             self._room.notify_all()
             self._idle.notify_all()

@@ -102,7 +102,11 @@ def test_a_failing_layer_is_skipped_as_a_miss_and_logged_once(
     with Chain([l1, l2, l3], breaker=None) as chain, caplog.at_level(logging.DEBUG):
         assert chain.get("k") == "v"
         l1.delete("k")
+        # L2 also failed to take the backfill of "k": its writer holds a repair delete
+        # of "k", so the chain no longer reads "k" there at all.
+        assert chain.writers["L2"].holds("k")
         assert chain.get("k") == "v"
+        assert chain.get("other", 7) == 7
         assert chain.get("other", 7) == 7
     failures = [r for r in caplog.records if "'L2' failed on get" in r.getMessage()]
     assert [r.levelno for r in failures] == [logging.WARNING, logging.DEBUG, logging.DEBUG]
@@ -653,3 +657,60 @@ def test_get_many_treats_a_malformed_answer_as_a_layer_failure() -> None:
     l3.set("b", 2, 60)
     with Chain([MemoryLayer("L1"), sloppy, broken, l3]) as chain:
         assert chain.get_many(["a", "b"]) == {"a": 1, "b": 2}
+
+
+# -- a lower layer that misses a write is repaired, and never read stale meanwhile ------
+
+
+def test_a_delete_a_lower_layer_missed_is_retried_and_its_old_value_never_served() -> None:
+    l1, l2 = MemoryLayer("L1"), FakeLayer("L2")
+    with Chain([l1, l2], breaker=None) as chain:
+        assert chain.set("k", "v1", 60) and chain.set("j", "other", 60)
+        l2.fail = LayerUnavailableError("down")
+        assert chain.delete("k") is False  # L2 could not be reached ...
+        l2.fail = None
+        assert l2.get("k") == "v1"  # ... and still has the old value
+        writer = chain.writers["L2"]
+        assert writer.holds("k")
+        # Until the repair lands, this chain does not read "k" from L2 at all.
+        reads = len(l2.ops("get")), len(l2.ops("get_many"))
+        assert chain.get("k", "gone") == "gone"
+        assert chain.get_many(["k"]) == {}
+        assert (len(l2.ops("get")), len(l2.ops("get_many"))) == reads
+        assert chain.flush(10)
+        assert l2.get("k") is MISSING and not writer.holds("k")
+        l1.delete("j")
+        assert chain.get("j") == "other"  # other keys were read from L2 all along
+
+
+def test_a_set_a_lower_layer_missed_leaves_no_older_value_there() -> None:
+    l1, l2 = MemoryLayer("L1"), FakeLayer("L2")
+    with Chain([l1, l2], breaker=None) as chain:
+        assert chain.set("k", "v1", 60)
+        l2.fail = LayerUnavailableError("down")
+        assert chain.set("k", "v2", 60) is False
+        assert chain.set_many({"a": 1, "b": 2}) is False
+        l2.fail = None
+        assert chain.get("k") == "v2"  # L1 took it
+        l1.clear()  # as if evicted: L2's v1 must not come back
+        assert chain.get("k") is None
+        assert chain.get_many(["k", "a", "b"]) == {}
+        assert chain.flush(10)
+        assert l2.get_many(["k", "a", "b"]) == {}
+        assert chain.set("k", "v3", 60) and l2.get("k") == "v3"
+        l1.clear()
+        assert chain.get("k") == "v3"
+
+
+def test_get_many_reads_a_layer_only_for_the_keys_its_writer_does_not_hold() -> None:
+    l1, l2, l3 = MemoryLayer("L1"), FakeLayer("L2"), FakeLayer("L3")
+    with Chain([l1, l2, l3], breaker=None) as chain:
+        assert chain.set_many({"a": 1, "b": 2}, 60)
+        l2.fail = LayerUnavailableError("down")
+        assert chain.delete("a") is False  # L3 and L1 lost "a"; L2 kept it
+        l2.fail = None
+        l1.clear()
+        before = len(l2.ops("get_many"))
+        assert chain.get_many(["a", "b"]) == {"b": 2}
+        assert l2.ops("get_many")[before:] == [["b"]]
+        assert chain.flush(10) and l2.get("a") is MISSING

@@ -13,6 +13,7 @@ from cachechain.layers import MISSING
 from cachechain.layers.memcached import memcached_key
 from cachechain.metrics.memory import MemoryCollector
 from tests.support.fakes import FakeClock
+from tests.support.faultproxy import FaultProxy
 from tests.support.servers import MemcachedProcess
 
 pytestmark = pytest.mark.memcached
@@ -189,4 +190,33 @@ def test_a_refused_write_leaves_no_older_value_in_memcached(
         assert chain.flush(10)
         assert chain.get("k") == unstorable  # L1 still serves it in this process
         assert other_process.get_many(["k", "a", "b"]) == {}
+    other_process.close()
+
+
+@pytest.mark.parametrize("operation", ["delete", "set"])
+def test_a_write_memcached_missed_is_repaired_once_it_answers_again(
+    memcached: MemcachedProcess, operation: str
+) -> None:
+    """memcached keeps v1 while it cannot be reached: no process may be served v1 after
+    the chain deleted or replaced it, once memcached answers again."""
+    other_process = MemcachedLayer("elsewhere", memcached.address)
+    with FaultProxy(("127.0.0.1", memcached.port)) as proxy:
+        l2 = MemcachedLayer("L2", proxy.address, timeout=0.2, connect_timeout=0.2)
+        with Chain([MemoryLayer("L1"), l2], breaker=None) as chain:
+            assert chain.set("k", "v1")
+            proxy.reset()  # every connection is reset as soon as it sends
+            if operation == "delete":
+                assert chain.delete("k") is False
+            else:
+                assert chain.set("k", "v2") is False
+                chain.layers[0].delete("k")  # as if L1 evicted it
+            assert other_process.get("k") == "v1"  # memcached still has it ...
+            assert chain.get("k") is None  # ... but this chain does not serve it
+            assert chain.writers["L2"].holds("k")
+            proxy.pass_through()
+            assert chain.flush(10)  # the repair delete lands
+            assert other_process.get("k") is MISSING
+            assert not chain.writers["L2"].holds("k")
+            assert chain.set("k", "v3") and other_process.get("k") == "v3"
+    assert proxy.errors == []
     other_process.close()

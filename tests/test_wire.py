@@ -5,6 +5,8 @@ error of pymemcache's types."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,15 +30,40 @@ from tests.support.servers import MemcachedProcess
 
 
 class ScriptedSocket:
-    """A connected socket stand-in that records what is sent and hands out the
-    scripted reply in the given pieces (then EOF)."""
+    """A connected socket stand-in: what is written to it is recorded in ``sent``, and
+    reads hand out the scripted reply in the given pieces (then EOF). Its ``fileno`` is
+    a real socket, so ``os.write`` and ``select`` work on it: ``select`` finds it
+    readable exactly while scripted bytes remain unread."""
 
     def __init__(self, *pieces: bytes) -> None:
         self.pieces = list(pieces)
-        self.sent = b""
+        self._mine, self._peer = socket.socketpair()
+        self._mine.setblocking(False)
+        self._peer.setblocking(False)
+        self._signalled = False
+        self._sent = b""
+        self._sync()
+
+    def _sync(self) -> None:
+        if self.pieces and not self._signalled:
+            self._peer.send(b"!")
+            self._signalled = True
+        elif not self.pieces and self._signalled:
+            assert self._mine.recv(1) == b"!"
+            self._signalled = False
+
+    @property
+    def sent(self) -> bytes:
+        with contextlib.suppress(BlockingIOError):
+            while chunk := self._peer.recv(65536):
+                self._sent += chunk
+        return self._sent
+
+    def fileno(self) -> int:
+        return self._mine.fileno()
 
     def sendall(self, data: bytes) -> None:
-        self.sent += data
+        self._mine.sendall(data)
 
     def recv(self, size: int) -> bytes:
         if not self.pieces:
@@ -45,12 +72,17 @@ class ScriptedSocket:
         head, rest = piece[:size], piece[size:]
         if rest:
             self.pieces.insert(0, rest)
+        self._sync()
         return head
 
     def recv_into(self, view: memoryview) -> int:
         data = self.recv(len(view))
         view[: len(data)] = data
         return len(data)
+
+    def close(self) -> None:
+        self._mine.close()
+        self._peer.close()
 
 
 def scripted(*pieces: bytes) -> Client:
@@ -165,7 +197,12 @@ def test_any_split_of_a_reply_reads_the_same(reply: bytes, expected: bytes | Non
         (b"HELLO\r\n", MemcacheUnknownError, "unexpected reply"),
         (b"VALUE other 0 1\r\nx\r\nEND\r\n", MemcacheUnknownError, "unexpected reply"),
         (b"VALUE k 0\r\n", MemcacheUnknownError, "unexpected reply"),
-        (b"VALUE k 0 x\r\nabc\r\nEND\r\n", MemcacheUnknownError, "bad value size"),
+        (b"VALUE k 0 x\r\nabc\r\nEND\r\n", MemcacheUnknownError, "bad flags or value size"),
+        (b"VALUE k 0 -2\r\nEND\r\n", MemcacheUnknownError, "bad flags or value size"),
+        (b"VALUE k 0 +3\r\nabc\r\nEND\r\n", MemcacheUnknownError, "bad flags or value size"),
+        (b"VALUE k x 3\r\nabc\r\nEND\r\n", MemcacheUnknownError, "bad flags or value size"),
+        (b"VALUE k 0 99999999999\r\n", MemcacheUnknownError, "bad flags or value size"),
+        (b"VALUE k 0 2000000000\r\n", MemcacheUnknownError, "out of range"),
         (b"VALUE k 0 3\r\nabcd\r\nEND\r\n", MemcacheUnknownError, "not followed by END"),
         (b"VALUE k 0 3\r\nabc\r\nEND\r\nEND\r\n", MemcacheUnknownError, "END alone"),
         (b"END\r\nEND\r\n", MemcacheUnknownError, "miss of"),
@@ -188,6 +225,13 @@ def test_malformed_replies_raise_pymemcache_errors(
         _wire.get(scripted(reply), b"k")
 
 
+def test_a_large_value_followed_by_more_is_a_desync() -> None:
+    pieces = (b"VALUE k 0 3\r\nab", b"c\r\nEND\r\n", b"JUNK")
+    with pytest.raises(MemcacheUnknownError, match="followed by more data"):
+        _wire.get(scripted(*pieces), b"k")
+    assert _wire.get(scripted(*pieces[:2]), b"k") == b"abc"
+
+
 def test_a_partial_miss_followed_by_more_is_a_desync() -> None:
     with pytest.raises(MemcacheUnknownError, match="miss of"):
         _wire.get(scripted(b"EN", b"D\r\nVALUE"), b"k")
@@ -206,3 +250,37 @@ def test_the_layer_maps_a_bad_reply_and_drops_the_client(memcached: MemcachedPro
     real.close()
     assert layer.get("k") == 1  # a new connection
     layer.close()
+
+
+class JammedSocket(ScriptedSocket):
+    """A ScriptedSocket whose descriptor has a full send buffer: a direct write of the
+    command fails with EAGAIN, so it must go through ``sendall`` (recorded here)."""
+
+    def __init__(self, *pieces: bytes) -> None:
+        super().__init__(*pieces)
+        self._jam, self._jam_peer = socket.socketpair()
+        self._jam.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                self._jam.send(b"x" * 65536)
+        self.through_sendall = b""
+
+    def fileno(self) -> int:
+        return self._jam.fileno()
+
+    def sendall(self, data: bytes) -> None:
+        self.through_sendall += data
+
+    def close(self) -> None:
+        super().close()
+        self._jam.close()
+        self._jam_peer.close()
+
+
+def test_a_command_that_does_not_fit_the_send_buffer_goes_through_sendall() -> None:
+    sock = JammedSocket(b"VALUE k 0 2\r\nhi\r\nEND\r\n")
+    client = Client(("127.0.0.1", 1))
+    client.sock = sock
+    assert _wire.get(client, b"k") == b"hi"
+    assert sock.through_sendall == b"get k\r\n"
+    sock.close()

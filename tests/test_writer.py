@@ -7,6 +7,7 @@ tests wait on Events, queues and futures with bounds, never on sleeps.
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import json
 import logging
 import math
@@ -204,6 +205,8 @@ def hold_first_write(writer: AsyncWriter, layer: FakeLayer, key: str = "held") -
         ("workers", None),
         ("idle_timeout", 0),
         ("idle_timeout", -0.5),
+        ("retry_delay", 0),
+        ("max_retry_delay", math.inf),
         ("executor", "pool"),
         ("clock", 3.0),
     ],
@@ -532,40 +535,54 @@ def test_a_failing_write_is_counted_and_logged_and_the_worker_continues(
         "bad2": RuntimeError("boom again"),
         "bad3": KeyError("other"),
     }
-    writer = make_writer(layer, workers=1)
+    # No retry round during the test: the repairs wait for the flush below.
+    writer = make_writer(layer, workers=1, retry_delay=600, max_retry_delay=600)
     with caplog.at_level(logging.DEBUG, logger="cachechain.writer"):
         for key in ("bad1", "bad2", "ok1", "bad3", "ok2"):
             writer.set(key, key)
         writer.delete("bad1")
-        assert writer.flush(SAFETY)
+        # Four writes fail, then the flush tries the three keys' repair deletes: they
+        # fail too, and wait for a retry.
+        assert not writer.flush(SAFETY)
     assert layer.data == {"ok1": "ok1", "ok2": "ok2"}
     stats = writer.stats()
-    assert (stats.written, stats.failed, stats.dropped) == (2, 4, 0)
+    assert (stats.written, stats.failed, stats.dropped, stats.repairing) == (2, 7, 0, 3)
+    assert writer.holding(["bad1", "bad2", "bad3", "ok1"]) == {"bad1", "bad2", "bad3"}
     records = [r for r in caplog.records if r.name == "cachechain.writer"]
     warnings = [r for r in records if r.levelno == logging.WARNING]
     debugs = [r for r in records if r.levelno == logging.DEBUG]
     assert len(warnings) == 2  # once per exception type
     assert "RuntimeError" in warnings[0].getMessage() and "boom" in warnings[0].getMessage()
     assert "KeyError" in warnings[1].getMessage()
-    assert len(debugs) == 2  # the second RuntimeError set, then the RuntimeError delete
+    assert len(debugs) == 5  # the second RuntimeError set, the delete, three repairs
     assert all("L2" in r.getMessage() for r in records)
+    layer.fail.clear()
+    assert writer.flush(SAFETY)  # the repairs are made at once
+    assert writer.stats().repairing == 0 and not writer.holding(["bad1", "bad2", "bad3"])
+    assert sorted(op[:2] for op in layer.ops[-3:]) == [
+        ("delete", k) for k in ("bad1", "bad2", "bad3")
+    ]
 
 
-def test_a_write_refused_by_an_open_breaker_counts_as_dropped(
+def test_a_write_refused_by_an_open_breaker_leaves_a_repair(
     make_writer: Callable[..., AsyncWriter], caplog: pytest.LogCaptureFixture
 ) -> None:
     layer = FakeLayer()
     layer.fail = {"a": CircuitOpenError("open", layer="L2"), "b": CircuitOpenError("open")}
-    writer = make_writer(layer)
+    writer = make_writer(layer, retry_delay=600, max_retry_delay=600)
     with caplog.at_level(logging.DEBUG, logger="cachechain.writer"):
         writer.set("a", 1)
         writer.delete("b")
         writer.set("c", 1)
-        assert writer.flush(SAFETY)
+        assert not writer.flush(SAFETY)
     stats = writer.stats()
-    assert stats.dropped_by_reason["circuit_open"] == 2 and stats.dropped == 2
-    assert (stats.failed, stats.written) == (0, 1)
+    # The refused set is dropped; the refused delete is not: both keys get a repair.
+    assert stats.dropped_by_reason["circuit_open"] == 1 and stats.dropped == 1
+    assert (stats.failed, stats.written, stats.repairing) == (0, 1, 2)
     assert not [r for r in caplog.records if r.name == "cachechain.writer"]
+    layer.fail.clear()  # the breaker closed
+    assert writer.flush(SAFETY)
+    assert "a" not in layer.data and "b" not in layer.data and layer.data["c"] == 1
 
 
 class Fatal(BaseException):
@@ -585,7 +602,8 @@ def test_a_base_exception_ends_the_drain_task_and_flush_starts_a_new_one(
         gate.set()
         assert isinstance(pool.futures[0].exception(timeout=SAFETY), Fatal)
         stats = writer.stats()
-        assert (stats.failed, stats.depth, stats.inflight) == (1, 1, 0)
+        assert (stats.failed, stats.depth, stats.inflight, stats.repairing) == (1, 1, 0, 1)
+        layer.fail.clear()  # the interrupted write left a repair: let it land
         assert writer.flush(SAFETY)  # starts a drain task for the stranded write
         assert layer.data == {"after": 2} and len(pool.futures) == 2
         writer.set("later", 3)
@@ -593,6 +611,107 @@ def test_a_base_exception_ends_the_drain_task_and_flush_starts_a_new_one(
         assert layer.data == {"after": 2, "later": 3}
     finally:
         pool.shutdown(wait=False)
+
+
+def test_max_retry_delay_below_retry_delay_is_refused() -> None:
+    with pytest.raises(ConfigError, match="max_retry_delay must be >= retry_delay"):
+        AsyncWriter(FakeLayer(), retry_delay=1.0, max_retry_delay=0.5)
+
+
+# ---------------------------------------------------------------------- repairs
+
+
+class FlakyLayer(FakeLayer):
+    """Fails the first ``failures`` deletes, recording when each was tried (monotonic
+    seconds); ``landed`` is set when a delete succeeds."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+        self.tried: list[float] = []
+        self.landed = threading.Event()
+
+    def delete(self, key: str) -> None:
+        self.tried.append(time.monotonic())
+        if len(self.tried) <= self.failures:
+            raise ConnectionResetError("down")
+        super().delete(key)
+        self.landed.set()
+
+
+def test_a_failed_delete_is_retried_with_backoff_until_it_lands(
+    make_writer: Callable[..., AsyncWriter],
+) -> None:
+    layer = FlakyLayer(failures=3)
+    layer.data["k"] = "old"
+    writer = make_writer(layer, retry_delay=0.02, max_retry_delay=0.05)
+    writer.delete("k")
+    assert layer.landed.wait(SAFETY)  # no flush: the writer retried on its own
+    assert "k" not in layer.data
+    gaps = [b - a for a, b in itertools.pairwise(layer.tried)]
+    # Each failure waits longer (doubling, capped): 0.02, 0.04, then 0.05 s at least.
+    assert len(gaps) == 3
+    assert gaps[0] >= 0.02 * 0.99 and gaps[1] >= 0.04 * 0.99 and gaps[2] >= 0.05 * 0.99
+    assert writer.flush(SAFETY)
+    stats = writer.stats()
+    assert (stats.failed, stats.written, stats.repairing) == (3, 1, 0)
+    assert not writer.holds("k")
+
+
+def test_a_key_is_held_until_its_repair_lands_and_a_newer_write_replaces_it(
+    make_writer: Callable[..., AsyncWriter],
+) -> None:
+    layer = FakeLayer()
+    layer.fail = {"k": ConnectionResetError("down")}
+    writer = make_writer(layer, retry_delay=600, max_retry_delay=600)
+    assert writer.set("k", 1)
+    assert not writer.flush(SAFETY)
+    assert writer.holds("k") and writer.holding(["k", "x"]) == {"k"}
+    assert writer.stats().repairing == 1
+    assert not writer.settle("k", 0.0)  # a delete of it waits: queue behind it
+    assert writer.set("k", 2)  # replaces the repair: its value is newer
+    assert writer.stats().repairing == 0 and writer.holds("k")
+    layer.fail.clear()
+    assert writer.flush(SAFETY)
+    assert layer.data == {"k": 2} and layer.ops_of("k")[-1] == "set"
+    assert not writer.holds("k") and writer.settle("k", 0.0)
+
+
+def test_a_success_brings_the_next_repair_round_forward(
+    make_writer: Callable[..., AsyncWriter],
+) -> None:
+    layer = FakeLayer()
+    layer.data["k"] = "old"
+    layer.fail = {"k": ConnectionResetError("down")}
+    writer = make_writer(layer, retry_delay=600, max_retry_delay=600)
+    writer.delete("k")
+    assert layer.entered.get(timeout=SAFETY) == ("delete", "k")
+    layer.fail.clear()  # the layer is back; the next round is 600 s away ...
+    assert writer.set("other", 1)  # ... but a write that lands shows it is back
+    for _ in range(3):
+        if layer.done.get(timeout=SAFETY) == ("delete", "k"):
+            break
+    assert "k" not in layer.data and writer.stats().repairing == 0
+
+
+def test_close_tries_each_repair_once_more_and_counts_the_rest(
+    make_writer: Callable[..., AsyncWriter], caplog: pytest.LogCaptureFixture
+) -> None:
+    layer = FakeLayer()
+    layer.data.update(a="old", b="old")
+    layer.fail = {"a": ConnectionResetError("down"), "b": ConnectionResetError("down")}
+    writer = make_writer(layer, retry_delay=600, max_retry_delay=600)
+    writer.delete("a")
+    writer.delete("b")
+    assert not writer.flush(SAFETY)
+    del layer.fail["b"]
+    with caplog.at_level(logging.WARNING, logger="cachechain.writer"):
+        assert writer.close(SAFETY) == 1
+    assert layer.data == {"a": "old"}
+    stats = writer.stats()
+    assert stats.dropped_by_reason["closed"] == 1 and stats.repairing == 0
+    assert not writer.holds("a") and not writer.holds("b")
+    assert any("1 repair deletes not made" in r.getMessage() for r in caplog.records)
 
 
 # ---------------------------------------------------------------------- workers and executor

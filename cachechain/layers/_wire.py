@@ -5,8 +5,9 @@ trip (its key check, command assembly, a reply parser built for multi-key fetche
 serde dispatch): a fifth of a 22 µs loopback hit on the benchmark machine. An L2 hit is
 the chain's most common slow path, so :func:`get` sends the single-key ``get`` itself on
 the client's connected socket (pymemcache's public ``Client.sock``) and parses the one
-reply it can receive. Measured side by side, it costs 0.81x ``Client.get`` (pinned) to
-0.86x (unpinned); see ``benchmarks/`` and ``docs/design.md``.
+reply it can receive: one whole raw read costs 0.81x a ``Client.get`` with memcached
+pinned to the client's CPU, 0.86x unpinned (measured side by side on loopback; see
+``docs/design.md``).
 
 pymemcache still does everything else: it connects (with its timeouts and
 ``TCP_NODELAY``), runs every other command, and closes. A client with no connection yet
@@ -22,6 +23,8 @@ discard the client: its stream is at an unknown point.
 
 from __future__ import annotations
 
+import os
+import select
 from typing import Any
 
 from pymemcache.exceptions import (
@@ -37,6 +40,8 @@ _TRAILER = b"\r\nEND\r\n"  # after a value's data block
 _RECV_SIZE = 65536
 #: A reply line longer than this without CRLF is not memcached talking.
 _MAX_LINE = 2048
+#: memcached's own ceiling for an item (``-I`` at most 1 GiB): a larger size is garbage.
+_MAX_SIZE = 1 << 30
 
 
 def get(client: Any, key: bytes) -> bytes | None:
@@ -47,7 +52,16 @@ def get(client: Any, key: bytes) -> bytes | None:
     if sock is None:  # not connected yet: pymemcache connects, then reads the same way
         value: bytes | None = client.get(key)
         return value
-    sock.sendall(b"get " + key + b"\r\n")
+    command = b"get " + key + b"\r\n"
+    # A socket with a timeout polls before every send; a command this small always fits
+    # in the send buffer, so write it straight to the descriptor (one system call) and
+    # leave only a rare remainder to sendall, which waits within the timeout.
+    try:
+        sent = os.write(sock.fileno(), command)
+    except BlockingIOError:
+        sent = 0
+    if sent < len(command):
+        sock.sendall(command[sent:])
     buf: bytes = sock.recv(_RECV_SIZE)
     if buf == _MISS:
         return None
@@ -65,10 +79,11 @@ def get(client: Any, key: bytes) -> bytes | None:
     parts = line.split(b" ")
     if parts[0] != b"VALUE" or len(parts) not in (4, 5) or parts[1] != key:
         _raise_for(line)
-    try:
-        size = int(parts[3])
-    except ValueError:
-        raise MemcacheUnknownError(f"bad value size in {line[:80]!r}") from None
+    if not (parts[2].isdigit() and parts[3].isdigit()) or len(parts[3]) > 10:
+        raise MemcacheUnknownError(f"bad flags or value size in {line[:80]!r}")
+    size = int(parts[3])
+    if size > _MAX_SIZE:
+        raise MemcacheUnknownError(f"value size out of range in {line[:80]!r}")
     start = eol + 2
     end = start + size
     need = end + len(_TRAILER)
@@ -85,7 +100,10 @@ def get(client: Any, key: bytes) -> bytes | None:
         view.release()
         if whole[end:] != _TRAILER:
             raise MemcacheUnknownError(f"value of {key!r} not followed by END")
-        return bytes(whole[start:end])
+        # Exactly one reply was read: anything after it means the stream is out of step.
+        if select.select([sock], [], [], 0)[0]:
+            raise MemcacheUnknownError(f"value of {key!r} followed by more data")
+        return memoryview(whole)[start:end].tobytes()
     if got != need or buf[end:] != _TRAILER:  # more or other than one value: desync
         raise MemcacheUnknownError(f"value of {key!r} not followed by END alone")
     return buf[start:end]

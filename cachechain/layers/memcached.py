@@ -4,8 +4,7 @@ Design, and why:
 
 - Connections: plain ``pymemcache.client.base.Client`` objects, with no serde (values
   are bytes), ``default_noreply=False`` (a write returns only once memcached answered),
-  ``no_delay=True`` and both timeouts set (pymemcache's defaults are "forever"; on
-  Linux the read/write timeout is the kernel's, see :mod:`._sockets`). Each
+  ``no_delay=True`` and both timeouts set (pymemcache's defaults are "forever"). Each
   node has its own thread-safe pool of at most ``pool_size`` clients, created lazily;
   a caller waits at most ``pool_timeout`` seconds for a free one, then gets
   :class:`~cachechain.errors.PoolExhaustedError`. pymemcache's ``PooledClient`` raises
@@ -62,7 +61,7 @@ from ..errors import (
     LayerUnavailableError,
     PoolExhaustedError,
 )
-from . import _sockets, _wire
+from . import _wire
 from .base import MISSING, BaseLayer
 
 log = logging.getLogger("cachechain.memcached")
@@ -350,12 +349,6 @@ class MemcachedLayer(BaseLayer):
         self._codec = codec
         self._connect_timeout = _check_seconds(connect_timeout, "connect_timeout")
         self._timeout = _check_seconds(timeout, "timeout")
-        # Read/write timeouts enforced by the kernel where possible: see _sockets.
-        self._client_options: dict[str, Any] = (
-            {"timeout": None, "socket_module": _sockets.timed_socket_module(self._timeout)}
-            if _sockets.SUPPORTED
-            else {"timeout": self._timeout}
-        )
         self._pool_size = _check_int(pool_size, "pool_size")
         self._pool_timeout = _check_seconds(pool_timeout, "pool_timeout", allow_zero=True)
         self._dead_timeout = _check_seconds(dead_timeout, "dead_timeout")
@@ -455,8 +448,8 @@ class MemcachedLayer(BaseLayer):
                             (node.host, node.port),
                             default_noreply=False,
                             connect_timeout=self._connect_timeout,
+                            timeout=self._timeout,
                             no_delay=True,
-                            **self._client_options,
                         )
                         node.clients.add(client)
                         return client
@@ -525,11 +518,6 @@ class MemcachedLayer(BaseLayer):
         where = f"memcached {node.node_id}"
         if isinstance(exc, TimeoutError):  # socket.timeout is TimeoutError
             return LayerTimeoutError(f"{where} timed out: {exc!r}", layer=self.name)
-        if isinstance(exc, BlockingIOError):  # a kernel timeout (see _sockets)
-            return LayerTimeoutError(
-                f"{where} timed out: no progress within {self._timeout}s ({exc!r})",
-                layer=self.name,
-            )
         if isinstance(exc, MemcacheUnexpectedCloseError):
             return LayerUnavailableError(f"{where} closed the connection", layer=self.name)
         if isinstance(exc, MemcacheServerError) and b"too large" in _as_bytes(exc):
