@@ -669,9 +669,14 @@ def test_a_key_is_held_until_its_repair_lands_and_a_newer_write_replaces_it(
     assert writer.holds("k") and writer.holding(["k", "x"]) == {"k"}
     assert writer.stats().repairing == 1
     assert not writer.settle("k", 0.0)  # a delete of it waits: queue behind it
+    layer.gates["k"] = gate = threading.Event()
+    while not layer.entered.empty():  # forget the earlier attempts
+        layer.entered.get_nowait()
     assert writer.set("k", 2)  # replaces the repair: its value is newer
+    assert layer.entered.get(timeout=SAFETY) == ("set", "k")  # held at the gate
     assert writer.stats().repairing == 0 and writer.holds("k")
     layer.fail.clear()
+    gate.set()
     assert writer.flush(SAFETY)
     assert layer.data == {"k": 2} and layer.ops_of("k")[-1] == "set"
     assert not writer.holds("k") and writer.settle("k", 0.0)
