@@ -844,7 +844,8 @@ class Chain:
             return
         for lay, writer in zip(self._layers, self._writers, strict=True):
             if writer is not None:
-                m.record_queue_depth(lay.name, writer.stats().depth)
+                queued = writer.stats()
+                m.record_queue_depth(lay.name, queued.depth + queued.repairing)
             stats = getattr(lay, "stats", None)
             figures = stats() if callable(stats) else None
             entries = getattr(figures, "entries", None)

@@ -20,11 +20,13 @@ value. The writer keeps its own bounded queue rather than one executor task per 
   writer, then at DEBUG) and the worker carries on; a set refused by an open circuit
   breaker (:class:`~cachechain.errors.CircuitOpenError`) is counted as dropped;
 - a layer that missed a write may keep an older value of the key, so a write that fails
-  or is refused (unless its value was refused as invalid: the layer then deletes the
-  key itself) leaves a *repair*: a delete of the key, retried with a backoff from
-  ``retry_delay`` to ``max_retry_delay`` seconds until it lands. Until then the key is
-  held (:meth:`AsyncWriter.holds`), so a chain neither serves nor copies up the layer's
-  value of it. A newer set or delete of the key replaces its repair;
+  or is refused (a value refused as invalid included: the layer's own delete of the old
+  value is best effort) leaves a *repair*: a delete of the key, retried with a backoff
+  from ``retry_delay`` to ``max_retry_delay`` seconds until it lands. Each retry round
+  sends one repair, and one that lands starts the next at once, so a layer still down
+  gets one call per round however many keys wait. Until then the key is held
+  (:meth:`AsyncWriter.holds`), so a chain neither serves nor copies up the layer's value
+  of it. A newer set or delete of the key replaces its repair;
 - :meth:`AsyncWriter.close` stops intake and drains within one deadline; at interpreter
   exit without ``close`` every live writer is drained for at most
   :attr:`AsyncWriter.exit_timeout` seconds, before ``concurrent.futures`` joins its
@@ -133,7 +135,8 @@ class WriterObserver(Protocol):
         """One write was made (``success``) or failed, in ``duration`` seconds."""
 
     def depth(self, depth: int) -> None:
-        """The queue holds ``depth`` operations after a write."""
+        """The queue holds ``depth`` operations after a write, repair deletes waiting
+        for a retry included."""
 
 
 class AsyncWriter:
@@ -509,7 +512,7 @@ class AsyncWriter:
         self._write_seconds += duration
         if self.observer is not None:
             self._events.append(("written", success, duration))
-            self._events.append(("depth", len(self._pending), None))
+            self._events.append(("depth", len(self._pending) + len(self._retry), None))
 
     def _take_events(self) -> list[tuple[str, Any, Any]]:
         """Take the events for the observer (lock held); deliver them once released."""
@@ -549,13 +552,22 @@ class AsyncWriter:
         if key not in self._pending and key not in self._inflight and key not in self._retry:
             self._held.discard(key)
 
-    def _requeue_repairs(self) -> None:
-        """Queue every repair delete awaiting a retry, to be tried now (lock held). A key
-        queued meanwhile keeps its newer operation. Deletes take no queue room."""
+    def _requeue_repairs(self, *, probe: bool = False) -> None:
+        """Queue the repair deletes awaiting a retry, to be tried now (lock held): all of
+        them, or with ``probe`` the oldest alone (a retry round sends one; each that
+        lands brings the next forward, so a layer still down gets one call per round,
+        not one per key). A key queued meanwhile keeps its newer operation. Deletes take
+        no queue room."""
         retry = self._retry
         if not retry:
             return
         pending = self._pending
+        if probe:
+            key = next(iter(retry))
+            del retry[key]
+            if key not in pending:
+                pending[key] = _DELETE_OP
+            return
         for key in retry:
             if key not in pending:
                 pending[key] = _DELETE_OP
@@ -694,7 +706,7 @@ class AsyncWriter:
                         if self._retry:  # this worker stays to run the next round
                             due = self._retry_at - clock()
                             if due <= 0:
-                                self._requeue_repairs()
+                                self._requeue_repairs(probe=True)
                                 continue
                             wait = min(wait, max(due, self._min_retry))
                         self._idle_workers += 1

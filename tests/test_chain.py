@@ -664,7 +664,7 @@ def test_get_many_treats_a_malformed_answer_as_a_layer_failure() -> None:
 
 def test_a_delete_a_lower_layer_missed_is_retried_and_its_old_value_never_served() -> None:
     l1, l2 = MemoryLayer("L1"), FakeLayer("L2")
-    with Chain([l1, l2], breaker=None) as chain:
+    with Chain([l1, LayerConfig(layer=l2, resilient=False)]) as chain:
         assert chain.set("k", "v1", 60) and chain.set("j", "other", 60)
         l2.fail = LayerUnavailableError("down")  # until the end of the checks
         assert chain.delete("k") is False  # L2 could not be reached ...
@@ -685,7 +685,7 @@ def test_a_delete_a_lower_layer_missed_is_retried_and_its_old_value_never_served
 
 def test_a_set_a_lower_layer_missed_leaves_no_older_value_there() -> None:
     l1, l2 = MemoryLayer("L1"), FakeLayer("L2")
-    with Chain([l1, l2], breaker=None) as chain:
+    with Chain([l1, LayerConfig(layer=l2, resilient=False)]) as chain:
         assert chain.set("k", "v1", 60)
         l2.fail = LayerUnavailableError("down")
         assert chain.set("k", "v2", 60) is False
@@ -704,7 +704,9 @@ def test_a_set_a_lower_layer_missed_leaves_no_older_value_there() -> None:
 
 def test_get_many_reads_a_layer_only_for_the_keys_its_writer_does_not_hold() -> None:
     l1, l2, l3 = MemoryLayer("L1"), FakeLayer("L2"), FakeLayer("L3")
-    with Chain([l1, l2, l3], breaker=None) as chain:
+    with Chain(
+        [l1, LayerConfig(layer=l2, resilient=False), LayerConfig(layer=l3, resilient=False)]
+    ) as chain:
         assert chain.set_many({"a": 1, "b": 2}, 60)
         l2.fail = LayerUnavailableError("down")
         assert chain.delete("a") is False  # L3 and L1 lost "a"; L2 kept it
@@ -714,3 +716,17 @@ def test_get_many_reads_a_layer_only_for_the_keys_its_writer_does_not_hold() -> 
         assert l2.ops("get_many")[before:] == [["b"]]  # L2 was not asked for "a"
         l2.fail = None
         assert chain.flush(10) and "a" not in l2.data
+
+
+def test_repairs_waiting_for_a_retry_show_in_the_queue_depth_gauge() -> None:
+    collector = MemoryCollector()
+    l1, l2 = MemoryLayer("L1"), FakeLayer("L2")
+    with Chain([l1, LayerConfig(layer=l2, resilient=False)], metrics=collector) as chain:
+        l2.fail = LayerUnavailableError("down")
+        assert chain.delete("a") is False and chain.delete("b") is False
+        assert not chain.flush(10)  # both repairs failed again: they wait
+        assert chain.writers["L2"].stats().repairing == 2
+        assert collector.snapshot().layer_metrics["L2"].queue_depth == 2
+        l2.fail = None
+        assert chain.flush(10)
+        assert collector.snapshot().layer_metrics["L2"].queue_depth == 0

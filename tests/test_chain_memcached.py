@@ -202,7 +202,7 @@ def test_a_write_memcached_missed_is_repaired_once_it_answers_again(
     other_process = MemcachedLayer("elsewhere", memcached.address)
     with FaultProxy(("127.0.0.1", memcached.port)) as proxy:
         l2 = MemcachedLayer("L2", proxy.address, timeout=0.2, connect_timeout=0.2)
-        with Chain([MemoryLayer("L1"), l2], breaker=None) as chain:
+        with Chain([MemoryLayer("L1"), LayerConfig(layer=l2, resilient=False)]) as chain:
             assert chain.set("k", "v1")
             proxy.reset()  # every connection is reset as soon as it sends
             if operation == "delete":

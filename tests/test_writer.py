@@ -658,6 +658,39 @@ def test_a_failed_delete_is_retried_with_backoff_until_it_lands(
     assert not writer.holds("k")
 
 
+class TimedLayer(FakeLayer):
+    """Records ``(key, monotonic seconds)`` when each delete is tried."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tried: list[tuple[str, float]] = []
+
+    def delete(self, key: str) -> None:
+        self.tried.append((key, time.monotonic()))
+        super().delete(key)
+
+
+def test_a_retry_round_sends_one_repair_and_each_that_lands_starts_the_next(
+    make_writer: Callable[..., AsyncWriter],
+) -> None:
+    layer = TimedLayer()
+    keys = ["a", "b", "c"]
+    layer.fail = {k: ConnectionResetError("down") for k in keys}
+    writer = make_writer(layer, retry_delay=0.03, max_retry_delay=0.03)
+    for key in keys:
+        writer.delete(key)
+    for _ in range(len(keys) + 4):  # the first attempts, made at once, then 4 rounds
+        assert layer.entered.get(timeout=SAFETY)[0] == "delete"
+    # One repair per round, in turn, a round apart: not all three per round.
+    probes = layer.tried[len(keys) : len(keys) + 4]
+    assert [k for k, _ in probes] == ["a", "b", "c", "a"]
+    assert all(b - a >= 0.03 * 0.99 for (_, a), (_, b) in itertools.pairwise(probes))
+    layer.fail.clear()  # back: the next probe lands, and the others follow at once
+    landed = {layer.done.get(timeout=SAFETY)[1] for _ in keys}
+    assert landed == set(keys)
+    assert writer.flush(SAFETY) and writer.stats().repairing == 0
+
+
 def test_a_key_is_held_until_its_repair_lands_and_a_newer_write_replaces_it(
     make_writer: Callable[..., AsyncWriter],
 ) -> None:
