@@ -164,6 +164,8 @@ class Chain:
                     queue_size=(cfg.writer or writer).queue_size,
                     max_wait=(cfg.writer or writer).max_wait,
                     workers=(cfg.writer or writer).workers,
+                    retry_delay=(cfg.writer or writer).retry_delay,
+                    max_retry_delay=(cfg.writer or writer).max_retry_delay,
                 )
                 for lay, cfg in zip(self._layers[1:], configs[1:], strict=True)
             ),
@@ -329,14 +331,14 @@ class Chain:
             m.record_get(self._names[0], False, _perf() - start)
         stripe = hash(key) & (_STRIPES - 1)
         seq = self._mut_seq[stripe]
-        # Read after the counter: a write the writers still hold (a write-behind set or
-        # delete that has returned, or a repair delete) has not reached its layer yet,
-        # so that layer's value of the key may be older: it is neither read nor copied.
         busy = self._mut_active[stripe]
+        # Read after the counter: a write a writer still holds (a write-behind set or
+        # delete that has returned, or a repair delete) has not reached its layer yet,
+        # so that layer's value of the key may be older: it is neither read nor
+        # backfilled. Every other layer has taken every write of this process.
         skip: list[int] | None = None
         for at, writer in self._remote_writers:
             if writer.holds(key):
-                busy = 1
                 if skip is None:
                     skip = [at]
                 else:
@@ -356,19 +358,29 @@ class Chain:
                 m.record_get(layer.name, value is not MISSING, _perf() - t0)
             if value is not MISSING:
                 if not busy:
-                    self._backfill(stripe, seq, index, key, value, ttl)
+                    self._backfill(stripe, seq, index, key, value, ttl, skip)
                 return value, index
         return MISSING, -1
 
     def _backfill(
-        self, stripe: int, seq: int, index: int, key: str, value: Any, ttl: float | None
+        self,
+        stripe: int,
+        seq: int,
+        index: int,
+        key: str,
+        value: Any,
+        ttl: float | None,
+        skip: Collection[int] | None,
     ) -> None:
-        """Copy a hit from layer ``index`` into the layers above it, unless a mutation
-        of the stripe started since ``seq`` was read."""
+        """Copy a hit from layer ``index`` into the layers above it but those in
+        ``skip`` (their writers hold the key), unless a mutation of the stripe started
+        since ``seq`` was read."""
         with self._mut_lock:
             if self._mut_seq[stripe] != seq or self._mut_active[stripe]:
                 return
             for upper in range(index):
+                if skip is not None and upper in skip:
+                    continue
                 if upper or self._m is not None:
                     self._write_one(upper, key, value, ttl, backfill=True)
                     continue
@@ -399,17 +411,16 @@ class Chain:
         found: dict[str, Any] = {}
         served: dict[str, int] = {}
         remaining = wanted
+        held_by: dict[int, frozenset[str]] = {}  # layer index -> keys its writer holds
         for index, layer in enumerate(self._layers):
             if not remaining:
                 break
-            if index == 1:  # what the first layer missed: see _lookup
-                for key in self._held(remaining):
-                    snapshot[key] = (*snapshot[key][:2], 1)
             ask = remaining
             writer = self._writers[index]
-            if writer is not None:  # keys it holds are not read there (see _lookup)
-                held = writer.holding(remaining)
+            if writer is not None:  # keys it holds are neither read nor backfilled there
+                held = writer.holding(remaining)  # after the snapshot: see _lookup
                 if held:
+                    held_by[index] = held
                     ask = [k for k in remaining if k not in held]
                     if not ask:
                         continue
@@ -436,7 +447,8 @@ class Chain:
                 if index:
                     stripe, seq, busy = snapshot[key]
                     if not busy:
-                        self._backfill(stripe, seq, index, key, value, ttl)
+                        skip = [at for at, held in held_by.items() if key in held]
+                        self._backfill(stripe, seq, index, key, value, ttl, skip or None)
             remaining = [k for k in remaining if k not in hits]
         if m is not None:
             elapsed = _perf() - start
@@ -444,15 +456,6 @@ class Chain:
                 index = served.get(key, -1)
                 m.record_chain_get(index >= 0, index, elapsed)
         return found
-
-    def _held(self, keys: Sequence[str]) -> set[str]:
-        """The keys among ``keys`` of which an async writer holds a write not made yet
-        (the lower layers may still have an older value of them)."""
-        held: set[str] = set()
-        for writer in self._writers:
-            if writer is not None:
-                held |= writer.holding(keys)
-        return held
 
     def _snapshot(self, keys: Sequence[str]) -> dict[str, tuple[int, int, int]]:
         seqs, active = self._mut_seq, self._mut_active
@@ -805,17 +808,14 @@ class Chain:
 
     def _repair(self, index: int, keys: Iterable[str]) -> None:
         """Layer ``index`` missed a write of ``keys``, so it may keep older values of
-        them: have its writer delete them, retried until the deletes land. The writer
-        holds the keys meanwhile, so reads neither serve nor copy up that layer's value
-        (see :meth:`_lookup`). The first layer has no writer: nothing to repair."""
+        them: have its writer delete them at its next retry round, retried until the
+        deletes land (:meth:`AsyncWriter.repair`). The writer holds the keys meanwhile,
+        so reads neither serve nor copy up that layer's value (see :meth:`_lookup`).
+        The first layer has no writer: nothing to repair."""
         writer = self._writers[index]
-        if writer is None:
-            return
-        try:
+        if writer is not None:
             for key in keys:
-                writer.delete(key)
-        except ChainClosedError:  # closing: the writer counts what it could not do
-            pass
+                writer.repair(key)  # counted as dropped if the writer is closing
 
     # -- failures and metrics ---------------------------------------------------------
     def _layer_failed(self, index: int, operation: str, exc: Exception) -> None:

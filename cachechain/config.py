@@ -77,15 +77,27 @@ class WriterConfig:
     ``queue_size`` bounds the pending writes (distinct keys); ``max_wait`` is how long
     a write-behind ``set`` may wait for room before it is dropped (seconds, 0 = drop at
     once; backfills never wait); ``workers`` is the number of writer threads.
+    ``retry_delay`` and ``max_retry_delay`` (seconds) bound the backoff between the
+    retries of deletes that repair a write the layer missed (see
+    :mod:`cachechain.writer`).
     """
 
     queue_size: int = 1000
     max_wait: float = 0.0
     workers: int = 1
+    retry_delay: float = 0.05
+    max_retry_delay: float = 2.0
 
     def __post_init__(self) -> None:
         _positive("writer", "queue_size", self.queue_size, integer=True)
         _positive("writer", "workers", self.workers, integer=True)
+        _positive("writer", "retry_delay", self.retry_delay)
+        _positive("writer", "max_retry_delay", self.max_retry_delay)
+        if self.max_retry_delay < self.retry_delay:
+            raise ConfigError(
+                f"writer.max_retry_delay must be >= writer.retry_delay ({self.retry_delay}), "
+                f"got {self.max_retry_delay!r}"
+            )
         wait = self.max_wait
         if (
             isinstance(wait, bool)

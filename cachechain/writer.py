@@ -233,6 +233,8 @@ class AsyncWriter:
         self._retry: dict[str, None] = {}
         self._retry_at = 0.0  # clock seconds: when the next round may start
         self._retry_delay = self._min_retry  # the wait after the next failure
+        self._probe: str | None = None  # the repair a round is trying now
+        self._keeper = False  # an idle worker stays for the retry rounds
         #: Every key in _pending, _inflight or _retry: added before a key enters one of
         #: them, removed after it has left all three (lock held), so holds() is one
         #: lock-free lookup that never misses a key moving between them.
@@ -303,6 +305,9 @@ class AsyncWriter:
                     self._pass_room_on()
                     return True
                 else:
+                    # An older write of the key may have ended (and released it) while
+                    # this one waited: hold it again before it is queued.
+                    self._held.add(key)
                     pending[key] = op
                     self._pass_room_on()
             else:
@@ -339,6 +344,35 @@ class AsyncWriter:
             executor = self._wake_worker()
         if executor is not None:
             self._submit(executor)
+
+    def repair(self, key: str) -> bool:
+        """The layer missed a write of ``key`` (it failed or refused it) and may keep an
+        older value: delete the key there at the next retry round, and hold it until
+        then (see the module docstring). Unlike :meth:`delete` it waits for the round,
+        so a layer that is down is not asked again at once for every key.
+
+        A queued operation of ``key`` is left to do the job (if it fails, it leaves a
+        repair in turn). Returns False, counting it as dropped (reason ``closed``), when
+        the writer is closed; True otherwise.
+        """
+        with self._lock:
+            if self._closed:
+                self._count_drop("closed")
+                events = self._take_events()
+                executor = None
+            else:
+                events = []
+                executor = None
+                if key not in self._pending and key not in self._retry:
+                    self._held.add(key)
+                    self._retry[key] = None
+                    if self._probe is None and self._retry_at <= self._clock():
+                        self._end_round(False)
+                    executor = self._wake_worker()  # someone must run the round
+        self._deliver(events)
+        if executor is not None:
+            self._submit(executor)
+        return not events
 
     def cancel(self, key: str) -> bool:
         """Remove a queued set of ``key`` that no worker has taken yet.
@@ -565,8 +599,9 @@ class AsyncWriter:
         if probe:
             key = next(iter(retry))
             del retry[key]
-            if key not in pending:
+            if key not in pending:  # (they are disjoint; a newer operation would win)
                 pending[key] = _DELETE_OP
+            self._probe = key  # one round at a time: its outcome schedules the next
             return
         for key in retry:
             if key not in pending:
@@ -582,9 +617,17 @@ class AsyncWriter:
             self._count_drop("closed")
             return
         self._retry[key] = None
-        now = self._clock()
-        if now >= self._retry_at:  # no round scheduled: back off from the last delay
-            self._retry_at = now + self._retry_delay
+        if self._probe is None and self._retry_at <= self._clock():
+            self._end_round(False)  # no round scheduled: back off from the last delay
+
+    def _end_round(self, landed: bool) -> None:
+        """Schedule the next retry round (lock held): at once after a repair landed (the
+        layer answers), else after the current delay, which then doubles (capped)."""
+        if landed:
+            self._retry_delay = self._min_retry
+            self._retry_at = 0.0
+        else:
+            self._retry_at = self._clock() + self._retry_delay
             self._retry_delay = min(self._retry_delay * 2, self._max_retry)
 
     def _wait_for_room(self, key: str, wait: float) -> str | None:
@@ -657,11 +700,15 @@ class AsyncWriter:
                 self._running -= 1
                 lost = 0
                 if self._running == 0 and self._pending:
-                    lost = len(self._pending)
-                    dropped = list(self._pending)
+                    dropped = list(self._pending.items())
                     self._pending.clear()
-                    for key in dropped:
-                        self._release(key)
+                    lost = 0
+                    for key, op in dropped:
+                        if op[0] is _DELETE:  # keep it: the key stays held, unread there
+                            self._retry[key] = None
+                        else:
+                            lost += 1
+                            self._release(key)
                     self._count_drop("closed", lost)
                     self._room.notify_all()
                     if not self._inflight:
@@ -695,73 +742,94 @@ class AsyncWriter:
         inflight = self._inflight
         layer = self._layer
         clock = self._clock
-        with lock:
-            try:
-                while not self._abandon:
-                    key = self._next_key()
-                    if key is None:
-                        if self._closed:
-                            return
-                        wait = self._idle_timeout
-                        if self._retry:  # this worker stays to run the next round
-                            due = self._retry_at - clock()
-                            if due <= 0:
-                                self._requeue_repairs(probe=True)
-                                continue
-                            wait = min(wait, max(due, self._min_retry))
-                        self._idle_workers += 1
+        executor: Executor | None = None
+        events: list[tuple[str, Any, Any]] = []
+        try:
+            with lock:
+                try:
+                    while not self._abandon:
+                        # A retry round is due: its repair joins the queue, busy or not.
+                        if self._retry and self._probe is None and self._retry_at <= clock():
+                            self._requeue_repairs(probe=True)
+                        key = self._next_key()
+                        if key is None:
+                            if self._closed:
+                                return
+                            wait = self._idle_timeout
+                            keeper = bool(self._retry) and not self._keeper
+                            if keeper:  # this worker stays for the rounds; others may end
+                                self._keeper = True
+                                if self._probe is None:
+                                    wait = min(wait, max(self._retry_at - clock(), self._min_retry))
+                            self._idle_workers += 1
+                            try:
+                                notified = self._work.wait(wait)
+                            finally:
+                                self._idle_workers -= 1
+                                if keeper:
+                                    self._keeper = False
+                            idle = not notified and self._next_key() is None
+                            if idle and not (keeper and self._retry):
+                                return
+                            continue
+                        inflight.add(key)
+                        op = pending.pop(key)
+                        if self._room_waiters:
+                            self._room.notify()
+                        lock.release()
+                        outcome = _FAILED
+                        start = clock()
                         try:
-                            notified = self._work.wait(wait)
+                            if op[0] is _SET:
+                                layer.set(key, op[1], op[2])
+                            else:
+                                layer.delete(key)
+                            outcome = _WRITTEN
+                        except CircuitOpenError:
+                            outcome = _REFUSED
+                        except Exception as exc:
+                            self._log_failure(key, op, exc)
                         finally:
-                            self._idle_workers -= 1
-                        if not notified and not self._retry and self._next_key() is None:
-                            return
-                        continue
-                    inflight.add(key)
-                    op = pending.pop(key)
-                    if self._room_waiters:
-                        self._room.notify()
-                    lock.release()
-                    outcome = _FAILED
-                    start = clock()
-                    try:
-                        if op[0] is _SET:
-                            layer.set(key, op[1], op[2])
-                        else:
-                            layer.delete(key)
-                        outcome = _WRITTEN
-                    except CircuitOpenError:
-                        outcome = _REFUSED
-                    except Exception as exc:
-                        self._log_failure(key, op, exc)
-                    finally:
-                        duration = clock() - start
-                        lock.acquire()
-                        if outcome == _WRITTEN:
-                            self._count_result(True, duration)
-                            self._retry_delay = self._min_retry  # the layer answers:
-                            self._retry_at = 0.0  # repairs may go now
-                        else:
-                            if outcome == _FAILED:
-                                self._count_result(False, duration)
-                            elif op[0] is _SET:  # a refused delete is not dropped
-                                self._count_drop("circuit_open")
-                            self._schedule_repair(key)
-                        events = self._take_events()
-                        if events:  # told before the write counts as done (flush, settle)
-                            lock.release()
-                            self._deliver(events)
+                            duration = clock() - start
                             lock.acquire()
-                        inflight.discard(key)
-                        self._release(key)
-                        if self._settlers:
-                            self._settled.notify_all()
-                        if not pending and not inflight:
-                            self._idle.notify_all()
-            finally:
-                self._running -= 1
-                events = self._take_events()
-        self._deliver(events)
+                            probe = key == self._probe
+                            if probe:  # the round is over: schedule the next one
+                                self._probe = None
+                                self._end_round(outcome == _WRITTEN)
+                            if outcome == _WRITTEN:
+                                self._count_result(True, duration)
+                            else:
+                                if outcome == _FAILED:
+                                    self._count_result(False, duration)
+                                elif op[0] is _SET:  # a refused delete is not dropped
+                                    self._count_drop("circuit_open")
+                                self._schedule_repair(key)
+                            events = self._take_events()
+                            if events:  # told before the write counts as done (flush, settle)
+                                lock.release()
+                                self._deliver(events)
+                                lock.acquire()
+                            inflight.discard(key)
+                            self._release(key)
+                            if self._settlers:
+                                self._settled.notify_all()
+                            if not pending and not inflight:
+                                self._idle.notify_all()
+                finally:
+                    self._running -= 1
+                    # A task ended by an exception must not leave work with no worker.
+                    orphaned = (
+                        bool(self._retry or self._pending)
+                        and self._running == 0
+                        and not self._closed
+                        and not self._abandon
+                    )
+                    executor = self._start_workers(1) if orphaned else None
+                    events = self._take_events()
+        finally:
+            self._deliver(events)
+            if executor is not None:
+                self._submit(executor)
 
     def _log_failure(self, key: str, op: _Op, exc: Exception) -> None:
         """Log a failed write: WARNING for the first of its type on this writer, then DEBUG."""
@@ -803,8 +871,9 @@ class AsyncWriter:
                 break  # the queue was dropped: no point in more workers
         return deadline
 
-    def _finish_stop(self, deadline: float) -> int:
-        """Wait for the queue to drain until ``deadline``; drop and count what is left."""
+    def _finish_stop(self, deadline: float, *, warn: bool = True) -> int:
+        """Wait for the queue to drain until ``deadline``; drop and count what is left,
+        logging deletes not made at WARNING (``warn``) or DEBUG (at interpreter exit)."""
         with self._lock:
             while (self._pending or self._inflight) and not self._abandon:
                 remaining = deadline - self._clock()
@@ -812,6 +881,7 @@ class AsyncWriter:
                     break
             self._abandon = True
             lost = len(self._pending)
+            unmade = sum(1 for op in self._pending.values() if op[0] is _DELETE)
             if lost:
                 self._pending.clear()
                 self._count_drop("closed", lost)
@@ -819,14 +889,15 @@ class AsyncWriter:
             if unrepaired:
                 self._retry.clear()
                 self._count_drop("closed", unrepaired)
-                log.warning(
-                    "cachechain writer for layer %r: closed with %d repair deletes not "
-                    "made; the layer may serve older values of those keys until they "
-                    "expire",
-                    self._name,
-                    unrepaired,
-                )
                 lost += unrepaired
+            if unmade + unrepaired:
+                log.log(
+                    logging.WARNING if warn else logging.DEBUG,
+                    "cachechain writer for layer %r: closed with %d deletes not made; the "
+                    "layer may serve older values of those keys until they expire",
+                    self._name,
+                    unmade + unrepaired,
+                )
             self._held.intersection_update(self._inflight)
             self._work.notify_all()
             self._room.notify_all()
@@ -864,7 +935,7 @@ def _exit_drain(writers: Iterable[AsyncWriter]) -> None:
             log.debug("cachechain writer %r: could not stop at exit", writer, exc_info=True)
     for writer, deadline in started:
         try:
-            dropped = writer._finish_stop(deadline)
+            dropped = writer._finish_stop(deadline, warn=False)
             if dropped:
                 log.debug("cachechain writer %r: %d writes dropped at exit", writer, dropped)
         except Exception:

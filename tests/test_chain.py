@@ -730,3 +730,35 @@ def test_repairs_waiting_for_a_retry_show_in_the_queue_depth_gauge() -> None:
         l2.fail = None
         assert chain.flush(10)
         assert collector.snapshot().layer_metrics["L2"].queue_depth == 0
+
+
+def test_repairs_the_chain_asks_for_wait_for_the_writers_retry_round() -> None:
+    l1, l2 = MemoryLayer("L1"), FakeLayer("L2")
+    slow_retries = WriterConfig(retry_delay=600, max_retry_delay=600)
+    with Chain([l1, LayerConfig(layer=l2, resilient=False, writer=slow_retries)]) as chain:
+        l2.fail = LayerUnavailableError("down")
+        for i in range(50):
+            assert chain.set(f"k{i}", i) is False
+        # A layer that just failed is not asked again at once, once per key.
+        assert l2.ops("delete") == []
+        assert chain.writers["L2"].stats().repairing == 50
+        l2.fail = None
+        assert chain.flush(10)  # flush does not wait for the round
+        assert len(l2.ops("delete")) == 50 and chain.writers["L2"].stats().repairing == 0
+
+
+def test_a_key_held_in_one_layer_is_still_backfilled_into_the_others() -> None:
+    l1, l2, l3 = MemoryLayer("L1"), FakeLayer("L2"), FakeLayer("L3")
+    layers = [l1, LayerConfig(layer=l2, resilient=False), LayerConfig(layer=l3, resilient=False)]
+    with Chain(layers, writer=WriterConfig(retry_delay=600, max_retry_delay=600)) as chain:
+        l2.fail = LayerUnavailableError("down")
+        assert chain.set("k", "v", 60) is False  # L3 and L1 took it; L2 holds a repair
+        l1.clear()
+        reads = len(l3.ops("get"))
+        assert chain.get("k") == "v"  # from L3, copied into L1 (not into L2)
+        assert chain.get("k") == "v"  # from L1
+        assert len(l3.ops("get")) == reads + 1
+        assert l2.ops("set") == ["k"]  # only the failed synchronous set
+        l1.clear()
+        assert chain.get_many(["k"]) == {"k": "v"}  # the same through get_many
+        assert l1.get("k") == "v"

@@ -589,23 +589,26 @@ class Fatal(BaseException):
     """Not an Exception: the drain task ends with it, after counting the write."""
 
 
-def test_a_base_exception_ends_the_drain_task_and_flush_starts_a_new_one(
+def test_a_base_exception_ends_the_drain_task_and_another_takes_over(
     make_writer: Callable[..., AsyncWriter],
 ) -> None:
     layer = FakeLayer()
     layer.fail = {"fatal": Fatal()}
     pool = RecordingExecutor()
     try:
-        writer = make_writer(layer, executor=pool)
+        writer = make_writer(layer, executor=pool, retry_delay=600, max_retry_delay=600)
         gate = hold_first_write(writer, layer, "fatal")
         writer.set("after", 2)  # queued for the only drain task, which is about to end
         gate.set()
         assert isinstance(pool.futures[0].exception(timeout=SAFETY), Fatal)
-        stats = writer.stats()
-        assert (stats.failed, stats.depth, stats.inflight, stats.repairing) == (1, 1, 0, 1)
-        layer.fail.clear()  # the interrupted write left a repair: let it land
-        assert writer.flush(SAFETY)  # starts a drain task for the stranded write
-        assert layer.data == {"after": 2} and len(pool.futures) == 2
+        # A new task takes over the queued write at once ...
+        assert layer.done.get(timeout=SAFETY) == ("set", "after")
+        assert len(pool.futures) == 2
+        # ... and the interrupted write left a repair, which lands once it can.
+        assert writer.stats().repairing == 1 and writer.holds("fatal")
+        layer.fail.clear()
+        assert writer.flush(SAFETY)
+        assert layer.data == {"after": 2} and not writer.holds("fatal")
         writer.set("later", 3)
         assert writer.flush(SAFETY)
         assert layer.data == {"after": 2, "later": 3}
@@ -691,6 +694,84 @@ def test_a_retry_round_sends_one_repair_and_each_that_lands_starts_the_next(
     assert writer.flush(SAFETY) and writer.stats().repairing == 0
 
 
+def test_a_set_that_waited_for_room_is_held_once_queued(
+    make_writer: Callable[..., AsyncWriter],
+) -> None:
+    """The older write of a key ends while a newer set of it waits for room: the newer
+    one must still hold the key once it is queued (else a chain would read the layer's
+    older value and copy it up)."""
+    clock = SignalClock()
+    layer = FakeLayer()
+    writer = make_writer(layer, queue_size=1, clock=clock)
+    gate_a = hold_first_write(writer, layer, "a")  # "a" v1 in flight
+    layer.gates["b"] = gate_b = threading.Event()
+    assert writer.set("b", 1)  # the queue is full
+    results: list[bool] = []
+
+    def waiter() -> None:
+        clock.watch_me()
+        results.append(writer.set("a", 2, max_wait=SAFETY))
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    assert clock.read.wait(SAFETY)  # "a" v2 waits for room
+    gate_a.set()  # "a" v1 lands (its key released), then "b" is taken: room for "a" v2
+    assert layer.entered.get(timeout=SAFETY) == ("set", "b")
+    thread.join(SAFETY)
+    assert results == [True]
+    assert writer.holds("a")  # queued behind "b", not yet written: held
+    gate_b.set()
+    assert writer.flush(SAFETY)
+    assert layer.data == {"a": 2, "b": 1} and not writer.holds("a")
+
+
+def test_repairs_are_retried_while_the_queue_stays_busy(
+    make_writer: Callable[..., AsyncWriter],
+) -> None:
+    layer = TimedLayer()
+    layer.fail = {"k": ConnectionResetError("down")}
+    layer.data["k"] = "old"
+    writer = make_writer(layer, retry_delay=0.02, max_retry_delay=0.02)
+    writer.delete("k")
+    assert layer.entered.get(timeout=SAFETY) == ("delete", "k")
+    del layer.fail["k"]
+    # Keep the queue busy: each write is held until the next one is queued, so the
+    # worker never finds the queue empty. The repair must still get its turn.
+    previous: threading.Event | None = None
+    for i in range(20_000):
+        layer.gates[f"w{i}"] = gate = threading.Event()
+        writer.set(f"w{i}", i)
+        if previous is not None:
+            previous.set()
+        previous = gate
+        while layer.entered.get(timeout=SAFETY)[1] != f"w{i}":
+            pass  # the repair went by
+        if "k" not in layer.data:
+            break
+    assert previous is not None
+    previous.set()
+    assert "k" not in layer.data, "the repair never ran while the queue was busy"
+    assert writer.flush(SAFETY)
+
+
+def test_with_several_workers_a_round_still_sends_one_repair(
+    make_writer: Callable[..., AsyncWriter],
+) -> None:
+    layer = TimedLayer()
+    keys = ["a", "b", "c", "d"]
+    layer.fail = {k: ConnectionResetError("down") for k in keys}
+    writer = make_writer(layer, workers=4, retry_delay=0.03, max_retry_delay=0.03)
+    for key in keys:
+        writer.delete(key)
+    for _ in range(len(keys) + 4):  # the first attempts, then 4 rounds
+        assert layer.entered.get(timeout=SAFETY)[0] == "delete"
+    probes = layer.tried[len(keys) : len(keys) + 4]
+    assert sorted(k for k, _ in probes) == keys  # one each, in turn
+    assert all(b - a >= 0.03 * 0.99 for (_, a), (_, b) in itertools.pairwise(probes))
+    layer.fail.clear()
+    assert writer.flush(SAFETY)
+
+
 def test_a_key_is_held_until_its_repair_lands_and_a_newer_write_replaces_it(
     make_writer: Callable[..., AsyncWriter],
 ) -> None:
@@ -715,23 +796,6 @@ def test_a_key_is_held_until_its_repair_lands_and_a_newer_write_replaces_it(
     assert not writer.holds("k") and writer.settle("k", 0.0)
 
 
-def test_a_success_brings_the_next_repair_round_forward(
-    make_writer: Callable[..., AsyncWriter],
-) -> None:
-    layer = FakeLayer()
-    layer.data["k"] = "old"
-    layer.fail = {"k": ConnectionResetError("down")}
-    writer = make_writer(layer, retry_delay=600, max_retry_delay=600)
-    writer.delete("k")
-    assert layer.entered.get(timeout=SAFETY) == ("delete", "k")
-    layer.fail.clear()  # the layer is back; the next round is 600 s away ...
-    assert writer.set("other", 1)  # ... but a write that lands shows it is back
-    for _ in range(3):
-        if layer.done.get(timeout=SAFETY) == ("delete", "k"):
-            break
-    assert "k" not in layer.data and writer.stats().repairing == 0
-
-
 def test_close_tries_each_repair_once_more_and_counts_the_rest(
     make_writer: Callable[..., AsyncWriter], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -749,7 +813,7 @@ def test_close_tries_each_repair_once_more_and_counts_the_rest(
     stats = writer.stats()
     assert stats.dropped_by_reason["closed"] == 1 and stats.repairing == 0
     assert not writer.holds("a") and not writer.holds("b")
-    assert any("1 repair deletes not made" in r.getMessage() for r in caplog.records)
+    assert any("closed with 1 deletes not made" in r.getMessage() for r in caplog.records)
 
 
 # ---------------------------------------------------------------------- workers and executor
@@ -817,10 +881,13 @@ def test_a_shut_down_executor_drops_queued_writes_as_closed(
     with caplog.at_level(logging.WARNING, logger="cachechain.writer"):
         assert writer.set("a", 1) is False
         writer.delete("b")
-    assert writer.stats().dropped_by_reason["closed"] == 2
-    assert writer.stats().depth == 0
+    # The set is lost; the delete is kept (as a repair), so "b" stays held: a chain
+    # will not read it from this layer, whose writer can no longer write anything.
+    stats = writer.stats()
+    assert (stats.dropped_by_reason["closed"], stats.depth, stats.repairing) == (1, 0, 1)
+    assert writer.holds("b") and not writer.holds("a")
     assert "refused" in caplog.records[0].getMessage()
-    assert writer.flush(SAFETY)
+    assert not writer.flush(SAFETY)
 
 
 # ---------------------------------------------------------------------- flush
