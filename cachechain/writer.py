@@ -379,7 +379,9 @@ class AsyncWriter:
 
         Returns True if one was removed; False if ``key`` has no queued operation, or
         its queued operation is a delete (never cancelled). A write already in flight is
-        not affected. For a chain that deletes synchronously. Not counted as dropped.
+        not affected. For a caller that writes the key synchronously next: a set that
+        had replaced a repair delete of the key (see :meth:`repair`) takes that repair
+        with it. Not counted as dropped.
         """
         with self._lock:
             op = self._pending.get(key)
