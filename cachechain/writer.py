@@ -355,24 +355,22 @@ class AsyncWriter:
         repair in turn). Returns False, counting it as dropped (reason ``closed``), when
         the writer is closed; True otherwise.
         """
+        executor = None
         with self._lock:
-            if self._closed:
+            closed = self._closed
+            if closed:
                 self._count_drop("closed")
-                events = self._take_events()
-                executor = None
-            else:
-                events = []
-                executor = None
-                if key not in self._pending and key not in self._retry:
-                    self._held.add(key)
-                    self._retry[key] = None
-                    if self._probe is None and self._retry_at <= self._clock():
-                        self._end_round(False)
-                    executor = self._wake_worker()  # someone must run the round
+            elif key not in self._pending and key not in self._retry:
+                self._held.add(key)
+                self._retry[key] = None
+                if self._probe is None and self._retry_at <= self._clock():
+                    self._end_round(False)
+                executor = self._wake_worker()  # someone must run the round
+            events = self._take_events()
         self._deliver(events)
         if executor is not None:
             self._submit(executor)
-        return not events
+        return not closed
 
     def cancel(self, key: str) -> bool:
         """Remove a queued set of ``key`` that no worker has taken yet.

@@ -762,3 +762,7 @@ def test_a_key_held_in_one_layer_is_still_backfilled_into_the_others() -> None:
         l1.clear()
         assert chain.get_many(["k"]) == {"k": "v"}  # the same through get_many
         assert l1.get("k") == "v"
+        l3.fail = LayerUnavailableError("down")
+        assert chain.set("k", "w", 60) is False  # now both L2 and L3 hold a repair
+        l1.clear()
+        assert chain.get("k") is None and chain.get_many(["k"]) == {}

@@ -1317,3 +1317,28 @@ def test_an_observer_that_raises_is_logged_and_harms_nothing(
         assert writer.flush(SAFETY)
     assert layer.ops_of("a") == ["set"]
     assert any("observer raised" in r.getMessage() for r in caplog.records)
+
+
+def test_repair_after_close_is_counted_as_dropped(make_writer: Callable[..., AsyncWriter]) -> None:
+    layer = FakeLayer()
+    writer = make_writer(layer, retry_delay=600, max_retry_delay=600)
+    assert writer.repair("k") is True and writer.holds("k")
+    assert writer.close(SAFETY) == 0  # close tries it once more: it lands
+    assert layer.ops_of("k") == ["delete"]
+    assert writer.repair("j") is False
+    assert writer.stats().dropped_by_reason["closed"] == 1
+    assert not writer.holds("j")
+
+
+def test_a_failed_write_leaves_no_repair_when_a_newer_one_is_queued(
+    make_writer: Callable[..., AsyncWriter],
+) -> None:
+    layer = FakeLayer()
+    layer.fail = {"k": ConnectionResetError("down")}
+    writer = make_writer(layer, retry_delay=600, max_retry_delay=600)
+    gate = hold_first_write(writer, layer, "k")  # v1 in flight, about to fail
+    assert writer.set("k", "v2")  # queued meanwhile: it replaces whatever v1 leaves
+    del layer.fail["k"]
+    gate.set()
+    assert writer.flush(SAFETY)
+    assert layer.data == {"k": "v2"} and writer.stats().repairing == 0
