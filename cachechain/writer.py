@@ -362,9 +362,7 @@ class AsyncWriter:
                 self._count_drop("closed")
             elif key not in self._pending and key not in self._retry:
                 self._held.add(key)
-                self._retry[key] = None
-                if self._probe is None and self._retry_at <= self._clock():
-                    self._end_round(False)
+                self._schedule_repair(key)
                 executor = self._wake_worker()  # someone must run the round
             events = self._take_events()
         self._deliver(events)
@@ -382,16 +380,7 @@ class AsyncWriter:
         with it. Not counted as dropped.
         """
         with self._lock:
-            op = self._pending.get(key)
-            if op is None or op[0] is not _SET:
-                return False
-            del self._pending[key]
-            self._release(key)
-            if self._room_waiters:
-                self._room.notify()
-            if not self._pending and not self._inflight:
-                self._idle.notify_all()
-            return True
+            return self._unqueue_set(key)
 
     def holding(self, keys: Iterable[str]) -> frozenset[str]:
         """Return those of ``keys`` that have an operation queued, being written, or a
@@ -422,14 +411,7 @@ class AsyncWriter:
         that delete or follows it).
         """
         with self._lock:
-            op = self._pending.get(key)
-            if op is not None and op[0] is _SET:
-                del self._pending[key]
-                self._release(key)
-                if self._room_waiters:
-                    self._room.notify()
-                if not self._pending and not self._inflight:
-                    self._idle.notify_all()
+            self._unqueue_set(key)
             if key in self._retry:
                 return False
             if key not in self._inflight:
@@ -579,6 +561,20 @@ class AsyncWriter:
 
     def _closed_error(self) -> ChainClosedError:
         return ChainClosedError(f"the writer for layer {self._name!r} is closed")
+
+    def _unqueue_set(self, key: str) -> bool:
+        """Remove a queued set of ``key`` that no worker has taken (lock held); return
+        whether there was one. Wakes a set waiting for room, and flush when idle."""
+        op = self._pending.get(key)
+        if op is None or op[0] is not _SET:
+            return False
+        del self._pending[key]
+        self._release(key)
+        if self._room_waiters:
+            self._room.notify()
+        if not self._pending and not self._inflight:
+            self._idle.notify_all()
+        return True
 
     def _release(self, key: str) -> None:
         """Stop holding ``key`` if it is no longer queued, in flight or awaiting a

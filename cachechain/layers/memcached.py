@@ -575,7 +575,8 @@ class MemcachedLayer(BaseLayer):
         return result
 
     def _drop_idle(self, node: _Node) -> None:
-        """Close every idle connection of ``node`` (they outlived their server)."""
+        """Close every idle connection of ``node`` (they outlived their server, or the
+        layer is closing) and wake whoever waits for one."""
         stale = node.take_idle()
         with node.cond:
             for client in stale:
@@ -833,13 +834,7 @@ class MemcachedLayer(BaseLayer):
         calls raise :class:`~cachechain.errors.ChainClosedError`. Idempotent."""
         self._closed = True
         for node in self._nodes:
-            idle = node.take_idle()
-            with node.cond:
-                for client in idle:
-                    node.clients.discard(client)
-                node.cond.notify_all()
-            for client in idle:
-                _close_quietly(client)
+            self._drop_idle(node)
 
     @property
     def closed(self) -> bool:
