@@ -347,10 +347,10 @@ def _optional(module: str) -> tuple[Any, str]:
 def bench_l1_hit(ctx: Ctx) -> Section:
     from cachetools import LRUCache
 
-    from cachechain.chain import Chain
-    from cachechain.layers.base import MISSING
-    from cachechain.layers.memcached import MemcachedLayer
-    from cachechain.layers.memory import MemoryLayer
+    from cachechain._chain import Chain
+    from cachechain.layers._base import MISSING
+    from cachechain.layers._memcached import MemcachedLayer
+    from cachechain.layers._memory import MemoryLayer
 
     sec = Section("l1_hit", "1. L1 hit: the key is in L1, metrics=None", base="lru_lock")
     key = "user:42"
@@ -413,7 +413,7 @@ def bench_l1_hit(ctx: Ctx) -> Section:
 def _stand_in_remote(name: str) -> Any:
     """An in-process layer that a chain treats as remote (breaker, writer): the chain's
     own CPU cost on an L2 hit, without the network and the codec."""
-    from cachechain.layers.memory import MemoryLayer
+    from cachechain.layers._memory import MemoryLayer
 
     class StandIn(MemoryLayer):
         local = False
@@ -472,11 +472,11 @@ def bench_l2_hit_pinned(ctx: Ctx) -> Section:
 
 
 def _l2_hit(ctx: Ctx, sec: Section) -> Section:
-    from cachechain.chain import Chain
-    from cachechain.config import LayerConfig
-    from cachechain.layers.base import MISSING
-    from cachechain.layers.memcached import MemcachedLayer, memcached_key
-    from cachechain.layers.memory import MemoryLayer
+    from cachechain._chain import Chain
+    from cachechain._config import LayerConfig
+    from cachechain.layers._base import MISSING
+    from cachechain.layers._memcached import MemcachedLayer, memcached_key
+    from cachechain.layers._memory import MemoryLayer
 
     sec.base = "raw"
     sec.notes.append(
@@ -570,9 +570,9 @@ def _l2_hit(ctx: Ctx, sec: Section) -> Section:
 
 
 def bench_get_many(ctx: Ctx) -> Section:
-    from cachechain.chain import Chain
-    from cachechain.layers.memcached import MemcachedLayer, memcached_key
-    from cachechain.layers.memory import MemoryLayer
+    from cachechain._chain import Chain
+    from cachechain.layers._memcached import MemcachedLayer, memcached_key
+    from cachechain.layers._memory import MemoryLayer
 
     sec = Section("get_many", "3. get_many of 100 keys: all in L2, none in L1", base="raw")
     sec.notes.append(
@@ -644,7 +644,7 @@ def bench_get_many(ctx: Ctx) -> Section:
 
 
 def bench_breaker(ctx: Ctx) -> Section:
-    from cachechain.breaker import CircuitBreaker
+    from cachechain._breaker import CircuitBreaker
 
     sec = Section("breaker", "4. Circuit breaker, CLOSED state", base="cb")
     cb = CircuitBreaker("bench")
@@ -720,7 +720,7 @@ class _NullLayer:
 def bench_writer(ctx: Ctx) -> Section:
     from concurrent.futures import ThreadPoolExecutor
 
-    from cachechain.writer import AsyncWriter
+    from cachechain._writer import AsyncWriter
 
     sec = Section("writer", "5. Async writer: the cost of one enqueue", base="submit")
     n = ctx.n(5_000)
@@ -798,7 +798,7 @@ def bench_writer(ctx: Ctx) -> Section:
 
 def _prometheus_collector() -> tuple[Any, str]:
     """A cachechain PrometheusCollector on a private registry, or (None, why not)."""
-    mod, why = _optional("cachechain.metrics.prometheus")
+    mod, why = _optional("cachechain.metrics._prometheus")
     if mod is None:
         return None, why
     cls = getattr(mod, "PrometheusCollector", None)
@@ -828,9 +828,9 @@ def _prometheus_collector() -> tuple[Any, str]:
 def bench_metrics(ctx: Ctx) -> Section:
     from cachetools import LRUCache
 
-    from cachechain.chain import Chain
-    from cachechain.layers.memcached import MemcachedLayer
-    from cachechain.layers.memory import MemoryLayer
+    from cachechain._chain import Chain
+    from cachechain.layers._memcached import MemcachedLayer
+    from cachechain.layers._memory import MemoryLayer
 
     sec = Section("metrics", "6. Metrics: an L1 hit with each collector", base="none")
     key = "user:42"
@@ -847,7 +847,7 @@ def bench_metrics(ctx: Ctx) -> Section:
         contenders = [
             Contender("none", "Chain.get, L1 hit, metrics=None", loop(make(None).get, key))
         ]
-        mem_mod, why = _optional("cachechain.metrics.memory")
+        mem_mod, why = _optional("cachechain.metrics._memory")
         if mem_mod is not None and hasattr(mem_mod, "MemoryCollector"):
             collector = mem_mod.MemoryCollector()
             chain = make(collector)
@@ -980,7 +980,7 @@ def free_udp_port() -> int:
 def _statsd_exporter(host: str, port: int) -> tuple[Any, str]:
     """The StatsD exporter as a user gets it (by name, through its entry point)."""
     try:
-        from cachechain.exporters import create_exporter
+        from cachechain._exporters import create_exporter
 
         spec = {"exporter": "statsd", "options": {"host": host, "port": port}}
         return create_exporter(spec), ""
@@ -989,10 +989,10 @@ def _statsd_exporter(host: str, port: int) -> tuple[Any, str]:
 
 
 def bench_open_breaker(ctx: Ctx) -> Section:
-    from cachechain.chain import Chain
-    from cachechain.config import BreakerConfig, LayerConfig
-    from cachechain.layers.memcached import MemcachedLayer
-    from cachechain.layers.memory import MemoryLayer
+    from cachechain._chain import Chain
+    from cachechain._config import BreakerConfig, LayerConfig
+    from cachechain.layers._memcached import MemcachedLayer
+    from cachechain.layers._memory import MemoryLayer
 
     sec = Section(
         "open_breaker",

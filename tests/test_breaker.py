@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from cachechain.breaker import BreakerStats, CircuitBreaker, Permit, State
-from cachechain.errors import (
+from cachechain._breaker import BreakerStats, CircuitBreaker, CircuitState, Permit
+from cachechain._errors import (
     CircuitOpenError,
     ConfigError,
     InvalidKeyError,
@@ -53,9 +53,9 @@ class Recorder:
     """A listener recording every ``(name, old, new)`` it is called with."""
 
     def __init__(self) -> None:
-        self.calls: list[tuple[str, State, State]] = []
+        self.calls: list[tuple[str, CircuitState, CircuitState]] = []
 
-    def __call__(self, name: str, old: State, new: State) -> None:
+    def __call__(self, name: str, old: CircuitState, new: CircuitState) -> None:
         self.calls.append((name, old, new))
 
 
@@ -76,9 +76,9 @@ def succeed(b: CircuitBreaker, times: int = 1) -> None:
 
 
 def open_breaker(b: CircuitBreaker) -> None:
-    while b.state is State.CLOSED:
+    while b.state is CircuitState.CLOSED:
         fail(b)
-    assert b.state is State.OPEN
+    assert b.state is CircuitState.OPEN
 
 
 def run_in_thread(fn: Callable[[], None]) -> None:
@@ -105,20 +105,20 @@ def run_in_thread(fn: Callable[[], None]) -> None:
 def test_defaults() -> None:
     b = CircuitBreaker("L2")
     assert b.name == "L2"
-    assert b.state is State.CLOSED
+    assert b.state is CircuitState.CLOSED
     assert b.reset_timeout == 10.0
     assert b._clock is time.monotonic
-    assert b.stats() == BreakerStats(State.CLOSED, 0, 0, 0, 0)
+    assert b.stats() == BreakerStats(CircuitState.CLOSED, 0, 0, 0, 0)
     assert repr(b) == "<CircuitBreaker 'L2' CLOSED>"
-    assert [int(s) for s in State] == [0, 1, 2]
+    assert [int(s) for s in CircuitState] == [0, 1, 2]
 
 
 def test_defaults_open_after_five_failures() -> None:
     b = CircuitBreaker("L2", clock=FakeClock())
     fail(b, 4)
-    assert b.state is State.CLOSED
+    assert b.state is CircuitState.CLOSED
     fail(b)
-    assert b.state is State.OPEN
+    assert b.state is CircuitState.OPEN
 
 
 @pytest.mark.parametrize(
@@ -159,7 +159,7 @@ def test_invalid_name(name: Any) -> None:
 
 def test_min_calls_above_window_is_fine_without_failure_rate() -> None:
     b = CircuitBreaker("L2", window=5, min_calls=6)
-    assert b.state is State.CLOSED
+    assert b.state is CircuitState.CLOSED
 
 
 def test_failure_rate_of_one_is_allowed() -> None:
@@ -167,10 +167,10 @@ def test_failure_rate_of_one_is_allowed() -> None:
     fail(b)
     succeed(b)
     fail(b)
-    assert b.state is State.CLOSED  # 2 of 3 failed, not all
+    assert b.state is CircuitState.CLOSED  # 2 of 3 failed, not all
     b2 = make(failure_rate=1, max_failures=100, window=4, min_calls=2)
     fail(b2, 2)
-    assert b2.state is State.OPEN
+    assert b2.state is CircuitState.OPEN
 
 
 # -- closed state: consecutive failures --------------------------------------------------
@@ -179,10 +179,10 @@ def test_failure_rate_of_one_is_allowed() -> None:
 def test_opens_after_exactly_max_failures() -> None:
     b = make(max_failures=3)
     fail(b, 2)
-    assert b.state is State.CLOSED
+    assert b.state is CircuitState.CLOSED
     assert b.stats().consecutive_failures == 2
     fail(b)
-    assert b.state is State.OPEN
+    assert b.state is CircuitState.OPEN
     stats = b.stats()
     assert stats.opens == 1
     assert stats.consecutive_failures == 3
@@ -199,7 +199,7 @@ def test_a_success_resets_the_consecutive_count() -> None:
     for _ in range(5):
         fail(b, 2)
         succeed(b)
-    assert b.state is State.CLOSED
+    assert b.state is CircuitState.CLOSED
     assert b.stats().consecutive_failures == 0
 
 
@@ -210,7 +210,7 @@ def test_release_counts_nothing_in_closed_state() -> None:
         b.release(b.acquire())
     assert b.stats().consecutive_failures == 1
     fail(b)
-    assert b.state is State.OPEN
+    assert b.state is CircuitState.OPEN
 
 
 def test_closed_hot_path_takes_no_lock() -> None:
@@ -220,7 +220,7 @@ def test_closed_hot_path_takes_no_lock() -> None:
     for _ in range(100):
         b.on_success(b.acquire())
         b.release(b.acquire())
-    assert b.state is State.CLOSED
+    assert b.state is CircuitState.CLOSED
     assert lock.acquired == 0
     # once a failure is recorded, successes take the lock until one clears it ...
     fail(b)
@@ -247,27 +247,27 @@ def test_failure_rate_hot_path_takes_no_lock() -> None:
 def test_failure_rate_waits_for_min_calls() -> None:
     b = make(failure_rate=0.5, window=10, min_calls=4, max_failures=100)
     fail(b, 3)
-    assert b.state is State.CLOSED  # 100% failed, but only 3 calls
+    assert b.state is CircuitState.CLOSED  # 100% failed, but only 3 calls
     fail(b)
-    assert b.state is State.OPEN
+    assert b.state is CircuitState.OPEN
 
 
 def test_failure_rate_counts_lock_free_successes() -> None:
     b = make(failure_rate=0.5, window=20, min_calls=4, max_failures=100)
     succeed(b, 6)
     fail(b, 5)
-    assert b.state is State.CLOSED  # 5 of 11
+    assert b.state is CircuitState.CLOSED  # 5 of 11
     fail(b)
-    assert b.state is State.OPEN  # 6 of 12
+    assert b.state is CircuitState.OPEN  # 6 of 12
 
 
 def test_failure_rate_window_slides() -> None:
     b = make(failure_rate=0.5, window=10, min_calls=4, max_failures=100)
     succeed(b, 30)  # only the last 10 count
     fail(b, 4)
-    assert b.state is State.CLOSED  # 4 of 10
+    assert b.state is CircuitState.CLOSED  # 4 of 10
     fail(b)
-    assert b.state is State.OPEN  # 5 of 10
+    assert b.state is CircuitState.OPEN  # 5 of 10
 
 
 def test_failure_rate_old_failures_leave_the_window() -> None:
@@ -275,24 +275,24 @@ def test_failure_rate_old_failures_leave_the_window() -> None:
     fail(b)
     succeed(b, 2)
     fail(b)  # window: F S S F -> 2 of 4 would open...
-    assert b.state is State.OPEN
+    assert b.state is CircuitState.OPEN
     b.reset()
     fail(b)
     succeed(b, 4)  # window: S S S S, the failure has scrolled out
     fail(b)  # S S S F: 1 of 4
-    assert b.state is State.CLOSED
+    assert b.state is CircuitState.CLOSED
     fail(b)  # S S F F: 2 of 4
-    assert b.state is State.OPEN
+    assert b.state is CircuitState.OPEN
 
 
 def test_failure_rate_mixed_pattern_interleaved() -> None:
     b = make(failure_rate=0.6, window=5, min_calls=5, max_failures=100)
     for _ in range(10):  # F S F S ...: 40-60% failed, 3 of 5 only when ending with F
         fail(b)
-        if b.state is State.OPEN:
+        if b.state is CircuitState.OPEN:
             break
         succeed(b)
-    assert b.state is State.OPEN
+    assert b.state is CircuitState.OPEN
     assert b.stats().opens == 1
 
 
@@ -300,7 +300,7 @@ def test_consecutive_limit_still_applies_in_rate_mode() -> None:
     b = make(failure_rate=0.9, window=20, min_calls=20, max_failures=3)
     succeed(b, 5)
     fail(b, 3)
-    assert b.state is State.OPEN
+    assert b.state is CircuitState.OPEN
 
 
 def test_failure_rate_float_edge() -> None:
@@ -308,7 +308,7 @@ def test_failure_rate_float_edge() -> None:
     b = make(failure_rate=0.3, window=10, min_calls=10, max_failures=100)
     succeed(b, 7)
     fail(b, 3)
-    assert b.state is State.OPEN
+    assert b.state is CircuitState.OPEN
 
 
 # -- open and half-open ------------------------------------------------------------------
@@ -320,18 +320,21 @@ def test_half_open_after_reset_timeout() -> None:
     b = make(clock, listeners=[rec])
     open_breaker(b)
     clock.advance(9.999)
-    assert b.state is State.OPEN
+    assert b.state is CircuitState.OPEN
     with pytest.raises(CircuitOpenError):
         b.acquire()
     clock.advance(0.001)
-    assert b.state is State.HALF_OPEN  # reading the state makes the due transition
-    assert rec.calls == [("L2", State.CLOSED, State.OPEN), ("L2", State.OPEN, State.HALF_OPEN)]
+    assert b.state is CircuitState.HALF_OPEN  # reading the state makes the due transition
+    assert rec.calls == [
+        ("L2", CircuitState.CLOSED, CircuitState.OPEN),
+        ("L2", CircuitState.OPEN, CircuitState.HALF_OPEN),
+    ]
     permit = b.acquire()
     assert b.stats().trial_calls == 1
     b.on_success(permit)
-    assert b.state is State.CLOSED
-    assert rec.calls[-1] == ("L2", State.HALF_OPEN, State.CLOSED)
-    assert b.stats() == BreakerStats(State.CLOSED, 0, 1, 1, 1)
+    assert b.state is CircuitState.CLOSED
+    assert rec.calls[-1] == ("L2", CircuitState.HALF_OPEN, CircuitState.CLOSED)
+    assert b.stats() == BreakerStats(CircuitState.CLOSED, 0, 1, 1, 1)
 
 
 def test_acquire_moves_to_half_open_lazily() -> None:
@@ -340,12 +343,12 @@ def test_acquire_moves_to_half_open_lazily() -> None:
     b = make(clock, listeners=[rec])
     open_breaker(b)
     clock.advance(10.0)
-    assert b._state is State.OPEN  # nothing happens until someone asks
+    assert b._state is CircuitState.OPEN  # nothing happens until someone asks
     permit = b.acquire()
-    assert rec.calls[-1] == ("L2", State.OPEN, State.HALF_OPEN)
-    assert b.state is State.HALF_OPEN
+    assert rec.calls[-1] == ("L2", CircuitState.OPEN, CircuitState.HALF_OPEN)
+    assert b.state is CircuitState.HALF_OPEN
     b.on_success(permit)
-    assert b.state is State.CLOSED
+    assert b.state is CircuitState.CLOSED
 
 
 def test_stats_makes_the_due_transition() -> None:
@@ -353,7 +356,7 @@ def test_stats_makes_the_due_transition() -> None:
     b = make(clock)
     open_breaker(b)
     clock.advance(10.0)
-    assert b.stats().state is State.HALF_OPEN
+    assert b.stats().state is CircuitState.HALF_OPEN
 
 
 def test_trial_failure_reopens_and_restarts_the_timeout() -> None:
@@ -362,12 +365,12 @@ def test_trial_failure_reopens_and_restarts_the_timeout() -> None:
     open_breaker(b)
     clock.advance(10.0)
     b.on_failure(b.acquire())
-    assert b.state is State.OPEN
+    assert b.state is CircuitState.OPEN
     assert b.stats().opens == 2
     clock.advance(9.0)
-    assert b.state is State.OPEN
+    assert b.state is CircuitState.OPEN
     clock.advance(1.0)
-    assert b.state is State.HALF_OPEN
+    assert b.state is CircuitState.HALF_OPEN
 
 
 def test_half_open_admits_at_most_max_calls() -> None:
@@ -382,9 +385,9 @@ def test_half_open_admits_at_most_max_calls() -> None:
     p3 = b.acquire()
     assert b.stats().trial_calls == 3
     b.on_success(p2)
-    assert b.state is State.HALF_OPEN  # one success of the two needed
+    assert b.state is CircuitState.HALF_OPEN  # one success of the two needed
     b.on_success(p3)
-    assert b.state is State.CLOSED
+    assert b.state is CircuitState.CLOSED
 
 
 def test_closing_needs_half_open_successes_in_a_row() -> None:
@@ -394,13 +397,13 @@ def test_closing_needs_half_open_successes_in_a_row() -> None:
     clock.advance(10.0)
     for _ in range(2):
         b.on_success(b.acquire())
-        assert b.state is State.HALF_OPEN
+        assert b.state is CircuitState.HALF_OPEN
     b.on_failure(b.acquire())
-    assert b.state is State.OPEN
+    assert b.state is CircuitState.OPEN
     clock.advance(10.0)
     for _ in range(3):
         b.on_success(b.acquire())
-    assert b.state is State.CLOSED
+    assert b.state is CircuitState.CLOSED
 
 
 def test_a_trial_permit_reported_twice_counts_once() -> None:
@@ -413,10 +416,10 @@ def test_a_trial_permit_reported_twice_counts_once() -> None:
     b.on_success(p1)
     b.on_failure(p1)
     b.release(p1)
-    assert b.state is State.HALF_OPEN
+    assert b.state is CircuitState.HALF_OPEN
     assert b.stats().trial_calls == 1
     b.on_success(b.acquire())
-    assert b.state is State.CLOSED
+    assert b.state is CircuitState.CLOSED
 
 
 # -- row 8: a trial that raises BaseException, is released, or hangs --------------------
@@ -433,9 +436,9 @@ def test_trial_raising_base_exception_frees_the_slot() -> None:
 
     with pytest.raises(KeyboardInterrupt):
         b.call(interrupted)
-    assert b.state is State.HALF_OPEN  # neutral: neither closed nor reopened
+    assert b.state is CircuitState.HALF_OPEN  # neutral: neither closed nor reopened
     assert b.call(lambda: 42) == 42  # the slot was freed for the next trial
-    assert b.state is State.CLOSED
+    assert b.state is CircuitState.CLOSED
 
 
 def test_trial_released_neutrally_does_not_stick() -> None:
@@ -450,10 +453,10 @@ def test_trial_released_neutrally_does_not_stick() -> None:
     for _ in range(5):
         with pytest.raises(InvalidKeyError):
             b.call(bad_input)
-        assert b.state is State.HALF_OPEN
+        assert b.state is CircuitState.HALF_OPEN
     assert b.stats().trial_calls == 5
     b.call(lambda: None)
-    assert b.state is State.CLOSED
+    assert b.state is CircuitState.CLOSED
 
 
 def test_hanging_trial_counts_as_failed_after_reset_timeout() -> None:
@@ -466,19 +469,19 @@ def test_hanging_trial_counts_as_failed_after_reset_timeout() -> None:
     clock.advance(9.0)
     with pytest.raises(CircuitOpenError):
         b.acquire()
-    assert b.state is State.HALF_OPEN
+    assert b.state is CircuitState.HALF_OPEN
     clock.advance(1.0)
     with pytest.raises(CircuitOpenError):
         b.acquire()  # the hung trial is given up: failed trial, reopen
-    assert b.state is State.OPEN
-    assert rec.calls[-1] == ("L2", State.HALF_OPEN, State.OPEN)
+    assert b.state is CircuitState.OPEN
+    assert rec.calls[-1] == ("L2", CircuitState.HALF_OPEN, CircuitState.OPEN)
     assert b.stats().opens == 2
     clock.advance(10.0)
     trial = b.acquire()
     b.on_success(hung)  # its late answer belongs to an earlier generation: ignored
-    assert b.state is State.HALF_OPEN
+    assert b.state is CircuitState.HALF_OPEN
     b.on_success(trial)
-    assert b.state is State.CLOSED
+    assert b.state is CircuitState.CLOSED
 
 
 def test_listener_interrupt_during_acquire_frees_the_trial_slot() -> None:
@@ -487,17 +490,17 @@ def test_listener_interrupt_during_acquire_frees_the_trial_slot() -> None:
     open_breaker(b)
     clock.advance(10.0)
 
-    def interrupting(name: str, old: State, new: State) -> None:
-        if new is State.HALF_OPEN:
+    def interrupting(name: str, old: CircuitState, new: CircuitState) -> None:
+        if new is CircuitState.HALF_OPEN:
             raise KeyboardInterrupt
 
     b.add_listener(interrupting)
     with pytest.raises(KeyboardInterrupt):
         b.acquire()  # admitted a trial, then the listener raised
     b.remove_listener(interrupting)
-    assert b.state is State.HALF_OPEN
+    assert b.state is CircuitState.HALF_OPEN
     b.on_success(b.acquire())  # the slot was freed
-    assert b.state is State.CLOSED
+    assert b.state is CircuitState.CLOSED
 
 
 # -- row 9: generations --------------------------------------------------------------
@@ -508,16 +511,16 @@ def test_late_results_from_an_earlier_generation_are_ignored() -> None:
     b = make(clock, max_failures=2)
     early = b.acquire()  # closed generation 0
     fail(b, 2)
-    assert b.state is State.OPEN
+    assert b.state is CircuitState.OPEN
     b.on_failure(early)  # late failure: must not restart the open period
     b.on_success(early)  # late success: must not close it
     clock.advance(10.0)
-    assert b.state is State.HALF_OPEN
+    assert b.state is CircuitState.HALF_OPEN
     trial = b.acquire()
     b.on_failure(early)  # still ignored in half-open
-    assert b.state is State.HALF_OPEN
+    assert b.state is CircuitState.HALF_OPEN
     b.on_success(trial)
-    assert b.state is State.CLOSED
+    assert b.state is CircuitState.CLOSED
     b.on_failure(early)  # and in the new closed generation
     assert b.stats().consecutive_failures == 0
 
@@ -530,7 +533,7 @@ def test_late_trial_result_after_reset_is_ignored() -> None:
     trial = b.acquire()
     b.reset()
     b.on_failure(trial)
-    assert b.state is State.CLOSED
+    assert b.state is CircuitState.CLOSED
     assert b.stats().consecutive_failures == 0
     b.release(trial)  # harmless too
 
@@ -542,7 +545,7 @@ def test_other_trials_are_stale_once_one_closes_the_breaker() -> None:
     clock.advance(10.0)
     t1, t2, t3 = b.acquire(), b.acquire(), b.acquire()
     b.on_success(t1)
-    assert b.state is State.CLOSED
+    assert b.state is CircuitState.CLOSED
     b.on_failure(t2)
     b.on_failure(t3)
     assert b.stats().consecutive_failures == 0
@@ -564,12 +567,15 @@ def test_reset_closes_and_notifies() -> None:
     b = make(clock, listeners=[rec])
     open_breaker(b)
     b.reset()
-    assert b.state is State.CLOSED
-    assert rec.calls == [("L2", State.CLOSED, State.OPEN), ("L2", State.OPEN, State.CLOSED)]
-    assert b.stats() == BreakerStats(State.CLOSED, 0, 1, 0, 0)
+    assert b.state is CircuitState.CLOSED
+    assert rec.calls == [
+        ("L2", CircuitState.CLOSED, CircuitState.OPEN),
+        ("L2", CircuitState.OPEN, CircuitState.CLOSED),
+    ]
+    assert b.stats() == BreakerStats(CircuitState.CLOSED, 0, 1, 0, 0)
     succeed(b)
     fail(b, 2)
-    assert b.state is State.CLOSED  # the count started again
+    assert b.state is CircuitState.CLOSED  # the count started again
 
 
 def test_reset_when_closed_clears_failures_without_notifying() -> None:
@@ -580,7 +586,7 @@ def test_reset_when_closed_clears_failures_without_notifying() -> None:
     assert b.stats().consecutive_failures == 0
     assert rec.calls == []
     fail(b, 2)
-    assert b.state is State.CLOSED
+    assert b.state is CircuitState.CLOSED
 
 
 def test_reset_from_half_open() -> None:
@@ -588,9 +594,9 @@ def test_reset_from_half_open() -> None:
     b = make(clock)
     open_breaker(b)
     clock.advance(10.0)
-    assert b.state is State.HALF_OPEN
+    assert b.state is CircuitState.HALF_OPEN
     b.reset()
-    assert b.state is State.CLOSED
+    assert b.state is CircuitState.CLOSED
     assert b.call(lambda: "ok") == "ok"
 
 
@@ -600,7 +606,7 @@ def test_reset_in_failure_rate_mode_restarts_the_window() -> None:
     b.reset()
     succeed(b, 3)
     fail(b)
-    assert b.state is State.CLOSED  # 1 of 4
+    assert b.state is CircuitState.CLOSED  # 1 of 4
     lock = CountingLock()
     b.reset()
     b._lock = lock  # type: ignore[assignment]
@@ -634,7 +640,7 @@ def test_call_neutral_errors_do_not_trip(exc: BaseException) -> None:
         with pytest.raises(type(exc)) as info:
             b.call(boom)
         assert info.value is exc
-    assert b.state is State.CLOSED
+    assert b.state is CircuitState.CLOSED
     assert b.stats().consecutive_failures == 0
 
 
@@ -657,7 +663,7 @@ def test_call_backend_errors_trip(exc: Exception) -> None:
         with pytest.raises(type(exc)) as info:
             b.call(boom)
         assert info.value is exc
-    assert b.state is State.OPEN
+    assert b.state is CircuitState.OPEN
 
 
 def test_call_refused_without_running_fn() -> None:
@@ -673,11 +679,11 @@ def test_call_refused_without_running_fn() -> None:
 def test_on_error_classifies() -> None:
     b = make(max_failures=1)
     b.on_error(b.acquire(), InvalidKeyError("k"))
-    assert b.state is State.CLOSED
+    assert b.state is CircuitState.CLOSED
     b.on_error(b.acquire(), KeyboardInterrupt())
-    assert b.state is State.CLOSED
+    assert b.state is CircuitState.CLOSED
     b.on_error(b.acquire(), LayerTimeoutError("t"))
-    assert b.state is State.OPEN
+    assert b.state is CircuitState.OPEN
 
 
 # -- row 24: listeners ---------------------------------------------------------------------
@@ -693,16 +699,16 @@ def test_listeners_called_once_per_transition() -> None:
             b.acquire()
     clock.advance(10.0)
     for _ in range(3):
-        assert b.state is State.HALF_OPEN
+        assert b.state is CircuitState.HALF_OPEN
     b.on_failure(b.acquire())
     clock.advance(10.0)
     b.on_success(b.acquire())
     assert rec.calls == [
-        ("L2", State.CLOSED, State.OPEN),
-        ("L2", State.OPEN, State.HALF_OPEN),
-        ("L2", State.HALF_OPEN, State.OPEN),
-        ("L2", State.OPEN, State.HALF_OPEN),
-        ("L2", State.HALF_OPEN, State.CLOSED),
+        ("L2", CircuitState.CLOSED, CircuitState.OPEN),
+        ("L2", CircuitState.OPEN, CircuitState.HALF_OPEN),
+        ("L2", CircuitState.HALF_OPEN, CircuitState.OPEN),
+        ("L2", CircuitState.OPEN, CircuitState.HALF_OPEN),
+        ("L2", CircuitState.HALF_OPEN, CircuitState.CLOSED),
     ]
 
 
@@ -711,7 +717,7 @@ def test_listeners_run_outside_the_lock() -> None:
     b = make(clock)
     seen: list[bool] = []
 
-    def probe(name: str, old: State, new: State) -> None:
+    def probe(name: str, old: CircuitState, new: CircuitState) -> None:
         free = b._lock.acquire(blocking=False)
         if free:
             b._lock.release()
@@ -736,7 +742,7 @@ def test_raising_listener_is_logged_once_and_harms_nothing(
     clock = FakeClock()
     rec = Recorder()
 
-    def broken(name: str, old: State, new: State) -> None:
+    def broken(name: str, old: CircuitState, new: CircuitState) -> None:
         raise RuntimeError("listener bug")
 
     b = make(clock, listeners=[broken, rec])
@@ -745,7 +751,7 @@ def test_raising_listener_is_logged_once_and_harms_nothing(
             open_breaker(b)
             clock.advance(10.0)
             assert b.call(lambda: "result") == "result"  # HALF_OPEN then CLOSED
-    assert b.state is State.CLOSED
+    assert b.state is CircuitState.CLOSED
     assert len(rec.calls) == 6  # the next listener still ran every time
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1
@@ -759,9 +765,9 @@ def test_listener_calling_back_into_the_breaker_does_not_deadlock() -> None:
     rec = Recorder()
     seen: list[Any] = []
 
-    def nosy(name: str, old: State, new: State) -> None:
+    def nosy(name: str, old: CircuitState, new: CircuitState) -> None:
         seen.append((b.state, b.stats().state, b.rejected))
-        if new is State.OPEN:
+        if new is CircuitState.OPEN:
             with pytest.raises(CircuitOpenError):
                 b.acquire()
             b.reset()  # a transition from inside a listener
@@ -773,28 +779,31 @@ def test_listener_calling_back_into_the_breaker_does_not_deadlock() -> None:
         fail(b, 3)
 
     run_in_thread(scenario)
-    assert b.state is State.CLOSED
+    assert b.state is CircuitState.CLOSED
     # the transition made inside the listener is delivered after the first one, in order
-    assert rec.calls == [("L2", State.CLOSED, State.OPEN), ("L2", State.OPEN, State.CLOSED)]
-    assert seen[0] == (State.OPEN, State.OPEN, 0)
-    assert seen[1] == (State.CLOSED, State.CLOSED, 1)
+    assert rec.calls == [
+        ("L2", CircuitState.CLOSED, CircuitState.OPEN),
+        ("L2", CircuitState.OPEN, CircuitState.CLOSED),
+    ]
+    assert seen[0] == (CircuitState.OPEN, CircuitState.OPEN, 0)
+    assert seen[1] == (CircuitState.CLOSED, CircuitState.CLOSED, 1)
 
 
 def test_listener_acquiring_and_reporting_in_half_open() -> None:
     clock = FakeClock()
     b = make(clock)
 
-    def probe_trial(name: str, old: State, new: State) -> None:
-        if new is State.HALF_OPEN:
+    def probe_trial(name: str, old: CircuitState, new: CircuitState) -> None:
+        if new is CircuitState.HALF_OPEN:
             b.on_success(b.acquire())  # uses the only trial slot and closes the breaker
 
     b.add_listener(probe_trial)
     open_breaker(b)
     clock.advance(10.0)
-    observed: list[State] = []
+    observed: list[CircuitState] = []
     run_in_thread(lambda: observed.append(b.state))  # makes OPEN -> HALF_OPEN -> CLOSED
-    assert observed == [State.HALF_OPEN]  # the state when it was read
-    assert b.state is State.CLOSED
+    assert observed == [CircuitState.HALF_OPEN]  # the state when it was read
+    assert b.state is CircuitState.CLOSED
 
 
 def test_transitions_are_delivered_in_order_across_threads() -> None:
@@ -804,8 +813,8 @@ def test_transitions_are_delivered_in_order_across_threads() -> None:
     go = threading.Event()
     rec = Recorder()
 
-    def slow(name: str, old: State, new: State) -> None:
-        if new is State.OPEN and not entered.is_set():
+    def slow(name: str, old: CircuitState, new: CircuitState) -> None:
+        if new is CircuitState.OPEN and not entered.is_set():
             entered.set()
             assert go.wait(WAIT)
 
@@ -819,7 +828,10 @@ def test_transitions_are_delivered_in_order_across_threads() -> None:
     go.set()
     t.join(WAIT)
     assert not t.is_alive()
-    assert rec.calls == [("L2", State.CLOSED, State.OPEN), ("L2", State.OPEN, State.CLOSED)]
+    assert rec.calls == [
+        ("L2", CircuitState.CLOSED, CircuitState.OPEN),
+        ("L2", CircuitState.OPEN, CircuitState.CLOSED),
+    ]
 
 
 def test_add_and_remove_listener() -> None:
@@ -860,13 +872,13 @@ def test_only_the_injected_clock_is_read(monkeypatch: pytest.MonkeyPatch) -> Non
     clock = FakeClock()
     b = make(clock)
     open_breaker(b)
-    assert b.state is State.OPEN
+    assert b.state is CircuitState.OPEN
     clock.advance(5.0)
-    assert b.state is State.OPEN
+    assert b.state is CircuitState.OPEN
     clock.advance(5.0)
-    assert b.state is State.HALF_OPEN
+    assert b.state is CircuitState.HALF_OPEN
     b.on_success(b.acquire())
-    assert b.state is State.CLOSED
+    assert b.state is CircuitState.CLOSED
     assert reads == []
 
 
@@ -875,11 +887,11 @@ def test_injected_clock_going_backwards_reanchors_the_open_period() -> None:
     b = make(clock)
     open_breaker(b)
     clock.now = 50.0  # a misbehaving clock: the open period restarts from here
-    assert b.state is State.OPEN
+    assert b.state is CircuitState.OPEN
     clock.advance(9.0)
-    assert b.state is State.OPEN
+    assert b.state is CircuitState.OPEN
     clock.advance(1.0)
-    assert b.state is State.HALF_OPEN
+    assert b.state is CircuitState.HALF_OPEN
 
 
 # -- threads ---------------------------------------------------------------------------------
@@ -967,7 +979,7 @@ def test_concurrent_outcomes_keep_counts_consistent() -> None:
     assert stats.opens > 1 and stats.trial_calls > 1  # it really cycled
     assert b._trials == []  # every permit was handed back: no slot leaked
     # listeners saw a consistent chain of transitions, in order
-    assert rec.calls[0][1] is State.CLOSED
+    assert rec.calls[0][1] is CircuitState.CLOSED
     for (_, _, new), (_, old, _) in itertools.pairwise(rec.calls):
         assert new is old
     state = b.state  # may make a due transition first, delivered before it returns
@@ -982,4 +994,4 @@ def test_refusing_is_true_only_while_open_within_the_reset_timeout() -> None:
     assert b.refusing() is True
     clock.advance(5.0)
     assert b.refusing() is False  # a call now would be a trial
-    assert b.state is State.HALF_OPEN
+    assert b.state is CircuitState.HALF_OPEN

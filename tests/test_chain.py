@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import pytest
 
 from cachechain import (
+    MISSING,
     Chain,
     ChainClosedError,
     ChainConfig,
@@ -21,9 +22,8 @@ from cachechain import (
     MemoryLayer,
     WriterConfig,
 )
-from cachechain.layers import MISSING
 from cachechain.metrics import MetricsCollector
-from cachechain.metrics.memory import MemoryCollector
+from cachechain.metrics._memory import MemoryCollector
 from tests.support.fakes import FakeClock, FakeLayer, wait_for_waiters
 
 

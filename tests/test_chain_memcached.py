@@ -8,10 +8,9 @@ from typing import Any
 import pytest
 from pymemcache.client.base import Client
 
-from cachechain import Chain, LayerConfig, MemcachedLayer, MemoryLayer
-from cachechain.layers import MISSING
-from cachechain.layers.memcached import memcached_key
-from cachechain.metrics.memory import MemoryCollector
+from cachechain import MISSING, Chain, LayerConfig, MemcachedLayer, MemoryLayer
+from cachechain.layers._memcached import memcached_key
+from cachechain.metrics._memory import MemoryCollector
 from tests.support.fakes import FakeClock
 from tests.support.faultproxy import FaultProxy
 from tests.support.servers import MemcachedProcess

@@ -10,8 +10,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from cachechain import Chain, MemoryLayer
-from cachechain.layers import MISSING
+from cachechain import MISSING, Chain, MemoryLayer
 from tests.support.fakes import FakeClock, FakeLayer
 
 KEYS = st.sampled_from(["a", "b", "c", "d"])

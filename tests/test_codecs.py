@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cachechain.codecs import (
+from cachechain._codecs import (
     ENVELOPE_HEADER_SIZE,
     ENVELOPE_MAGIC,
     Codec,
@@ -28,7 +28,7 @@ from cachechain.codecs import (
     pack,
     unpack,
 )
-from cachechain.errors import (
+from cachechain._errors import (
     ConfigError,
     InvalidValueError,
     LayerError,

@@ -43,12 +43,12 @@ from django.urls import path
 from django.views.decorators.cache import cache_page
 
 from cachechain import Chain
-from cachechain.codecs import JsonCodec, SignedPickleCodec
+from cachechain._codecs import JsonCodec, SignedPickleCodec
+from cachechain._errors import ChainClosedError, ConfigError
 from cachechain.contrib import _EXITING, NO_EXPIRY_TTL, _close_open_chains
 from cachechain.contrib.django import CachechainCache, close_chains
-from cachechain.errors import ChainClosedError, ConfigError
-from cachechain.layers.base import MISSING
-from cachechain.layers.memcached import MemcachedLayer
+from cachechain.layers._base import MISSING
+from cachechain.layers._memcached import MemcachedLayer
 from tests.support.fakes import wait_for_waiters
 from tests.support.servers import MemcachedProcess
 

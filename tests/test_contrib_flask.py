@@ -18,12 +18,12 @@ from flask import Flask, Response, jsonify
 from flask_caching import Cache
 
 from cachechain import Chain
-from cachechain.codecs import JsonCodec, SignedPickleCodec
+from cachechain._codecs import JsonCodec, SignedPickleCodec
+from cachechain._errors import ChainClosedError, ConfigError, InvalidKeyError
 from cachechain.contrib import _EXITING, NO_EXPIRY_TTL, _close_open_chains
 from cachechain.contrib.flask import CachechainBackend
-from cachechain.errors import ChainClosedError, ConfigError, InvalidKeyError
-from cachechain.layers.base import MISSING
-from cachechain.layers.memcached import MemcachedLayer
+from cachechain.layers._base import MISSING
+from cachechain.layers._memcached import MemcachedLayer
 from tests.support.servers import MemcachedProcess
 
 SECRET = "flask-test-secret"

@@ -10,8 +10,8 @@ import urllib.request
 
 import pytest
 
-from cachechain.cli import main
-from cachechain.demo import DemoOptions, run_demo
+from cachechain._cli import main
+from cachechain._demo import DemoOptions, run_demo
 from tests.support.servers import MemcachedProcess
 
 

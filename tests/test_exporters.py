@@ -17,10 +17,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from cachechain import Chain, MemoryLayer
-from cachechain import exporters as ex
-from cachechain.cli import main
-from cachechain.errors import ConfigError
-from cachechain.exporters import (
+from cachechain import _exporters as ex
+from cachechain._cli import main
+from cachechain._errors import ConfigError
+from cachechain._exporters import (
     ENTRY_POINT_GROUP,
     ExporterConflictError,
     ExporterManager,
@@ -30,10 +30,10 @@ from cachechain.exporters import (
     create_exporter,
     hookimpl,
 )
+from cachechain._settings import chain_config_from_mapping
 from cachechain.metrics import MetricsCollector, NoOpCollector
-from cachechain.metrics.fanout import FanoutCollector
-from cachechain.metrics.memory import MemoryCollector
-from cachechain.settings import chain_config_from_mapping
+from cachechain.metrics._fanout import FanoutCollector
+from cachechain.metrics._memory import MemoryCollector
 from tests.support.servers import MemcachedProcess
 from tests.support.statsd_daemon import StatsdDaemon
 
@@ -139,7 +139,7 @@ def plugin_source(*names: str, fail: bool = False) -> str:
     )
     raise_line = "    raise RuntimeError('hook exploded')" if fail else ""
     return (
-        "from cachechain.exporters import hookimpl\n"
+        "from cachechain._exporters import hookimpl\n"
         "from tests.test_exporters import Recorder\n"
         "@hookimpl\n"
         "def cachechain_register_exporters(registry):\n"
@@ -161,7 +161,7 @@ def test_importing_cachechain_imports_no_plugin_and_discovery_is_lazy() -> None:
         import cachechain
         plugins = {"cachechain_statsd", "cachechain_hit_ratio"}
         assert not plugins & set(sys.modules), "import cachechain loaded a plugin"
-        from cachechain.exporters import available_exporters, create_exporter
+        from cachechain._exporters import available_exporters, create_exporter
         assert "cachechain_statsd" not in sys.modules, "importing exporters loaded a plugin"
         names = [e.name for e in available_exporters()]
         assert "statsd" in names, names
@@ -276,7 +276,7 @@ def test_a_plugin_whose_hook_raises_registers_nothing(dists: Dists) -> None:
 
 def test_a_misspelt_hook_is_a_plugin_failure(dists: Dists) -> None:
     source = (
-        "from cachechain.exporters import hookimpl\n"
+        "from cachechain._exporters import hookimpl\n"
         "@hookimpl\n"
         "def cachechain_register_exporter(registry):\n"
         "    pass\n"
@@ -549,7 +549,7 @@ def test_the_prometheus_exporter_registers_where_its_option_says() -> None:
 def test_the_prometheus_exporter_says_what_to_install_without_prometheus_client(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setitem(sys.modules, "cachechain.metrics.prometheus", None)
+    monkeypatch.setitem(sys.modules, "cachechain.metrics._prometheus", None)
     with pytest.raises(ConfigError, match=r"pip install 'cachechain\[prometheus\]'"):
         builtins_only().create("prometheus")
 

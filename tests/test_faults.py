@@ -18,13 +18,13 @@ import pytest
 from cachechain import (
     Chain,
     CircuitBreaker,
+    CircuitState,
     LayerConfig,
     MemcachedLayer,
     MemoryLayer,
-    ResilientLayer,
-    State,
 )
-from cachechain.metrics.memory import MemoryCollector
+from cachechain._resilience import ResilientLayer
+from cachechain.metrics._memory import MemoryCollector
 from tests.support.fakes import FakeClock
 from tests.support.faultproxy import BacklogListener, FaultProxy
 from tests.support.servers import MemcachedProcess
@@ -46,11 +46,11 @@ class StateWatch:
     """Events set when a breaker enters each state."""
 
     def __init__(self, breaker: CircuitBreaker) -> None:
-        self.entered = {s: threading.Event() for s in State}
-        self.transitions: list[tuple[State, State]] = []
+        self.entered = {s: threading.Event() for s in CircuitState}
+        self.transitions: list[tuple[CircuitState, CircuitState]] = []
         breaker.add_listener(self)
 
-    def __call__(self, name: str, old: State, new: State) -> None:
+    def __call__(self, name: str, old: CircuitState, new: CircuitState) -> None:
         self.transitions.append((old, new))
         self.entered[new].set()
 
@@ -102,7 +102,7 @@ def test_memcached_killed_and_restarted_under_8_threads(own_memcached: Memcached
     try:
         run_a_while()
         own_memcached.stop()
-        assert watch.entered[State.OPEN].wait(10), "the breaker never opened"
+        assert watch.entered[CircuitState.OPEN].wait(10), "the breaker never opened"
         run_a_while()
         # Read once the failing calls have been counted (listeners hear of the opening
         # before the call that opened it returns); no call reaches L2 while it is open.
@@ -113,7 +113,7 @@ def test_memcached_killed_and_restarted_under_8_threads(own_memcached: Memcached
         assert rejected > 0
         own_memcached.start()
         clock.advance(5.0)  # the open period is over: the next call is a trial
-        assert watch.entered[State.CLOSED].wait(10), "the breaker never closed"
+        assert watch.entered[CircuitState.CLOSED].wait(10), "the breaker never closed"
         run_a_while()
     finally:
         stop.set()
@@ -128,9 +128,9 @@ def test_memcached_killed_and_restarted_under_8_threads(own_memcached: Memcached
     # success reset the count after up to 2 failures.
     assert 3 <= failures_before_open <= 3 + 8 + 2 * 9, l2_metrics
     assert watch.transitions[:3] == [
-        (State.CLOSED, State.OPEN),
-        (State.OPEN, State.HALF_OPEN),
-        (State.HALF_OPEN, State.CLOSED),
+        (CircuitState.CLOSED, CircuitState.OPEN),
+        (CircuitState.OPEN, CircuitState.HALF_OPEN),
+        (CircuitState.HALF_OPEN, CircuitState.CLOSED),
     ]
 
 
@@ -156,7 +156,7 @@ def test_black_hole_bounds_every_get_and_the_open_breaker_costs_no_io(
         assert chain.get_or_load(f"k{i}", loader) == "loaded"
         latencies.append(time.perf_counter() - start)
         l1.clear()
-    assert watch.entered[State.OPEN].is_set()
+    assert watch.entered[CircuitState.OPEN].is_set()
     latencies.sort()
     worst = latencies[-1]
     assert worst <= TIMEOUT * 2 + 0.15, f"a get took {worst:.3f} s under a black hole"
@@ -200,7 +200,7 @@ def test_slow_trickle_counts_as_failures_and_opens_the_breaker(proxy: FaultProxy
         assert l2.breaker.stats().consecutive_failures == 1
         chain.layers[0].delete("k")  # type: ignore[attr-defined]
         chain.get("k")
-        assert l2.breaker.state is State.OPEN
+        assert l2.breaker.state is CircuitState.OPEN
 
 
 @pytest.mark.parametrize("fault", ["reset", "close_mid_reply"])
@@ -221,7 +221,7 @@ def test_a_broken_connection_is_a_miss_and_the_next_call_is_correct(
         assert sum(collector.snapshot().layer_metrics["L2"].errors_by_type.values()) == 1
         proxy.pass_through()
         assert chain.get("k") == "value"
-        assert l2.breaker.state is State.CLOSED
+        assert l2.breaker.state is CircuitState.CLOSED
 
 
 def test_a_connect_that_never_completes_is_bounded_by_the_connect_timeout() -> None:

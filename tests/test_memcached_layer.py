@@ -31,10 +31,10 @@ from pymemcache.exceptions import (
     MemcacheUnknownError,
 )
 
-import cachechain.layers.memcached as mcmod
+import cachechain.layers._memcached as mcmod
 from cachechain import _fork
-from cachechain.codecs import ENVELOPE_MAGIC, CorruptValueError, JsonCodec, SignedPickleCodec
-from cachechain.errors import (
+from cachechain._codecs import ENVELOPE_MAGIC, CorruptValueError, JsonCodec, SignedPickleCodec
+from cachechain._errors import (
     ChainClosedError,
     ConfigError,
     InvalidKeyError,
@@ -46,8 +46,8 @@ from cachechain.errors import (
     trips_breaker,
 )
 from cachechain.layers import _wire
-from cachechain.layers.base import MISSING
-from cachechain.layers.memcached import (
+from cachechain.layers._base import MISSING
+from cachechain.layers._memcached import (
     MemcachedLayer,
     MemcachedLayerStats,
     NodeDownError,
@@ -1113,7 +1113,7 @@ def test_cluster_spreads_keys_stably(
     # ...and another process (another hash seed) finds every key where it was put.
     code = (
         "import json, sys\n"
-        "from cachechain.layers.memcached import MemcachedLayer\n"
+        "from cachechain.layers._memcached import MemcachedLayer\n"
         "lay = MemcachedLayer('L2', sys.argv[1:])\n"
         f"print(json.dumps(lay.get_many({KEYS!r})))\n"
     )

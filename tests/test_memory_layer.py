@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-from cachechain import ConfigError, InvalidValueError, MemoryLayer
-from cachechain.layers import MISSING, CacheLayer
+from cachechain import MISSING, ConfigError, InvalidValueError, MemoryLayer
+from cachechain.layers import CacheLayer
 from tests.support.fakes import FakeClock
 
 

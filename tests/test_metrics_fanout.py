@@ -10,10 +10,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from cachechain import Chain, MemoryLayer
-from cachechain.metrics.base import MetricsCollector
-from cachechain.metrics.fanout import FanoutCollector
-from cachechain.metrics.memory import RECORD_METHODS, MemoryCollector
-from cachechain.metrics.prometheus import PrometheusCollector
+from cachechain.metrics._base import MetricsCollector
+from cachechain.metrics._fanout import FanoutCollector
+from cachechain.metrics._memory import RECORD_METHODS, MemoryCollector
+from cachechain.metrics._prometheus import PrometheusCollector
 
 ARGS: dict[str, tuple[Any, ...]] = {
     "record_get": ("L1", True, 0.001),

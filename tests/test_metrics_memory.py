@@ -17,17 +17,17 @@ from cachechain import (
     CircuitBreaker,
     LayerUnavailableError,
     MemoryLayer,
-    ResilientLayer,
 )
-from cachechain.errors import LayerTimeoutError
-from cachechain.metrics.memory import (
+from cachechain._errors import LayerTimeoutError
+from cachechain._resilience import ResilientLayer
+from cachechain.metrics._memory import (
     MAX_LAYERS,
     AccumulatingCollector,
     ChainView,
     Hist,
     MemoryCollector,
 )
-from cachechain.metrics.types import (
+from cachechain.metrics._types import (
     BUCKET_BOUNDS,
     ChainMetrics,
     LatencyHistogram,
@@ -502,7 +502,7 @@ def test_a_thread_that_cannot_say_whether_it_lives_counts_as_ended() -> None:
         def is_alive(self) -> bool:
             raise AssertionError("a dummy thread after fork")
 
-    from cachechain.metrics.memory import _alive
+    from cachechain.metrics._memory import _alive
 
     assert _alive(Odd()) is False
     assert _alive(threading.current_thread()) is True

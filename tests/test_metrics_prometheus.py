@@ -28,12 +28,12 @@ from cachechain import (
     ConfigError,
     LayerUnavailableError,
     MemoryLayer,
-    ResilientLayer,
 )
-from cachechain.metrics import prometheus as prom
-from cachechain.metrics.fanout import FanoutCollector
-from cachechain.metrics.memory import MemoryCollector
-from cachechain.metrics.prometheus import (
+from cachechain._resilience import ResilientLayer
+from cachechain.metrics import _prometheus as prom
+from cachechain.metrics._fanout import FanoutCollector
+from cachechain.metrics._memory import MemoryCollector
+from cachechain.metrics._prometheus import (
     DEFAULT_BUCKETS,
     FAMILIES,
     PrometheusCollector,
@@ -420,7 +420,7 @@ def test_a_failing_collector_does_not_break_the_scrape(
 CHILD = """
 import sys
 from cachechain import Chain, MemoryLayer
-from cachechain.metrics.prometheus import PrometheusCollector
+from cachechain.metrics._prometheus import PrometheusCollector
 
 n, hold = int(sys.argv[1]), sys.argv[2] == "hold"
 collector = PrometheusCollector(flush_interval=0.02)
@@ -646,7 +646,7 @@ def test_a_forked_worker_reports_only_its_own_counts(tmp_path: Path) -> None:
     """gunicorn --preload: the app (and collector) is built in the master, then forked."""
     script = """
 import os, sys
-from cachechain.metrics.prometheus import PrometheusCollector
+from cachechain.metrics._prometheus import PrometheusCollector
 collector = PrometheusCollector(flush_interval=3600)
 view = collector.bind_chain("web", ("L1",))
 for _ in range(7):

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from cachechain.errors import (
+from cachechain._errors import (
     CircuitOpenError,
     ConfigError,
     InvalidKeyError,
@@ -24,10 +24,10 @@ from cachechain.errors import (
     LayerUnavailableError,
     PoolExhaustedError,
 )
-from cachechain.layers.base import MISSING, CacheLayer
-from cachechain.layers.memcached import MemcachedLayer
-from cachechain.layers.memory import MemoryLayer
-from cachechain.resilience import BreakerStats, CircuitBreaker, ResilientLayer, State
+from cachechain._resilience import BreakerStats, CircuitBreaker, CircuitState, ResilientLayer
+from cachechain.layers._base import MISSING, CacheLayer
+from cachechain.layers._memcached import MemcachedLayer
+from cachechain.layers._memory import MemoryLayer
 from tests.support.fakes import FakeClock
 from tests.support.servers import MemcachedProcess
 
@@ -150,10 +150,10 @@ def invoke(r: ResilientLayer, op: str, args: tuple[Any, ...]) -> Any:
 
 
 def test_reexports() -> None:
-    from cachechain import breaker
+    from cachechain import _breaker as breaker
 
     assert CircuitBreaker is breaker.CircuitBreaker
-    assert State is breaker.State
+    assert CircuitState is breaker.CircuitState
     assert BreakerStats is breaker.BreakerStats
 
 
@@ -169,7 +169,7 @@ def test_implements_the_layer_protocol_and_passes_attributes_through() -> None:
     assert r.breaker.name == "remote"  # the default breaker is named after the layer
     assert r.timeout is None  # the fake has no timeout attribute
     assert r.rejected == 0
-    assert r.stats() == BreakerStats(State.CLOSED, 0, 0, 0, 0)
+    assert r.stats() == BreakerStats(CircuitState.CLOSED, 0, 0, 0, 0)
     assert repr(r) == f"<ResilientLayer {layer!r} timeout=None>"
 
 
@@ -201,7 +201,7 @@ def test_every_operation_passes_through_to_a_real_layer() -> None:
     assert r.get_many(["a", "b", "c", "d"]) == {"b": [2]}
     assert mem.get("b") == [2]
     stats = r.stats()
-    assert stats.state is State.CLOSED
+    assert stats.state is CircuitState.CLOSED
     assert stats.consecutive_failures == 0
 
 
@@ -238,7 +238,7 @@ def test_close_closes_the_wrapped_layer_even_when_open() -> None:
     layer.error = LayerUnavailableError("down")
     with pytest.raises(LayerUnavailableError):
         r.get("k")
-    assert r.breaker.state is State.OPEN
+    assert r.breaker.state is CircuitState.OPEN
     r.close()
     r.close()
     assert layer.closed == 2
@@ -255,7 +255,7 @@ def test_misses_and_successes_never_trip(
     r, layer, _ = wrap(max_failures=1, timeout=timeout)
     for _ in range(20):
         assert invoke(r, op, args) == result
-    assert r.breaker.state is State.CLOSED
+    assert r.breaker.state is CircuitState.CLOSED
     assert layer.calls == [op] * 20
 
 
@@ -275,7 +275,7 @@ def test_caller_errors_do_not_trip(
             invoke(r, op, args)
         assert info.value is exc  # re-raised unchanged
     stats = r.stats()
-    assert stats.state is State.CLOSED
+    assert stats.state is CircuitState.CLOSED
     assert stats.consecutive_failures == 0
     assert len(layer.calls) == 5
 
@@ -300,10 +300,10 @@ def test_backend_errors_trip_and_then_calls_are_refused(
     with pytest.raises(type(exc)) as info:
         invoke(r, op, args)
     assert info.value is exc
-    assert r.breaker.state is State.CLOSED
+    assert r.breaker.state is CircuitState.CLOSED
     with pytest.raises(type(exc)):
         invoke(r, op, args)
-    assert r.breaker.state is State.OPEN
+    assert r.breaker.state is CircuitState.OPEN
     layer.error = None
     for n in range(1, 4):  # refused at once, without touching the layer
         with pytest.raises(CircuitOpenError) as refused:
@@ -322,7 +322,7 @@ def test_interrupt_in_the_layer_is_neutral() -> None:
         r.get_with_ttl("k")
     with pytest.raises(KeyboardInterrupt):
         r.delete("k")
-    assert r.breaker.state is State.CLOSED
+    assert r.breaker.state is CircuitState.CLOSED
 
 
 # -- slow calls -------------------------------------------------------------------------
@@ -342,7 +342,7 @@ def test_slow_calls_count_as_failures_but_return_their_result(
     assert invoke(r, op, args) == result  # slow, still answered
     assert r.stats().consecutive_failures == 1
     assert invoke(r, op, args) == result
-    assert r.breaker.state is State.OPEN
+    assert r.breaker.state is CircuitState.OPEN
     with pytest.raises(CircuitOpenError):
         invoke(r, op, args)
     assert len(layer.calls) == 5
@@ -353,7 +353,7 @@ def test_slow_hit_is_returned() -> None:
     layer.data["k"] = "v"
     layer.delay = 1.0
     assert r.get("k") == "v"
-    assert r.breaker.state is State.OPEN
+    assert r.breaker.state is CircuitState.OPEN
 
 
 def test_without_timeout_slow_calls_are_fine() -> None:
@@ -363,7 +363,7 @@ def test_without_timeout_slow_calls_are_fine() -> None:
         assert r.get("k") is MISSING
         assert r.get_with_ttl("k") == (MISSING, None)
         r.delete("k")
-    assert r.breaker.state is State.CLOSED
+    assert r.breaker.state is CircuitState.CLOSED
 
 
 def test_layer_timeout_used_for_slow_calls() -> None:
@@ -372,7 +372,7 @@ def test_layer_timeout_used_for_slow_calls() -> None:
     assert r.timeout == 0.25
     layer.delay = 0.3
     r.get("k")
-    assert r.breaker.state is State.OPEN
+    assert r.breaker.state is CircuitState.OPEN
 
 
 def test_default_clock_times_real_calls() -> None:
@@ -381,7 +381,7 @@ def test_default_clock_times_real_calls() -> None:
     r = ResilientLayer(layer, breaker=CircuitBreaker("L2", max_failures=1), timeout=5.0)
     for _ in range(10):
         r.get("k")
-    assert r.breaker.state is State.CLOSED
+    assert r.breaker.state is CircuitState.CLOSED
 
 
 # -- recovery through half-open ------------------------------------------------------------
@@ -399,7 +399,7 @@ def test_recovers_through_a_half_open_trial() -> None:
         r.get("k")
     clock.advance(10.0)
     assert r.get("k") == "back"  # the trial call
-    assert r.breaker.state is State.CLOSED
+    assert r.breaker.state is CircuitState.CLOSED
     assert r.stats().trial_calls == 1
 
 
@@ -412,7 +412,7 @@ def test_a_slow_trial_reopens() -> None:
     clock.advance(10.0)
     layer.delay = 0.6
     assert r.get_with_ttl("k") == (MISSING, None)
-    assert r.breaker.state is State.OPEN
+    assert r.breaker.state is CircuitState.OPEN
     assert r.stats().opens == 2
 
 
@@ -475,7 +475,7 @@ def test_half_open_lets_exactly_max_calls_through_under_16_threads() -> None:
         assert not entered.acquire(blocking=False)  # no fourth call reached the layer
         assert layer.calls == ["get"] * 4  # the failure that opened it + 3 trials
         stats = r.stats()
-        assert stats.state is State.HALF_OPEN
+        assert stats.state is CircuitState.HALF_OPEN
         assert stats.trial_calls == 3
         assert stats.rejected == 13
         assert r.rejected == 13
@@ -484,7 +484,7 @@ def test_half_open_lets_exactly_max_calls_through_under_16_threads() -> None:
         for t in threads:
             t.join(WAIT)
     assert [results.get(timeout=WAIT) for _ in range(3)] == [("ok", MISSING)] * 3
-    assert r.breaker.state is State.CLOSED
+    assert r.breaker.state is CircuitState.CLOSED
 
 
 def test_the_breaker_lock_is_not_held_during_layer_calls() -> None:
@@ -509,7 +509,7 @@ def test_the_breaker_lock_is_not_held_during_layer_calls() -> None:
         t.join(WAIT)
     assert sorted(done.get(timeout=WAIT) for _ in range(10)) == list(range(10))  # type: ignore[type-var]
     assert not barrier.broken
-    assert r.breaker.state is State.CLOSED
+    assert r.breaker.state is CircuitState.CLOSED
 
 
 # -- against a real memcached ------------------------------------------------------------
@@ -541,7 +541,7 @@ def test_real_memcached_killed_then_restarted(own_memcached: MemcachedProcess) -
             with pytest.raises(LayerUnavailableError) as info:
                 r.get("k")
             assert not isinstance(info.value, CircuitOpenError)
-        assert breaker.state is State.OPEN
+        assert breaker.state is CircuitState.OPEN
         with pytest.raises(CircuitOpenError):
             r.get("k")  # refused: no connection attempted
         with pytest.raises(CircuitOpenError):
@@ -553,7 +553,7 @@ def test_real_memcached_killed_then_restarted(own_memcached: MemcachedProcess) -
             r.get("k")  # still open: the injected clock has not moved
         clock.advance(10.0)
         assert r.get("k") is MISSING  # the trial: a fresh, empty server answers
-        assert breaker.state is State.CLOSED
+        assert breaker.state is CircuitState.CLOSED
         r.set("k", 3)
         assert r.get("k") == 3
     finally:

@@ -9,14 +9,14 @@ from typing import Any
 import pytest
 
 from cachechain import Chain, MemoryLayer
-from cachechain.codecs import JsonCodec, SignedPickleCodec
-from cachechain.config import BreakerConfig, ChainConfig, LayerConfig, WriterConfig
-from cachechain.errors import ConfigError
-from cachechain.exporters import UnknownExporterError
-from cachechain.layers.memcached import MemcachedLayer
+from cachechain._codecs import JsonCodec, SignedPickleCodec
+from cachechain._config import BreakerConfig, ChainConfig, LayerConfig, WriterConfig
+from cachechain._errors import ConfigError
+from cachechain._exporters import UnknownExporterError
+from cachechain._settings import chain_config_from_file, chain_config_from_mapping
+from cachechain.layers._memcached import MemcachedLayer
 from cachechain.metrics import NoOpCollector
-from cachechain.metrics.memory import MemoryCollector
-from cachechain.settings import chain_config_from_file, chain_config_from_mapping
+from cachechain.metrics._memory import MemoryCollector
 from tests.support.servers import MemcachedProcess
 
 CLOSED: list[str] = []
@@ -158,7 +158,7 @@ def test_codecs_by_name_mapping_or_path() -> None:
     assert isinstance(codec_of("json"), JsonCodec)
     assert isinstance(codec_of({"type": "json"}), JsonCodec)
     assert isinstance(codec_of({"type": "signed_pickle", "secret": "s3cret"}), SignedPickleCodec)
-    assert isinstance(codec_of("cachechain.codecs:JsonCodec"), JsonCodec)
+    assert isinstance(codec_of("cachechain:JsonCodec"), JsonCodec)
     instance = JsonCodec()
     assert codec_of(instance) is instance
 

@@ -22,9 +22,9 @@ from pymemcache.exceptions import (
     MemcacheUnknownError,
 )
 
-from cachechain.errors import LayerError, LayerUnavailableError
+from cachechain._errors import LayerError, LayerUnavailableError
 from cachechain.layers import _wire
-from cachechain.layers.memcached import MemcachedLayer
+from cachechain.layers._memcached import MemcachedLayer
 from tests.support.faultproxy import FaultProxy
 from tests.support.servers import MemcachedProcess
 

@@ -27,10 +27,10 @@ from typing import Any
 
 import pytest
 
-from cachechain import writer as writer_module
-from cachechain.errors import ChainClosedError, CircuitOpenError, ConfigError
-from cachechain.layers.base import MISSING, BaseLayer
-from cachechain.writer import DROP_REASONS, AsyncWriter, WriterStats
+from cachechain import _writer as writer_module
+from cachechain._errors import ChainClosedError, CircuitOpenError, ConfigError
+from cachechain._writer import DROP_REASONS, AsyncWriter, WriterStats
+from cachechain.layers._base import MISSING, BaseLayer
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Upper bound (seconds) for any wait in these tests; only reached when a test fails.
@@ -994,8 +994,8 @@ EXIT_SCRIPT = textwrap.dedent(
     """
     import atexit, json, sys, threading, time
 
-    from cachechain.layers.base import MISSING, BaseLayer
-    from cachechain.writer import AsyncWriter
+    from cachechain.layers._base import MISSING, BaseLayer
+    from cachechain._writer import AsyncWriter
 
     delay, count, exit_timeout, idle = (float(a) for a in sys.argv[1:5])
     never = threading.Event()

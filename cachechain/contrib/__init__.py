@@ -50,9 +50,9 @@ import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
-from ..chain import Chain
-from ..codecs import SignedPickleCodec
-from ..layers.base import MISSING
+from .._chain import Chain
+from .._codecs import SignedPickleCodec
+from ..layers._base import MISSING
 
 __all__ = ["NO_EXPIRY_TTL"]
 

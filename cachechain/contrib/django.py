@@ -68,9 +68,9 @@ from asgiref.sync import sync_to_async
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache, InvalidCacheKey
 from django.core.exceptions import ImproperlyConfigured
 
-from ..chain import Chain
-from ..errors import ConfigError
-from ..layers.base import MISSING
+from .._chain import Chain
+from .._errors import ConfigError
+from ..layers._base import MISSING
 from . import (
     NO_EXPIRY_TTL,
     _clear_local_layers,

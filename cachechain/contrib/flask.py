@@ -58,9 +58,9 @@ from typing import Any
 from flask import Flask
 from flask_caching.backends.base import BaseCache
 
-from ..chain import Chain
-from ..errors import ConfigError, InvalidKeyError
-from ..layers.base import MISSING
+from .._chain import Chain
+from .._errors import ConfigError, InvalidKeyError
+from ..layers._base import MISSING
 from . import (
     NO_EXPIRY_TTL,
     _clear_local_layers,

@@ -1,34 +1,36 @@
-"""Cache layers: the contract and the built-in layers.
+"""The kit for writing a cache layer: the contract and a base class.
 
-``MemcachedLayer`` is imported lazily, so that importing the in-process layer does not
-load pymemcache.
+Applications import the built-in layers from :mod:`cachechain` (``MemoryLayer``,
+``MemcachedLayer``); this package holds what a layer author needs.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import importlib
+import warnings
+from typing import Any
 
-from .base import MISSING, BaseLayer, CacheLayer, Entry, check_ttl
-from .memory import MemoryLayer, MemoryLayerStats
+from ._base import BaseLayer, CacheLayer, Entry, check_ttl
 
-if TYPE_CHECKING:
-    from .memcached import MemcachedLayer
+__all__ = ["BaseLayer", "CacheLayer", "Entry", "check_ttl"]
 
-__all__ = [
-    "MISSING",
-    "BaseLayer",
-    "CacheLayer",
-    "Entry",
-    "MemcachedLayer",
-    "MemoryLayer",
-    "MemoryLayerStats",
-    "check_ttl",
-]
+# Names this package exported before 0.2 (deprecated, removed in 0.3).
+_MOVED = {
+    "MISSING": ("cachechain.layers._base", "cachechain"),
+    "MemoryLayer": ("cachechain.layers._memory", "cachechain"),
+    "MemoryLayerStats": ("cachechain.layers._memory", None),
+    "MemcachedLayer": ("cachechain.layers._memcached", "cachechain"),
+}
 
 
 def __getattr__(name: str) -> Any:
-    if name == "MemcachedLayer":
-        from .memcached import MemcachedLayer
-
-        return MemcachedLayer
+    if name in _MOVED:
+        module, home = _MOVED[name]
+        hint = f"import it from {home}" if home else "it is internal"
+        warnings.warn(
+            f"cachechain.layers.{name} is deprecated since cachechain 0.2 and goes in 0.3: {hint}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(module), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -25,17 +25,15 @@ from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry
 
-from cachechain import Chain
-from cachechain.layers.base import CacheLayer
-from cachechain.layers.memory import MemoryLayer
-from cachechain.metrics.prometheus import PrometheusCollector, serve_metrics
+from cachechain import Chain, MemoryLayer, PrometheusCollector, serve_metrics
+from cachechain.layers import CacheLayer
 
 
 def build_chain(memcached: str | None, collector: PrometheusCollector) -> Chain:
     """L1 in-process over L2 (memcached at ``memcached``, else in-process)."""
     l2: CacheLayer
     if memcached:
-        from cachechain.layers.memcached import MemcachedLayer
+        from cachechain import MemcachedLayer
 
         l2 = MemcachedLayer("L2", memcached, key_prefix="example:", timeout=0.1)
     else:

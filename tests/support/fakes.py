@@ -7,7 +7,7 @@ import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from cachechain.layers.base import MISSING, BaseLayer
+from cachechain.layers._base import MISSING, BaseLayer
 
 #: Calls made by unpickling a Boom; the tests' conftest clears it before each test.
 UNPICKLED: list[str] = []

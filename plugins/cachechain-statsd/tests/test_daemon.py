@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 from cachechain import Chain, LayerConfig, MemoryLayer
-from cachechain.exporters import (
+from cachechain._exporters import (
     ENTRY_POINT_GROUP,
     ExporterManager,
     create_exporter,
 )
-from cachechain.metrics.base import MetricsCollector
+from cachechain.metrics._base import MetricsCollector
 
 from cachechain_statsd.exporter import StatsdExporter
 
@@ -174,7 +174,7 @@ def test_an_exporter_left_open_sends_its_counts_at_interpreter_exit(daemon: Any)
     script = textwrap.dedent(
         f"""
         from cachechain import Chain, LayerConfig, MemoryLayer
-        from cachechain.exporters import create_exporter
+        from cachechain._exporters import create_exporter
         x = create_exporter({{"exporter": "statsd", "options": {{
             "host": "127.0.0.1", "port": {daemon.port}, "prefix": "{prefix}",
             "flush_interval": 3600}}}})

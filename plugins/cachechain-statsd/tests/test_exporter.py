@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 from cachechain import Chain, MemoryLayer
-from cachechain.errors import ConfigError
-from cachechain.metrics.base import MetricsCollector
+from cachechain._errors import ConfigError
+from cachechain.metrics._base import MetricsCollector
 
 import cachechain_statsd
 from cachechain_statsd import exporter as exporter_module

@@ -60,8 +60,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cachechain.errors import ConfigError
-from cachechain.metrics.base import MetricsCollector
+from cachechain import ConfigError
+from cachechain.metrics import MetricsCollector
 from statsd.client.base import StatsClientBase
 from statsd.client.udp import Pipeline
 

@@ -1,0 +1,274 @@
+"""Value codecs: how a remote layer turns values into bytes and back, and the envelope.
+
+A codec encodes one value into bytes and decodes them back. Two are provided:
+
+- :class:`JsonCodec` (the default, ``codec_id`` 1): compact JSON. Only JSON types are
+  accepted: ``dict`` with ``str`` keys, ``list``, ``tuple`` (read back as a ``list``),
+  ``str``, ``int``, ``float`` (finite), ``bool`` and ``None``. Reading it back never runs
+  code.
+- :class:`SignedPickleCodec` (``codec_id`` 2): any picklable value, signed with
+  HMAC-SHA256 under a secret. The signature is checked before anything is unpickled,
+  so whoever can write to the cache but does not know the secret cannot make a reader
+  run code (the Flask-Caching and Django pickle problem). A value written with one
+  key can still be copied by such a writer under another key of the same layer: the
+  signature covers the value, not the key it is stored under.
+
+:func:`pack` and :func:`unpack` wrap a codec's payload in a 10-byte envelope::
+
+    byte 0      magic/version (0xC1, never the first byte of UTF-8 text, JSON or pickle)
+    byte 1      codec id
+    bytes 2-9   expires_at: big-endian IEEE double, unix wall-clock seconds, 0.0 = never
+    bytes 10-   the codec's payload
+
+so a reader can tell an expired entry (sub-second TTLs that memcached cannot express),
+and refuses bytes written by anything else, or by a layer with another codec.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import json.scanner
+import math
+import pickle
+import struct
+from typing import Any, Protocol, runtime_checkable
+
+from ._errors import ConfigError, CorruptValueError, InvalidValueError
+
+__all__ = [
+    "ENVELOPE_HEADER_SIZE",
+    "ENVELOPE_MAGIC",
+    "Codec",
+    "CorruptValueError",
+    "JsonCodec",
+    "SignedPickleCodec",
+    "pack",
+    "unpack",
+]
+
+#: The first byte of every envelope: format version 1 of cachechain's envelope.
+ENVELOPE_MAGIC = 0xC1
+
+_HEADER = struct.Struct(">BBd")
+
+#: Bytes of envelope before the codec payload (magic, codec id, ``expires_at``).
+ENVELOPE_HEADER_SIZE = _HEADER.size
+
+
+@runtime_checkable
+class Codec(Protocol):
+    """Turns values into bytes and back, for the layers that store bytes."""
+
+    @property
+    def codec_id(self) -> int:
+        """This codec's id, 0-255, stored in the envelope so that a reader configured
+        with another codec refuses the data instead of misreading it."""
+
+    def encode(self, value: Any) -> bytes:
+        """Return ``value`` as bytes.
+
+        Raises :class:`~cachechain.errors.InvalidValueError`, naming the problem, when
+        the value cannot be encoded.
+        """
+
+    def decode(self, data: bytes) -> Any:
+        """Return the value that ``data`` encodes.
+
+        Raises :class:`CorruptValueError` when ``data`` is not a valid encoding.
+        """
+
+
+def _reject_constant(name: str) -> Any:
+    """``parse_constant`` hook for :func:`json.loads`: NaN and infinities are not JSON."""
+    raise ValueError(f"{name} is not valid JSON")
+
+
+#: One decoder for every call (``json.loads`` with a hook builds a new one each time),
+#: used through its scanner: our encoder writes no surrounding whitespace.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_SCAN = json.scanner.make_scanner(_DECODER)  # type: ignore[arg-type]  # the stub names the wrong type
+
+
+class JsonCodec:
+    """Compact JSON (``codec_id`` 1), UTF-8 encoded; the default codec.
+
+    Accepts only JSON types: ``dict`` with ``str`` keys, ``list``, ``tuple``, ``str``,
+    ``int``, ``float``, ``bool`` and ``None``. A ``tuple`` is stored as a JSON array and
+    so reads back as a ``list``; subclasses of those types read back as the base type.
+    Anything else (``bytes``, ``set``, ``datetime``, a ``dict`` with non-``str`` keys,
+    NaN or infinity, a circular structure) raises
+    :class:`~cachechain.errors.InvalidValueError` on ``encode``.
+    """
+
+    codec_id: int = 1
+
+    def encode(self, value: Any) -> bytes:
+        """Return the compact JSON encoding of ``value``.
+
+        Raises :class:`~cachechain.errors.InvalidValueError` for a value that is not
+        made only of JSON types.
+        """
+        try:
+            text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise InvalidValueError(f"value cannot be encoded as JSON: {exc}") from exc
+        if isinstance(value, (dict, list, tuple)):
+            _check_str_keys(value)
+        try:
+            return text.encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone surrogate in a str: keep it, escaped as \udXXX, which JSON allows.
+            return json.dumps(
+                value, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+            ).encode("ascii")
+
+    def decode(self, data: bytes) -> Any:
+        """Return the value encoded in ``data``.
+
+        Raises :class:`CorruptValueError` for bytes that are not UTF-8 JSON.
+        """
+        try:
+            text = data.decode("utf-8")
+            value, end = _SCAN(text, 0)
+        except StopIteration as exc:  # the scanner's "no JSON value at this index"
+            raise CorruptValueError("stored value is not valid JSON") from exc
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise CorruptValueError(f"stored value is not valid JSON: {exc}") from exc
+        if end != len(text):
+            raise CorruptValueError(f"stored value is not valid JSON: extra data at {end}")
+        return value
+
+    def __repr__(self) -> str:
+        return "JsonCodec()"
+
+
+def _check_str_keys(value: dict[Any, Any] | list[Any] | tuple[Any, ...]) -> None:
+    """Raise InvalidValueError if any dict inside ``value`` has a key that is not a str.
+
+    ``json.dumps`` silently turns ``int``, ``float``, ``bool`` and ``None`` keys into
+    strings, so ``{1: "a"}`` would read back as ``{"1": "a"}``. Called only after
+    ``json.dumps`` succeeded, so ``value`` is finite and acyclic.
+    """
+    containers = (dict, list, tuple)
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if not isinstance(key, str):
+                    raise InvalidValueError(
+                        f"JSON object keys must be str, got {type(key).__name__} key {key!r}"
+                    )
+                if isinstance(child, containers):
+                    stack.append(child)
+        else:
+            stack.extend(child for child in item if isinstance(child, containers))
+
+
+class SignedPickleCodec:
+    """Pickle (highest protocol) signed with HMAC-SHA256 (``codec_id`` 2).
+
+    The payload is a 32-byte signature followed by the pickle. ``decode`` verifies the
+    signature with :func:`hmac.compare_digest` before unpickling anything. The signing
+    key is derived from ``secret`` for this codec only, so a signature made elsewhere
+    with the same secret is never accepted here.
+
+    Every process that shares the cache must use the same ``secret`` (``bytes``, or a
+    ``str`` taken as UTF-8). Raises :class:`~cachechain.errors.ConfigError` for an
+    empty secret or one of another type.
+    """
+
+    codec_id: int = 2
+
+    #: Length of the signature at the start of the payload, in bytes.
+    SIGNATURE_SIZE = hashlib.sha256().digest_size
+
+    def __init__(self, secret: bytes | str) -> None:
+        if isinstance(secret, str):
+            secret = secret.encode("utf-8")
+        if not isinstance(secret, bytes):
+            raise ConfigError(f"secret must be bytes or str, got {type(secret).__name__}")
+        if not secret:
+            raise ConfigError("secret must not be empty")
+        self._key = hmac.new(secret, b"cachechain.SignedPickleCodec.v1", hashlib.sha256).digest()
+
+    def _sign(self, data: bytes) -> bytes:
+        return hmac.new(self._key, data, hashlib.sha256).digest()
+
+    def encode(self, value: Any) -> bytes:
+        """Return the signature followed by the pickle of ``value``.
+
+        Raises :class:`~cachechain.errors.InvalidValueError` when ``value`` cannot be
+        pickled (a lambda, a lock, an open file...).
+        """
+        try:
+            data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # PicklingError, TypeError, AttributeError, RecursionError
+            raise InvalidValueError(f"value cannot be pickled: {exc!r}") from exc
+        return self._sign(data) + data
+
+    def decode(self, data: bytes) -> Any:
+        """Verify the signature, then unpickle.
+
+        Raises :class:`CorruptValueError` for a missing or wrong signature (nothing is
+        unpickled then), or a signed pickle that no longer loads (a class renamed by a
+        deploy, for example).
+        """
+        size = self.SIGNATURE_SIZE
+        if len(data) <= size:
+            raise CorruptValueError("signed pickle is truncated (no signature or no data)")
+        signature, body = data[:size], data[size:]
+        if not hmac.compare_digest(signature, self._sign(body)):
+            raise CorruptValueError("signed pickle has a bad signature; not unpickled")
+        try:
+            return pickle.loads(body)
+        except Exception as exc:  # a signed value that no longer loads: treat as a miss
+            raise CorruptValueError(f"signed pickle does not load: {exc!r}") from exc
+
+    def __repr__(self) -> str:
+        return "SignedPickleCodec(secret=<hidden>)"
+
+
+def pack(codec: Codec, value: Any, expires_at: float | None) -> bytes:
+    """Return the envelope of ``value``: header, then ``codec.encode(value)``.
+
+    ``expires_at`` is the entry's expiry in unix wall-clock seconds, or ``None`` for
+    none. Raises :class:`~cachechain.errors.InvalidValueError` when the codec cannot
+    encode the value or ``expires_at`` is not a finite number > 0.
+    """
+    if expires_at is None:
+        stamp = 0.0
+    elif not (isinstance(expires_at, (int, float)) and math.isfinite(expires_at)) or not (
+        expires_at > 0
+    ):
+        raise InvalidValueError(f"expires_at must be finite seconds > 0, got {expires_at!r}")
+    else:
+        stamp = float(expires_at)
+    payload = codec.encode(value)
+    return _HEADER.pack(ENVELOPE_MAGIC, codec.codec_id, stamp) + payload
+
+
+def unpack(codec: Codec, data: bytes) -> tuple[Any, float | None]:
+    """Return ``(value, expires_at)`` from an envelope made by :func:`pack`.
+
+    ``expires_at`` is unix wall-clock seconds, or ``None`` for an entry that does not
+    expire; the caller decides whether it has passed. Raises :class:`CorruptValueError`
+    for truncated data, a wrong magic byte, a codec id other than ``codec``'s (a JSON
+    reader never unpickles; a pickle reader never trusts unsigned data), an invalid
+    expiry, or a payload the codec rejects.
+    """
+    if len(data) < ENVELOPE_HEADER_SIZE:
+        raise CorruptValueError(f"stored value is truncated ({len(data)} bytes)")
+    magic, codec_id, stamp = _HEADER.unpack_from(data)
+    if magic != ENVELOPE_MAGIC:
+        raise CorruptValueError(f"stored value has an unknown envelope (magic 0x{magic:02x})")
+    if codec_id != codec.codec_id:
+        raise CorruptValueError(
+            f"stored value was written by codec {codec_id}, this layer reads {codec.codec_id}"
+        )
+    if not math.isfinite(stamp) or stamp < 0:
+        raise CorruptValueError(f"stored value has an invalid expiry {stamp!r}")
+    value = codec.decode(data[ENVELOPE_HEADER_SIZE:])
+    return value, (stamp if stamp else None)

@@ -1,0 +1,212 @@
+"""The layer contract: what the chain asks of every cache layer.
+
+A layer stores values under ``str`` keys with a per-entry time to live in seconds. A
+miss is not an exception: ``get`` returns the :data:`MISSING` sentinel. A layer raises
+only for a failure (a :class:`~cachechain.errors.LayerError` or anything its backend
+raises) or for input it cannot take (:class:`~cachechain.errors.InvalidKeyError`,
+:class:`~cachechain.errors.InvalidValueError`).
+
+Layers know nothing of the chain, the breakers or the metrics. Write a new layer by
+subclassing :class:`BaseLayer` and implementing ``get_with_ttl``, ``set`` and
+``delete``; the batch methods default to loops over those.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Final, Protocol, runtime_checkable
+
+from .._errors import ConfigError, InvalidValueError
+
+__all__ = ["MISSING", "BaseLayer", "CacheLayer", "Entry", "check_ttl"]
+
+
+class _Missing:
+    """The type of :data:`MISSING`; there is exactly one instance."""
+
+    __slots__ = ()
+    _instance: _Missing | None = None
+
+    def __new__(cls) -> _Missing:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __reduce__(self) -> str:
+        return "MISSING"
+
+
+#: Returned by a layer's ``get`` on a miss. Compare with ``is``.
+MISSING: Final[Any] = _Missing()
+
+#: A hit with its remaining time to live: ``(value, ttl)``, where ``ttl`` is in seconds,
+#: or ``None`` when the entry never expires.
+Entry = tuple[Any, "float | None"]
+
+
+@runtime_checkable
+class CacheLayer(Protocol):
+    """What a cache layer provides. TTLs are seconds (``float``); ``None`` means the
+    layer's default TTL on writes and "never expires" on reads."""
+
+    @property
+    def name(self) -> str:
+        """The layer's name, used in metrics labels and logs (for example ``"L1"``)."""
+
+    @property
+    def local(self) -> bool:
+        """True for an in-process layer, which the chain writes synchronously and does
+        not wrap in a circuit breaker by default."""
+
+    @property
+    def max_ttl(self) -> float | None:
+        """The longest TTL (seconds) this layer stores; longer ones are capped. ``None``:
+        no cap."""
+
+    def get(self, key: str) -> Any:
+        """Return the value stored under ``key``, or :data:`MISSING`."""
+
+    def get_with_ttl(self, key: str) -> tuple[Any, float | None]:
+        """Return ``(value, remaining_ttl_seconds_or_None)``, or ``(MISSING, None)``."""
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, Any]:
+        """Return the hits among ``keys`` as a dict; misses are absent."""
+
+    def get_many_with_ttl(self, keys: Sequence[str]) -> dict[str, tuple[Any, float | None]]:
+        """Return the hits among ``keys`` with their remaining TTLs; misses are absent."""
+
+    def set(self, key: str, value: Any, ttl: float | None = None) -> None:
+        """Store ``value`` for ``ttl`` seconds (``None``: the layer's default).
+
+        Raises :class:`~cachechain.errors.InvalidValueError` for a value it cannot
+        store, or a layer error when the backend fails. A layer that refuses a value
+        must not go on serving an older value of ``key`` (delete it, best effort).
+        """
+
+    def set_many(self, items: Mapping[str, Any], ttl: float | None = None) -> list[str]:
+        """Store every item it can; return the keys whose values could not be stored
+        because they were invalid for this layer. A backend failure raises."""
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; removing an absent key is not an error."""
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        """Remove every key in ``keys``."""
+
+    def close(self) -> None:
+        """Release the layer's resources (connections). Idempotent."""
+
+
+def check_ttl(ttl: float | None, *, field: str = "ttl") -> float | None:
+    """Validate a TTL in seconds: ``None`` or a finite number greater than zero.
+
+    Raises :class:`~cachechain.errors.ConfigError` naming ``field`` otherwise.
+    """
+    if ttl is None:
+        return None
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
+        raise ConfigError(f"{field} must be a number of seconds or None, got {ttl!r}")
+    if not math.isfinite(ttl) or ttl <= 0:
+        raise ConfigError(f"{field} must be a finite number of seconds > 0, got {ttl!r}")
+    return float(ttl)
+
+
+class BaseLayer(abc.ABC):
+    """A convenient base for layers: implement ``get_with_ttl``, ``set`` and ``delete``.
+
+    ``default_ttl`` applies when a write gives no TTL (``None``: entries do not expire);
+    ``max_ttl`` caps every TTL (``None``: no cap). Both are seconds.
+    """
+
+    local: bool = False
+
+    def __init__(
+        self, name: str, *, default_ttl: float | None = None, max_ttl: float | None = None
+    ) -> None:
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"name must be a non-empty str, got {name!r}")
+        self._name = name
+        self.default_ttl = check_ttl(default_ttl, field="default_ttl")
+        self._max_ttl = check_ttl(max_ttl, field="max_ttl")
+
+    @property
+    def name(self) -> str:
+        """The layer's name, as given to the constructor."""
+        return self._name
+
+    @property
+    def max_ttl(self) -> float | None:
+        """The longest TTL (seconds) this layer stores, or ``None`` for no cap."""
+        return self._max_ttl
+
+    def effective_ttl(self, ttl: float | None) -> float | None:
+        """Resolve a write's TTL: the layer default when ``None``, capped by ``max_ttl``.
+
+        Raises :class:`~cachechain.errors.InvalidValueError` for a TTL that is not a
+        positive finite number.
+        """
+        if ttl is None:
+            ttl = self.default_ttl
+        elif isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl < math.inf:
+            raise InvalidValueError(f"ttl must be a finite number of seconds > 0, got {ttl!r}")
+        if ttl is not None and self._max_ttl is not None and ttl > self._max_ttl:
+            return self._max_ttl
+        return ttl
+
+    def get(self, key: str) -> Any:
+        """Return the value stored under ``key``, or :data:`MISSING`."""
+        return self.get_with_ttl(key)[0]
+
+    @abc.abstractmethod
+    def get_with_ttl(self, key: str) -> tuple[Any, float | None]:
+        """Return ``(value, remaining_ttl)``, or ``(MISSING, None)`` on a miss."""
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, Any]:
+        """Return the hits among ``keys``; the default asks for each key in turn."""
+        return {k: v for k, (v, _) in self.get_many_with_ttl(keys).items()}
+
+    def get_many_with_ttl(self, keys: Sequence[str]) -> dict[str, tuple[Any, float | None]]:
+        """Return the hits among ``keys`` with their remaining TTLs (seconds)."""
+        found: dict[str, tuple[Any, float | None]] = {}
+        for key in keys:
+            entry = self.get_with_ttl(key)
+            if entry[0] is not MISSING:
+                found[key] = entry
+        return found
+
+    @abc.abstractmethod
+    def set(self, key: str, value: Any, ttl: float | None = None) -> None:
+        """Store ``value`` under ``key`` for ``ttl`` seconds."""
+
+    def set_many(self, items: Mapping[str, Any], ttl: float | None = None) -> list[str]:
+        """Store each item; return the keys whose values were invalid for this layer."""
+        rejected: list[str] = []
+        for key, value in items.items():
+            try:
+                self.set(key, value, ttl)
+            except InvalidValueError:
+                rejected.append(key)
+        return rejected
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove ``key``."""
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        """Remove each key in turn."""
+        for key in keys:
+            self.delete(key)
+
+    def close(self) -> None:  # noqa: B027 - a no-op default is the point
+        """Release resources; the default has none."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._name!r}>"

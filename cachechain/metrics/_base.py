@@ -1,0 +1,288 @@
+"""The metrics contract: what the chain, the breakers and the writers report.
+
+:class:`MetricsCollector` has the seed's eight methods plus a few the metric catalogue
+needs; every method is a no-op here, so a collector overrides what it cares about. A
+collector written against the seed's eight methods alone (subclass or not) keeps
+working: :func:`adapt` fills in the rest. Durations are seconds as ``float``.
+
+Collectors must be quick and must not block: they are called on the request path. A
+collector that raises never fails a cache operation; its errors are counted
+(:attr:`CollectorGuard.failures`) and logged once.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+__all__ = [
+    "RECORD_METHODS",
+    "SEED_METHODS",
+    "CollectorGuard",
+    "MetricsCollector",
+    "NoOpCollector",
+    "adapt",
+    "never_raises",
+]
+
+log = logging.getLogger("cachechain.metrics")
+
+
+class MetricsCollector:
+    """Receives cache metrics. Subclass it and override the methods you need.
+
+    ``layer`` is a layer's configured name; ``state`` is a breaker state (0 closed, 1
+    open, 2 half-open); ``layer_index`` is the position of the layer that served a get
+    (0 = the first), or -1 when none did. Every method returns quickly and never raises
+    on purpose.
+    """
+
+    # -- the seed's eight methods -------------------------------------------------
+    def record_get(self, layer: str, hit: bool, duration: float) -> None:
+        """One ``get`` of one key on ``layer``: a hit or a clean miss, in ``duration`` s."""
+
+    def record_set(self, layer: str, success: bool, duration: float) -> None:
+        """One synchronous ``set`` on ``layer`` (or ``set_many``, once per call)."""
+
+    def record_delete(self, layer: str, success: bool, duration: float) -> None:
+        """One synchronous ``delete`` on ``layer`` (or ``delete_many``, once per call)."""
+
+    def record_circuit_state(self, layer: str, state: int) -> None:
+        """``layer``'s breaker changed to ``state``; called once per transition."""
+
+    def record_queue_depth(self, layer: str, depth: int) -> None:
+        """The async writer of ``layer`` holds ``depth`` pending writes."""
+
+    def record_write_dropped(self, layer: str, reason: str = "queue_full") -> None:
+        """The async writer of ``layer`` dropped a write; ``reason`` is ``queue_full``,
+        ``circuit_open`` or ``closed`` (collectors with the seed's one-argument form
+        are called without it)."""
+
+    def record_async_write(self, layer: str, success: bool, duration: float) -> None:
+        """The async writer of ``layer`` finished one write in ``duration`` s."""
+
+    def record_chain_get(self, hit: bool, layer_index: int, total_duration: float) -> None:
+        """One logical ``get`` of the chain: exactly one call per key asked for."""
+
+    # -- beyond the seed ----------------------------------------------------------
+    def bind_chain(self, chain: str, layers: Sequence[str]) -> MetricsCollector:
+        """Return the collector a chain named ``chain`` with ``layers`` reports to.
+
+        Called once when the chain is built; the default returns ``self``. Collectors
+        that label by chain return a view bound to it (and can pre-bind their series).
+        """
+        return self
+
+    def record_first_layer_hit(self, layer: str, duration: float) -> None:
+        """A logical get served by the first layer in ``duration`` s: the same as
+        ``record_get(layer, True, duration)`` then ``record_chain_get(True, 0,
+        duration)``, which is what this default does. The chain's hottest path makes
+        this one call, so a collector can override it to do both in one step."""
+        self.record_get(layer, True, duration)
+        self.record_chain_get(True, 0, duration)
+
+    def record_error(self, layer: str, operation: str, error_type: str) -> None:
+        """A call to ``layer`` failed; ``error_type`` is one of
+        :data:`cachechain.errors.ERROR_TYPES`. Not called for misses."""
+
+    def record_circuit_rejected(self, layer: str) -> None:
+        """``layer``'s open breaker refused a call without any I/O."""
+
+    def record_queue_capacity(self, layer: str, capacity: int) -> None:
+        """The async writer of ``layer`` holds at most ``capacity`` pending writes."""
+
+    def record_load(self, success: bool, duration: float) -> None:
+        """The loader of ``get_or_load`` ran once, for ``duration`` s."""
+
+    def record_singleflight_shared(self) -> None:
+        """A caller joined a load already in flight instead of running the loader."""
+
+    def record_evictions(self, layer: str, count: int) -> None:
+        """The in-process ``layer`` evicted ``count`` more entries to make room."""
+
+    def record_entries(self, layer: str, entries: int) -> None:
+        """The in-process ``layer`` holds ``entries`` entries."""
+
+    def add_refresh_hook(self, fn: Callable[[], object]) -> None:
+        """Ask the collector to call ``fn()`` before it reads its figures (each scrape,
+        snapshot or flush), so that values polled rather than pushed (an in-process
+        layer's entries and evictions) are current when read. ``fn`` reports through
+        the ``record_*`` methods; whatever it raises is swallowed by the collector, and
+        a hook that returns ``False`` is dropped (its chain is gone). The default does
+        nothing: a collector that never reads needs no refresh."""
+
+
+class NoOpCollector(MetricsCollector):
+    """Records nothing. The default: a chain given it does not even read the clock."""
+
+
+_EXTRA = (
+    "record_error",
+    "record_circuit_rejected",
+    "record_queue_capacity",
+    "record_load",
+    "record_singleflight_shared",
+    "record_evictions",
+    "record_entries",
+)
+#: The seed's eight methods: every collector must have them.
+SEED_METHODS: tuple[str, ...] = (
+    "record_get",
+    "record_set",
+    "record_delete",
+    "record_circuit_state",
+    "record_queue_depth",
+    "record_write_dropped",
+    "record_async_write",
+    "record_chain_get",
+)
+
+#: Every ``record_*`` method of :class:`MetricsCollector`: the seed's eight, the extras
+#: and the fused first-layer hit.
+RECORD_METHODS: tuple[str, ...] = (*SEED_METHODS, *_EXTRA, "record_first_layer_hit")
+
+
+def _noop(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def never_raises(fn: F) -> F:
+    """Mark a collector method (a plain function or closure) as one that never raises.
+
+    :class:`CollectorGuard` then calls it directly instead of through its guard,
+    saving a call per metric on the request path. Only mark code that catches its own
+    errors; an unmarked method (a subclass override, say) stays guarded.
+    """
+    fn.__dict__["never_raises"] = True
+    return fn
+
+
+def _trusted(method: Callable[..., Any]) -> bool:
+    return getattr(method, "never_raises", False) is True
+
+
+class CollectorGuard:
+    """Resolves a collector's methods once and shields the caller from its failures.
+
+    Each attribute named like a :class:`MetricsCollector` method is a callable that
+    calls the collector and swallows (counts, logs once) whatever it raises. Methods a
+    duck-typed collector lacks are no-ops; a seed-style ``record_write_dropped(layer)``
+    is called without the reason.
+    """
+
+    record_get: Callable[[str, bool, float], None]
+    record_set: Callable[[str, bool, float], None]
+    record_delete: Callable[[str, bool, float], None]
+    record_circuit_state: Callable[[str, int], None]
+    record_queue_depth: Callable[[str, int], None]
+    record_write_dropped: Callable[[str, str], None]
+    record_async_write: Callable[[str, bool, float], None]
+    record_chain_get: Callable[[bool, int, float], None]
+    record_error: Callable[[str, str, str], None]
+    record_circuit_rejected: Callable[[str], None]
+    record_queue_capacity: Callable[[str, int], None]
+    record_load: Callable[[bool, float], None]
+    record_singleflight_shared: Callable[[], None]
+    record_evictions: Callable[[str, int], None]
+    record_entries: Callable[[str, int], None]
+    record_first_layer_hit: Callable[[str, float], None]
+
+    def __init__(self, collector: Any) -> None:
+        self.collector = collector
+        #: How many calls into the collector raised.
+        self.failures = 0
+        self._logged = False
+        self._lock = threading.Lock()
+        for name in SEED_METHODS + _EXTRA:
+            method = getattr(collector, name, None)
+            if method is None:
+                if name in SEED_METHODS:
+                    raise TypeError(f"metrics collector {collector!r} has no {name}()")
+                setattr(self, name, _noop)
+                continue
+            if name == "record_write_dropped" and not _accepts_reason(method):
+                method = _drop_reason(method)
+            setattr(self, name, method if _trusted(method) else self._guard(method))
+        fused = getattr(collector, "record_first_layer_hit", None)
+        if fused is None:
+            get, chain_get = self.record_get, self.record_chain_get
+
+            def fused(layer: str, duration: float) -> None:
+                get(layer, True, duration)
+                chain_get(True, 0, duration)
+
+            self.record_first_layer_hit = fused
+        else:
+            self.record_first_layer_hit = fused if _trusted(fused) else self._guard(fused)
+
+    def _guard(self, method: Callable[..., Any]) -> Callable[..., None]:
+        def guarded(*args: Any) -> None:
+            try:
+                method(*args)
+            except Exception as exc:
+                self.failed(exc)
+
+        guarded.__name__ = getattr(method, "__name__", "record")
+        return guarded
+
+    def failed(self, exc: BaseException) -> None:
+        """Count a collector failure and log the first one."""
+        with self._lock:
+            self.failures += 1
+            first = not self._logged
+            self._logged = True
+        if first:
+            log.warning(
+                "metrics collector %r raised %r; cache operations are unaffected, and "
+                "further collector errors are counted but not logged",
+                self.collector,
+                exc,
+            )
+
+
+def _accepts_reason(method: Callable[..., Any]) -> bool:
+    try:
+        sig = inspect.signature(method)
+    except (TypeError, ValueError):
+        return True
+    params = list(sig.parameters.values())
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return True
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2
+
+
+def _drop_reason(method: Callable[..., Any]) -> Callable[..., Any]:
+    def call(layer: str, reason: str = "queue_full") -> Any:
+        return method(layer)
+
+    return call
+
+
+def adapt(collector: Any, chain: str, layers: Sequence[str]) -> CollectorGuard | None:
+    """Prepare ``collector`` for a chain: ``None`` for no metrics at all, else a guard.
+
+    ``None`` and :class:`NoOpCollector` give ``None`` (the chain then skips timing
+    entirely). A collector with ``bind_chain`` is bound to the chain first; if that
+    raises, the collector is used unbound and the failure counted and logged like any
+    other. Raises ``TypeError`` when a seed method is missing.
+    """
+    if collector is None or type(collector) is NoOpCollector:
+        return None
+    bind = getattr(collector, "bind_chain", None)
+    failure: Exception | None = None
+    if bind is not None:
+        try:
+            collector = bind(chain, tuple(layers))
+        except Exception as exc:
+            failure = exc
+    guard = CollectorGuard(collector)
+    if failure is not None:
+        guard.failed(failure)
+    return guard
