@@ -44,10 +44,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import ParamSpec, TypeVar
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 from . import _fork
 from ._errors import CircuitOpenError, ConfigError, trips_breaker
+
+if TYPE_CHECKING:
+    from ._config import BreakerConfig
 
 __all__ = ["BreakerStats", "CircuitBreaker", "CircuitState", "Permit", "StateListener"]
 
@@ -219,6 +222,25 @@ class CircuitBreaker:
         self._events: deque[tuple[CircuitState, CircuitState]] = deque()
         self._notifying = False
         _fork.track(self)
+
+    @classmethod
+    def from_config(
+        cls, name: str, config: BreakerConfig, *, clock: Callable[[], float] = time.monotonic
+    ) -> CircuitBreaker:
+        """A breaker named ``name`` with the settings of ``config`` (a
+        :class:`~cachechain.BreakerConfig`). Raises :class:`~cachechain.ConfigError`
+        for a bad name."""
+        return cls(
+            name,
+            max_failures=config.max_failures,
+            reset_timeout=config.reset_timeout,
+            half_open_max_calls=config.half_open_max_calls,
+            half_open_successes=config.half_open_successes,
+            failure_rate=config.failure_rate,
+            window=config.window,
+            min_calls=config.min_calls,
+            clock=clock,
+        )
 
     def _after_fork(self) -> None:
         """In a forked child: a fresh lock; trial calls of the parent's threads will

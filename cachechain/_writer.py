@@ -49,10 +49,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from ._errors import ChainClosedError, CircuitOpenError, ConfigError
 from .layers._base import CacheLayer
+
+if TYPE_CHECKING:
+    from ._config import WriterConfig
 
 __all__ = ["DROP_REASONS", "AsyncWriter", "WriterObserver", "WriterStats"]
 
@@ -214,6 +217,20 @@ class AsyncWriter:
         self._init_state()
         with _LIVE_LOCK:
             _LIVE.add(self)
+
+    @classmethod
+    def from_config(cls, layer: CacheLayer, config: WriterConfig) -> AsyncWriter:
+        """The async writer of ``layer`` with the settings of ``config`` (a
+        :class:`~cachechain.WriterConfig`). Raises :class:`~cachechain.ConfigError`
+        for a layer that is not a :class:`~cachechain.layers.CacheLayer`."""
+        return cls(
+            layer,
+            queue_size=config.queue_size,
+            max_wait=config.max_wait,
+            workers=config.workers,
+            retry_delay=config.retry_delay,
+            max_retry_delay=config.max_retry_delay,
+        )
 
     def _init_state(self) -> None:
         """Create the locks, the queue and the counters (at creation and after a fork)."""

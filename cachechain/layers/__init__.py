@@ -10,9 +10,25 @@ import importlib
 import warnings
 from typing import Any
 
-from ._base import BaseLayer, CacheLayer, Entry, check_ttl
+from ._base import (
+    BaseLayer,
+    CacheLayer,
+    Entry,
+    SupportsClear,
+    SupportsStats,
+    SupportsTimeout,
+    check_ttl,
+)
 
-__all__ = ["BaseLayer", "CacheLayer", "Entry", "check_ttl"]
+__all__ = [
+    "BaseLayer",
+    "CacheLayer",
+    "Entry",
+    "SupportsClear",
+    "SupportsStats",
+    "SupportsTimeout",
+    "check_ttl",
+]
 
 # Names this package exported before 0.2 (deprecated, removed in 0.3).
 _MOVED = {

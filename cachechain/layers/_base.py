@@ -20,7 +20,16 @@ from typing import Any, Final, Protocol, runtime_checkable
 
 from .._errors import ConfigError, InvalidValueError
 
-__all__ = ["MISSING", "BaseLayer", "CacheLayer", "Entry", "check_ttl"]
+__all__ = [
+    "MISSING",
+    "BaseLayer",
+    "CacheLayer",
+    "Entry",
+    "SupportsClear",
+    "SupportsStats",
+    "SupportsTimeout",
+    "check_ttl",
+]
 
 
 class _Missing:
@@ -103,6 +112,34 @@ class CacheLayer(Protocol):
 
     def close(self) -> None:
         """Release the layer's resources (connections). Idempotent."""
+
+
+@runtime_checkable
+class SupportsTimeout(Protocol):
+    """A layer with its own per-call timeout in seconds (``None``: none). The chain
+    waits at most that long for a write of a key in flight before it writes the key
+    again, and :class:`~cachechain._resilience.ResilientLayer` adopts it."""
+
+    @property
+    def timeout(self) -> float | None:
+        """The layer's per-call timeout in seconds, or None."""
+
+
+@runtime_checkable
+class SupportsStats(Protocol):
+    """A layer that reports figures. The chain exports ``entries`` and ``evictions``
+    (``int`` attributes of what :meth:`stats` returns) where present."""
+
+    def stats(self) -> Any:
+        """A point-in-time view of the layer's figures."""
+
+
+@runtime_checkable
+class SupportsClear(Protocol):
+    """A layer that can drop every entry it holds."""
+
+    def clear(self) -> None:
+        """Remove every entry of this layer."""
 
 
 def check_ttl(ttl: float | None, *, field: str = "ttl") -> float | None:
