@@ -42,8 +42,11 @@ python3 -m pip install -q --disable-pip-version-check \
 # ---- end of the exporter plugins block ---------------------------------------------------
 
 echo "== ruff"
-python3 -m ruff check cachechain tests examples benchmarks
-python3 -m ruff format --check cachechain tests examples benchmarks
+python3 -m ruff check cachechain tests examples benchmarks scripts
+python3 -m ruff format --check cachechain tests examples benchmarks scripts
+
+echo "== shape (no function above complexity 15, no class above 400 lines)"
+python3 scripts/check_shape.py cachechain plugins/cachechain-statsd/src
 
 echo "== mypy (strict)"
 python3 -m mypy
