@@ -7,26 +7,36 @@ installed metrics exporters with the distribution and version providing each.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._errors import CacheError
+from ._validate import check_count, check_positive, check_seconds
+
+if TYPE_CHECKING:
+    from ._plugins import ExporterInfo, ExporterReport, PluginOrigin
 
 __all__ = ["main"]
 
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
+T = TypeVar("T")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
+def _option(parse: Callable[[str], Any], check: Callable[..., T]) -> Callable[[str], T]:
+    """An argparse ``type``: ``parse`` the text, then ``check`` the value with a
+    :mod:`cachechain._validate` check, whose message becomes argparse's error."""
+
+    def convert(text: str) -> T:
+        return check(parse(text), "the value", error=argparse.ArgumentTypeError)
+
+    convert.__name__ = parse.__name__  # argparse: "invalid float value: 'x'"
+    return convert
+
+
+_seconds = _option(float, check_seconds)
+_count = _option(int, check_count)
+_positive = _option(float, check_positive)
 
 
 def _fraction(text: str) -> float:
@@ -46,10 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="use this memcached as L2 (default: an in-process stand-in)",
     )
-    demo.add_argument("--seconds", type=_positive_float, default=5.0, help="run time (s)")
-    demo.add_argument("--threads", type=_positive_int, default=8)
-    demo.add_argument("--keys", type=_positive_int, default=20_000)
-    demo.add_argument("--skew", type=_positive_float, default=1.1, help="Zipf exponent")
+    demo.add_argument("--seconds", type=_seconds, default=5.0, help="run time (s)")
+    demo.add_argument("--threads", type=_count, default=8)
+    demo.add_argument("--keys", type=_count, default=20_000)
+    demo.add_argument("--skew", type=_positive, default=1.1, help="Zipf exponent")
     demo.add_argument(
         "--fault",
         choices=["stop", "blackhole"],
@@ -67,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.3,
         help="how long it lasts, as a fraction of the run",
     )
-    demo.add_argument("--timeout", type=_positive_float, default=0.1, help="L2 call timeout (s)")
+    demo.add_argument("--timeout", type=_seconds, default=0.1, help="L2 call timeout (s)")
     demo.add_argument(
         "--metrics-port",
         type=int,
@@ -82,42 +92,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _plugins(as_json: bool) -> int:
+def _list_plugins(as_json: bool) -> int:
     """Print the exporters, conflicts and broken plugins; 1 if any are broken or clash."""
-    import json
     import warnings
 
-    from ._exporters import PluginLoadWarning, exporter_report
+    from ._exporters import get_manager
+    from ._plugins import PluginLoadWarning
 
-    with warnings.catch_warnings():  # broken plugins are listed below instead
+    with warnings.catch_warnings():  # broken plugins are listed instead
         warnings.simplefilter("ignore", PluginLoadWarning)
-        report = exporter_report()
-    status = 1 if report.conflicts or report.failures else 0
-    if as_json:
-        print(json.dumps(report.as_dict(), indent=2, sort_keys=True))
-        return status
+        report = get_manager().report()
+    print(_as_json(report) if as_json else _as_table(report))
+    return 1 if report.conflicts or report.failures else 0
+
+
+def _as_table(report: ExporterReport) -> str:
     rows = [("EXPORTER", "DISTRIBUTION", "VERSION", "PLUGIN", "DESCRIPTION")]
-    for info in report.exporters:
-        rows.append(
-            (
-                info.name,
-                info.distribution or "-",
-                info.version or "-",
-                info.plugin,
-                info.description,
-            )
-        )
+    rows += [
+        (e.name, e.distribution or "-", e.version or "-", e.plugin, e.description)
+        for e in report.exporters
+    ]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    for row in rows:
-        cells = [cell.ljust(width) for cell, width in zip(row[:4], widths, strict=True)]
-        print("  ".join([*cells, row[4]]).rstrip())
-    for conflict in report.conflicts:
-        print(f"conflict: {conflict.describe()}; the name is unusable until one is removed")
-    for failure in report.failures:
-        where = failure.distribution or "unknown distribution"
-        version = f" {failure.version}" if failure.version else ""
-        print(f"broken plugin {failure.plugin!r} ({where}{version}): {failure.error}")
-    return status
+    cells = [[c.ljust(w) for c, w in zip(row[:4], widths, strict=True)] for row in rows]
+    lines = ["  ".join([*left, row[4]]).rstrip() for left, row in zip(cells, rows, strict=True)]
+    lines += [
+        f"conflict: {c.describe()}; the name is unusable until one is removed"
+        for c in report.conflicts
+    ]
+    lines += [f"broken {f.describe()}: {f.error}" for f in report.failures]
+    return "\n".join(lines)
+
+
+def _as_json(report: ExporterReport) -> str:
+    def origin(o: PluginOrigin) -> dict[str, Any]:
+        return {"plugin": o.plugin, "distribution": o.distribution, "version": o.version}
+
+    def exporter(e: ExporterInfo) -> dict[str, Any]:
+        return {"name": e.name, "description": e.description, "builtin": e.builtin, **origin(e)}
+
+    data = {
+        "exporters": [exporter(e) for e in report.exporters],
+        "conflicts": [
+            {"name": c.name, "claims": [exporter(e) for e in c.claims]} for c in report.conflicts
+        ],
+        "failures": [{**origin(f), "error": f.error} for f in report.failures],
+    }
+    return json.dumps(data, indent=2, sort_keys=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -145,5 +165,5 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         return 0
     if args.command == "plugins":
-        return _plugins(args.json)
+        return _list_plugins(args.json)
     return 2  # pragma: no cover - argparse refuses unknown commands

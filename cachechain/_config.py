@@ -8,24 +8,20 @@ An in-process layer is written synchronously and not wrapped unless asked.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ._errors import ConfigError
+from ._validate import (
+    check_optional_seconds,
+    check_positive_int,
+    check_rate,
+    check_seconds,
+)
 from .layers._base import CacheLayer
 
 __all__ = ["BreakerConfig", "ChainConfig", "LayerConfig", "WriterConfig"]
-
-
-def _positive(owner: str, name: str, value: Any, *, integer: bool = False) -> None:
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:
-        what = "an int" if integer else "a number"
-        raise ConfigError(f"{owner}.{name} must be {what} > 0, got {value!r}")
-    if not integer and not math.isfinite(value):
-        raise ConfigError(f"{owner}.{name} must be finite, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -56,13 +52,9 @@ class BreakerConfig:
             "window",
             "min_calls",
         ):
-            _positive("breaker", name, getattr(self, name), integer=True)
-        _positive("breaker", "reset_timeout", self.reset_timeout)
-        rate = self.failure_rate
-        if rate is not None and (
-            isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1
-        ):
-            raise ConfigError(f"breaker.failure_rate must be in (0, 1] or None, got {rate!r}")
+            check_positive_int(getattr(self, name), f"breaker.{name}")
+        check_seconds(self.reset_timeout, "breaker.reset_timeout")
+        rate = check_rate(self.failure_rate, "breaker.failure_rate")
         if rate is not None and self.min_calls > self.window:
             raise ConfigError(
                 f"breaker.min_calls ({self.min_calls}) must not exceed breaker.window "
@@ -89,22 +81,16 @@ class WriterConfig:
     max_retry_delay: float = 2.0
 
     def __post_init__(self) -> None:
-        _positive("writer", "queue_size", self.queue_size, integer=True)
-        _positive("writer", "workers", self.workers, integer=True)
-        _positive("writer", "retry_delay", self.retry_delay)
-        _positive("writer", "max_retry_delay", self.max_retry_delay)
+        check_positive_int(self.queue_size, "writer.queue_size")
+        check_positive_int(self.workers, "writer.workers")
+        check_seconds(self.retry_delay, "writer.retry_delay")
+        check_seconds(self.max_retry_delay, "writer.max_retry_delay")
         if self.max_retry_delay < self.retry_delay:
             raise ConfigError(
                 f"writer.max_retry_delay must be >= writer.retry_delay ({self.retry_delay}), "
                 f"got {self.max_retry_delay!r}"
             )
-        wait = self.max_wait
-        if (
-            isinstance(wait, bool)
-            or not isinstance(wait, (int, float))
-            or not (0 <= wait < math.inf)
-        ):
-            raise ConfigError(f"writer.max_wait must be a number of seconds >= 0, got {wait!r}")
+        check_seconds(self.max_wait, "writer.max_wait", zero_ok=True)
 
 
 @dataclass(frozen=True)
@@ -131,8 +117,7 @@ class LayerConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.layer, CacheLayer):
             raise ConfigError(f"layer must implement CacheLayer, got {self.layer!r}")
-        if self.timeout is not None:
-            _positive("layer", "timeout", self.timeout)
+        check_optional_seconds(self.timeout, "layer.timeout")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ The mapping describes a whole chain::
 
 Top-level keys: ``name`` (default ``"default"``), ``layers`` (required, fastest
 first), ``breaker`` and ``writer`` (the defaults, see
-:class:`~cachechain.config.BreakerConfig` and :class:`~cachechain.config.WriterConfig`)
+:class:`~cachechain.BreakerConfig` and :class:`~cachechain.WriterConfig`)
 and ``metrics`` (see :func:`cachechain.exporters.create_exporter`: a name, a
 ``{"exporter": ..., "options": ...}`` mapping, a ``"module:attr"`` path or a list of
 them for fan-out; absent or ``None``: the ``CACHECHAIN_EXPORTER`` environment variable
@@ -32,29 +32,31 @@ layer class of your own, called with ``name`` and the options), ``name`` (defaul
 ``L1``, ``L2``... by position), the layer's own options (the keyword arguments of its
 class: for example ``maxsize``, ``default_ttl``, ``servers``, ``timeout``), and the
 chain's settings for it: ``resilient``, ``breaker``, ``call_timeout`` (the
-:class:`~cachechain.config.LayerConfig` ``timeout``: the longest a call may take,
+:class:`~cachechain.LayerConfig` ``timeout``: the longest a call may take,
 seconds), ``write_behind`` and ``writer``. A memcached ``codec`` is ``"json"``,
 ``{"type": "signed_pickle", "secret": "..."}`` or ``"package.module:attr"``.
 
-Every error is a :class:`~cachechain.errors.ConfigError` whose message starts with the
+Every error is a :class:`~cachechain.ConfigError` whose message starts with the
 path of the field: ``layers[1].timeout must be a number of seconds > 0, got -1``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import json
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ._close import close_quietly
 from ._config import BreakerConfig, ChainConfig, LayerConfig, WriterConfig
+from ._declarative import import_path, keyword_options, reject_unknown, with_field
 from ._errors import ConfigError
-from ._exporters import _import_path, _with_field, get_manager
+from ._exporter_spec import ExporterSpec, parse_exporters
+from ._exporters import get_manager
+from ._validate import check_optional_seconds
 
 __all__ = ["LAYER_TYPES", "chain_config_from_file", "chain_config_from_mapping"]
 
@@ -94,7 +96,7 @@ LAYER_TYPES: Mapping[str, Callable[[], Callable[..., Any]]] = {
 def chain_config_from_mapping(
     mapping: Mapping[str, Any], *, environ: Mapping[str, str] | None = None
 ) -> ChainConfig:
-    """Validate ``mapping`` and build the :class:`~cachechain.config.ChainConfig` it
+    """Validate ``mapping`` and build the :class:`~cachechain.ChainConfig` it
     describes, with its layers and metrics collector created.
 
     ``environ`` (default ``os.environ``) is read for ``CACHECHAIN_EXPORTER`` when the
@@ -102,49 +104,28 @@ def chain_config_from_mapping(
     or socket is made; if a later step fails, what was made is closed again. The chain
     owns (closes) the collector only when the mapping made it: a collector object, or a
     ``"module:attr"`` naming one, may serve other chains and is never closed. Raises
-    :class:`~cachechain.errors.ConfigError` naming the field, and its subclasses
+    :class:`~cachechain.ConfigError` naming the field, and its subclasses
     :class:`~cachechain.exporters.UnknownExporterError` and
     :class:`~cachechain.exporters.ExporterConflictError`.
     """
     if not isinstance(mapping, Mapping):
         raise ConfigError(f"a chain config must be a mapping, got {type(mapping).__name__}")
-    _reject_unknown("", mapping, _TOP_KEYS, "chain setting")
+    reject_unknown("", mapping, _TOP_KEYS, "chain setting")
     name = mapping.get("name", "default")
     if not isinstance(name, str) or not name:
         raise ConfigError(f"name must be a non-empty str, got {name!r}")
     breaker = _dataclass_from(BreakerConfig, mapping.get("breaker"), "breaker", "")
     writer = _dataclass_from(WriterConfig, mapping.get("writer"), "writer", "")
-    raw_layers = mapping.get("layers")
-    if isinstance(raw_layers, (str, bytes)) or not isinstance(raw_layers, Sequence):
-        raise ConfigError(f"layers must be a list of layer mappings, got {raw_layers!r}")
-    if not raw_layers:
-        raise ConfigError("layers must list at least one layer")
-    plans = [_plan_layer(index, entry) for index, entry in enumerate(raw_layers)]
-    seen: dict[str, int] = {}
-    for plan in plans:
-        if plan.name in seen:
-            raise ConfigError(
-                f"layers[{plan.index}].name {plan.name!r} is used by layers[{seen[plan.name]}] too"
-            )
-        seen[plan.name] = plan.index
-
-    built: list[LayerConfig] = []
-    borrowed: list[Any] = []  # collector objects the mapping hands over: not the chain's
-    try:
-        for plan in plans:
-            built.append(plan.build())
-        collector = get_manager().create(mapping.get("metrics"), environ=environ, borrowed=borrowed)
-    except BaseException:
-        for done in built:
-            _close_quietly(done.layer)
-        raise
+    plans = _plan_layers(mapping.get("layers"))
+    exporters = parse_exporters(mapping.get("metrics"), environ=environ)
+    layers, collector, owned = _build(plans, exporters)
     return ChainConfig(
-        layers=built,
+        layers=layers,
         name=name,
         metrics_collector=collector,
         breaker=breaker,
         writer=writer,
-        owns_collector=collector is not None and not borrowed,
+        owns_collector=owned,
     )
 
 
@@ -155,7 +136,7 @@ def chain_config_from_file(
     or the ``tomli`` package) and build it with :func:`chain_config_from_mapping`.
 
     A TOML file may hold the chain at the top level or in a ``[cachechain]`` table.
-    Raises :class:`~cachechain.errors.ConfigError` for a file that cannot be read or
+    Raises :class:`~cachechain.ConfigError` for a file that cannot be read or
     parsed, or a bad value; ``OSError`` propagates for a missing file.
     """
     file = Path(path)
@@ -180,13 +161,22 @@ def chain_config_from_file(
 # -- helpers ------------------------------------------------------------------------------
 
 
-def _reject_unknown(
-    path: str, mapping: Mapping[Any, Any], allowed: Sequence[str], what: str
-) -> None:
-    for key in mapping:
-        if key not in allowed:
-            where = f"{path}.{key}" if path else str(key)
-            raise ConfigError(f"{where} is not a {what} (settings: {', '.join(allowed)})")
+def _build(
+    plans: Sequence[_LayerPlan], exporters: Sequence[ExporterSpec]
+) -> tuple[list[LayerConfig], Any, bool]:
+    """Make the layers, then the collector; close the layers again if a step fails.
+    Return them and whether the chain owns the collector (it made every part of it)."""
+    built: list[LayerConfig] = []
+    borrowed: list[Any] = []  # collector objects the mapping hands over: not the chain's
+    try:
+        for plan in plans:
+            built.append(plan.build())
+        collector = get_manager().build(exporters, borrowed=borrowed)
+    except BaseException:
+        for done in built:
+            close_quietly(done.layer)
+        raise
+    return built, collector, not borrowed
 
 
 def _dataclass_from(cls: Any, value: Any, field: str, prefix: str) -> Any:
@@ -199,7 +189,7 @@ def _dataclass_from(cls: Any, value: Any, field: str, prefix: str) -> Any:
     if not isinstance(value, Mapping):
         raise ConfigError(f"{path} must be a mapping of {field} settings, got {value!r}")
     names = [f.name for f in fields(cls)]
-    _reject_unknown(path, value, names, f"{field} setting")
+    reject_unknown(path, value, names, f"{field} setting")
     try:
         return cls(**value)
     except ConfigError as exc:
@@ -217,24 +207,16 @@ def _check_bool(value: Any, path: str, *, optional: bool) -> None:
         raise ConfigError(f"{path} must be {allowed}, got {value!r}")
 
 
+@dataclass(frozen=True)
 class _LayerPlan:
     """A validated layer entry, built later by :meth:`build`."""
 
-    def __init__(
-        self,
-        index: int,
-        name: str,
-        factory: Callable[..., Any],
-        label: str,
-        options: dict[str, Any],
-        settings: dict[str, Any],
-    ) -> None:
-        self.index = index
-        self.name = name
-        self.factory = factory
-        self.label = label
-        self.options = options
-        self.settings = settings
+    index: int
+    name: str
+    factory: Callable[..., Any]
+    label: str
+    options: dict[str, Any]
+    settings: dict[str, Any]
 
     def build(self) -> LayerConfig:
         path = f"layers[{self.index}]"
@@ -244,14 +226,30 @@ class _LayerPlan:
         try:
             layer = self.factory(self.name, **options)
         except ConfigError as exc:
-            raise ConfigError(_with_field(path, str(exc), ["name", *options])) from exc
+            raise ConfigError(with_field(path, str(exc), ["name", *options])) from exc
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{path}: the {self.label} layer refused its options: {exc}") from exc
         try:
             return LayerConfig(layer=layer, **self.settings)
         except ConfigError as exc:
-            _close_quietly(layer)
+            close_quietly(layer)
             raise ConfigError(f"{path}: {exc}") from exc
+
+
+def _plan_layers(raw: Any) -> list[_LayerPlan]:
+    if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence):
+        raise ConfigError(f"layers must be a list of layer mappings, got {raw!r}")
+    if not raw:
+        raise ConfigError("layers must list at least one layer")
+    plans = [_plan_layer(index, entry) for index, entry in enumerate(raw)]
+    seen: dict[str, int] = {}
+    for plan in plans:
+        if plan.name in seen:
+            raise ConfigError(
+                f"layers[{plan.index}].name {plan.name!r} is used by layers[{seen[plan.name]}] too"
+            )
+        seen[plan.name] = plan.index
+    return plans
 
 
 def _plan_layer(index: int, entry: Any) -> _LayerPlan:
@@ -263,22 +261,34 @@ def _plan_layer(index: int, entry: Any) -> _LayerPlan:
         raise ConfigError(
             f"{path}.type must be 'memory', 'memcached' or 'package.module:Class', got {kind!r}"
         )
-    if ":" in kind:
-        factory = _import_path(kind, f"{path}.type")
-        if not callable(factory):
-            raise ConfigError(f"{path}.type: {kind!r} is not a class or callable")
-    elif kind in LAYER_TYPES:
-        factory = LAYER_TYPES[kind]()
-    else:
-        raise ConfigError(
-            f"{path}.type must be one of {', '.join(repr(k) for k in LAYER_TYPES)} or "
-            f"'package.module:Class', got {kind!r}"
-        )
+    factory = _layer_factory(kind, path)
     name = entry.get("name", f"L{index + 1}")
     if not isinstance(name, str) or not name:
         raise ConfigError(f"{path}.name must be a non-empty str, got {name!r}")
+    options = _layer_options(entry, factory, kind, path)
+    return _LayerPlan(index, name, factory, kind, options, _chain_settings(entry, path))
 
-    accepted, open_ended = _layer_options(factory)
+
+def _layer_factory(kind: str, path: str) -> Callable[..., Any]:
+    """The class (or factory) of a layer ``type``: a built-in name or a path."""
+    if ":" in kind:
+        factory: Callable[..., Any] = import_path(kind, f"{path}.type")
+        if not callable(factory):
+            raise ConfigError(f"{path}.type: {kind!r} is not a class or callable")
+        return factory
+    if kind in LAYER_TYPES:
+        return LAYER_TYPES[kind]()
+    raise ConfigError(
+        f"{path}.type must be one of {', '.join(repr(k) for k in LAYER_TYPES)} or "
+        f"'package.module:Class', got {kind!r}"
+    )
+
+
+def _layer_options(
+    entry: Mapping[Any, Any], factory: Callable[..., Any], kind: str, path: str
+) -> dict[str, Any]:
+    """The entry's options for the layer's constructor (all but the chain's settings)."""
+    accepted, open_ended = keyword_options(factory, _HIDDEN)
     options: dict[str, Any] = {}
     for key, value in entry.items():
         if key in _CHAIN_LAYER_KEYS:
@@ -289,7 +299,11 @@ def _plan_layer(index: int, entry: Any) -> _LayerPlan:
                 f"{path}.{key} is not a setting of a {kind} layer (settings: {listed})"
             )
         options[key] = value
+    return options
 
+
+def _chain_settings(entry: Mapping[Any, Any], path: str) -> dict[str, Any]:
+    """The entry's settings for the chain: the keyword arguments of its LayerConfig."""
     settings: dict[str, Any] = {}
     if "resilient" in entry:
         _check_bool(entry["resilient"], f"{path}.resilient", optional=True)
@@ -297,36 +311,18 @@ def _plan_layer(index: int, entry: Any) -> _LayerPlan:
     if "write_behind" in entry:
         _check_bool(entry["write_behind"], f"{path}.write_behind", optional=False)
         settings["write_behind"] = entry["write_behind"]
-    if entry.get("call_timeout") is not None:
-        timeout = entry["call_timeout"]
-        if (
-            isinstance(timeout, bool)
-            or not isinstance(timeout, (int, float))
-            or not 0 < timeout < float("inf")
-        ):
-            raise ConfigError(
-                f"{path}.call_timeout must be a number of seconds > 0 or null, got {timeout!r}"
-            )
-        settings["timeout"] = float(timeout)
+    timeout = entry.get("call_timeout")
+    try:
+        settings["timeout"] = check_optional_seconds(timeout, f"{path}.call_timeout")
+    except ConfigError:  # worded for a config file: null, not None
+        raise ConfigError(
+            f"{path}.call_timeout must be a number of seconds > 0 or null, got {timeout!r}"
+        ) from None
     settings["breaker"] = _dataclass_from(
         BreakerConfig, entry.get("breaker"), "breaker", f"{path}."
     )
     settings["writer"] = _dataclass_from(WriterConfig, entry.get("writer"), "writer", f"{path}.")
-    return _LayerPlan(index, name, factory, kind, options, settings)
-
-
-def _layer_options(factory: Callable[..., Any]) -> tuple[list[str], bool]:
-    try:
-        params = list(inspect.signature(factory).parameters.values())
-    except (TypeError, ValueError):  # pragma: no cover - a callable without a signature
-        return [], True
-    open_ended = any(p.kind is p.VAR_KEYWORD for p in params)
-    names = [
-        p.name
-        for p in params
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in _HIDDEN
-    ]
-    return names, open_ended
+    return settings
 
 
 def _codec(value: Any, path: str) -> Any:
@@ -335,31 +331,24 @@ def _codec(value: Any, path: str) -> Any:
     if isinstance(value, str) and ":" not in value:
         value = {"type": value}
     if isinstance(value, str):
-        obj = _import_path(value, path)
+        obj = import_path(value, path)
         return obj() if isinstance(obj, type) else obj
-    if isinstance(value, Mapping):
-        kind = value.get("type")
-        if kind == "json":
-            _reject_unknown(path, value, ("type",), "json codec setting")
-            return JsonCodec()
-        if kind == "signed_pickle":
-            _reject_unknown(path, value, ("type", "secret"), "signed_pickle codec setting")
-            secret = value.get("secret")
-            if not isinstance(secret, str) or not secret:
-                raise ConfigError(f"{path}.secret must be a non-empty str, got {secret!r}")
-            try:
-                return SignedPickleCodec(secret)
-            except ConfigError as exc:
-                raise ConfigError(_with_field(path, str(exc), ["secret"])) from exc
+    if not isinstance(value, Mapping):
+        return value  # a codec object, from a Python config
+    kind = value.get("type")
+    if kind == "json":
+        reject_unknown(path, value, ("type",), "json codec setting")
+        return JsonCodec()
+    if kind != "signed_pickle":
         raise ConfigError(
             f"{path}.type must be 'json' or 'signed_pickle' (or give 'package.module:attr'), "
             f"got {kind!r}"
         )
-    return value  # a codec object, from a Python config
-
-
-def _close_quietly(layer: Any) -> None:
-    close = getattr(layer, "close", None)
-    if callable(close):
-        with contextlib.suppress(Exception):  # best effort while reporting another error
-            close()
+    reject_unknown(path, value, ("type", "secret"), "signed_pickle codec setting")
+    secret = value.get("secret")
+    if not isinstance(secret, str) or not secret:
+        raise ConfigError(f"{path}.secret must be a non-empty str, got {secret!r}")
+    try:
+        return SignedPickleCodec(secret)
+    except ConfigError as exc:
+        raise ConfigError(with_field(path, str(exc), ["secret"])) from exc

@@ -11,10 +11,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable
+from typing import TypeVar
 
 from ._errors import ConfigError, InvalidKeyError
 
-__all__ = ["check_count", "check_key", "check_optional_seconds", "check_seconds", "check_ttl"]
+T = TypeVar("T")
+
+__all__ = [
+    "check_callable",
+    "check_count",
+    "check_key",
+    "check_optional_seconds",
+    "check_positive",
+    "check_positive_int",
+    "check_rate",
+    "check_seconds",
+    "check_ttl",
+]
 
 
 def check_seconds(
@@ -65,6 +78,46 @@ def check_count(
     otherwise."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise error(f"{field} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def check_rate(value: object, field: str, *, error: type[Exception] = ConfigError) -> float | None:
+    """``None``, or ``value`` as a ``float`` share in ``(0, 1]``; raise ``error`` naming
+    ``field`` otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise error(f"{field} must be in (0, 1] or None, got {value!r}")
+    return float(value)
+
+
+def check_positive_int(value: object, field: str, *, error: type[Exception] = ConfigError) -> int:
+    """Return ``value`` if it is an ``int > 0``; raise ``error`` naming ``field``
+    otherwise. The same test as :func:`check_count` with ``minimum=1``, worded as the
+    config dataclasses word it (``"breaker.window must be an int > 0, got 0"``)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise error(f"{field} must be an int > 0, got {value!r}")
+    return value
+
+
+def check_positive(value: object, field: str, *, error: type[Exception] = ConfigError) -> float:
+    """Return ``value`` as a finite ``float > 0``, for a quantity that is not a duration
+    (an exponent, a factor). Raises ``error`` naming ``field`` otherwise."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:  # an int too large for a float
+            number = math.inf
+        if 0 < number < math.inf:
+            return number
+    raise error(f"{field} must be a finite number > 0, got {value!r}")
+
+
+def check_callable(value: T, field: str, *, error: type[Exception] = ConfigError) -> T:
+    """Return ``value`` if it is callable (a clock, a listener); raise ``error`` naming
+    ``field`` otherwise."""
+    if not callable(value):
+        raise error(f"{field} must be callable, got {value!r}")
     return value
 
 

@@ -1,4 +1,4 @@
-"""Exporter plugins: the pluggy hooks, and exporters by name.
+"""Exporter plugins: the pluggy hooks, and metrics exporters by name.
 
 A plugin registers exporters through one hook::
 
@@ -8,24 +8,32 @@ A plugin registers exporters through one hook::
     def cachechain_register_exporters(registry: ExporterRegistry) -> None:
         registry.add("mine", MyCollector, description="what it does")
 
-and declares its module under the entry-point group ``cachechain.exporters``. See
-:mod:`cachechain._exporters` for discovery and the errors it reports.
+and declares its module under the entry-point group :data:`ENTRY_POINT_GROUP`
+(``cachechain.exporters``) in its ``pyproject.toml``::
+
+    [project.entry-points."cachechain.exporters"]
+    mine = "mypackage.plugin"
+
+A configuration then picks the exporter by name (``"metrics": "mine"``, or
+:func:`create_exporter`). Importing cachechain imports no plugin: the entry points are
+loaded once, on the first lookup. A plugin that fails to import or to register is a
+:class:`PluginLoadWarning` naming it, and the others still load; a name two plugins
+claim is unusable (:class:`ExporterConflictError` names both). ``cachechain plugins``
+lists what is installed.
 """
 
 from __future__ import annotations
 
-from ._exporters import (
+from ._exporters import available_exporters, create_exporter, register_plugin
+from ._plugins import (
     ENTRY_POINT_GROUP,
     ExporterConflictError,
     ExporterInfo,
     ExporterRegistry,
     PluginLoadWarning,
     UnknownExporterError,
-    available_exporters,
-    create_exporter,
     hookimpl,
     hookspec,
-    register_plugin,
 )
 
 __all__ = [

@@ -20,17 +20,17 @@ from cachechain import Chain, MemoryLayer
 from cachechain import _exporters as ex
 from cachechain._cli import main
 from cachechain._errors import ConfigError
-from cachechain._exporters import (
+from cachechain._exporters import ExporterManager
+from cachechain._settings import chain_config_from_mapping
+from cachechain.exporters import (
     ENTRY_POINT_GROUP,
     ExporterConflictError,
-    ExporterManager,
     ExporterRegistry,
     PluginLoadWarning,
     UnknownExporterError,
     create_exporter,
     hookimpl,
 )
-from cachechain._settings import chain_config_from_mapping
 from cachechain.metrics import MetricsCollector, NoOpCollector
 from cachechain.metrics._fanout import FanoutCollector
 from cachechain.metrics._memory import MemoryCollector
@@ -139,7 +139,7 @@ def plugin_source(*names: str, fail: bool = False) -> str:
     )
     raise_line = "    raise RuntimeError('hook exploded')" if fail else ""
     return (
-        "from cachechain._exporters import hookimpl\n"
+        "from cachechain.exporters import hookimpl\n"
         "from tests.test_exporters import Recorder\n"
         "@hookimpl\n"
         "def cachechain_register_exporters(registry):\n"
@@ -161,7 +161,7 @@ def test_importing_cachechain_imports_no_plugin_and_discovery_is_lazy() -> None:
         import cachechain
         plugins = {"cachechain_statsd", "cachechain_hit_ratio"}
         assert not plugins & set(sys.modules), "import cachechain loaded a plugin"
-        from cachechain._exporters import available_exporters, create_exporter
+        from cachechain.exporters import available_exporters, create_exporter
         assert "cachechain_statsd" not in sys.modules, "importing exporters loaded a plugin"
         names = [e.name for e in available_exporters()]
         assert "statsd" in names, names
@@ -200,7 +200,7 @@ def test_installed_plugins_are_found_through_their_entry_points() -> None:
     assert statsd.version == importlib.metadata.version("cachechain-statsd")
     example = exporters["hit-ratio"]
     assert example.distribution == "cachechain-hit-ratio"
-    assert ex.exporter_report().failures == ()
+    assert ex.get_manager().report().failures == ()
 
 
 def test_entry_points_are_read_once(dists: Dists) -> None:
@@ -276,7 +276,7 @@ def test_a_plugin_whose_hook_raises_registers_nothing(dists: Dists) -> None:
 
 def test_a_misspelt_hook_is_a_plugin_failure(dists: Dists) -> None:
     source = (
-        "from cachechain._exporters import hookimpl\n"
+        "from cachechain.exporters import hookimpl\n"
         "@hookimpl\n"
         "def cachechain_register_exporter(registry):\n"
         "    pass\n"

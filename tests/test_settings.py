@@ -12,8 +12,8 @@ from cachechain import Chain, MemoryLayer
 from cachechain._codecs import JsonCodec, SignedPickleCodec
 from cachechain._config import BreakerConfig, ChainConfig, LayerConfig, WriterConfig
 from cachechain._errors import ConfigError
-from cachechain._exporters import UnknownExporterError
 from cachechain._settings import chain_config_from_file, chain_config_from_mapping
+from cachechain.exporters import UnknownExporterError
 from cachechain.layers._memcached import MemcachedLayer
 from cachechain.metrics import NoOpCollector
 from cachechain.metrics._memory import MemoryCollector
@@ -336,6 +336,46 @@ def test_layers_made_before_a_failure_are_closed_again() -> None:
             }
         )
     assert CLOSED == ["a"]
+
+
+def test_a_metrics_value_of_the_wrong_shape_is_refused_before_any_layer_is_made() -> None:
+    CLOSED.clear()
+    with pytest.raises(ConfigError, match=r"^metrics\[1\] must be an exporter name"):
+        parse(
+            {
+                "layers": [{"type": "tests.test_settings:TrackedLayer", "name": "a"}],
+                "metrics": ["memory", None],
+            }
+        )
+    assert CLOSED == []  # nothing was made, so nothing needed closing
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: BreakerConfig(window=0), r"^breaker\.window must be an int > 0, got 0"),
+        (
+            lambda: BreakerConfig(reset_timeout=float("inf")),
+            r"^breaker\.reset_timeout must be a finite number of seconds > 0",
+        ),
+        (
+            lambda: BreakerConfig(failure_rate=0.5, min_calls=30),
+            r"^breaker\.min_calls \(30\) must not exceed breaker\.window \(20\)",
+        ),
+        (
+            lambda: WriterConfig(retry_delay=1.0, max_retry_delay=0.5),
+            r"^writer\.max_retry_delay must be >= writer\.retry_delay",
+        ),
+        (lambda: WriterConfig(max_wait=-1), r"^writer\.max_wait must be a finite number"),
+        (
+            lambda: LayerConfig(MemoryLayer("L1"), timeout=0),
+            r"^layer\.timeout must be a finite number of seconds > 0 or None, got 0",
+        ),
+    ],
+)
+def test_the_config_dataclasses_check_their_values(make: Any, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        make()
 
 
 def test_config_objects_are_accepted_where_a_python_config_holds_them() -> None:
