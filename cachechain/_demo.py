@@ -19,19 +19,22 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 from ._chain import Chain
 from ._config import BreakerConfig, LayerConfig
 from ._errors import LayerTimeoutError, LayerUnavailableError
 from .layers._base import CacheLayer
 from .layers._memory import MemoryLayer
+from .layers._proxy import LayerProxy
 from .metrics._memory import MemoryCollector
 from .metrics._types import MetricsSnapshot
 
 __all__ = ["DemoOptions", "FaultyLayer", "run_demo"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -53,82 +56,43 @@ class DemoOptions:
     seed: int = 1
 
 
-class FaultyLayer:
+class FaultyLayer(LayerProxy):
     """Wraps a layer and, while a fault is on, fails every call the way a dead
     ("stop": connection refused at once) or black-holed ("blackhole": no answer until
-    the timeout) server would. For demonstrations; tests use a real TCP fault proxy."""
+    the timeout) server would. For demonstrations; tests use a real TCP fault proxy.
+
+    ``timeout`` (seconds) is how long a black-holed call hangs; ``fault`` (None,
+    "stop" or "blackhole") may be changed at any time from any thread. Raises
+    :class:`~cachechain.errors.ConfigError` for a ``layer`` that is not a layer."""
 
     def __init__(self, layer: CacheLayer, timeout: float) -> None:
-        self.layer = layer
+        super().__init__(layer)
         self.timeout = timeout
         self.fault: str | None = None
         self._never = threading.Event()
 
     @property
-    def name(self) -> str:
-        """The wrapped layer's name."""
-        return self.layer.name
+    def local(self) -> bool:
+        """False: this layer stands for a remote server, whatever it wraps."""
+        return False
 
-    local = False
-
-    @property
-    def max_ttl(self) -> float | None:
-        """The wrapped layer's max TTL."""
-        return self.layer.max_ttl
-
-    def _check(self) -> None:
+    def _forward(self, method: Callable[..., T], *args: Any) -> T:
+        """The wrapped operation, unless a fault is on: then raise
+        :class:`~cachechain.errors.LayerUnavailableError` at once ("stop") or
+        :class:`~cachechain.errors.LayerTimeoutError` after ``timeout`` ("blackhole")."""
         fault = self.fault
         if fault == "stop":
             raise LayerUnavailableError("connection refused (demo fault)", layer=self.name)
         if fault == "blackhole":
             self._never.wait(self.timeout)
             raise LayerTimeoutError("timed out (demo fault)", layer=self.name)
-
-    def get(self, key: str) -> Any:
-        """The wrapped ``get``, unless a fault is on."""
-        self._check()
-        return self.layer.get(key)
-
-    def get_with_ttl(self, key: str) -> tuple[Any, float | None]:
-        """The wrapped ``get_with_ttl``, unless a fault is on."""
-        self._check()
-        return self.layer.get_with_ttl(key)
-
-    def get_many(self, keys: Sequence[str]) -> dict[str, Any]:
-        """The wrapped ``get_many``, unless a fault is on."""
-        self._check()
-        return self.layer.get_many(keys)
-
-    def get_many_with_ttl(self, keys: Sequence[str]) -> dict[str, tuple[Any, float | None]]:
-        """The wrapped ``get_many_with_ttl``, unless a fault is on."""
-        self._check()
-        return self.layer.get_many_with_ttl(keys)
-
-    def set(self, key: str, value: Any, ttl: float | None = None) -> None:
-        """The wrapped ``set``, unless a fault is on."""
-        self._check()
-        self.layer.set(key, value, ttl)
-
-    def set_many(self, items: Mapping[str, Any], ttl: float | None = None) -> list[str]:
-        """The wrapped ``set_many``, unless a fault is on."""
-        self._check()
-        return self.layer.set_many(items, ttl)
-
-    def delete(self, key: str) -> None:
-        """The wrapped ``delete``, unless a fault is on."""
-        self._check()
-        self.layer.delete(key)
-
-    def delete_many(self, keys: Iterable[str]) -> None:
-        """The wrapped ``delete_many``, unless a fault is on."""
-        self._check()
-        self.layer.delete_many(keys)
+        return method(*args)
 
     def close(self) -> None:
         """Close the wrapped layer and end any fault."""
         self.fault = None
         self._never.set()
-        self.layer.close()
+        self._layer.close()
 
 
 def _second_layer(options: DemoOptions) -> CacheLayer:
@@ -189,46 +153,88 @@ def _run(options: DemoOptions, out: TextIO) -> MetricsSnapshot:
 
         server = start_demo_exporter(chain, options.metrics_port, out)
 
-    keys = [f"item:{i}" for i in range(options.keys)]
-    cum = _zipf_cum_weights(options.keys, options.skew)
-    stop = threading.Event()
-    loads = itertools.count()
-    errors: list[BaseException] = []
-
-    def loader_for(key: str) -> Any:
-        def load() -> Any:
-            next(loads)
-            stop.wait(0.0005)  # a fast database query
-            return {"key": key, "price": len(key)}
-
-        return load
-
-    def worker(seed: int) -> None:
-        rnd = random.Random(seed)
-        try:
-            while not stop.is_set():
-                for key in rnd.choices(keys, cum_weights=cum, k=256):
-                    value = chain.get_or_load(key, loader_for(key), ttl=300)
-                    if value["key"] != key:
-                        raise AssertionError(f"wrong value for {key}: {value!r}")
-        except BaseException as exc:  # shown at the end; the demo must not hide a bug
-            errors.append(exc)
-
+    load = _Load(chain, options)
     started = time.monotonic()
     threads = [
-        threading.Thread(target=worker, args=(options.seed + i,), daemon=True)
+        threading.Thread(target=load.worker, args=(options.seed + i,), daemon=True)
         for i in range(options.threads)
     ]
     for t in threads:
         t.start()
-    fault_start = started + options.seconds * options.fault_at
-    fault_end = fault_start + options.seconds * options.fault_for
+    _banner(out, options)
+    _watch(options, out, started, l2, collector, chain)
+    load.stop.set()
+    for t in threads:
+        t.join(5)
+    lost = chain.close(timeout=2.0)
+    if server is not None:
+        server.shutdown()
+    snap = collector.snapshot()
+    _summary(out, snap, time.monotonic() - started, next(load.loads), lost)
+    if load.errors:
+        raise load.errors[0]
+    return snap
+
+
+class _Load:
+    """The demo's workload: ``get_or_load`` of Zipf-distributed keys, from any number
+    of :meth:`worker` threads until :attr:`stop` is set."""
+
+    def __init__(self, chain: Chain, options: DemoOptions) -> None:
+        self.chain = chain
+        self.keys = [f"item:{i}" for i in range(options.keys)]
+        self.cum = _zipf_cum_weights(options.keys, options.skew)
+        self.stop = threading.Event()
+        #: ``next()`` counts one loader call (and returns the count before it).
+        self.loads = itertools.count()
+        #: What the workers raised (a wrong value is an AssertionError).
+        self.errors: list[BaseException] = []
+
+    def loader_for(self, key: str) -> Callable[[], Any]:
+        """A loader for ``key`` that takes about as long as a fast database query."""
+
+        def load() -> Any:
+            next(self.loads)
+            self.stop.wait(0.0005)  # a fast database query
+            return {"key": key, "price": len(key)}
+
+        return load
+
+    def worker(self, seed: int) -> None:
+        """Read keys until :attr:`stop` is set; record what goes wrong in :attr:`errors`."""
+        rnd = random.Random(seed)
+        chain = self.chain
+        try:
+            while not self.stop.is_set():
+                for key in rnd.choices(self.keys, cum_weights=self.cum, k=256):
+                    value = chain.get_or_load(key, self.loader_for(key), ttl=300)
+                    if value["key"] != key:
+                        raise AssertionError(f"wrong value for {key}: {value!r}")
+        except BaseException as exc:  # shown at the end; the demo must not hide a bug
+            self.errors.append(exc)
+
+
+def _banner(out: TextIO, options: DemoOptions) -> None:
+    second = f"memcached {options.memcached}" if options.memcached else "(in-process stand-in)"
+    fault = f", fault: {options.fault}" if options.fault else ""
     out.write(
         f"cachechain demo: {options.threads} threads, {options.keys:,} keys (Zipf "
-        f"s={options.skew}), L1 in-process over L2 "
-        f"{'memcached ' + options.memcached if options.memcached else '(in-process stand-in)'}"
-        f"{', fault: ' + options.fault if options.fault else ''}\n"
+        f"s={options.skew}), L1 in-process over L2 {second}{fault}\n"
     )
+
+
+def _watch(
+    options: DemoOptions,
+    out: TextIO,
+    started: float,
+    l2: FaultyLayer,
+    collector: MemoryCollector,
+    chain: Chain,
+) -> None:
+    """Print progress every half second for ``options.seconds``, turning the fault on
+    and off on time."""
+    fault_start = started + options.seconds * options.fault_at
+    fault_end = fault_start + options.seconds * options.fault_for
     tick = threading.Event()
     while True:
         now = time.monotonic()
@@ -240,19 +246,8 @@ def _run(options: DemoOptions, out: TextIO) -> MetricsSnapshot:
             out.write("\n--> fault off: L2 is back\n")
         _progress(out, now - started, collector.snapshot(), chain)
         if now - started >= options.seconds:
-            break
+            return
         tick.wait(min(0.5, max(0.0, options.seconds - (now - started))))
-    stop.set()
-    for t in threads:
-        t.join(5)
-    lost = chain.close(timeout=2.0)
-    if server is not None:
-        server.shutdown()
-    snap = collector.snapshot()
-    _summary(out, snap, time.monotonic() - started, next(loads), lost)
-    if errors:
-        raise errors[0]
-    return snap
 
 
 def _progress(out: TextIO, elapsed: float, snap: MetricsSnapshot, chain: Chain) -> None:

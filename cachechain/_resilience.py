@@ -1,6 +1,6 @@
 """ResilientLayer: a cache layer behind a circuit breaker, with slow calls counted.
 
-:class:`ResilientLayer` wraps any :class:`~cachechain.layers.base.CacheLayer` and is
+:class:`ResilientLayer` wraps any :class:`~cachechain.layers.CacheLayer` and is
 one itself. Every operation asks the layer's :class:`CircuitBreaker` first: while the
 breaker is open the call raises :class:`~cachechain.errors.CircuitOpenError` at once and
 the wrapped layer is not touched. Otherwise the operation runs on the caller's thread
@@ -23,36 +23,26 @@ wrapper only measures how long the call took.
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ._breaker import BreakerStats, CircuitBreaker, CircuitState
 from ._errors import ConfigError
-from .layers._base import CacheLayer
+from ._validate import check_optional_seconds
+from .layers._base import CacheLayer, SupportsTimeout
+from .layers._proxy import LayerProxy
 
 __all__ = ["BreakerStats", "CircuitBreaker", "CircuitState", "ResilientLayer"]
 
 T = TypeVar("T")
 
 
-def _check_timeout(value: object, field: str) -> float | None:
-    if value is None:
-        return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ConfigError(f"{field} must be a finite number of seconds > 0 or None, got {value!r}")
-    return float(value)
-
-
-class ResilientLayer:
+class ResilientLayer(LayerProxy):
     """``layer`` guarded by ``breaker``, with calls slower than ``timeout`` counted as
-    failures. Implements the whole :class:`~cachechain.layers.base.CacheLayer` protocol.
+    failures. Implements the whole :class:`~cachechain.layers.CacheLayer` protocol
+    (a :class:`~cachechain.layers.LayerProxy` whose every operation but ``close``
+    passes through the breaker).
 
     ``breaker`` defaults to ``CircuitBreaker(layer.name)``. ``timeout`` (seconds,
     ``None`` = no slow-call check) defaults to the wrapped layer's ``timeout`` plus its
@@ -73,33 +63,27 @@ class ResilientLayer:
         timeout: float | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        if not isinstance(layer, CacheLayer):
-            raise ConfigError(f"layer must implement CacheLayer, got {layer!r}")
+        super().__init__(layer)
         if breaker is None:
             breaker = CircuitBreaker(layer.name)
         elif not isinstance(breaker, CircuitBreaker):
             raise ConfigError(f"breaker must be a CircuitBreaker, got {breaker!r}")
         if timeout is None:
             # A socket timeout bounds each read; a healthy call may also connect.
-            own = _check_timeout(getattr(layer, "timeout", None), "layer.timeout")
-            connect = _check_timeout(
+            own = layer.timeout if isinstance(layer, SupportsTimeout) else None
+            own = check_optional_seconds(own, "layer.timeout")
+            connect = check_optional_seconds(
                 getattr(layer, "connect_timeout", None), "layer.connect_timeout"
             )
             self._timeout = own if own is None or connect is None else own + connect
         else:
-            self._timeout = _check_timeout(timeout, "timeout")
+            self._timeout = check_optional_seconds(timeout, "timeout")
         if not callable(clock):
             raise ConfigError(f"clock must be callable, got {clock!r}")
-        self._layer = layer
         self._breaker = breaker
         self._clock = clock
 
-    # -- configuration and pass-through properties -------------------------------------
-
-    @property
-    def layer(self) -> CacheLayer:
-        """The wrapped layer."""
-        return self._layer
+    # -- configuration -------------------------------------------------------------------
 
     @property
     def breaker(self) -> CircuitBreaker:
@@ -116,25 +100,10 @@ class ResilientLayer:
         """How many calls the breaker has refused (its ``stats().rejected``)."""
         return self._breaker.rejected
 
-    @property
-    def name(self) -> str:
-        """The wrapped layer's name."""
-        return self._layer.name
-
-    @property
-    def local(self) -> bool:
-        """The wrapped layer's ``local`` flag."""
-        return self._layer.local
-
-    @property
-    def max_ttl(self) -> float | None:
-        """The wrapped layer's TTL cap in seconds (``None``: no cap)."""
-        return self._layer.max_ttl
-
     # -- guarded operations --------------------------------------------------------------
 
     def get(self, key: str) -> Any:
-        """Return the value under ``key`` or :data:`~cachechain.layers.base.MISSING`
+        """Return the value under ``key`` or :data:`~cachechain.MISSING`
         (a miss is a success for the breaker)."""
         breaker = self._breaker
         permit = breaker.acquire()
@@ -187,35 +156,6 @@ class ResilientLayer:
             breaker.on_success(permit)
         return entry
 
-    def get_many(self, keys: Sequence[str]) -> dict[str, Any]:
-        """Return the hits among ``keys``; misses are absent."""
-        return self._guard(self._layer.get_many, keys)
-
-    def get_many_with_ttl(self, keys: Sequence[str]) -> dict[str, tuple[Any, float | None]]:
-        """Return the hits among ``keys`` with their remaining TTLs (seconds)."""
-        return self._guard(self._layer.get_many_with_ttl, keys)
-
-    def set(self, key: str, value: Any, ttl: float | None = None) -> None:
-        """Store ``value`` for ``ttl`` seconds (``None``: the layer's default)."""
-        self._guard(self._layer.set, key, value, ttl)
-
-    def set_many(self, items: Mapping[str, Any], ttl: float | None = None) -> list[str]:
-        """Store every item the layer can; return the keys it rejected as invalid."""
-        return self._guard(self._layer.set_many, items, ttl)
-
-    def delete(self, key: str) -> None:
-        """Remove ``key``."""
-        self._guard(self._layer.delete, key)
-
-    def delete_many(self, keys: Iterable[str]) -> None:
-        """Remove every key in ``keys``."""
-        self._guard(self._layer.delete_many, keys)
-
-    def close(self) -> None:
-        """Close the wrapped layer (not guarded by the breaker). Idempotent if the
-        wrapped layer's ``close`` is."""
-        self._layer.close()
-
     def stats(self) -> BreakerStats:
         """Return the breaker's :class:`BreakerStats`."""
         return self._breaker.stats()
@@ -223,14 +163,14 @@ class ResilientLayer:
     def __repr__(self) -> str:
         return f"<ResilientLayer {self._layer!r} timeout={self._timeout!r}>"
 
-    def _guard(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` under the breaker, timing it against ``timeout``."""
+    def _forward(self, method: Callable[..., T], *args: Any) -> T:
+        """Run ``method(*args)`` under the breaker, timing it against ``timeout``."""
         breaker = self._breaker
         permit = breaker.acquire()
         timeout = self._timeout
         start = self._clock() if timeout is not None else 0.0
         try:
-            result = fn(*args)
+            result = method(*args)
         except BaseException as exc:
             breaker.on_error(permit, exc)
             raise

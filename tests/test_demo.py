@@ -10,8 +10,9 @@ import urllib.request
 
 import pytest
 
-from cachechain._cli import main
-from cachechain._demo import DemoOptions, run_demo
+from cachechain import LayerTimeoutError, LayerUnavailableError, MemoryLayer
+from cachechain._cli import build_parser, main
+from cachechain._demo import DemoOptions, FaultyLayer, run_demo
 from tests.support.servers import MemcachedProcess
 
 
@@ -81,6 +82,31 @@ def test_bad_options_are_refused(args: list[str], capsys: pytest.CaptureFixture[
     assert "must be" in capsys.readouterr().err
 
 
+def test_the_demo_options_are_converted_and_checked_with_the_shared_wording(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["demo", "--seconds", "2", "--threads", "3", "--skew", "0.5", "--fault-at", "0.5"]
+    args = build_parser().parse_args([*argv, "--timeout", "0.2"])
+    assert (args.seconds, args.threads, args.skew, args.fault_at, args.timeout) == (
+        2.0,
+        3,
+        0.5,
+        0.5,
+        0.2,
+    )
+    refused = [
+        (["--skew", "0"], "argument --skew: the value must be a finite number > 0, got 0.0"),
+        (["--timeout", "inf"], "--timeout: the value must be a finite number of seconds > 0"),
+        (["--threads", "0"], "argument --threads: the value must be an int >= 1, got 0"),
+        (["--keys", "1.5"], "argument --keys: invalid int value: '1.5'"),
+        (["--seconds", "soon"], "argument --seconds: invalid float value: 'soon'"),
+    ]
+    for extra, message in refused:
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["demo", *extra])
+        assert message in capsys.readouterr().err
+
+
 def test_python_dash_m_cachechain_demo() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "cachechain", "demo", "--seconds", "0.3", "--keys", "100"],
@@ -134,3 +160,23 @@ def test_the_demo_serves_prometheus_metrics_that_promtool_accepts() -> None:
         check=False,
     )
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_the_faulty_layer_fails_every_call_while_a_fault_is_on() -> None:
+    inner = MemoryLayer("L2")
+    layer = FaultyLayer(inner, timeout=0.01)
+    assert layer.local is False and layer.name == "L2" and layer.layer is inner
+    layer.set("k", "v")
+    layer.fault = "stop"
+    with pytest.raises(LayerUnavailableError):
+        layer.get("k")
+    with pytest.raises(LayerUnavailableError):
+        layer.delete("k")
+    layer.fault = "blackhole"
+    with pytest.raises(LayerTimeoutError):
+        layer.get_many(["k"])
+    layer.fault = None
+    assert layer.get("k") == "v"  # nothing reached the wrapped layer meanwhile
+    layer.fault = "blackhole"
+    layer.close()  # ends the fault
+    assert layer.fault is None

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import pytest
 
@@ -25,6 +25,7 @@ from cachechain._errors import (
     PoolExhaustedError,
 )
 from cachechain._resilience import BreakerStats, CircuitBreaker, CircuitState, ResilientLayer
+from cachechain.layers import BaseLayer, LayerProxy
 from cachechain.layers._base import MISSING, CacheLayer
 from cachechain.layers._memcached import MemcachedLayer
 from cachechain.layers._memory import MemoryLayer
@@ -33,74 +34,55 @@ from tests.support.servers import MemcachedProcess
 
 WAIT = 10.0  # seconds: the most any thread test waits before it fails
 
+T = TypeVar("T")
 
-class FakeLayer:
-    """A remote-looking layer that records calls and injects faults.
+
+class _Store(BaseLayer):
+    """A dict of values, each read back with 5 seconds to live; TTLs are ignored."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, max_ttl=3600.0)
+        self.data: dict[str, Any] = {}
+
+    def get_with_ttl(self, key: str) -> tuple[Any, float | None]:
+        return (self.data[key], 5.0) if key in self.data else (MISSING, None)
+
+    def set(self, key: str, value: Any, ttl: float | None = None) -> None:
+        self.data[key] = value
+
+    def delete(self, key: str) -> None:
+        self.data.pop(key, None)
+
+
+class FakeLayer(LayerProxy):
+    """A remote-looking layer that records calls and injects faults (a proxy over a
+    dict store).
 
     ``error`` is raised by every operation; ``delay`` seconds are added to ``clock``
     during each call (a slow call without any waiting); ``hook`` runs inside each call
     (to block on an Event or a Barrier).
     """
 
-    local = False
-    max_ttl = 3600.0
-
     def __init__(self, name: str = "L2", clock: FakeClock | None = None) -> None:
-        self._name = name
+        store = _Store(name)
+        super().__init__(store)
         self.clock = clock
         self.calls: list[str] = []
         self.error: BaseException | None = None
         self.delay = 0.0
         self.hook: Callable[[], object] | None = None
-        self.data: dict[str, Any] = {}
+        self.data = store.data
         self.closed = 0
 
-    @property
-    def name(self) -> str:
-        return self._name
-
-    def _enter(self, op: str) -> None:
-        self.calls.append(op)
+    def _forward(self, method: Callable[..., T], *args: Any) -> T:
+        self.calls.append(method.__name__)
         if self.hook is not None:
             self.hook()
         if self.clock is not None:
             self.clock.advance(self.delay)
         if self.error is not None:
             raise self.error
-
-    def get(self, key: str) -> Any:
-        self._enter("get")
-        return self.data.get(key, MISSING)
-
-    def get_with_ttl(self, key: str) -> tuple[Any, float | None]:
-        self._enter("get_with_ttl")
-        return (self.data[key], 5.0) if key in self.data else (MISSING, None)
-
-    def get_many(self, keys: Sequence[str]) -> dict[str, Any]:
-        self._enter("get_many")
-        return {k: self.data[k] for k in keys if k in self.data}
-
-    def get_many_with_ttl(self, keys: Sequence[str]) -> dict[str, tuple[Any, float | None]]:
-        self._enter("get_many_with_ttl")
-        return {k: (self.data[k], 5.0) for k in keys if k in self.data}
-
-    def set(self, key: str, value: Any, ttl: float | None = None) -> None:
-        self._enter("set")
-        self.data[key] = value
-
-    def set_many(self, items: Mapping[str, Any], ttl: float | None = None) -> list[str]:
-        self._enter("set_many")
-        self.data.update(items)
-        return []
-
-    def delete(self, key: str) -> None:
-        self._enter("delete")
-        self.data.pop(key, None)
-
-    def delete_many(self, keys: Iterable[str]) -> None:
-        self._enter("delete_many")
-        for key in keys:
-            self.data.pop(key, None)
+        return method(*args)
 
     def close(self) -> None:
         self.closed += 1

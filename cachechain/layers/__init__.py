@@ -1,7 +1,11 @@
-"""The kit for writing a cache layer: the contract and a base class.
+"""The kit for writing a cache layer: the contract, a base class and a wrapper base.
 
 Applications import the built-in layers from :mod:`cachechain` (``MemoryLayer``,
-``MemcachedLayer``); this package holds what a layer author needs.
+``MemcachedLayer``); this package holds what a layer author needs: the
+:class:`CacheLayer` contract and its optional capabilities (:class:`SupportsTimeout`,
+:class:`SupportsStats`, :class:`SupportsClear`), :class:`BaseLayer` to write a layer,
+:class:`LayerProxy` to wrap one, and :func:`check_ttl`. The conformance tests a layer
+should pass are :class:`cachechain.testing.CacheLayerTests`.
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ from ._base import (
     SupportsTimeout,
     check_ttl,
 )
+from ._proxy import LayerProxy
 
 __all__ = [
     "BaseLayer",
     "CacheLayer",
     "Entry",
+    "LayerProxy",
     "SupportsClear",
     "SupportsStats",
     "SupportsTimeout",

@@ -1,14 +1,22 @@
 """The layer contract: what the chain asks of every cache layer.
 
-A layer stores values under ``str`` keys with a per-entry time to live in seconds. A
-miss is not an exception: ``get`` returns the :data:`MISSING` sentinel. A layer raises
-only for a failure (a :class:`~cachechain.errors.LayerError` or anything its backend
-raises) or for input it cannot take (:class:`~cachechain.errors.InvalidKeyError`,
-:class:`~cachechain.errors.InvalidValueError`).
+A layer stores values under ``str`` keys (any ``str``, empty included) with a
+per-entry time to live in seconds. A miss is not an exception: ``get`` returns the
+:data:`MISSING` sentinel, and a stored falsy value (``0``, ``""``, ``None``) is a hit.
+A layer raises only for a failure (a :class:`~cachechain.errors.LayerError` or anything
+its backend raises) or for input it cannot take (:class:`~cachechain.errors.InvalidKeyError`,
+:class:`~cachechain.errors.InvalidValueError`, the latter for a TTL that is not a finite
+number of seconds ``> 0`` too). It is called from many threads at once.
+
+Beyond :class:`CacheLayer`, a layer may offer optional capabilities, each a small
+runtime-checkable protocol (``isinstance`` tells): :class:`SupportsTimeout`,
+:class:`SupportsStats`, :class:`SupportsClear`.
 
 Layers know nothing of the chain, the breakers or the metrics. Write a new layer by
 subclassing :class:`BaseLayer` and implementing ``get_with_ttl``, ``set`` and
-``delete``; the batch methods default to loops over those.
+``delete``; the batch methods default to loops over those. Wrap a layer by subclassing
+:class:`~cachechain.layers.LayerProxy`. Check a layer against the contract with
+:class:`cachechain.testing.CacheLayerTests`.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final, Protocol, runtime_checkable
 
 from .._errors import ConfigError, InvalidValueError
+from .._validate import check_seconds, check_ttl
 
 __all__ = [
     "MISSING",
@@ -93,16 +102,20 @@ class CacheLayer(Protocol):
         """Return the hits among ``keys`` with their remaining TTLs; misses are absent."""
 
     def set(self, key: str, value: Any, ttl: float | None = None) -> None:
-        """Store ``value`` for ``ttl`` seconds (``None``: the layer's default).
+        """Store ``value`` for ``ttl`` seconds (``None``: the layer's default), capped
+        at :attr:`max_ttl`.
 
         Raises :class:`~cachechain.errors.InvalidValueError` for a value it cannot
-        store, or a layer error when the backend fails. A layer that refuses a value
-        must not go on serving an older value of ``key`` (delete it, best effort).
+        store or a TTL that is not a finite number of seconds ``> 0``, or a layer error
+        when the backend fails. A layer that refuses a value must not go on serving an
+        older value of ``key`` (delete it, best effort).
         """
 
     def set_many(self, items: Mapping[str, Any], ttl: float | None = None) -> list[str]:
         """Store every item it can; return the keys whose values could not be stored
-        because they were invalid for this layer. A backend failure raises."""
+        because they were invalid for this layer (``[]`` when all were stored; their
+        older values are gone too). A backend failure raises, and so does an invalid
+        TTL (:class:`~cachechain.errors.InvalidValueError`)."""
 
     def delete(self, key: str) -> None:
         """Remove ``key``; removing an absent key is not an error."""
@@ -116,44 +129,38 @@ class CacheLayer(Protocol):
 
 @runtime_checkable
 class SupportsTimeout(Protocol):
-    """A layer with its own per-call timeout in seconds (``None``: none). The chain
-    waits at most that long for a write of a key in flight before it writes the key
-    again, and :class:`~cachechain._resilience.ResilientLayer` adopts it."""
+    """An optional capability: a layer that bounds its own calls, in seconds.
+
+    The chain waits at most ``timeout`` for a write of a key in flight before it writes
+    the key again, and the breaker wrapper the chain puts around a remote layer counts
+    a call slower than that (plus a ``connect_timeout`` attribute, if any) as a
+    failure. Without it the chain waits a default and counts no slow calls."""
 
     @property
     def timeout(self) -> float | None:
-        """The layer's per-call timeout in seconds, or None."""
+        """The layer's per-call timeout in seconds, or ``None`` for none."""
 
 
 @runtime_checkable
 class SupportsStats(Protocol):
-    """A layer that reports figures. The chain exports ``entries`` and ``evictions``
-    (``int`` attributes of what :meth:`stats` returns) where present."""
+    """An optional capability: a layer that reports figures.
+
+    Before each metrics read the chain calls :meth:`stats` and exports the ``entries``
+    and ``evictions`` attributes of the result when they are ``int`` (entries held now;
+    evictions since the layer was built, never decreasing). Other attributes are the
+    layer's own business."""
 
     def stats(self) -> Any:
-        """A point-in-time view of the layer's figures."""
+        """A point-in-time view of the layer's figures; quick (it runs before every
+        metrics read)."""
 
 
 @runtime_checkable
 class SupportsClear(Protocol):
-    """A layer that can drop every entry it holds."""
+    """An optional capability: a layer that can drop every entry it holds at once."""
 
     def clear(self) -> None:
-        """Remove every entry of this layer."""
-
-
-def check_ttl(ttl: float | None, *, field: str = "ttl") -> float | None:
-    """Validate a TTL in seconds: ``None`` or a finite number greater than zero.
-
-    Raises :class:`~cachechain.errors.ConfigError` naming ``field`` otherwise.
-    """
-    if ttl is None:
-        return None
-    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
-        raise ConfigError(f"{field} must be a number of seconds or None, got {ttl!r}")
-    if not math.isfinite(ttl) or ttl <= 0:
-        raise ConfigError(f"{field} must be a finite number of seconds > 0, got {ttl!r}")
-    return float(ttl)
+        """Remove every entry of this layer (of this process, for an in-process one)."""
 
 
 class BaseLayer(abc.ABC):
@@ -193,7 +200,7 @@ class BaseLayer(abc.ABC):
         if ttl is None:
             ttl = self.default_ttl
         elif isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl < math.inf:
-            raise InvalidValueError(f"ttl must be a finite number of seconds > 0, got {ttl!r}")
+            ttl = check_seconds(ttl, "ttl", error=InvalidValueError)  # raises for every such ttl
         if ttl is not None and self._max_ttl is not None and ttl > self._max_ttl:
             return self._max_ttl
         return ttl
