@@ -18,7 +18,13 @@ __all__ = ["moved", "public_home"]
 
 # The packages whose ``__all__`` is the public surface, in the order a name is looked
 # up: the first that lists a name is its one import path.
-_PUBLIC = ("cachechain", "cachechain.layers", "cachechain.metrics", "cachechain.exporters")
+_PUBLIC = (
+    "cachechain",
+    "cachechain.layers",
+    "cachechain.metrics",
+    "cachechain.exporters",
+    "cachechain.testing",
+)
 
 
 def public_home(name: str) -> str | None:

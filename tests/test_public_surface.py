@@ -9,7 +9,13 @@ import pytest
 
 import cachechain
 
-PUBLIC = ["cachechain", "cachechain.layers", "cachechain.metrics", "cachechain.exporters"]
+PUBLIC = [
+    "cachechain",
+    "cachechain.layers",
+    "cachechain.metrics",
+    "cachechain.exporters",
+    "cachechain.testing",
+]
 
 # Old module paths (before 0.2) and a name each of them exported.
 OLD_PATHS = [
