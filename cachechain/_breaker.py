@@ -31,6 +31,8 @@ does ``on_success`` while no failure is recorded (the GIL makes the reads atomic
 State-change listeners run after the lock is released, in the order of the
 transitions; one that raises is logged and ignored, and one that calls back into the
 breaker does not deadlock. The breaker reads only its injected monotonic clock (seconds).
+What a CLOSED breaker counts lives in :mod:`._failure_window`, the delivery to the
+listeners in :mod:`._transitions`.
 """
 
 from __future__ import annotations
@@ -38,16 +40,17 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
-import math
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 from . import _fork
 from ._errors import CircuitOpenError, ConfigError, trips_breaker
+from ._failure_window import FailureWindow
+from ._transitions import Transitions
+from ._validate import check_callable, check_count, check_rate, check_seconds
 
 if TYPE_CHECKING:
     from ._config import BreakerConfig
@@ -113,10 +116,24 @@ class Permit:
         return f"<Permit {kind} generation={self._generation}>"
 
 
-def _int_at_least(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
+def _failure_window(
+    max_failures: int, failure_rate: object, window: object, min_calls: object
+) -> FailureWindow:
+    """Check the settings that open a CLOSED breaker; return its window. Raises
+    :class:`~cachechain.errors.ConfigError` naming the field."""
+    window = check_count(window, "window")
+    min_calls = check_count(min_calls, "min_calls")
+    rate = check_rate(failure_rate, "failure_rate")
+    if rate is not None and min_calls > window:
+        raise ConfigError(
+            f"min_calls ({min_calls}) must be <= window ({window}) when failure_rate "
+            "is set, or the rate could never open the breaker"
+        )
+    return FailureWindow(max_failures, rate, window, min_calls)
+
+
+def _check_listeners(listeners: Iterable[StateListener]) -> tuple[StateListener, ...]:
+    return tuple(check_callable(fn, "listeners") for fn in listeners)
 
 
 class CircuitBreaker:
@@ -152,47 +169,17 @@ class CircuitBreaker:
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigError(f"name must be a non-empty str, got {name!r}")
-        self._max_failures = _int_at_least("max_failures", max_failures, 1)
-        if (
-            isinstance(reset_timeout, bool)
-            or not isinstance(reset_timeout, (int, float))
-            or not math.isfinite(reset_timeout)
-            or reset_timeout <= 0
-        ):
-            raise ConfigError(
-                f"reset_timeout must be a finite number of seconds > 0, got {reset_timeout!r}"
-            )
-        self._half_open_max_calls = _int_at_least("half_open_max_calls", half_open_max_calls, 1)
-        self._half_open_successes = _int_at_least("half_open_successes", half_open_successes, 1)
-        self._window_size = _int_at_least("window", window, 1)
-        self._min_calls = _int_at_least("min_calls", min_calls, 1)
-        if failure_rate is not None:
-            if (
-                isinstance(failure_rate, bool)
-                or not isinstance(failure_rate, (int, float))
-                or not 0 < failure_rate <= 1
-            ):
-                raise ConfigError(f"failure_rate must be in (0, 1] or None, got {failure_rate!r}")
-            if min_calls > window:
-                raise ConfigError(
-                    f"min_calls ({min_calls}) must be <= window ({window}) when failure_rate "
-                    "is set, or the rate could never open the breaker"
-                )
-            failure_rate = float(failure_rate)
-        if not callable(clock):
-            raise ConfigError(f"clock must be callable, got {clock!r}")
-        listeners = tuple(listeners)
-        for fn in listeners:
-            if not callable(fn):
-                raise ConfigError(f"listeners must be callables, got {fn!r}")
-
+        max_failures = check_count(max_failures, "max_failures")
+        self._reset_timeout = check_seconds(reset_timeout, "reset_timeout")
+        self._half_open_max_calls = check_count(half_open_max_calls, "half_open_max_calls")
+        self._half_open_successes = check_count(half_open_successes, "half_open_successes")
+        #: Consecutive failures and the failure-rate window (guarded by _lock).
+        self._counts = _failure_window(max_failures, failure_rate, window, min_calls)
+        self._clock = check_callable(clock, "clock")
+        #: The listeners, and the transitions waiting for them, in order.
+        self._transitions = Transitions(name, _check_listeners(listeners))
         self._name = name
-        self._reset_timeout = float(reset_timeout)
-        self._failure_rate = failure_rate
-        self._clock = clock
         self._lock = threading.Lock()
-        self._listeners: tuple[StateListener, ...] = listeners
-        self._failed_listeners: list[StateListener] = []
 
         # Guarded by _lock; the attributes read without the lock (_fast, _clean, _ok)
         # are only ever replaced whole, so a lock-free reader sees an old or a new value.
@@ -207,20 +194,14 @@ class CircuitBreaker:
         #: Failure-rate mode while clean: counts successes without the lock (a C-level
         #: ``next`` is atomic under the GIL). ``None`` otherwise.
         self._ok: itertools.count[int] | None = (
-            itertools.count() if failure_rate is not None else None
+            itertools.count() if self._counts.rate is not None else None
         )
-        self._consecutive = 0
-        self._window: deque[bool] = deque()  # outcomes while not clean, True = failure
-        self._window_failures = 0
         self._opened_at = 0.0
         self._trials: list[Permit] = []  # trial permits in flight, oldest first
         self._trial_successes = 0
         self._opens = 0
         self._rejected = 0
         self._trial_calls = 0
-        # Transitions waiting to be delivered to the listeners, in order.
-        self._events: deque[tuple[CircuitState, CircuitState]] = deque()
-        self._notifying = False
         _fork.track(self)
 
     @classmethod
@@ -247,7 +228,6 @@ class CircuitBreaker:
         never report back, so their slots are freed."""
         self._lock = threading.Lock()
         self._trials = []
-        self._notifying = False
 
     # -- public API -----------------------------------------------------------------
 
@@ -274,7 +254,7 @@ class CircuitBreaker:
         with self._lock:
             self._refresh_locked()
             state = self._state
-        self._emit()
+        self._transitions.deliver()
         return state
 
     def refusing(self) -> bool:
@@ -315,16 +295,14 @@ class CircuitBreaker:
         with self._lock:
             if permit._generation == self._generation:
                 if self._state is CircuitState.CLOSED:
-                    self._consecutive = 0
-                    if self._failure_rate is not None:
-                        self._record_locked(False)
+                    self._counts.success()
                     self._maybe_clean_locked()
                 elif self._settle_trial_locked(permit):
-                    self._consecutive = 0
+                    self._counts.consecutive = 0
                     self._trial_successes += 1
                     if self._trial_successes >= self._half_open_successes:
                         self._transition_locked(CircuitState.CLOSED)
-        self._emit()
+        self._transitions.deliver()
 
     def on_failure(self, permit: Permit) -> None:
         """Report that the call made with ``permit`` failed in a way that speaks about
@@ -336,17 +314,14 @@ class CircuitBreaker:
         with self._lock:
             if permit._generation == self._generation:
                 if self._state is CircuitState.CLOSED:
-                    self._consecutive += 1
                     if self._clean is not None:
                         self._make_dirty_locked()
-                    if self._failure_rate is not None:
-                        self._record_locked(True)
-                    if self._should_open_locked():
+                    if self._counts.failure():
                         self._transition_locked(CircuitState.OPEN)
                 elif self._settle_trial_locked(permit):
-                    self._consecutive += 1
+                    self._counts.consecutive += 1
                     self._transition_locked(CircuitState.OPEN)
-        self._emit()
+        self._transitions.deliver()
 
     def release(self, permit: Permit) -> None:
         """Hand ``permit`` back without reporting an outcome.
@@ -400,7 +375,7 @@ class CircuitBreaker:
         """
         with self._lock:
             self._transition_locked(CircuitState.CLOSED)
-        self._emit()
+        self._transitions.deliver()
 
     def stats(self) -> BreakerStats:
         """Return a consistent snapshot of the state and the counts (see
@@ -410,12 +385,12 @@ class CircuitBreaker:
             self._refresh_locked()
             stats = BreakerStats(
                 state=self._state,
-                consecutive_failures=self._consecutive,
+                consecutive_failures=self._counts.consecutive,
                 opens=self._opens,
                 rejected=self._rejected,
                 trial_calls=self._trial_calls,
             )
-        self._emit()
+        self._transitions.deliver()
         return stats
 
     @property
@@ -426,19 +401,12 @@ class CircuitBreaker:
     def add_listener(self, fn: StateListener) -> None:
         """Call ``fn(name, old, new)`` on every later state change. Raises
         :class:`~cachechain.errors.ConfigError` if ``fn`` is not callable."""
-        if not callable(fn):
-            raise ConfigError(f"listener must be callable, got {fn!r}")
-        with self._lock:
-            self._listeners = (*self._listeners, fn)
+        self._transitions.add(fn)
 
     def remove_listener(self, fn: StateListener) -> None:
         """Stop calling ``fn`` (its first registration, compared with ``==``); does
         nothing if it is not registered."""
-        with self._lock:
-            listeners = list(self._listeners)
-            if fn in listeners:
-                listeners.remove(fn)
-                self._listeners = tuple(listeners)
+        self._transitions.remove(fn)
 
     def __repr__(self) -> str:
         return f"<CircuitBreaker {self._name!r} {self._state.name}>"
@@ -449,7 +417,7 @@ class CircuitBreaker:
         with self._lock:
             permit = self._admit_locked()
         try:
-            self._emit()
+            self._transitions.deliver()
         except BaseException:
             if permit is not None:
                 self.release(permit)
@@ -477,7 +445,7 @@ class CircuitBreaker:
             return permit
         if now - trials[0]._started >= self._reset_timeout:
             # The oldest trial has run for a whole reset_timeout: a failed trial.
-            self._consecutive += 1
+            self._counts.consecutive += 1
             self._transition_locked(CircuitState.OPEN, now)
         self._rejected += 1
         return None
@@ -507,34 +475,16 @@ class CircuitBreaker:
         if ok is not None:
             # Successes counted lock-free; a success racing this first failure may be
             # missed, which shifts the failure-rate window by at most one call.
-            successes = next(ok)
-            self._window = deque([False] * min(successes, self._window_size))
-            self._window_failures = 0
+            self._counts.resume(next(ok))
 
     def _maybe_clean_locked(self) -> None:
         """Return to the lock-free mode once no failure is recorded any more."""
-        if self._consecutive or self._window_failures:
+        counts = self._counts
+        if not counts.clean:
             return
-        if self._failure_rate is not None:
-            self._ok = itertools.count(len(self._window))
-            self._window = deque()
+        if counts.rate is not None:
+            self._ok = itertools.count(counts.suspend())
         self._clean = self._fast
-
-    def _record_locked(self, failed: bool) -> None:
-        window = self._window
-        window.append(failed)
-        self._window_failures += failed
-        if len(window) > self._window_size and window.popleft():
-            self._window_failures -= 1
-
-    def _should_open_locked(self) -> bool:
-        if self._consecutive >= self._max_failures:
-            return True
-        rate = self._failure_rate
-        if rate is None:
-            return False
-        calls = len(self._window)
-        return calls >= self._min_calls and self._window_failures / calls >= rate
 
     def _transition_locked(self, new: CircuitState, now: float | None = None) -> None:
         old = self._state
@@ -544,10 +494,8 @@ class CircuitBreaker:
         self._trial_successes = 0
         if new is CircuitState.CLOSED:
             permit = Permit(self._generation)
-            self._consecutive = 0
-            self._window = deque()
-            self._window_failures = 0
-            if self._failure_rate is not None:
+            self._counts.clear()
+            if self._counts.rate is not None:
                 self._ok = itertools.count()
             self._clean = permit
             self._fast = permit
@@ -559,41 +507,4 @@ class CircuitBreaker:
                 self._opened_at = self._clock() if now is None else now
                 self._opens += 1
         if old is not new:
-            self._events.append((old, new))
-
-    def _emit(self) -> None:
-        """Deliver queued transitions to the listeners, outside the lock, in order.
-
-        One thread delivers at a time; a thread that finds delivery under way leaves its
-        events to that thread (which includes a listener calling back into the breaker:
-        the transition it causes is delivered after it returns, with no deadlock).
-        """
-        if not self._events:
-            return
-        while True:
-            with self._lock:
-                if self._notifying or not self._events:
-                    return
-                self._notifying = True
-                old, new = self._events.popleft()
-                listeners = self._listeners
-            try:
-                logger.debug("circuit breaker %r: %s -> %s", self._name, old.name, new.name)
-                for fn in listeners:
-                    try:
-                        fn(self._name, old, new)
-                    except Exception:
-                        self._listener_failed(fn)
-            finally:
-                with self._lock:
-                    self._notifying = False
-
-    def _listener_failed(self, fn: StateListener) -> None:
-        """Log a listener's exception: with its traceback the first time, then quietly."""
-        if any(f is fn for f in self._failed_listeners):
-            logger.debug("circuit breaker %r: listener %r raised again", self._name, fn)
-            return
-        self._failed_listeners.append(fn)
-        logger.exception(
-            "circuit breaker %r: state listener %r raised (ignored; logged once)", self._name, fn
-        )
+            self._transitions.push(old, new)

@@ -36,6 +36,7 @@ import struct
 from typing import Any, Protocol, runtime_checkable
 
 from ._errors import ConfigError, CorruptValueError, InvalidValueError
+from ._validate import check_optional_seconds
 
 __all__ = [
     "ENVELOPE_HEADER_SIZE",
@@ -44,6 +45,7 @@ __all__ = [
     "CorruptValueError",
     "JsonCodec",
     "SignedPickleCodec",
+    "check_codec",
     "pack",
     "unpack",
 ]
@@ -78,6 +80,18 @@ class Codec(Protocol):
 
         Raises :class:`CorruptValueError` when ``data`` is not a valid encoding.
         """
+
+
+def check_codec(codec: object) -> Codec:
+    """Return ``codec`` if it provides ``codec_id`` (an ``int`` in 0-255), ``encode``
+    and ``decode``. Raises :class:`~cachechain.errors.ConfigError` naming the field
+    otherwise."""
+    if not isinstance(codec, Codec):
+        raise ConfigError(f"codec must provide codec_id, encode and decode, got {codec!r}")
+    codec_id = codec.codec_id
+    if isinstance(codec_id, bool) or not isinstance(codec_id, int) or not 0 <= codec_id < 256:
+        raise ConfigError(f"codec.codec_id must be an int in 0-255, got {codec_id!r}")
+    return codec
 
 
 def _reject_constant(name: str) -> Any:
@@ -238,14 +252,7 @@ def pack(codec: Codec, value: Any, expires_at: float | None) -> bytes:
     none. Raises :class:`~cachechain.errors.InvalidValueError` when the codec cannot
     encode the value or ``expires_at`` is not a finite number > 0.
     """
-    if expires_at is None:
-        stamp = 0.0
-    elif not (isinstance(expires_at, (int, float)) and math.isfinite(expires_at)) or not (
-        expires_at > 0
-    ):
-        raise InvalidValueError(f"expires_at must be finite seconds > 0, got {expires_at!r}")
-    else:
-        stamp = float(expires_at)
+    stamp = check_optional_seconds(expires_at, "expires_at", error=InvalidValueError) or 0.0
     payload = codec.encode(value)
     return _HEADER.pack(ENVELOPE_MAGIC, codec.codec_id, stamp) + payload
 

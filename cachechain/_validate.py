@@ -67,7 +67,10 @@ def check_optional_seconds(
 def check_ttl(
     ttl: object, field: str = "ttl", *, error: type[Exception] = ConfigError
 ) -> float | None:
-    """A TTL in seconds: ``None`` (the layer's default) or a finite number ``> 0``."""
+    """Return a TTL in seconds: ``None`` (the layer's default) or ``ttl`` as a finite
+    ``float > 0``. Raises ``error`` (:class:`~cachechain.ConfigError` by default) naming
+    ``field`` for anything else: a non-number, ``bool``, ``nan``, ``inf``, zero or a
+    negative number."""
     return check_optional_seconds(ttl, field, error=error)
 
 

@@ -31,7 +31,7 @@ from pymemcache.exceptions import (
     MemcacheUnknownError,
 )
 
-import cachechain.layers._memcached as mcmod
+import cachechain.layers._pool as poolmod
 from cachechain import _fork
 from cachechain._codecs import ENVELOPE_MAGIC, CorruptValueError, JsonCodec, SignedPickleCodec
 from cachechain._errors import (
@@ -45,7 +45,7 @@ from cachechain._errors import (
     PoolExhaustedError,
     trips_breaker,
 )
-from cachechain.layers import _wire
+from cachechain.layers import SupportsClear, SupportsStats, SupportsTimeout, _wire
 from cachechain.layers._base import MISSING
 from cachechain.layers._memcached import (
     MemcachedLayer,
@@ -161,6 +161,13 @@ def fault_server() -> Iterator[Callable[[str | bytes], FaultServer]]:
 
 
 # -- configuration -----------------------------------------------------------------------
+
+
+def test_capabilities_stats_and_timeout_but_no_clear() -> None:
+    lay = MemcachedLayer()
+    assert isinstance(lay, SupportsStats)
+    assert isinstance(lay, SupportsTimeout)
+    assert not isinstance(lay, SupportsClear)  # never flushes a shared memcached
 
 
 def test_defaults_and_read_only_settings() -> None:
@@ -770,7 +777,7 @@ def test_a_write_that_cannot_progress_times_out(fault_server: Any) -> None:
 def test_pooled_connections_carry_the_read_write_timeout(memcached: MemcachedProcess) -> None:
     lay = MemcachedLayer(servers=memcached.address, timeout=0.3)
     lay.set("k", 1)
-    (client,) = lay._nodes[0].idle
+    (client,) = lay._pool.nodes[0].idle
     assert client.sock.gettimeout() == 0.3
     assert lay.get("k") == 1
 
@@ -814,7 +821,7 @@ def test_unexpected_close_maps_to_unavailable(monkeypatch: pytest.MonkeyPatch) -
         def get(self, key: bytes, default: Any = None) -> Any:
             raise MemcacheUnexpectedCloseError()
 
-    monkeypatch.setattr(mcmod, "Client", ClosingClient)
+    monkeypatch.setattr(poolmod, "Client", ClosingClient)
     with pytest.raises(LayerUnavailableError, match="closed the connection") as info:
         MemcachedLayer().get("k")
     assert isinstance(info.value.__cause__, MemcacheUnexpectedCloseError)
@@ -850,7 +857,7 @@ def test_not_stored_is_a_layer_error(monkeypatch: pytest.MonkeyPatch, memcached:
         def set_many(self, values: dict[bytes, bytes], *args: Any, **kwargs: Any) -> list[bytes]:
             return list(values)
 
-    monkeypatch.setattr(mcmod, "Client", RefusingClient)
+    monkeypatch.setattr(poolmod, "Client", RefusingClient)
     lay = make_layer(memcached)
     with pytest.raises(LayerError, match="did not store"):
         lay.set("k", 1)
@@ -875,7 +882,7 @@ def test_server_too_large_in_a_batch_falls_back_to_single_sets(
             stored[key] = value
             return True
 
-    monkeypatch.setattr(mcmod, "Client", PickyClient)
+    monkeypatch.setattr(poolmod, "Client", PickyClient)
     lay = make_layer(memcached)
     assert lay.set_many({"ok": 1, "big": 2}) == ["big"]
     assert list(stored) == [b"ok"]
@@ -900,7 +907,7 @@ def test_base_exception_discards_the_client(monkeypatch: pytest.MonkeyPatch) -> 
             self.sock = object()  # pretend a connection was open
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(mcmod, "Client", InterruptedClient)
+    monkeypatch.setattr(poolmod, "Client", InterruptedClient)
     lay = MemcachedLayer()
     with pytest.raises(KeyboardInterrupt):
         lay.get("k")
@@ -1022,7 +1029,7 @@ def test_waiter_gets_the_released_client(memcached: MemcachedProcess, monkeypatc
     lay = make_layer(memcached, pool_size=1, pool_timeout=10)
     lay.set("k", "v")
     cond = SpyCondition()
-    lay._nodes[0].cond = cond
+    lay._pool.nodes[0].cond = cond
     results: list[Any] = []
     holder = threading.Thread(target=lambda: results.append(lay.get("k")))
     holder.start()
@@ -1146,8 +1153,10 @@ def test_dead_node_costs_only_its_keys(
     # Now its keys fail fast, without any I/O; the other node's keys are served.
     spy = CallSpy(monkeypatch)
     created: list[Any] = []
-    real_client = mcmod.Client
-    monkeypatch.setattr(mcmod, "Client", lambda *a, **k: created.append(1) or real_client(*a, **k))
+    real_client = poolmod.Client
+    monkeypatch.setattr(
+        poolmod, "Client", lambda *a, **k: created.append(1) or real_client(*a, **k)
+    )
     for call in (
         lambda: lay.get(b_keys[1]),
         lambda: lay.get_with_ttl(b_keys[1]),
@@ -1183,7 +1192,7 @@ def test_dead_node_costs_only_its_keys(
 
 def keys_on(lay: MemcachedLayer, server: MemcachedProcess) -> list[str]:
     """The keys among KEYS that ``lay`` places on ``server``."""
-    return [k for k in KEYS if lay._node_for(memcached_key(k)).port == server.port]
+    return [k for k in KEYS if lay._pool.node_for(memcached_key(k)).port == server.port]
 
 
 def test_failed_probe_marks_the_node_down_again(
@@ -1216,7 +1225,7 @@ def test_failed_probe_marks_the_node_down_again(
 
 
 def drop_pooled_clients(lay: MemcachedLayer) -> None:
-    for node in lay._nodes:
+    for node in lay._pool.nodes:
         for client in node.clients:
             client.close()
         node.idle.clear()
@@ -1231,8 +1240,8 @@ def test_only_one_caller_probes_a_node(
     lay = cluster_layer([a.address, b.address], mono)
     b_key = keys_on(lay, b)[0]
     lay.set(b_key, "v")
-    b_node = next(n for n in lay._nodes if n.port == b.port)
-    lay._mark(b_node, down=True)  # as after a failure
+    b_node = next(n for n in lay._pool.nodes if n.port == b.port)
+    lay._pool.mark(b_node, down=True)  # as after a failure
     mono.advance(5.0)
     entered, release = threading.Event(), threading.Event()
     block_first_get(monkeypatch, entered, release)
@@ -1254,7 +1263,7 @@ def test_timeout_marks_a_cluster_node_down(memcached: MemcachedProcess, fault_se
     hole = fault_server("blackhole")
     mono = FakeClock(0.0)
     lay = MemcachedLayer("L2", [memcached.address, hole.address], timeout=0.1, monotonic=mono)
-    hole_key = next(k for k in KEYS if lay._node_for(memcached_key(k)).port == hole.port)
+    hole_key = next(k for k in KEYS if lay._pool.node_for(memcached_key(k)).port == hole.port)
     with pytest.raises(LayerTimeoutError):
         lay.get(hole_key)
     start = time.monotonic()
@@ -1271,7 +1280,7 @@ def test_server_error_does_not_mark_a_node_down(
 ) -> None:
     broken = fault_server(b"SERVER_ERROR busy\r\n")
     lay = MemcachedLayer("L2", [memcached.address, broken.address], timeout=1)
-    key = next(k for k in KEYS if lay._node_for(memcached_key(k)).port == broken.port)
+    key = next(k for k in KEYS if lay._pool.node_for(memcached_key(k)).port == broken.port)
     for _ in range(2):
         with pytest.raises(LayerError) as info:
             lay.get(key)
@@ -1312,7 +1321,7 @@ def test_close_during_calls(memcached: MemcachedProcess, monkeypatch: Any) -> No
     lay = make_layer(memcached, pool_size=1, pool_timeout=10)
     lay.set("k", "v")
     cond = SpyCondition()
-    lay._nodes[0].cond = cond
+    lay._pool.nodes[0].cond = cond
     results: list[Any] = []
 
     def call() -> None:
@@ -1343,7 +1352,7 @@ def test_a_client_released_while_the_layer_closes_is_not_left_open(
     client to the idle list: the client must still be closed, not left idle."""
     lay = make_layer(memcached)
     lay.set("k", "v")
-    node = lay._nodes[0]
+    node = lay._pool.nodes[0]
 
     class CloseOnAppend(list[Any]):
         def append(self, client: Any) -> None:
@@ -1359,7 +1368,7 @@ def test_a_client_released_while_the_layer_closes_is_not_left_open(
 def test_forked_child_gets_fresh_connections_and_locks(memcached: MemcachedProcess) -> None:
     lay = make_layer(memcached)
     lay.set("k", "parent")
-    node = lay._nodes[0]
+    node = lay._pool.nodes[0]
     parent_client = next(iter(node.clients))
     parent_port = parent_client.sock.getsockname()[1]
     # Another thread holds the pool lock while we fork, as may happen in a real app.
@@ -1380,7 +1389,7 @@ def test_forked_child_gets_fresh_connections_and_locks(memcached: MemcachedProce
             os.close(read_fd)
             got = lay.get("k")
             lay.set("k", "child")
-            client = next(iter(lay._nodes[0].clients))
+            client = next(iter(lay._pool.nodes[0].clients))
             report = {
                 "got": got,
                 "port": client.sock.getsockname()[1],
@@ -1416,7 +1425,7 @@ def test_reset_after_fork_drops_inherited_state(
     """What the at-fork hook does in a child, run here where coverage can see it."""
     lay = make_layer(memcached)
     lay.set("k", 1)
-    node = lay._nodes[0]
+    node = lay._pool.nodes[0]
     old_client = next(iter(node.clients))
     old_cond = node.cond
     monkeypatch.setattr(_fork, "_TRACKED", weakref.WeakSet([lay]))

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from cachechain import MISSING, ConfigError, InvalidValueError, MemoryLayer
-from cachechain.layers import CacheLayer
+from cachechain.layers import CacheLayer, SupportsClear, SupportsStats, SupportsTimeout
 from tests.support.fakes import FakeClock
 
 
@@ -17,6 +17,17 @@ def test_it_is_a_local_cache_layer() -> None:
     assert layer.local is True
     assert layer.name == "L1"
     assert "L1" in repr(layer)
+
+
+def test_it_reports_stats_and_can_be_cleared() -> None:
+    layer = MemoryLayer("L1", maxsize=10)
+    assert isinstance(layer, SupportsStats)
+    assert isinstance(layer, SupportsClear)
+    assert not isinstance(layer, SupportsTimeout)
+    layer.set("k", 1)
+    assert layer.stats().entries == 1
+    layer.clear()
+    assert layer.stats().entries == 0
 
 
 def test_entries_expire_on_their_own_ttl() -> None:

@@ -240,7 +240,7 @@ def test_a_partial_miss_followed_by_more_is_a_desync() -> None:
 def test_the_layer_maps_a_bad_reply_and_drops_the_client(memcached: MemcachedProcess) -> None:
     layer = MemcachedLayer("L2", memcached.address)
     layer.set("k", 1)
-    (client,) = layer._nodes[0].idle
+    (client,) = layer._pool.nodes[0].idle
     real: Any = client.sock
     client.sock = ScriptedSocket(b"SERVER_ERROR busy\r\n")
     with pytest.raises(LayerError) as info:

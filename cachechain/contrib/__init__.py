@@ -43,15 +43,16 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
 import pickle
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
+from .. import _fork
 from .._chain import Chain
 from .._codecs import SignedPickleCodec
+from .._logonce import LogOnce
 from ..layers._base import MISSING
 
 __all__ = ["NO_EXPIRY_TTL"]
@@ -84,8 +85,8 @@ def _encode(value: Any) -> Any:
         ) from exc
 
 
-_undecodable_seen: set[str] = set()
-_undecodable_lock = threading.Lock()
+#: Logs each kind of unpickling error at WARNING once, then at DEBUG.
+_log_once = LogOnce(log)
 
 
 def _decode(stored: Any) -> Any:
@@ -98,20 +99,64 @@ def _decode(stored: Any) -> Any:
         return pickle.loads(stored)
     except Exception as exc:  # a class renamed or removed since the value was stored
         kind = type(exc).__name__
-        with _undecodable_lock:
-            first = kind not in _undecodable_seen
-            _undecodable_seen.add(kind)
-        if first:
-            log.warning(
-                "a cached value could not be unpickled (%s: %s); treated as a miss. "
-                "Further %s errors are logged at DEBUG",
-                kind,
-                exc,
-                kind,
-            )
-        else:
-            log.debug("a cached value could not be unpickled: %r", exc)
+        _log_once(
+            kind,
+            "a cached value could not be unpickled (%s: %s); treated as a miss. "
+            "Further %s errors are logged at DEBUG",
+            kind,
+            exc,
+            kind,
+        )
         return MISSING
+
+
+def _read(chain: Chain, key: str, default: Any) -> Any:
+    """The value cached under ``key`` (a fresh copy), or ``default`` on a miss and
+    for stored bytes that no longer unpickle."""
+    stored = chain.get(key, MISSING)
+    if stored is MISSING:
+        return default
+    value = _decode(stored)
+    return default if value is MISSING else value
+
+
+def _add(chain: Chain, lock: threading.Lock, key: str, stored: Any, ttl: float | None) -> bool:
+    """Store ``stored`` for ``ttl`` seconds unless some reachable layer holds ``key``,
+    under ``lock`` (the key's stripe); return False when it was there, else whether
+    every layer took it (True, storing nothing, when ``ttl`` is None: do not cache)."""
+    with lock:
+        if chain.get(key, MISSING) is not MISSING:
+            return False
+        if ttl is None:
+            return True
+        return chain.set(key, stored, ttl)
+
+
+def _delete(chain: Chain, key: str) -> bool:
+    """Remove ``key`` from every layer; return True when it was cached and every layer
+    confirmed the delete."""
+    existed = chain.get(key, MISSING) is not MISSING
+    return chain.delete(key) and existed
+
+
+def _layer_entries(options: Mapping[str, Any]) -> Sequence[Any]:
+    """The ``layers`` entries of ``options``; none when they are malformed (the
+    settings report that)."""
+    layers = options.get("layers")
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
+        return ()
+    return layers
+
+
+def _wants_default_codec(entry: Any) -> bool:
+    """Whether a ``layers`` entry is a ``memcached`` layer that names no ``codec``."""
+    return isinstance(entry, Mapping) and entry.get("type") == "memcached" and "codec" not in entry
+
+
+def _needs_default_codec(options: Mapping[str, Any]) -> bool:
+    """Whether some ``memcached`` layer of ``options`` names no codec (and so gets the
+    default one, keyed by the application's secret)."""
+    return any(_wants_default_codec(entry) for entry in _layer_entries(options))
 
 
 def _with_default_codec(
@@ -121,14 +166,14 @@ def _with_default_codec(
     ``secret`` given to every ``memcached`` layer that names no ``codec``, and the names
     of such layers left on JSON because ``secret`` is empty. ``options`` is not changed;
     anything malformed is passed on untouched for the settings to report."""
-    layers = options.get("layers")
-    if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
+    layers = _layer_entries(options)
+    if not layers:
         return options, []
     entries: list[Any] = []
     on_json: list[str] = []
     codec: SignedPickleCodec | None = None
     for index, entry in enumerate(layers):
-        if isinstance(entry, Mapping) and entry.get("type") == "memcached" and "codec" not in entry:
+        if _wants_default_codec(entry):
             if secret:
                 codec = codec or SignedPickleCodec(secret)
                 entry = {**entry, "codec": codec}
@@ -162,19 +207,18 @@ class _KeyLocks:
     __slots__ = ("__weakref__", "_locks")
 
     def __init__(self) -> None:
-        self._reset()
-        with _OPEN_LOCK:
-            _KEY_LOCKS.add(self)
+        self._after_fork()
+        _fork.track(self)
 
-    def _reset(self) -> None:
+    def _after_fork(self) -> None:
+        """Fresh locks (also in a forked child, where another thread may have held
+        one at fork time)."""
         self._locks = tuple(threading.Lock() for _ in range(_LOCK_STRIPES))
 
     def __call__(self, key: str) -> threading.Lock:
         """Return the lock of ``key``'s stripe."""
         return self._locks[hash(key) & (_LOCK_STRIPES - 1)]
 
-
-_KEY_LOCKS: weakref.WeakSet[_KeyLocks] = weakref.WeakSet()
 
 #: The chains built by the backends and not yet garbage collected, closed at exit.
 _OPEN: weakref.WeakSet[Chain] = weakref.WeakSet()
@@ -208,15 +252,12 @@ def _close_open_chains() -> None:
 
 
 def _after_fork_in_child() -> None:  # pragma: no cover - runs in a forked child
-    """Locks held by another thread at fork time would never be released in the child:
-    give it fresh ones (the chains reset their own connections and writers)."""
-    global _OPEN_LOCK, _undecodable_lock
+    """A lock held by another thread at fork time would never be released in the
+    child: give it a fresh one (the chains reset their own connections and writers,
+    the key locks and the log-once their locks)."""
+    global _OPEN_LOCK
     _OPEN_LOCK = threading.Lock()
-    _undecodable_lock = threading.Lock()
-    for locks in list(_KEY_LOCKS):
-        locks._reset()
 
 
 atexit.register(_close_open_chains)
-if hasattr(os, "register_at_fork"):  # pragma: no branch - absent only on Windows
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+_fork.at_fork(after_in_child=_after_fork_in_child)

@@ -59,26 +59,30 @@ any backend. What to know:
 
 from __future__ import annotations
 
-import os
 import threading
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache, InvalidCacheKey
 from django.core.exceptions import ImproperlyConfigured
 
+from .. import _fork
 from .._chain import Chain
 from .._errors import ConfigError
 from ..layers._base import MISSING
 from . import (
     NO_EXPIRY_TTL,
+    _add,
     _clear_local_layers,
     _close_at_exit,
     _decode,
+    _delete,
     _encode,
     _exiting,
     _KeyLocks,
+    _needs_default_codec,
+    _read,
     _with_default_codec,
 )
 
@@ -115,16 +119,6 @@ def _freeze(value: Any) -> Hashable:
     return (type(value).__qualname__, value)
 
 
-def _needs_secret(options: Mapping[str, Any]) -> bool:
-    """Whether some ``memcached`` layer names no codec (and so gets the default one)."""
-    layers = options.get("layers")
-    if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
-        return False
-    return any(
-        isinstance(e, Mapping) and e.get("type") == "memcached" and "codec" not in e for e in layers
-    )
-
-
 def _secret_key() -> str | bytes:
     from django.conf import settings
 
@@ -142,7 +136,7 @@ def _secret_key() -> str | bytes:
 def _shared_for(location: str, options: Mapping[str, Any]) -> _Shared:
     """Return the shared chain of this configuration in this process, building it on
     first use (and again after :func:`close_chains`)."""
-    secret = _secret_key() if _needs_secret(options) else None
+    secret = _secret_key() if _needs_default_codec(options) else None
     fingerprint = (location, _freeze(options), secret)
     with _SHARED_LOCK:
         shared = _SHARED.get(fingerprint)
@@ -179,8 +173,7 @@ def _after_fork_in_child() -> None:  # pragma: no cover - runs in a forked child
     _SHARED_LOCK = threading.Lock()
 
 
-if hasattr(os, "register_at_fork"):  # pragma: no branch - absent only on Windows
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+_fork.at_fork(after_in_child=_after_fork_in_child)
 
 
 class CachechainCache(BaseCache):  # type: ignore[misc]  # django ships no type hints
@@ -248,11 +241,7 @@ class CachechainCache(BaseCache):  # type: ignore[misc]  # django ships no type 
         """Return the value cached under ``key`` (a fresh copy), or ``default``. A layer
         failure is a miss."""
         key = self.make_and_validate_key(key, version=version)
-        stored = self._live().chain.get(key, MISSING)
-        if stored is MISSING:
-            return default
-        value = _decode(stored)
-        return default if value is MISSING else value
+        return _read(self._live().chain, key, default)
 
     def get_many(self, keys: Iterable[Any], version: int | None = None) -> dict[Any, Any]:
         """Return ``{key: value}`` for the ``keys`` that are cached (one batch per layer);
@@ -345,12 +334,7 @@ class CachechainCache(BaseCache):  # type: ignore[misc]  # django ships no type 
         key = self.make_and_validate_key(key, version=version)
         ttl = self._ttl(timeout)
         shared = self._live()
-        with shared.lock(key):
-            if shared.chain.get(key, MISSING) is not MISSING:
-                return False
-            if ttl is None:
-                return True
-            return shared.chain.set(key, stored, ttl)
+        return _add(shared.chain, shared.lock(key), key, stored, ttl)
 
     def set_many(
         self,
@@ -378,9 +362,7 @@ class CachechainCache(BaseCache):  # type: ignore[misc]  # django ships no type 
         layer confirmed the delete, False when it was not cached or some layer could
         not be reached (the chain still never drops a delete it queued)."""
         key = self.make_and_validate_key(key, version=version)
-        chain = self._live().chain
-        existed = chain.get(key, MISSING) is not MISSING
-        return chain.delete(key) and existed
+        return _delete(self._live().chain, key)
 
     def delete_many(self, keys: Iterable[Any], version: int | None = None) -> None:
         """Remove every key in ``keys`` from every layer (one batch per layer)."""

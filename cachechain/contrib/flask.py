@@ -59,15 +59,19 @@ from flask import Flask
 from flask_caching.backends.base import BaseCache
 
 from .._chain import Chain
-from .._errors import ConfigError, InvalidKeyError
+from .._errors import ConfigError
+from .._validate import check_key
 from ..layers._base import MISSING
 from . import (
     NO_EXPIRY_TTL,
+    _add,
     _clear_local_layers,
     _close_at_exit,
     _decode,
+    _delete,
     _encode,
     _KeyLocks,
+    _read,
     _with_default_codec,
     log,
 )
@@ -166,8 +170,7 @@ class CachechainBackend(BaseCache):
         return self._chain
 
     def _key(self, key: str) -> str:
-        if not isinstance(key, str):
-            raise InvalidKeyError(f"cache keys must be str, got {type(key).__name__}")
+        check_key(key)
         return self._prefix + key
 
     def _ttl(self, timeout: int | float | dt.timedelta | None) -> float | None:
@@ -188,11 +191,7 @@ class CachechainBackend(BaseCache):
     def get(self, key: str) -> Any:
         """Return the value cached under ``key`` (a fresh copy), or ``None``. A layer
         failure is a miss."""
-        stored = self._chain.get(self._key(key), MISSING)
-        if stored is MISSING:
-            return None
-        value = _decode(stored)
-        return None if value is MISSING else value
+        return _read(self._chain, self._key(key), None)
 
     def get_many(self, *keys: str) -> list[Any]:
         """Return the values of ``keys`` in order, ``None`` for each miss (one batch per
@@ -232,12 +231,7 @@ class CachechainBackend(BaseCache):
         stored = _encode(value)
         key = self._key(key)
         ttl = self._ttl(timeout)
-        with self._lock(key):
-            if self._chain.get(key, MISSING) is not MISSING:
-                return False
-            if ttl is None:
-                return True
-            return self._chain.set(key, stored, ttl)
+        return _add(self._chain, self._lock(key), key, stored, ttl)
 
     def set_many(
         self, mapping: Mapping[str, Any], timeout: int | float | dt.timedelta | None = None
@@ -256,9 +250,7 @@ class CachechainBackend(BaseCache):
     def delete(self, key: str) -> bool:
         """Remove ``key`` from every layer; return True when it was cached and every
         layer confirmed the delete."""
-        key = self._key(key)
-        existed = self._chain.get(key, MISSING) is not MISSING
-        return self._chain.delete(key) and existed
+        return _delete(self._chain, self._key(key))
 
     def delete_many(self, *keys: str) -> list[Any]:
         """Remove ``keys`` from every layer (one batch per layer); return them all when

@@ -19,7 +19,7 @@ from typing import Any
 from cachetools import LRUCache
 
 from .. import _fork
-from .._errors import ConfigError
+from .._validate import check_count
 from ._base import MISSING, BaseLayer
 
 __all__ = ["MemoryLayer", "MemoryLayerStats"]
@@ -84,9 +84,7 @@ class MemoryLayer(BaseLayer):
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(name, default_ttl=default_ttl, max_ttl=max_ttl)
-        if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
-            raise ConfigError(f"maxsize must be an int >= 1, got {maxsize!r}")
-        self._data = _CountingLRU(maxsize)
+        self._data = _CountingLRU(check_count(maxsize, "maxsize"))
         self._lock = threading.Lock()
         self._clock = clock
         _fork.track(self)

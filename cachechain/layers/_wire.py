@@ -48,6 +48,8 @@ def get(client: Any, key: bytes) -> bytes | None:
     """Send ``get <key>`` on ``client`` (a ``pymemcache.client.base.Client`` without
     serde) and return the stored bytes, or None on a miss. ``key`` must already be a
     valid memcached key (see ``memcached_key``). Raises as the module docstring says."""
+    # Kept in one piece for the reply that fits one read (every L2 hit and miss): each
+    # rarer case (a line or a value in pieces, an error) is a call of its own.
     sock = client.sock
     if sock is None:  # not connected yet: pymemcache connects, then reads the same way
         value: bytes | None = client.get(key)
@@ -66,15 +68,11 @@ def get(client: Any, key: bytes) -> bytes | None:
     if buf == _MISS:
         return None
     eol = buf.find(b"\r\n")
-    while eol < 0:  # the reply line arrived in pieces
-        if len(buf) > _MAX_LINE:
-            raise MemcacheUnknownError(f"reply line too long: {buf[:80]!r}")
-        buf += _recv(sock, _RECV_SIZE)
-        eol = buf.find(b"\r\n")
+    if eol < 0:  # the reply line arrived in pieces
+        buf, eol = _read_line(sock, buf)
     line = buf[:eol]
     if line == b"END":  # a miss that arrived in pieces
-        if len(buf) != eol + 2:
-            raise MemcacheUnknownError(f"miss of {key!r} followed by {buf[eol + 2 :][:80]!r}")
+        _check_miss(buf, eol, key)
         return None
     parts = line.split(b" ")
     if parts[0] != b"VALUE" or len(parts) not in (4, 5) or parts[1] != key:
@@ -82,31 +80,56 @@ def get(client: Any, key: bytes) -> bytes | None:
     if not (parts[2].isdigit() and parts[3].isdigit()) or len(parts[3]) > 10:
         raise MemcacheUnknownError(f"bad flags or value size in {line[:80]!r}")
     size = int(parts[3])
-    if size > _MAX_SIZE:
-        raise MemcacheUnknownError(f"value size out of range in {line[:80]!r}")
     start = eol + 2
+    end = start + size
+    if len(buf) < end + len(_TRAILER):  # a value larger than the first read
+        return _read_large(sock, buf, start, size, key)
+    # A value that fits one read is at most the read's size (far below _MAX_SIZE).
+    if buf[end:] != _TRAILER:  # more or other than one value: desync
+        raise MemcacheUnknownError(f"value of {key!r} not followed by END alone")
+    return buf[start:end]
+
+
+def _read_line(sock: Any, buf: bytes) -> tuple[bytes, int]:
+    """Read until ``buf`` holds a whole reply line; return it and the line's end."""
+    eol = -1
+    while eol < 0:
+        if len(buf) > _MAX_LINE:
+            raise MemcacheUnknownError(f"reply line too long: {buf[:80]!r}")
+        buf += _recv(sock, _RECV_SIZE)
+        eol = buf.find(b"\r\n")
+    return buf, eol
+
+
+def _check_miss(buf: bytes, eol: int, key: bytes) -> None:
+    """A miss whose ``END`` line ends at ``eol``: nothing may follow it."""
+    if len(buf) != eol + 2:
+        raise MemcacheUnknownError(f"miss of {key!r} followed by {buf[eol + 2 :][:80]!r}")
+
+
+def _read_large(sock: Any, buf: bytes, start: int, size: int, key: bytes) -> bytes:
+    """Read the rest of a value of ``size`` bytes starting at ``start`` in ``buf`` (all
+    the first read returned) into one buffer filled in place, and its trailer."""
+    if size > _MAX_SIZE:
+        raise MemcacheUnknownError(f"value size out of range in {buf[: start - 2][:80]!r}")
     end = start + size
     need = end + len(_TRAILER)
     got = len(buf)
-    if got < need:  # a value larger than the first read: fill one buffer in place
-        whole = bytearray(need)
-        whole[:got] = buf
-        view = memoryview(whole)
-        while got < need:
-            n = sock.recv_into(view[got:])
-            if not n:
-                raise MemcacheUnexpectedCloseError()
-            got += n
-        view.release()
-        if whole[end:] != _TRAILER:
-            raise MemcacheUnknownError(f"value of {key!r} not followed by END")
-        # Exactly one reply was read: anything after it means the stream is out of step.
-        if select.select([sock], [], [], 0)[0]:
-            raise MemcacheUnknownError(f"value of {key!r} followed by more data")
-        return memoryview(whole)[start:end].tobytes()
-    if got != need or buf[end:] != _TRAILER:  # more or other than one value: desync
-        raise MemcacheUnknownError(f"value of {key!r} not followed by END alone")
-    return buf[start:end]
+    whole = bytearray(need)
+    whole[:got] = buf
+    view = memoryview(whole)
+    while got < need:
+        n = sock.recv_into(view[got:])
+        if not n:
+            raise MemcacheUnexpectedCloseError()
+        got += n
+    view.release()
+    if whole[end:] != _TRAILER:
+        raise MemcacheUnknownError(f"value of {key!r} not followed by END")
+    # Exactly one reply was read: anything after it means the stream is out of step.
+    if select.select([sock], [], [], 0)[0]:
+        raise MemcacheUnknownError(f"value of {key!r} followed by more data")
+    return memoryview(whole)[start:end].tobytes()
 
 
 def _recv(sock: Any, size: int) -> bytes:

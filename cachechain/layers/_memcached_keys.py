@@ -1,0 +1,79 @@
+"""Memcached keys: how a cache key becomes the key memcached stores it under.
+
+A key that memcached's text protocol could misread (spaces, CR/LF, control characters,
+non-ASCII, too long) is never sent raw: see :func:`memcached_key`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+
+from .._errors import ConfigError
+from .._validate import check_key
+
+__all__ = [
+    "HASHED_KEY_MARKER",
+    "MAX_KEY_LENGTH",
+    "MAX_PREFIX_LENGTH",
+    "check_prefix",
+    "map_key",
+    "memcached_key",
+]
+
+#: The longest key memcached accepts, in bytes.
+MAX_KEY_LENGTH = 250
+#: The longest ``key_prefix`` accepted, in bytes.
+MAX_PREFIX_LENGTH = 64
+#: Marks a hashed key: follows the prefix in every hashed key, never starts a raw one.
+HASHED_KEY_MARKER = "~"
+
+#: A key sent raw: printable ASCII without space, not starting with the marker.
+_RAW_KEY = re.compile(r"[!-}][!-~]*")
+_PREFIX = re.compile(r"(?:[!-}][!-~]*)?")
+
+
+def check_prefix(prefix: object) -> str:
+    """Return ``prefix`` if it is a valid ``key_prefix``: at most 64 printable ASCII
+    characters without spaces, not starting with ``~``. Raises
+    :class:`~cachechain.errors.ConfigError` naming ``key_prefix`` otherwise."""
+    if not isinstance(prefix, str):
+        raise ConfigError(f"key_prefix must be a str, got {type(prefix).__name__}")
+    if len(prefix) > MAX_PREFIX_LENGTH or not _PREFIX.fullmatch(prefix):
+        raise ConfigError(
+            "key_prefix must be at most 64 printable ASCII characters without spaces, "
+            f"not starting with {HASHED_KEY_MARKER!r}; got {prefix!r}"
+        )
+    return prefix
+
+
+def map_key(key: str, prefix: str) -> bytes:
+    """The mapping of :func:`memcached_key`, for a ``prefix`` already checked by
+    :func:`check_prefix` (every read and write maps its keys through here). Raises
+    :class:`~cachechain.errors.InvalidKeyError` when ``key`` is not a ``str``."""
+    if not isinstance(key, str):
+        check_key(key)
+    if len(key) + len(prefix) <= MAX_KEY_LENGTH and _RAW_KEY.fullmatch(key):
+        return (prefix + key).encode("ascii")
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+    hashed = base64.urlsafe_b64encode(digest).rstrip(b"=")
+    return (prefix + HASHED_KEY_MARKER).encode("ascii") + hashed
+
+
+def memcached_key(key: str, prefix: str = "") -> bytes:
+    """Return the memcached key under which ``key`` is stored, as bytes.
+
+    A key of printable ASCII (0x21-0x7e) that does not start with ``~`` and fits in
+    250 bytes with ``prefix`` is sent as ``prefix + key``. Every other ``str`` (empty,
+    with spaces, CR/LF, tabs, NUL or other control characters, non-ASCII, too long, or
+    starting with ``~``) is sent as ``prefix + "~" + urlsafe_b64(sha256(utf8(key)))``
+    without padding (43 characters). The mapping is the same in every process, distinct
+    keys never share a memcached key (barring a SHA-256 collision), and the result is
+    always safe for the text protocol.
+
+    Raises :class:`~cachechain.errors.InvalidKeyError` when ``key`` is not a ``str``,
+    and :class:`~cachechain.errors.ConfigError` for an invalid ``prefix`` (at most 64
+    printable ASCII characters, not starting with ``~``).
+    """
+    return map_key(key, check_prefix(prefix))

@@ -1,0 +1,378 @@
+"""The connections of a :class:`~cachechain.layers._memcached.MemcachedLayer`.
+
+- Each server (:class:`Node`) has its own thread-safe pool of at most ``pool_size``
+  plain ``pymemcache.client.base.Client`` objects, created lazily, with no serde,
+  ``default_noreply=False``, ``no_delay=True`` and both timeouts set. A caller waits at
+  most ``pool_timeout`` seconds for a free one, then gets
+  :class:`~cachechain.errors.PoolExhaustedError`. A client whose call failed is closed
+  and dropped, never reused.
+- With several servers, rendezvous (highest random weight) hashing with BLAKE2b picks
+  a key's node, the same in every process. A node that fails with a connection error or
+  a timeout is marked down for ``dead_timeout`` seconds: calls for it raise
+  :class:`NodeDownError` without any I/O, until one call probes it again. With a single
+  node there is no down-marking: the chain's circuit breaker does that job.
+- :meth:`Pool.call` runs one client call and maps its failures to cachechain's errors;
+  a connection that was open before the call and turns out dead (the server restarted)
+  is retried once on a new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pymemcache.client.base import Client
+from pymemcache.exceptions import (
+    MemcacheError,
+    MemcacheServerError,
+    MemcacheUnexpectedCloseError,
+)
+
+from .._close import close_quietly
+from .._errors import (
+    CacheError,
+    ChainClosedError,
+    InvalidValueError,
+    LayerError,
+    LayerTimeoutError,
+    LayerUnavailableError,
+    PoolExhaustedError,
+)
+
+__all__ = ["Node", "NodeDownError", "Pool"]
+
+
+class NodeDownError(LayerUnavailableError):
+    """The key's memcached node was marked down after a recent connection failure or
+    timeout; the call was refused without any I/O.
+
+    Raised only when the layer has several nodes. It does not trip the circuit breaker:
+    the failure that marked the node down was counted already.
+    """
+
+    error_type = "connection"
+    trips_breaker = False
+
+
+#: Failures of a connection that was open before the call: the server went away (or
+#: restarted) since. Timeouts are not among them: a slow server is not retried.
+_STALE_CONNECTION = (
+    MemcacheUnexpectedCloseError,
+    ConnectionResetError,
+    BrokenPipeError,
+    ConnectionAbortedError,
+)
+
+
+class Node:
+    """One memcached server: its pool of clients and its down-marking."""
+
+    __slots__ = (
+        "clients",
+        "cond",
+        "down_until",
+        "host",
+        "idle",
+        "node_id",
+        "port",
+        "waiting",
+        "weight",
+    )
+
+    def __init__(self, node_id: str, host: str, port: int) -> None:
+        self.node_id = node_id
+        self.host = host
+        self.port = port
+        #: Salt of this node's rendezvous score.
+        self.weight = node_id.encode("utf-8") + b"\x00"
+        self.cond = threading.Condition(threading.Lock())
+        #: Every client this node created and has not discarded (idle or in use).
+        self.clients: set[Any] = set()
+        #: Idle clients. ``pop``/``append`` on a list are atomic, so the common case
+        #: (a client is free) takes no lock; ``cond`` serves only callers that wait.
+        self.idle: list[Any] = []
+        #: Callers waiting in ``cond`` for a client (changed under its lock).
+        self.waiting = 0
+        #: Monotonic time until which the node is down; None while it is up.
+        self.down_until: float | None = None
+
+    def take_idle(self) -> list[Any]:
+        """Remove and return every idle client (one at a time: a client released
+        concurrently is either taken here or stays idle, never lost)."""
+        taken = []
+        while True:
+            try:
+                taken.append(self.idle.pop())
+            except IndexError:
+                return taken
+
+    def drop_idle(self) -> None:
+        """Close every idle connection (they outlived their server, or the layer is
+        closing) and wake whoever waits for one."""
+        stale = self.take_idle()
+        with self.cond:
+            for client in stale:
+                self.clients.discard(client)
+            self.cond.notify_all()
+        for client in stale:
+            close_quietly(client)
+
+    def discard(self, client: Any) -> None:
+        """Drop a client whose call failed (its stream is at an unknown point)."""
+        with self.cond:
+            self.clients.discard(client)
+            self.cond.notify()
+        close_quietly(client)
+
+    def reset_after_fork(self) -> None:
+        """Forget inherited clients (closing this process's copies of their sockets)."""
+        self.cond = threading.Condition(threading.Lock())
+        for client in self.clients:
+            close_quietly(client)
+        self.clients = set()
+        self.idle = []
+        self.waiting = 0
+        self.down_until = None
+
+
+class Pool:
+    """The nodes of the layer named ``name``, and how a call runs on one of them.
+
+    ``connect_timeout`` and ``timeout`` (seconds) go to each new client; at most
+    ``pool_size`` clients per node; a caller waits at most ``pool_timeout`` seconds for
+    one; a node that fails in a cluster is skipped for ``dead_timeout`` seconds, timed
+    by ``monotonic``. The settings are checked by the layer. Thread-safe.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        nodes: tuple[Node, ...],
+        *,
+        connect_timeout: float,
+        timeout: float,
+        pool_size: int,
+        pool_timeout: float,
+        dead_timeout: float,
+        monotonic: Callable[[], float],
+    ) -> None:
+        self.name = name
+        self.nodes = nodes
+        #: The only node when there is one (the read path's shortcut).
+        self.first = nodes[0]
+        #: Whether there are several nodes (and so rendezvous hashing and down-marking).
+        self.cluster = len(nodes) > 1
+        #: Set by :meth:`close`; every later call raises ChainClosedError.
+        self.closed = False
+        self.connect_timeout = connect_timeout
+        self.timeout = timeout
+        self.pool_size = pool_size
+        self.pool_timeout = pool_timeout
+        self.dead_timeout = dead_timeout
+        self._monotonic = monotonic
+        self._stats_lock = threading.Lock()
+        #: Calls refused because no client became free within pool_timeout.
+        self.exhausted = 0
+
+    # -- nodes ---------------------------------------------------------------------
+
+    def node_for(self, mkey: bytes) -> Node:
+        """Rendezvous hashing: the node with the highest BLAKE2b score for ``mkey``."""
+        nodes = self.nodes
+        if not self.cluster:
+            return nodes[0]
+        best = nodes[0]
+        best_score = b""
+        for node in nodes:
+            score = hashlib.blake2b(node.weight + mkey, digest_size=8).digest()
+            if score > best_score:
+                best, best_score = node, score
+        return best
+
+    def counts(self) -> tuple[int, int]:
+        """``(connections_open, nodes_down)``: the clients with an open socket, and the
+        nodes marked down (always 0 with one node)."""
+        open_connections = 0
+        down = 0
+        for node in self.nodes:
+            with node.cond:
+                open_connections += sum(1 for c in node.clients if c.sock is not None)
+                if self.cluster and node.down_until is not None:
+                    down += 1
+        return open_connections, down
+
+    def check_open(self) -> None:
+        """Raise :class:`~cachechain.errors.ChainClosedError` once :meth:`close` ran."""
+        if self.closed:
+            raise ChainClosedError(f"memcached layer {self.name!r} is closed")
+
+    # -- calls ---------------------------------------------------------------------
+
+    def call(self, node: Node, op: str | Callable[..., Any], *args: Any) -> Any:
+        """Run the client method named ``op`` with ``args`` (or ``op(client, *args)``
+        for a function such as :func:`._wire.get`) on a pooled client of ``node``,
+        mapping failures (and raising :class:`NodeDownError` for a node marked down).
+
+        Every operation is idempotent, so when a connection that was already open
+        turns out to be dead (the server restarted since it was last used), the node's
+        idle connections are dropped and the call is tried once more on a new one.
+        """
+        if self.cluster:
+            self._check_node_up(node)
+        return self.attempt(node, op, args, True)
+
+    def attempt(
+        self, node: Node, op: str | Callable[..., Any], args: tuple[Any, ...], retry: bool
+    ) -> Any:
+        """:meth:`call` without the down check (what it does for one node)."""
+        # Kept flat (no helper calls on success): this is every L2 read's path.
+        try:
+            client = node.idle.pop()  # the common case: no lock
+        except IndexError:
+            client = self._acquire_slow(node)
+        reused = client.sock is not None
+        try:
+            result = getattr(client, op)(*args) if isinstance(op, str) else op(client, *args)
+        except Exception as exc:
+            node.discard(client)
+            if retry and reused and isinstance(exc, _STALE_CONNECTION):
+                node.drop_idle()
+                return self.attempt(node, op, args, False)
+            error = self._translate(exc, node)
+            if self.cluster:
+                self.mark(node, down=isinstance(error, (LayerTimeoutError, LayerUnavailableError)))
+            raise error from exc
+        except BaseException:
+            node.discard(client)
+            raise
+        node.idle.append(client)
+        if self.closed or node.waiting:
+            self._returned(node)
+        if self.cluster:
+            self.mark(node, down=False)
+        return result
+
+    def _acquire_slow(self, node: Node) -> Any:
+        """Wait for an idle client or room for a new one, at most ``pool_timeout`` s."""
+        cond = node.cond
+        deadline: float | None = None
+        with cond:
+            node.waiting += 1  # before looking at idle again: see _returned
+            try:
+                while True:
+                    self.check_open()
+                    try:
+                        return node.idle.pop()
+                    except IndexError:
+                        pass
+                    if len(node.clients) < self.pool_size:
+                        return self._connect(node)
+                    now = time.monotonic()  # a real wait, not a modelled one
+                    if deadline is None:
+                        deadline = now + self.pool_timeout
+                    if now >= deadline:
+                        break
+                    cond.wait(deadline - now)
+            finally:
+                node.waiting -= 1
+        with self._stats_lock:
+            self.exhausted += 1
+        raise PoolExhaustedError(
+            f"no free connection to {node.node_id} within {self.pool_timeout}s "
+            f"(pool_size={self.pool_size})",
+            layer=self.name,
+        )
+
+    def _connect(self, node: Node) -> Any:
+        """A new client of ``node`` (it connects on first use), counted in its pool."""
+        client = Client(
+            (node.host, node.port),
+            default_noreply=False,
+            connect_timeout=self.connect_timeout,
+            timeout=self.timeout,
+            no_delay=True,
+        )
+        node.clients.add(client)
+        return client
+
+    def _returned(self, node: Node) -> None:
+        """After a healthy client went back to ``node.idle`` with ``close()`` run or a
+        caller waiting: close it, or wake the waiter. A waiter counts itself under the
+        lock before it looks at idle again, so either it sees the client or the releaser
+        sees it waiting."""
+        if self.closed:  # close() ran meanwhile and may have missed this client
+            node.drop_idle()
+        elif node.waiting:
+            with node.cond:
+                node.cond.notify()
+
+    # -- down-marking and errors ---------------------------------------------------
+
+    def _check_node_up(self, node: Node) -> None:
+        """In a cluster, raise NodeDownError for a node marked down, or let one caller
+        through to probe it once ``dead_timeout`` has passed."""
+        if node.down_until is None:
+            return
+        with node.cond:
+            until = node.down_until
+            if until is None:
+                return
+            now = self._monotonic()
+            if now < until:
+                raise NodeDownError(
+                    f"memcached node {node.node_id} is marked down for another {until - now:.3f}s",
+                    layer=self.name,
+                )
+            # This caller probes the node; the others still skip it meanwhile.
+            node.down_until = now + self.dead_timeout
+
+    def mark(self, node: Node, *, down: bool) -> None:
+        """Mark ``node`` down for ``dead_timeout`` seconds, or up."""
+        if down:
+            with node.cond:
+                node.down_until = self._monotonic() + self.dead_timeout
+        elif node.down_until is not None:
+            with node.cond:
+                node.down_until = None
+
+    def _translate(self, exc: Exception, node: Node) -> CacheError:
+        """Map a client failure to cachechain's errors."""
+        where = f"memcached {node.node_id}"
+        if isinstance(exc, TimeoutError):  # socket.timeout is TimeoutError
+            return LayerTimeoutError(f"{where} timed out: {exc!r}", layer=self.name)
+        if isinstance(exc, MemcacheUnexpectedCloseError):
+            return LayerUnavailableError(f"{where} closed the connection", layer=self.name)
+        if isinstance(exc, MemcacheServerError) and b"too large" in _as_bytes(exc):
+            return InvalidValueError(
+                f"layer {self.name!r}: {where} refused the value: object too large"
+            )
+        if isinstance(exc, OSError):  # refused, reset, unreachable, name lookup
+            return LayerUnavailableError(f"{where} is unreachable: {exc!r}", layer=self.name)
+        if isinstance(exc, MemcacheError):
+            return LayerError(f"{where} failed: {exc!r}", layer=self.name)
+        # A reply pymemcache could not parse (ValueError, KeyError...): protocol error.
+        return LayerError(f"{where} sent an unexpected reply: {exc!r}", layer=self.name)
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close every idle connection; busy ones close when their call ends. Later
+        calls raise :class:`~cachechain.errors.ChainClosedError`. Idempotent."""
+        self.closed = True
+        for node in self.nodes:
+            node.drop_idle()
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: new locks, no inherited connections, no down-marks."""
+        self._stats_lock = threading.Lock()
+        for node in self.nodes:
+            node.reset_after_fork()
+
+
+def _as_bytes(exc: BaseException) -> bytes:
+    """The first argument of a pymemcache error as bytes (its server message)."""
+    arg = exc.args[0] if exc.args else b""
+    return arg if isinstance(arg, bytes) else str(arg).encode("utf-8", "replace")
