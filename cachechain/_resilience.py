@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 from ._breaker import BreakerStats, CircuitBreaker, CircuitState
 from ._errors import ConfigError
-from ._validate import check_optional_seconds
+from ._validate import check_callable, check_optional_seconds
 from .layers._base import CacheLayer, SupportsTimeout
 from .layers._proxy import LayerProxy
 
@@ -78,8 +78,7 @@ class ResilientLayer(LayerProxy):
             self._timeout = own if own is None or connect is None else own + connect
         else:
             self._timeout = check_optional_seconds(timeout, "timeout")
-        if not callable(clock):
-            raise ConfigError(f"clock must be callable, got {clock!r}")
+        check_callable(clock, "clock")
         self._breaker = breaker
         self._clock = clock
 
