@@ -34,6 +34,11 @@ value. The writer keeps its own bounded queue rather than one executor task per 
 - after ``os.fork()`` the child's writers get fresh locks, an empty queue (the parent
   writes its own pending operations), zeroed counters and no executor (one is created
   when first needed).
+
+The queue is :class:`~cachechain._writequeue.WriteQueue` and the retry rounds are
+:class:`~cachechain._repairs.RepairSchedule`, both plain logic; this module is the thread
+shell around them: the lock and its conditions, the workers, the observer, close and
+flush, and the exit and fork hooks.
 """
 
 from __future__ import annotations
@@ -41,17 +46,20 @@ from __future__ import annotations
 import atexit
 import logging
 import math
-import os
 import threading
 import time
 import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
+from . import _fork
 from ._errors import ChainClosedError, CircuitOpenError, ConfigError
+from ._logonce import LogOnce
+from ._repairs import RepairSchedule
+from ._validate import check_count, check_seconds
+from ._writequeue import COALESCED, DELETE, DELETE_OP, FULL, QUEUED, SET, Op, WriteQueue
 from .layers._base import CacheLayer
 
 if TYPE_CHECKING:
@@ -67,17 +75,17 @@ log = logging.getLogger("cachechain.writer")
 #: closed, or the interpreter exited, before the write could be made).
 DROP_REASONS: Final = ("queue_full", "circuit_open", "closed")
 
-_SET: Final = "set"
-_DELETE: Final = "delete"
-#: A queued operation: ``(kind, value, ttl)``. Every delete is this one tuple.
-_Op = tuple[str, Any, "float | None"]
-_DELETE_OP: Final[_Op] = (_DELETE, None, None)
 _NOTHING: Final[frozenset[str]] = frozenset()
+_INF: Final = math.inf
 
-# Outcomes of one write, as seen by the drain loop.
+# Outcomes of one write, as seen by a drain task.
 _WRITTEN: Final = 0
 _FAILED: Final = 1
 _REFUSED: Final = 2
+
+#: An event for the observer: ``("dropped", reason, count)``, ``("written", success,
+#: seconds)`` or ``("depth", depth, None)``.
+_Event = tuple[str, Any, Any]
 
 
 @dataclass(frozen=True)
@@ -108,24 +116,6 @@ class WriterStats:
     repairing: int = 0
 
 
-def _check_seconds(value: object, field: str, *, allow_zero: bool = True) -> float:
-    """Return ``value`` as float seconds, or raise ConfigError naming ``field``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{field} must be a number of seconds, got {value!r}")
-    seconds = float(value)
-    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{field} must be a finite number of seconds {bound}, got {value!r}")
-    return seconds
-
-
-def _check_count(value: object, field: str) -> int:
-    """Return ``value`` if it is an int >= 1, else raise ConfigError naming ``field``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{field} must be an int >= 1, got {value!r}")
-    return value
-
-
 class WriterObserver(Protocol):
     """Told what a writer did; set as :attr:`AsyncWriter.observer` (the chain sets one
     that feeds its metrics). Called outside the writer's lock, from the thread that
@@ -142,7 +132,439 @@ class WriterObserver(Protocol):
         for a retry included."""
 
 
-class AsyncWriter:
+class _Tally:
+    """The counters of one writer and the events its observer has yet to be told.
+
+    Every counter changes here, with the writer's lock held; the events are taken under
+    the lock (:meth:`take`) and delivered once it is released (:meth:`deliver`).
+    """
+
+    __slots__ = (
+        "_queue",
+        "_repairs",
+        "coalesced",
+        "dropped",
+        "events",
+        "failed",
+        "observer",
+        "write_seconds",
+        "written",
+    )
+
+    def __init__(self, queue: WriteQueue, repairs: RepairSchedule) -> None:
+        self._queue = queue
+        self._repairs = repairs
+        self.observer: WriterObserver | None = None
+        self.written = 0
+        self.failed = 0
+        self.coalesced = 0
+        self.write_seconds = 0.0
+        self.dropped = dict.fromkeys(DROP_REASONS, 0)
+        self.events: list[_Event] = []
+
+    def drop(self, reason: str, count: int = 1) -> None:
+        """Count ``count`` operations dropped for ``reason`` (one of DROP_REASONS)."""
+        self.dropped[reason] += count
+        if self.observer is not None:
+            self.events.append(("dropped", reason, count))
+
+    def result(self, success: bool, duration: float) -> None:
+        """Count one write made (``success``) or failed, which took ``duration`` seconds."""
+        if success:
+            self.written += 1
+        else:
+            self.failed += 1
+        self.write_seconds += duration
+        if self.observer is not None:
+            self.events.append(("written", success, duration))
+            self.events.append(("depth", len(self._queue) + len(self._repairs), None))
+
+    def take(self) -> list[_Event]:
+        """Take the events for the observer (lock held); :meth:`deliver` them later."""
+        events = self.events
+        if events:
+            self.events = []
+        return events
+
+    def deliver(self, events: list[_Event], name: str) -> None:
+        """Tell the observer about ``events`` (lock not held); what it raises is logged."""
+        observer = self.observer
+        if observer is None or not events:
+            return
+        try:
+            for kind, a, b in events:
+                if kind == "dropped":
+                    observer.dropped(a, b)
+                elif kind == "written":
+                    observer.written(a, b)
+                else:
+                    observer.depth(a)
+        except Exception:
+            log.exception("cachechain writer for layer %r: its observer raised", name)
+
+
+class _WriterWorkers:
+    """The worker side of :class:`AsyncWriter`: its shared state, the drain tasks and
+    their lifecycle on the executor, the retry rounds they run, and stopping (close,
+    interpreter exit, a forked child).
+
+    :class:`AsyncWriter` adds what callers call. A method here runs with the writer's
+    lock held unless its docstring says "lock not held".
+    """
+
+    # Settings, set by AsyncWriter.__init__ (see there).
+    _layer: CacheLayer
+    _name: str
+    _clock: Callable[[], float]
+    _queue_size: int
+    _max_wait: float
+    _workers: int
+    _idle_timeout: float
+    _min_retry: float
+    _max_retry: float
+    _given_executor: Executor | None
+    #: Intake stopped: set/delete raise ChainClosedError.
+    _closed: bool
+    #: Draining is over: workers take nothing more.
+    _abandon: bool
+
+    def _init_state(self) -> None:
+        """Create the locks, the queue, the repairs and the counters (at creation and in
+        a forked child; lock not held)."""
+        self._lock = threading.Lock()
+        #: Notified when work is queued, for idle workers.
+        self._work = threading.Condition(self._lock)
+        #: Notified when a queue slot frees up, for sets waiting for room.
+        self._room = threading.Condition(self._lock)
+        #: Notified when nothing is queued or in flight, for flush and close.
+        self._idle = threading.Condition(self._lock)
+        #: Notified when a write ends while some thread waits in settle().
+        self._settled = threading.Condition(self._lock)
+        self._settlers = 0
+        self._queue = WriteQueue(self._queue_size)
+        #: Every key queued, in flight or awaiting a repair (WriteQueue.held, which this
+        #: writer holds for its repairs too): holds() is one lock-free lookup in it. A key
+        #: is queued or awaits a repair, never both, so a key the queue lets go of (a
+        #: cancelled set) has no repair to keep it held.
+        self._held = self._queue.held
+        self._repairs = RepairSchedule(self._min_retry, self._max_retry, self._clock)
+        self._keeper = False  # an idle worker stays for the retry rounds
+        self._running = 0
+        self._idle_workers = 0
+        self._room_waiters = 0
+        self._executor: Executor | None = self._given_executor
+        self._tally = _Tally(self._queue, self._repairs)
+        self._log_once = LogOnce(log)  # failed writes: WARNING once per exception type
+
+    def _release(self, key: str) -> None:
+        """Stop holding ``key`` if it is no longer queued, in flight or awaiting a retry."""
+        if key not in self._repairs.waiting:
+            self._queue.release(key)
+
+    # ------------------------------------------------------------------ repairs
+
+    def _schedule_repair(self, key: str) -> None:
+        """After a failed or refused write of ``key``: keep a delete of it for the next
+        retry round, unless a newer operation of it is queued."""
+        if self._queue.queued(key):
+            return  # the newer operation replaces the key's value (or deletes it)
+        if self._abandon:  # closed and drained: nobody will retry it
+            self._tally.drop("closed")
+            return
+        self._repairs.add(key)
+
+    def _requeue_repairs(self) -> None:
+        """Queue every repair delete awaiting a retry, to be tried now (flush, close). A
+        key queued meanwhile keeps its newer operation. Deletes take no queue room."""
+        for key in self._repairs.take_all():
+            self._queue.queue_delete(key)
+
+    def _start_round(self) -> None:
+        """Start a retry round: the oldest repair joins the queue, busy or not (each that
+        lands brings the next forward, so a layer still down gets one call per round)."""
+        key = self._repairs.start_round()
+        if key is not None:
+            self._queue.queue_delete(key)
+
+    # ------------------------------------------------------------------ workers
+
+    def _wake_worker(self) -> Executor | None:
+        """Make sure a worker will see new work.
+
+        Wakes an idle worker if there is one; otherwise reserves a new drain task if
+        fewer than ``workers`` run, and returns the executor to submit it to (outside the
+        lock) with :meth:`_submit`.
+        """
+        if self._idle_workers:
+            self._work.notify()
+            return None
+        if self._running < self._workers:
+            return self._start_workers(1)
+        return None
+
+    def _start_workers(self, count: int) -> Executor | None:
+        """Reserve ``count`` drain tasks and return the executor, or None."""
+        if count <= 0:
+            return None
+        executor = self._executor
+        if executor is None:
+            executor = self._executor = ThreadPoolExecutor(
+                max_workers=self._workers,
+                thread_name_prefix=f"cachechain-writer-{self._name}",
+            )
+        self._running += count
+        return executor
+
+    def _submit(self, executor: Executor) -> bool:
+        """Submit one reserved drain task (lock not held); return False if queued
+        operations were lost.
+
+        An executor that was shut down (or the interpreter's shutdown) refuses tasks. If
+        no worker is left to drain the queue, its operations are dropped (reason
+        ``closed``) rather than left to wait forever, and False is returned.
+        """
+        try:
+            executor.submit(self._drain)
+        except RuntimeError as exc:
+            with self._lock:
+                self._running -= 1
+                lost = self._drop_orphaned_queue() if self._running == 0 else 0
+                events = self._tally.take()
+            self._tally.deliver(events, self._name)
+            log.warning(
+                "cachechain writer for layer %r: its executor refused a worker (%s); "
+                "%d queued writes dropped",
+                self._name,
+                exc,
+                lost,
+            )
+            return lost == 0
+        return True
+
+    def _drop_orphaned_queue(self) -> int:
+        """No worker can run: drop the queued sets (reason ``closed``) and keep the
+        deletes as repairs, so their keys stay held. Returns the number of sets lost."""
+        items = self._queue.pop_all()
+        if not items:
+            return 0
+        lost = 0
+        for key, op in items:
+            self._repairs.withdraw(key)
+            if op[0] is DELETE:
+                self._repairs.add(key)
+            else:
+                lost += 1
+                self._release(key)
+        self._tally.drop("closed", lost)
+        self._room.notify_all()
+        if self._queue.idle():
+            self._idle.notify_all()
+        return lost
+
+    def _drain(self) -> None:
+        """A drain task: write queued operations until idle for ``idle_timeout`` seconds
+        (lock not held)."""
+        executor: Executor | None = None
+        events: list[_Event] = []
+        try:
+            with self._lock:
+                try:
+                    self._drain_locked()
+                finally:
+                    self._running -= 1
+                    # A task ended by an exception must not leave work with no worker.
+                    orphaned = (
+                        bool(self._repairs.waiting or len(self._queue))
+                        and self._running == 0
+                        and not self._closed
+                        and not self._abandon
+                    )
+                    executor = self._start_workers(1) if orphaned else None
+                    events = self._tally.take()
+        finally:
+            self._tally.deliver(events, self._name)
+            if executor is not None:
+                self._submit(executor)
+
+    def _drain_locked(self) -> None:
+        """The loop of a drain task (the lock is released around each write)."""
+        repairs = self._repairs
+        take = self._queue.take
+        while not self._abandon:
+            if repairs.waiting and repairs.due():
+                self._start_round()  # a round is due: its repair joins the queue
+            item = take()
+            if item is not None:
+                self._write(item[0], item[1])
+            elif self._closed or not self._idle_wait():
+                return
+
+    def _idle_wait(self) -> bool:
+        """Wait for work as an idle worker; return False when the task should
+        end: nothing came within ``idle_timeout`` seconds and no repair needs it. One idle
+        worker at a time stays for the retry rounds, waking when the next is due."""
+        repairs = self._repairs
+        wait = self._idle_timeout
+        keeper = bool(repairs.waiting) and not self._keeper
+        if keeper:  # this worker stays for the rounds; others may end
+            self._keeper = True
+            wait = repairs.idle_wait(wait)
+        self._idle_workers += 1
+        try:
+            notified = self._work.wait(wait)
+        finally:
+            self._idle_workers -= 1
+            if keeper:
+                self._keeper = False
+        return notified or self._queue.ready() or (keeper and bool(repairs.waiting))
+
+    def _write(self, key: str, op: Op) -> None:
+        """Make the write of ``key`` just taken (the lock is released around the call)."""
+        if self._room_waiters:
+            self._room.notify()
+        lock = self._lock
+        clock = self._clock
+        lock.release()
+        outcome = _FAILED
+        start = clock()
+        try:
+            if op[0] is SET:
+                self._layer.set(key, op[1], op[2])
+            else:
+                self._layer.delete(key)
+            outcome = _WRITTEN
+        except CircuitOpenError:
+            outcome = _REFUSED
+        except Exception as exc:
+            self._log_failure(key, op, exc)
+        finally:
+            duration = clock() - start
+            lock.acquire()
+            self._write_ended(key, op, outcome, duration)
+
+    def _write_ended(self, key: str, op: Op, outcome: int, duration: float) -> None:
+        """Count the write of ``key`` that ended, leave a repair if it did not land, and
+        wake whoever waits for it (the lock is released while the observer is told)."""
+        repairs = self._repairs
+        if key == repairs.probe:  # the round is over: schedule the next one
+            repairs.end_round(key, outcome == _WRITTEN)
+        if outcome == _WRITTEN:
+            self._tally.result(True, duration)
+        else:
+            if outcome == _FAILED:
+                self._tally.result(False, duration)
+            elif op[0] is SET:  # a refused delete is not dropped
+                self._tally.drop("circuit_open")
+            self._schedule_repair(key)
+        events = self._tally.take()
+        if events:  # told before the write counts as done (flush, settle)
+            self._lock.release()
+            self._tally.deliver(events, self._name)
+            self._lock.acquire()
+        self._queue.done(key, keep=key in repairs.waiting)
+        if self._settlers:
+            self._settled.notify_all()
+        if self._queue.idle():
+            self._idle.notify_all()
+
+    def _log_failure(self, key: str, op: Op, exc: Exception) -> None:
+        """Log a failed write (lock not held): WARNING for the first of its type on this
+        writer, then DEBUG."""
+        kind = type(exc)
+        args: dict[str, object] = {
+            "layer": self._name,
+            "op": op[0],
+            "key": key,
+            "type": kind.__qualname__,
+            "error": exc,
+        }
+        self._log_once(
+            (kind.__module__, kind.__qualname__),
+            "cachechain writer for layer %(layer)r: a %(op)s failed: %(type)s: %(error)s "
+            "(further %(type)s errors of this writer are logged at DEBUG)",
+            args,
+            debug="cachechain writer for layer %(layer)r: %(op)s of key %(key)r failed: "
+            "%(type)s: %(error)s",
+        )
+
+    # ------------------------------------------------------------------ stopping
+
+    def _wait_until_idle(self, deadline: float | None, *, until_abandoned: bool = False) -> bool:
+        """Wait until nothing is queued or in flight (or, with
+        ``until_abandoned``, another close gave up draining); False at ``deadline``
+        (clock seconds; None: no deadline)."""
+        while not self._queue.idle() and not (until_abandoned and self._abandon):
+            if deadline is None:
+                self._idle.wait()
+                continue
+            remaining = deadline - self._clock()
+            if remaining <= 0 or not self._idle.wait(remaining):
+                return False
+        return True
+
+    def _begin_stop(self, timeout: float) -> float:
+        """Stop intake, make sure workers drain, and return the deadline (clock seconds).
+        Lock not held."""
+        with self._lock:
+            deadline = self._clock() + timeout
+            self._closed = True
+            if not self._abandon:
+                self._requeue_repairs()  # one last try
+            self._work.notify_all()
+            self._room.notify_all()
+            wanted = 0
+            if not self._abandon:
+                wanted = min(self._workers - self._running, len(self._queue))
+            executor = self._start_workers(wanted)
+        for _ in range(wanted):
+            if executor is not None and not self._submit(executor):
+                break  # the queue was dropped: no point in more workers
+        return deadline
+
+    def _finish_stop(self, deadline: float, *, warn: bool = True) -> int:
+        """Wait for the queue to drain until ``deadline``; drop and count what is left,
+        logging deletes not made at WARNING (``warn``) or DEBUG (at interpreter exit).
+        Returns the number dropped. Lock not held."""
+        with self._lock:
+            self._wait_until_idle(deadline, until_abandoned=True)
+            self._abandon = True
+            items = self._queue.pop_all()
+            lost = len(items)
+            unmade = sum(1 for _, op in items if op[0] is DELETE)
+            if lost:
+                self._tally.drop("closed", lost)
+            unrepaired = self._repairs.clear()
+            if unrepaired:
+                self._tally.drop("closed", unrepaired)
+                lost += unrepaired
+            if unmade + unrepaired:
+                log.log(
+                    logging.WARNING if warn else logging.DEBUG,
+                    "cachechain writer for layer %r: closed with %d deletes not made; the "
+                    "layer may serve older values of those keys until they expire",
+                    self._name,
+                    unmade + unrepaired,
+                )
+            self._queue.release_all()
+            self._work.notify_all()
+            self._room.notify_all()
+            self._idle.notify_all()
+            return lost
+
+    def _after_fork(self) -> None:
+        """In a forked child (lock not held: it may be a copy of one held by a thread that
+        does not exist there): fresh locks, an empty queue, zero counters, no executor.
+
+        The parent writes its own queued operations. A given executor is not used in the
+        child (its threads do not exist there); the writer creates its own when needed.
+        """
+        observer = self._tally.observer
+        self._given_executor = None
+        self._init_state()
+        self._tally.observer = observer
+
+
+class AsyncWriter(_WriterWorkers):
     """Writes ``set``/``delete`` operations to one cache layer in the background.
 
     ``layer`` is the lower layer this writer feeds (one writer per layer).
@@ -189,12 +611,12 @@ class AsyncWriter:
             or not callable(getattr(layer, "delete", None))
         ):
             raise ConfigError(f"layer must be a CacheLayer with a str name, got {layer!r}")
-        self._queue_size = _check_count(queue_size, "queue_size")
-        self._max_wait = _check_seconds(max_wait, "max_wait")
-        self._workers = _check_count(workers, "workers")
-        self._idle_timeout = _check_seconds(idle_timeout, "idle_timeout", allow_zero=False)
-        self._min_retry = _check_seconds(retry_delay, "retry_delay", allow_zero=False)
-        self._max_retry = _check_seconds(max_retry_delay, "max_retry_delay", allow_zero=False)
+        self._queue_size = check_count(queue_size, "queue_size")
+        self._max_wait = check_seconds(max_wait, "max_wait", zero_ok=True)
+        self._workers = check_count(workers, "workers")
+        self._idle_timeout = check_seconds(idle_timeout, "idle_timeout")
+        self._min_retry = check_seconds(retry_delay, "retry_delay")
+        self._max_retry = check_seconds(max_retry_delay, "max_retry_delay")
         if self._max_retry < self._min_retry:
             raise ConfigError(
                 f"max_retry_delay must be >= retry_delay ({self._min_retry}), "
@@ -207,16 +629,12 @@ class AsyncWriter:
         self._layer = layer
         self._name = name
         self._clock = clock
-        self._given_executor: Executor | None = executor
-        #: Told about drops and write results, outside the lock (see WriterObserver).
-        self.observer: WriterObserver | None = None
-        #: Intake stopped: set/delete raise ChainClosedError.
+        self._given_executor = executor
         self._closed = False
-        #: Draining is over: workers take nothing more.
         self._abandon = False
         self._init_state()
-        with _LIVE_LOCK:
-            _LIVE.add(self)
+        _LIVE.add(self)
+        _fork.track(self)
 
     @classmethod
     def from_config(cls, layer: CacheLayer, config: WriterConfig) -> AsyncWriter:
@@ -232,43 +650,6 @@ class AsyncWriter:
             max_retry_delay=config.max_retry_delay,
         )
 
-    def _init_state(self) -> None:
-        """Create the locks, the queue and the counters (at creation and after a fork)."""
-        self._lock = threading.Lock()
-        #: Notified when work is queued, for idle workers.
-        self._work = threading.Condition(self._lock)
-        #: Notified when a queue slot frees up, for sets waiting for room.
-        self._room = threading.Condition(self._lock)
-        #: Notified when nothing is queued or in flight, for flush and close.
-        self._idle = threading.Condition(self._lock)
-        #: Notified when a write ends while some thread waits in settle().
-        self._settled = threading.Condition(self._lock)
-        self._settlers = 0
-        self._pending: OrderedDict[str, _Op] = OrderedDict()
-        self._inflight: set[str] = set()
-        #: Keys whose repair delete waits for the next retry round (see the docstring).
-        self._retry: dict[str, None] = {}
-        self._retry_at = 0.0  # clock seconds: when the next round may start
-        self._retry_delay = self._min_retry  # the wait after the next failure
-        self._probe: str | None = None  # the repair a round is trying now
-        self._keeper = False  # an idle worker stays for the retry rounds
-        #: Every key in _pending, _inflight or _retry: added before a key enters one of
-        #: them, removed after it has left all three (lock held), so holds() is one
-        #: lock-free lookup that never misses a key moving between them.
-        self._held: set[str] = set()
-        self._running = 0
-        self._idle_workers = 0
-        self._room_waiters = 0
-        self._executor: Executor | None = self._given_executor
-        self._written = 0
-        self._failed = 0
-        self._coalesced = 0
-        self._write_seconds = 0.0
-        self._dropped = dict.fromkeys(DROP_REASONS, 0)
-        self._logged_types: set[type[BaseException]] = set()
-        #: Events for the observer, delivered once the lock is released.
-        self._events: list[tuple[str, Any, Any]] = []
-
     # ------------------------------------------------------------------ public API
 
     @property
@@ -280,6 +661,16 @@ class AsyncWriter:
     def closed(self) -> bool:
         """True once :meth:`close` was called (or the interpreter began to exit)."""
         return self._closed
+
+    @property
+    def observer(self) -> WriterObserver | None:
+        """Told about drops and write results, outside the lock (see
+        :class:`WriterObserver`); None (the default) for nobody. Settable."""
+        return self._tally.observer
+
+    @observer.setter
+    def observer(self, observer: WriterObserver | None) -> None:
+        self._tally.observer = observer
 
     def set(
         self, key: str, value: Any, ttl: float | None = None, *, max_wait: float | None = None
@@ -297,47 +688,31 @@ class AsyncWriter:
         Raises :class:`~cachechain.errors.ChainClosedError` after :meth:`close`, and
         :class:`~cachechain.errors.ConfigError` for an invalid ``max_wait``.
         """
-        if max_wait is not None:
-            max_wait = _check_seconds(max_wait, "max_wait")
-        op: _Op = (_SET, value, ttl)
+        if max_wait is not None and not (max_wait.__class__ is float and 0.0 <= max_wait < _INF):
+            # (a finite float >= 0, as the chain's backfills pass, needs no conversion)
+            max_wait = check_seconds(max_wait, "max_wait", zero_ok=True)
+        op: Op = (SET, value, ttl)
+        executor = None
         with self._lock:
             if self._closed:
                 raise self._closed_error()
-            pending = self._pending
-            if key in pending:
-                pending[key] = op
-                self._count_coalesced()
+            outcome = self._queue.offer(key, op)
+            if outcome == FULL:
+                outcome = self._offer_when_room(key, op, max_wait)
+                if outcome == FULL:  # dropped
+                    events = self._tally.take()
+            if outcome == QUEUED:
+                if self._repairs.waiting:
+                    self._repairs.discard(key)  # this set replaces the key's repair
+                executor = self._wake_worker()
+            elif outcome == COALESCED:
+                self._tally.coalesced += 1
                 return True
-            self._held.add(key)  # before it is queued (see _held); undone if dropped
-            if len(pending) >= self._queue_size:
-                wait = self._max_wait if max_wait is None else max_wait
-                reason = self._wait_for_room(key, wait)
-                if reason is not None:
-                    self._count_drop(reason)
-                    self._release(key)
-                    events = self._take_events()
-                elif key in pending:
-                    pending[key] = op
-                    self._count_coalesced()
-                    self._pass_room_on()
-                    return True
-                else:
-                    # An older write of the key may have ended (and released it) while
-                    # this one waited: hold it again before it is queued.
-                    self._held.add(key)
-                    pending[key] = op
-                    self._pass_room_on()
-            else:
-                reason = None
-                pending[key] = op
-            if reason is None:
-                self._retry.pop(key, None)  # this set replaces the key's repair
-            executor = None if reason is not None else self._wake_worker()
-        if reason is not None:
-            self._deliver(events)
-            return False
         if executor is not None:
             return self._submit(executor)
+        if outcome == FULL:
+            self._tally.deliver(events, self._name)
+            return False
         return True
 
     def delete(self, key: str) -> None:
@@ -350,14 +725,11 @@ class AsyncWriter:
         with self._lock:
             if self._closed:
                 raise self._closed_error()
-            pending = self._pending
-            if key in pending:
-                pending[key] = _DELETE_OP
-                self._count_coalesced()
+            if self._queue.offer(key, DELETE_OP) == COALESCED:
+                self._tally.coalesced += 1
                 return
-            self._held.add(key)
-            pending[key] = _DELETE_OP
-            self._retry.pop(key, None)  # tried now rather than at the next round
+            if self._repairs.waiting:
+                self._repairs.discard(key)  # tried now rather than at the next round
             executor = self._wake_worker()
         if executor is not None:
             self._submit(executor)
@@ -376,13 +748,13 @@ class AsyncWriter:
         with self._lock:
             closed = self._closed
             if closed:
-                self._count_drop("closed")
-            elif key not in self._pending and key not in self._retry:
-                self._held.add(key)
+                self._tally.drop("closed")
+            elif not self._queue.queued(key) and key not in self._repairs:
+                self._queue.hold(key)
                 self._schedule_repair(key)
                 executor = self._wake_worker()  # someone must run the round
-            events = self._take_events()
-        self._deliver(events)
+            events = self._tally.take()
+        self._tally.deliver(events, self._name)
         if executor is not None:
             self._submit(executor)
         return not closed
@@ -427,16 +799,17 @@ class AsyncWriter:
         a retry (then the caller should queue its own operation instead, which replaces
         that delete or follows it).
         """
+        queue = self._queue
         with self._lock:
             self._unqueue_set(key)
-            if key in self._retry:
+            if key in self._repairs:
                 return False
-            if key not in self._inflight:
-                return key not in self._pending
+            if not queue.in_flight(key):
+                return not queue.queued(key)
             deadline = self._clock() + timeout
             self._settlers += 1
             try:
-                while key in self._inflight:
+                while queue.in_flight(key):
                     remaining = deadline - self._clock()
                     if remaining <= 0 or not self._settled.wait(remaining):
                         break
@@ -456,27 +829,22 @@ class AsyncWriter:
         ``timeout``.
         """
         if timeout is not None:
-            timeout = _check_seconds(timeout, "timeout")
+            timeout = check_seconds(timeout, "timeout", zero_ok=True)
         deadline = None if timeout is None else self._clock() + timeout
         for _ in range(2):  # the queue with the waiting repairs, then the new repairs
             with self._lock:
-                if not self._retry and not self._pending and not self._inflight:
+                if not self._repairs.waiting and self._queue.idle():
                     break
                 executor = None
                 if not self._abandon:
                     self._requeue_repairs()
-                    if self._pending:
+                    if len(self._queue):
                         executor = self._wake_worker()
             if executor is not None:
                 self._submit(executor)
             with self._lock:
-                while self._pending or self._inflight:
-                    if deadline is None:
-                        self._idle.wait()
-                        continue
-                    remaining = deadline - self._clock()
-                    if remaining <= 0 or not self._idle.wait(remaining):
-                        return not self._held
+                if not self._wait_until_idle(deadline):
+                    break
         return not self._held
 
     def close(self, timeout: float = 5.0) -> int:
@@ -494,13 +862,13 @@ class AsyncWriter:
         threads. Idempotent: a later call returns 0. Raises
         :class:`~cachechain.errors.ConfigError` for an invalid ``timeout``.
         """
-        timeout = _check_seconds(timeout, "timeout")
+        timeout = check_seconds(timeout, "timeout", zero_ok=True)
         deadline = self._begin_stop(timeout)
         dropped = self._finish_stop(deadline)
         with self._lock:
             executor = self._executor if self._given_executor is None else None
-            events = self._take_events()
-        self._deliver(events)
+            events = self._tally.take()
+        self._tally.deliver(events, self._name)
         if executor is not None:
             # Drain tasks still queued in the pool see the writer closed and end at once.
             executor.shutdown(wait=False)
@@ -509,150 +877,53 @@ class AsyncWriter:
     def stats(self) -> WriterStats:
         """Return the queue depth, bound, in-flight count and the counters."""
         with self._lock:
-            dropped = dict(self._dropped)
+            tally = self._tally
+            dropped = dict(tally.dropped)
             return WriterStats(
-                depth=len(self._pending),
+                depth=len(self._queue),
                 capacity=self._queue_size,
-                inflight=len(self._inflight),
-                written=self._written,
-                failed=self._failed,
-                coalesced=self._coalesced,
+                inflight=self._queue.inflight_count(),
+                written=tally.written,
+                failed=tally.failed,
+                coalesced=tally.coalesced,
                 dropped=sum(dropped.values()),
                 dropped_by_reason=dropped,
-                repairing=len(self._retry),
+                repairing=len(self._repairs),
             )
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
-        return f"<AsyncWriter layer={self._name!r} {state} depth={len(self._pending)}>"
+        return f"<AsyncWriter layer={self._name!r} {state} depth={len(self._queue)}>"
 
-    # ------------------------------------------------------------------ counting
-    # Every counter changes in exactly one of these methods, always with self._lock held;
-    # metrics hooks go here (keep them cheap and non-blocking: the lock is held).
-
-    def _count_drop(self, reason: str, count: int = 1) -> None:
-        """Count ``count`` operations dropped for ``reason`` (one of DROP_REASONS)."""
-        self._dropped[reason] += count
-        if self.observer is not None:
-            self._events.append(("dropped", reason, count))
-
-    def _count_result(self, success: bool, duration: float) -> None:
-        """Count one write made (``success``) or failed, which took ``duration`` seconds."""
-        if success:
-            self._written += 1
-        else:
-            self._failed += 1
-        self._write_seconds += duration
-        if self.observer is not None:
-            self._events.append(("written", success, duration))
-            self._events.append(("depth", len(self._pending) + len(self._retry), None))
-
-    def _take_events(self) -> list[tuple[str, Any, Any]]:
-        """Take the events for the observer (lock held); deliver them once released."""
-        events = self._events
-        if events:
-            self._events = []
-        return events
-
-    def _deliver(self, events: list[tuple[str, Any, Any]]) -> None:
-        """Tell the observer about ``events`` (lock not held); its errors are logged."""
-        observer = self.observer
-        if observer is None or not events:
-            return
-        try:
-            for kind, a, b in events:
-                if kind == "dropped":
-                    observer.dropped(a, b)
-                elif kind == "written":
-                    observer.written(a, b)
-                else:
-                    observer.depth(a)
-        except Exception:
-            log.exception("cachechain writer for layer %r: its observer raised", self._name)
-
-    def _count_coalesced(self) -> None:
-        """Count one operation that replaced a queued operation of the same key."""
-        self._coalesced += 1
-
-    # ------------------------------------------------------------------ internals
+    # ------------------------------------------------------------------ intake (lock held)
 
     def _closed_error(self) -> ChainClosedError:
         return ChainClosedError(f"the writer for layer {self._name!r} is closed")
 
-    def _unqueue_set(self, key: str) -> bool:
-        """Remove a queued set of ``key`` that no worker has taken (lock held); return
-        whether there was one. Wakes a set waiting for room, and flush when idle."""
-        op = self._pending.get(key)
-        if op is None or op[0] is not _SET:
-            return False
-        del self._pending[key]
-        self._release(key)
-        if self._room_waiters:
-            self._room.notify()
-        if not self._pending and not self._inflight:
-            self._idle.notify_all()
-        return True
-
-    def _release(self, key: str) -> None:
-        """Stop holding ``key`` if it is no longer queued, in flight or awaiting a
-        retry (lock held)."""
-        if key not in self._pending and key not in self._inflight and key not in self._retry:
-            self._held.discard(key)
-
-    def _requeue_repairs(self, *, probe: bool = False) -> None:
-        """Queue the repair deletes awaiting a retry, to be tried now (lock held): all of
-        them, or with ``probe`` the oldest alone (a retry round sends one; each that
-        lands brings the next forward, so a layer still down gets one call per round,
-        not one per key). A key queued meanwhile keeps its newer operation. Deletes take
-        no queue room."""
-        retry = self._retry
-        if not retry:
-            return
-        pending = self._pending
-        if probe:
-            key = next(iter(retry))
-            del retry[key]
-            if key not in pending:  # (they are disjoint; a newer operation would win)
-                pending[key] = _DELETE_OP
-            self._probe = key  # one round at a time: its outcome schedules the next
-            return
-        for key in retry:
-            if key not in pending:
-                pending[key] = _DELETE_OP
-        retry.clear()
-
-    def _schedule_repair(self, key: str) -> None:
-        """After a failed or refused write of ``key``: keep a delete of it for the next
-        retry round, unless a newer operation of it is queued (lock held)."""
-        if key in self._pending:
-            return  # the newer operation replaces the key's value (or deletes it)
-        if self._abandon:  # closed and drained: nobody will retry it
-            self._count_drop("closed")
-            return
-        self._retry[key] = None
-        if self._probe is None and self._retry_at <= self._clock():
-            self._end_round(False)  # no round scheduled: back off from the last delay
-
-    def _end_round(self, landed: bool) -> None:
-        """Schedule the next retry round (lock held): at once after a repair landed (the
-        layer answers), else after the current delay, which then doubles (capped)."""
-        if landed:
-            self._retry_delay = self._min_retry
-            self._retry_at = 0.0
-        else:
-            self._retry_at = self._clock() + self._retry_delay
-            self._retry_delay = min(self._retry_delay * 2, self._max_retry)
+    def _offer_when_room(self, key: str, op: Op, max_wait: float | None) -> int:
+        """A set of ``key`` found the queue full: wait for room, then offer it again.
+        Returns what :meth:`WriteQueue.offer` did, or FULL when the set was dropped (then
+        counted, and the key released)."""
+        wait = self._max_wait if max_wait is None else max_wait
+        reason = self._wait_for_room(key, wait)
+        if reason is not None:
+            self._tally.drop(reason)
+            self._release(key)
+            return FULL
+        # An older write of the key may have ended (and released it) while this one
+        # waited: offer() holds it again before it is queued.
+        outcome = self._queue.offer(key, op)
+        if self._room_waiters and self._queue.has_room():
+            self._room.notify()  # room is left: pass it on to another waiting set
+        return outcome
 
     def _wait_for_room(self, key: str, wait: float) -> str | None:
-        """Wait (lock held) up to ``wait`` seconds until ``key`` can be queued.
-
-        Returns None when there is room (or ``key`` got queued meanwhile, to coalesce
-        with), else the drop reason.
-        """
+        """Wait up to ``wait`` seconds until a set of ``key`` can be queued. Returns None
+        when there is room (or ``key`` got queued meanwhile, to coalesce with), else the
+        drop reason."""
         if wait <= 0:
             return "queue_full"
         deadline = self._clock() + wait
-        pending = self._pending
         self._room_waiters += 1
         try:
             while True:
@@ -660,278 +931,30 @@ class AsyncWriter:
                 timed_out = remaining <= 0 or not self._room.wait(remaining)
                 if self._closed:
                     return "closed"
-                if key in pending or len(pending) < self._queue_size:
+                if self._queue.has_room(key):
                     return None
                 if timed_out:
                     return "queue_full"
         finally:
             self._room_waiters -= 1
 
-    def _pass_room_on(self) -> None:
-        """After a waiting set went in, wake another waiter if room is left (lock held)."""
-        if self._room_waiters and len(self._pending) < self._queue_size:
+    def _unqueue_set(self, key: str) -> bool:
+        """Remove a queued set of ``key`` that no worker has taken; return whether there
+        was one. Wakes a set waiting for room, and flush when idle."""
+        if not self._queue.cancel_set(key):
+            return False
+        self._repairs.withdraw(key)  # it may have replaced the repair of a retry round
+        if self._room_waiters:
             self._room.notify()
-
-    def _wake_worker(self) -> Executor | None:
-        """Make sure a worker will see new work (lock held).
-
-        Wakes an idle worker if there is one; otherwise reserves a new drain task if
-        fewer than ``workers`` run, and returns the executor to submit it to (outside the
-        lock) with :meth:`_submit`.
-        """
-        if self._idle_workers:
-            self._work.notify()
-            return None
-        if self._running < self._workers:
-            return self._start_workers(1)
-        return None
-
-    def _start_workers(self, count: int) -> Executor | None:
-        """Reserve ``count`` drain tasks (lock held) and return the executor, or None."""
-        if count <= 0:
-            return None
-        executor = self._executor
-        if executor is None:
-            executor = self._executor = ThreadPoolExecutor(
-                max_workers=self._workers,
-                thread_name_prefix=f"cachechain-writer-{self._name}",
-            )
-        self._running += count
-        return executor
-
-    def _submit(self, executor: Executor) -> bool:
-        """Submit one reserved drain task; return False if queued operations were lost.
-
-        An executor that was shut down (or the interpreter's shutdown) refuses tasks. If
-        no worker is left to drain the queue, its operations are dropped (reason
-        ``closed``) rather than left to wait forever, and False is returned.
-        """
-        try:
-            executor.submit(self._drain)
-        except RuntimeError as exc:
-            with self._lock:
-                self._running -= 1
-                lost = 0
-                if self._running == 0 and self._pending:
-                    dropped = list(self._pending.items())
-                    self._pending.clear()
-                    lost = 0
-                    for key, op in dropped:
-                        if op[0] is _DELETE:  # keep it: the key stays held, unread there
-                            self._retry[key] = None
-                        else:
-                            lost += 1
-                            self._release(key)
-                    self._count_drop("closed", lost)
-                    self._room.notify_all()
-                    if not self._inflight:
-                        self._idle.notify_all()
-                events = self._take_events()
-            self._deliver(events)
-            log.warning(
-                "cachechain writer for layer %r: its executor refused a worker (%s); "
-                "%d queued writes dropped",
-                self._name,
-                exc,
-                lost,
-            )
-            return lost == 0
+        if self._queue.idle():
+            self._idle.notify_all()
         return True
 
-    def _next_key(self) -> str | None:
-        """The oldest queued key that no worker is writing, or None (lock held)."""
-        inflight = self._inflight
-        if not inflight:
-            return next(iter(self._pending), None)
-        for key in self._pending:
-            if key not in inflight:
-                return key
-        return None
 
-    def _drain(self) -> None:
-        """A drain task: write queued operations until idle for ``idle_timeout`` seconds."""
-        lock = self._lock
-        pending = self._pending
-        inflight = self._inflight
-        layer = self._layer
-        clock = self._clock
-        executor: Executor | None = None
-        events: list[tuple[str, Any, Any]] = []
-        try:
-            with lock:
-                try:
-                    while not self._abandon:
-                        # A retry round is due: its repair joins the queue, busy or not.
-                        if self._retry and self._probe is None and self._retry_at <= clock():
-                            self._requeue_repairs(probe=True)
-                        key = self._next_key()
-                        if key is None:
-                            if self._closed:
-                                return
-                            wait = self._idle_timeout
-                            keeper = bool(self._retry) and not self._keeper
-                            if keeper:  # this worker stays for the rounds; others may end
-                                self._keeper = True
-                                if self._probe is None:
-                                    wait = min(wait, max(self._retry_at - clock(), self._min_retry))
-                            self._idle_workers += 1
-                            try:
-                                notified = self._work.wait(wait)
-                            finally:
-                                self._idle_workers -= 1
-                                if keeper:
-                                    self._keeper = False
-                            idle = not notified and self._next_key() is None
-                            if idle and not (keeper and self._retry):
-                                return
-                            continue
-                        inflight.add(key)
-                        op = pending.pop(key)
-                        if self._room_waiters:
-                            self._room.notify()
-                        lock.release()
-                        outcome = _FAILED
-                        start = clock()
-                        try:
-                            if op[0] is _SET:
-                                layer.set(key, op[1], op[2])
-                            else:
-                                layer.delete(key)
-                            outcome = _WRITTEN
-                        except CircuitOpenError:
-                            outcome = _REFUSED
-                        except Exception as exc:
-                            self._log_failure(key, op, exc)
-                        finally:
-                            duration = clock() - start
-                            lock.acquire()
-                            probe = key == self._probe
-                            if probe:  # the round is over: schedule the next one
-                                self._probe = None
-                                self._end_round(outcome == _WRITTEN)
-                            if outcome == _WRITTEN:
-                                self._count_result(True, duration)
-                            else:
-                                if outcome == _FAILED:
-                                    self._count_result(False, duration)
-                                elif op[0] is _SET:  # a refused delete is not dropped
-                                    self._count_drop("circuit_open")
-                                self._schedule_repair(key)
-                            events = self._take_events()
-                            if events:  # told before the write counts as done (flush, settle)
-                                lock.release()
-                                self._deliver(events)
-                                lock.acquire()
-                            inflight.discard(key)
-                            self._release(key)
-                            if self._settlers:
-                                self._settled.notify_all()
-                            if not pending and not inflight:
-                                self._idle.notify_all()
-                finally:
-                    self._running -= 1
-                    # A task ended by an exception must not leave work with no worker.
-                    orphaned = (
-                        bool(self._retry or self._pending)
-                        and self._running == 0
-                        and not self._closed
-                        and not self._abandon
-                    )
-                    executor = self._start_workers(1) if orphaned else None
-                    events = self._take_events()
-        finally:
-            self._deliver(events)
-            if executor is not None:
-                self._submit(executor)
+# ---------------------------------------------------------------------- exit hook
 
-    def _log_failure(self, key: str, op: _Op, exc: Exception) -> None:
-        """Log a failed write: WARNING for the first of its type on this writer, then DEBUG."""
-        kind = type(exc)
-        if kind in self._logged_types:
-            log.debug(
-                "cachechain writer for layer %r: %s of key %r failed: %s: %s",
-                self._name,
-                op[0],
-                key,
-                kind.__qualname__,
-                exc,
-            )
-            return
-        self._logged_types.add(kind)
-        log.warning(
-            "cachechain writer for layer %r: a %s failed: %s: %s "
-            "(further %s errors of this writer are logged at DEBUG)",
-            self._name,
-            op[0],
-            kind.__qualname__,
-            exc,
-            kind.__qualname__,
-        )
-
-    def _begin_stop(self, timeout: float) -> float:
-        """Stop intake, make sure workers drain, and return the deadline (clock seconds)."""
-        with self._lock:
-            deadline = self._clock() + timeout
-            self._closed = True
-            if not self._abandon:
-                self._requeue_repairs()  # one last try
-            self._work.notify_all()
-            self._room.notify_all()
-            wanted = 0 if self._abandon else min(self._workers - self._running, len(self._pending))
-            executor = self._start_workers(wanted)
-        for _ in range(wanted):
-            if executor is not None and not self._submit(executor):
-                break  # the queue was dropped: no point in more workers
-        return deadline
-
-    def _finish_stop(self, deadline: float, *, warn: bool = True) -> int:
-        """Wait for the queue to drain until ``deadline``; drop and count what is left,
-        logging deletes not made at WARNING (``warn``) or DEBUG (at interpreter exit)."""
-        with self._lock:
-            while (self._pending or self._inflight) and not self._abandon:
-                remaining = deadline - self._clock()
-                if remaining <= 0 or not self._idle.wait(remaining):
-                    break
-            self._abandon = True
-            lost = len(self._pending)
-            unmade = sum(1 for op in self._pending.values() if op[0] is _DELETE)
-            if lost:
-                self._pending.clear()
-                self._count_drop("closed", lost)
-            unrepaired = len(self._retry)
-            if unrepaired:
-                self._retry.clear()
-                self._count_drop("closed", unrepaired)
-                lost += unrepaired
-            if unmade + unrepaired:
-                log.log(
-                    logging.WARNING if warn else logging.DEBUG,
-                    "cachechain writer for layer %r: closed with %d deletes not made; the "
-                    "layer may serve older values of those keys until they expire",
-                    self._name,
-                    unmade + unrepaired,
-                )
-            self._held.intersection_update(self._inflight)
-            self._work.notify_all()
-            self._room.notify_all()
-            self._idle.notify_all()
-            return lost
-
-    def _reinit_after_fork(self) -> None:
-        """In a forked child: fresh locks, an empty queue, zero counters, no executor.
-
-        The parent writes its own queued operations. A given executor is not used in the
-        child (its threads do not exist there); the writer creates its own when needed.
-        """
-        self._given_executor = None
-        self._init_state()
-
-
-# ---------------------------------------------------------------------- process hooks
-
-#: Every writer not yet garbage collected, for the exit and fork hooks.
+#: Every writer not yet garbage collected, for the exit hook.
 _LIVE: weakref.WeakSet[AsyncWriter] = weakref.WeakSet()
-_LIVE_LOCK = threading.Lock()
 
 
 def _exit_drain(writers: Iterable[AsyncWriter]) -> None:
@@ -960,15 +983,7 @@ def _at_exit() -> None:
     _exit_drain(list(_LIVE))
 
 
-def _after_fork_in_child() -> None:
-    """Give every writer in a forked child fresh locks, queue and executor."""
-    global _LIVE_LOCK
-    _LIVE_LOCK = threading.Lock()
-    for writer in list(_LIVE):
-        writer._reinit_after_fork()
-
-
-def _install_hooks() -> None:
+def _install_exit_hook() -> None:
     # threading's exit hooks run in reverse order of registration, when the main thread
     # ends and before atexit handlers. concurrent.futures.thread registered its own
     # (which refuses new tasks, then joins every pool thread) when it was imported above,
@@ -981,8 +996,6 @@ def _install_hooks() -> None:
         register(_at_exit)
     except RuntimeError:  # pragma: no cover - other interpreters, or import at shutdown
         atexit.register(_at_exit)
-    if hasattr(os, "register_at_fork"):
-        os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-_install_hooks()
+_install_exit_hook()

@@ -27,10 +27,12 @@ from typing import Any
 
 import pytest
 
+from cachechain import _fork as fork_module
 from cachechain import _writer as writer_module
 from cachechain._errors import ChainClosedError, CircuitOpenError, ConfigError
 from cachechain._writer import DROP_REASONS, AsyncWriter, WriterStats
 from cachechain.layers._base import MISSING, BaseLayer
+from tests.support.fakes import FakeClock
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Upper bound (seconds) for any wait in these tests; only reached when a test fails.
@@ -796,6 +798,40 @@ def test_a_key_is_held_until_its_repair_lands_and_a_newer_write_replaces_it(
     assert not writer.holds("k") and writer.settle("k", 0.0)
 
 
+def test_a_cancelled_set_that_replaced_a_round_s_repair_does_not_stop_the_rounds(
+    make_writer: Callable[..., AsyncWriter],
+) -> None:
+    """A round's repair delete is replaced by a set, which is then cancelled (a chain
+    writing the key synchronously): the round is over, and later repairs still get
+    their rounds."""
+    clock = FakeClock()  # rounds become due only when the test moves it
+    layer = FakeLayer()
+    layer.fail = {"k": ConnectionResetError("down")}
+    writer = make_writer(layer, clock=clock, retry_delay=0.01, max_retry_delay=0.01)
+    writer.delete("k")
+    assert not writer.flush(SAFETY)  # the delete and its repair failed: a repair waits
+    while not layer.entered.empty():  # forget those attempts
+        layer.entered.get_nowait()
+    gate_a = hold_first_write(writer, layer, "a")
+    layer.gates["b"] = gate_b = threading.Event()
+    assert writer.set("b", 1)
+    clock.advance(5)  # the round is due
+    gate_a.set()  # the worker starts the round (k's repair queued after b), takes b
+    assert layer.entered.get(timeout=SAFETY) == ("set", "b")
+    assert writer.set("k", 2)  # replaces the round's repair delete ...
+    assert writer.cancel("k")  # ... and is cancelled
+    del layer.fail["k"]
+    gate_b.set()
+    layer.fail["m"] = ConnectionResetError("down")
+    writer.delete("m")
+    assert not writer.flush(SAFETY)  # "m" waits for a round
+    del layer.fail["m"]
+    clock.advance(5)
+    while layer.done.get(timeout=SAFETY) != ("delete", "m"):
+        pass  # a round sent the repair of "m" on its own
+    assert writer.flush(SAFETY) and not writer.holds("m")
+
+
 def test_close_tries_each_repair_once_more_and_counts_the_rest(
     make_writer: Callable[..., AsyncWriter], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1146,7 +1182,7 @@ def test_reinit_after_fork_gives_fresh_state() -> None:
         writer.set("a", 2)
         old_lock = writer._lock
         old_lock.acquire()  # as if another thread held it at the fork
-        writer._reinit_after_fork()
+        writer._after_fork()
         assert writer._lock is not old_lock
         stats = writer.stats()
         assert (stats.depth, stats.inflight, stats.coalesced, stats.written) == (0, 0, 0, 0)
@@ -1161,10 +1197,12 @@ def test_the_process_hooks_act_on_every_live_writer(monkeypatch: pytest.MonkeyPa
     layer = FakeLayer()
     writer = AsyncWriter(layer, executor=ParkingExecutor())
     # Only this writer is "live" here: the hooks must not touch other tests' writers.
+    assert writer in fork_module._TRACKED
     monkeypatch.setattr(writer_module, "_LIVE", weakref.WeakSet([writer]))
-    monkeypatch.setattr(writer_module, "_LIVE_LOCK", writer_module._LIVE_LOCK)
+    monkeypatch.setattr(fork_module, "_TRACKED", weakref.WeakSet([writer]))
+    monkeypatch.setattr(fork_module, "_AFTER_IN_CHILD", [])
     writer.set("a", 1)
-    writer_module._after_fork_in_child()
+    fork_module.after_fork_in_child()
     assert writer.stats().depth == 0 and writer._executor is None
     writer.exit_timeout = SAFETY
     writer.set("b", 2)
