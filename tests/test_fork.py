@@ -34,7 +34,7 @@ def test_a_child_forked_while_every_lock_is_held_works() -> None:
     l2.set("remote", "from-l2", 60)
     breaker = chain.breakers["L2"]
     holding, release = threading.Event(), threading.Event()
-    locks = [chain._mut_lock, l1._lock, breaker._lock, chain._flight._lock]
+    locks = [chain._fence._lock, l1._lock, breaker._lock, chain._flight._lock]
 
     def hold_every_lock() -> None:
         for lock in locks:
@@ -47,7 +47,7 @@ def test_a_child_forked_while_every_lock_is_held_works() -> None:
     holder = threading.Thread(target=hold_every_lock)
     holder.start()
     assert holding.wait(10)
-    chain._mut_active[hash("remote") & 63] += 1  # a parent thread was mid-mutation
+    chain._fence._active[hash("remote") & 63] += 1  # a parent thread was mid-mutation
     pid = os.fork()
     if pid == 0:  # the child: every call below would hang on an inherited lock
         code = 1
@@ -67,5 +67,5 @@ def test_a_child_forked_while_every_lock_is_held_works() -> None:
     finally:
         release.set()
         holder.join(10)
-        chain._mut_active[hash("remote") & 63] -= 1
+        chain._fence._active[hash("remote") & 63] -= 1
         chain.close()

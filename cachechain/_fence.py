@@ -1,0 +1,140 @@
+"""The mutation fence: no backfill brings back a value that a set or delete replaced.
+
+Keys fall into 64 stripes by hash. Every mutation (``set``, ``delete`` and their batch
+forms) bumps the sequence number of its keys' stripes when it begins and when it ends,
+and keeps the stripes marked active in between. A read takes a *ticket* (its stripe's
+sequence number, or none while a mutation of the stripe is active) before it reads the
+lower layers, and backfills through :meth:`MutationFence.if_unchanged`, which runs the
+backfill under the fence's lock only if no mutation of the stripe began since the ticket
+was taken. A mutation's final bump and its write to the first layer run under that same
+lock (the ``then`` of :meth:`MutationFence.mutating`), so a read that saw an old value
+in a lower layer can never write it back above after a concurrent ``delete`` or
+``set``: at worst the backfill is skipped. See docs/design.md, "Consistency between
+reads, backfills and mutations".
+
+Knows nothing of layers or chains: it runs the callables it is given.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+from . import _fork
+
+__all__ = ["Mutation", "MutationFence", "Ticket"]
+
+T = TypeVar("T")
+
+#: A read's snapshot of its key's stripe, or None when a mutation of the stripe was in
+#: progress (nothing may be backfilled then). Opaque: only the fence reads it.
+Ticket = int | None
+
+_STRIPES = 64  # a power of two
+_MASK = _STRIPES - 1
+
+
+class MutationFence:
+    """Orders backfills after the mutations of the same keys. Thread-safe.
+
+    A stripe's sequence number starts at the stripe's index and grows by the number of
+    stripes at each bump, so a ticket is the number itself and names its own stripe.
+    """
+
+    __slots__ = ("__weakref__", "_active", "_lock", "_seq")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seq = list(range(_STRIPES))
+        self._active = [0] * _STRIPES
+        _fork.track(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: a fresh lock, and no mutation in progress (the threads
+        that were mutating are gone; their stripes would stay busy for ever)."""
+        self._lock = threading.Lock()
+        self._active = [0] * _STRIPES
+
+    def ticket(self, key: str) -> Ticket:
+        """Snapshot ``key``'s stripe before reading the layers below the first: the
+        ticket to give :meth:`if_unchanged`, or None while a mutation of the stripe is
+        in progress (then the read must not backfill). Lock-free."""
+        stripe = hash(key) & _MASK
+        seq = self._seq[stripe]
+        if self._active[stripe]:
+            return None
+        return seq
+
+    def tickets(self, keys: Iterable[str]) -> dict[str, Ticket]:
+        """:meth:`ticket` of each of ``keys``, by key."""
+        seqs, active = self._seq, self._active
+        out: dict[str, Ticket] = {}
+        for key in keys:
+            stripe = hash(key) & _MASK
+            seq = seqs[stripe]
+            out[key] = None if active[stripe] else seq
+        return out
+
+    def if_unchanged(self, ticket: Ticket, fn: Callable[..., object], *args: Any) -> bool:
+        """Call ``fn(*args)`` under the fence's lock if no mutation of the ticket's
+        stripe began, or is in progress, since the ticket was taken; return whether it
+        was called. What ``fn`` raises propagates (the lock is released). ``fn`` must
+        not start a mutation (the lock is not reentrant)."""
+        if ticket is None:
+            return False
+        stripe = ticket & _MASK
+        with self._lock:
+            if self._seq[stripe] != ticket or self._active[stripe]:
+                return False
+            fn(*args)
+            return True
+
+    def mutating(self, keys: Iterable[str], then: Callable[[], T]) -> Mutation[T]:
+        """Begin a mutation of ``keys`` and return it as a context manager. Its exit
+        ends the mutation and, under the same lock, calls ``then()`` (the write to the
+        first layer), even when the block raised; ``then``'s result is then
+        :attr:`Mutation.result`. What ``then`` raises propagates."""
+        stripes = sorted({hash(key) & _MASK for key in keys})
+        with self._lock:
+            seqs, active = self._seq, self._active
+            for stripe in stripes:
+                seqs[stripe] += _STRIPES
+                active[stripe] += 1
+        return Mutation(self, stripes, then)
+
+    def _end(self, stripes: Sequence[int], then: Callable[[], T]) -> T:
+        with self._lock:
+            seqs, active = self._seq, self._active
+            for stripe in stripes:
+                seqs[stripe] += _STRIPES
+                active[stripe] -= 1
+            return then()
+
+
+class Mutation(Generic[T]):
+    """A mutation in progress (see :meth:`MutationFence.mutating`). Use it once, as a
+    context manager; after the ``with`` block :attr:`result` is what ``then()``
+    returned."""
+
+    __slots__ = ("_fence", "_stripes", "_then", "result")
+
+    #: What ``then()`` returned (set when the mutation ends).
+    result: T
+
+    def __init__(self, fence: MutationFence, stripes: Sequence[int], then: Callable[[], T]):
+        self._fence = fence
+        self._stripes = stripes
+        self._then = then
+
+    def __enter__(self) -> Mutation[T]:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.result = self._fence._end(self._stripes, self._then)
