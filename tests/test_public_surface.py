@@ -45,6 +45,8 @@ OLD_PATHS = [
     ("cachechain.layers", "MemoryLayer"),
     ("cachechain.layers", "MISSING"),
     ("cachechain.metrics", "MemoryCollector"),
+    ("cachechain.exporters", "get_manager"),
+    ("cachechain.exporters", "ExporterManager"),
 ]
 
 
