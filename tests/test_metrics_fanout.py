@@ -11,8 +11,9 @@ from prometheus_client import CollectorRegistry
 
 from cachechain import Chain, MemoryLayer
 from cachechain.metrics._base import MetricsCollector
+from cachechain.metrics._catalogue import RECORD_METHODS
 from cachechain.metrics._fanout import FanoutCollector
-from cachechain.metrics._memory import RECORD_METHODS, MemoryCollector
+from cachechain.metrics._memory import MemoryCollector
 from cachechain.metrics._prometheus import PrometheusCollector
 
 ARGS: dict[str, tuple[Any, ...]] = {

@@ -427,8 +427,9 @@ def test_bounds_are_checked() -> None:
     view.record_first_layer_hit("L1", 0.5)
     view.record_first_layer_hit("L1", 5.0)
     data = engine.read()[1]
-    assert data.layer_hist("L1", "get") == Hist([0, 1, 1], 5.5, 5.0)
-    assert data.layer_hist("L1", "get").count == 2
+    get = data.hist("operation_duration_seconds", "L1", operation="get")
+    assert get == Hist([0, 1, 1], 5.5, 5.0)
+    assert get.count == 2
 
 
 def test_latency_histogram_from_counts() -> None:
@@ -502,7 +503,7 @@ def test_a_thread_that_cannot_say_whether_it_lives_counts_as_ended() -> None:
         def is_alive(self) -> bool:
             raise AssertionError("a dummy thread after fork")
 
-    from cachechain.metrics._memory import _alive
+    from cachechain.metrics._engine import _alive
 
     assert _alive(Odd()) is False
     assert _alive(threading.current_thread()) is True

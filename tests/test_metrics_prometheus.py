@@ -629,7 +629,7 @@ def test_after_fork_the_child_restarts_its_flusher(multiproc_dir: Path) -> None:
     collector.record_get("L1", True, 0.001)
     assert collector.flush()
     old, old_stop = collector._flusher, collector._stop
-    collector._after_fork_in_child()
+    collector._after_fork()
     assert collector._flusher is not old and collector._flusher is not None
     assert collector._flusher.is_alive()
     assert collector.collect()[0].samples == []  # hits start again at zero

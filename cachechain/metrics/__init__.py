@@ -1,8 +1,12 @@
-"""The kit for writing a metrics collector: the contract and the snapshot types.
+"""The kit for writing a metrics collector: the contract, the catalogue and the
+snapshot types.
 
 Applications import the built-in collectors from :mod:`cachechain` (``MemoryCollector``,
 ``FanoutCollector``, ``PrometheusCollector``); this package holds what a collector
-author needs.
+author needs: :class:`MetricsCollector` (the ``record_*`` methods), and the catalogue
+those methods feed, :data:`RECORDS` and :data:`METRICS` (every metric's name, kind,
+labels, help, unit, buckets and the calls that feed it), from which an exporter can
+derive its names and series instead of restating them.
 """
 
 from __future__ import annotations
@@ -11,19 +15,85 @@ import importlib
 import warnings
 from typing import Any
 
-from ._base import CollectorGuard, MetricsCollector, NoOpCollector, adapt, never_raises
+from .._fork import at_fork
+from .._fork import track as track_fork
+from .._logonce import LogOnce
+from ._base import (
+    CollectorGuard,
+    MetricsCollector,
+    NoOpCollector,
+    adapt,
+    forward_records,
+    never_raises,
+    stand_in,
+)
+from ._catalogue import (
+    CIRCUIT_STATES,
+    COUNTER,
+    DEFAULT_BUCKETS,
+    DROP_REASONS,
+    GAUGE,
+    HISTOGRAM,
+    HIT_MISS,
+    METRICS,
+    OPERATIONS,
+    RECORD_METHODS,
+    RECORDS,
+    RESULTS,
+    SEED_METHODS,
+    Arg,
+    Feed,
+    Field,
+    Metric,
+    Param,
+    Record,
+    feeds_of,
+    find_metric,
+    find_record,
+    series_params,
+)
+from ._hooks import RefreshHooks
 from ._types import CacheMetrics, ChainMetrics, LatencyStats, MetricsSnapshot
 
 __all__ = [
+    "CIRCUIT_STATES",
+    "COUNTER",
+    "DEFAULT_BUCKETS",
+    "DROP_REASONS",
+    "GAUGE",
+    "HISTOGRAM",
+    "HIT_MISS",
+    "METRICS",
+    "OPERATIONS",
+    "RECORDS",
+    "RECORD_METHODS",
+    "RESULTS",
+    "SEED_METHODS",
+    "Arg",
     "CacheMetrics",
     "ChainMetrics",
     "CollectorGuard",
+    "Feed",
+    "Field",
     "LatencyStats",
+    "LogOnce",
+    "Metric",
     "MetricsCollector",
     "MetricsSnapshot",
     "NoOpCollector",
+    "Param",
+    "Record",
+    "RefreshHooks",
     "adapt",
+    "at_fork",
+    "feeds_of",
+    "find_metric",
+    "find_record",
+    "forward_records",
     "never_raises",
+    "series_params",
+    "stand_in",
+    "track_fork",
 ]
 
 # Names this package exported before 0.2 (deprecated, removed in 0.3).

@@ -1,7 +1,7 @@
 """PrometheusCollector: cachechain's metrics for Prometheus (needs prometheus-client).
 
 Nothing from prometheus-client runs on the request path: a chain records into the
-lock-free per-thread accumulators of :mod:`cachechain.metrics.memory` (about a tenth of
+lock-free per-thread accumulators of :mod:`cachechain.metrics._engine` (about a tenth of
 the cost of one ``Counter.inc()``), and a scrape turns them into metric families.
 
 Single process: ``PrometheusCollector(registry=registry)`` (or :meth:`register`) adds
@@ -19,19 +19,20 @@ back); gauges use ``livesum`` (queue depth and capacity, entries) or ``livemax``
 (breaker state), so call ``prometheus_client.multiprocess.mark_process_dead(pid)`` from
 gunicorn's ``child_exit`` hook.
 
-The metric names, types and labels are in ``docs/metrics.md``.
+The metric names, types and labels are the catalogue's
+(:mod:`cachechain.metrics._catalogue`; the table is in ``docs/metrics.md``).
 """
 
 from __future__ import annotations
 
 import atexit
+import itertools
 import logging
 import os
 import re
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, TextIO, cast
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -39,36 +40,16 @@ from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
-    Metric,
 )
+from prometheus_client.core import Metric as Family
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString as _go_float
 
-from .._errors import ERROR_TYPES, ConfigError
-from ._memory import (
-    C_LOAD_FAIL,
-    C_LOAD_OK,
-    C_MISS,
-    C_SHARED,
-    CIRCUIT_STATES,
-    DROP_REASONS,
-    L_ASYNC_FAIL,
-    L_ASYNC_OK,
-    L_DEL_FAIL,
-    L_DEL_OK,
-    L_DROPPED,
-    L_ERRORS,
-    L_EVICTIONS,
-    L_HITS,
-    L_MISSES,
-    L_REJECTED,
-    L_SET_FAIL,
-    L_SET_OK,
-    OPERATIONS,
-    AccumulatingCollector,
-    ChainView,
-    ViewData,
-)
+from .._errors import ConfigError
+from .._logonce import LogOnce
+from ._catalogue import COUNTER, DEFAULT_BUCKETS, GAUGE, HISTOGRAM, METRICS, Metric
+from ._engine import AccumulatingCollector, ChainView
+from ._series import ViewData, series
 
 __all__ = [
     "DEFAULT_BUCKETS",
@@ -80,235 +61,45 @@ __all__ = [
 ]
 
 log = logging.getLogger("cachechain.metrics")
-
-#: Latency buckets (seconds): an in-process hit (a few us) up to a remote call at its
-#: timeout (1 s); one more bucket, ``+Inf``, is implied.
-DEFAULT_BUCKETS: tuple[float, ...] = (
-    0.00001,
-    0.000025,
-    0.00005,
-    0.0001,
-    0.00025,
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-)
+_log_once = LogOnce(log)
+_TOKENS = itertools.count()
 
 #: Formats a bucket bound as prometheus-client does (``le`` label values).
 float_to_go: Callable[[float], str] = cast(Callable[[float], str], _go_float)
 
 _NAME_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 
-
-@dataclass(frozen=True)
-class Family:
-    """One metric family: ``name`` follows the namespace (``hits_total`` gives
-    ``cache_chain_hits_total``); ``kind`` is ``counter``, ``gauge`` or ``histogram``;
-    ``merge`` says how equal series of several collectors (or processes) combine:
-    ``sum`` or ``max``."""
-
-    name: str
-    kind: str
-    labels: tuple[str, ...]
-    help: str
-    merge: str = "sum"
-
-    @property
-    def multiprocess_mode(self) -> str:
-        """The gauge ``multiprocess_mode`` that matches ``merge`` (live processes)."""
-        return "livemax" if self.merge == "max" else "livesum"
-
-
-_CL = ("chain", "layer")
-#: Every family the collector exports, in exposition order.
-FAMILIES: tuple[Family, ...] = (
-    Family("hits_total", "counter", _CL, "Gets of one key that found it in the layer."),
-    Family("misses_total", "counter", _CL, "Gets of one key the layer did not have (clean)."),
-    Family(
-        "errors_total",
-        "counter",
-        (*_CL, "operation", "error_type"),
-        "Calls to the layer that failed, by operation and error type (not misses).",
-    ),
-    Family(
-        "operation_duration_seconds",
-        "histogram",
-        (*_CL, "operation"),
-        "Duration of calls to the layer (get: per key; set, delete: per call).",
-    ),
-    Family(
-        "operations_total",
-        "counter",
-        (*_CL, "operation", "result"),
-        "Synchronous sets and deletes of the layer, by result.",
-    ),
-    Family(
-        "requests_total",
-        "counter",
-        ("chain", "result", "served_by"),
-        "Logical gets of the chain, by result and the layer that served them.",
-    ),
-    Family(
-        "request_duration_seconds",
-        "histogram",
-        ("chain", "result"),
-        "Duration of logical gets of the chain, through every layer asked.",
-    ),
-    Family("loads_total", "counter", ("chain", "result"), "Loader calls, by result."),
-    Family("load_duration_seconds", "histogram", ("chain",), "Duration of loader calls."),
-    Family(
-        "singleflight_shared_total",
-        "counter",
-        ("chain",),
-        "Callers that joined a load already in flight instead of running the loader.",
-    ),
-    Family("queue_depth", "gauge", _CL, "Writes queued in the layer's async writer."),
-    Family("queue_capacity", "gauge", _CL, "Bound of the layer's async writer queue."),
-    Family(
-        "writes_dropped_total",
-        "counter",
-        (*_CL, "reason"),
-        "Writes the layer's async writer dropped, by reason.",
-    ),
-    Family(
-        "async_writes_total",
-        "counter",
-        (*_CL, "result"),
-        "Writes made by the layer's async writer, by result.",
-    ),
-    Family(
-        "async_write_duration_seconds",
-        "histogram",
-        _CL,
-        "Duration of writes made by the layer's async writer.",
-    ),
-    Family(
-        "circuit_state",
-        "gauge",
-        _CL,
-        "CircuitState of the layer's circuit breaker: 0 closed, 1 open, 2 half-open.",
-        merge="max",
-    ),
-    Family(
-        "circuit_transitions_total",
-        "counter",
-        (*_CL, "to"),
-        "Transitions of the layer's circuit breaker, by the state entered.",
-    ),
-    Family(
-        "circuit_rejected_total",
-        "counter",
-        _CL,
-        "Calls the layer's open circuit breaker refused without any I/O.",
-    ),
-    Family("evictions_total", "counter", _CL, "Entries the in-process layer evicted."),
-    Family("entries", "gauge", _CL, "Entries held by the in-process layer."),
-)
-_BY_NAME = {f.name: f for f in FAMILIES}
+#: Every family the collector exports, in exposition order: the catalogue's metrics.
+FAMILIES: tuple[Metric, ...] = METRICS
+_MAXIMUM = {m.name for m in METRICS if m.merge == "max"}
 
 Labels = tuple[str, ...]
 Table = dict[str, dict[Labels, Any]]  # family name -> label values -> number or Hist
 
 
 def _new_table() -> Table:
-    return {f.name: {} for f in FAMILIES}
+    return {m.name: {} for m in METRICS}
+
+
+def _put(table: Table, name: str, labels: Labels, value: Any) -> None:
+    """Add one series to ``table``: equal series add up (or keep the larger, for a
+    metric merged by ``max``)."""
+    target = table[name]
+    old = target.get(labels)
+    if old is None:
+        target[labels] = value
+    elif name in _MAXIMUM:
+        target[labels] = max(old, value)
+    else:
+        target[labels] = old + value
 
 
 def view_series(d: ViewData, table: Table) -> None:
-    """Add the series of one chain's figures to ``table``.
-
-    The layers a chain was built with always have their hits, misses and get
-    durations, and the chain its requests, request durations and shared loads (zeros
-    included, so that rates exist from the start); any other series appears once it is
-    non-zero or reported.
-    """
-    t = d.totals
-    chain = d.chain
-    bound = set(d.layers[: d.bound])
-
-    def put(name: str, labels: Labels, value: Any) -> None:
-        series = table[name]
-        old = series.get(labels)
-        if old is None:
-            series[labels] = value
-        elif _BY_NAME[name].merge == "max":
-            series[labels] = max(old, value)
-        else:
-            series[labels] = old + value
-
-    for layer in d.layers:
-        base = d.offsets[layer]
-        always = layer in bound
-        lv = (chain, layer)
-        hits, misses = d.layer_value(layer, L_HITS), t[base + L_MISSES]
-        if always or hits or misses:
-            put("hits_total", lv, hits)
-            put("misses_total", lv, misses)
-        for op in ("get", "set", "delete"):
-            h = d.layer_hist(layer, op)
-            if h.count or (always and op == "get"):
-                put("operation_duration_seconds", (*lv, op), h)
-        for op, ok, fail in (("set", L_SET_OK, L_SET_FAIL), ("delete", L_DEL_OK, L_DEL_FAIL)):
-            for result, slot in (("success", ok), ("failure", fail)):
-                if t[base + slot]:
-                    put("operations_total", (*lv, op, result), t[base + slot])
-        n_err = len(ERROR_TYPES)
-        for o, op in enumerate(OPERATIONS):
-            for e, error_type in enumerate(ERROR_TYPES):
-                n = t[base + L_ERRORS + o * n_err + e]
-                if n:
-                    put("errors_total", (*lv, op, error_type), n)
-        for r, reason in enumerate(DROP_REASONS):
-            if t[base + L_DROPPED + r]:
-                put("writes_dropped_total", (*lv, reason), t[base + L_DROPPED + r])
-        for result, slot in (("success", L_ASYNC_OK), ("failure", L_ASYNC_FAIL)):
-            if t[base + slot]:
-                put("async_writes_total", (*lv, result), t[base + slot])
-        h = d.layer_hist(layer, "async")
-        if h.count:
-            put("async_write_duration_seconds", lv, h)
-        if t[base + L_REJECTED] or layer in d.circuit_state:
-            put("circuit_rejected_total", lv, t[base + L_REJECTED])
-        if t[base + L_EVICTIONS] or layer in d.entries:
-            put("evictions_total", lv, t[base + L_EVICTIONS])
-        for gauge, values in (
-            ("queue_depth", d.queue_depth),
-            ("queue_capacity", d.queue_capacity),
-            ("circuit_state", d.circuit_state),
-            ("entries", d.entries),
-        ):
-            if layer in values:
-                put(gauge, lv, values[layer])
-    for (layer, state), n in d.transitions.items():
-        put("circuit_transitions_total", (chain, layer, CIRCUIT_STATES[state]), n)
-
-    for index, n in enumerate(d.hits_by_index()):
-        declared = index < d.bound
-        if n or declared:
-            served_by = d.layers[index] if declared else "unknown"
-            put("requests_total", (chain, "hit", served_by), n)
-    if t[C_MISS] or d.bound:
-        put("requests_total", (chain, "miss", "none"), t[C_MISS])
-    for result, hit in (("hit", True), ("miss", False)):
-        h = d.request_hist(hit)
-        if h.count or d.bound:
-            put("request_duration_seconds", (chain, result), h)
-    for result, slot in (("success", C_LOAD_OK), ("failure", C_LOAD_FAIL)):
-        if t[slot]:
-            put("loads_total", (chain, result), t[slot])
-    h = d.hist(d.load)
-    if h.count:
-        put("load_duration_seconds", (chain,), h)
-    if t[C_SHARED] or d.bound:
-        put("singleflight_shared_total", (chain,), t[C_SHARED])
+    """Add the series of one chain's figures that are shown to ``table`` (see
+    :func:`cachechain.metrics._series.series`)."""
+    for s in series(d):
+        if s.shown:
+            _put(table, s.metric.name, s.labels(d), s.value)
 
 
 def engine_series(engine: AccumulatingCollector) -> Table:
@@ -324,34 +115,28 @@ def merge_tables(tables: Iterable[Table]) -> Table:
     ``max`` take the largest)."""
     out = _new_table()
     for table in tables:
-        for name, series in table.items():
-            target = out[name]
-            maximum = _BY_NAME[name].merge == "max"
-            for labels, value in series.items():
-                old = target.get(labels)
-                if old is None:
-                    target[labels] = value
-                else:
-                    target[labels] = max(old, value) if maximum else old + value
+        for name, values in table.items():
+            for labels, value in values.items():
+                _put(out, name, labels, value)
     return out
 
 
-def build_families(table: Table, namespace: str, bounds: Sequence[float]) -> list[Metric]:
+def build_families(table: Table, namespace: str, bounds: Sequence[float]) -> list[Family]:
     """Turn series into prometheus-client metric families (every family, even with no
     series; series sorted by labels)."""
     le = [float_to_go(b) for b in bounds] + ["+Inf"]
-    families: list[Metric] = []
+    families: list[Family] = []
     for fam in FAMILIES:
         name = f"{namespace}_{fam.name}"
         metric: Any
-        if fam.kind == "counter":
+        if fam.kind == COUNTER:
             metric = CounterMetricFamily(name, fam.help, labels=fam.labels)
-        elif fam.kind == "gauge":
+        elif fam.kind == GAUGE:
             metric = GaugeMetricFamily(name, fam.help, labels=fam.labels)
         else:
             metric = HistogramMetricFamily(name, fam.help, labels=fam.labels)
         for labels, value in sorted(table[fam.name].items()):
-            if fam.kind == "histogram":
+            if fam.kind == HISTOGRAM:
                 cumulative, running = [], 0
                 for bound, n in zip(le, value.counts, strict=True):
                     running += n
@@ -372,10 +157,10 @@ class _Hub(Collector):
         self.bounds = bounds
         self.members: list[PrometheusCollector] = []
 
-    def describe(self) -> list[Metric]:
+    def describe(self) -> list[Family]:
         return build_families(_new_table(), self.namespace, self.bounds)
 
-    def collect(self) -> list[Metric]:
+    def collect(self) -> list[Family]:
         tables = []
         for member in list(self.members):
             try:
@@ -417,6 +202,14 @@ def _value_class() -> Any:
         return cls
 
 
+def _multiprocess_mode(m: Metric) -> str:
+    """The ``multiprocess_mode`` of a gauge that matches its merge (live processes):
+    ``livemax`` or ``livesum``; none for counters and histograms."""
+    if m.kind != GAUGE:
+        return ""
+    return "livemax" if m.merge == "max" else "livesum"
+
+
 class _FileWriter:
     """Writes a table into prometheus-client's per-process files (absolute values,
     only those that changed since the last write)."""
@@ -428,7 +221,7 @@ class _FileWriter:
         self.values: dict[tuple[str, Labels, str], tuple[Any, float]] = {}
 
     def _set(
-        self, fam: Family, labels: Labels, sample: str, extra: tuple[str, ...], value: float
+        self, fam: Metric, labels: Labels, sample: str, extra: tuple[str, ...], value: float
     ) -> None:
         key = (fam.name, labels, sample + "|".join(extra))
         held = self.values.get(key)
@@ -437,7 +230,7 @@ class _FileWriter:
         if held is None:
             metric = f"{self.namespace}_{fam.name}"
             label_names = fam.labels
-            if fam.kind == "counter":
+            if fam.kind == COUNTER:
                 metric = metric[: -len("_total")]
             if extra:
                 label_names = (*label_names, "le")
@@ -448,7 +241,7 @@ class _FileWriter:
                 label_names,
                 (*labels, *extra),
                 fam.help,
-                multiprocess_mode=fam.multiprocess_mode if fam.kind == "gauge" else "",
+                multiprocess_mode=_multiprocess_mode(fam),
             )
         else:
             obj = held[0]
@@ -458,9 +251,9 @@ class _FileWriter:
     def write(self, table: Table) -> None:
         for fam in FAMILIES:
             for labels, value in table[fam.name].items():
-                if fam.kind == "counter":
+                if fam.kind == COUNTER:
                     self._set(fam, labels, "_total", (), value)
-                elif fam.kind == "gauge":
+                elif fam.kind == GAUGE:
                     self._set(fam, labels, "", (), value)
                 else:
                     for bound, n in zip(self.le, value.counts, strict=True):
@@ -513,8 +306,8 @@ class PrometheusCollector(AccumulatingCollector):
             _multiprocess_dir() is not None if multiprocess is None else multiprocess
         )
         self._closed = False
+        self._key_flush = ("flush", next(_TOKENS))
         self._flush_lock = threading.Lock()
-        self._flush_failures = 0
         self._stop = threading.Event()
         self._flusher: threading.Thread | None = None
         self._writer: _FileWriter | None = None
@@ -566,12 +359,12 @@ class PrometheusCollector(AccumulatingCollector):
                 del hubs[self.namespace]
                 registry.unregister(hub)
 
-    def collect(self) -> list[Metric]:
+    def collect(self) -> list[Family]:
         """This collector's metric families alone (refresh hooks run first): what a
         registry shows for it. For prometheus-client's collector protocol."""
         return build_families(engine_series(self), self.namespace, self.bounds)
 
-    def describe(self) -> list[Metric]:
+    def describe(self) -> list[Family]:
         """The metric families without samples (prometheus-client's protocol)."""
         return build_families(_new_table(), self.namespace, self.bounds)
 
@@ -602,9 +395,7 @@ class PrometheusCollector(AccumulatingCollector):
             with self._flush_lock:  # read and write in one go: never older over newer
                 writer.write(engine_series(self))
         except Exception as exc:
-            self._flush_failures += 1
-            if self._flush_failures == 1:
-                log.warning("writing metrics for %r failed: %r (logged once)", self, exc)
+            _log_once(self._key_flush, "writing metrics for %r failed: %r (logged once)", self, exc)
             return False
         return True
 
@@ -626,8 +417,10 @@ class PrometheusCollector(AccumulatingCollector):
         for registry in registries:
             self.unregister(registry)
 
-    def _after_fork_in_child(self) -> None:
-        super()._after_fork_in_child()
+    def _after_fork(self) -> None:
+        """In a forked child: figures from zero, a new flush lock, and (multiprocess
+        mode) the child's own files and flusher."""
+        super()._after_fork()
         self._flush_lock = threading.Lock()
         if self._writer is not None:
             self._writer.forget()
@@ -686,10 +479,10 @@ class _EngineExporter(Collector):
         self.engine = engine
         self.namespace = namespace
 
-    def describe(self) -> list[Metric]:
+    def describe(self) -> list[Family]:
         return build_families(_new_table(), self.namespace, self.engine.bounds)
 
-    def collect(self) -> list[Metric]:
+    def collect(self) -> list[Family]:
         return build_families(engine_series(self.engine), self.namespace, self.engine.bounds)
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from cachechain import Chain, MemoryLayer
 from cachechain._errors import ConfigError
+from cachechain.metrics import COUNTER, GAUGE, HISTOGRAM, METRICS, RECORDS
 from cachechain.metrics._base import MetricsCollector
 
 import cachechain_statsd
@@ -117,6 +118,28 @@ def test_plain_names_cover_every_record_method(receiver: Receiver) -> None:
     assert got[f"{p}.load_duration"] == ["10.000000|ms"] * 2
     # Nothing else: every line is one of the above.
     assert all(name.startswith(p) for name in got)
+    x.close()
+
+
+def test_every_metric_of_the_catalogue_is_sent_under_its_statsd_name(receiver: Receiver) -> None:
+    """The names and kinds come from cachechain's catalogue: a counter is ``|c``, a
+    histogram a timer, a gauge ``|g``, each under the metric's StatsD name."""
+    x = make(receiver, tags=True, timer_sample_rate=1.0)
+    m = x.bind_chain("web", ["L1", "L2"])
+    named = {"layer": "L2", "hit": True, "success": True, "state": 1, "layer_index": 1}
+    named |= {"reason": "closed", "operation": "get", "error_type": "timeout"}
+    m.record_circuit_state("L2", 0)  # a transition needs a state before it
+    m.record_get("L2", False, 0.001)  # a miss
+    for rec in RECORDS:  # every method once, its arguments made from its parameters
+        by_type = {float: 0.001, int: 3}
+        getattr(m, rec.name)(*[named.get(p.name, by_type.get(p.type)) for p in rec.params])
+    sent = {
+        line.split(":")[0].removeprefix("cache_chain."): line.split("|")[1]
+        for line in flushed(x, receiver)
+    }
+    kinds = {COUNTER: "c", GAUGE: "g", HISTOGRAM: "ms"}
+    assert sent.pop("statsd_exporter.dropped_samples", "c") == "c"
+    assert sent == {metric.statsd: kinds[metric.kind] for metric in METRICS}
     x.close()
 
 
