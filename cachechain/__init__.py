@@ -31,13 +31,12 @@ Everything else (modules whose names start with ``_``) is internal.
 
 from __future__ import annotations
 
-import importlib
-import warnings
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ._breaker import CircuitBreaker, CircuitState
 from ._chain import Chain
 from ._codecs import Codec, JsonCodec, SignedPickleCodec
+from ._compat import package_getattr
 from ._config import BreakerConfig, ChainConfig, LayerConfig, WriterConfig
 from ._errors import (
     CacheError,
@@ -100,42 +99,23 @@ __all__ = [
     "serve_metrics",
 ]
 
-# Loaded on first use: pymemcache and prometheus-client are not imported with cachechain.
-_LAZY = {
-    "MemcachedLayer": "cachechain.layers._memcached",
-    "PrometheusCollector": "cachechain.metrics._prometheus",
-    "serve_metrics": "cachechain.metrics._prometheus",
-}
-
-# Names that were top-level before 0.2: (module, attribute, where to import it now).
-_DEPRECATED = {
-    "AsyncWriter": ("cachechain._writer", "AsyncWriter", "it is internal"),
-    "ResilientLayer": ("cachechain._resilience", "ResilientLayer", "it is internal"),
-    "State": ("cachechain._breaker", "CircuitState", "use cachechain.CircuitState"),
-    "BaseLayer": ("cachechain.layers._base", "BaseLayer", "import it from cachechain.layers"),
-    "CacheLayer": ("cachechain.layers._base", "CacheLayer", "import it from cachechain.layers"),
-    "MetricsCollector": (
-        "cachechain.metrics._base",
-        "MetricsCollector",
-        "import it from cachechain.metrics",
-    ),
-    "NoOpCollector": (
-        "cachechain.metrics._base",
-        "NoOpCollector",
-        "import it from cachechain.metrics",
-    ),
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    if name in _DEPRECATED:
-        module, attr, hint = _DEPRECATED[name]
-        warnings.warn(
-            f"cachechain.{name} is deprecated since cachechain 0.2 and goes in 0.3: {hint}",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(importlib.import_module(module), attr)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = package_getattr(
+    "cachechain",
+    # Names that were top-level in 0.1.
+    {
+        "AsyncWriter": "cachechain._writer",
+        "ResilientLayer": "cachechain._resilience",
+        "State": "cachechain._breaker:CircuitState",
+        "BaseLayer": "cachechain.layers._base",
+        "CacheLayer": "cachechain.layers._base",
+        "MetricsCollector": "cachechain.metrics._base",
+        "NoOpCollector": "cachechain.metrics._base",
+    },
+    # Loaded on first use: pymemcache and prometheus-client are not imported with
+    # cachechain.
+    lazy={
+        "MemcachedLayer": "cachechain.layers._memcached",
+        "PrometheusCollector": "cachechain.metrics._prometheus",
+        "serve_metrics": "cachechain.metrics._prometheus",
+    },
+)

@@ -24,10 +24,7 @@ lists what is installed.
 
 from __future__ import annotations
 
-import importlib
-import warnings
-from typing import Any
-
+from ._compat import package_getattr
 from ._exporters import available_exporters, create_exporter, register_plugin
 from ._plugins import (
     ENTRY_POINT_GROUP,
@@ -54,25 +51,16 @@ __all__ = [
     "register_plugin",
 ]
 
-# Names this module exported in 0.1 that are internal now (deprecated, removed in 0.3).
-_MOVED = {
-    "ExporterConflict": "cachechain._plugins",
-    "ExporterFactory": "cachechain._plugins",
-    "ExporterReport": "cachechain._plugins",
-    "PluginFailure": "cachechain._plugins",
-    "ExporterManager": "cachechain._exporters",
-    "get_manager": "cachechain._exporters",
-    "reset_exporters": "cachechain._exporters",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        warnings.warn(
-            f"cachechain.exporters.{name} is deprecated since cachechain 0.2 and goes in "
-            "0.3: it is internal",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# Names this module exported in 0.1 that are internal now (removed in 0.3).
+__getattr__ = package_getattr(
+    "cachechain.exporters",
+    {
+        "ExporterConflict": "cachechain._plugins",
+        "ExporterFactory": "cachechain._plugins",
+        "ExporterReport": "cachechain._plugins",
+        "PluginFailure": "cachechain._plugins",
+        "ExporterManager": "cachechain._exporters",
+        "get_manager": "cachechain._exporters",
+        "reset_exporters": "cachechain._exporters",
+    },
+)

@@ -10,10 +10,7 @@ should pass are :class:`cachechain.testing.CacheLayerTests`.
 
 from __future__ import annotations
 
-import importlib
-import warnings
-from typing import Any
-
+from .._compat import package_getattr
 from ._base import (
     BaseLayer,
     CacheLayer,
@@ -36,23 +33,13 @@ __all__ = [
     "check_ttl",
 ]
 
-# Names this package exported before 0.2 (deprecated, removed in 0.3).
-_MOVED = {
-    "MISSING": ("cachechain.layers._base", "cachechain"),
-    "MemoryLayer": ("cachechain.layers._memory", "cachechain"),
-    "MemoryLayerStats": ("cachechain.layers._memory", None),
-    "MemcachedLayer": ("cachechain.layers._memcached", "cachechain"),
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        module, home = _MOVED[name]
-        hint = f"import it from {home}" if home else "it is internal"
-        warnings.warn(
-            f"cachechain.layers.{name} is deprecated since cachechain 0.2 and goes in 0.3: {hint}",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(importlib.import_module(module), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# Names this package exported in 0.1 (deprecated, removed in 0.3).
+__getattr__ = package_getattr(
+    "cachechain.layers",
+    {
+        "MISSING": "cachechain.layers._base",
+        "MemoryLayer": "cachechain.layers._memory",
+        "MemoryLayerStats": "cachechain.layers._memory",
+        "MemcachedLayer": "cachechain.layers._memcached",
+    },
+)

@@ -11,10 +11,7 @@ derive its names and series instead of restating them.
 
 from __future__ import annotations
 
-import importlib
-import warnings
-from typing import Any
-
+from .._compat import package_getattr
 from .._fork import at_fork
 from .._fork import track as track_fork
 from .._logonce import LogOnce
@@ -96,20 +93,11 @@ __all__ = [
     "track_fork",
 ]
 
-# Names this package exported before 0.2 (deprecated, removed in 0.3).
-_MOVED = {
-    "MemoryCollector": "cachechain.metrics._memory",
-    "FanoutCollector": "cachechain.metrics._fanout",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        warnings.warn(
-            f"cachechain.metrics.{name} is deprecated since cachechain 0.2 and goes in 0.3: "
-            "import it from cachechain",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# Names this package exported in 0.1 (deprecated, removed in 0.3).
+__getattr__ = package_getattr(
+    "cachechain.metrics",
+    {
+        "MemoryCollector": "cachechain.metrics._memory",
+        "FanoutCollector": "cachechain.metrics._fanout",
+    },
+)
