@@ -62,7 +62,7 @@ if TYPE_CHECKING:
     from .layers._memcached import MemcachedLayer
     from .metrics._prometheus import PrometheusCollector, serve_metrics
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "MISSING",
