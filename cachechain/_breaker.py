@@ -1,7 +1,7 @@
 """A thread-safe circuit breaker that never holds its lock while the guarded call runs.
 
 States (:class:`CircuitState`): ``CLOSED`` lets every call through; ``OPEN`` refuses every call
-at once with :class:`~cachechain.errors.CircuitOpenError`; ``HALF_OPEN`` lets a bounded
+at once with :class:`~cachechain.CircuitOpenError`; ``HALF_OPEN`` lets a bounded
 number of trial calls through to probe the backend.
 
 * CLOSED opens after ``max_failures`` consecutive failures or, when ``failure_rate`` is
@@ -120,7 +120,7 @@ def _failure_window(
     max_failures: int, failure_rate: object, window: object, min_calls: object
 ) -> FailureWindow:
     """Check the settings that open a CLOSED breaker; return its window. Raises
-    :class:`~cachechain.errors.ConfigError` naming the field."""
+    :class:`~cachechain.ConfigError` naming the field."""
     window = check_count(window, "window")
     min_calls = check_count(min_calls, "min_calls")
     rate = check_rate(failure_rate, "failure_rate")
@@ -148,7 +148,7 @@ class CircuitBreaker:
     only clock read. ``listeners`` are called on every state change (see
     :data:`StateListener`).
 
-    Raises :class:`~cachechain.errors.ConfigError` naming the field for an invalid
+    Raises :class:`~cachechain.ConfigError` naming the field for an invalid
     setting (including ``min_calls > window`` when ``failure_rate`` is set, which could
     never trip).
     """
@@ -271,7 +271,7 @@ class CircuitBreaker:
 
         Exactly one of :meth:`on_success`, :meth:`on_failure` or :meth:`release` must
         follow with the permit, whatever happens (use ``try``/``finally``). Takes no lock
-        in the CLOSED state. Raises :class:`~cachechain.errors.CircuitOpenError` (with
+        in the CLOSED state. Raises :class:`~cachechain.CircuitOpenError` (with
         ``layer`` set to the breaker's name) without waiting when the breaker is open,
         or half-open with every trial slot taken; the refusal is counted in ``rejected``.
         """
@@ -339,7 +339,7 @@ class CircuitBreaker:
     def on_error(self, permit: Permit, exc: BaseException) -> None:
         """Report that the call made with ``permit`` raised ``exc``, classified.
 
-        An :class:`Exception` for which :func:`~cachechain.errors.trips_breaker` is true
+        An :class:`Exception` for which :func:`~cachechain._errors.trips_breaker` is true
         is a failure (:meth:`on_failure`); any other exception is neutral
         (:meth:`release`). A ``BaseException`` that is not an ``Exception``
         (``KeyboardInterrupt``, ``SystemExit``, ``GeneratorExit``) is neutral: it says
@@ -355,7 +355,7 @@ class CircuitBreaker:
 
         The permit is always handed back, in ``finally``: success on return, otherwise as
         :meth:`on_error` classifies the exception, which is then re-raised unchanged.
-        Raises :class:`~cachechain.errors.CircuitOpenError` without calling ``fn`` when
+        Raises :class:`~cachechain.CircuitOpenError` without calling ``fn`` when
         the breaker refuses the call.
         """
         permit = self.acquire()
@@ -400,7 +400,7 @@ class CircuitBreaker:
 
     def add_listener(self, fn: StateListener) -> None:
         """Call ``fn(name, old, new)`` on every later state change. Raises
-        :class:`~cachechain.errors.ConfigError` if ``fn`` is not callable."""
+        :class:`~cachechain.ConfigError` if ``fn`` is not callable."""
         self._transitions.add(fn)
 
     def remove_listener(self, fn: StateListener) -> None:

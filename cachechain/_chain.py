@@ -59,13 +59,13 @@ class Chain:
     """Cache layers behind one thread-safe front, fastest layer first.
 
     ``layers`` are :class:`~cachechain.layers.CacheLayer` objects or
-    :class:`~cachechain.config.LayerConfig` entries. Remote layers are wrapped in a
+    :class:`~cachechain.LayerConfig` entries. Remote layers are wrapped in a
     circuit breaker (``breaker`` defaults) unless their config says otherwise, and each
     layer below the first gets an async writer (``writer`` defaults) for backfills and
     write-behind sets. ``metrics`` is a :class:`~cachechain.metrics.MetricsCollector`
     (``None``: no metrics, no clock reads). ``name`` labels this chain's metrics.
 
-    Raises :class:`~cachechain.errors.ConfigError` for an empty chain, duplicate layer
+    Raises :class:`~cachechain.ConfigError` for an empty chain, duplicate layer
     names or bad settings.
     """
 
@@ -109,10 +109,10 @@ class Chain:
 
     @classmethod
     def from_config(cls, config: ChainConfig | Mapping[str, Any]) -> Chain:
-        """Build a chain from a :class:`~cachechain.config.ChainConfig` (the seed's
+        """Build a chain from a :class:`~cachechain.ChainConfig` (the seed's
         ``NewWithConfig``), or from a plain mapping as it would sit in Django settings
-        or a JSON/TOML file (see :mod:`cachechain.settings`: layers by type, exporters
-        by name). Raises :class:`~cachechain.errors.ConfigError` naming the field that
+        or a JSON/TOML file (see :func:`cachechain.chain_config_from_mapping`: layers
+        by type, exporters by name). Raises :class:`~cachechain.ConfigError` naming the field that
         is wrong."""
         return _from_config(cls, config)
 
@@ -142,8 +142,8 @@ class Chain:
         """Return the value cached under ``key``, or ``default`` when no layer has it.
 
         Never raises for a layer failure. Raises
-        :class:`~cachechain.errors.InvalidKeyError` for a key that is not a ``str`` and
-        :class:`~cachechain.errors.ChainClosedError` after :meth:`close`.
+        :class:`~cachechain.InvalidKeyError` for a key that is not a ``str`` and
+        :class:`~cachechain.ChainClosedError` after :meth:`close`.
         """
         m = self._m
         if m is None:
@@ -253,7 +253,7 @@ class Chain:
 
         Each layer is asked once, only for the keys the layers above it missed, and
         hits are backfilled. Never raises for a layer failure; raises
-        :class:`~cachechain.errors.InvalidKeyError` for a non-``str`` key.
+        :class:`~cachechain.InvalidKeyError` for a non-``str`` key.
         """
         wanted = _key_list(keys, "get_many")
         if self._closed:
@@ -281,7 +281,7 @@ class Chain:
         process and every one of them gets its result or its exception (nothing is
         cached then). A ``None`` result is cached like any other value. A thread that
         joined another's load waits at most ``wait_timeout`` seconds, then raises
-        :class:`~cachechain.singleflight.LoadTimeoutError`. If the key is set or
+        :class:`~cachechain.LoadTimeoutError`. If the key is set or
         deleted while the loader runs, the loaded value is returned but not cached.
         """
         value = self.get(key, MISSING)
@@ -339,7 +339,7 @@ class Chain:
         dropped it for a full queue) gets a delete of the key instead, retried until it
         lands, so no older value of it stays there; meanwhile this chain does not read
         the key from that layer.
-        Raises :class:`~cachechain.errors.InvalidKeyError` for a non-``str`` key.
+        Raises :class:`~cachechain.InvalidKeyError` for a non-``str`` key.
         """
         check_key(key)
         first = self._first
@@ -351,7 +351,7 @@ class Chain:
         """Store every item in every layer (one batch per layer where synchronous).
 
         Returns True when every layer took every value. Raises
-        :class:`~cachechain.errors.InvalidKeyError` for a non-``str`` key.
+        :class:`~cachechain.InvalidKeyError` for a non-``str`` key.
         """
         items = dict(items)
         for key in items:
@@ -373,7 +373,7 @@ class Chain:
         is never dropped), False when some layer could not be reached (down, or its
         breaker open): that is counted and logged once, and the layer's writer retries
         the delete until it lands; meanwhile this chain does not read the key from that
-        layer. Raises :class:`~cachechain.errors.InvalidKeyError` for a non-``str`` key.
+        layer. Raises :class:`~cachechain.InvalidKeyError` for a non-``str`` key.
         """
         check_key(key)
         first = self._first
@@ -415,14 +415,14 @@ class Chain:
         """Make every async writer write what it holds now, repair deletes included
         (``timeout`` seconds in all, ``None``: no limit). Return True if they all got
         there in time and no lower layer is left awaiting a repair (see
-        :meth:`AsyncWriter.flush <cachechain.writer.AsyncWriter.flush>`)."""
+        :meth:`AsyncWriter.flush <cachechain._writer.AsyncWriter.flush>`)."""
         return _tier.flush(self._tiers, timeout)
 
     def close(self, timeout: float = 5.0) -> int:
         """Stop the chain: drain the async writers within ``timeout`` seconds in all,
         then close every layer. Returns the number of queued writes that could not be
         made in time (counted as dropped). Later calls raise
-        :class:`~cachechain.errors.ChainClosedError`. Idempotent."""
+        :class:`~cachechain.ChainClosedError`. Idempotent."""
         with self._close_lock:
             if self._closed:
                 return 0

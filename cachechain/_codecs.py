@@ -71,7 +71,7 @@ class Codec(Protocol):
     def encode(self, value: Any) -> bytes:
         """Return ``value`` as bytes.
 
-        Raises :class:`~cachechain.errors.InvalidValueError`, naming the problem, when
+        Raises :class:`~cachechain.InvalidValueError`, naming the problem, when
         the value cannot be encoded.
         """
 
@@ -84,7 +84,7 @@ class Codec(Protocol):
 
 def check_codec(codec: object) -> Codec:
     """Return ``codec`` if it provides ``codec_id`` (an ``int`` in 0-255), ``encode``
-    and ``decode``. Raises :class:`~cachechain.errors.ConfigError` naming the field
+    and ``decode``. Raises :class:`~cachechain.ConfigError` naming the field
     otherwise."""
     if not isinstance(codec, Codec):
         raise ConfigError(f"codec must provide codec_id, encode and decode, got {codec!r}")
@@ -113,7 +113,7 @@ class JsonCodec:
     so reads back as a ``list``; subclasses of those types read back as the base type.
     Anything else (``bytes``, ``set``, ``datetime``, a ``dict`` with non-``str`` keys,
     NaN or infinity, a circular structure) raises
-    :class:`~cachechain.errors.InvalidValueError` on ``encode``.
+    :class:`~cachechain.InvalidValueError` on ``encode``.
     """
 
     codec_id: int = 1
@@ -121,7 +121,7 @@ class JsonCodec:
     def encode(self, value: Any) -> bytes:
         """Return the compact JSON encoding of ``value``.
 
-        Raises :class:`~cachechain.errors.InvalidValueError` for a value that is not
+        Raises :class:`~cachechain.InvalidValueError` for a value that is not
         made only of JSON types.
         """
         try:
@@ -190,7 +190,7 @@ class SignedPickleCodec:
     with the same secret is never accepted here.
 
     Every process that shares the cache must use the same ``secret`` (``bytes``, or a
-    ``str`` taken as UTF-8). Raises :class:`~cachechain.errors.ConfigError` for an
+    ``str`` taken as UTF-8). Raises :class:`~cachechain.ConfigError` for an
     empty secret or one of another type.
     """
 
@@ -214,7 +214,7 @@ class SignedPickleCodec:
     def encode(self, value: Any) -> bytes:
         """Return the signature followed by the pickle of ``value``.
 
-        Raises :class:`~cachechain.errors.InvalidValueError` when ``value`` cannot be
+        Raises :class:`~cachechain.InvalidValueError` when ``value`` cannot be
         pickled (a lambda, a lock, an open file...).
         """
         try:
@@ -249,7 +249,7 @@ def pack(codec: Codec, value: Any, expires_at: float | None) -> bytes:
     """Return the envelope of ``value``: header, then ``codec.encode(value)``.
 
     ``expires_at`` is the entry's expiry in unix wall-clock seconds, or ``None`` for
-    none. Raises :class:`~cachechain.errors.InvalidValueError` when the codec cannot
+    none. Raises :class:`~cachechain.InvalidValueError` when the codec cannot
     encode the value or ``expires_at`` is not a finite number > 0.
     """
     stamp = check_optional_seconds(expires_at, "expires_at", error=InvalidValueError) or 0.0

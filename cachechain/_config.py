@@ -32,7 +32,7 @@ class BreakerConfig:
     lets ``half_open_max_calls`` trial calls through at once, and closes after
     ``half_open_successes`` of them succeed. ``failure_rate`` (0 to 1, ``None`` = off)
     also opens it when that share of the last ``window`` calls failed, once at least
-    ``min_calls`` were made. Raises :class:`~cachechain.errors.ConfigError` when a
+    ``min_calls`` were made. Raises :class:`~cachechain.ConfigError` when a
     value is out of range.
     """
 
@@ -71,7 +71,7 @@ class WriterConfig:
     once; backfills never wait); ``workers`` is the number of writer threads.
     ``retry_delay`` and ``max_retry_delay`` (seconds) bound the backoff between the
     retries of deletes that repair a write the layer missed (see
-    :mod:`cachechain.writer`).
+    :mod:`cachechain._writer`).
     """
 
     queue_size: int = 1000
@@ -101,7 +101,7 @@ class LayerConfig:
     remote layer, no for an in-process one). ``breaker`` overrides the chain's default
     breaker settings for this layer; ``timeout`` (seconds) is the longest a call may
     take before it counts as a failure (default: the layer's own socket ``timeout``
-    plus its ``connect_timeout``, as :class:`~cachechain.resilience.ResilientLayer`
+    plus its ``connect_timeout``, as :class:`~cachechain._resilience.ResilientLayer`
     computes it).
     ``write_behind``: ``set`` queues writes to this layer instead of waiting for them.
     ``writer`` overrides the chain's default writer settings.
@@ -129,7 +129,7 @@ class ChainConfig:
     (``None``: none are recorded, at no cost). ``breaker`` and ``writer`` are the
     defaults for every layer that does not set its own. ``owns_collector``: the chain
     closes the collector (if it has ``close()``) when the chain closes; set by
-    :func:`cachechain.settings.chain_config_from_mapping`, which creates it.
+    :func:`cachechain.chain_config_from_mapping`, which creates it.
     """
 
     layers: Sequence[CacheLayer | LayerConfig]

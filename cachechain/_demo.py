@@ -63,7 +63,7 @@ class FaultyLayer(LayerProxy):
 
     ``timeout`` (seconds) is how long a black-holed call hangs; ``fault`` (None,
     "stop" or "blackhole") may be changed at any time from any thread. Raises
-    :class:`~cachechain.errors.ConfigError` for a ``layer`` that is not a layer."""
+    :class:`~cachechain.ConfigError` for a ``layer`` that is not a layer."""
 
     def __init__(self, layer: CacheLayer, timeout: float) -> None:
         super().__init__(layer)
@@ -78,8 +78,8 @@ class FaultyLayer(LayerProxy):
 
     def _forward(self, method: Callable[..., T], *args: Any) -> T:
         """The wrapped operation, unless a fault is on: then raise
-        :class:`~cachechain.errors.LayerUnavailableError` at once ("stop") or
-        :class:`~cachechain.errors.LayerTimeoutError` after ``timeout`` ("blackhole")."""
+        :class:`~cachechain.LayerUnavailableError` at once ("stop") or
+        :class:`~cachechain.LayerTimeoutError` after ``timeout`` ("blackhole")."""
         fault = self.fault
         if fault == "stop":
             raise LayerUnavailableError("connection refused (demo fault)", layer=self.name)
@@ -117,7 +117,7 @@ def run_demo(options: DemoOptions, out: TextIO | None = None) -> MetricsSnapshot
     """Run the demo and print to ``out`` (default: standard output); return the final
     metrics snapshot.
 
-    Raises :class:`~cachechain.errors.ConfigError` for a bad memcached address.
+    Raises :class:`~cachechain.ConfigError` for a bad memcached address.
     """
     if out is None:
         out = sys.stdout

@@ -2,18 +2,18 @@
 
 :class:`ResilientLayer` wraps any :class:`~cachechain.layers.CacheLayer` and is
 one itself. Every operation asks the layer's :class:`CircuitBreaker` first: while the
-breaker is open the call raises :class:`~cachechain.errors.CircuitOpenError` at once and
+breaker is open the call raises :class:`~cachechain.CircuitOpenError` at once and
 the wrapped layer is not touched. Otherwise the operation runs on the caller's thread
 (the breaker's lock is not held meanwhile) and its outcome is reported:
 
 * it returned (a miss included) within ``timeout`` seconds: a success;
 * it returned, but took longer than ``timeout`` in total: a failure (a slow call); its
   result is still returned;
-* it raised an error for which :func:`~cachechain.errors.trips_breaker` is true (a
-  backend error, a :class:`~cachechain.errors.LayerTimeoutError`, any exception
+* it raised an error for which :func:`~cachechain._errors.trips_breaker` is true (a
+  backend error, a :class:`~cachechain.LayerTimeoutError`, any exception
   cachechain does not know): a failure;
-* it raised anything else (:class:`~cachechain.errors.InvalidKeyError`,
-  :class:`~cachechain.errors.InvalidValueError`, an exhausted pool, an interrupt):
+* it raised anything else (:class:`~cachechain.InvalidKeyError`,
+  :class:`~cachechain.InvalidValueError`, an exhausted pool, an interrupt):
   neutral, nothing counted.
 
 The exception, if any, is re-raised unchanged. No thread ever waits for a call: the
@@ -49,9 +49,9 @@ class ResilientLayer(LayerProxy):
     ``connect_timeout`` when it has them (a socket timeout bounds each read, and a
     healthy call may also have to connect). ``clock`` returns monotonic seconds and
     times each call. Raises
-    :class:`~cachechain.errors.ConfigError` for a layer that is not a ``CacheLayer`` or
+    :class:`~cachechain.ConfigError` for a layer that is not a ``CacheLayer`` or
     an invalid timeout (``layer.timeout`` is named when the default was invalid).
-    Every operation raises :class:`~cachechain.errors.CircuitOpenError` while the
+    Every operation raises :class:`~cachechain.CircuitOpenError` while the
     breaker refuses calls, and otherwise whatever the wrapped layer raises.
     """
 

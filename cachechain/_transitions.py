@@ -74,7 +74,7 @@ class Transitions:
 
     def add(self, fn: StateListener) -> None:
         """Call ``fn`` on every later change. Raises
-        :class:`~cachechain.errors.ConfigError` if ``fn`` is not callable."""
+        :class:`~cachechain.ConfigError` if ``fn`` is not callable."""
         check_callable(fn, "listener")
         with self._lock:
             self.listeners = (*self.listeners, fn)

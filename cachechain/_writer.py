@@ -18,7 +18,7 @@ value. The writer keeps its own bounded queue rather than one executor task per 
   lock, far cheaper than ``ThreadPoolExecutor.submit``;
 - a write that raises is counted and logged (at WARNING once per exception type per
   writer, then at DEBUG) and the worker carries on; a set refused by an open circuit
-  breaker (:class:`~cachechain.errors.CircuitOpenError`) is counted as dropped;
+  breaker (:class:`~cachechain.CircuitOpenError`) is counted as dropped;
 - a layer that missed a write may keep an older value of the key, so a write that fails
   or is refused (a value refused as invalid included: the layer's own delete of the old
   value is best effort) leaves a *repair*: a delete of the key, retried with a backoff
@@ -580,7 +580,7 @@ class AsyncWriter(_WriterWorkers):
     deletes (see the module docstring). ``clock`` returns monotonic seconds; it times
     deadlines, backoffs and write durations and exists for tests.
 
-    All methods are thread-safe. Raises :class:`~cachechain.errors.ConfigError` naming
+    All methods are thread-safe. Raises :class:`~cachechain.ConfigError` naming
     the field for an invalid argument.
     """
 
@@ -685,8 +685,8 @@ class AsyncWriter(_WriterWorkers):
         returned. It never blocks longer. A set waiting for room when the writer is
         closed is dropped (reason ``closed``).
 
-        Raises :class:`~cachechain.errors.ChainClosedError` after :meth:`close`, and
-        :class:`~cachechain.errors.ConfigError` for an invalid ``max_wait``.
+        Raises :class:`~cachechain.ChainClosedError` after :meth:`close`, and
+        :class:`~cachechain.ConfigError` for an invalid ``max_wait``.
         """
         if max_wait is not None and not (max_wait.__class__ is float and 0.0 <= max_wait < _INF):
             # (a finite float >= 0, as the chain's backfills pass, needs no conversion)
@@ -720,7 +720,7 @@ class AsyncWriter(_WriterWorkers):
 
         A queued set of ``key`` is replaced by the delete; otherwise the delete is queued
         even when the queue is full, so deletes may take the queue past ``queue_size``.
-        Raises :class:`~cachechain.errors.ChainClosedError` after :meth:`close`.
+        Raises :class:`~cachechain.ChainClosedError` after :meth:`close`.
         """
         with self._lock:
             if self._closed:
@@ -825,7 +825,7 @@ class AsyncWriter(_WriterWorkers):
         takes), nothing is queued, in flight or awaiting a retry: the layer has taken
         every write handed to this writer (a write it failed was then repaired). False
         otherwise, for instance while the layer is down. Writes that were dropped count
-        as done. Raises :class:`~cachechain.errors.ConfigError` for an invalid
+        as done. Raises :class:`~cachechain.ConfigError` for an invalid
         ``timeout``.
         """
         if timeout is not None:
@@ -851,7 +851,7 @@ class AsyncWriter(_WriterWorkers):
         """Stop intake, drain within ``timeout`` seconds, and return how many were dropped.
 
         After the call starts, :meth:`set` and :meth:`delete` raise
-        :class:`~cachechain.errors.ChainClosedError`. Queued writes keep being made until
+        :class:`~cachechain.ChainClosedError`. Queued writes keep being made until
         the one deadline ``timeout`` seconds from now; those still queued then are
         counted as dropped (reason ``closed``) and their number is returned; repair
         deletes get one more try, and those that still fail are counted the same way
@@ -860,7 +860,7 @@ class AsyncWriter(_WriterWorkers):
         or failed.
         Shuts down the executor if the writer created it, without waiting for its
         threads. Idempotent: a later call returns 0. Raises
-        :class:`~cachechain.errors.ConfigError` for an invalid ``timeout``.
+        :class:`~cachechain.ConfigError` for an invalid ``timeout``.
         """
         timeout = check_seconds(timeout, "timeout", zero_ok=True)
         deadline = self._begin_stop(timeout)

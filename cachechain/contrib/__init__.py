@@ -7,7 +7,7 @@
   used through ``CACHE_TYPE = "cachechain.contrib.flask.CachechainBackend"`` and
   ``CACHE_OPTIONS = {...}``.
 
-In both, the options are the mapping of :mod:`cachechain.settings` (``layers``,
+In both, the options are the mapping of :func:`cachechain.chain_config_from_mapping` (``layers``,
 ``breaker``, ``writer``, ``metrics``, ``name``). What the two backends share, and why:
 
 - **Values are copies, as in every Django and Flask-Caching backend.** ``str``, ``int``,
@@ -20,7 +20,7 @@ In both, the options are the mapping of :mod:`cachechain.settings` (``layers``,
   that can no longer be unpickled (its class was renamed in a deploy) is a miss,
   logged once.
 - **Memcached gets a signed pickle codec by default.** A ``memcached`` layer that names
-  no ``codec`` is given :class:`~cachechain.codecs.SignedPickleCodec` keyed by the
+  no ``codec`` is given :class:`~cachechain.SignedPickleCodec` keyed by the
   application's ``SECRET_KEY``: those frameworks cache arbitrary picklable objects, and
   nothing read from memcached is unpickled unless its HMAC signature checks out. Every
   process sharing the memcached must use the same ``SECRET_KEY``; after a change of
@@ -91,7 +91,7 @@ _log_once = LogOnce(log)
 
 def _decode(stored: Any) -> Any:
     """Return the value that :func:`_encode` stored: a fresh unpickled object for bytes,
-    the stored object otherwise, or :data:`~cachechain.layers.MISSING` when the bytes
+    the stored object otherwise, or :data:`~cachechain.MISSING` when the bytes
     cannot be unpickled any more (logged at WARNING once per error type, then DEBUG)."""
     if stored.__class__ is not bytes:
         return stored
@@ -162,7 +162,7 @@ def _needs_default_codec(options: Mapping[str, Any]) -> bool:
 def _with_default_codec(
     options: Mapping[str, Any], secret: str | bytes | None
 ) -> tuple[Mapping[str, Any], list[str]]:
-    """Return ``options`` with a :class:`~cachechain.codecs.SignedPickleCodec` keyed by
+    """Return ``options`` with a :class:`~cachechain.SignedPickleCodec` keyed by
     ``secret`` given to every ``memcached`` layer that names no ``codec``, and the names
     of such layers left on JSON because ``secret`` is empty. ``options`` is not changed;
     anything malformed is passed on untouched for the settings to report."""

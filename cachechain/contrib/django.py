@@ -1,7 +1,7 @@
 """cachechain as a Django cache backend.
 
 Configure it in ``settings.py``; ``OPTIONS`` is the chain mapping of
-:mod:`cachechain.settings`::
+:func:`cachechain.chain_config_from_mapping`::
 
     CACHES = {
         "default": {
@@ -181,9 +181,10 @@ class CachechainCache(BaseCache):  # type: ignore[misc]  # django ships no type 
 
     ``location`` is the ``LOCATION`` setting (only a name, see the module docstring);
     ``params`` are the other settings of the alias, whose ``OPTIONS`` is the chain
-    mapping of :mod:`cachechain.settings`. Timeouts are seconds (``int`` or ``float``).
+    mapping of :func:`cachechain.chain_config_from_mapping`. Timeouts are seconds
+    (``int`` or ``float``).
 
-    Raises :class:`~cachechain.errors.ConfigError`, naming the field, for bad
+    Raises :class:`~cachechain.ConfigError`, naming the field, for bad
     ``OPTIONS``, and :class:`~django.core.exceptions.ImproperlyConfigured` when a
     memcached layer needs ``SECRET_KEY`` for its default codec and it is not set.
     """

@@ -1,7 +1,7 @@
 """cachechain as a Flask-Caching backend.
 
 Configure Flask-Caching with it; ``CACHE_OPTIONS`` is the chain mapping of
-:mod:`cachechain.settings`::
+:func:`cachechain.chain_config_from_mapping`::
 
     app.config.update(
         SECRET_KEY="...",                      # keys the memcached layer's signed pickle
@@ -82,15 +82,16 @@ __all__ = ["CachechainBackend"]
 class CachechainBackend(BaseCache):
     """A Flask-Caching backend over a cachechain :class:`~cachechain.Chain`.
 
-    ``options`` is the chain mapping of :mod:`cachechain.settings` (Flask-Caching's
-    ``CACHE_OPTIONS``). ``default_timeout`` (seconds, or a ``timedelta``; ``0`` never
-    expires) applies when a write gives no timeout; ``key_prefix`` is put in front of
-    every key; ``secret`` keys the signed pickle codec of ``memcached`` layers that name
-    no ``codec`` (``None`` or empty: they stay on JSON). ``ignore_delete_many_errors`` is
+    ``options`` is the chain mapping of :func:`cachechain.chain_config_from_mapping`
+    (Flask-Caching's ``CACHE_OPTIONS``). ``default_timeout`` (seconds, or a
+    ``timedelta``; ``0`` never expires) applies when a write gives no timeout;
+    ``key_prefix`` is put in front of every key; ``secret`` keys the signed pickle
+    codec of ``memcached`` layers that name no ``codec`` (``None`` or empty: they stay
+    on JSON). ``ignore_delete_many_errors`` is
     accepted for Flask-Caching's sake and has no effect (nothing here raises for a cache
     failure).
 
-    Raises :class:`~cachechain.errors.ConfigError`, naming the field, for bad options.
+    Raises :class:`~cachechain.ConfigError`, naming the field, for bad options.
     """
 
     def __init__(
@@ -142,7 +143,7 @@ class CachechainBackend(BaseCache):
         ``default_timeout``, ``ignore_delete_many_errors`` and the keys of
         ``CACHE_OPTIONS`` (the chain mapping); the key prefix is ``CACHE_KEY_PREFIX`` and
         the codec secret the app's ``SECRET_KEY``. Raises
-        :class:`~cachechain.errors.ConfigError` for ``CACHE_ARGS`` (unused: put settings
+        :class:`~cachechain.ConfigError` for ``CACHE_ARGS`` (unused: put settings
         in ``CACHE_OPTIONS``) or bad options."""
         if args:
             raise ConfigError(
@@ -285,5 +286,5 @@ class CachechainBackend(BaseCache):
     def close(self, timeout: float = 5.0) -> int:
         """Close the chain, draining its queued writes within ``timeout`` seconds; return
         how many were dropped. Later calls raise
-        :class:`~cachechain.errors.ChainClosedError`. Also done at interpreter exit."""
+        :class:`~cachechain.ChainClosedError`. Also done at interpreter exit."""
         return self._chain.close(timeout)

@@ -3,9 +3,9 @@
 A layer stores values under ``str`` keys (any ``str``, empty included) with a
 per-entry time to live in seconds. A miss is not an exception: ``get`` returns the
 :data:`MISSING` sentinel, and a stored falsy value (``0``, ``""``, ``None``) is a hit.
-A layer raises only for a failure (a :class:`~cachechain.errors.LayerError` or anything
-its backend raises) or for input it cannot take (:class:`~cachechain.errors.InvalidKeyError`,
-:class:`~cachechain.errors.InvalidValueError`, the latter for a TTL that is not a finite
+A layer raises only for a failure (a :class:`~cachechain.LayerError` or anything
+its backend raises) or for input it cannot take (:class:`~cachechain.InvalidKeyError`,
+:class:`~cachechain.InvalidValueError`, the latter for a TTL that is not a finite
 number of seconds ``> 0`` too). It is called from many threads at once.
 
 Beyond :class:`CacheLayer`, a layer may offer optional capabilities, each a small
@@ -105,7 +105,7 @@ class CacheLayer(Protocol):
         """Store ``value`` for ``ttl`` seconds (``None``: the layer's default), capped
         at :attr:`max_ttl`.
 
-        Raises :class:`~cachechain.errors.InvalidValueError` for a value it cannot
+        Raises :class:`~cachechain.InvalidValueError` for a value it cannot
         store or a TTL that is not a finite number of seconds ``> 0``, or a layer error
         when the backend fails. A layer that refuses a value must not go on serving an
         older value of ``key`` (delete it, best effort).
@@ -115,7 +115,7 @@ class CacheLayer(Protocol):
         """Store every item it can; return the keys whose values could not be stored
         because they were invalid for this layer (``[]`` when all were stored; their
         older values are gone too). A backend failure raises, and so does an invalid
-        TTL (:class:`~cachechain.errors.InvalidValueError`)."""
+        TTL (:class:`~cachechain.InvalidValueError`)."""
 
     def delete(self, key: str) -> None:
         """Remove ``key``; removing an absent key is not an error."""
@@ -194,7 +194,7 @@ class BaseLayer(abc.ABC):
     def effective_ttl(self, ttl: float | None) -> float | None:
         """Resolve a write's TTL: the layer default when ``None``, capped by ``max_ttl``.
 
-        Raises :class:`~cachechain.errors.InvalidValueError` for a TTL that is not a
+        Raises :class:`~cachechain.InvalidValueError` for a TTL that is not a
         positive finite number.
         """
         if ttl is None:

@@ -7,7 +7,7 @@ Design, and why:
   memcached answered), ``no_delay=True`` and both timeouts set (pymemcache's defaults
   are "forever"). Each node has its own thread-safe pool of at most ``pool_size``
   clients, created lazily; a caller waits at most ``pool_timeout`` seconds for a free
-  one, then gets :class:`~cachechain.errors.PoolExhaustedError`. pymemcache's
+  one, then gets :class:`~cachechain.PoolExhaustedError`. pymemcache's
   ``PooledClient`` raises ``RuntimeError`` instead of waiting, and ``HashClient`` keeps
   its dead-server bookkeeping without a lock: neither is used. A client whose call
   failed is closed and dropped, never reused.
@@ -21,7 +21,7 @@ Design, and why:
 - Keys: see :func:`memcached_key` (:mod:`._memcached_keys`). A key that memcached's
   text protocol could misread (spaces, CR/LF, control characters, non-ASCII, too long)
   is never sent raw.
-- Values: a :mod:`cachechain.codecs` envelope (``JsonCodec`` by default) that carries
+- Values: a :mod:`cachechain._codecs` envelope (``JsonCodec`` by default) that carries
   the entry's wall-clock expiry, so sub-second TTLs work and the remaining TTL can be
   read back. Memcached gets the TTL rounded up to whole seconds.
 - Single-key reads go through :mod:`._wire`, a lean ``get`` on the pooled client's
@@ -117,7 +117,7 @@ class MemcachedLayer(BaseLayer):
     ``servers``: ``"HOST:PORT"`` strings (``"[::1]:11211"`` for IPv6; the port defaults
     to 11211), as a sequence or one comma-separated string. ``key_prefix`` namespaces
     every key (see :func:`memcached_key`). ``codec`` turns values into bytes
-    (:class:`~cachechain.codecs.JsonCodec` by default). ``default_ttl`` applies to writes
+    (:class:`~cachechain.JsonCodec` by default). ``default_ttl`` applies to writes
     without a TTL (``None``: no expiry); ``max_ttl`` caps every TTL. ``connect_timeout``
     bounds connecting and ``timeout`` each socket read or write (not a whole
     operation). ``pool_size`` clients at most per server; a caller waits at most
@@ -126,14 +126,14 @@ class MemcachedLayer(BaseLayer):
     before any I/O. All durations are seconds. ``clock`` gives unix wall-clock seconds
     (entries' expiry, shared between processes); ``monotonic`` times the down-marking.
 
-    Raises :class:`~cachechain.errors.ConfigError`, naming the field, for a bad setting.
-    Operations raise :class:`~cachechain.errors.InvalidKeyError` for a non-``str`` key,
-    :class:`~cachechain.errors.InvalidValueError` for a value the codec refuses or that
-    is too large, :class:`~cachechain.errors.LayerTimeoutError`,
-    :class:`~cachechain.errors.LayerUnavailableError` (including
-    :class:`NodeDownError` and :class:`~cachechain.errors.PoolExhaustedError`) or
-    :class:`~cachechain.errors.LayerError` when memcached fails, and
-    :class:`~cachechain.errors.ChainClosedError` after :meth:`close`.
+    Raises :class:`~cachechain.ConfigError`, naming the field, for a bad setting.
+    Operations raise :class:`~cachechain.InvalidKeyError` for a non-``str`` key,
+    :class:`~cachechain.InvalidValueError` for a value the codec refuses or that
+    is too large, :class:`~cachechain.LayerTimeoutError`,
+    :class:`~cachechain.LayerUnavailableError` (including
+    :class:`NodeDownError` and :class:`~cachechain.PoolExhaustedError`) or
+    :class:`~cachechain.LayerError` when memcached fails, and
+    :class:`~cachechain.ChainClosedError` after :meth:`close`.
     """
 
     local = False
@@ -248,7 +248,7 @@ class MemcachedLayer(BaseLayer):
         """Return ``(value, remaining_seconds)``, ``(value, None)`` for an entry that
         never expires, or ``(MISSING, None)`` on a miss.
 
-        Raises :class:`~cachechain.codecs.CorruptValueError` (counted in
+        Raises :class:`~cachechain.CorruptValueError` (counted in
         :meth:`stats`) for stored bytes that cannot be decoded, and :class:`NodeDownError`
         for a key whose node is marked down.
         """
@@ -327,7 +327,7 @@ class MemcachedLayer(BaseLayer):
         """Store ``value`` for ``ttl`` seconds (``None``: ``default_ttl``) and wait for
         memcached's reply.
 
-        Raises :class:`~cachechain.errors.InvalidValueError` for a value the codec
+        Raises :class:`~cachechain.InvalidValueError` for a value the codec
         refuses or whose encoding exceeds ``max_value_size`` (and when the server
         answers "object too large"); the key's older value, if any, is deleted first,
         so that a refused write never leaves a stale value behind.
@@ -463,7 +463,7 @@ class MemcachedLayer(BaseLayer):
 
     def close(self) -> None:
         """Close every idle connection; busy ones close when their call ends. Later
-        calls raise :class:`~cachechain.errors.ChainClosedError`. Idempotent."""
+        calls raise :class:`~cachechain.ChainClosedError`. Idempotent."""
         self._pool.close()
 
     @property

@@ -37,7 +37,7 @@ _PREFIX = re.compile(r"(?:[!-}][!-~]*)?")
 def check_prefix(prefix: object) -> str:
     """Return ``prefix`` if it is a valid ``key_prefix``: at most 64 printable ASCII
     characters without spaces, not starting with ``~``. Raises
-    :class:`~cachechain.errors.ConfigError` naming ``key_prefix`` otherwise."""
+    :class:`~cachechain.ConfigError` naming ``key_prefix`` otherwise."""
     if not isinstance(prefix, str):
         raise ConfigError(f"key_prefix must be a str, got {type(prefix).__name__}")
     if len(prefix) > MAX_PREFIX_LENGTH or not _PREFIX.fullmatch(prefix):
@@ -51,7 +51,7 @@ def check_prefix(prefix: object) -> str:
 def map_key(key: str, prefix: str) -> bytes:
     """The mapping of :func:`memcached_key`, for a ``prefix`` already checked by
     :func:`check_prefix` (every read and write maps its keys through here). Raises
-    :class:`~cachechain.errors.InvalidKeyError` when ``key`` is not a ``str``."""
+    :class:`~cachechain.InvalidKeyError` when ``key`` is not a ``str``."""
     if not isinstance(key, str):
         check_key(key)
     if len(key) + len(prefix) <= MAX_KEY_LENGTH and _RAW_KEY.fullmatch(key):
@@ -72,8 +72,8 @@ def memcached_key(key: str, prefix: str = "") -> bytes:
     keys never share a memcached key (barring a SHA-256 collision), and the result is
     always safe for the text protocol.
 
-    Raises :class:`~cachechain.errors.InvalidKeyError` when ``key`` is not a ``str``,
-    and :class:`~cachechain.errors.ConfigError` for an invalid ``prefix`` (at most 64
+    Raises :class:`~cachechain.InvalidKeyError` when ``key`` is not a ``str``,
+    and :class:`~cachechain.ConfigError` for an invalid ``prefix`` (at most 64
     printable ASCII characters, not starting with ``~``).
     """
     return map_key(key, check_prefix(prefix))

@@ -69,7 +69,7 @@ class MemoryLayer(BaseLayer):
 
     ``default_ttl`` (seconds, ``None`` for no expiry) applies to writes without a TTL;
     ``max_ttl`` caps every TTL. ``clock`` returns monotonic seconds and exists for
-    tests. Raises :class:`~cachechain.errors.ConfigError` for a bad ``maxsize`` or TTL.
+    tests. Raises :class:`~cachechain.ConfigError` for a bad ``maxsize`` or TTL.
     """
 
     local = True
@@ -94,7 +94,7 @@ class MemoryLayer(BaseLayer):
         self._lock = threading.Lock()
 
     def get(self, key: str) -> Any:
-        """Return the value under ``key``, or :data:`~cachechain.layers.MISSING`."""
+        """Return the value under ``key``, or :data:`~cachechain.MISSING`."""
         data = self._data
         if key not in data:  # lock-free, and see _CountingLRU: a miss raises nothing
             return MISSING

@@ -4,7 +4,7 @@
   plain ``pymemcache.client.base.Client`` objects, created lazily, with no serde,
   ``default_noreply=False``, ``no_delay=True`` and both timeouts set. A caller waits at
   most ``pool_timeout`` seconds for a free one, then gets
-  :class:`~cachechain.errors.PoolExhaustedError`. A client whose call failed is closed
+  :class:`~cachechain.PoolExhaustedError`. A client whose call failed is closed
   and dropped, never reused.
 - With several servers, rendezvous (highest random weight) hashing with BLAKE2b picks
   a key's node, the same in every process. A node that fails with a connection error or
@@ -205,7 +205,7 @@ class Pool:
         return open_connections, down
 
     def check_open(self) -> None:
-        """Raise :class:`~cachechain.errors.ChainClosedError` once :meth:`close` ran."""
+        """Raise :class:`~cachechain.ChainClosedError` once :meth:`close` ran."""
         if self.closed:
             raise ChainClosedError(f"memcached layer {self.name!r} is closed")
 
@@ -360,7 +360,7 @@ class Pool:
 
     def close(self) -> None:
         """Close every idle connection; busy ones close when their call ends. Later
-        calls raise :class:`~cachechain.errors.ChainClosedError`. Idempotent."""
+        calls raise :class:`~cachechain.ChainClosedError`. Idempotent."""
         self.closed = True
         for node in self.nodes:
             node.drop_idle()

@@ -32,7 +32,7 @@ class LayerProxy:
     ``delete`` and ``delete_many`` run through :meth:`_forward`; ``close`` closes the
     wrapped layer directly. Each returns, and raises, what the wrapped layer does.
 
-    Raises :class:`~cachechain.errors.ConfigError` when ``layer`` does not implement
+    Raises :class:`~cachechain.ConfigError` when ``layer`` does not implement
     :class:`~cachechain.layers.CacheLayer`.
     """
 

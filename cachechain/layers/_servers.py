@@ -16,7 +16,7 @@ DEFAULT_PORT = 11211
 def parse_servers(servers: object) -> list[tuple[str, str, int]]:
     """Parse ``servers``: ``"HOST:PORT"`` strings as a sequence or one comma-separated
     string. Returns ``(node_id, host, port)`` for each, in order. Raises
-    :class:`~cachechain.errors.ConfigError` naming ``servers`` for a bad spec, a server
+    :class:`~cachechain.ConfigError` naming ``servers`` for a bad spec, a server
     listed twice, or none at all."""
     specs = servers.split(",") if isinstance(servers, str) else servers
     if isinstance(specs, (bytes, bytearray)) or not isinstance(specs, Sequence):
@@ -38,7 +38,7 @@ def parse_server(spec: object) -> tuple[str, str, int]:
     """Parse ``"HOST:PORT"`` (``"[IPv6]:PORT"``; the port defaults to 11211).
 
     Returns ``(node_id, host, port)``, where ``node_id`` is the normalized spec. Raises
-    :class:`~cachechain.errors.ConfigError` naming ``servers``.
+    :class:`~cachechain.ConfigError` naming ``servers``.
     """
     if not isinstance(spec, str):
         raise ConfigError(f"servers entries must be 'HOST:PORT' strings, got {spec!r}")

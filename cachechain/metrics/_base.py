@@ -95,7 +95,7 @@ class MetricsCollector:
 
     def record_error(self, layer: str, operation: str, error_type: str) -> None:
         """A call to ``layer`` failed; ``error_type`` is one of
-        :data:`cachechain.errors.ERROR_TYPES`. Not called for misses."""
+        :data:`cachechain._errors.ERROR_TYPES`. Not called for misses."""
 
     def record_circuit_rejected(self, layer: str) -> None:
         """``layer``'s open breaker refused a call without any I/O."""

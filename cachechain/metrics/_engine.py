@@ -211,7 +211,7 @@ _ENGINES: weakref.WeakSet[AccumulatingCollector] = weakref.WeakSet()
 @forward_records(lambda self: self._default, "the chain ``default``")
 class AccumulatingCollector(MetricsCollector):
     """The common engine of :class:`MemoryCollector` and
-    :class:`~cachechain.metrics.prometheus.PrometheusCollector`: per-thread lock-free
+    :class:`~cachechain.PrometheusCollector`: per-thread lock-free
     accumulators, merged on read.
 
     ``bounds`` are the latency histograms' bucket upper bounds (seconds, ascending);

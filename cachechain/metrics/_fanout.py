@@ -1,8 +1,8 @@
 """FanoutCollector: one chain reporting to several collectors at once.
 
-For example a :class:`~cachechain.metrics.memory.MemoryCollector` for an admin page and
-a :class:`~cachechain.metrics.prometheus.PrometheusCollector` for monitoring. Each child
-sits behind its own :class:`~cachechain.metrics.base.CollectorGuard`, so a child that
+For example a :class:`~cachechain.MemoryCollector` for an admin page and
+a :class:`~cachechain.PrometheusCollector` for monitoring. Each child
+sits behind its own :class:`~cachechain.metrics.CollectorGuard`, so a child that
 raises is counted and logged once, and the others still get every call.
 """
 

@@ -44,7 +44,7 @@ class MemoryCollector(AccumulatingCollector):
     memory is fixed per chain and layer whatever the traffic. One collector may serve
     several chains: figures of layers with the same name add up, and so do the chain
     figures. Latency percentiles are accurate to one bucket of
-    :data:`~cachechain.metrics.types.BUCKET_BOUNDS` (about 15%); maxima are exact.
+    :data:`~cachechain.metrics._types.BUCKET_BOUNDS` (about 15%); maxima are exact.
     ``hits_by_layer`` counts positions past the chain's layers (and past 8) together
     under that last position.
     """

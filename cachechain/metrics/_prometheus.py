@@ -277,7 +277,7 @@ class PrometheusCollector(AccumulatingCollector):
     the background flush, seconds.
 
     Recording is lock-free and never touches prometheus-client; it never raises.
-    Raises :class:`~cachechain.errors.ConfigError` (a ``ValueError``) for an invalid
+    Raises :class:`~cachechain.ConfigError` (a ``ValueError``) for an invalid
     namespace, buckets or interval, or multiprocess mode without a directory.
     """
 
@@ -324,7 +324,7 @@ class PrometheusCollector(AccumulatingCollector):
         same namespace share one registration there (their equal series add up). In
         multiprocess mode this does nothing: scrape with ``MultiProcessCollector``.
 
-        Raises :class:`~cachechain.errors.ConfigError` when a collector with other
+        Raises :class:`~cachechain.ConfigError` when a collector with other
         buckets already uses the namespace in ``registry``, and ``ValueError`` (from
         prometheus-client) when other metrics there already use these names.
         """
@@ -517,9 +517,9 @@ def start_demo_exporter(
 
     The collector is ``collector`` when given, else the one the chain reports to: a
     :class:`PrometheusCollector` (also inside a ``FanoutCollector``) if there is one,
-    else a :class:`~cachechain.metrics.memory.MemoryCollector`, exported as is (its
+    else a :class:`~cachechain.MemoryCollector`, exported as is (its
     histograms then have its finer buckets). Raises
-    :class:`~cachechain.errors.ConfigError` when the chain has no such collector, and
+    :class:`~cachechain.ConfigError` when the chain has no such collector, and
     ``OSError`` when the port cannot be bound.
     """
     engine = collector

@@ -52,8 +52,8 @@ class FakeLayer(BaseLayer):
       :attr:`data` holds ``key -> (value, expires_at or None)``, :attr:`closed` tells
       whether :meth:`close` was called, and ``local`` may be set per fake.
 
-    Raises :class:`~cachechain.errors.ConfigError` for a bad name or TTL setting, and
-    :class:`~cachechain.errors.InvalidValueError` for a write with an invalid TTL.
+    Raises :class:`~cachechain.ConfigError` for a bad name or TTL setting, and
+    :class:`~cachechain.InvalidValueError` for a write with an invalid TTL.
     """
 
     def __init__(

@@ -51,7 +51,7 @@ class CacheLayerTests:
     Class attributes tune the suite: :attr:`sample_values` (values every layer must
     give back equal), :attr:`falsy_values`, :attr:`any_str_keys` (``str`` keys every
     layer must keep apart), :attr:`refusable_values` (values a layer may refuse with
-    :class:`~cachechain.errors.InvalidValueError`) and :attr:`real_time_ttl`. Override
+    :class:`~cachechain.InvalidValueError`) and :attr:`real_time_ttl`. Override
     a test to change it, or set it to ``None`` to drop it (give the reason in a
     comment).
     """

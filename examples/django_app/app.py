@@ -36,7 +36,7 @@ settings.configure(
             "BACKEND": "cachechain.contrib.django.CachechainCache",
             "TIMEOUT": 300,
             "KEY_PREFIX": "example",
-            "OPTIONS": {  # the cachechain mapping of cachechain.settings
+            "OPTIONS": {  # the mapping of cachechain.chain_config_from_mapping
                 "name": "django-example",
                 "layers": [
                     # Short max_ttl: another process's delete does not reach this memory.

@@ -25,7 +25,7 @@ app.config.update(
     CACHE_TYPE="cachechain.contrib.flask.CachechainBackend",
     CACHE_DEFAULT_TIMEOUT=300,
     CACHE_KEY_PREFIX="example:",
-    CACHE_OPTIONS={  # the cachechain mapping of cachechain.settings
+    CACHE_OPTIONS={  # the mapping of cachechain.chain_config_from_mapping
         "name": "flask-example",
         "layers": [
             # Short max_ttl: another process's delete does not reach this memory.

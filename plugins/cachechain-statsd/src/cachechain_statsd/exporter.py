@@ -224,7 +224,7 @@ class StatsdExporter(MetricsCollector):
     as a timer (``|ms``), a gauge as ``|g``. Its ``record_*`` methods record for the
     chain ``default``; a chain records through the view :meth:`bind_chain` returns.
 
-    Raises :class:`~cachechain.errors.ConfigError` naming the option (or the
+    Raises :class:`~cachechain.ConfigError` naming the option (or the
     environment variable) for a bad value. Never raises from a ``record_*`` method.
     """
 

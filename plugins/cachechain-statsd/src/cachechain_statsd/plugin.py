@@ -30,7 +30,7 @@ def create_statsd_exporter(
     """Build a :class:`~cachechain_statsd.exporter.StatsdExporter` from config options
     (see its documentation; ``STATSD_HOST``, ``STATSD_PORT``, ``STATSD_PREFIX``,
     ``STATSD_MAXUDPSIZE`` and ``STATSD_IPV6`` fill in what is not given). Raises
-    :class:`~cachechain.errors.ConfigError` naming the option for a bad value."""
+    :class:`~cachechain.ConfigError` naming the option for a bad value."""
     from .exporter import StatsdExporter
 
     return StatsdExporter(
