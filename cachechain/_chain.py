@@ -29,6 +29,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from . import _chain_cached, _fork, _tier
 from ._breaker import CircuitBreaker
+from ._chain_atomic import AtomicOps, shared_tier
 from ._chain_batch import read_through
 from ._chain_metrics import Reporter, record_batch, watch
 from ._close import close_quietly
@@ -55,7 +56,7 @@ def _closed_get(key: str) -> Any:
     raise ChainClosedError("the chain is closed")
 
 
-class Chain:
+class Chain(AtomicOps):
     """Cache layers behind one thread-safe front, fastest layer first.
 
     ``layers`` are :class:`~cachechain.layers.CacheLayer` objects or
@@ -64,6 +65,8 @@ class Chain:
     layer below the first gets an async writer (``writer`` defaults) for backfills and
     write-behind sets. ``metrics`` is a :class:`~cachechain.metrics.MetricsCollector`
     (``None``: no metrics, no clock reads). ``name`` labels this chain's metrics.
+    ``add``, ``incr``, ``decr`` and ``touch`` are atomic across processes: they run on
+    the chain's shared layer (see :mod:`cachechain._chain_atomic`).
 
     Raises :class:`~cachechain.ConfigError` for an empty chain, duplicate layer
     names or bad settings.
@@ -89,6 +92,7 @@ class Chain:
         self._first = tiers[0]
         self._below = tiers[1:]  # read top-down
         self._up = tiers[:0:-1]  # the lower tiers bottom-up, as writes reach them
+        self._shared = shared_tier(tiers)  # where add/incr/decr/touch run
         self._layers: tuple[CacheLayer, ...] = tuple(t.layer for t in tiers)
         self._held_by = tuple((t.index, t.writer.holds) for t in tiers if t.writer is not None)
         self._figures = None if self._m is None else watch(self._m, tiers)
@@ -229,7 +233,10 @@ class Chain:
     ) -> None:
         """Copy a hit from layer ``index`` into the layers above it but those in
         ``skip`` (their writers hold the key), unless the fence saw a mutation of the
-        key's stripe since ``ticket`` was taken."""
+        key's stripe since ``ticket`` was taken, nor a value whose remaining TTL the
+        layer cannot tell (``0.0``: a memcached counter), which must not outlive it."""
+        if ttl is not None and ttl <= 0.0:
+            return
         if index == 1 and self._m is None:
             # The usual L2 hit: only the first layer to fill, nothing to record. Its set
             # is called straight from the fence (the first layer has no writer).

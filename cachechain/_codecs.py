@@ -33,7 +33,8 @@ import json.scanner
 import math
 import pickle
 import struct
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Iterator
+from typing import Any, Final, Protocol, runtime_checkable
 
 from ._errors import ConfigError, CorruptValueError, InvalidValueError
 from ._validate import check_optional_seconds
@@ -46,7 +47,9 @@ __all__ = [
     "JsonCodec",
     "SignedPickleCodec",
     "check_codec",
+    "expiry_of",
     "pack",
+    "restamp",
     "unpack",
 ]
 
@@ -112,11 +115,19 @@ class JsonCodec:
     ``int``, ``float``, ``bool`` and ``None``. A ``tuple`` is stored as a JSON array and
     so reads back as a ``list``; subclasses of those types read back as the base type.
     Anything else (``bytes``, ``set``, ``datetime``, a ``dict`` with non-``str`` keys,
-    NaN or infinity, a circular structure) raises
-    :class:`~cachechain.InvalidValueError` on ``encode``.
+    NaN or infinity, a circular structure, arrays and objects nested more than
+    :attr:`MAX_DEPTH` deep) raises :class:`~cachechain.InvalidValueError` on ``encode``.
     """
 
     codec_id: int = 1
+
+    #: The deepest nesting of arrays and objects that ``encode`` accepts (``[[1]]`` is 2
+    #: deep). The codec checks it itself, so every Python refuses the same values: the
+    #: interpreter's own limit is not one (3.10 and 3.11 stop near the recursion limit,
+    #: less the caller's stack; 3.12 and 3.13 near C-stack limits of their own, several
+    #: thousand deep), and a value written on one must be readable on the others, from
+    #: a deep call stack too.
+    MAX_DEPTH: Final = 500
 
     def encode(self, value: Any) -> bytes:
         """Return the compact JSON encoding of ``value``.
@@ -124,12 +135,12 @@ class JsonCodec:
         Raises :class:`~cachechain.InvalidValueError` for a value that is not
         made only of JSON types.
         """
+        if isinstance(value, _CONTAINERS):
+            _check_structure(value, self.MAX_DEPTH)
         try:
             text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
         except (TypeError, ValueError, RecursionError) as exc:
             raise InvalidValueError(f"value cannot be encoded as JSON: {exc}") from exc
-        if isinstance(value, (dict, list, tuple)):
-            _check_str_keys(value)
         try:
             return text.encode("utf-8")
         except UnicodeEncodeError:
@@ -158,27 +169,53 @@ class JsonCodec:
         return "JsonCodec()"
 
 
-def _check_str_keys(value: dict[Any, Any] | list[Any] | tuple[Any, ...]) -> None:
-    """Raise InvalidValueError if any dict inside ``value`` has a key that is not a str.
+_CONTAINERS: Final = (dict, list, tuple)
 
-    ``json.dumps`` silently turns ``int``, ``float``, ``bool`` and ``None`` keys into
-    strings, so ``{1: "a"}`` would read back as ``{"1": "a"}``. Called only after
-    ``json.dumps`` succeeded, so ``value`` is finite and acyclic.
+
+def _check_structure(value: dict[Any, Any] | list[Any] | tuple[Any, ...], max_depth: int) -> None:
+    """Raise InvalidValueError if ``value`` is circular, nests arrays and objects more than
+    ``max_depth`` deep, or holds a dict with a key that is not a str.
+
+    Iterative, and done before ``json.dumps``, so the limit is the codec's own on every
+    Python, and a value of any depth is refused without recursing. ``json.dumps`` would
+    silently turn ``int``, ``float``, ``bool`` and ``None`` keys into strings, so
+    ``{1: "a"}`` would read back as ``{"1": "a"}``.
     """
-    containers = (dict, list, tuple)
-    stack: list[Any] = [value]
+    containers = _CONTAINERS
+    on_path = {id(value)}  # the containers being walked: one met again is a cycle
+    stack = [(value, _children(value))]
     while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            for key, child in item.items():
-                if not isinstance(key, str):
+        container, children = stack[-1]
+        for child in children:
+            if isinstance(child, containers):
+                if id(child) in on_path:
                     raise InvalidValueError(
-                        f"JSON object keys must be str, got {type(key).__name__} key {key!r}"
+                        "value cannot be encoded as JSON: Circular reference detected"
                     )
-                if isinstance(child, containers):
-                    stack.append(child)
+                if len(stack) >= max_depth:
+                    raise InvalidValueError(
+                        f"value cannot be encoded as JSON: arrays and objects nested more "
+                        f"than {max_depth} deep"
+                    )
+                on_path.add(id(child))
+                stack.append((child, _children(child)))
+                break
         else:
-            stack.extend(child for child in item if isinstance(child, containers))
+            stack.pop()
+            on_path.discard(id(container))
+
+
+def _children(container: dict[Any, Any] | list[Any] | tuple[Any, ...]) -> Iterator[Any]:
+    """An iterator over the values of ``container``, after checking that every key of a
+    dict is a str."""
+    if isinstance(container, dict):
+        for key in container:
+            if not isinstance(key, str):
+                raise InvalidValueError(
+                    f"JSON object keys must be str, got {type(key).__name__} key {key!r}"
+                )
+        return iter(container.values())
+    return iter(container)
 
 
 class SignedPickleCodec:
@@ -279,3 +316,34 @@ def unpack(codec: Codec, data: bytes) -> tuple[Any, float | None]:
         raise CorruptValueError(f"stored value has an invalid expiry {stamp!r}")
     value = codec.decode(data[ENVELOPE_HEADER_SIZE:])
     return value, (stamp if stamp else None)
+
+
+def restamp(data: bytes, expires_at: float | None) -> tuple[bytes, float | None]:
+    """Return ``data`` (an envelope made by :func:`pack`) with its expiry replaced by
+    ``expires_at`` (unix seconds, ``None`` for none), and the expiry it had. The
+    payload is neither decoded nor checked (nothing is unpickled). Raises
+    :class:`CorruptValueError` for bytes that are not an envelope (too short, a wrong
+    magic byte, an invalid expiry), and :class:`~cachechain.InvalidValueError` for an
+    ``expires_at`` that is not a finite number > 0."""
+    codec_id, stamp = _header(data)
+    new = check_optional_seconds(expires_at, "expires_at", error=InvalidValueError) or 0.0
+    header = _HEADER.pack(ENVELOPE_MAGIC, codec_id, new)
+    return header + data[ENVELOPE_HEADER_SIZE:], stamp
+
+
+def expiry_of(data: bytes) -> float | None:
+    """The expiry (unix seconds, ``None`` for none) of the envelope ``data``, read from
+    its header alone. Raises :class:`CorruptValueError` as :func:`restamp` does."""
+    return _header(data)[1]
+
+
+def _header(data: bytes) -> tuple[int, float | None]:
+    """``(codec_id, expires_at)`` of an envelope's header; raises CorruptValueError."""
+    if len(data) < ENVELOPE_HEADER_SIZE:
+        raise CorruptValueError(f"stored value is truncated ({len(data)} bytes)")
+    magic, codec_id, stamp = _HEADER.unpack_from(data)
+    if magic != ENVELOPE_MAGIC:
+        raise CorruptValueError(f"stored value has an unknown envelope (magic 0x{magic:02x})")
+    if not math.isfinite(stamp) or stamp < 0:
+        raise CorruptValueError(f"stored value has an invalid expiry {stamp!r}")
+    return codec_id, (stamp if stamp else None)

@@ -16,6 +16,12 @@ the wrapped layer is not touched. Otherwise the operation runs on the caller's t
   :class:`~cachechain.InvalidValueError`, an exhausted pool, an interrupt):
   neutral, nothing counted.
 
+It also forwards the atomic operations of the wrapped layer (``add``, ``incr``,
+``decr``, ``touch``: the capabilities :class:`~cachechain.layers.SupportsAdd`,
+:class:`~cachechain.layers.SupportsCounters`, :class:`~cachechain.layers.SupportsTouch`),
+through the breaker too; they raise :class:`~cachechain.ConfigError` when the wrapped
+layer lacks them (:func:`unwrapped` gives the layer to ask).
+
 The exception, if any, is re-raised unchanged. No thread ever waits for a call: the
 wrapped layer enforces its own timeout (the memcached layer on its socket), and the
 wrapper only measures how long the call took.
@@ -30,10 +36,16 @@ from typing import Any, TypeVar
 from ._breaker import BreakerStats, CircuitBreaker, CircuitState
 from ._errors import ConfigError
 from ._validate import check_callable, check_optional_seconds
-from .layers._base import CacheLayer, SupportsTimeout
+from .layers._base import (
+    CacheLayer,
+    SupportsAdd,
+    SupportsCounters,
+    SupportsTimeout,
+    SupportsTouch,
+)
 from .layers._proxy import LayerProxy
 
-__all__ = ["BreakerStats", "CircuitBreaker", "CircuitState", "ResilientLayer"]
+__all__ = ["BreakerStats", "CircuitBreaker", "CircuitState", "ResilientLayer", "unwrapped"]
 
 T = TypeVar("T")
 
@@ -155,6 +167,41 @@ class ResilientLayer(LayerProxy):
             breaker.on_success(permit)
         return entry
 
+    # -- the atomic operations of the wrapped layer, guarded ---------------------------
+
+    def add(self, key: str, value: Any, ttl: float | None = None) -> bool:
+        """The wrapped layer's ``add`` (:class:`~cachechain.layers.SupportsAdd`),
+        through the breaker. Raises :class:`~cachechain.ConfigError` when the wrapped
+        layer has none."""
+        layer = self._layer
+        if not isinstance(layer, SupportsAdd):
+            raise _unsupported(layer, "add", "SupportsAdd")
+        return self._forward(layer.add, key, value, ttl)
+
+    def incr(self, key: str, delta: int = 1) -> int | None:
+        """The wrapped layer's ``incr`` (:class:`~cachechain.layers.SupportsCounters`),
+        through the breaker; raises as :meth:`add` when it has none."""
+        layer = self._layer
+        if not isinstance(layer, SupportsCounters):
+            raise _unsupported(layer, "incr", "SupportsCounters")
+        return self._forward(layer.incr, key, delta)
+
+    def decr(self, key: str, delta: int = 1) -> int | None:
+        """The wrapped layer's ``decr``, through the breaker; raises as :meth:`add`
+        when it has none."""
+        layer = self._layer
+        if not isinstance(layer, SupportsCounters):
+            raise _unsupported(layer, "decr", "SupportsCounters")
+        return self._forward(layer.decr, key, delta)
+
+    def touch(self, key: str, ttl: float | None = None) -> bool:
+        """The wrapped layer's ``touch`` (:class:`~cachechain.layers.SupportsTouch`),
+        through the breaker; raises as :meth:`add` when it has none."""
+        layer = self._layer
+        if not isinstance(layer, SupportsTouch):
+            raise _unsupported(layer, "touch", "SupportsTouch")
+        return self._forward(layer.touch, key, ttl)
+
     def stats(self) -> BreakerStats:
         """Return the breaker's :class:`BreakerStats`."""
         return self._breaker.stats()
@@ -178,3 +225,18 @@ class ResilientLayer(LayerProxy):
         else:
             breaker.on_success(permit)
         return result
+
+
+def unwrapped(layer: CacheLayer) -> CacheLayer:
+    """``layer`` without the :class:`ResilientLayer` wrappers around it: the layer whose
+    optional capabilities a resilient wrapper forwards."""
+    while isinstance(layer, ResilientLayer):
+        layer = layer.layer
+    return layer
+
+
+def _unsupported(layer: CacheLayer, operation: str, protocol: str) -> ConfigError:
+    """The error for an atomic ``operation`` that ``layer`` does not implement."""
+    return ConfigError(
+        f"layer {layer.name!r} does not support {operation} (cachechain.layers.{protocol})"
+    )

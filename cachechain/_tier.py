@@ -92,6 +92,13 @@ class Tier:
         """The layer missed writes of ``keys`` and may keep older values of them. The
         first layer has no writer to delete them later: nothing to do."""
 
+    def drain(self, key: str) -> bool:
+        """Make way for an atomic operation of ``key`` made on this layer directly (the
+        chain's ``add``, ``incr``...): return True once the layer has taken every write
+        of ``key`` handed to it, False if some are still pending. Here: always True
+        (no writer)."""
+        return True
+
     # -- reads ---------------------------------------------------------------------------
     def held(self, keys: Iterable[str]) -> frozenset[str]:
         """Those of ``keys`` whose writes this layer has not taken yet (its writer holds
@@ -237,6 +244,18 @@ class SettlingTier(Tier):
     def held(self, keys: Iterable[str]) -> frozenset[str]:
         """Those of ``keys`` the writer holds (queued, in flight or awaiting a repair)."""
         return self._queue.holding(keys)
+
+    def drain(self, key: str) -> bool:
+        """Make way for an atomic operation of ``key`` on this layer: when the writer
+        holds a write of ``key`` (a queued set, which must land rather than be
+        cancelled, a delete, a write in flight or a repair), have it write what it
+        holds now (its ``flush``, at most ``settle`` seconds). Return whether none of
+        ``key`` is left pending, so an older write cannot overtake the operation."""
+        writer = self._queue
+        if not writer.holds(key):
+            return True
+        writer.flush(self._settle)
+        return not writer.holds(key)
 
     def _must_queue(self, key: str) -> bool:
         """Whether a write of ``key`` must go through the writer: yes when a write of

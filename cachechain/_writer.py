@@ -315,13 +315,15 @@ class _WriterWorkers:
         self._running += count
         return executor
 
-    def _submit(self, executor: Executor) -> bool:
+    def _submit(self, executor: Executor, *, warn: bool = True) -> bool:
         """Submit one reserved drain task (lock not held); return False if queued
         operations were lost.
 
         An executor that was shut down (or the interpreter's shutdown) refuses tasks. If
         no worker is left to drain the queue, its operations are dropped (reason
-        ``closed``) rather than left to wait forever, and False is returned.
+        ``closed``) rather than left to wait forever, and False is returned. The refusal
+        is logged at WARNING (``warn``), or at DEBUG (the exit drain: see
+        :func:`_exit_drain`).
         """
         try:
             executor.submit(self._drain)
@@ -331,7 +333,8 @@ class _WriterWorkers:
                 lost = self._drop_orphaned_queue() if self._running == 0 else 0
                 events = self._tally.take()
             self._tally.deliver(events, self._name)
-            log.warning(
+            log.log(
+                logging.WARNING if warn else logging.DEBUG,
                 "cachechain writer for layer %r: its executor refused a worker (%s); "
                 "%d queued writes dropped",
                 self._name,
@@ -502,9 +505,10 @@ class _WriterWorkers:
                 return False
         return True
 
-    def _begin_stop(self, timeout: float) -> float:
+    def _begin_stop(self, timeout: float, *, warn: bool = True) -> float:
         """Stop intake, make sure workers drain, and return the deadline (clock seconds).
-        Lock not held."""
+        A worker the executor refuses is logged at WARNING (``warn``) or DEBUG (at
+        interpreter exit). Lock not held."""
         with self._lock:
             deadline = self._clock() + timeout
             self._closed = True
@@ -517,7 +521,7 @@ class _WriterWorkers:
                 wanted = min(self._workers - self._running, len(self._queue))
             executor = self._start_workers(wanted)
         for _ in range(wanted):
-            if executor is not None and not self._submit(executor):
+            if executor is not None and not self._submit(executor, warn=warn):
                 break  # the queue was dropped: no point in more workers
         return deadline
 
@@ -960,13 +964,17 @@ _LIVE: weakref.WeakSet[AsyncWriter] = weakref.WeakSet()
 def _exit_drain(writers: Iterable[AsyncWriter]) -> None:
     """Stop intake of ``writers``, drain them concurrently, each for its exit_timeout.
 
-    Never raises: a failure is logged at DEBUG, so exit prints no traceback.
+    Each writer drains with the workers it can get: Python 3.12.0-3.12.2 start no new
+    thread once the interpreter exits (threading's exit hooks included), so there only
+    the workers already running drain, and the extra ones refused are no news. Never
+    raises, and logs only at DEBUG, so exit prints nothing.
     """
     started: list[tuple[AsyncWriter, float]] = []
     for writer in writers:
         try:
             if not writer._abandon:
-                started.append((writer, writer._begin_stop(writer.exit_timeout)))
+                deadline = writer._begin_stop(writer.exit_timeout, warn=False)
+                started.append((writer, deadline))
         except Exception:
             log.debug("cachechain writer %r: could not stop at exit", writer, exc_info=True)
     for writer, deadline in started:
@@ -985,9 +993,11 @@ def _at_exit() -> None:
 
 def _install_exit_hook() -> None:
     # threading's exit hooks run in reverse order of registration, when the main thread
-    # ends and before atexit handlers. concurrent.futures.thread registered its own
+    # ends and before atexit handlers (3.10-3.13; 3.13 wraps each hook in a lambda, 3.12
+    # and earlier in a functools.partial). concurrent.futures.thread registered its own
     # (which refuses new tasks, then joins every pool thread) when it was imported above,
-    # so ours runs first, while the pools still accept and run drain tasks.
+    # so ours runs first, while the pools still accept and run drain tasks. The
+    # subprocess tests in tests/test_writer.py check this end to end.
     register: Callable[[Callable[[], None]], None] | None
     register = getattr(threading, "_register_atexit", None)
     try:

@@ -62,3 +62,9 @@ python3 -m mypy --config-file plugins/cachechain-statsd/pyproject.toml \
   plugins/cachechain-statsd/src/cachechain_statsd
 (cd plugins/cachechain-statsd && python3 -m pytest --cov=cachechain_statsd --cov-report=term-missing)
 # ---- end of the cachechain-statsd block --------------------------------------------------
+
+# ---- supported Pythons (issue 11): mypy and pytest on 3.10, 3.12 and 3.13 ------------------
+# 3.11 is the run above; the others run in venvs under .tools/venvs (see scripts/matrix.sh).
+echo "== other supported Pythons: 3.10, 3.12, 3.13 (scripts/matrix.sh)"
+bash scripts/matrix.sh
+# ---- end of the supported Pythons block -----------------------------------------------------

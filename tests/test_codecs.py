@@ -140,16 +140,60 @@ def test_json_rejects_non_json_values(value: Any, fragment: str) -> None:
     assert info.value.trips_breaker is False
 
 
-def test_json_rejects_circular_and_too_deep_values() -> None:
+def nested(depth: int, *, as_dict: bool = False) -> Any:
+    """A value with arrays (or objects) nested ``depth`` deep: ``nested(2) == [[0]]``."""
+    value: Any = 0
+    for _ in range(depth):
+        value = {"a": value} if as_dict else [value]
+    return value
+
+
+def test_json_rejects_circular_values() -> None:
     loop: list[Any] = []
     loop.append(loop)
-    with pytest.raises(InvalidValueError, match="Circular"):
-        JsonCodec().encode(loop)
-    deep: list[Any] = []
-    for _ in range(sys.getrecursionlimit() + 100):
-        deep = [deep]
-    with pytest.raises(InvalidValueError):
-        JsonCodec().encode(deep)
+    inner: dict[str, Any] = {}
+    deeper = {"a": [1, {"b": inner}]}
+    inner["back"] = (deeper,)
+    for value in (loop, deeper):
+        with pytest.raises(InvalidValueError, match="Circular") as info:
+            JsonCodec().encode(value)
+        assert info.value.trips_breaker is False
+    shared = [1, {"x": 2}]  # the same object twice, but no cycle
+    codec = JsonCodec()
+    assert codec.decode(codec.encode({"a": shared, "b": [shared, shared]})) == {
+        "a": shared,
+        "b": [shared, shared],
+    }
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_json_nesting_limit_is_the_codecs_own_on_every_python(as_dict: bool) -> None:
+    # The same values are refused on every Python: the interpreters' own limits differ
+    # (3.10/3.11 near sys.getrecursionlimit(), 3.12/3.13 thousands deep, or none).
+    codec = JsonCodec()
+    limit = JsonCodec.MAX_DEPTH
+    assert codec.decode(codec.encode(nested(limit, as_dict=as_dict))) == nested(
+        limit, as_dict=as_dict
+    )
+    for depth in (limit + 1, sys.getrecursionlimit() + 100, 200_000):
+        with pytest.raises(InvalidValueError, match=f"nested more than {limit} deep") as info:
+            codec.encode(nested(depth, as_dict=as_dict))
+        assert info.value.trips_breaker is False
+    # Tuples count as arrays.
+    with pytest.raises(InvalidValueError, match="nested more than"):
+        codec.encode((nested(limit),))
+
+
+def test_json_a_value_at_the_limit_reads_back_from_a_deep_call_stack() -> None:
+    # A reader may be a few hundred frames deep (a web framework, middleware, a
+    # template) when it decodes: a value the codec accepts still reads back there.
+    codec = JsonCodec()
+    data = codec.encode(nested(JsonCodec.MAX_DEPTH))
+
+    def decode_at(depth: int) -> Any:
+        return codec.decode(data) if depth == 0 else decode_at(depth - 1)
+
+    assert decode_at(250) == nested(JsonCodec.MAX_DEPTH)
 
 
 def test_json_rejects_int_too_large_for_str() -> None:

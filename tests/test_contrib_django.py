@@ -50,6 +50,7 @@ from cachechain.contrib.django import CachechainCache, close_chains
 from cachechain.layers._base import MISSING
 from cachechain.layers._memcached import MemcachedLayer
 from tests.support.fakes import wait_for_waiters
+from tests.support.processes import WAIT, reported, run_processes
 from tests.support.servers import MemcachedProcess
 
 SECRET = "codec-secret-for-the-tests"
@@ -224,13 +225,17 @@ def test_the_views_answer_while_memcached_is_down(own_memcached: MemcachedProces
         backend().clear()
         started = time.perf_counter()
         for _ in range(3):
-            for url in ("/profile/1/", "/page/", "/hits/"):
+            for url in ("/profile/1/", "/page/"):
                 assert client.get(url).status_code == 200
         assert time.perf_counter() - started < 3.0
         # L1 alone still caches: the profile was reloaded once, the page rendered once.
         assert client.get("/profile/1/").json()["loads"] == 2
         assert client.get("/page/").content == b"page rendered 1 times"
-        assert client.get("/hits/").content == b"4"
+        # add and incr are memcached's own: while it is down no lock is granted and
+        # nothing is counted (Django's ValueError, as for a missing key).
+        assert backend().add("hits", 0, None) is False
+        with pytest.raises(ValueError, match="not found"):
+            backend().incr("hits")
         assert backend().set_many({"a": 1, "b": [2]}) == ["a", "b"]  # L2 did not take it
         assert backend().get_many(["a", "b"]) == {"a": 1, "b": [2]}  # L1 did
         # L2's writer holds repair deletes of "a" and "b" (it missed their values): the
@@ -349,21 +354,16 @@ def test_chains_are_closed_and_drained_at_interpreter_exit(memcached: MemcachedP
 
 
 @pytest.mark.memcached
-def test_a_forked_child_does_not_inherit_a_held_key_lock(app: MemcachedProcess) -> None:
+def test_a_forked_child_counts_on_memcached(app: MemcachedProcess) -> None:
     b = backend()
     b.set("n", 1)
-    lock = b._live().lock(b.make_key("n"))
-    lock.acquire()  # another thread is inside incr("n") when the process forks
-    try:
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child exits without reporting coverage
-            code = 3
-            try:
-                code = 0 if b.incr("n") == 2 else 1
-            finally:
-                os._exit(code)
-    finally:
-        lock.release()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child exits without reporting coverage
+        code = 3
+        try:
+            code = 0 if b.incr("n") == 2 else 1
+        finally:
+            os._exit(code)
     status = None
     gone = threading.Event()
     for _ in range(500):
@@ -768,3 +768,74 @@ def test_the_example_project_serves_its_views(memcached: MemcachedProcess) -> No
     assert done.stdout.strip() == (
         '{"codes": [200, 200, 200], "same": true, "pages": true, "page_after_clear": true}'
     )
+
+
+# -- atomic across processes (issue 10) ------------------------------------------------
+
+
+def _django_worker(barrier: Any, results: Any, index: int, address: str, keys: int) -> None:
+    """A worker process: its own settings, then add as a lock, incr and decr."""
+
+    def work() -> tuple[list[int], list[int], int, int]:
+        with override_settings(CACHES=caches_setting(address, codec=PICKLE_CODEC)):
+            try:
+                won = []
+                for k in range(keys):
+                    barrier.wait(WAIT)  # every worker asks for the same lock at once
+                    if cache.add(f"lock:{k}", index, 30):
+                        won.append(k)
+                cache.add("hits", 0, None)  # one worker starts the counter
+                barrier.wait(WAIT)
+                seen = [cache.incr("hits") for _ in range(100)]
+                barrier.wait(WAIT)
+                counted = cache.get("hits")
+                barrier.wait(WAIT)
+                for _ in range(50):
+                    cache.decr("hits", 3)  # 4 x 150 from 400: below 0
+                barrier.wait(WAIT)
+                return won, seen, counted, cache.get("hits")
+            finally:
+                close_chains()
+
+    reported(results, index, work)
+
+
+@pytest.mark.memcached
+def test_add_incr_and_decr_are_atomic_across_worker_processes(memcached: MemcachedProcess) -> None:
+    got = run_processes(_django_worker, 4, memcached.address, 10)
+    winners = sorted(k for won, _, _, _ in got for k in won)
+    assert winners == list(range(10))  # one winner per lock
+    assert sorted(n for _, seen, _, _ in got for n in seen) == list(range(1, 401))
+    assert [(counted, final) for _, _, counted, final in got] == [(400, -200)] * 4
+
+
+@pytest.mark.memcached
+def test_get_or_set_stores_with_add(app: MemcachedProcess) -> None:
+    b = backend()
+    made = b.make_key("g")
+    with l2_reader(app.address, SignedPickleCodec(SECRET)) as other:
+
+        def slow_default() -> str:
+            assert other.add(made, "theirs", 60)  # another worker stores first
+            return "mine"
+
+        assert b.get_or_set("g", slow_default) == "theirs"  # the value that won
+        assert b.get("g") == "theirs"
+    b.clear()
+    assert b.get_or_set("h", "mine") == "mine" and b.get("h") == "mine"
+
+
+@pytest.mark.memcached
+def test_a_counter_keeps_its_timeout_and_can_be_touched(app: MemcachedProcess) -> None:
+    b = backend()
+    mkey = b"dj:" + b.make_key("n").encode()
+    b.set("n", 1, 100)
+    assert b.incr("n", 2) == 3 and b.decr("n", -2) == 5 and b.incr("n", -7) == -2
+    assert app.raw(b"mg " + mkey + b" t\r\n") == b"HD t100\r\n"
+    assert b.touch("n", 50) is True
+    assert app.raw(b"mg " + mkey + b" t\r\n") == b"HD t50\r\n"
+    assert b.get("n") == -2 and b.has_key("n")
+    b.set("f", 1.5)
+    assert b.incr("f") == 2.5  # not a counter: value + delta, as the local-memory cache
+    with pytest.raises(TypeError):
+        b.incr("n", 1.5)  # type: ignore[arg-type]

@@ -24,6 +24,7 @@ from cachechain.contrib import _EXITING, NO_EXPIRY_TTL, _close_open_chains
 from cachechain.contrib.flask import CachechainBackend
 from cachechain.layers._base import MISSING
 from cachechain.layers._memcached import MemcachedLayer
+from tests.support.processes import WAIT, reported, run_processes
 from tests.support.servers import MemcachedProcess
 
 SECRET = "flask-test-secret"
@@ -425,3 +426,53 @@ def test_the_example_app_serves_its_views(
         assert client.get("/square/7").text == "7 squared is 49"
     finally:
         backend.close()
+
+
+# -- atomic across processes (issue 10) ------------------------------------------------
+
+
+def _flask_worker(barrier: Any, results: Any, index: int, address: str, keys: int) -> None:
+    """A worker process: its own app and backend, then add as a lock, inc and dec."""
+
+    def work() -> tuple[list[int], list[int | None], Any, Any]:
+        web = WebApp(address)
+        try:
+            won = []
+            for k in range(keys):
+                barrier.wait(WAIT)  # every worker asks for the same lock at once
+                if web.cache.add(f"lock:{k}", index, 30):
+                    won.append(k)
+            barrier.wait(WAIT)
+            seen = [web.backend.inc("hits") for _ in range(100)]  # starts missing
+            barrier.wait(WAIT)
+            counted = web.cache.get("hits")
+            barrier.wait(WAIT)
+            for _ in range(50):
+                web.backend.dec("hits", 3)  # 4 x 150 from 400: below 0
+            barrier.wait(WAIT)
+            return won, seen, counted, web.cache.get("hits")
+        finally:
+            web.backend.close()
+
+    reported(results, index, work)
+
+
+@pytest.mark.memcached
+def test_add_inc_and_dec_are_atomic_across_worker_processes(memcached: MemcachedProcess) -> None:
+    got = run_processes(_flask_worker, 4, memcached.address, 10)
+    winners = sorted(k for won, _, _, _ in got for k in won)
+    assert winners == list(range(10))  # one winner per lock
+    seen = sorted(n for _, counts, _, _ in got for n in counts)  # type: ignore[type-var]
+    assert seen == list(range(1, 401))  # one worker started the counter, none lost a count
+    assert [(counted, final) for _, _, counted, final in got] == [(400, -200)] * 4
+
+
+@pytest.mark.memcached
+def test_counters_go_below_zero(backend: CachechainBackend) -> None:
+    assert backend.inc("c", 3) == 3
+    assert backend.dec("c", 5) == -2 and backend.get("c") == -2
+    assert backend.inc("c", -1) == -3
+    backend.set("f", 1.5)
+    assert backend.inc("f") == 2.5  # not a counter: cachelib's (value or 0) + delta
+    with pytest.raises(TypeError):
+        backend.inc("c", 0.5)  # type: ignore[arg-type]

@@ -1066,20 +1066,30 @@ EXIT_SCRIPT = textwrap.dedent(
             "depth": stats.depth,
             "inflight": stats.inflight,
             "closed": writer.closed,
+            "queued_at_exit": QUEUED_AT_EXIT,
         }))
 
     atexit.register(report)
     for i in range(int(count) - 1):
         writer.set(f"k{i}", i)
     writer.delete("gone")
+    QUEUED_AT_EXIT = writer.stats().depth
     END = time.monotonic()
     """
 )
 
 
 def run_exit_script(
-    tmp_path: Path, delay: float, count: int, exit_timeout: float, idle: float
+    tmp_path: Path,
+    delay: float,
+    count: int,
+    exit_timeout: float,
+    idle: float,
+    *,
+    timeout: float = 60,
 ) -> tuple[dict[str, Any], float]:
+    """Run EXIT_SCRIPT (``count`` writes queued, then the interpreter exits without
+    ``close``) and return its report, printed by an atexit handler, and the wall time."""
     script = tmp_path / "exit_script.py"
     script.write_text(EXIT_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -1090,7 +1100,7 @@ def run_exit_script(
         text=True,
         env=env,
         cwd=tmp_path,
-        timeout=60,
+        timeout=timeout,
     )
     wall = time.monotonic() - started
     assert proc.returncode == 0, proc.stderr
@@ -1160,14 +1170,66 @@ def test_exit_drain_logs_a_writer_that_fails_to_drain(
     assert any("could not drain" in r.getMessage() for r in caplog.records)
 
 
-def test_the_exit_hook_runs_before_concurrent_futures_joins_its_threads() -> None:
-    import concurrent.futures.thread as cf_thread
+def test_the_exit_hook_runs_before_concurrent_futures_joins_its_threads(tmp_path: Path) -> None:
+    # Checked by what exit does, not by how the hook is registered (3.13 wraps threading's
+    # exit hooks in a lambda, 3.12 and earlier in a functools.partial). The workers wait
+    # out a 60 s idle timeout unless told that the writer closed, and concurrent.futures'
+    # own exit hook joins them: were ours to run after it (or as a plain atexit handler),
+    # exit would hang until this test's timeout, or the report (an atexit handler) would
+    # find the writer open and writes missing.
+    report, wall = run_exit_script(
+        tmp_path, delay=0.01, count=50, exit_timeout=30.0, idle=60.0, timeout=30
+    )
+    assert report["queued_at_exit"] > 0  # the exit hook had work to do
+    assert report["closed"] is True
+    assert report["written"] == report["layer_writes"] == 50
+    assert report["dropped"] == {"queue_full": 0, "circuit_open": 0, "closed": 0}
+    assert report["depth"] == 0 and report["inflight"] == 0
+    assert wall < 20
 
-    # threading runs these hooks in reverse order of registration (it wraps each in a
-    # functools.partial).
-    hooks = [getattr(h, "func", h) for h in threading._threading_atexits]  # type: ignore[attr-defined]
-    assert writer_module._at_exit in hooks
-    assert hooks.index(writer_module._at_exit) > hooks.index(cf_thread._python_exit)
+
+class ExitingExecutor(concurrent.futures.ThreadPoolExecutor):
+    """A pool whose threads run on but that starts no new one once ``exiting`` is set:
+    concurrent.futures while the interpreter exits on Python 3.12.0-3.12.2."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=4, thread_name_prefix="test-exiting")
+        self.exiting = False
+        self.refused = 0
+        self.on_refuse: Callable[[], object] = lambda: None
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        if self.exiting:
+            self.refused += 1
+            self.on_refuse()
+            raise RuntimeError("can't create new thread at interpreter shutdown")
+        return super().submit(fn, *args, **kwargs)
+
+
+def test_the_exit_drain_makes_do_with_the_workers_it_has(
+    make_writer: Callable[..., AsyncWriter], caplog: pytest.LogCaptureFixture
+) -> None:
+    layer = FakeLayer()
+    executor = ExitingExecutor()
+    writer = make_writer(layer, workers=2, executor=executor)
+    gate = hold_first_write(writer, layer)  # one worker, busy
+    executor.exiting = True
+    with caplog.at_level(logging.DEBUG, logger="cachechain.writer"):
+        # No second worker can start: these wait for the busy one.
+        assert writer.set("a", 1) and writer.set("b", 2)
+        caplog.clear()
+        # The busy worker goes on once the exit drain has asked for another.
+        executor.on_refuse = gate.set
+        writer.exit_timeout = SAFETY
+        writer_module._exit_drain([writer])
+    assert executor.refused == 3
+    assert layer.data == {"held": "held-value", "a": 1, "b": 2}
+    stats = writer.stats()
+    assert (stats.written, stats.dropped, stats.depth) == (3, 0, 0)
+    # Exit prints nothing: the refusal is no news there, and is logged at DEBUG only.
+    assert [r.getMessage() for r in caplog.records if r.levelno > logging.DEBUG] == []
+    assert any("refused a worker" in r.getMessage() for r in caplog.records)
+    executor.shutdown()
 
 
 # ---------------------------------------------------------------------- fork (row 29)

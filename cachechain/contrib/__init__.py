@@ -35,6 +35,14 @@ In both, the options are the mapping of :func:`cachechain.chain_config_from_mapp
   application using that server). To drop everything at once, change the key
   namespace instead: ``VERSION`` or ``KEY_PREFIX`` (Django), ``CACHE_KEY_PREFIX``
   (Flask-Caching), or the memcached layer's ``key_prefix``.
+- **add, incr and decr are atomic across processes.** They run on the chain's shared
+  layer (memcached): ``add`` is memcached's ``add`` (exactly one process wins a key, so
+  it works as a lock), ``incr``/``decr`` memcached's counters, so no update is lost
+  between workers. Counters are signed 64-bit integers and may go below 0, as these
+  frameworks' generic backends allow. While memcached cannot be reached nothing is
+  made up: ``add`` stores nothing and returns False, a count is not returned (see each
+  backend). On a stored value that is not a counter (a float, ``None``...), ``incr``
+  does what the framework does, read then write, not atomically.
 - The chains these backends build are closed (their queued writes drained) when the
   interpreter exits.
 """
@@ -43,6 +51,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import operator
 import pickle
 import threading
 import weakref
@@ -52,6 +61,7 @@ from typing import Any, Final
 from .. import _fork
 from .._chain import Chain
 from .._codecs import SignedPickleCodec
+from .._errors import InvalidValueError
 from .._logonce import LogOnce
 from ..layers._base import MISSING
 
@@ -120,16 +130,39 @@ def _read(chain: Chain, key: str, default: Any) -> Any:
     return default if value is MISSING else value
 
 
-def _add(chain: Chain, lock: threading.Lock, key: str, stored: Any, ttl: float | None) -> bool:
-    """Store ``stored`` for ``ttl`` seconds unless some reachable layer holds ``key``,
-    under ``lock`` (the key's stripe); return False when it was there, else whether
-    every layer took it (True, storing nothing, when ``ttl`` is None: do not cache)."""
-    with lock:
-        if chain.get(key, MISSING) is not MISSING:
-            return False
-        if ttl is None:
-            return True
-        return chain.set(key, stored, ttl)
+def _add(chain: Chain, key: str, stored: Any, ttl: float | None) -> bool:
+    """Store ``stored`` for ``ttl`` seconds unless the chain's shared layer holds
+    ``key`` (:meth:`Chain.add <cachechain.Chain.add>`: atomic across processes; False
+    also when that layer cannot be reached). With ``ttl`` None ("do not cache")
+    nothing is stored, and the answer is whether ``key`` is absent."""
+    if ttl is None:
+        return chain.get(key, MISSING) is MISSING
+    return chain.add(key, stored, ttl)
+
+
+#: What :func:`_count` returns when the stored value is not a counter.
+NOT_A_COUNTER: Final[Any] = object()
+_DELTA_BOUND: Final = 1 << 64
+
+
+def _count(chain: Chain, key: str, delta: Any) -> Any:
+    """Add ``delta`` (any ``int``: a negative one subtracts, and the counter may go
+    below 0) to the counter ``key`` on the chain's shared layer, atomically across
+    processes (:meth:`Chain.incr <cachechain.Chain.incr>`, or :meth:`Chain.decr
+    <cachechain.Chain.decr>` with ``floor=False``). Return the new value; None when the
+    key is absent or the shared layer cannot be reached; :data:`NOT_A_COUNTER` when the
+    stored value cannot be a counter (nothing changed). Raises :class:`TypeError` for
+    a ``delta`` that is not an integer and :class:`ValueError` for one of 2**64 or more
+    either way."""
+    delta = operator.index(delta)
+    if not -_DELTA_BOUND < delta < _DELTA_BOUND:
+        raise ValueError(f"delta must be in (-2**64, 2**64), got {delta!r}")
+    try:
+        if delta >= 0:
+            return chain.incr(key, delta)
+        return chain.decr(key, -delta, floor=False)
+    except InvalidValueError:
+        return NOT_A_COUNTER
 
 
 def _delete(chain: Chain, key: str) -> bool:
@@ -197,29 +230,6 @@ def _clear_local_layers(chain: Chain) -> bool:
     return complete
 
 
-_LOCK_STRIPES: Final = 64  # a power of two
-
-
-class _KeyLocks:
-    """Striped locks by key: they make the read-then-write operations (``add``,
-    ``incr``, ``touch``) atomic between the threads of a process."""
-
-    __slots__ = ("__weakref__", "_locks")
-
-    def __init__(self) -> None:
-        self._after_fork()
-        _fork.track(self)
-
-    def _after_fork(self) -> None:
-        """Fresh locks (also in a forked child, where another thread may have held
-        one at fork time)."""
-        self._locks = tuple(threading.Lock() for _ in range(_LOCK_STRIPES))
-
-    def __call__(self, key: str) -> threading.Lock:
-        """Return the lock of ``key``'s stripe."""
-        return self._locks[hash(key) & (_LOCK_STRIPES - 1)]
-
-
 #: The chains built by the backends and not yet garbage collected, closed at exit.
 _OPEN: weakref.WeakSet[Chain] = weakref.WeakSet()
 _OPEN_LOCK = threading.Lock()
@@ -254,7 +264,7 @@ def _close_open_chains() -> None:
 def _after_fork_in_child() -> None:  # pragma: no cover - runs in a forked child
     """A lock held by another thread at fork time would never be released in the
     child: give it a fresh one (the chains reset their own connections and writers,
-    the key locks and the log-once their locks)."""
+    the log-once its lock)."""
     global _OPEN_LOCK
     _OPEN_LOCK = threading.Lock()
 

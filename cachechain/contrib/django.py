@@ -31,8 +31,8 @@ any backend. What to know:
   open; the chains are closed at interpreter exit, or by :func:`close_chains`.
 - **Failures never reach the view.** A layer that is down, slow or returns garbage is a
   miss (and a write it missed is counted and logged), as everywhere in cachechain.
-  ``incr``/``decr`` still raise :class:`ValueError` for a key that no reachable layer
-  has, as Django specifies.
+  ``incr``/``decr`` still raise :class:`ValueError` for a key that memcached does not
+  have or while it cannot be reached, as Django specifies for a missing key.
 - **Values** are copies, and a ``memcached`` layer without a ``codec`` gets a signed
   pickle codec keyed by ``SECRET_KEY`` (see :mod:`cachechain.contrib`): cached
   ``HttpResponse`` objects (``cache_page``) and any picklable value work out of the box.
@@ -46,13 +46,20 @@ any backend. What to know:
   cachechain maps keys memcached cannot take (long, spaces, non-ASCII) to safe hashed
   ones. A ``KEY_FUNCTION`` that returns anything but a ``str`` raises
   :class:`~django.core.cache.backends.base.InvalidCacheKey`.
-- **Not atomic across processes**: ``add``, ``incr``, ``decr``, ``touch`` and
-  ``get_or_set`` read, then write. Within one process they hold a per-key lock, so
-  threads do not lose increments; across processes two of them can interleave, as
-  with Django's local-memory and database caches. Do not use ``add`` as a
-  distributed lock.
+- **Atomic across processes**: ``add``, ``incr``, ``decr`` and ``touch`` run on the
+  chain's shared layer (memcached; the last layer of an in-process-only chain) with
+  its own commands (:meth:`Chain.add <cachechain.Chain.add>`...). ``add`` has exactly
+  one winner per key among all workers, so it works as a lock; counts are never lost
+  between workers. Counters are signed 64-bit integers: ``decr`` may go below 0, as
+  with Django's local-memory and Redis caches (Django's memcached backends stop at 0),
+  and a counter keeps its timeout. While memcached cannot be reached, ``add`` stores
+  nothing and returns False (no lock is granted), ``incr``/``decr`` raise
+  :class:`ValueError` and ``touch`` returns False. On a stored value that is not an
+  integer (a float, ``None``, a non-numeric ``str``), ``incr`` does what Django's
+  local-memory cache does, ``value + delta`` then ``set``, not atomically.
 - ``get_or_set`` runs its callable default once per key per process however many
-  threads miss at once (cachechain's single flight).
+  threads miss at once (cachechain's single flight), then stores it with ``add``:
+  workers that miss at once all return the one value that won.
 - ``clear()`` empties this process's in-process layers only; memcached is not flushed
   (see :mod:`cachechain.contrib`). Bump ``VERSION`` to drop every entry at once.
 """
@@ -73,14 +80,15 @@ from .._errors import ConfigError
 from ..layers._base import MISSING
 from . import (
     NO_EXPIRY_TTL,
+    NOT_A_COUNTER,
     _add,
     _clear_local_layers,
     _close_at_exit,
+    _count,
     _decode,
     _delete,
     _encode,
     _exiting,
-    _KeyLocks,
     _needs_default_codec,
     _read,
     _with_default_codec,
@@ -90,14 +98,12 @@ __all__ = ["CachechainCache", "close_chains"]
 
 
 class _Shared:
-    """What the backends of one configuration share in a process: the chain, and the
-    striped locks that make read-then-write operations atomic between its threads."""
+    """What the backends of one configuration share in a process: the chain."""
 
-    __slots__ = ("chain", "lock")
+    __slots__ = ("chain",)
 
     def __init__(self, chain: Chain) -> None:
         self.chain = chain
-        self.lock = _KeyLocks()
 
 
 _SHARED: dict[Hashable, _Shared] = {}
@@ -268,12 +274,14 @@ class CachechainCache(BaseCache):  # type: ignore[misc]  # django ships no type 
         version: int | None = None,
     ) -> Any:
         """Return the value cached under ``key``; on a miss, store ``default`` (or the
-        result of calling it) for ``timeout`` and return it.
+        result of calling it) for ``timeout`` with :meth:`add` and return the value
+        that won: the workers that miss at once all get the same one.
 
         A callable ``default`` runs once per key in this process however many threads
         miss at once; the others wait for its result (or its exception, which is
-        raised to each of them and cached for none). With a timeout of ``0`` or less
-        nothing is stored.
+        raised to each of them and cached for none). With a timeout of ``0`` or less,
+        or while memcached cannot be reached, nothing is stored and the computed value
+        is returned.
         """
         made = self.make_and_validate_key(key, version=version)
         ttl = self._ttl(timeout)
@@ -281,7 +289,10 @@ class CachechainCache(BaseCache):  # type: ignore[misc]  # django ships no type 
         if ttl is not None:
 
             def load() -> Any:
-                return _encode(default() if callable(default) else default)
+                stored = _encode(default() if callable(default) else default)
+                if chain.add(made, stored, ttl):
+                    return stored
+                return chain.get(made, stored)  # another worker's value won the add
 
             value = _decode(chain.get_or_load(made, load, ttl))
             if value is not MISSING:
@@ -327,15 +338,14 @@ class CachechainCache(BaseCache):  # type: ignore[misc]  # django ships no type 
         timeout: Any = DEFAULT_TIMEOUT,
         version: int | None = None,
     ) -> bool:
-        """Store ``value`` only if no reachable layer holds ``key``; return True when it
-        was stored in every layer (also True, storing nothing, for a timeout of ``0`` or
-        less on an absent key). Atomic between the threads of this process, not across
-        processes."""
+        """Store ``value`` only if memcached (the chain's shared layer) does not hold
+        ``key``, atomically across processes: a lock has one owner. Return True when it
+        was stored; False when the key was there, or when memcached could not be
+        reached (nothing is stored then). A timeout of ``0`` or less stores nothing and
+        returns whether the key is absent."""
         stored = _encode(value)
         key = self.make_and_validate_key(key, version=version)
-        ttl = self._ttl(timeout)
-        shared = self._live()
-        return _add(shared.chain, shared.lock(key), key, stored, ttl)
+        return _add(self._live().chain, key, stored, self._ttl(timeout))
 
     def set_many(
         self,
@@ -371,36 +381,38 @@ class CachechainCache(BaseCache):  # type: ignore[misc]  # django ships no type 
         self._live().chain.delete_many(made)
 
     def touch(self, key: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> bool:
-        """Give ``key`` a new ``timeout`` (by storing its value again); return False when
-        no reachable layer holds it. A timeout of ``0`` or less removes it."""
+        """Give ``key`` a new ``timeout`` in memcached (the chain's shared layer; this
+        process's in-process copy is re-timed too) without rewriting its value; return
+        False when memcached does not hold it or cannot be reached. A timeout of ``0``
+        or less removes it (True when it was cached)."""
         key = self.make_and_validate_key(key, version=version)
         ttl = self._ttl(timeout)
-        shared = self._live()
-        with shared.lock(key):
-            stored = shared.chain.get(key, MISSING)
-            if stored is MISSING:
-                return False
-            if ttl is None:
-                shared.chain.delete(key)
-            else:
-                shared.chain.set(key, stored, ttl)
-            return True
+        chain = self._live().chain
+        if ttl is None:
+            return _delete(chain, key)
+        return chain.touch(key, ttl)
 
     def incr(self, key: Any, delta: int = 1, version: int | None = None) -> Any:
-        """Add ``delta`` to the value of ``key``, store it for the default timeout and
-        return it. Raises :class:`ValueError` when no reachable layer holds ``key``
-        (Django's contract), and what ``value + delta`` raises for a value that is not
-        a number. Atomic between the threads of this process, not across processes."""
+        """Add ``delta`` (an ``int``; a negative one subtracts, below 0 too) to the
+        counter ``key`` in memcached, atomically across processes, and return the new
+        value; the counter keeps its timeout. Raises :class:`ValueError` when
+        memcached does not hold ``key`` or cannot be reached (Django's contract for a
+        missing key). A stored value that is not an integer is read, ``value + delta``
+        stored for the default timeout and returned, not atomically (what ``+`` raises,
+        :class:`TypeError` for ``None`` or a ``str``, propagates)."""
         made = self.make_and_validate_key(key, version=version)
-        shared = self._live()
-        with shared.lock(made):
-            stored = shared.chain.get(made, MISSING)
-            value = MISSING if stored is MISSING else _decode(stored)
-            if value is MISSING:
+        chain = self._live().chain
+        counted = _count(chain, made, delta)
+        if counted is NOT_A_COUNTER:
+            value = _read(chain, made, MISSING)
+            if value is MISSING:  # bytes that no longer unpickle: a miss
                 raise ValueError(f"Key '{key}' not found")
             new_value = value + delta
             self.set(key, new_value, version=version)
             return new_value
+        if counted is None:
+            raise ValueError(f"Key '{key}' not found")
+        return counted
 
     def decr(self, key: Any, delta: int = 1, version: int | None = None) -> Any:
         """Subtract ``delta``: :meth:`incr` with ``-delta`` (same errors, same atomicity)."""

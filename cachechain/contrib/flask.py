@@ -41,8 +41,16 @@ any backend. What to know:
   not cache (``set`` removes the key). Each layer's ``max_ttl`` caps every timeout.
 - **Keys** must be ``str``; ``CACHE_KEY_PREFIX`` is put in front of each, as by
   Flask-Caching's Redis and memcached backends.
-- **Not atomic across processes**: ``add``, ``inc`` and ``dec`` read, then write. Within
-  one process they hold a per-key lock, so threads do not lose increments.
+- **Atomic across processes**: ``add``, ``inc`` and ``dec`` run on the chain's shared
+  layer (memcached; the last layer of an in-process-only chain) with its own commands
+  (:meth:`Chain.add <cachechain.Chain.add>`...): ``add`` has one winner per key among
+  all workers, and counts are never lost between them (cachelib's own ``inc`` on
+  memcached reads, then writes). ``inc`` of a missing key starts it at ``delta``
+  (with ``add``, so two workers cannot both start it); counters are signed 64-bit
+  integers and may go below 0, and keep their timeout. While memcached cannot be
+  reached, ``add`` stores nothing and returns False and ``inc``/``dec`` return
+  ``None`` (cachelib's "backend error"). On a stored value that is not an integer, they
+  do what cachelib does, ``(value or 0) + delta`` then ``set``, not atomically.
 - ``clear()`` empties this process's in-process layers only and returns False when
   other layers (memcached) were left as they are; change ``CACHE_KEY_PREFIX`` to drop
   every entry at once.
@@ -53,7 +61,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from flask import Flask
 from flask_caching.backends.base import BaseCache
@@ -64,13 +72,14 @@ from .._validate import check_key
 from ..layers._base import MISSING
 from . import (
     NO_EXPIRY_TTL,
+    NOT_A_COUNTER,
     _add,
     _clear_local_layers,
     _close_at_exit,
+    _count,
     _decode,
     _delete,
     _encode,
-    _KeyLocks,
     _read,
     _with_default_codec,
     log,
@@ -105,9 +114,10 @@ class CachechainBackend(BaseCache):
     ) -> None:
         if isinstance(default_timeout, dt.timedelta):  # as Flask-Caching: whole seconds, up
             default_timeout = math.ceil(default_timeout.total_seconds())
-        super().__init__(
-            default_timeout=default_timeout, ignore_delete_many_errors=ignore_delete_many_errors
-        )
+        # Flask-Caching 2.4 (the newest for Python 3.10) takes no ignore_delete_many_errors;
+        # set it as 2.5 does.
+        super().__init__(default_timeout=default_timeout)  # type: ignore[no-untyped-call,unused-ignore]
+        self.ignore_delete_many_errors = ignore_delete_many_errors
         if not isinstance(options, Mapping):
             raise ConfigError(
                 f"CACHE_OPTIONS must be a cachechain chain mapping, got {type(options).__name__}"
@@ -128,7 +138,6 @@ class CachechainBackend(BaseCache):
             )
         self._chain = chain
         self._prefix = key_prefix
-        self._lock = _KeyLocks()
         _close_at_exit(chain)
 
     @classmethod
@@ -226,13 +235,14 @@ class CachechainBackend(BaseCache):
         return self._chain.set(key, stored, ttl)
 
     def add(self, key: str, value: Any, timeout: int | float | dt.timedelta | None = None) -> bool:
-        """Store ``value`` only if no reachable layer holds ``key``; return True when it
-        was stored in every layer. Atomic between the threads of this process, not
-        across processes."""
+        """Store ``value`` only if memcached (the chain's shared layer) does not hold
+        ``key``, atomically across processes; return True when it was stored, False
+        when the key was there or memcached could not be reached (nothing is stored
+        then). A negative timeout stores nothing and returns whether the key is absent.
+        """
         stored = _encode(value)
         key = self._key(key)
-        ttl = self._ttl(timeout)
-        return _add(self._chain, self._lock(key), key, stored, ttl)
+        return _add(self._chain, key, stored, self._ttl(timeout))
 
     def set_many(
         self, mapping: Mapping[str, Any], timeout: int | float | dt.timedelta | None = None
@@ -261,19 +271,29 @@ class CachechainBackend(BaseCache):
         return []
 
     def inc(self, key: str, delta: int = 1) -> int | None:
-        """Add ``delta`` to the value of ``key`` (a missing key counts as 0), store it for
-        the default timeout and return it; ``None`` when some layer did not take it.
-        Atomic between the threads of this process, not across processes."""
+        """Add ``delta`` (an ``int``; a negative one subtracts, below 0 too) to the
+        counter ``key`` in memcached, atomically across processes, and return the new
+        value; a missing key starts at ``delta`` (stored with ``add`` for the default
+        timeout). Return ``None`` while memcached cannot be reached. A stored value
+        that is not an integer counts as cachelib says, ``(value or 0) + delta``, stored
+        with ``set`` (not atomically; ``+`` raises :class:`TypeError` for a ``str``)."""
         made = self._key(key)
-        with self._lock(made):
-            stored = self._chain.get(made, MISSING)
-            current = 0 if stored is MISSING else _decode(stored)
-            value: int = (0 if current is MISSING or current is None else current) + delta
-            ok = self.set(key, value)
-        return value if ok else None
+        chain = self._chain
+        counted = _count(chain, made, delta)
+        if counted is None:  # absent (or memcached unreachable): start the counter
+            ttl = self._ttl(None)
+            if ttl is not None and chain.add(made, delta, ttl):
+                return delta
+            counted = _count(chain, made, delta)  # another worker started it first
+        if counted is NOT_A_COUNTER:
+            current = _read(chain, made, None)
+            value = (current or 0) + delta
+            return value if self.set(key, value) else None
+        return cast("int | None", counted)
 
     def dec(self, key: str, delta: int = 1) -> int | None:
-        """Subtract ``delta``: :meth:`inc` with ``-delta``."""
+        """Subtract ``delta``: :meth:`inc` with ``-delta`` (a missing key starts at
+        ``-delta``)."""
         return self.inc(key, -delta)
 
     # -- lifecycle ----------------------------------------------------------------

@@ -3,8 +3,10 @@
 Applications import the built-in layers from :mod:`cachechain` (``MemoryLayer``,
 ``MemcachedLayer``); this package holds what a layer author needs: the
 :class:`CacheLayer` contract and its optional capabilities (:class:`SupportsTimeout`,
-:class:`SupportsStats`, :class:`SupportsClear`), :class:`BaseLayer` to write a layer,
-:class:`LayerProxy` to wrap one, and :func:`check_ttl`. The conformance tests a layer
+:class:`SupportsStats`, :class:`SupportsClear`, and the atomic operations
+:class:`SupportsAdd`, :class:`SupportsCounters`, :class:`SupportsTouch`),
+:class:`BaseLayer` to write a layer, :class:`LayerProxy` to wrap one, and
+:func:`check_ttl`. The conformance tests a layer
 should pass are :class:`cachechain.testing.CacheLayerTests`.
 """
 
@@ -15,9 +17,12 @@ from ._base import (
     BaseLayer,
     CacheLayer,
     Entry,
+    SupportsAdd,
     SupportsClear,
+    SupportsCounters,
     SupportsStats,
     SupportsTimeout,
+    SupportsTouch,
     check_ttl,
 )
 from ._proxy import LayerProxy
@@ -27,9 +32,12 @@ __all__ = [
     "CacheLayer",
     "Entry",
     "LayerProxy",
+    "SupportsAdd",
     "SupportsClear",
+    "SupportsCounters",
     "SupportsStats",
     "SupportsTimeout",
+    "SupportsTouch",
     "check_ttl",
 ]
 

@@ -10,7 +10,9 @@ number of seconds ``> 0`` too). It is called from many threads at once.
 
 Beyond :class:`CacheLayer`, a layer may offer optional capabilities, each a small
 runtime-checkable protocol (``isinstance`` tells): :class:`SupportsTimeout`,
-:class:`SupportsStats`, :class:`SupportsClear`.
+:class:`SupportsStats`, :class:`SupportsClear`, and the atomic operations a chain runs
+on its shared layer, :class:`SupportsAdd`, :class:`SupportsCounters` and
+:class:`SupportsTouch`.
 
 Layers know nothing of the chain, the breakers or the metrics. Write a new layer by
 subclassing :class:`BaseLayer` and implementing ``get_with_ttl``, ``set`` and
@@ -34,9 +36,12 @@ __all__ = [
     "BaseLayer",
     "CacheLayer",
     "Entry",
+    "SupportsAdd",
     "SupportsClear",
+    "SupportsCounters",
     "SupportsStats",
     "SupportsTimeout",
+    "SupportsTouch",
     "check_ttl",
 ]
 
@@ -66,7 +71,8 @@ class _Missing:
 MISSING: Final[Any] = _Missing()
 
 #: A hit with its remaining time to live: ``(value, ttl)``, where ``ttl`` is in seconds,
-#: or ``None`` when the entry never expires.
+#: ``None`` when the entry never expires, or ``0.0`` when the layer cannot tell (see
+#: :meth:`CacheLayer.get_with_ttl`).
 Entry = tuple[Any, "float | None"]
 
 
@@ -93,13 +99,18 @@ class CacheLayer(Protocol):
         """Return the value stored under ``key``, or :data:`MISSING`."""
 
     def get_with_ttl(self, key: str) -> tuple[Any, float | None]:
-        """Return ``(value, remaining_ttl_seconds_or_None)``, or ``(MISSING, None)``."""
+        """Return ``(value, remaining_ttl_seconds_or_None)``, or ``(MISSING, None)``.
+
+        A remaining TTL of ``0.0`` means the layer holds the value but cannot tell for
+        how long (a memcached counter has no expiry of its own): whoever reads it must
+        not keep a copy (the chain serves it but does not backfill it)."""
 
     def get_many(self, keys: Sequence[str]) -> dict[str, Any]:
         """Return the hits among ``keys`` as a dict; misses are absent."""
 
     def get_many_with_ttl(self, keys: Sequence[str]) -> dict[str, tuple[Any, float | None]]:
-        """Return the hits among ``keys`` with their remaining TTLs; misses are absent."""
+        """Return the hits among ``keys`` with their remaining TTLs (``0.0``: unknown,
+        as in :meth:`get_with_ttl`); misses are absent."""
 
     def set(self, key: str, value: Any, ttl: float | None = None) -> None:
         """Store ``value`` for ``ttl`` seconds (``None``: the layer's default), capped
@@ -161,6 +172,54 @@ class SupportsClear(Protocol):
 
     def clear(self) -> None:
         """Remove every entry of this layer (of this process, for an in-process one)."""
+
+
+@runtime_checkable
+class SupportsAdd(Protocol):
+    """An optional capability: store a value only if the key is absent, atomically for
+    everyone sharing the layer (memcached's ``add``). A chain runs :meth:`Chain.add
+    <cachechain.Chain.add>` on its shared layer through it."""
+
+    def add(self, key: str, value: Any, ttl: float | None = None) -> bool:
+        """Store ``value`` under ``key`` for ``ttl`` seconds (``None``: the layer's
+        default, capped at ``max_ttl``) unless the layer holds a live value of ``key``;
+        return whether it stored it. Raises as :meth:`CacheLayer.set` does."""
+
+
+@runtime_checkable
+class SupportsCounters(Protocol):
+    """An optional capability: atomic counters (memcached's ``incr``/``decr``).
+
+    A counter is a signed 64-bit ``int``: memcached's unsigned 64-bit number read as
+    two's complement. ``incr`` adds modulo 2**64 (past ``2**63 - 1`` it wraps to
+    ``-2**63``; ``incr(key, 2**64 - d)`` subtracts ``d``); ``decr`` subtracts but never
+    takes a counter that is not negative below 0. A stored ``int`` (not a ``bool``) in
+    ``[-2**63, 2**63)`` or a ``str`` of decimal digits in that range becomes a counter
+    on its first ``incr``/``decr``; a read of the key then returns the ``int``. See
+    :mod:`cachechain.layers._counters`."""
+
+    def incr(self, key: str, delta: int = 1) -> int | None:
+        """Add ``delta`` (an ``int``, ``0 <= delta < 2**64``) to the counter ``key``
+        and return the new value; None when the key is absent (nothing is created).
+        Raises :class:`~cachechain.InvalidValueError` for a bad ``delta`` or a value
+        that cannot be a counter, and a layer error when the backend fails (the change
+        may then have been made or not)."""
+
+    def decr(self, key: str, delta: int = 1) -> int | None:
+        """Subtract ``delta`` from the counter ``key`` (a counter that is not negative
+        stops at 0) and return the new value; None when the key is absent. Raises as
+        :meth:`incr` does."""
+
+
+@runtime_checkable
+class SupportsTouch(Protocol):
+    """An optional capability: give an entry a new TTL without rewriting its value."""
+
+    def touch(self, key: str, ttl: float | None = None) -> bool:
+        """Make the live entry ``key`` expire ``ttl`` seconds from now (``None``: the
+        layer's default, capped at ``max_ttl``); return False when the layer holds no
+        live entry of ``key``. Raises :class:`~cachechain.InvalidValueError` for an
+        invalid TTL, and a layer error when the backend fails."""
 
 
 class BaseLayer(abc.ABC):

@@ -23,7 +23,12 @@ Design, and why:
   is never sent raw.
 - Values: a :mod:`cachechain._codecs` envelope (``JsonCodec`` by default) that carries
   the entry's wall-clock expiry, so sub-second TTLs work and the remaining TTL can be
-  read back. Memcached gets the TTL rounded up to whole seconds.
+  read back. Memcached gets the TTL rounded up to whole seconds. Counters (a key once
+  ``incr``/``decr`` made it one) are memcached's own decimal numbers, flagged
+  (:mod:`._counters`), with no envelope: their remaining TTL reads as unknown (0.0).
+- Atomic operations (:mod:`._memcached_atomic`): ``add``, ``incr``/``decr`` and
+  ``touch`` with memcached's commands, and a compare-and-set loop where the envelope
+  needs it (the first ``incr`` of a value ``set`` stored, a ``touch`` of an envelope).
 - Single-key reads go through :mod:`._wire`, a lean ``get`` on the pooled client's
   socket; everything else through pymemcache.
 - Fork safety: a forked child (gunicorn ``--preload``) drops the connections and locks
@@ -54,6 +59,8 @@ from .._errors import (
 from .._validate import check_callable, check_count, check_seconds
 from . import _wire
 from ._base import MISSING, BaseLayer
+from ._counters import RawCounter, read_raw
+from ._memcached_atomic import MemcachedAtomicOps
 from ._memcached_keys import (
     HASHED_KEY_MARKER,
     MAX_KEY_LENGTH,
@@ -111,7 +118,7 @@ class MemcachedLayerStats:
     pool_exhausted: int
 
 
-class MemcachedLayer(BaseLayer):
+class MemcachedLayer(MemcachedAtomicOps, BaseLayer):
     """A remote cache layer on memcached; thread-safe and fork-safe.
 
     ``servers``: ``"HOST:PORT"`` strings (``"[::1]:11211"`` for IPv6; the port defaults
@@ -134,6 +141,10 @@ class MemcachedLayer(BaseLayer):
     :class:`NodeDownError` and :class:`~cachechain.PoolExhaustedError`) or
     :class:`~cachechain.LayerError` when memcached fails, and
     :class:`~cachechain.ChainClosedError` after :meth:`close`.
+
+    It supports the atomic operations (``add``, ``incr``, ``decr``, ``touch``: see
+    :class:`~cachechain.layers._memcached_atomic.MemcachedAtomicOps`) that a chain runs
+    on its shared layer.
     """
 
     local = False
@@ -229,13 +240,15 @@ class MemcachedLayer(BaseLayer):
     # -- reads ---------------------------------------------------------------------
 
     def _decode(self, data: bytes, now: float) -> tuple[Any, float | None]:
-        """Unpack an envelope; ``(MISSING, None)`` if its expiry has passed."""
+        """Unpack an envelope; ``(MISSING, None)`` if its expiry has passed. A counter
+        is its ``int`` with an unknown remaining TTL, ``0.0``: it has no envelope, and
+        ``0.0`` keeps the chain from copying it up for longer than it may live."""
         try:
+            if data.__class__ is RawCounter:
+                return read_raw(data), 0.0
             value, expires_at = unpack(self._codec, data)
         except CorruptValueError as exc:
-            with self._stats_lock:
-                self._corrupt += 1
-            exc.layer = self.name
+            self._corrupted(exc)
             raise
         if expires_at is None:
             return value, None
@@ -244,9 +257,16 @@ class MemcachedLayer(BaseLayer):
             return MISSING, None
         return value, remaining
 
+    def _corrupted(self, exc: CorruptValueError) -> None:
+        """Count a read of stored bytes that could not be decoded (see :meth:`stats`)."""
+        with self._stats_lock:
+            self._corrupt += 1
+        exc.layer = self.name
+
     def get_with_ttl(self, key: str) -> tuple[Any, float | None]:
         """Return ``(value, remaining_seconds)``, ``(value, None)`` for an entry that
-        never expires, or ``(MISSING, None)`` on a miss.
+        never expires, ``(value, 0.0)`` for a counter (its remaining TTL is unknown), or
+        ``(MISSING, None)`` on a miss.
 
         Raises :class:`~cachechain.CorruptValueError` (counted in
         :meth:`stats`) for stored bytes that cannot be decoded, and :class:`NodeDownError`

@@ -19,8 +19,10 @@ from typing import Any
 from cachetools import LRUCache
 
 from .. import _fork
+from .._errors import InvalidValueError
 from .._validate import check_count
 from ._base import MISSING, BaseLayer
+from ._counters import check_delta, countable, decr_value, incr_value
 
 __all__ = ["MemoryLayer", "MemoryLayerStats"]
 
@@ -170,6 +172,70 @@ class MemoryLayer(BaseLayer):
         with self._lock:
             for key in keys:
                 data.pop(key, None)
+
+    # -- atomic operations (the chain's add/incr/decr/touch on an in-process chain) ------
+
+    def _live(self, key: str, now: float) -> _Item | None:
+        """The entry of ``key`` if it has not expired at ``now``; call under the lock."""
+        item = self._data.get(key)
+        if item is None or (item[1] is not None and item[1] <= now):
+            return None
+        return item
+
+    def add(self, key: str, value: Any, ttl: float | None = None) -> bool:
+        """Store ``value`` for ``ttl`` seconds (default: ``default_ttl``) unless ``key``
+        holds a live entry; return whether it was stored. Atomic (under the layer's
+        lock). Raises :class:`~cachechain.InvalidValueError` for an invalid TTL."""
+        ttl = self.effective_ttl(ttl)
+        now = self._clock()
+        with self._lock:
+            if self._live(key, now) is not None:
+                return False
+            self._data[key] = (value, None if ttl is None else now + ttl)
+            return True
+
+    def incr(self, key: str, delta: int = 1) -> int | None:
+        """Add ``delta`` (``0 <= delta < 2**64``) to the counter ``key``, keeping its
+        expiry; return the new value, or None when ``key`` is absent. Counters are
+        signed 64-bit, with memcached's wrap-around (see
+        :class:`~cachechain.layers.SupportsCounters`). Raises
+        :class:`~cachechain.InvalidValueError` for a bad ``delta`` or a value that
+        cannot be a counter."""
+        return self._count(key, check_delta(delta), incr_value)
+
+    def decr(self, key: str, delta: int = 1) -> int | None:
+        """Subtract ``delta`` from the counter ``key``; a counter that is not negative
+        stops at 0 (memcached's ``decr``). Otherwise as :meth:`incr`."""
+        return self._count(key, check_delta(delta), decr_value)
+
+    def _count(self, key: str, delta: int, apply: Callable[[int, int], int]) -> int | None:
+        now = self._clock()
+        with self._lock:
+            item = self._live(key, now)
+            if item is None:
+                return None
+            current = countable(item[0])
+            if current is None:
+                raise InvalidValueError(
+                    f"the value of {key!r} is not a counter (an int or a decimal str in "
+                    f"[-2**63, 2**63)): {type(item[0]).__name__}"
+                )
+            value = apply(current, delta)
+            self._data[key] = (value, item[1])
+            return value
+
+    def touch(self, key: str, ttl: float | None = None) -> bool:
+        """Make the live entry ``key`` expire ``ttl`` seconds from now (default:
+        ``default_ttl``); return False when there is none. Raises
+        :class:`~cachechain.InvalidValueError` for an invalid TTL."""
+        ttl = self.effective_ttl(ttl)
+        now = self._clock()
+        with self._lock:
+            item = self._live(key, now)
+            if item is None:
+                return False
+            self._data[key] = (item[0], None if ttl is None else now + ttl)
+            return True
 
     def clear(self) -> None:
         """Remove every entry."""

@@ -13,12 +13,15 @@
   node there is no down-marking: the chain's circuit breaker does that job.
 - :meth:`Pool.call` runs one client call and maps its failures to cachechain's errors;
   a connection that was open before the call and turns out dead (the server restarted)
-  is retried once on a new one.
+  is retried once on a new one. :meth:`Pool.call_once` runs a command that must not
+  run twice (``incr``, ``add``, ``cas``...): never retried, on a connection checked
+  first.
 """
 
 from __future__ import annotations
 
 import hashlib
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -41,6 +44,7 @@ from .._errors import (
     LayerUnavailableError,
     PoolExhaustedError,
 )
+from ._counters import SERDE
 
 __all__ = ["Node", "NodeDownError", "Pool"]
 
@@ -216,9 +220,10 @@ class Pool:
         for a function such as :func:`._wire.get`) on a pooled client of ``node``,
         mapping failures (and raising :class:`NodeDownError` for a node marked down).
 
-        Every operation is idempotent, so when a connection that was already open
-        turns out to be dead (the server restarted since it was last used), the node's
-        idle connections are dropped and the call is tried once more on a new one.
+        For idempotent operations only (everything but those :meth:`call_once` runs):
+        when a connection that was already open turns out to be dead (the server
+        restarted since it was last used), the node's idle connections are dropped and
+        the call is tried once more on a new one.
         """
         if self.cluster:
             self._check_node_up(node)
@@ -241,6 +246,40 @@ class Pool:
             if retry and reused and isinstance(exc, _STALE_CONNECTION):
                 node.drop_idle()
                 return self.attempt(node, op, args, False)
+            error = self._translate(exc, node)
+            if self.cluster:
+                self.mark(node, down=isinstance(error, (LayerTimeoutError, LayerUnavailableError)))
+            raise error from exc
+        except BaseException:
+            node.discard(client)
+            raise
+        node.idle.append(client)
+        if self.closed or node.waiting:
+            self._returned(node)
+        if self.cluster:
+            self.mark(node, down=False)
+        return result
+
+    def call_once(self, node: Node, op: str | Callable[..., Any], *args: Any) -> Any:
+        """:meth:`call` for an operation that must not run twice (``incr``, ``decr``,
+        ``add``, ``cas``): it is never retried. A pooled connection that the server has
+        closed since its last use (a restart) is found without waiting, by a
+        zero-timeout poll, and replaced before the command is sent; a connection that
+        fails after sending it raises, and the command may or may not have run."""
+        if self.cluster:
+            self._check_node_up(node)
+        try:
+            client = node.idle.pop()
+        except IndexError:
+            client = self._acquire_slow(node)
+        if client.sock is not None and _unusable(client.sock):
+            node.discard(client)  # its server went away: the others are as stale
+            node.drop_idle()
+            client = self._acquire_slow(node)
+        try:
+            result = getattr(client, op)(*args) if isinstance(op, str) else op(client, *args)
+        except Exception as exc:
+            node.discard(client)
             error = self._translate(exc, node)
             if self.cluster:
                 self.mark(node, down=isinstance(error, (LayerTimeoutError, LayerUnavailableError)))
@@ -290,6 +329,7 @@ class Pool:
         """A new client of ``node`` (it connects on first use), counted in its pool."""
         client = Client(
             (node.host, node.port),
+            serde=SERDE,
             default_noreply=False,
             connect_timeout=self.connect_timeout,
             timeout=self.timeout,
@@ -370,6 +410,15 @@ class Pool:
         self._stats_lock = threading.Lock()
         for node in self.nodes:
             node.reset_after_fork()
+
+
+def _unusable(sock: Any) -> bool:
+    """Whether an idle connection is unusable: readable before any command was sent
+    means the server closed it (or sent bytes nobody asked for). No waiting."""
+    try:
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):  # closed or invalid descriptor
+        return True
 
 
 def _as_bytes(exc: BaseException) -> bytes:

@@ -7,8 +7,11 @@ call (check a fault, time it, count it) overrides that alone.
 
 Only the :class:`~cachechain.layers.CacheLayer` contract is forwarded: the optional
 capabilities (:class:`~cachechain.layers.SupportsTimeout`,
-:class:`~cachechain.layers.SupportsStats`, :class:`~cachechain.layers.SupportsClear`)
-are not, so a proxy has one only when its own class says so.
+:class:`~cachechain.layers.SupportsStats`, :class:`~cachechain.layers.SupportsClear`,
+and the atomic :class:`~cachechain.layers.SupportsAdd`,
+:class:`~cachechain.layers.SupportsCounters`, :class:`~cachechain.layers.SupportsTouch`)
+are not, so a proxy has one only when its own class says so (the chain's breaker
+wrapper forwards the atomic ones).
 """
 
 from __future__ import annotations

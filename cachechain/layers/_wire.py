@@ -35,19 +35,25 @@ from pymemcache.exceptions import (
     MemcacheUnknownError,
 )
 
+from ._counters import COUNTER_FLAG_BYTES, RawCounter
+
 _MISS = b"END\r\n"
 _TRAILER = b"\r\nEND\r\n"  # after a value's data block
 _RECV_SIZE = 65536
 #: A reply line longer than this without CRLF is not memcached talking.
 _MAX_LINE = 2048
+#: The type a value read with these client flags is returned as (others: bytes).
+_BY_FLAGS: dict[bytes, type[bytes]] = {COUNTER_FLAG_BYTES: RawCounter}
 #: memcached's own ceiling for an item (``-I`` at most 1 GiB): a larger size is garbage.
 _MAX_SIZE = 1 << 30
 
 
 def get(client: Any, key: bytes) -> bytes | None:
-    """Send ``get <key>`` on ``client`` (a ``pymemcache.client.base.Client`` without
-    serde) and return the stored bytes, or None on a miss. ``key`` must already be a
-    valid memcached key (see ``memcached_key``). Raises as the module docstring says."""
+    """Send ``get <key>`` on ``client`` (a ``pymemcache.client.base.Client`` whose serde
+    is :class:`._counters.CounterSerde`) and return the stored bytes (a
+    :class:`._counters.RawCounter` for a value stored with the counter flag), or None on
+    a miss. ``key`` must already be a valid memcached key (see ``memcached_key``).
+    Raises as the module docstring says."""
     # Kept in one piece for the reply that fits one read (every L2 hit and miss): each
     # rarer case (a line or a value in pieces, an error) is a call of its own.
     sock = client.sock
@@ -83,11 +89,14 @@ def get(client: Any, key: bytes) -> bytes | None:
     start = eol + 2
     end = start + size
     if len(buf) < end + len(_TRAILER):  # a value larger than the first read
-        return _read_large(sock, buf, start, size, key)
+        data = _read_large(sock, buf, start, size, key)
     # A value that fits one read is at most the read's size (far below _MAX_SIZE).
-    if buf[end:] != _TRAILER:  # more or other than one value: desync
+    elif buf[end:] != _TRAILER:  # more or other than one value: desync
         raise MemcacheUnknownError(f"value of {key!r} not followed by END alone")
-    return buf[start:end]
+    else:
+        data = buf[start:end]
+    # A counter (stored without an envelope) comes back marked; bytes(data) is data.
+    return _BY_FLAGS.get(parts[2], bytes)(data)
 
 
 def _read_line(sock: Any, buf: bytes) -> tuple[bytes, int]:

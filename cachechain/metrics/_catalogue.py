@@ -69,6 +69,10 @@ OPERATIONS: tuple[str, ...] = (
     "get_many",
     "set_many",
     "delete_many",
+    "add",
+    "incr",
+    "decr",
+    "touch",
     "close",
     "other",
 )

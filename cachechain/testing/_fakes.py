@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from .._errors import InvalidValueError
 from ..layers._base import MISSING, BaseLayer
+from ..layers._counters import check_delta, countable, decr_value, incr_value
 
 __all__ = ["FakeClock", "FakeLayer"]
 
@@ -48,6 +50,8 @@ class FakeLayer(BaseLayer):
     - ``block_set`` and ``block_delete`` (Events) make ``set`` / ``delete`` wait for them
       before they change anything; :attr:`write_entered` is set when such a write has
       started;
+    - it has the atomic operations ``add``, ``incr``, ``decr`` and ``touch`` (with
+      memcached's counter arithmetic), so it can be a chain's shared layer;
     - :attr:`calls` lists ``(operation, argument)`` for every call (see :meth:`ops`),
       :attr:`data` holds ``key -> (value, expires_at or None)``, :attr:`closed` tells
       whether :meth:`close` was called, and ``local`` may be set per fake.
@@ -92,7 +96,8 @@ class FakeLayer(BaseLayer):
 
     def ops(self, op: str) -> list[Any]:
         """The arguments of every call of ``op`` (``"get"``, ``"get_many"``, ``"set"``,
-        ``"set_many"``, ``"delete"``, ``"delete_many"``) so far, oldest first."""
+        ``"set_many"``, ``"delete"``, ``"delete_many"``, ``"add"``, ``"incr"``,
+        ``"decr"``, ``"touch"``) so far, oldest first."""
         with self._lock:
             return [a for o, a in self.calls if o == op]
 
@@ -155,6 +160,57 @@ class FakeLayer(BaseLayer):
         self._enter("delete_many", keys)
         for key in keys:
             self.data.pop(key, None)
+
+    # -- the atomic operations (SupportsAdd, SupportsCounters, SupportsTouch) -----------
+
+    def add(self, key: str, value: Any, ttl: float | None = None) -> bool:
+        """Store ``value`` unless ``key`` holds a live value; return whether it did.
+        Recorded as ``"add"``."""
+        self._enter("add", key)
+        ttl = self.effective_ttl(ttl)
+        with self._lock:
+            if self._read(key)[0] is not MISSING:
+                return False
+            self.data[key] = (value, None if ttl is None else self.clock() + ttl)
+            return True
+
+    def incr(self, key: str, delta: int = 1) -> int | None:
+        """Add ``delta`` to the counter ``key`` with memcached's arithmetic (see
+        :class:`~cachechain.layers.SupportsCounters`); None when absent. Recorded as
+        ``"incr"``. Raises :class:`~cachechain.InvalidValueError` for a bad ``delta``
+        or a value that cannot be a counter."""
+        self._enter("incr", key)
+        return self._count(key, check_delta(delta), incr_value)
+
+    def decr(self, key: str, delta: int = 1) -> int | None:
+        """Subtract ``delta`` (a counter that is not negative stops at 0); as
+        :meth:`incr` otherwise. Recorded as ``"decr"``."""
+        self._enter("decr", key)
+        return self._count(key, check_delta(delta), decr_value)
+
+    def _count(self, key: str, delta: int, apply: Callable[[int, int], int]) -> int | None:
+        with self._lock:
+            value = self._read(key)[0]
+            if value is MISSING:
+                return None
+            current = countable(value)
+            if current is None:
+                raise InvalidValueError(f"the value of {key!r} is not a counter: {value!r}")
+            new = apply(current, delta)
+            self.data[key] = (new, self.data[key][1])
+            return new
+
+    def touch(self, key: str, ttl: float | None = None) -> bool:
+        """Give the live entry ``key`` a new TTL; return False when there is none.
+        Recorded as ``"touch"``."""
+        self._enter("touch", key)
+        ttl = self.effective_ttl(ttl)
+        with self._lock:
+            value = self._read(key)[0]
+            if value is MISSING:
+                return False
+            self.data[key] = (value, None if ttl is None else self.clock() + ttl)
+            return True
 
     def close(self) -> None:
         """Mark the layer closed (:attr:`closed`); it goes on working. Idempotent."""
