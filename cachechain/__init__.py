@@ -60,9 +60,14 @@ from .metrics._memory import MemoryCollector
 
 if TYPE_CHECKING:
     from .layers._memcached import MemcachedLayer
-    from .metrics._prometheus import PrometheusCollector, serve_metrics
+    from .metrics._prometheus import PrometheusCollector as PrometheusCollector
+    from .metrics._prometheus import serve_metrics as serve_metrics
 
 __version__ = "0.2.0.dev0"
+
+# Public, but loaded on first use and left out of ``__all__`` so that
+# ``from cachechain import *`` does not need prometheus-client (the ``prometheus`` extra).
+_LAZY_EXPORTS = ("PrometheusCollector", "serve_metrics")
 
 __all__ = [
     "MISSING",
@@ -90,13 +95,11 @@ __all__ = [
     "MemoryCollector",
     "MemoryLayer",
     "PoolExhaustedError",
-    "PrometheusCollector",
     "SignedPickleCodec",
     "WriterConfig",
     "__version__",
     "chain_config_from_file",
     "chain_config_from_mapping",
-    "serve_metrics",
 ]
 
 __getattr__ = package_getattr(
@@ -118,4 +121,17 @@ __getattr__ = package_getattr(
         "PrometheusCollector": "cachechain.metrics._prometheus",
         "serve_metrics": "cachechain.metrics._prometheus",
     },
+    stubs=(
+        "breaker",
+        "chain",
+        "cli",
+        "codecs",
+        "config",
+        "demo",
+        "errors",
+        "resilience",
+        "settings",
+        "singleflight",
+        "writer",
+    ),
 )

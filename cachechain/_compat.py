@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 __all__ = ["moved", "package_getattr", "public_home"]
@@ -38,7 +38,7 @@ def public_home(name: str) -> str | None:
     name is internal."""
     for module_name in _PUBLIC:
         module = importlib.import_module(module_name)
-        if name in getattr(module, "__all__", ()):
+        if name in getattr(module, "__all__", ()) or name in getattr(module, "_LAZY_EXPORTS", ()):
             return module_name
     return None
 
@@ -78,16 +78,25 @@ def moved(old: str, new: str, renamed: Mapping[str, str] | None = None) -> Calla
 
 
 def package_getattr(
-    package: str, deprecated: Mapping[str, str], lazy: Mapping[str, str] | None = None
+    package: str,
+    deprecated: Mapping[str, str],
+    lazy: Mapping[str, str] | None = None,
+    stubs: Iterable[str] = (),
 ) -> Callable[[str], Any]:
     """A package ``__getattr__``: ``lazy`` maps names imported on first use to their
     module (no warning); ``deprecated`` maps names the package no longer exports to
-    ``"module"`` or ``"module:attr"`` (a warning names their public home). Raises
-    :class:`AttributeError` for any other name."""
+    ``"module"`` or ``"module:attr"`` (a warning names their public home); ``stubs``
+    are the package's deprecated 0.1 submodules, which 0.1 imported with the package
+    (so ``cachechain.errors.ConfigError`` works after a bare ``import cachechain``;
+    the stub's own ``__getattr__`` warns). Raises :class:`AttributeError` for any
+    other name."""
     lazy = dict(lazy or {})
     deprecated = dict(deprecated)
+    stubs = frozenset(stubs)
 
     def __getattr__(name: str) -> Any:
+        if name in stubs:
+            return importlib.import_module(f"{package}.{name}")
         if name in lazy:
             return getattr(importlib.import_module(lazy[name]), name)
         if name in deprecated:

@@ -62,5 +62,10 @@ __getattr__ = package_getattr(
         "ExporterManager": "cachechain._exporters",
         "get_manager": "cachechain._exporters",
         "reset_exporters": "cachechain._exporters",
+        "exporter_report": "cachechain._exporters_legacy",
+        "ENV_VAR": "cachechain._exporters_legacy",
+        "PROJECT_NAME": "cachechain._exporters_legacy",
+        "KNOWN_EXPORTER_PACKAGES": "cachechain._exporters_legacy",
+        "ExporterSpecs": "cachechain._exporters_legacy",
     },
 )

@@ -844,3 +844,19 @@ def test_direct_calls_and_a_chain_named_default_share_series() -> None:
     assert get("cache_chain_queue_depth", labels) == 7  # summed
     assert get("cache_chain_circuit_state", labels) == 2  # the worst
     promtool_check(exposition(registry))
+
+
+def test_a_zero_miss_count_is_exported_beside_hits_of_an_undeclared_layer() -> None:
+    registry = CollectorRegistry()
+    collector = PrometheusCollector(registry=registry, multiprocess=False)
+    collector.record_get("L1", True, 0.001)  # the collector's own chain, layer not declared
+    text = generate_latest(registry).decode()
+    assert 'cache_chain_hits_total{chain="default",layer="L1"} 1.0' in text
+    assert 'cache_chain_misses_total{chain="default",layer="L1"} 0.0' in text
+
+
+def test_the_circuit_state_help_text_says_state() -> None:
+    registry = CollectorRegistry()
+    PrometheusCollector(registry=registry, multiprocess=False)
+    text = generate_latest(registry).decode()
+    assert "# HELP cache_chain_circuit_state State of the layer's circuit breaker" in text

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -84,3 +86,46 @@ def test_an_unknown_old_name_is_an_attribute_error() -> None:
             module.NoSuchName  # noqa: B018
     with pytest.raises(AttributeError):
         cachechain.NoSuchName  # noqa: B018
+
+
+def _python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-W", "ignore::DeprecationWarning", "-c", code],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_old_dotted_paths_work_after_a_bare_import() -> None:
+    # 0.1 imported its submodules with the package: cachechain.errors.X worked.
+    r = _python(
+        "import cachechain\n"
+        "try:\n"
+        "    raise cachechain.errors.ChainClosedError('x')\n"
+        "except cachechain.errors.ChainClosedError:\n"
+        "    pass\n"
+        "cachechain.config.LayerConfig; cachechain.writer.AsyncWriter\n"
+        "import cachechain.layers, cachechain.metrics\n"
+        "cachechain.layers.memory.MemoryLayer; cachechain.metrics.base.MetricsCollector\n"
+    )
+    assert r.returncode == 0, r.stderr[-400:]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["exporter_report", "ENV_VAR", "PROJECT_NAME", "KNOWN_EXPORTER_PACKAGES", "ExporterSpecs"],
+)
+def test_every_01_exporters_name_still_resolves(name: str) -> None:
+    import cachechain.exporters as ex
+
+    with pytest.warns(DeprecationWarning, match="cachechain.exporters"):
+        value = getattr(ex, name)
+    assert value is not None
+    if name == "exporter_report":
+        assert value().exporters
+
+
+def test_star_import_needs_no_prometheus_client() -> None:
+    r = _python("import sys\nsys.modules['prometheus_client'] = None\nfrom cachechain import *\n")
+    assert r.returncode == 0, r.stderr[-400:]

@@ -50,4 +50,5 @@ __getattr__ = package_getattr(
         "MemoryLayerStats": "cachechain.layers._memory",
         "MemcachedLayer": "cachechain.layers._memcached",
     },
+    stubs=("base", "memcached", "memory"),
 )

@@ -100,4 +100,5 @@ __getattr__ = package_getattr(
         "MemoryCollector": "cachechain.metrics._memory",
         "FanoutCollector": "cachechain.metrics._fanout",
     },
+    stubs=("base", "fanout", "memory", "prometheus", "types"),
 )

@@ -506,7 +506,7 @@ METRICS: tuple[Metric, ...] = (
         "circuit_state",
         GAUGE,
         _CL,
-        "CircuitState of the layer's circuit breaker: 0 closed, 1 open, 2 half-open.",
+        "State of the layer's circuit breaker: 0 closed, 1 open, 2 half-open.",
         feeds=(Feed("record_circuit_state", value="state"),),
         merge="max",
         fields=(Field("circuit_state"),),

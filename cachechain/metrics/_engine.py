@@ -250,8 +250,10 @@ class AccumulatingCollector(MetricsCollector):
             for name in RECORD_METHODS
             if getattr(cls, name) is not getattr(AccumulatingCollector, name)
         )
-        _ENGINES.add(self)
+        # Tracked (reset in a forked child) before it is locked around forks: in the
+        # other order a fork between the two leaves the child's lock held for ever.
         _fork.track(self)
+        _ENGINES.add(self)
 
     @property
     def bounds(self) -> tuple[float, ...]:

@@ -97,15 +97,33 @@ def _shown_value(value: Any, data: ViewData) -> str:
     return str(value)
 
 
+_PAIRS = {"hits_total": "misses_total", "misses_total": "hits_total"}
+
+
 def series(data: ViewData) -> Iterator[Series]:
     """Every series of ``data``: every cell kept for each of its layers and for the
     chain (zeros included), and every gauge reported."""
     bound = set(data.layers[: data.bound])
-    for m, cell, offset in data.layout.layer.cells:
+    cells = data.layout.layer.cells
+    # A hit ratio needs both counts: on a layer the chain did not declare (the default
+    # view's, or one reported later), a zero hits or misses count is shown beside a
+    # non-zero partner.
+    paired = {
+        (layer, m.name)
+        for m, _, offset in cells
+        if m.name in _PAIRS
+        for layer in data.layers
+        if _nonzero(_read(data, m, data.offsets[layer] + offset))
+    }
+    for m, cell, offset in cells:
         for layer in data.layers:
             value = _read(data, m, data.offsets[layer] + offset)
             declared = layer in bound
-            shown = _nonzero(value) or _always(m, cell, data, declared)
+            shown = (
+                _nonzero(value)
+                or _always(m, cell, data, declared)
+                or (layer, _PAIRS.get(m.name)) in paired
+            )
             if m.shown_with is not None:
                 shown = shown or layer in data.gauges[m.shown_with]
             yield Series(m, layer, cell, value, shown)
