@@ -105,16 +105,7 @@ def series(data: ViewData) -> Iterator[Series]:
     chain (zeros included), and every gauge reported."""
     bound = set(data.layers[: data.bound])
     cells = data.layout.layer.cells
-    # A hit ratio needs both counts: on a layer the chain did not declare (the default
-    # view's, or one reported later), a zero hits or misses count is shown beside a
-    # non-zero partner.
-    paired = {
-        (layer, m.name)
-        for m, _, offset in cells
-        if m.name in _PAIRS
-        for layer in data.layers
-        if _nonzero(_read(data, m, data.offsets[layer] + offset))
-    }
+    paired = _nonzero_pairs(data)
     for m, cell, offset in cells:
         for layer in data.layers:
             value = _read(data, m, data.offsets[layer] + offset)
@@ -134,6 +125,20 @@ def series(data: ViewData) -> Iterator[Series]:
         if m.kind == GAUGE:
             for layer, value in data.gauges[m.name].items():
                 yield Series(m, layer, (), value, True)
+
+
+def _nonzero_pairs(data: ViewData) -> set[tuple[str, str]]:
+    """The (layer, metric) cells of :data:`_PAIRS` metrics that are non-zero. A hit
+    ratio needs both counts: on a layer the chain did not declare (the default view's,
+    or one reported later), a zero hits or misses count is shown beside a non-zero
+    partner."""
+    return {
+        (layer, m.name)
+        for m, _, offset in data.layout.layer.cells
+        if m.name in _PAIRS
+        for layer in data.layers
+        if _nonzero(_read(data, m, data.offsets[layer] + offset))
+    }
 
 
 def _read(data: ViewData, m: Metric, at: int) -> Any:
