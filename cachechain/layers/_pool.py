@@ -246,10 +246,7 @@ class Pool:
             if retry and reused and isinstance(exc, _STALE_CONNECTION):
                 node.drop_idle()
                 return self.attempt(node, op, args, False)
-            error = self._translate(exc, node)
-            if self.cluster:
-                self.mark(node, down=isinstance(error, (LayerTimeoutError, LayerUnavailableError)))
-            raise error from exc
+            raise self._failed(exc, node) from exc
         except BaseException:
             node.discard(client)
             raise
@@ -280,10 +277,7 @@ class Pool:
             result = getattr(client, op)(*args) if isinstance(op, str) else op(client, *args)
         except Exception as exc:
             node.discard(client)
-            error = self._translate(exc, node)
-            if self.cluster:
-                self.mark(node, down=isinstance(error, (LayerTimeoutError, LayerUnavailableError)))
-            raise error from exc
+            raise self._failed(exc, node) from exc
         except BaseException:
             node.discard(client)
             raise
@@ -293,6 +287,14 @@ class Pool:
         if self.cluster:
             self.mark(node, down=False)
         return result
+
+    def _failed(self, exc: Exception, node: Node) -> Exception:
+        """The cachechain error for ``exc`` raised by a call on ``node``; in a cluster a
+        node that timed out or is unreachable is marked down."""
+        error = self._translate(exc, node)
+        if self.cluster:
+            self.mark(node, down=isinstance(error, (LayerTimeoutError, LayerUnavailableError)))
+        return error
 
     def _acquire_slow(self, node: Node) -> Any:
         """Wait for an idle client or room for a new one, at most ``pool_timeout`` s."""
