@@ -512,15 +512,18 @@ def test_invalid_keys_are_refused_before_io(fault_server: Any) -> None:
 def test_sub_second_ttl_uses_the_envelope(memcached: MemcachedProcess) -> None:
     clock = FakeClock(time.time())
     lay = make_layer(memcached, clock=clock)
-    lay.set("k", "v", ttl=0.5)
-    assert mc_ttl(memcached, b"k") == 1  # memcached gets whole seconds, rounded up
-    assert lay.get_with_ttl("k") == ("v", 0.5)
+    # 2.5 s, not 0.5 s: memcached's clock ticks once a second, so an item stored for
+    # 1 s may be gone after a fraction of a second of real time (a flake under load);
+    # for 3 s it stays at least 2 s, while the injected clock runs the envelope out.
+    lay.set("k", "v", ttl=2.5)
+    assert mc_ttl(memcached, b"k") == 3  # memcached gets whole seconds, rounded up
+    assert lay.get_with_ttl("k") == ("v", 2.5)
     clock.advance(0.2)
     value, remaining = lay.get_with_ttl("k")
     assert value == "v"
-    assert remaining == pytest.approx(0.3)
-    assert lay.get_many_with_ttl(["k"])["k"][1] == pytest.approx(0.3)
-    clock.advance(0.3)
+    assert remaining == pytest.approx(2.3)
+    assert lay.get_many_with_ttl(["k"])["k"][1] == pytest.approx(2.3)
+    clock.advance(2.3)
     assert lay.get_with_ttl("k") == (MISSING, None)  # still in memcached, expired for us
     assert lay.get("k") is MISSING
     assert lay.get_many_with_ttl(["k"]) == {}
