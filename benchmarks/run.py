@@ -490,8 +490,13 @@ def _l2_hit(ctx: Ctx, sec: Section) -> Section:
         "which is written synchronously), so 'breaker+writer' is the breaker wrapper "
         "(ResilientLayer: breaker permit + slow-call clock reads) alone."
     )
+    sec.notes.append(
+        "The chains run with coherence on (the default): their keys carry the namespace "
+        "generation, and the raw client and the bare layer read those same keys. Each "
+        "chain's journal polls memcached every 40 ms in the background (2 get_hits per "
+        "poll), which the get_hits check allows for."
+    )
     keys = ["user:l2:0", "user:l2:1"]
-    mkeys = [memcached_key(k) for k in keys]
     l2_breaker = MemcachedLayer("L2", ctx.address)
     l2_plain = MemcachedLayer("L2", ctx.address)
     l2_alone = MemcachedLayer("L2", ctx.address)
@@ -499,6 +504,10 @@ def _l2_hit(ctx: Ctx, sec: Section) -> Section:
     no_breaker = Chain([MemoryLayer("L1", maxsize=1), LayerConfig(layer=l2_plain, resilient=False)])
     stand_in = _stand_in_remote("L2")
     cpu_only = Chain([MemoryLayer("L1", maxsize=1), stand_in])
+    coherence = with_breaker.coherence
+    prefix = coherence.namespace.current() if coherence is not None else ""
+    stored = [prefix + k for k in keys]  # the keys as memcached holds them
+    mkeys = [memcached_key(k) for k in stored]
     raw = mc_client(ctx)
     try:
         for k in keys:
@@ -511,12 +520,14 @@ def _l2_hit(ctx: Ctx, sec: Section) -> Section:
         def verify(chain: Chain, what: str) -> None:
             calls = 100
             before = mc_stats(ctx)
+            start = time.perf_counter()
             values = [chain.get(keys[i % 2]) for i in range(calls)]
+            polls = 3 * ((time.perf_counter() - start) / 0.04 + 2)  # 3 chains' journals
             after = mc_stats(ctx)
             hits = after["get_hits"] - before["get_hits"]
             sec.check(
                 f"{what}: every get missed L1 and hit memcached",
-                hits == calls and all(v == VALUE for v in values),
+                calls <= hits <= calls + 2 * polls and all(v == VALUE for v in values),
                 f"{calls} Chain.get calls -> {hits} memcached get_hits",
             )
 
@@ -534,7 +545,7 @@ def _l2_hit(ctx: Ctx, sec: Section) -> Section:
             Contender(
                 "layer",
                 "MemcachedLayer.get_with_ttl alone (decodes; reference)",
-                alternate(l2_alone.get_with_ttl, keys),
+                alternate(l2_alone.get_with_ttl, stored),
             ),
             Contender(
                 "chain_plain",

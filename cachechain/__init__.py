@@ -37,7 +37,7 @@ from ._breaker import CircuitBreaker, CircuitState
 from ._chain import Chain
 from ._codecs import Codec, JsonCodec, SignedPickleCodec
 from ._compat import package_getattr
-from ._config import BreakerConfig, ChainConfig, LayerConfig, WriterConfig
+from ._config import BreakerConfig, ChainConfig, CoherenceConfig, LayerConfig, WriterConfig
 from ._errors import (
     CacheError,
     ChainClosedError,
@@ -76,6 +76,7 @@ __all__ = [
     "Chain",
     "ChainClosedError",
     "ChainConfig",
+    "CoherenceConfig",
     "CircuitBreaker",
     "CircuitOpenError",
     "CircuitState",

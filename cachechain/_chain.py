@@ -27,20 +27,22 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ParamSpec, TypeVar
 
-from . import _chain_cached, _fork, _tier
+from . import _chain_cached, _chain_clear, _chain_load, _fork, _tier
 from ._breaker import CircuitBreaker
 from ._chain_atomic import AtomicOps, shared_tier
-from ._chain_batch import read_through
+from ._chain_batch import Backfiller, read_through
 from ._chain_metrics import Reporter, record_batch, watch
 from ._close import close_quietly
-from ._config import BreakerConfig, ChainConfig, LayerConfig, WriterConfig
+from ._coherence import Coherence, namespaced, shared_index
+from ._config import BreakerConfig, ChainConfig, CoherenceConfig, LayerConfig, WriterConfig
 from ._errors import ChainClosedError, ConfigError, InvalidKeyError
-from ._fence import MutationFence, Ticket
+from ._fence import MutationFence
+from ._resilience import unwrapped
 from ._singleflight import SingleFlight
 from ._tier import Tier, build_tiers
 from ._validate import check_key
 from ._writer import AsyncWriter
-from .layers._base import MISSING, CacheLayer
+from .layers._base import MISSING, CacheLayer, SupportsClear
 from .metrics._base import CollectorGuard, adapt
 
 __all__ = ["Chain"]
@@ -66,7 +68,11 @@ class Chain(AtomicOps):
     write-behind sets. ``metrics`` is a :class:`~cachechain.metrics.MetricsCollector`
     (``None``: no metrics, no clock reads). ``name`` labels this chain's metrics.
     ``add``, ``incr``, ``decr`` and ``touch`` are atomic across processes: they run on
-    the chain's shared layer (see :mod:`cachechain._chain_atomic`).
+    the chain's shared layer (see :mod:`cachechain._chain_atomic`). ``coherence``
+    (:class:`~cachechain.CoherenceConfig`; True: its defaults, False: off) keeps the
+    chain's in-process layers coherent with every other process sharing its shared
+    layer, and makes :meth:`clear` clear the cache for all of them (see
+    :mod:`cachechain._coherence`).
 
     Raises :class:`~cachechain.ConfigError` for an empty chain, duplicate layer
     names or bad settings.
@@ -80,8 +86,10 @@ class Chain(AtomicOps):
         metrics: Any = None,
         breaker: BreakerConfig | None = None,
         writer: WriterConfig | None = None,
+        coherence: CoherenceConfig | bool = True,
     ) -> None:
-        configs = _layer_configs(layers, name)
+        coherent = CoherenceConfig.of(coherence)
+        configs, namespace = namespaced(_layer_configs(layers, name), coherent)
         self.name = name
         names = [c.layer.name for c in configs]
         self._m: CollectorGuard | None = adapt(metrics, name, names)
@@ -98,12 +106,15 @@ class Chain(AtomicOps):
         self._figures = None if self._m is None else watch(self._m, tiers)
         self._l1_name = self._first.name
         self._l1_get: Callable[[str], Any] = self._first.layer.get
-        self._l1_set = self._first.layer.set
         self._owned_collector: Any = None
         self._closed = False
         self._flight: SingleFlight[Any] = SingleFlight()
         self._fence = MutationFence()
         self._close_lock = threading.Lock()
+        self._backfill = Backfiller(tiers, self._fence, report, self._m)
+        self._coherence: Coherence | None = None
+        if namespace is not None:
+            self._coherence = _coherence(self, configs, namespace, coherent)
         _fork.track(self)
 
     def _after_fork(self) -> None:
@@ -140,6 +151,13 @@ class Chain(AtomicOps):
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""
         return self._closed
+
+    @property
+    def coherence(self) -> Coherence | None:
+        """The chain's cross-process coherence (namespace generation and backplane),
+        or None when it has none (no shared layer that can hold a generation, or
+        ``coherence=False``)."""
+        return self._coherence
 
     # -- reads ------------------------------------------------------------------------
     def get(self, key: str, default: Any = None) -> Any:
@@ -222,39 +240,6 @@ class Chain(AtomicOps):
                 return value, tier.index
         return MISSING, -1
 
-    def _backfill(
-        self,
-        ticket: Ticket,
-        index: int,
-        key: str,
-        value: Any,
-        ttl: float | None,
-        skip: tuple[int, ...],
-    ) -> None:
-        """Copy a hit from layer ``index`` into the layers above it but those in
-        ``skip`` (their writers hold the key), unless the fence saw a mutation of the
-        key's stripe since ``ticket`` was taken, nor a value whose remaining TTL the
-        layer cannot tell (``0.0``: a memcached counter), which must not outlive it."""
-        if ttl is not None and ttl <= 0.0:
-            return
-        if index == 1 and self._m is None:
-            # The usual L2 hit: only the first layer to fill, nothing to record. Its set
-            # is called straight from the fence (the first layer has no writer).
-            try:
-                self._fence.if_unchanged(ticket, self._l1_set, key, value, ttl)
-            except Exception as exc:
-                self._report.failed(self._l1_name, "set", exc)
-            return
-        self._fence.if_unchanged(ticket, self._fill, index, key, value, ttl, skip)
-
-    def _fill(
-        self, index: int, key: str, value: Any, ttl: float | None, skip: tuple[int, ...]
-    ) -> None:
-        tiers = self._tiers
-        for upper in range(index):
-            if upper not in skip:
-                tiers[upper].fill(key, value, ttl)
-
     def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
         """Return the cached values of ``keys`` as a dict; keys no layer has are absent.
 
@@ -291,32 +276,7 @@ class Chain(AtomicOps):
         :class:`~cachechain.LoadTimeoutError`. If the key is set or
         deleted while the loader runs, the loaded value is returned but not cached.
         """
-        value = self.get(key, MISSING)
-        if value is not MISSING:
-            return value
-        fence = self._fence
-
-        def load() -> Any:
-            ticket = fence.ticket(key)
-            try:
-                again = self._l1_get(key)  # a load that just finished may have filled it
-            except Exception:
-                again = MISSING
-            if again is not MISSING:
-                return again
-            loaded = _timed_load(self._m, loader)
-            if ticket is not None:
-                fence.if_unchanged(ticket, self._store, key, loaded, ttl)
-            return loaded
-
-        value, shared = self._flight.do(key, load, wait_timeout)
-        if shared and self._m is not None:
-            self._m.record_singleflight_shared()
-        return value
-
-    def _store(self, key: str, value: Any, ttl: float | None) -> None:
-        for tier in reversed(self._tiers):  # the first tier's fill is a set
-            tier.fill(key, value, ttl)
+        return _chain_load.get_or_load(self, key, loader, ttl, wait_timeout)
 
     def cached(
         self,
@@ -408,7 +368,32 @@ class Chain(AtomicOps):
             ok = True
             for tier in self._up:
                 ok = below(tier) and ok
+        if self._coherence is not None:
+            self._coherence.publish(list(keys))
         return mutation.result and ok
+
+    def _publish_invalidation(self, keys: Sequence[str]) -> None:
+        """Tell the other processes that an atomic operation changed ``keys``."""
+        if self._coherence is not None:
+            self._coherence.publish(keys)
+
+    def clear(self, *, flush: bool = False) -> bool:
+        """Remove everything this cache holds, for every process sharing its shared
+        layer: the namespace generation stored there moves (one ``incr``), so no
+        process reads what was written before (others drop their in-process copies
+        within the coherence bound), and this process's in-process layers are
+        emptied. Other applications' keys in the same memcached are untouched.
+        Queued async writes are made first (see :mod:`cachechain._chain_clear`).
+        ``flush=True`` also empties the shared layers (memcached's ``flush_all``:
+        every key on those servers, as Django's own backend does).
+
+        Returns True when every process will see the cache empty; False when the
+        shared layer could not be reached (counted, logged once; this process's
+        layers are emptied anyway) or cannot be cleared at all (no namespace and no
+        ``flush``). Raises :class:`~cachechain.InvalidValueError` for a non-bool
+        ``flush``, :class:`~cachechain.ChainClosedError` after :meth:`close`.
+        """
+        return _chain_clear.clear(self, flush)
 
     # -- metrics ----------------------------------------------------------------------
     def _refresh_metrics(self) -> None:
@@ -437,7 +422,10 @@ class Chain(AtomicOps):
             self._l1_get = _closed_get
             if self._figures is not None:
                 self._figures.stopped = True
-        lost = _tier.close(self._tiers, timeout)
+        deadline = time.monotonic() + timeout
+        if self._coherence is not None:  # its last publications, then the writers
+            self._coherence.close(timeout)
+        lost = _tier.close(self._tiers, max(0.0, deadline - time.monotonic()))
         if self._owned_collector is not None:  # after the writers: their last events are in
             _close_collector(self._owned_collector, self._m)
         return lost
@@ -469,6 +457,7 @@ def _from_config(cls: type[C], config: ChainConfig | Mapping[str, Any]) -> C:
             metrics=config.metrics_collector,
             breaker=config.breaker,
             writer=config.writer,
+            coherence=config.coherence,
         )
     except BaseException:
         if config.owns_collector:  # what the mapping made must not leak
@@ -479,6 +468,33 @@ def _from_config(cls: type[C], config: ChainConfig | Mapping[str, Any]) -> C:
     if config.owns_collector:
         chain._owned_collector = config.metrics_collector
     return chain
+
+
+def _coherence(
+    chain: Chain, configs: Sequence[LayerConfig], namespace: Any, config: CoherenceConfig
+) -> Coherence:
+    """The coherence of ``chain``, whose shared layers carry ``namespace``. Raises
+    :class:`ConfigError` when an in-process layer above the shared one cannot be
+    cleared (everything it holds must be droppable when track is lost)."""
+    at = shared_index(configs)
+    assert at is not None  # a namespace implies a shared layer
+    tiers = chain._tiers
+    if config.enabled:
+        for tier in tiers[:at]:
+            if tier.layer.local and not isinstance(unwrapped(tier.layer), SupportsClear):
+                raise ConfigError(
+                    f"layer {tier.name!r} has no clear(): an in-process layer above a "
+                    "shared one must have one for coherence (or pass coherence=False)"
+                )
+    writer = tiers[at].writer
+    held = writer.holds if writer is not None else _never_held
+    return Coherence(
+        tiers, at, namespace.layer, namespace, chain._fence, chain._report, config, held
+    )
+
+
+def _never_held(key: str) -> bool:
+    return False
 
 
 def _layer_configs(layers: object, name: object) -> list[LayerConfig]:
@@ -506,20 +522,6 @@ def _close_collector(collector: Any, m: CollectorGuard | None) -> None:
         except Exception as exc:
             if m is not None:
                 m.failed(exc)
-
-
-def _timed_load(m: CollectorGuard | None, loader: Callable[[], Any]) -> Any:
-    """``loader()``, its outcome and duration recorded in ``m``."""
-    t0 = _perf() if m is not None else 0.0
-    try:
-        loaded = loader()
-    except BaseException:
-        if m is not None:
-            m.record_load(False, _perf() - t0)
-        raise
-    if m is not None:
-        m.record_load(True, _perf() - t0)
-    return loaded
 
 
 def _key_list(keys: Iterable[str], operation: str) -> list[str]:

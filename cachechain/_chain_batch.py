@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ._fence import Ticket
+from ._chain_metrics import Reporter
+from ._fence import MutationFence, Ticket
 from ._tier import Tier
+from .metrics._base import CollectorGuard
 
-__all__ = ["Backfill", "read_through"]
+__all__ = ["Backfill", "Backfiller", "read_through"]
 
 #: ``backfill(ticket, index, key, value, ttl, skip)``: copy a hit from the tier at
 #: ``index`` into the tiers above it but those in ``skip``, if the fence allows.
@@ -60,3 +62,57 @@ def _backfill_hits(
         if ticket is not None:
             skip = tuple([at for at, held in held_by.items() if key in held]) if held_by else ()
             backfill(ticket, index, key, value, ttl, skip)
+
+
+class Backfiller:
+    """A chain's :data:`Backfill`: copies a hit from the tier at ``index`` into the
+    ``tiers`` above it but those in ``skip`` (their writers hold the key), unless
+    ``fence`` saw a mutation of the key's stripe since ``ticket`` was taken, and never
+    a value whose remaining TTL the layer cannot tell (``0.0``: a memcached counter),
+    which must not outlive it. Failures go to ``report``; ``m``: the chain's metrics."""
+
+    __slots__ = ("_fence", "_l1_name", "_l1_set", "_plain", "_report", "_tiers")
+
+    def __init__(
+        self,
+        tiers: Sequence[Tier],
+        fence: MutationFence,
+        report: Reporter,
+        m: CollectorGuard | None,
+    ) -> None:
+        self._tiers = tiers
+        self._fence = fence
+        self._report = report
+        self._l1_set = tiers[0].layer.set
+        self._l1_name = tiers[0].name
+        self._plain = m is None  # nothing recorded: an L2 hit's fill is L1's set alone
+
+    def __call__(
+        self,
+        ticket: Ticket,
+        index: int,
+        key: str,
+        value: Any,
+        ttl: float | None,
+        skip: tuple[int, ...],
+    ) -> None:
+        """Backfill ``key``'s ``value`` (``ttl`` seconds left) found at ``index``."""
+        if ttl is not None and ttl <= 0.0:
+            return
+        if index == 1 and self._plain:
+            # The usual L2 hit: only the first layer to fill, nothing to record. Its set
+            # is called straight from the fence (the first layer has no writer).
+            try:
+                self._fence.if_unchanged(ticket, self._l1_set, key, value, ttl)
+            except Exception as exc:
+                self._report.failed(self._l1_name, "set", exc)
+            return
+        self._fence.if_unchanged(ticket, self._fill, index, key, value, ttl, skip)
+
+    def _fill(
+        self, index: int, key: str, value: Any, ttl: float | None, skip: tuple[int, ...]
+    ) -> None:
+        tiers = self._tiers
+        for upper in range(index):
+            if upper not in skip:
+                tiers[upper].fill(key, value, ttl)

@@ -21,7 +21,7 @@ from ._validate import (
 )
 from .layers._base import CacheLayer
 
-__all__ = ["BreakerConfig", "ChainConfig", "LayerConfig", "WriterConfig"]
+__all__ = ["BreakerConfig", "ChainConfig", "CoherenceConfig", "LayerConfig", "WriterConfig"]
 
 
 @dataclass(frozen=True)
@@ -121,13 +121,61 @@ class LayerConfig:
 
 
 @dataclass(frozen=True)
+class CoherenceConfig:
+    """How a chain stays coherent with the other processes sharing its shared layer
+    (see docs/coherence.md and "Running many processes" in the README).
+
+    ``namespace``: every key sent to a shared layer carries the namespace generation
+    stored in the lowest one, so :meth:`Chain.clear <cachechain.Chain.clear>` empties
+    the cache for every process (needs ``add`` and counters on that layer, as
+    memcached has). ``enabled``: a change made in one process removes the key from
+    every other process's in-process layers within ``bound`` seconds, through a
+    journal in the shared layer polled every ``interval`` seconds (``interval <
+    bound``); ``slots`` entries of it are kept. Both are on by default; they need no
+    server beyond the shared layer, and cost one round trip per ``interval`` per
+    chain. Raises :class:`~cachechain.ConfigError` for invalid values.
+    """
+
+    enabled: bool = True
+    namespace: bool = True
+    interval: float = 0.04
+    bound: float = 0.1
+    slots: int = 1024
+
+    def __post_init__(self) -> None:
+        for name in ("enabled", "namespace"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"coherence.{name} must be a bool, got {getattr(self, name)!r}")
+        check_seconds(self.interval, "coherence.interval")
+        check_seconds(self.bound, "coherence.bound")
+        if self.interval >= self.bound:
+            raise ConfigError(
+                f"coherence.interval ({self.interval}) must be below coherence.bound ({self.bound})"
+            )
+        check_positive_int(self.slots, "coherence.slots")
+
+    @classmethod
+    def of(cls, value: CoherenceConfig | bool) -> CoherenceConfig:
+        """``value`` as a config: True is the default one, False turns both off.
+        Raises :class:`~cachechain.ConfigError` for anything else."""
+        if isinstance(value, CoherenceConfig):
+            return value
+        if value is True:
+            return cls()
+        if value is False:
+            return cls(enabled=False, namespace=False)
+        raise ConfigError(f"coherence must be a bool or a CoherenceConfig, got {value!r}")
+
+
+@dataclass(frozen=True)
 class ChainConfig:
     """A whole chain: the seed's ``ChainConfig`` (``Chain.from_config`` builds it).
 
     ``layers`` are ordered fastest first; each is a layer or a :class:`LayerConfig`.
     ``name`` labels the chain's metrics. ``metrics_collector`` receives the metrics
     (``None``: none are recorded, at no cost). ``breaker`` and ``writer`` are the
-    defaults for every layer that does not set its own. ``owns_collector``: the chain
+    defaults for every layer that does not set its own. ``coherence``: see
+    :class:`CoherenceConfig` (True: its defaults; False: off). ``owns_collector``: the chain
     closes the collector (if it has ``close()``) when the chain closes; set by
     :func:`cachechain.chain_config_from_mapping`, which creates it.
     """
@@ -137,4 +185,5 @@ class ChainConfig:
     metrics_collector: Any = None
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
     writer: WriterConfig = field(default_factory=WriterConfig)
+    coherence: CoherenceConfig | bool = True
     owns_collector: bool = False

@@ -34,6 +34,7 @@ Ticket = int | None
 
 _STRIPES = 64  # a power of two
 _MASK = _STRIPES - 1
+_ALL = tuple(range(_STRIPES))
 
 
 class MutationFence:
@@ -103,6 +104,16 @@ class MutationFence:
                 seqs[stripe] += _STRIPES
                 active[stripe] += 1
         return Mutation(self, stripes, then)
+
+    def mutating_all(self, then: Callable[[], T]) -> Mutation[T]:
+        """:meth:`mutating` of every key (a clear): no read in flight may backfill
+        after it."""
+        with self._lock:
+            seqs, active = self._seq, self._active
+            for stripe in _ALL:
+                seqs[stripe] += _STRIPES
+                active[stripe] += 1
+        return Mutation(self, _ALL, then)
 
     def _end(self, stripes: Sequence[int], then: Callable[[], T]) -> T:
         with self._lock:

@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 
 from ._breaker import BreakerStats, CircuitBreaker, CircuitState
 from ._errors import ConfigError
+from ._namespace import NamespacedLayer
 from ._validate import check_callable, check_optional_seconds
 from .layers._base import (
     CacheLayer,
@@ -93,6 +94,13 @@ class ResilientLayer(LayerProxy):
         check_callable(clock, "clock")
         self._breaker = breaker
         self._clock = clock
+
+    def around(self, layer: CacheLayer) -> ResilientLayer:
+        """A wrapper of ``layer`` with this one's breaker, timeout and clock (the
+        chain uses it to slip a wrapper of its own inside a user's)."""
+        return ResilientLayer(
+            layer, breaker=self._breaker, timeout=self._timeout, clock=self._clock
+        )
 
     # -- configuration -------------------------------------------------------------------
 
@@ -228,9 +236,10 @@ class ResilientLayer(LayerProxy):
 
 
 def unwrapped(layer: CacheLayer) -> CacheLayer:
-    """``layer`` without the :class:`ResilientLayer` wrappers around it: the layer whose
-    optional capabilities a resilient wrapper forwards."""
-    while isinstance(layer, ResilientLayer):
+    """``layer`` without the wrappers that forward its optional capabilities
+    (:class:`ResilientLayer`, :class:`~cachechain._namespace.NamespacedLayer`): the
+    layer whose capabilities they forward."""
+    while isinstance(layer, (ResilientLayer, NamespacedLayer)):
         layer = layer.layer
     return layer
 

@@ -16,16 +16,19 @@ The mapping describes a whole chain::
         ],
         "breaker": {"max_failures": 5, "reset_timeout": 10.0},   # defaults of every layer
         "writer": {"queue_size": 1000, "max_wait": 0.0, "workers": 1},
+        "coherence": {"bound": 0.1},        # or True (the default) / False
         "metrics": {"exporter": "statsd", "options": {"host": "127.0.0.1"}},
     }
 
 Top-level keys: ``name`` (default ``"default"``), ``layers`` (required, fastest
 first), ``breaker`` and ``writer`` (the defaults, see
-:class:`~cachechain.BreakerConfig` and :class:`~cachechain.WriterConfig`)
-and ``metrics`` (see :func:`cachechain.exporters.create_exporter`: a name, a
-``{"exporter": ..., "options": ...}`` mapping, a ``"module:attr"`` path or a list of
-them for fan-out; absent or ``None``: the ``CACHECHAIN_EXPORTER`` environment variable
-decides, and metrics are off when it is unset).
+:class:`~cachechain.BreakerConfig` and :class:`~cachechain.WriterConfig`),
+``coherence`` (``True``, the default, ``False``, or the fields of
+:class:`~cachechain.CoherenceConfig`) and ``metrics`` (see
+:func:`cachechain.exporters.create_exporter`: a name, a ``{"exporter": ...,
+"options": ...}`` mapping, a ``"module:attr"`` path or a list of them for fan-out;
+absent or ``None``: the ``CACHECHAIN_EXPORTER`` environment variable decides, and
+metrics are off when it is unset).
 
 Each layer: ``type`` (``memory``, ``memcached``, or ``"package.module:Class"`` for a
 layer class of your own, called with ``name`` and the options), ``name`` (default
@@ -51,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from ._close import close_quietly
-from ._config import BreakerConfig, ChainConfig, LayerConfig, WriterConfig
+from ._config import BreakerConfig, ChainConfig, CoherenceConfig, LayerConfig, WriterConfig
 from ._declarative import import_path, keyword_options, reject_unknown, with_field
 from ._errors import ConfigError
 from ._exporter_spec import ExporterSpec, parse_exporters
@@ -60,7 +63,7 @@ from ._validate import check_optional_seconds
 
 __all__ = ["LAYER_TYPES", "chain_config_from_file", "chain_config_from_mapping"]
 
-_TOP_KEYS = ("name", "layers", "breaker", "writer", "metrics")
+_TOP_KEYS = ("name", "layers", "breaker", "writer", "coherence", "metrics")
 _CHAIN_LAYER_KEYS = (
     "type",
     "name",
@@ -116,6 +119,7 @@ def chain_config_from_mapping(
         raise ConfigError(f"name must be a non-empty str, got {name!r}")
     breaker = _dataclass_from(BreakerConfig, mapping.get("breaker"), "breaker", "")
     writer = _dataclass_from(WriterConfig, mapping.get("writer"), "writer", "")
+    coherence = _coherence(mapping.get("coherence", True))
     plans = _plan_layers(mapping.get("layers"))
     exporters = parse_exporters(mapping.get("metrics"), environ=environ)
     layers, collector, owned = _build(plans, exporters)
@@ -125,8 +129,16 @@ def chain_config_from_mapping(
         metrics_collector=collector,
         breaker=breaker,
         writer=writer,
+        coherence=coherence,
         owns_collector=owned,
     )
+
+
+def _coherence(value: Any) -> CoherenceConfig:
+    """The ``coherence`` setting: a bool or a mapping of :class:`CoherenceConfig` fields."""
+    if isinstance(value, bool):
+        return CoherenceConfig.of(value)
+    return _dataclass_from(CoherenceConfig, value, "coherence", "")  # type: ignore[no-any-return]
 
 
 def chain_config_from_file(

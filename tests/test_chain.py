@@ -85,7 +85,7 @@ def test_a_value_without_expiry_is_backfilled_with_the_upper_layers_default() ->
 
 def test_backfill_into_lower_upper_layers_goes_through_their_writers() -> None:
     l1, l2, l3 = MemoryLayer("L1"), FakeLayer("L2"), FakeLayer("L3")
-    with Chain([l1, l2, l3]) as chain:
+    with Chain([l1, l2, l3], coherence=False) as chain:
         l3.set("k", "v", 60)
         assert chain.get("k") == "v"
         assert chain.flush(5)
@@ -99,7 +99,10 @@ def test_a_failing_layer_is_skipped_as_a_miss_and_logged_once(
     l1, l2, l3 = MemoryLayer("L1"), FakeLayer("L2"), FakeLayer("L3")
     l3.set("k", "v", 60)
     l2.fail = LayerUnavailableError("down")
-    with Chain([l1, l2, l3], breaker=None) as chain, caplog.at_level(logging.DEBUG):
+    with (
+        Chain([l1, l2, l3], breaker=None, coherence=False) as chain,
+        caplog.at_level(logging.DEBUG),
+    ):
         assert chain.get("k") == "v"
         l1.delete("k")
         # L2 also failed to take the backfill of "k": its writer holds a repair delete
@@ -140,7 +143,7 @@ def test_set_and_delete_reach_every_layer() -> None:
 
 def test_delete_cancels_a_queued_backfill() -> None:
     l1, l2, l3 = MemoryLayer("L1"), FakeLayer("L2"), FakeLayer("L3")
-    with Chain([l1, l2, l3]) as chain:
+    with Chain([l1, l2, l3], coherence=False) as chain:
         writer = chain.writers["L2"]
         gate = l2.block_set = threading.Event()
         l3.set("busy", 1, 60)
@@ -407,7 +410,7 @@ def test_a_delete_is_not_overtaken_by_a_backfill_already_in_flight(
     entered, release = l2.write_entered, threading.Event()
     l2.block_set = release
     l3.set("k", "old", 60)
-    with Chain([l1, LayerConfig(layer=l2, timeout=timeout), l3]) as chain:
+    with Chain([l1, LayerConfig(layer=l2, timeout=timeout), l3], coherence=False) as chain:
         assert chain.get("k") == "old"
         assert entered.wait(5)  # the backfill of "old" into L2 is in flight
         done = threading.Event()
@@ -475,7 +478,7 @@ def test_a_read_never_backfills_a_value_whose_delete_the_writer_still_holds(
     entered, release = l2.write_entered, threading.Event()
     l2.set("k", "old", 60)
     l2.block_delete = release
-    with Chain([l1, LayerConfig(layer=l2, write_behind=True)]) as chain:
+    with Chain([l1, LayerConfig(layer=l2, write_behind=True)], coherence=False) as chain:
         if state == "queued":  # the worker is busy deleting another key
             assert chain.delete("other") is True
         assert chain.delete("k") is True
@@ -516,7 +519,7 @@ def test_a_read_never_copies_into_l2_a_value_whose_delete_l3_still_holds() -> No
     l2.set("k", "old", 60)
     l3.set("k", "old", 60)
     l3.block_delete = release
-    with Chain([l1, l2, LayerConfig(layer=l3, write_behind=True)]) as chain:
+    with Chain([l1, l2, LayerConfig(layer=l3, write_behind=True)], coherence=False) as chain:
         assert chain.delete("k") is True
         assert entered.wait(5)
         assert chain.get("k") in (None, "old")
@@ -536,7 +539,7 @@ def test_a_set_dropped_by_a_full_queue_leaves_no_older_value_below(call: str) ->
     l2.block_set = release
     l2.data["k"] = ("old", None)
     config = LayerConfig(layer=l2, write_behind=True, writer=WriterConfig(queue_size=1))
-    with Chain([l1, config]) as chain:
+    with Chain([l1, config], coherence=False) as chain:
         assert chain.set("busy", 1) is True  # in flight
         assert entered.wait(5)
         assert chain.set("full", 2) is True  # queued: the queue is full
@@ -664,7 +667,7 @@ def test_get_many_treats_a_malformed_answer_as_a_layer_failure() -> None:
 
 def test_a_delete_a_lower_layer_missed_is_retried_and_its_old_value_never_served() -> None:
     l1, l2 = MemoryLayer("L1"), FakeLayer("L2")
-    with Chain([l1, LayerConfig(layer=l2, resilient=False)]) as chain:
+    with Chain([l1, LayerConfig(layer=l2, resilient=False)], coherence=False) as chain:
         assert chain.set("k", "v1", 60) and chain.set("j", "other", 60)
         l2.fail = LayerUnavailableError("down")  # until the end of the checks
         assert chain.delete("k") is False  # L2 could not be reached ...
@@ -685,7 +688,7 @@ def test_a_delete_a_lower_layer_missed_is_retried_and_its_old_value_never_served
 
 def test_a_set_a_lower_layer_missed_leaves_no_older_value_there() -> None:
     l1, l2 = MemoryLayer("L1"), FakeLayer("L2")
-    with Chain([l1, LayerConfig(layer=l2, resilient=False)]) as chain:
+    with Chain([l1, LayerConfig(layer=l2, resilient=False)], coherence=False) as chain:
         assert chain.set("k", "v1", 60)
         l2.fail = LayerUnavailableError("down")
         assert chain.set("k", "v2", 60) is False
@@ -705,7 +708,8 @@ def test_a_set_a_lower_layer_missed_leaves_no_older_value_there() -> None:
 def test_get_many_reads_a_layer_only_for_the_keys_its_writer_does_not_hold() -> None:
     l1, l2, l3 = MemoryLayer("L1"), FakeLayer("L2"), FakeLayer("L3")
     with Chain(
-        [l1, LayerConfig(layer=l2, resilient=False), LayerConfig(layer=l3, resilient=False)]
+        [l1, LayerConfig(layer=l2, resilient=False), LayerConfig(layer=l3, resilient=False)],
+        coherence=False,
     ) as chain:
         assert chain.set_many({"a": 1, "b": 2}, 60)
         l2.fail = LayerUnavailableError("down")
@@ -750,7 +754,9 @@ def test_repairs_the_chain_asks_for_wait_for_the_writers_retry_round() -> None:
 def test_a_key_held_in_one_layer_is_still_backfilled_into_the_others() -> None:
     l1, l2, l3 = MemoryLayer("L1"), FakeLayer("L2"), FakeLayer("L3")
     layers = [l1, LayerConfig(layer=l2, resilient=False), LayerConfig(layer=l3, resilient=False)]
-    with Chain(layers, writer=WriterConfig(retry_delay=600, max_retry_delay=600)) as chain:
+    with Chain(
+        layers, writer=WriterConfig(retry_delay=600, max_retry_delay=600), coherence=False
+    ) as chain:
         l2.fail = LayerUnavailableError("down")
         assert chain.set("k", "v", 60) is False  # L3 and L1 took it; L2 holds a repair
         l1.clear()

@@ -29,7 +29,7 @@ def test_fallback_and_backfill_through_memcached_keep_the_remaining_ttl(
     mono = FakeClock()
     l1 = MemoryLayer("L1", clock=mono)
     l2 = MemcachedLayer("L2", memcached.address, clock=wall)
-    with Chain([l1, l2]) as chain:
+    with Chain([l1, l2], coherence=False) as chain:
         l2.set("user:1", {"name": "Ada"}, ttl=100)
         wall.advance(40)
         assert chain.get("user:1") == {"name": "Ada"}
@@ -41,7 +41,7 @@ def test_fallback_and_backfill_through_memcached_keep_the_remaining_ttl(
 
 def test_set_and_delete_reach_memcached(memcached: MemcachedProcess) -> None:
     l1, l2 = MemoryLayer("L1"), MemcachedLayer("L2", memcached.address)
-    with Chain([l1, l2]) as chain:
+    with Chain([l1, l2], coherence=False) as chain:
         assert chain.set("k", [1, 2, 3], ttl=30)
         assert l2.get("k") == [1, 2, 3]
         assert chain.delete("k")
@@ -75,7 +75,7 @@ def test_corrupt_bytes_in_memcached_are_a_counted_miss(
     collector = MemoryCollector()
     l1, l2 = MemoryLayer("L1"), MemcachedLayer("L2", memcached.address)
     raw_client(memcached).set(memcached_key("k"), raw, noreply=False)
-    with Chain([l1, l2], metrics=collector) as chain:
+    with Chain([l1, l2], metrics=collector, coherence=False) as chain:
         assert chain.get("k", "default") == "default"
         assert chain.get_or_load("k", lambda: "reloaded") == "reloaded"
         snap = collector.snapshot()
@@ -98,7 +98,7 @@ def test_get_many_is_one_round_trip_per_layer(
 
     monkeypatch.setattr(Client, "get_many", spy)
     before = _stats(memcached)
-    with Chain([l1, l2]) as chain:
+    with Chain([l1, l2], coherence=False) as chain:
         found = chain.get_many([*keys, "missing"])
     after = _stats(memcached)
     assert found == {k: i for i, k in enumerate(keys)}
@@ -109,7 +109,7 @@ def test_get_many_is_one_round_trip_per_layer(
 
 def test_more_threads_than_pooled_connections_never_fail(memcached: MemcachedProcess) -> None:
     l2 = MemcachedLayer("L2", memcached.address, pool_size=4, pool_timeout=1.0)
-    chain = Chain([MemoryLayer("L1", maxsize=1), l2])
+    chain = Chain([MemoryLayer("L1", maxsize=1), l2], coherence=False)
     for i in range(50):
         l2.set(f"k{i}", i, ttl=60)
     barrier = threading.Barrier(8)
@@ -139,7 +139,9 @@ def test_more_threads_than_pooled_connections_never_fail(memcached: MemcachedPro
 
 
 def test_key_injection_through_the_chain_flushes_nothing(memcached: MemcachedProcess) -> None:
-    with Chain([MemoryLayer("L1"), MemcachedLayer("L2", memcached.address)]) as chain:
+    with Chain(
+        [MemoryLayer("L1"), MemcachedLayer("L2", memcached.address)], coherence=False
+    ) as chain:
         chain.set("sentinel", "alive", ttl=60)
         evil = "x\r\nflush_all\r\nset y 0 0 1\r\nz"
         assert chain.set(evil, "v", ttl=60)
@@ -150,7 +152,9 @@ def test_key_injection_through_the_chain_flushes_nothing(memcached: MemcachedPro
 
 def test_a_write_behind_layer_gets_sets_through_its_writer(memcached: MemcachedProcess) -> None:
     l2 = MemcachedLayer("L2", memcached.address)
-    with Chain([MemoryLayer("L1"), LayerConfig(layer=l2, write_behind=True)]) as chain:
+    with Chain(
+        [MemoryLayer("L1"), LayerConfig(layer=l2, write_behind=True)], coherence=False
+    ) as chain:
         for i in range(100):
             assert chain.set(f"k{i}", i, ttl=60)
         chain.delete("k5")
@@ -179,7 +183,7 @@ def test_a_refused_write_leaves_no_older_value_in_memcached(
     l2 = MemcachedLayer("L2", memcached.address)
     other_process = MemcachedLayer("elsewhere", memcached.address)
     config = LayerConfig(layer=l2, write_behind=write_behind)
-    with Chain([MemoryLayer("L1"), config]) as chain:
+    with Chain([MemoryLayer("L1"), config], coherence=False) as chain:
         assert chain.set("k", "v1") and chain.set_many({"a": 1, "b": 2})
         assert chain.flush(10)
         assert other_process.get("k") == "v1"
@@ -201,7 +205,9 @@ def test_a_write_memcached_missed_is_repaired_once_it_answers_again(
     other_process = MemcachedLayer("elsewhere", memcached.address)
     with FaultProxy(("127.0.0.1", memcached.port)) as proxy:
         l2 = MemcachedLayer("L2", proxy.address, timeout=0.2, connect_timeout=0.2)
-        with Chain([MemoryLayer("L1"), LayerConfig(layer=l2, resilient=False)]) as chain:
+        with Chain(
+            [MemoryLayer("L1"), LayerConfig(layer=l2, resilient=False)], coherence=False
+        ) as chain:
             assert chain.set("k", "v1")
             proxy.reset()  # every connection is reset as soon as it sends
             if operation == "delete":

@@ -26,7 +26,7 @@ class ChainModel(RuleBasedStateMachine):
         self.l1 = MemoryLayer("L1", maxsize=2, clock=self.clock)  # small: evictions too
         self.l2 = FakeLayer("L2", clock=self.clock)
         self.l3 = FakeLayer("L3", clock=self.clock)
-        self.chain = Chain([self.l1, self.l2, self.l3])
+        self.chain = Chain([self.l1, self.l2, self.l3], coherence=False)
         self.model: dict[str, int] = {}
 
     @rule(key=KEYS, value=VALUES)
@@ -78,7 +78,7 @@ def test_threads_mixing_get_set_delete_on_few_keys_stay_consistent() -> None:
     """8 threads, 4 keys: every value read was written for that key; after a final
     delete no layer keeps the key, and after a final set every layer has it."""
     l1, l2, l3 = MemoryLayer("L1", maxsize=2), FakeLayer("L2"), FakeLayer("L3", local=True)
-    chain = Chain([l1, l2, l3])
+    chain = Chain([l1, l2, l3], coherence=False)
     keys = ["a", "b", "c", "d"]
     barrier = threading.Barrier(8)
     bad: list[Any] = []

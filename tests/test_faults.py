@@ -142,7 +142,9 @@ def test_black_hole_bounds_every_get_and_the_open_breaker_costs_no_io(
     l2 = guarded(proxy.address, clock, max_failures=5)
     watch = StateWatch(l2.breaker)
     l1 = MemoryLayer("L1")
-    chain = Chain([l1, l2])
+    # The request path alone: coherence's poller does its own (bounded) I/O in the
+    # background, which the byte counts below would include.
+    chain = Chain([l1, l2], coherence=False)
 
     def loader() -> str:
         return "loaded"
@@ -193,7 +195,7 @@ def test_slow_trickle_counts_as_failures_and_opens_the_breaker(proxy: FaultProxy
     """Row 5: every read succeeds but the whole call takes far longer than the timeout."""
     clock = FakeClock()
     l2 = guarded(proxy.address, clock, max_failures=2)
-    with Chain([MemoryLayer("L1"), l2]) as chain:
+    with Chain([MemoryLayer("L1"), l2], coherence=False) as chain:
         l2.set("k", "x" * 64, 60)
         proxy.trickle(8, 0.03)
         assert chain.get("k") == "x" * 64  # the value is right, just slow
@@ -211,7 +213,7 @@ def test_a_broken_connection_is_a_miss_and_the_next_call_is_correct(
     clock = FakeClock()
     l2 = guarded(proxy.address, clock)
     collector = MemoryCollector()
-    with Chain([MemoryLayer("L1", maxsize=1), l2], metrics=collector) as chain:
+    with Chain([MemoryLayer("L1", maxsize=1), l2], metrics=collector, coherence=False) as chain:
         l2.set("k", "value", 60)
         if fault == "reset":
             proxy.reset()
@@ -243,7 +245,11 @@ def test_writes_queued_for_a_dead_layer_fail_fast_and_are_counted(
     clock = FakeClock()
     l2 = guarded(own_memcached.address, clock, max_failures=2)
     collector = MemoryCollector()
-    chain = Chain([MemoryLayer("L1"), LayerConfig(layer=l2, write_behind=True)], metrics=collector)
+    chain = Chain(
+        [MemoryLayer("L1"), LayerConfig(layer=l2, write_behind=True)],
+        metrics=collector,
+        coherence=False,
+    )
     own_memcached.stop()
     threads_before = threading.active_count()
     for i in range(300):
@@ -269,7 +275,7 @@ def test_close_drains_pending_writes_to_memcached_within_its_deadline(
 ) -> None:
     """Row 20: close(timeout) with pending writes."""
     l2 = MemcachedLayer("L2", memcached.address)
-    chain = Chain([MemoryLayer("L1"), LayerConfig(layer=l2, write_behind=True)])
+    chain = Chain([MemoryLayer("L1"), LayerConfig(layer=l2, write_behind=True)], coherence=False)
     for i in range(1000):
         chain.set(f"k{i}", i, 60)
     start = time.monotonic()

@@ -31,10 +31,20 @@ def _wait_child(pid: int, timeout: float) -> int:
 def test_a_child_forked_while_every_lock_is_held_works() -> None:
     l1, l2 = MemoryLayer("L1"), FakeLayer("L2")
     chain = Chain([l1, l2])
-    l2.set("remote", "from-l2", 60)
+    coherence = chain.coherence
+    assert coherence is not None
+    l2.set(coherence.namespace.current() + "remote", "from-l2", 60)
     breaker = chain.breakers["L2"]
     holding, release = threading.Event(), threading.Event()
-    locks = [chain._fence._lock, l1._lock, breaker._lock, chain._flight._lock]
+    journal = coherence.backplane
+    locks = [
+        chain._fence._lock,
+        l1._lock,
+        breaker._lock,
+        chain._flight._lock,
+        coherence.namespace._lock,
+        journal._lock,  # type: ignore[attr-defined]
+    ]
 
     def hold_every_lock() -> None:
         for lock in locks:

@@ -163,11 +163,12 @@ def fault_server() -> Iterator[Callable[[str | bytes], FaultServer]]:
 # -- configuration -----------------------------------------------------------------------
 
 
-def test_capabilities_stats_and_timeout_but_no_clear() -> None:
+def test_capabilities_stats_timeout_and_clear() -> None:
     lay = MemcachedLayer()
     assert isinstance(lay, SupportsStats)
     assert isinstance(lay, SupportsTimeout)
-    assert not isinstance(lay, SupportsClear)  # never flushes a shared memcached
+    # clear() is memcached's flush_all: a chain calls it only for clear(flush=True).
+    assert isinstance(lay, SupportsClear)
 
 
 def test_defaults_and_read_only_settings() -> None:
@@ -1438,3 +1439,24 @@ def test_reset_after_fork_drops_inherited_state(
     assert old_client.sock is None  # this process's copy of the socket is closed
     assert lay.get("k") == 1
     assert next(iter(node.clients)) is not old_client
+
+
+@pytest.mark.memcached
+def test_clear_flushes_every_node_of_a_cluster() -> None:
+    servers = [MemcachedProcess().start(), MemcachedProcess().start()]
+    try:
+        lay = MemcachedLayer("L2", [s.address for s in servers])
+        keys = [f"k{i}" for i in range(40)]
+        lay.set_many({k: k for k in keys}, 60)
+        held = [
+            Client(("127.0.0.1", s.port)).stats()[b"curr_items"] for s in servers
+        ]
+        assert all(n > 0 for n in held), held  # both nodes hold keys
+        lay.clear()
+        assert lay.get_many(keys) == {}
+        lay.close()
+        with pytest.raises(ChainClosedError):
+            lay.clear()
+    finally:
+        for s in servers:
+            s.stop()

@@ -33,6 +33,9 @@ ARGS: dict[str, tuple[Any, ...]] = {
     "record_singleflight_shared": (),
     "record_evictions": ("L1", 2),
     "record_entries": ("L1", 5),
+    "record_invalidations_published": (4,),
+    "record_invalidations_applied": (3, 0.02),
+    "record_coherence_lost": ("gap",),
 }
 
 

@@ -96,7 +96,10 @@ def test_breaker_transitions_and_rejections_are_recorded() -> None:
     fake = FakeLayer("L2")
     breaker = CircuitBreaker("L2", max_failures=2, reset_timeout=10, clock=clock)
     collector = MemoryCollector()
-    chain2 = Chain([MemoryLayer("L1"), ResilientLayer(fake, breaker=breaker)], metrics=collector)
+    chain2 = Chain(
+        [MemoryLayer("L1"), ResilientLayer(fake, breaker=breaker)],
+        metrics=collector,
+    )
     fake.fail = LayerUnavailableError("down", layer="L2")
     for key in ("a", "b"):  # two failures open the breaker
         assert chain2.get(key) is None

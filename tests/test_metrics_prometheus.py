@@ -67,6 +67,10 @@ CATALOGUE: dict[str, tuple[str, set[str]]] = {
     "cache_chain_circuit_rejected_total": ("counter", {"chain", "layer"}),
     "cache_chain_evictions_total": ("counter", {"chain", "layer"}),
     "cache_chain_entries": ("gauge", {"chain", "layer"}),
+    "cache_chain_invalidations_published_total": ("counter", {"chain"}),
+    "cache_chain_invalidations_applied_total": ("counter", {"chain"}),
+    "cache_chain_invalidation_lag_seconds": ("histogram", {"chain"}),
+    "cache_chain_coherence_lost_total": ("counter", {"chain", "reason"}),
 }
 
 
@@ -121,6 +125,10 @@ def exercise_everything(collector: PrometheusCollector) -> Chain:
     view.record_singleflight_shared()
     view.record_evictions("L1", 2)
     view.record_entries("L1", 2)
+    view.record_invalidations_applied(2, 0.03)
+    # The journal's own poll fails while the fake does: once it stays failed for the
+    # bound, that is lost track; recorded here so the series exist whatever the timing.
+    view.record_coherence_lost("unreachable")
     return chain
 
 

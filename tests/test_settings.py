@@ -10,7 +10,13 @@ import pytest
 
 from cachechain import Chain, MemoryLayer
 from cachechain._codecs import JsonCodec, SignedPickleCodec
-from cachechain._config import BreakerConfig, ChainConfig, LayerConfig, WriterConfig
+from cachechain._config import (
+    BreakerConfig,
+    ChainConfig,
+    CoherenceConfig,
+    LayerConfig,
+    WriterConfig,
+)
 from cachechain._errors import ConfigError
 from cachechain._settings import chain_config_from_file, chain_config_from_mapping
 from cachechain.exporters import UnknownExporterError
@@ -456,3 +462,18 @@ def test_json_and_toml_files(tmp_path: Path) -> None:
     top_level = tmp_path / "top.toml"
     top_level.write_text('[[layers]]\ntype = "memory"\n', encoding="utf-8")
     assert len(chain_config_from_file(top_level, environ={}).layers) == 1
+
+
+def test_coherence_is_a_bool_or_its_fields() -> None:
+    base: dict[str, Any] = {"layers": [{"type": "memory"}]}
+    assert chain_config_from_mapping(base).coherence == CoherenceConfig()
+    off = chain_config_from_mapping({**base, "coherence": False}).coherence
+    assert off == CoherenceConfig(enabled=False, namespace=False)
+    tuned = chain_config_from_mapping({**base, "coherence": {"bound": 0.5, "slots": 64}})
+    assert tuned.coherence == CoherenceConfig(bound=0.5, slots=64)
+    with pytest.raises(ConfigError, match=r"^coherence\.interval \(0\.04\) must be below"):
+        chain_config_from_mapping({**base, "coherence": {"bound": 0.01}})
+    with pytest.raises(ConfigError, match=r"^coherence must be a mapping"):
+        chain_config_from_mapping({**base, "coherence": "yes"})
+    with pytest.raises(ConfigError, match=r"^coherence\.boundd is not a coherence setting"):
+        chain_config_from_mapping({**base, "coherence": {"boundd": 1}})

@@ -464,6 +464,21 @@ class MemcachedLayer(MemcachedAtomicOps, BaseLayer):
         if first_error is not None:
             raise first_error
 
+    def clear(self) -> None:
+        """Empty every node with memcached's ``flush_all``: every key on those servers,
+        other applications' included (a chain's ``clear()`` moves its namespace
+        generation instead; ``clear(flush=True)`` calls this). Every node is tried;
+        the first failure is raised at the end."""
+        self._pool.check_open()
+        first_error: CacheError | None = None
+        for node in self._pool.nodes:
+            try:
+                self._pool.call(node, "flush_all", 0, False)
+            except (LayerError, PoolExhaustedError) as exc:
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
+
     # -- lifecycle -----------------------------------------------------------------
 
     def stats(self) -> MemcachedLayerStats:

@@ -115,6 +115,18 @@ class MetricsCollector:
     def record_entries(self, layer: str, entries: int) -> None:
         """The in-process ``layer`` holds ``entries`` entries."""
 
+    def record_invalidations_published(self, count: int) -> None:
+        """This process changed ``count`` keys in the shared layer and published them
+        for the other processes to drop from their in-process layers."""
+
+    def record_invalidations_applied(self, count: int, lag: float) -> None:
+        """``count`` keys another process changed were dropped from this process's
+        in-process layers, ``lag`` seconds after that process published them."""
+
+    def record_coherence_lost(self, reason: str) -> None:
+        """This process lost track of other processes' changes (``reason``: one of
+        :data:`~cachechain.metrics.LOST_REASONS`) and dropped every in-process entry."""
+
     def add_refresh_hook(self, fn: Callable[[], object]) -> None:
         """Ask the collector to call ``fn()`` before it reads its figures (each scrape,
         snapshot or flush), so that values polled rather than pushed (an in-process

@@ -40,6 +40,8 @@ __all__ = [
     "GAUGE",
     "HISTOGRAM",
     "HIT_MISS",
+    "LAG_BUCKETS",
+    "LOST_REASONS",
     "METRICS",
     "OPERATIONS",
     "RECORDS",
@@ -73,6 +75,7 @@ OPERATIONS: tuple[str, ...] = (
     "incr",
     "decr",
     "touch",
+    "clear",
     "close",
     "other",
 )
@@ -84,6 +87,10 @@ CIRCUIT_STATES: tuple[str, ...] = ("closed", "open", "half_open")
 RESULTS: tuple[str, ...] = ("success", "failure")
 #: ``result`` of logical gets: a true ``hit`` argument is the first.
 HIT_MISS: tuple[str, ...] = ("hit", "miss")
+
+#: Why a process lost track of other processes' invalidations (and dropped every
+#: in-process entry): see :data:`cachechain._backplane.LOST_REASONS`.
+LOST_REASONS: tuple[str, ...] = ("overrun", "gap", "unreachable", "reset", "overflow", "other")
 
 #: Latency buckets (seconds) of every histogram unless a collector is given others: an
 #: in-process hit (a few us) up to a remote call at its timeout (1 s); one more bucket,
@@ -106,6 +113,9 @@ DEFAULT_BUCKETS: tuple[float, ...] = (
     0.5,
     1.0,
 )
+
+#: Buckets (seconds) of the invalidation lag: a poll interval is 0.04 s, the bound 0.1 s.
+LAG_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 5.0)
 
 
 # -- events ---------------------------------------------------------------------------------
@@ -181,6 +191,9 @@ RECORDS: tuple[Record, ...] = (
     Record("record_singleflight_shared", ()),
     Record("record_evictions", (_LAYER, Param("count", int))),
     Record("record_entries", (_LAYER, Param("entries", int))),
+    Record("record_invalidations_published", (Param("count", int),)),
+    Record("record_invalidations_applied", (Param("count", int), Param("lag", float))),
+    Record("record_coherence_lost", (Param("reason", str),)),
     Record(
         "record_first_layer_hit",
         (_LAYER, _DURATION),
@@ -545,6 +558,42 @@ METRICS: tuple[Metric, ...] = (
         "Entries held by the in-process layer.",
         feeds=(Feed("record_entries", value="entries"),),
         fields=(Field("entries"),),
+    ),
+    Metric(
+        "invalidations_published_total",
+        COUNTER,
+        ("chain",),
+        "Keys this process changed and told the other processes to drop.",
+        feeds=(Feed("record_invalidations_published", value="count"),),
+        fields=(Field("invalidations_published"),),
+    ),
+    Metric(
+        "invalidations_applied_total",
+        COUNTER,
+        ("chain",),
+        "Keys other processes changed that this process dropped from its in-process layers.",
+        feeds=(Feed("record_invalidations_applied", value="count"),),
+        fields=(Field("invalidations_applied"),),
+    ),
+    Metric(
+        "invalidation_lag_seconds",
+        HISTOGRAM,
+        ("chain",),
+        "Seconds from another process's publication of a change to its application here.",
+        feeds=(Feed("record_invalidations_applied", value="lag"),),
+        fields=(Field("invalidation_lag"),),
+        unit="seconds",
+        buckets=LAG_BUCKETS,
+    ),
+    Metric(
+        "coherence_lost_total",
+        COUNTER,
+        ("chain", "reason"),
+        "Times this process lost track of other processes' changes and dropped every "
+        "in-process entry, by reason.",
+        feeds=(Feed("record_coherence_lost", {"reason": Arg("reason")}),),
+        values={"reason": LOST_REASONS},
+        fields=(Field("coherence_lost"), Field("coherence_lost_by_reason", by="reason")),
     ),
 )
 _METRICS = {m.name: m for m in METRICS}

@@ -81,6 +81,11 @@ class ChainMetrics:
 
     ``hits_by_layer`` maps a layer's position (0 = the first) to the gets it served;
     ``latency`` covers every logical get, ``load_latency`` every loader call.
+    ``invalidations_published`` and ``invalidations_applied`` count the keys this
+    process told the others it changed, and those it dropped for them;
+    ``invalidation_lag`` is the seconds from another process's publication to its
+    application here; ``coherence_lost`` counts the times every in-process entry was
+    dropped because track was lost (by reason in ``coherence_lost_by_reason``).
     """
 
     total_hits: int = 0
@@ -91,6 +96,11 @@ class ChainMetrics:
     singleflight_shared: int = 0
     latency: LatencyStats = field(default_factory=LatencyStats)
     load_latency: LatencyStats = field(default_factory=LatencyStats)
+    invalidations_published: int = 0
+    invalidations_applied: int = 0
+    invalidation_lag: LatencyStats = field(default_factory=LatencyStats)
+    coherence_lost: int = 0
+    coherence_lost_by_reason: dict[str, int] = field(default_factory=dict)
 
     @property
     def hit_ratio(self) -> float:

@@ -1,0 +1,87 @@
+"""``Chain.clear()``: the cache emptied for this process and, through the namespace
+generation, for every process sharing the chain's shared layer.
+
+1. The async writers make what they hold (at most :data:`FLUSH_TIMEOUT` seconds), so
+   no write queued before the clear lands after it.
+2. With ``flush=True``, every shared layer that can be emptied is (memcached's
+   ``flush_all``).
+3. With a :class:`~cachechain._coherence.Coherence`, the namespace generation moves
+   and the in-process layers are emptied; without one, the in-process layers are
+   emptied and a shared layer counts as cleared only when it was flushed.
+
+Emptying in-process layers is one mutation of every key in the chain's fence
+(:func:`clear_layers`), so no read in flight backfills an old value after it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from . import _tier
+from ._chain_metrics import Reporter
+from ._errors import ChainClosedError, InvalidValueError
+from ._fence import MutationFence
+from ._resilience import unwrapped
+from ._tier import Tier
+from .layers._base import SupportsClear
+
+if TYPE_CHECKING:
+    from ._chain import Chain
+
+__all__ = ["FLUSH_TIMEOUT", "clear", "clear_layers"]
+
+#: Seconds ``clear()`` waits for the async writers to make what they hold.
+FLUSH_TIMEOUT = 1.0
+
+
+def clear(chain: Chain, flush: bool) -> bool:
+    """What :meth:`Chain.clear <cachechain.Chain.clear>` does; see there."""
+    if not isinstance(flush, bool):
+        raise InvalidValueError(f"flush must be a bool, got {flush!r}")
+    if chain._closed:
+        raise ChainClosedError("the chain is closed")
+    _tier.flush(chain._tiers, FLUSH_TIMEOUT)
+    ok = _flush_shared(chain._tiers, chain._report) if flush else True
+    if chain._coherence is not None:
+        return chain._coherence.clear() and ok
+    local = [t for t in chain._tiers if t.layer.local]
+    cleared = clear_layers(chain._fence, chain._report, local)
+    return cleared and (flush or len(local) == len(chain._tiers)) and ok
+
+
+def clear_layers(fence: MutationFence, report: Reporter, tiers: Sequence[Tier]) -> bool:
+    """Empty the layers of ``tiers`` as one mutation of every key (the first layer's,
+    if among them, under the fence's lock as the mutation ends). Return whether every
+    one could be emptied (a failure, or a layer without ``clear()``, is counted)."""
+    first = [t for t in tiers if t.index == 0]
+    done: list[bool] = []
+
+    def then() -> None:
+        done.extend(_clear(report, t) for t in first)
+
+    with fence.mutating_all(then):
+        done.extend(_clear(report, t) for t in tiers if t.index != 0)
+    return all(done)
+
+
+def _flush_shared(tiers: Sequence[Tier], report: Reporter) -> bool:
+    """``clear()`` every shared layer that has one (memcached: ``flush_all``)."""
+    ok = True
+    for tier in tiers:
+        if not tier.layer.local:
+            ok = _clear(report, tier, unwrapped(tier.layer)) and ok
+    return ok
+
+
+def _clear(report: Reporter, tier: Tier, layer: object = None) -> bool:
+    """``clear()`` ``layer`` (default: the tier's); False, counted, when it cannot."""
+    target = tier.layer if layer is None else layer
+    try:
+        if not isinstance(target, SupportsClear):
+            raise TypeError(f"layer {tier.name!r} has no clear()")
+        target.clear()
+    except Exception as exc:
+        report.failed(tier.name, "clear", exc)
+        return False
+    return True

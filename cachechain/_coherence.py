@@ -1,0 +1,184 @@
+"""Coherence: a chain's in-process layers kept in step with every other process.
+
+A chain has a :class:`Coherence` when it has a shared layer (one not ``local``) that
+can hold a namespace generation (``add`` and counters) and
+:class:`~cachechain.CoherenceConfig` does not turn it off. It owns:
+
+- the :class:`~cachechain._namespace.Namespace` of the shared layers, whose generation
+  is part of every key they are sent (:func:`namespaced`), so :meth:`Coherence.clear`
+  empties the cache for every process with one ``incr``;
+- the :class:`~cachechain._backplane.Backplane` (by default a
+  :class:`~cachechain._journal.MemcachedJournal`), to which each mutation of this
+  process publishes its keys, and for which it is the
+  :class:`~cachechain._backplane.Receiver`: another process's keys are removed from the
+  in-process layers above the shared one through the chain's
+  :class:`~cachechain._fence.MutationFence` (a read that began before cannot backfill
+  the old value after), and a clear or a loss of track drops every entry there.
+
+Without in-process layers above the shared one the journal only follows the
+generation (one ``get`` per interval). See docs/coherence.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+from ._backplane import Backplane
+from ._chain_clear import clear_layers
+from ._chain_metrics import Reporter
+from ._config import CoherenceConfig, LayerConfig
+from ._fence import MutationFence
+from ._journal import MemcachedJournal
+from ._namespace import Namespace, NamespacedLayer
+from ._resilience import ResilientLayer, unwrapped
+from ._tier import Tier
+from .layers._base import CacheLayer, SupportsAdd, SupportsCounters
+
+__all__ = ["Coherence", "namespaced", "shared_index"]
+
+
+def shared_index(configs: Sequence[LayerConfig]) -> int | None:
+    """The position of the lowest layer that is not ``local``, or None."""
+    for i in range(len(configs) - 1, -1, -1):
+        if not configs[i].layer.local:
+            return i
+    return None
+
+
+def namespaced(
+    configs: Sequence[LayerConfig], config: CoherenceConfig
+) -> tuple[list[LayerConfig], Namespace | None]:
+    """``configs`` with every shared layer wrapped in a
+    :class:`~cachechain._namespace.NamespacedLayer` of the lowest one's namespace, and
+    that namespace; unchanged and None when ``config`` turns namespaces off or no
+    shared layer can hold a generation."""
+    at = shared_index(configs)
+    if at is None or not config.namespace:
+        return list(configs), None
+    shared = unwrapped(configs[at].layer)
+    if not (isinstance(shared, SupportsAdd) and isinstance(shared, SupportsCounters)):
+        return list(configs), None
+    ns = Namespace(shared)
+    out = [
+        c if c.layer.local else dataclasses.replace(c, layer=_inside(c.layer, ns)) for c in configs
+    ]
+    return out, ns
+
+
+def _inside(layer: CacheLayer, ns: Namespace) -> CacheLayer:
+    """``layer`` namespaced, the namespace inside a breaker the user wrapped it in (so
+    the breaker guards the generation's fetch too)."""
+    if isinstance(layer, ResilientLayer):
+        return layer.around(_inside(layer.layer, ns))
+    return NamespacedLayer(layer, ns)
+
+
+class Coherence:
+    """The coherence of one chain: its namespace, its backplane, and the receiver that
+    applies other processes' changes to ``tiers`` (the chain's tiers) under ``fence``.
+
+    ``shared`` is the shared layer itself (unwrapped); ``held(key)`` whether a write of
+    ``key`` has not reached it yet. Never raises once built.
+    """
+
+    def __init__(
+        self,
+        tiers: Sequence[Tier],
+        shared_at: int,
+        shared: CacheLayer,
+        namespace: Namespace,
+        fence: MutationFence,
+        report: Reporter,
+        config: CoherenceConfig,
+        held: Callable[[str], bool],
+    ) -> None:
+        local = [t for t in tiers[:shared_at] if t.layer.local]
+        self.namespace = namespace
+        self._fence = fence
+        self._report = report
+        self._local = local
+        self._first = local[0] if local and local[0].index == 0 else None
+        self._others = [t for t in local if t is not self._first]
+        track_keys = config.enabled and bool(local)
+        self.backplane: Backplane = MemcachedJournal(
+            shared,
+            namespace,
+            keys=track_keys,
+            interval=config.interval,
+            bound=config.bound,
+            slots=config.slots,
+            held=held,
+        )
+        #: Whether other processes' changes reach the in-process layers.
+        self.tracking = track_keys
+        self.backplane.start(self)
+
+    # -- this process's changes -----------------------------------------------------
+    def publish(self, keys: Sequence[str]) -> None:
+        """Tell the other processes that ``keys`` changed in the shared layer."""
+        if self.tracking:
+            self.backplane.publish(keys)
+            m = self._report.m
+            if m is not None:
+                m.record_invalidations_published(len(keys))
+
+    def clear(self) -> bool:
+        """Move the namespace generation (every process stops reading what was
+        written before) and drop every in-process entry. Return whether the
+        generation moved; a failure is counted against the shared layer."""
+        try:
+            moved = self.namespace.move()
+        except Exception as exc:
+            self._report.failed(self.backplane_layer_name, "clear", exc)
+            moved = False
+        self.drop_all()
+        return moved
+
+    @property
+    def backplane_layer_name(self) -> str:
+        """The name of the layer that holds the namespace and the journal."""
+        return str(self.namespace._layer.name)
+
+    # -- the receiver -----------------------------------------------------------------
+    def invalidate(self, keys: Sequence[str], lag: float) -> None:
+        """Another process changed ``keys``: drop them from the in-process layers."""
+        first = self._first
+
+        def then() -> None:
+            if first is not None:
+                _quietly(self._report, first, keys)
+
+        with self._fence.mutating(keys, then):
+            for tier in self._others:
+                _quietly(self._report, tier, keys)
+        m = self._report.m
+        if m is not None:
+            m.record_invalidations_applied(len(keys), lag)
+
+    def cleared(self) -> None:
+        """Another process cleared the cache: drop every in-process entry."""
+        self.drop_all()
+
+    def lost(self, reason: str) -> None:
+        """Track was lost (``reason``): drop every in-process entry and count it."""
+        self.drop_all()
+        m = self._report.m
+        if m is not None:
+            m.record_coherence_lost(reason)
+
+    def drop_all(self) -> None:
+        """Empty the in-process layers above the shared one, as one mutation of every
+        key (no read in flight backfills after it)."""
+        clear_layers(self._fence, self._report, self._local)
+
+    def close(self, timeout: float) -> None:
+        """Publish what is pending and stop the backplane (``timeout`` seconds)."""
+        self.backplane.close(timeout)
+
+
+def _quietly(report: Reporter, tier: Tier, keys: Sequence[str]) -> None:
+    try:
+        tier.layer.delete_many(keys)
+    except Exception as exc:
+        report.failed(tier.name, "delete_many", exc)

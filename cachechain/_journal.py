@@ -1,0 +1,346 @@
+"""MemcachedJournal: the default backplane, an invalidation ring in the shared memcached.
+
+The ring lives in the chain's shared layer under reserved keys (never namespaced):
+a head counter (:data:`HEAD_KEY`, the sequence number of the last entry reserved) and
+``slots`` entries (``__cachechain__/j/<seq % slots>``), each ``[seq, origin,
+published_at, keys]`` (``keys`` None: "drop everything", a publisher's overflow).
+
+One thread per journal, every ``interval`` seconds:
+
+1. **publishes** the keys this process changed since the last round: reserves as many
+   sequence numbers as it has batches with one ``incr`` of the head and writes the
+   entries with one ``set_many``. A key whose write the shared layer has not taken yet
+   (``held(key)``: its writer still holds it, a write-behind set or a repair) waits
+   for a later round, so no process re-reads the old value after dropping its copy.
+   A write never waits for the journal. Past ``max_pending`` keys the process
+   publishes one "drop everything" entry instead.
+2. **polls**: one ``get_many`` of the head, the generation key and the ``read_ahead``
+   slots after the last sequence number seen (more round trips only while behind).
+   Entries are delivered in order to the receiver, but those this journal published
+   (its ``origin``). A new generation is adopted (:meth:`Namespace.adopt
+   <cachechain._namespace.Namespace.adopt>`) and reported as
+   :meth:`~cachechain._backplane.Receiver.cleared`.
+
+**Losing track** drops every local entry (:meth:`~cachechain._backplane.Receiver.lost`)
+rather than serving one past the bound: the ring overran the entries not read yet, an
+entry stayed unwritten for ``bound`` seconds (its publisher died between the ``incr``
+and the ``set_many``), the head vanished or went back (``flush_all``, a restart, an
+eviction), or no poll succeeded for ``bound`` seconds (the shared layer unreachable;
+then again every ``bound`` while it lasts). A process paused (SIGSTOP, a long GC)
+catches up from the ring when it resumes, within one interval.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final
+
+from . import _fork
+from ._backplane import Receiver
+from ._errors import LayerUnavailableError
+from ._logonce import LogOnce
+from ._namespace import GENERATION_KEY, RESERVED_PREFIX, Namespace
+from .layers._base import CacheLayer
+
+__all__ = ["HEAD_KEY", "MemcachedJournal", "slot_key"]
+
+logger = logging.getLogger("cachechain.coherence")
+_log_once = LogOnce(logger)
+
+#: The ring's head: the sequence number of the last entry reserved.
+HEAD_KEY: Final = RESERVED_PREFIX + "j/head"
+_SLOT: Final = RESERVED_PREFIX + "j/"
+#: Seconds an entry stays in memcached: far longer than any reader may lag.
+ENTRY_TTL: Final = 300.0
+#: Keys in one entry (memcached's items are at most 1 MB; keys at most 250 bytes).
+BATCH: Final = 1000
+_MAX_ROUNDS: Final = 64  # reads per poll while behind, before the next interval
+
+
+def slot_key(seq: int, slots: int) -> str:
+    """The key of the ring slot that holds entry ``seq``."""
+    return f"{_SLOT}{seq % slots}"
+
+
+class MemcachedJournal:
+    """The invalidation ring of ``layer`` (the shared layer, unwrapped), a
+    :class:`~cachechain._backplane.Backplane`.
+
+    ``namespace`` is the layer's :class:`~cachechain._namespace.Namespace`: each poll
+    reads its generation. ``keys``: False to follow the generation only (no ring: a
+    chain without in-process layers above the shared one). ``interval`` and ``bound``
+    are seconds (``interval < bound``); ``slots`` the ring's size; ``held(key)`` says
+    whether a write of ``key`` has not reached the layer yet; ``clock`` (monotonic)
+    and ``wall`` (epoch) return seconds. Thread-safe; :meth:`poll` may be called
+    directly (tests) instead of :meth:`start`.
+    """
+
+    def __init__(
+        self,
+        layer: CacheLayer,
+        namespace: Namespace,
+        *,
+        keys: bool = True,
+        interval: float = 0.04,
+        bound: float = 0.1,
+        slots: int = 1024,
+        read_ahead: int = 8,
+        max_pending: int = 10_000,
+        held: Callable[[str], bool] = lambda key: False,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self._layer: Any = layer
+        self._ns = namespace
+        self._keys = keys
+        self._interval = interval
+        self._bound = bound
+        self._slots = slots
+        self._read_ahead = read_ahead
+        self._max_pending = max_pending
+        self._held = held
+        self._clock = clock
+        self._wall = wall
+        self._receiver: Receiver | None = None
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._reset_state()
+        _fork.track(self)
+
+    def _reset_state(self) -> None:
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._pending: dict[str, None] = {}
+        self._overflow = False
+        self._origin = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self._last: int | None = None  # the last sequence number applied
+        self._gap_since: float | None = None
+        self._last_ok = self._clock()
+
+    def _after_fork(self) -> None:
+        """In a forked child: fresh locks and origin, nothing pending, the ring read
+        again from its head, and the poller started again if it ran."""
+        running = self._thread is not None and not self._closed
+        self._thread = None
+        self._reset_state()
+        if running and self._receiver is not None:
+            self.start(self._receiver)
+
+    # -- the backplane --------------------------------------------------------------
+    @property
+    def bound(self) -> float:
+        """Seconds within which a published key is invalidated everywhere (or track
+        is lost and every local entry dropped)."""
+        return self._bound
+
+    @property
+    def interval(self) -> float:
+        """Seconds between two polls."""
+        return self._interval
+
+    def start(self, receiver: Receiver) -> None:
+        """Deliver to ``receiver`` from a daemon thread polling every ``interval``."""
+        self._receiver = receiver
+        thread = threading.Thread(target=self._run, name="cachechain-coherence", daemon=True)
+        self._thread = thread
+        thread.start()
+
+    def publish(self, keys: Sequence[str]) -> None:
+        """Queue ``keys`` for the next round. Never blocks on I/O, never raises."""
+        if not self._keys:
+            return
+        with self._lock:
+            pending = self._pending
+            for key in keys:
+                pending[key] = None
+            if len(pending) > self._max_pending:
+                pending.clear()
+                self._overflow = True
+
+    def close(self, timeout: float) -> None:
+        """Stop the poller (waiting at most ``timeout`` seconds) and publish what is
+        pending, once, best effort. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        try:
+            self._publish_pending()
+        except Exception as exc:
+            _log_once(("publish", self._layer.name), "coherence: last publish failed: %r", exc)
+
+    # -- one round ------------------------------------------------------------------
+    def _run(self) -> None:
+        stop, interval = self._stop, self._interval
+        while not stop.wait(interval):
+            self.poll()
+
+    def poll(self) -> None:
+        """One round: publish what is pending, then read the generation and the ring,
+        delivering to the receiver. Never raises: a failure is logged once and, once
+        no round succeeded for ``bound`` seconds, reported as lost track."""
+        receiver = self._receiver
+        if receiver is None:
+            return
+        try:
+            self._publish_pending()
+            self._read(receiver)
+        except Exception as exc:
+            _log_once(("poll", self._layer.name), "coherence: poll failed: %r", exc)
+            now = self._clock()
+            if now - self._last_ok > self._bound:
+                self._last_ok = now
+                receiver.lost("unreachable")
+            return
+        self._last_ok = self._clock()
+
+    def _take(self) -> tuple[list[str], bool]:
+        """The pending keys whose writes landed (the others stay), and the overflow."""
+        with self._lock:
+            pending, overflow = self._pending, self._overflow
+            if not pending and not overflow:
+                return [], False
+            held = self._held
+            ready = [k for k in pending if not held(k)]
+            for key in ready:
+                del pending[key]
+            self._overflow = False
+            return ready, overflow
+
+    def _publish_pending(self) -> None:
+        ready, overflow = self._take()
+        if overflow:
+            batches: list[list[str] | None] = [None]
+        else:
+            batches = [ready[i : i + BATCH] for i in range(0, len(ready), BATCH)]
+        if not batches:
+            return
+        try:
+            self._write(batches)
+        except Exception:
+            with self._lock:  # try again next round
+                if overflow:
+                    self._overflow = True
+                for key in ready:
+                    self._pending[key] = None
+            raise
+
+    def _write(self, batches: Sequence[list[str] | None]) -> None:
+        n = len(batches)
+        top = self._layer.incr(HEAD_KEY, n)
+        if top is None:  # no head yet (or flushed): start one
+            self._layer.add(HEAD_KEY, 0, None)
+            top = self._layer.incr(HEAD_KEY, n)
+            if top is None:
+                raise LayerUnavailableError("the journal head could not be created")
+        first, now = top - n + 1, self._wall()
+        entries = {
+            slot_key(first + i, self._slots): [first + i, self._origin, now, batch]
+            for i, batch in enumerate(batches)
+        }
+        self._layer.set_many(entries, ENTRY_TTL)
+
+    def _read(self, receiver: Receiver) -> None:
+        got = self._get(self._last)
+        if self._ns.adopt(got.get(GENERATION_KEY)):
+            self._last = None  # what was published before the clear is cleared too
+            receiver.cleared()
+        if not self._keys:
+            return
+        for _ in range(_MAX_ROUNDS):
+            if not self._apply(got, receiver):
+                return
+            got = self._get(self._last)
+
+    def _get(self, last: int | None) -> Mapping[str, Any]:
+        if not self._keys:
+            return self._layer.get_many([GENERATION_KEY])  # type: ignore[no-any-return]
+        wanted = [HEAD_KEY, GENERATION_KEY]
+        if last is not None:
+            wanted += [
+                slot_key(s, self._slots) for s in range(last + 1, last + 1 + self._read_ahead)
+            ]
+        return self._layer.get_many(wanted)  # type: ignore[no-any-return]
+
+    def _apply(self, got: Mapping[str, Any], receiver: Receiver) -> bool:
+        """Deliver the entries of one read; return whether more are to be read now."""
+        head = got.get(HEAD_KEY)
+        if type(head) is not int:
+            if self._last is not None:
+                receiver.lost("reset")
+            self._layer.add(HEAD_KEY, 0, None)
+            self._last = None
+            return False
+        last = self._last
+        if last is None:
+            self._last = head
+            return False
+        if head < last:
+            receiver.lost("reset")
+            self._last = head
+            return False
+        if head - last > self._slots:
+            receiver.lost("overrun")
+            self._last = head
+            return False
+        return self._entries(got, head, receiver)
+
+    def _entries(self, got: Mapping[str, Any], head: int, receiver: Receiver) -> bool:
+        last = self._last or 0
+        for seq in range(last + 1, min(head, last + self._read_ahead) + 1):
+            entry = got.get(slot_key(seq, self._slots))
+            found = _seq_of(entry)
+            if found == seq:
+                self._deliver(entry, receiver)
+            elif found is not None and found > seq:
+                receiver.lost("overrun")
+                self._last = head
+                return False
+            elif not self._gap_expired():
+                return False  # reserved, not written yet: read it again next round
+            else:
+                receiver.lost("gap")
+            self._gap_since = None
+            self._last = seq
+        return seq_last_below(self._last, head)
+
+    def _gap_expired(self) -> bool:
+        now = self._clock()
+        if self._gap_since is None:
+            self._gap_since = now
+        return now - self._gap_since > self._bound
+
+    def _deliver(self, entry: Any, receiver: Receiver) -> None:
+        _, origin, published_at, keys = entry
+        if origin == self._origin:
+            return
+        if keys is None:
+            receiver.lost("overflow")
+            return
+        lag = max(0.0, self._wall() - published_at) if isinstance(published_at, float) else 0.0
+        receiver.invalidate(keys, lag)
+
+
+def seq_last_below(last: int | None, head: int) -> bool:
+    """Whether entries remain between ``last`` (the last one read) and ``head``."""
+    return last is not None and last < head
+
+
+def _seq_of(entry: object) -> int | None:
+    """The sequence number of a well-formed ring entry, else None."""
+    if (
+        isinstance(entry, list)
+        and len(entry) == 4
+        and type(entry[0]) is int
+        and (entry[3] is None or isinstance(entry[3], list))
+    ):
+        return entry[0]
+    return None

@@ -1,0 +1,242 @@
+"""The namespace generation: how ``clear()`` empties a shared layer for every process.
+
+Every key a chain sends to a shared (not ``local``) layer carries the current
+*generation* of the shared layer's namespace: ``"<generation in hex>/<key>"``, added by
+:class:`NamespacedLayer`, the innermost wrapper of each shared layer. The generation is
+a counter stored in the chain's shared layer itself under :data:`GENERATION_KEY`
+(never namespaced, so every process sharing the layer reads the same one), created with
+``add`` of a random 62-bit number (so a generation key that was evicted or flushed
+starts a fresh namespace instead of bringing old values back).
+
+``clear()`` moves the generation (one ``incr``): from then on no process reads a value
+written before, and the old entries expire on their own; other applications' keys in
+the same memcached are untouched. A process learns of a move from its
+:class:`~cachechain._journal.MemcachedJournal`, which reads the generation on every
+poll (:meth:`Namespace.adopt`), so within the coherence bound.
+
+The generation is fetched lazily, on the first call that needs it (one round trip),
+and by the journal's first poll. While it is unknown (the shared layer unreachable
+since the process started) every call of a :class:`NamespacedLayer` raises
+:class:`~cachechain.LayerUnavailableError`: the chain counts it as a layer failure and
+serves a miss, never a value of an unknown generation.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Final
+
+from . import _fork
+from ._errors import ConfigError, LayerUnavailableError
+from .layers._base import CacheLayer, SupportsAdd, SupportsCounters, SupportsTouch
+from .layers._proxy import LayerProxy
+
+__all__ = ["GENERATION_KEY", "RESERVED_PREFIX", "Namespace", "NamespacedLayer"]
+
+#: Keys of cachechain's own bookkeeping in a shared layer start with this; they are
+#: never namespaced (a namespaced key starts with a hex digit).
+RESERVED_PREFIX: Final = "__cachechain__/"
+#: Where the generation lives in the shared layer.
+GENERATION_KEY: Final = RESERVED_PREFIX + "gen"
+_BITS: Final = 62  # a fresh generation: far below the 2**63 where counters wrap
+
+
+class Namespace:
+    """The generation of one shared layer's namespace, as this process knows it.
+
+    ``layer`` is the shared layer itself (not wrapped: the generation is read and moved
+    with the layer's own timeouts, outside any breaker); it must support ``add`` and
+    counters (:class:`~cachechain.layers.SupportsAdd`,
+    :class:`~cachechain.layers.SupportsCounters`), else
+    :class:`~cachechain.ConfigError`. Thread-safe.
+    """
+
+    __slots__ = ("__weakref__", "_layer", "_lock", "generation", "prefix")
+
+    def __init__(self, layer: CacheLayer) -> None:
+        if not (isinstance(layer, SupportsAdd) and isinstance(layer, SupportsCounters)):
+            raise ConfigError(
+                f"layer {layer.name!r} needs add and counters to hold a namespace generation"
+            )
+        self._layer: Any = layer
+        self._lock = threading.Lock()
+        #: The current generation, or None while unknown.
+        self.generation: int | None = None
+        #: ``"<generation in hex>/"``, or None while unknown.
+        self.prefix: str | None = None
+        _fork.track(self)
+
+    @property
+    def layer(self) -> CacheLayer:
+        """The shared layer that holds the generation (not wrapped)."""
+        return self._layer  # type: ignore[no-any-return]
+
+    def _after_fork(self) -> None:
+        """In a forked child: a fresh lock (the generation stays: it is the parent's)."""
+        self._lock = threading.Lock()
+
+    def current(self) -> str:
+        """The key prefix of the current generation, fetched from the shared layer
+        (created there if absent) when this process does not know it yet. Raises
+        :class:`~cachechain.LayerUnavailableError` when it cannot be fetched."""
+        prefix = self.prefix
+        if prefix is not None:
+            return prefix
+        with self._lock:
+            if self.prefix is None:
+                try:
+                    self._set(self._fetch())
+                except Exception as exc:
+                    raise LayerUnavailableError(
+                        f"the namespace generation of layer {self._layer.name!r} is "
+                        f"unknown (the layer could not be read: {exc!r})",
+                        layer=self._layer.name,
+                    ) from exc
+            return self.prefix  # type: ignore[return-value]  # set just above
+
+    def adopt(self, value: object) -> bool:
+        """Take ``value``, the generation key's content as a poll read it (``None``:
+        absent), as the current generation; an absent or unreadable one is replaced
+        by a fresh generation. Return True when the generation changed from one this
+        process knew (its local copies are then stale: the caller drops them). Raises
+        what the layer raises when a fresh generation must be stored."""
+        with self._lock:
+            if not _is_generation(value):
+                value = self._create()
+            known = self.generation
+            self._set(value)  # type: ignore[arg-type]  # checked by _is_generation
+            return known is not None and known != value
+
+    def move(self) -> bool:
+        """Move to a new generation in the shared layer (``incr``, or a fresh one when
+        the key is gone) and adopt it: every process stops reading what was written
+        before. Return True when it moved; raise what the layer raises."""
+        with self._lock:
+            moved = self._layer.incr(GENERATION_KEY, 1)
+            if not _is_generation(moved):
+                moved = self._create()
+            self._set(moved)
+            return True
+
+    def _fetch(self) -> int:
+        value = self._layer.get(GENERATION_KEY)
+        return value if _is_generation(value) else self._create()
+
+    def _create(self) -> int:
+        """Store a fresh generation unless another process just did; return the one
+        the layer holds then."""
+        fresh = secrets.randbits(_BITS) + 1
+        if self._layer.add(GENERATION_KEY, fresh, None):
+            return fresh
+        value = self._layer.get(GENERATION_KEY)
+        if _is_generation(value):
+            return int(value)
+        self._layer.set(GENERATION_KEY, fresh, None)  # unreadable: replace it
+        return fresh
+
+    def _set(self, generation: int) -> None:
+        self.generation = generation
+        self.prefix = f"{generation:x}/"
+
+
+def _is_generation(value: object) -> bool:
+    return type(value) is int and value > 0
+
+
+class NamespacedLayer(LayerProxy):
+    """``layer`` with every key prefixed by ``namespace``'s current generation.
+
+    Implements the :class:`~cachechain.layers.CacheLayer` protocol and forwards the
+    atomic operations (``add``, ``incr``, ``decr``, ``touch``: raising
+    :class:`~cachechain.ConfigError` when the wrapped layer has none); keys come back
+    from batch calls without the prefix. Every call raises
+    :class:`~cachechain.LayerUnavailableError` while the generation is unknown and
+    cannot be fetched, and otherwise what the wrapped layer raises.
+    """
+
+    __slots__ = ("_ns",)
+
+    def __init__(self, layer: CacheLayer, namespace: Namespace) -> None:
+        super().__init__(layer)
+        self._ns = namespace
+
+    @property
+    def namespace(self) -> Namespace:
+        """The namespace whose generation prefixes the keys."""
+        return self._ns
+
+    def get(self, key: str) -> Any:
+        """The wrapped layer's value of ``key`` in the current generation."""
+        return self._layer.get(self._ns.current() + key)
+
+    def get_with_ttl(self, key: str) -> tuple[Any, float | None]:
+        """``(value, remaining TTL in seconds or None)`` of ``key``, or ``(MISSING, None)``."""
+        return self._layer.get_with_ttl(self._ns.current() + key)
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, Any]:
+        """The hits among ``keys``, by key (without the prefix)."""
+        p = self._ns.current()
+        n = len(p)
+        return {k[n:]: v for k, v in self._layer.get_many([p + k for k in keys]).items()}
+
+    def get_many_with_ttl(self, keys: Sequence[str]) -> dict[str, tuple[Any, float | None]]:
+        """The hits among ``keys`` with their remaining TTLs (seconds), by key."""
+        p = self._ns.current()
+        n = len(p)
+        found = self._layer.get_many_with_ttl([p + k for k in keys])
+        return {k[n:]: v for k, v in found.items()}
+
+    def set(self, key: str, value: Any, ttl: float | None = None) -> None:
+        """Store ``value`` under ``key`` for ``ttl`` seconds in the current generation."""
+        self._layer.set(self._ns.current() + key, value, ttl)
+
+    def set_many(self, items: Mapping[str, Any], ttl: float | None = None) -> list[str]:
+        """Store every item; return the keys (without the prefix) the layer rejected."""
+        p = self._ns.current()
+        n = len(p)
+        rejected = self._layer.set_many({p + k: v for k, v in items.items()}, ttl)
+        return [k[n:] for k in rejected]
+
+    def delete(self, key: str) -> None:
+        """Remove ``key`` from the current generation."""
+        self._layer.delete(self._ns.current() + key)
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        """Remove every key in ``keys`` from the current generation."""
+        p = self._ns.current()
+        self._layer.delete_many([p + k for k in keys])
+
+    def add(self, key: str, value: Any, ttl: float | None = None) -> bool:
+        """The wrapped layer's ``add`` of ``key`` in the current generation."""
+        layer = _capable(self._layer, SupportsAdd, "add")
+        stored: bool = layer.add(self._ns.current() + key, value, ttl)
+        return stored
+
+    def incr(self, key: str, delta: int = 1) -> int | None:
+        """The wrapped layer's ``incr`` of ``key`` in the current generation."""
+        layer = _capable(self._layer, SupportsCounters, "incr")
+        count: int | None = layer.incr(self._ns.current() + key, delta)
+        return count
+
+    def decr(self, key: str, delta: int = 1) -> int | None:
+        """The wrapped layer's ``decr`` of ``key`` in the current generation."""
+        layer = _capable(self._layer, SupportsCounters, "decr")
+        count: int | None = layer.decr(self._ns.current() + key, delta)
+        return count
+
+    def touch(self, key: str, ttl: float | None = None) -> bool:
+        """The wrapped layer's ``touch`` of ``key`` in the current generation."""
+        layer = _capable(self._layer, SupportsTouch, "touch")
+        found: bool = layer.touch(self._ns.current() + key, ttl)
+        return found
+
+
+def _capable(layer: CacheLayer, capability: type, operation: str) -> Any:
+    if not isinstance(layer, capability):
+        raise ConfigError(
+            f"layer {layer.name!r} does not support {operation} "
+            f"(cachechain.layers.{capability.__name__})"
+        )
+    return layer
