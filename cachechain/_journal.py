@@ -5,9 +5,10 @@ a head counter (:data:`HEAD_KEY`, the sequence number of the last entry reserved
 ``slots`` entries (``__cachechain__/j/<seq % slots>``), each ``[seq, origin,
 published_at, keys]`` (``keys`` None: "drop everything", a publisher's overflow).
 
-One thread per journal, every ``interval`` seconds:
+One thread per journal:
 
-1. **publishes** the keys this process changed since the last round: reserves as many
+1. **publishes** the keys this process changed (woken by the first of them, at most
+   once per ``interval * PUBLISH_DELAY`` between polls): reserves as many
    sequence numbers as it has batches with one ``incr`` of the head and writes the
    entries with one ``set_many``. A key whose write the shared layer has not taken yet
    (``held(key)``: its writer still holds it, a write-behind set or a repair) waits
@@ -20,6 +21,10 @@ One thread per journal, every ``interval`` seconds:
    (its ``origin``). A new generation is adopted (:meth:`Namespace.adopt
    <cachechain._namespace.Namespace.adopt>`) and reported as
    :meth:`~cachechain._backplane.Receiver.cleared`.
+
+The first read of the ring (at start, after a fork, after the ring was reset) starts
+from its head and drops every local entry, since what was cached before it may
+predate entries it skips.
 
 **Losing track** drops every local entry (:meth:`~cachechain._backplane.Receiver.lost`)
 rather than serving one past the bound: the ring overran the entries not read yet, an
@@ -59,6 +64,8 @@ _SLOT: Final = RESERVED_PREFIX + "j/"
 ENTRY_TTL: Final = 300.0
 #: Keys in one entry (memcached's items are at most 1 MB; keys at most 250 bytes).
 BATCH: Final = 1000
+#: Fraction of the interval between two publications outside a poll.
+PUBLISH_DELAY: Final = 0.125
 _MAX_ROUNDS: Final = 64  # reads per poll while behind, before the next interval
 
 
@@ -115,6 +122,7 @@ class MemcachedJournal:
     def _reset_state(self) -> None:
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # keys are pending: publish them soon
         self._pending: dict[str, None] = {}
         self._overflow = False
         self._origin = f"{os.getpid()}-{secrets.token_hex(4)}"
@@ -151,11 +159,15 @@ class MemcachedJournal:
         thread.start()
 
     def publish(self, keys: Sequence[str]) -> None:
-        """Queue ``keys`` for the next round. Never blocks on I/O, never raises."""
+        """Queue ``keys`` for the poller thread, which publishes them within
+        :data:`PUBLISH_DELAY` of the ``interval`` (at once when idle). Never blocks on
+        I/O, never raises."""
         if not self._keys:
             return
         with self._lock:
             pending = self._pending
+            if not pending:
+                self._wake.set()
             for key in keys:
                 pending[key] = None
             if len(pending) > self._max_pending:
@@ -169,6 +181,7 @@ class MemcachedJournal:
             return
         self._closed = True
         self._stop.set()
+        self._wake.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
@@ -179,9 +192,29 @@ class MemcachedJournal:
 
     # -- one round ------------------------------------------------------------------
     def _run(self) -> None:
-        stop, interval = self._stop, self._interval
-        while not stop.wait(interval):
-            self.poll()
+        """Poll every ``interval``; between polls, publish pending keys as soon as
+        they come, at most once per ``interval * PUBLISH_DELAY`` (so a write burst
+        costs a few round trips, not one per write)."""
+        stop, wake, clock, interval = self._stop, self._wake, self._clock, self._interval
+        gap = interval * PUBLISH_DELAY
+        next_poll = clock() + interval
+        while not stop.is_set():
+            woke = wake.wait(max(0.0, next_poll - clock()))
+            if stop.is_set():
+                return
+            if clock() >= next_poll:
+                self.poll()
+                next_poll = clock() + interval
+            elif woke:
+                wake.clear()
+                self._publish_quietly()
+                stop.wait(gap)
+
+    def _publish_quietly(self) -> None:
+        try:
+            self._publish_pending()
+        except Exception as exc:
+            _log_once(("publish", self._layer.name), "coherence: publish failed: %r", exc)
 
     def poll(self) -> None:
         """One round: publish what is pending, then read the generation and the ring,
@@ -280,8 +313,9 @@ class MemcachedJournal:
             self._last = None
             return False
         last = self._last
-        if last is None:
+        if last is None:  # the first read (or after a reset): start from the head
             self._last = head
+            receiver.cleared()  # what was cached before may predate entries skipped
             return False
         if head < last:
             receiver.lost("reset")
