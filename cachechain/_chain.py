@@ -92,6 +92,7 @@ class Chain(AtomicOps):
         configs, namespace = namespaced(_layer_configs(layers, name), coherent)
         self.name = name
         names = [c.layer.name for c in configs]
+        self._collector = metrics
         self._m: CollectorGuard | None = adapt(metrics, name, names)
         self._report = report = Reporter(self._m)
         breaker, writer = breaker or BreakerConfig(), writer or WriterConfig()
@@ -151,6 +152,12 @@ class Chain(AtomicOps):
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""
         return self._closed
+
+    @property
+    def metrics_collector(self) -> Any:
+        """The collector the chain reports to, as given or made by its config (None:
+        no metrics); for example to ``close()`` it in gunicorn's ``worker_exit``."""
+        return self._collector
 
     @property
     def coherence(self) -> Coherence | None:

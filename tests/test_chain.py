@@ -772,3 +772,14 @@ def test_a_key_held_in_one_layer_is_still_backfilled_into_the_others() -> None:
         assert chain.set("k", "w", 60) is False  # now both L2 and L3 hold a repair
         l1.clear()
         assert chain.get("k") is None and chain.get_many(["k"]) == {}
+
+
+def test_metrics_collector_is_the_one_given_or_made_by_the_config() -> None:
+    collector = MemoryCollector()
+    with Chain([MemoryLayer("L1")], metrics=collector) as chain:
+        assert chain.metrics_collector is collector
+    with Chain([MemoryLayer("L1")]) as chain:
+        assert chain.metrics_collector is None
+    made = Chain.from_config({"layers": [{"type": "memory"}], "metrics": "memory"})
+    assert isinstance(made.metrics_collector, MemoryCollector)
+    made.close()
