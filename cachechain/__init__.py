@@ -52,7 +52,7 @@ from ._errors import (
     PoolExhaustedError,
 )
 from ._settings import chain_config_from_file, chain_config_from_mapping
-from ._singleflight import LoadTimeoutError
+from ._singleflight import LoadTimeoutError, ReentrantLoadError
 from .layers._base import MISSING
 from .layers._memory import MemoryLayer
 from .metrics._fanout import FanoutCollector
@@ -92,6 +92,7 @@ __all__ = [
     "LayerTimeoutError",
     "LayerUnavailableError",
     "LoadTimeoutError",
+    "ReentrantLoadError",
     "MemcachedLayer",
     "MemoryCollector",
     "MemoryLayer",

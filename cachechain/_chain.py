@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ParamSpec, TypeVar
 
-from . import _chain_cached, _chain_clear, _chain_load, _fork, _tier
+from . import _chain_cached, _chain_clear, _chain_close, _chain_load, _fork, _tier
 from ._breaker import CircuitBreaker
 from ._chain_atomic import AtomicOps, shared_tier
 from ._chain_batch import Backfiller, read_through
@@ -35,12 +35,12 @@ from ._chain_metrics import Reporter, record_batch, watch
 from ._close import close_quietly
 from ._coherence import Coherence, namespaced, shared_index
 from ._config import BreakerConfig, ChainConfig, CoherenceConfig, LayerConfig, WriterConfig
-from ._errors import ChainClosedError, ConfigError, InvalidKeyError
+from ._errors import ChainClosedError, ConfigError, InvalidKeyError, InvalidValueError
 from ._fence import MutationFence
 from ._resilience import unwrapped
 from ._singleflight import SingleFlight
 from ._tier import Tier, build_tiers
-from ._validate import check_key
+from ._validate import check_key, check_ttl
 from ._writer import AsyncWriter
 from .layers._base import MISSING, CacheLayer, SupportsClear
 from .metrics._base import CollectorGuard, adapt
@@ -52,10 +52,6 @@ R = TypeVar("R")
 C = TypeVar("C", bound="Chain")
 
 _perf = time.perf_counter
-
-
-def _closed_get(key: str) -> Any:
-    raise ChainClosedError("the chain is closed")
 
 
 class Chain(AtomicOps):
@@ -112,6 +108,7 @@ class Chain(AtomicOps):
         self._flight: SingleFlight[Any] = SingleFlight()
         self._fence = MutationFence()
         self._close_lock = threading.Lock()
+        self._drained = threading.Event()  # set once close() has drained everything
         self._backfill = Backfiller(tiers, self._fence, report, self._m)
         self._coherence: Coherence | None = None
         if namespace is not None:
@@ -283,6 +280,7 @@ class Chain(AtomicOps):
         :class:`~cachechain.LoadTimeoutError`. If the key is set or
         deleted while the loader runs, the loaded value is returned but not cached.
         """
+        ttl = check_ttl(ttl, error=InvalidValueError)
         return _chain_load.get_or_load(self, key, loader, ttl, wait_timeout)
 
     def cached(
@@ -299,6 +297,7 @@ class Chain(AtomicOps):
         its arguments. The wrapper gains ``invalidate(*args, **kwargs)``, which deletes
         the entry of those arguments.
         """
+        ttl = check_ttl(ttl, error=InvalidValueError)
         return _chain_cached.cached(self, ttl, key, prefix)
 
     # -- writes -----------------------------------------------------------------------
@@ -316,6 +315,7 @@ class Chain(AtomicOps):
         Raises :class:`~cachechain.InvalidKeyError` for a non-``str`` key.
         """
         check_key(key)
+        ttl = check_ttl(ttl, error=InvalidValueError)
         first = self._first
         return self._mutate(
             (key,), lambda tier: tier.set(key, value, ttl), lambda: first.set(key, value, ttl)
@@ -330,6 +330,7 @@ class Chain(AtomicOps):
         items = dict(items)
         for key in items:
             check_key(key)
+        ttl = check_ttl(ttl, error=InvalidValueError)
         first = self._first
         return self._mutate(
             items,
@@ -375,12 +376,15 @@ class Chain(AtomicOps):
             ok = True
             for tier in self._up:
                 ok = below(tier) and ok
-        if self._coherence is not None:
-            self._coherence.publish(list(keys))
+        self._publish_invalidation(list(keys))
         return mutation.result and ok
 
     def _publish_invalidation(self, keys: Sequence[str]) -> None:
-        """Tell the other processes that an atomic operation changed ``keys``."""
+        """``keys`` changed (a mutation ended; an atomic operation changed them on the
+        shared layer): loads of them in flight are detached (a later caller starts its
+        own instead of getting a value loaded before the change), and the other
+        processes are told."""
+        self._flight.forget(keys)
         if self._coherence is not None:
             self._coherence.publish(keys)
 
@@ -418,24 +422,15 @@ class Chain(AtomicOps):
         return _tier.flush(self._tiers, timeout)
 
     def close(self, timeout: float = 5.0) -> int:
-        """Stop the chain: drain the async writers within ``timeout`` seconds in all,
-        then close every layer. Returns the number of queued writes that could not be
-        made in time (counted as dropped). Later calls raise
-        :class:`~cachechain.ChainClosedError`. Idempotent."""
-        with self._close_lock:
-            if self._closed:
-                return 0
-            self._closed = True
-            self._l1_get = _closed_get
-            if self._figures is not None:
-                self._figures.stopped = True
-        deadline = time.monotonic() + timeout
-        if self._coherence is not None:  # its last publications, then the writers
-            self._coherence.close(timeout)
-        lost = _tier.close(self._tiers, max(0.0, deadline - time.monotonic()))
-        if self._owned_collector is not None:  # after the writers: their last events are in
-            _close_collector(self._owned_collector, self._m)
-        return lost
+        """Stop the chain: publish its last invalidations, drain the async writers and
+        close every layer, within ``timeout`` seconds in all (a finite number >= 0).
+        Returns the number of queued writes that could not be made in time (counted
+        as dropped). A concurrent ``close`` waits for the same drain (at most its own
+        ``timeout``) and returns 0; later calls return 0 at once, and every other
+        method raises :class:`~cachechain.ChainClosedError`. Raises
+        :class:`~cachechain.InvalidValueError` for a bad ``timeout``, before anything
+        changes."""
+        return _chain_close.close(self, timeout)
 
     def __enter__(self) -> Chain:
         return self
@@ -518,17 +513,6 @@ def _layer_configs(layers: object, name: object) -> list[LayerConfig]:
     if len(set(names)) != len(names):
         raise ConfigError(f"layer names must be unique, got {names}")
     return configs
-
-
-def _close_collector(collector: Any, m: CollectorGuard | None) -> None:
-    """Close a collector the chain made; a failure is counted as the collector's."""
-    close = getattr(collector, "close", None)
-    if close is not None:
-        try:
-            close()
-        except Exception as exc:
-            if m is not None:
-                m.failed(exc)
 
 
 def _key_list(keys: Iterable[str], operation: str) -> list[str]:

@@ -42,6 +42,7 @@ def clear(chain: Chain, flush: bool) -> bool:
     if chain._closed:
         raise ChainClosedError("the chain is closed")
     _tier.flush(chain._tiers, FLUSH_TIMEOUT)
+    chain._flight.forget_all()  # no load begun before the clear is joined after it
     ok = _flush_shared(chain._tiers, chain._report) if flush else True
     if chain._coherence is not None:
         return chain._coherence.clear() and ok

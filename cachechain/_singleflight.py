@@ -9,14 +9,14 @@ removed in ``finally`` whatever happens.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Generic, TypeVar
 
 from . import _fork
 from ._errors import CacheError
 
-__all__ = ["LoadTimeoutError", "SingleFlight"]
+__all__ = ["LoadTimeoutError", "ReentrantLoadError", "SingleFlight"]
 
 T = TypeVar("T")
 
@@ -28,10 +28,19 @@ class LoadTimeoutError(CacheError, TimeoutError):
     trips_breaker = False
 
 
+class ReentrantLoadError(CacheError, RuntimeError):
+    """A loader asked for the key it is loading (``get_or_load`` of a key from inside
+    that key's own loader, directly or through other calls): it would wait for itself
+    for ever, so it is refused at once."""
+
+    trips_breaker = False
+
+
 class _Call(Generic[T]):
-    __slots__ = ("done", "error", "result", "traceback", "waiters")
+    __slots__ = ("done", "error", "owner", "result", "traceback", "waiters")
 
     def __init__(self) -> None:
+        self.owner = threading.get_ident()  # the thread running the call
         # Created by the first waiter (under the group's lock): a load nobody joins
         # costs no Event.
         self.done: threading.Event | None = None
@@ -62,14 +71,21 @@ class SingleFlight(Generic[T]):
         ``shared`` is True for a caller that joined another thread's call. If ``fn``
         raises, every caller of that flight gets the exception (with the leader's
         traceback, not one that grows per waiter). A joining caller waits at most
-        ``wait_timeout`` seconds (``None``: as long as it takes), then raises
-        :class:`LoadTimeoutError`.
+        ``wait_timeout`` seconds (``None``: as long as the call takes), then raises
+        :class:`LoadTimeoutError`. A call for ``key`` from inside ``fn`` itself (the
+        same thread) raises :class:`ReentrantLoadError` at once instead of waiting
+        for itself.
         """
         with self._lock:
             call = self._calls.get(key)
             if call is None:
                 call = self._calls[key] = _Call()
                 leader = True
+            elif call.owner == threading.get_ident():
+                raise ReentrantLoadError(
+                    f"the loader of {key!r} asked for {key!r} itself: it would wait for "
+                    "its own result for ever"
+                )
             else:
                 call.waiters += 1
                 leader = False
@@ -100,6 +116,22 @@ class SingleFlight(Generic[T]):
                 event = call.done
             if event is not None:
                 event.set()
+
+    def forget(self, keys: Iterable[str]) -> None:
+        """Detach the calls in flight for ``keys`` (Go's ``Forget``): later callers
+        start a call of their own instead of joining one that began before (a ``set``
+        or ``delete`` of the key made its result stale). Those already waiting still
+        get its result."""
+        with self._lock:
+            calls = self._calls
+            if calls:
+                for key in keys:
+                    calls.pop(key, None)
+
+    def forget_all(self) -> None:
+        """:meth:`forget` every key (a ``clear``)."""
+        with self._lock:
+            self._calls = {}
 
     def in_flight(self) -> int:
         """Return how many keys have a call in flight right now."""
