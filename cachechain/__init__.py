@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 from ._breaker import CircuitBreaker, CircuitState
 from ._chain import Chain
-from ._codecs import Codec, JsonCodec, SignedPickleCodec
+from ._codecs import Codec, JsonCodec, SignedPickleCodec, TaggedJsonCodec
 from ._compat import package_getattr
 from ._config import BreakerConfig, ChainConfig, CoherenceConfig, LayerConfig, WriterConfig
 from ._errors import (
@@ -98,6 +98,7 @@ __all__ = [
     "MemoryLayer",
     "PoolExhaustedError",
     "SignedPickleCodec",
+    "TaggedJsonCodec",
     "WriterConfig",
     "__version__",
     "chain_config_from_file",

@@ -23,7 +23,15 @@ began before it can backfill an older value after it. Inside the mutation:
 
 A shared layer that fails (an error, a timeout, its breaker open) makes nothing up:
 ``add`` returns False, ``incr``/``decr`` None, ``touch`` False, and the failure is
-counted and logged once like any layer failure.
+counted and logged once like any layer failure. The other layers then only drop their
+copy of the key (:meth:`Tier.forget <cachechain._tier.Tier.forget>`), best effort:
+the operation wrote nothing there, so no layer is owed a repair for it, and nothing
+else in them changes. (An operation retried in a loop while the shared layer is down,
+as Django's session ``create()`` retries ``add`` 10,000 times, costs no memory.) A
+call that failed other than by its breaker's refusal may still have been made (a
+reply lost to a timeout), so the key is published to the other processes as after a
+change; a remote layer above the shared one that could not drop its copy may then
+serve it until it expires.
 """
 
 from __future__ import annotations
@@ -31,7 +39,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final, cast
 
-from ._errors import ChainClosedError, ConfigError, InvalidValueError, LayerUnavailableError
+from ._errors import (
+    ChainClosedError,
+    CircuitOpenError,
+    ConfigError,
+    InvalidValueError,
+    LayerUnavailableError,
+)
 from ._resilience import unwrapped
 from ._tier import Tier
 from ._validate import check_key, check_ttl
@@ -44,6 +58,12 @@ if TYPE_CHECKING:
 __all__ = ["AtomicOps", "shared_tier"]
 
 _MOD: Final = 1 << 64
+#: What _on_shared returns when the operation was not made: the shared layer owed an
+#: earlier write of the key, or its breaker refused the call.
+_UNASKED: Final[Any] = object()
+#: What _on_shared returns when the call failed: it may still have been made (a reply
+#: lost to a timeout), so other processes must drop their copies of the key.
+_MAYBE: Final[Any] = object()
 
 #: What the other tiers do once the shared layer answered: ``update(tier)``.
 Update = Callable[[Tier], object]
@@ -170,8 +190,8 @@ def _checked(chain: object, key: str, capability: type, operation: str) -> Chain
     owner = cast("Chain", chain)
     if owner._closed:
         raise ChainClosedError("the chain is closed")
-    layer = unwrapped(owner._shared.layer)
-    if not isinstance(layer, capability):
+    if not owner._shared.supports(capability):
+        layer = unwrapped(owner._shared.layer)
         raise ConfigError(
             f"Chain.{operation}: the shared layer {layer.name!r} does not support "
             f"{operation} (cachechain.layers.{capability.__name__})"
@@ -186,6 +206,10 @@ def _count(chain: Chain, operation: str, key: str, call: Callable[[Any], Any]) -
 
 def _drop(key: str) -> Update:
     return lambda t: t.delete(key)
+
+
+def _forget(key: str) -> Update:
+    return lambda t: t.forget(key)
 
 
 def _retime(chain: Chain, tier: Tier, key: str, ttl: float | None) -> None:
@@ -211,26 +235,31 @@ def _run(
     update: Callable[[Any], Update],
 ) -> Any:
     """Run ``call(layer)`` on the shared layer as a mutation of ``key`` (see the module
-    docstring): ``failed`` is the result when the shared layer could not be asked;
-    ``update(result)`` says what each other tier does then. What ``call`` raises for
-    the caller's data (a value that is not a counter) propagates, changing nothing."""
+    docstring): ``failed`` is the result when the shared layer could not be asked (the
+    other tiers then forget the key); ``update(result)`` says what each other tier does
+    otherwise. What ``call`` raises for the caller's data (a value that is not a
+    counter) propagates, changing nothing."""
     shared, first = chain._shared, chain._first
-    outcome: list[Any] = []
+    acts: list[Update] = []
 
     def then() -> None:  # the first layer, under the fence's lock, as the mutation ends
-        if outcome and first is not shared:
-            update(outcome[0])(first)
+        if acts and first is not shared:
+            acts[0](first)
 
     with chain._fence.mutating((key,), then):
-        result = _on_shared(chain, shared, operation, key, call, failed)
-        outcome.append(result)
-        act = update(result)
+        result = _on_shared(chain, shared, operation, key, call)
+        failure = result is _UNASKED or result is _MAYBE
+        # Failed, the operation wrote nothing here: the other layers forget their copy.
+        act = _forget(key) if failure else update(result)
+        acts.append(act)
         for tier in chain._up:  # the lower tiers, bottom up
             if tier is not shared:
                 act(tier)
-    if result is not None and result is not False:  # the shared layer changed the key
+    if result is _UNASKED:
+        return failed
+    if result is not None and result is not False:  # the key may have changed there
         chain._publish_invalidation((key,))
-    return result
+    return failed if failure else result
 
 
 def _on_shared(
@@ -239,11 +268,11 @@ def _on_shared(
     operation: str,
     key: str,
     call: Callable[[Any], Any],
-    failed: Any,
 ) -> Any:
-    """``call(shared.layer)``, or ``failed`` when the layer could not take it (counted
-    and logged through the chain's reporter). A value that is not a counter is the
-    caller's error: it is raised."""
+    """``call(shared.layer)``; :data:`_UNASKED` when it was not made (the layer owes an
+    earlier write of ``key``, or its breaker refused), :data:`_MAYBE` when it failed
+    otherwise; either is counted and logged through the chain's reporter. A value that
+    is not a counter is the caller's error: it is raised."""
     if not shared.drain(key):
         chain._report.failed(
             shared.name,
@@ -254,11 +283,11 @@ def _on_shared(
                 layer=shared.name,
             ),
         )
-        return failed
+        return _UNASKED
     try:
         return call(shared.layer)
     except Exception as exc:
         if isinstance(exc, InvalidValueError) and operation in ("incr", "decr"):
             raise  # not a counter: the stored value is the caller's, nothing changed
         chain._report.failed(shared.name, operation, exc)
-        return failed
+        return _UNASKED if isinstance(exc, CircuitOpenError) else _MAYBE

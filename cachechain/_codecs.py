@@ -1,6 +1,6 @@
 """Value codecs: how a remote layer turns values into bytes and back, and the envelope.
 
-A codec encodes one value into bytes and decodes them back. Two are provided:
+A codec encodes one value into bytes and decodes them back. Three are provided:
 
 - :class:`JsonCodec` (the default, ``codec_id`` 1): compact JSON. Only JSON types are
   accepted: ``dict`` with ``str`` keys, ``list``, ``tuple`` (read back as a ``list``),
@@ -12,6 +12,11 @@ A codec encodes one value into bytes and decodes them back. Two are provided:
   run code (the Flask-Caching and Django pickle problem). A value written with one
   key can still be copied by such a writer under another key of the same layer: the
   signature covers the value, not the key it is stored under.
+- :class:`TaggedJsonCodec` (``codec_id`` 3): JSON plus tagged ``bytes``, ``tuple``,
+  ``set``, dates and times, ``Decimal``, ``UUID`` and dicts with keys of those types
+  (:mod:`cachechain._tagged`); reading it back never runs code either. The Django and
+  Flask backends give it to memcached when the application has no secret to sign
+  pickles with.
 
 :func:`pack` and :func:`unpack` wrap a codec's payload in a 10-byte envelope::
 
@@ -36,6 +41,7 @@ import struct
 from collections.abc import Iterator
 from typing import Any, Final, Protocol, runtime_checkable
 
+from . import _tagged
 from ._errors import ConfigError, CorruptValueError, InvalidValueError
 from ._validate import check_optional_seconds
 
@@ -46,6 +52,7 @@ __all__ = [
     "CorruptValueError",
     "JsonCodec",
     "SignedPickleCodec",
+    "TaggedJsonCodec",
     "check_codec",
     "expiry_of",
     "pack",
@@ -108,6 +115,35 @@ _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 _SCAN = json.scanner.make_scanner(_DECODER)  # type: ignore[arg-type]  # the stub names the wrong type
 
 
+def _json_text(value: Any, what: str) -> bytes:
+    """Compact UTF-8 JSON of ``value`` (a lone surrogate in a ``str`` is kept, escaped
+    as ``\\udXXX``, which JSON allows). Raises InvalidValueError, naming ``what`` the
+    encoding is, for a value JSON cannot hold."""
+    try:
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidValueError(f"value cannot be encoded as {what}: {exc}") from exc
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
+def _json_value(data: bytes) -> Any:
+    """The JSON value of ``data``, whole. Raises CorruptValueError for bytes that are
+    not UTF-8 JSON."""
+    try:
+        text = data.decode("utf-8")
+        value, end = _SCAN(text, 0)
+    except StopIteration as exc:  # the scanner's "no JSON value at this index"
+        raise CorruptValueError("stored value is not valid JSON") from exc
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise CorruptValueError(f"stored value is not valid JSON: {exc}") from exc
+    if end != len(text):
+        raise CorruptValueError(f"stored value is not valid JSON: extra data at {end}")
+    return value
+
+
 class JsonCodec:
     """Compact JSON (``codec_id`` 1), UTF-8 encoded; the default codec.
 
@@ -137,33 +173,14 @@ class JsonCodec:
         """
         if isinstance(value, _CONTAINERS):
             _check_structure(value, self.MAX_DEPTH)
-        try:
-            text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-        except (TypeError, ValueError, RecursionError) as exc:
-            raise InvalidValueError(f"value cannot be encoded as JSON: {exc}") from exc
-        try:
-            return text.encode("utf-8")
-        except UnicodeEncodeError:
-            # A lone surrogate in a str: keep it, escaped as \udXXX, which JSON allows.
-            return json.dumps(
-                value, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-            ).encode("ascii")
+        return _json_text(value, "JSON")
 
     def decode(self, data: bytes) -> Any:
         """Return the value encoded in ``data``.
 
         Raises :class:`CorruptValueError` for bytes that are not UTF-8 JSON.
         """
-        try:
-            text = data.decode("utf-8")
-            value, end = _SCAN(text, 0)
-        except StopIteration as exc:  # the scanner's "no JSON value at this index"
-            raise CorruptValueError("stored value is not valid JSON") from exc
-        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
-            raise CorruptValueError(f"stored value is not valid JSON: {exc}") from exc
-        if end != len(text):
-            raise CorruptValueError(f"stored value is not valid JSON: extra data at {end}")
-        return value
+        return _json_value(data)
 
     def __repr__(self) -> str:
         return "JsonCodec()"
@@ -216,6 +233,50 @@ def _children(container: dict[Any, Any] | list[Any] | tuple[Any, ...]) -> Iterat
                 )
         return iter(container.values())
     return iter(container)
+
+
+class TaggedJsonCodec:
+    """JSON with tagged types (``codec_id`` 3): the values :class:`JsonCodec` takes,
+    read back with their own types (a ``tuple`` stays a ``tuple``, a dict may have
+    ``int`` keys), plus ``bytes``, ``bytearray``, ``set``, ``frozenset``, non-finite
+    ``float``, ``datetime``, ``date``, ``time`` and ``timedelta``, ``Decimal`` and
+    ``UUID`` (see :mod:`cachechain._tagged` for the format and the exact rules).
+
+    Like :class:`JsonCodec`, reading it back only builds those data types, so it is
+    safe whoever can write to the cache: no secret is needed. A top-level ``bytes``
+    value is stored as it is, after one ``0x00`` byte (no JSON text starts with one),
+    so bytes cost no base64. Anything else (instances of other classes, subclasses of
+    the types above, a ``datetime`` with a ``zoneinfo`` zone, a circular structure,
+    containers nested more than :data:`~cachechain._tagged.MAX_DEPTH` deep) raises
+    :class:`~cachechain.InvalidValueError` on ``encode``.
+    """
+
+    codec_id: int = 3
+
+    _RAW: Final = b"\x00"
+
+    def encode(self, value: Any) -> bytes:
+        """Return the encoding of ``value``: ``0x00`` and the bytes themselves for a
+        ``bytes`` value, the compact JSON of its tagged tree otherwise.
+
+        Raises :class:`~cachechain.InvalidValueError` for a value the format cannot
+        hold (see the class docstring).
+        """
+        if value.__class__ is bytes:
+            return self._RAW + value
+        return _json_text(_tagged.to_tree(value), "tagged JSON")
+
+    def decode(self, data: bytes) -> Any:
+        """Return the value encoded in ``data``.
+
+        Raises :class:`CorruptValueError` for bytes that are not this format.
+        """
+        if data[:1] == self._RAW:
+            return bytes(data[1:])
+        return _tagged.from_tree(_json_value(data))
+
+    def __repr__(self) -> str:
+        return "TaggedJsonCodec()"
 
 
 class SignedPickleCodec:

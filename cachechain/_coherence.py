@@ -94,6 +94,7 @@ class Coherence:
         held: Callable[[str], bool],
     ) -> None:
         local = [t for t in tiers[:shared_at] if t.layer.local]
+        self._breaker = tiers[shared_at].breaker
         self.namespace = namespace
         self._fence = fence
         self._report = report
@@ -134,6 +135,19 @@ class Coherence:
             moved = False
         self.drop_all()
         return moved
+
+    def handle_overflow(self) -> bool:
+        """A shared layer's async writer gave up repairing key by key (too many
+        pending): make every value written before invisible in every process, by
+        :meth:`clear`. Return whether it was done (False at once while the shared
+        layer's breaker refuses calls). Never raises."""
+        breaker = self._breaker
+        if breaker is not None and breaker.refusing():
+            return False
+        try:
+            return self.clear()
+        except Exception:
+            return False
 
     @property
     def backplane_layer_name(self) -> str:

@@ -71,7 +71,9 @@ class WriterConfig:
     once; backfills never wait); ``workers`` is the number of writer threads.
     ``retry_delay`` and ``max_retry_delay`` (seconds) bound the backoff between the
     retries of deletes that repair a write the layer missed (see
-    :mod:`cachechain._writer`).
+    :mod:`cachechain._writer`). ``max_repairs`` caps those deletes (keys): past it the
+    layer is handled as a whole, unread until every older value in it is made
+    invisible (see :mod:`cachechain._writer`).
     """
 
     queue_size: int = 1000
@@ -79,9 +81,11 @@ class WriterConfig:
     workers: int = 1
     retry_delay: float = 0.05
     max_retry_delay: float = 2.0
+    max_repairs: int = 10_000
 
     def __post_init__(self) -> None:
         check_positive_int(self.queue_size, "writer.queue_size")
+        check_positive_int(self.max_repairs, "writer.max_repairs")
         check_positive_int(self.workers, "writer.workers")
         check_seconds(self.retry_delay, "writer.retry_delay")
         check_seconds(self.max_retry_delay, "writer.max_retry_delay")
@@ -153,6 +157,11 @@ class CoherenceConfig:
                 f"coherence.interval ({self.interval}) must be below coherence.bound ({self.bound})"
             )
         check_positive_int(self.slots, "coherence.slots")
+        if self.enabled and not self.namespace:
+            raise ConfigError(
+                "coherence.enabled needs coherence.namespace (the journal lives in the "
+                "namespace and follows its generation); coherence=False turns both off"
+            )
 
     @classmethod
     def of(cls, value: CoherenceConfig | bool) -> CoherenceConfig:

@@ -1,16 +1,18 @@
 """MemcachedJournal: the default backplane, an invalidation ring in the shared memcached.
 
-The ring lives in the chain's shared layer under reserved keys (never namespaced):
-a head counter (:data:`HEAD_KEY`, the sequence number of the last entry reserved) and
-``slots`` entries (``__cachechain__/j/<seq % slots>``), each ``[seq, origin,
-published_at, keys]`` (``keys`` None: "drop everything", a publisher's overflow).
+The ring lives in the chain's shared layer under the namespace's reserved keys (never
+namespaced; ``__cachechain__/<codec tag>/``, see :mod:`cachechain._namespace`): a head
+counter (``.../j/head``, the sequence number of the last entry reserved) and ``slots``
+entries (``.../j/<seq % slots>``), each ``[seq, origin, published_at, keys]`` (``keys``
+None: "drop everything", a publisher's overflow or an entry the layer refused).
 
 One thread per journal:
 
 1. **publishes** the keys this process changed (woken by the first of them, at most
    once per ``interval * PUBLISH_DELAY`` between polls): reserves as many
    sequence numbers as it has batches with one ``incr`` of the head and writes the
-   entries with one ``set_many``. A key whose write the shared layer has not taken yet
+   entries with one ``set_many`` (at most :data:`BATCH` keys or :data:`BATCH_BYTES`
+   of them per entry). A key whose write the shared layer has not taken yet
    (``held(key)``: its writer still holds it, a write-behind set or a repair) waits
    for a later round, so no process re-reads the old value after dropping its copy.
    A write never waits for the journal. Past ``max_pending`` keys the process
@@ -30,9 +32,12 @@ predate entries it skips.
 rather than serving one past the bound: the ring overran the entries not read yet, an
 entry stayed unwritten for ``bound`` seconds (its publisher died between the ``incr``
 and the ``set_many``), the head vanished or went back (``flush_all``, a restart, an
-eviction), or no poll succeeded for ``bound`` seconds (the shared layer unreachable;
-then again every ``bound`` while it lasts). A process paused (SIGSTOP, a long GC)
-catches up from the ring when it resumes, within one interval.
+eviction), an entry is malformed, or no poll began successfully for ``bound -
+interval * PUBLISH_DELAY - WATCH_TICK`` seconds, 75 ms by default (the shared layer
+unreachable or stalled: a process-wide watchdog
+thread notices while the poll is still stuck in its socket timeout; then again every
+``bound`` while it lasts). A process paused (SIGSTOP, a long GC) catches up from the
+ring when it resumes, within one interval.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import os
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
@@ -49,29 +55,83 @@ from . import _fork
 from ._backplane import Receiver
 from ._errors import LayerUnavailableError
 from ._logonce import LogOnce
-from ._namespace import GENERATION_KEY, RESERVED_PREFIX, Namespace
+from ._namespace import Namespace
 from .layers._base import CacheLayer
 
-__all__ = ["HEAD_KEY", "MemcachedJournal", "slot_key"]
+__all__ = ["BATCH", "BATCH_BYTES", "MemcachedJournal", "batches_of"]
 
 logger = logging.getLogger("cachechain.coherence")
 _log_once = LogOnce(logger)
 
-#: The ring's head: the sequence number of the last entry reserved.
-HEAD_KEY: Final = RESERVED_PREFIX + "j/head"
-_SLOT: Final = RESERVED_PREFIX + "j/"
 #: Seconds an entry stays in memcached: far longer than any reader may lag.
 ENTRY_TTL: Final = 300.0
-#: Keys in one entry (memcached's items are at most 1 MB; keys at most 250 bytes).
+#: Keys in one entry, and their characters at most (memcached's items are 1 MB).
 BATCH: Final = 1000
+BATCH_BYTES: Final = 400_000
+#: Seconds between two checks of the watchdog.
+WATCH_TICK: Final = 0.02
 #: Fraction of the interval between two publications outside a poll.
 PUBLISH_DELAY: Final = 0.125
 _MAX_ROUNDS: Final = 64  # reads per poll while behind, before the next interval
 
 
-def slot_key(seq: int, slots: int) -> str:
-    """The key of the ring slot that holds entry ``seq``."""
-    return f"{_SLOT}{seq % slots}"
+def batches_of(keys: Sequence[str]) -> list[list[str]]:
+    """``keys`` cut into entries of at most :data:`BATCH` keys and
+    :data:`BATCH_BYTES` characters."""
+    out: list[list[str]] = []
+    batch: list[str] = []
+    size = 0
+    for key in keys:
+        if batch and (len(batch) >= BATCH or size + len(key) > BATCH_BYTES):
+            out.append(batch)
+            batch, size = [], 0
+        batch.append(key)
+        size += len(key) + 4
+    if batch:
+        out.append(batch)
+    return out
+
+
+class _Watchdog:
+    """One daemon thread per process that reports lost track for the journals whose
+    poll is stuck in I/O (a partition: a read waits for its socket timeout, longer
+    than the bound). It stops when no journal is left and starts again with the next."""
+
+    def __init__(self) -> None:
+        self._journals: weakref.WeakSet[MemcachedJournal] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._running = False
+        _fork.track(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: no thread (journals register again as they restart)."""
+        self._lock = threading.Lock()
+        self._running = False
+        self._journals = weakref.WeakSet()
+
+    def watch(self, journal: MemcachedJournal) -> None:
+        with self._lock:
+            self._journals.add(journal)
+            if self._running:
+                return
+            self._running = True
+        threading.Thread(
+            target=self._run, name="cachechain-coherence-watchdog", daemon=True
+        ).start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(WATCH_TICK)
+            with self._lock:
+                journals = list(self._journals)
+                if not journals:
+                    self._running = False
+                    return
+            for journal in journals:
+                journal.check_stuck()
+
+
+_WATCHDOG = _Watchdog()
 
 
 class MemcachedJournal:
@@ -129,6 +189,11 @@ class MemcachedJournal:
         self._last: int | None = None  # the last sequence number applied
         self._gap_since: float | None = None
         self._last_ok = self._clock()
+        self._troubled = False  # a poll is in flight, or the last one failed
+        self._head_key = self._ns.reserved + "j/head"
+
+    def _slot(self, seq: int) -> str:
+        return f"{self._ns.reserved}j/{seq % self._slots}"
 
     def _after_fork(self) -> None:
         """In a forked child: fresh locks and origin, nothing pending, the ring read
@@ -151,12 +216,31 @@ class MemcachedJournal:
         """Seconds between two polls."""
         return self._interval
 
-    def start(self, receiver: Receiver) -> None:
-        """Deliver to ``receiver`` from a daemon thread polling every ``interval``."""
+    def start(self, receiver: Receiver, *, thread: bool = True) -> None:
+        """Deliver to ``receiver`` from a daemon thread polling every ``interval``
+        (``thread=False``: no thread; the caller calls :meth:`poll`, as tests do)."""
         self._receiver = receiver
-        thread = threading.Thread(target=self._run, name="cachechain-coherence", daemon=True)
-        self._thread = thread
-        thread.start()
+        if not thread:
+            return
+        poller = threading.Thread(target=self._run, name="cachechain-coherence", daemon=True)
+        self._thread = poller
+        poller.start()
+        _WATCHDOG.watch(self)
+
+    def check_stuck(self) -> None:
+        """The watchdog's check, while a poll is in flight or the last one failed: no
+        poll began successfully for ``bound - interval`` seconds (one stuck in I/O
+        cannot say so itself): report lost track, then again every ``bound``. A poller
+        merely late (the process busy) is left alone. Never raises."""
+        receiver = self._receiver
+        if receiver is None or self._closed or not self._troubled:
+            return
+        now = self._clock()
+        # Fresh as of the last good poll's start, less a publisher's delay; the
+        # watchdog looks again one tick later: drop before that could exceed the bound.
+        if now - self._last_ok > self._bound - self._interval * PUBLISH_DELAY - WATCH_TICK:
+            self._last_ok = now
+            receiver.lost("unreachable")
 
     def publish(self, keys: Sequence[str]) -> None:
         """Queue ``keys`` for the poller thread, which publishes them within
@@ -223,17 +307,17 @@ class MemcachedJournal:
         receiver = self._receiver
         if receiver is None:
             return
+        began = self._clock()
+        self._troubled = True  # until this poll succeeds: in flight, or failed
         try:
             self._publish_pending()
             self._read(receiver)
         except Exception as exc:
             _log_once(("poll", self._layer.name), "coherence: poll failed: %r", exc)
-            now = self._clock()
-            if now - self._last_ok > self._bound:
-                self._last_ok = now
-                receiver.lost("unreachable")
+            self.check_stuck()
             return
-        self._last_ok = self._clock()
+        self._last_ok = max(self._last_ok, began)
+        self._troubled = False
 
     def _take(self) -> tuple[list[str], bool]:
         """The pending keys whose writes landed (the others stay), and the overflow."""
@@ -253,7 +337,7 @@ class MemcachedJournal:
         if overflow:
             batches: list[list[str] | None] = [None]
         else:
-            batches = [ready[i : i + BATCH] for i in range(0, len(ready), BATCH)]
+            batches = list(batches_of(ready))
         if not batches:
             return
         try:
@@ -268,22 +352,25 @@ class MemcachedJournal:
 
     def _write(self, batches: Sequence[list[str] | None]) -> None:
         n = len(batches)
-        top = self._layer.incr(HEAD_KEY, n)
+        top = self._layer.incr(self._head_key, n)
         if top is None:  # no head yet (or flushed): start one
-            self._layer.add(HEAD_KEY, 0, None)
-            top = self._layer.incr(HEAD_KEY, n)
+            self._layer.add(self._head_key, 0, None)
+            top = self._layer.incr(self._head_key, n)
             if top is None:
                 raise LayerUnavailableError("the journal head could not be created")
         first, now = top - n + 1, self._wall()
         entries = {
-            slot_key(first + i, self._slots): [first + i, self._origin, now, batch]
+            self._slot(first + i): [first + i, self._origin, now, batch]
             for i, batch in enumerate(batches)
         }
-        self._layer.set_many(entries, ENTRY_TTL)
+        refused = self._layer.set_many(entries, ENTRY_TTL)
+        if refused:  # too big for the layer: "drop everything" in its place, not a gap
+            self._layer.set_many({k: [*entries[k][:3], None] for k in refused}, ENTRY_TTL)
 
     def _read(self, receiver: Receiver) -> None:
+        epoch = self._ns.epoch
         got = self._get(self._last)
-        if self._ns.adopt(got.get(GENERATION_KEY)):
+        if self._ns.adopt(got.get(self._ns.generation_key), epoch):
             self._last = None  # what was published before the clear is cleared too
             receiver.cleared()
         if not self._keys:
@@ -294,25 +381,26 @@ class MemcachedJournal:
             got = self._get(self._last)
 
     def _get(self, last: int | None) -> Mapping[str, Any]:
+        generation = self._ns.generation_key
         if not self._keys:
-            return self._layer.get_many([GENERATION_KEY])  # type: ignore[no-any-return]
-        wanted = [HEAD_KEY, GENERATION_KEY]
+            return self._layer.get_many([generation])  # type: ignore[no-any-return]
+        wanted = [self._head_key, generation]
         if last is not None:
-            wanted += [
-                slot_key(s, self._slots) for s in range(last + 1, last + 1 + self._read_ahead)
-            ]
+            wanted += [self._slot(s) for s in range(last + 1, last + 1 + self._read_ahead)]
         return self._layer.get_many(wanted)  # type: ignore[no-any-return]
 
     def _apply(self, got: Mapping[str, Any], receiver: Receiver) -> bool:
         """Deliver the entries of one read; return whether more are to be read now."""
-        head = got.get(HEAD_KEY)
+        head = got.get(self._head_key)
         if type(head) is not int:
             if self._last is not None:
                 receiver.lost("reset")
-            self._layer.add(HEAD_KEY, 0, None)
+            self._layer.add(self._head_key, 0, None)
             self._last = None
             return False
         last = self._last
+        if last is None or head <= last or head - last > self._slots:
+            self._gap_since = None  # a wait for a slot never outlives a restart
         if last is None:  # the first read (or after a reset): start from the head
             self._last = head
             receiver.cleared()  # what was cached before may predate entries skipped
@@ -330,7 +418,7 @@ class MemcachedJournal:
     def _entries(self, got: Mapping[str, Any], head: int, receiver: Receiver) -> bool:
         last = self._last or 0
         for seq in range(last + 1, min(head, last + self._read_ahead) + 1):
-            entry = got.get(slot_key(seq, self._slots))
+            entry = got.get(self._slot(seq))
             found = _seq_of(entry)
             if found == seq:
                 self._deliver(entry, receiver)
@@ -358,6 +446,9 @@ class MemcachedJournal:
             return
         if keys is None:
             receiver.lost("overflow")
+            return
+        if not all(type(k) is str for k in keys):
+            receiver.lost("other")  # not keys this version can read: drop everything
             return
         lag = max(0.0, self._wall() - published_at) if isinstance(published_at, float) else 0.0
         receiver.invalidate(keys, lag)

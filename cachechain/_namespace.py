@@ -3,10 +3,16 @@
 Every key a chain sends to a shared (not ``local``) layer carries the current
 *generation* of the shared layer's namespace: ``"<generation in hex>/<key>"``, added by
 :class:`NamespacedLayer`, the innermost wrapper of each shared layer. The generation is
-a counter stored in the chain's shared layer itself under :data:`GENERATION_KEY`
-(never namespaced, so every process sharing the layer reads the same one), created with
+a counter stored in the chain's shared layer itself under
+``__cachechain__/<codec tag>/gen`` (:attr:`Namespace.generation_key`; never
+namespaced, so every process sharing the layer reads the same one), created with
 ``add`` of a random 62-bit number (so a generation key that was evicted or flushed
 starts a fresh namespace instead of bringing old values back).
+
+The *codec tag* (:func:`codec_tag`) separates processes that cannot read each other's
+values (two sites with different ``SECRET_KEY``s on one memcached, a key rotation in a
+rolling deploy): each such group has its own generation and journal, which it can
+read, instead of failing on the others'.
 
 ``clear()`` moves the generation (one ``incr``): from then on no process reads a value
 written before, and the old entries expire on their own; other applications' keys in
@@ -23,6 +29,7 @@ serves a miss, never a value of an unknown generation.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -33,14 +40,31 @@ from ._errors import ConfigError, LayerUnavailableError
 from .layers._base import CacheLayer, SupportsAdd, SupportsCounters, SupportsTouch
 from .layers._proxy import LayerProxy
 
-__all__ = ["GENERATION_KEY", "RESERVED_PREFIX", "Namespace", "NamespacedLayer"]
+__all__ = ["RESERVED_PREFIX", "Namespace", "NamespacedLayer", "codec_tag"]
 
 #: Keys of cachechain's own bookkeeping in a shared layer start with this; they are
 #: never namespaced (a namespaced key starts with a hex digit).
 RESERVED_PREFIX: Final = "__cachechain__/"
-#: Where the generation lives in the shared layer.
-GENERATION_KEY: Final = RESERVED_PREFIX + "gen"
 _BITS: Final = 62  # a fresh generation: far below the 2**63 where counters wrap
+_PROBE: Final = ["cachechain-namespace", 1]
+
+
+def codec_tag(layer: CacheLayer) -> str:
+    """A short tag naming what ``layer``'s codec can read: its ``namespace_tag``
+    attribute when it has one, else a digest of its encoding of a fixed probe (the same
+    for every process with the same codec and secret); ``"plain"`` for a layer without
+    a ``codec``."""
+    codec = getattr(layer, "codec", None)
+    if codec is None:
+        return "plain"
+    tag = getattr(codec, "namespace_tag", None)
+    if isinstance(tag, str) and tag:
+        return tag
+    try:
+        probe = codec.encode(_PROBE)
+    except Exception:
+        return type(codec).__name__
+    return hashlib.sha256(bytes(probe)).hexdigest()[:12]
 
 
 class Namespace:
@@ -53,7 +77,16 @@ class Namespace:
     :class:`~cachechain.ConfigError`. Thread-safe.
     """
 
-    __slots__ = ("__weakref__", "_layer", "_lock", "generation", "prefix")
+    __slots__ = (
+        "__weakref__",
+        "_layer",
+        "_lock",
+        "epoch",
+        "generation",
+        "generation_key",
+        "prefix",
+        "reserved",
+    )
 
     def __init__(self, layer: CacheLayer) -> None:
         if not (isinstance(layer, SupportsAdd) and isinstance(layer, SupportsCounters)):
@@ -62,10 +95,17 @@ class Namespace:
             )
         self._layer: Any = layer
         self._lock = threading.Lock()
+        #: Where this namespace's bookkeeping lives: ``__cachechain__/<codec tag>/``.
+        self.reserved = f"{RESERVED_PREFIX}{codec_tag(layer)}/"
+        #: The key of the generation in the shared layer.
+        self.generation_key = self.reserved + "gen"
         #: The current generation, or None while unknown.
         self.generation: int | None = None
         #: ``"<generation in hex>/"``, or None while unknown.
         self.prefix: str | None = None
+        #: How many times this process moved the generation: a poll that read the
+        #: generation before a move must not adopt what it read.
+        self.epoch = 0
         _fork.track(self)
 
     @property
@@ -89,20 +129,27 @@ class Namespace:
                 try:
                     self._set(self._fetch())
                 except Exception as exc:
-                    raise LayerUnavailableError(
-                        f"the namespace generation of layer {self._layer.name!r} is "
-                        f"unknown (the layer could not be read: {exc!r})",
-                        layer=self._layer.name,
-                    ) from exc
+                    raise self._unknown(exc) from exc
             return self.prefix  # type: ignore[return-value]  # set just above
 
-    def adopt(self, value: object) -> bool:
+    def _unknown(self, exc: Exception) -> LayerUnavailableError:
+        why = f"could not be read: {exc!r}"
+        return LayerUnavailableError(
+            f"the namespace generation of layer {self._layer.name!r} is unknown (the layer {why})",
+            layer=self._layer.name,
+        )
+
+    def adopt(self, value: object, epoch: int | None = None) -> bool:
         """Take ``value``, the generation key's content as a poll read it (``None``:
         absent), as the current generation; an absent or unreadable one is replaced
-        by a fresh generation. Return True when the generation changed from one this
-        process knew (its local copies are then stale: the caller drops them). Raises
-        what the layer raises when a fresh generation must be stored."""
+        by a fresh generation. ``epoch``: :attr:`epoch` when the poll read it; a value
+        read before this process moved the generation is ignored (it would undo the
+        move). Return True when the generation changed from one this process knew
+        (its local copies are then stale: the caller drops them). Raises what the
+        layer raises when a fresh generation must be stored."""
         with self._lock:
+            if epoch is not None and epoch != self.epoch:
+                return False
             if not _is_generation(value):
                 value = self._create()
             known = self.generation
@@ -114,26 +161,28 @@ class Namespace:
         the key is gone) and adopt it: every process stops reading what was written
         before. Return True when it moved; raise what the layer raises."""
         with self._lock:
-            moved = self._layer.incr(GENERATION_KEY, 1)
+            moved = self._layer.incr(self.generation_key, 1)
             if not _is_generation(moved):
                 moved = self._create()
+            self.epoch += 1
             self._set(moved)
             return True
 
     def _fetch(self) -> int:
-        value = self._layer.get(GENERATION_KEY)
+        value = self._layer.get(self.generation_key)
         return value if _is_generation(value) else self._create()
 
     def _create(self) -> int:
         """Store a fresh generation unless another process just did; return the one
         the layer holds then."""
         fresh = secrets.randbits(_BITS) + 1
-        if self._layer.add(GENERATION_KEY, fresh, None):
+        key = self.generation_key
+        if self._layer.add(key, fresh, None):
             return fresh
-        value = self._layer.get(GENERATION_KEY)
+        value = self._layer.get(key)
         if _is_generation(value):
             return int(value)
-        self._layer.set(GENERATION_KEY, fresh, None)  # unreadable: replace it
+        self._layer.set(key, fresh, None)  # unreadable: replace it
         return fresh
 
     def _set(self, generation: int) -> None:
@@ -156,11 +205,12 @@ class NamespacedLayer(LayerProxy):
     cannot be fetched, and otherwise what the wrapped layer raises.
     """
 
-    __slots__ = ("_ns",)
+    __slots__ = ("_ns", "_ops")
 
     def __init__(self, layer: CacheLayer, namespace: Namespace) -> None:
         super().__init__(layer)
         self._ns = namespace
+        self._ops: dict[str, Any] = {}
 
     @property
     def namespace(self) -> Namespace:
@@ -210,27 +260,41 @@ class NamespacedLayer(LayerProxy):
 
     def add(self, key: str, value: Any, ttl: float | None = None) -> bool:
         """The wrapped layer's ``add`` of ``key`` in the current generation."""
-        layer = _capable(self._layer, SupportsAdd, "add")
-        stored: bool = layer.add(self._ns.current() + key, value, ttl)
+        stored: bool = self._atomic("add")(self._ns.current() + key, value, ttl)
         return stored
 
     def incr(self, key: str, delta: int = 1) -> int | None:
         """The wrapped layer's ``incr`` of ``key`` in the current generation."""
-        layer = _capable(self._layer, SupportsCounters, "incr")
-        count: int | None = layer.incr(self._ns.current() + key, delta)
+        count: int | None = self._atomic("incr")(self._ns.current() + key, delta)
         return count
 
     def decr(self, key: str, delta: int = 1) -> int | None:
         """The wrapped layer's ``decr`` of ``key`` in the current generation."""
-        layer = _capable(self._layer, SupportsCounters, "decr")
-        count: int | None = layer.decr(self._ns.current() + key, delta)
+        count: int | None = self._atomic("decr")(self._ns.current() + key, delta)
         return count
 
     def touch(self, key: str, ttl: float | None = None) -> bool:
         """The wrapped layer's ``touch`` of ``key`` in the current generation."""
-        layer = _capable(self._layer, SupportsTouch, "touch")
-        found: bool = layer.touch(self._ns.current() + key, ttl)
+        found: bool = self._atomic("touch")(self._ns.current() + key, ttl)
         return found
+
+    def _atomic(self, operation: str) -> Any:
+        """The wrapped layer's bound ``operation``, checked once (a protocol
+        ``isinstance`` costs microseconds). Raises ConfigError when it has none."""
+        found = self._ops.get(operation)
+        if found is None:
+            capability = _CAPABILITIES[operation]
+            found = _capable(self._layer, capability, operation).__getattribute__(operation)
+            self._ops[operation] = found
+        return found
+
+
+_CAPABILITIES: dict[str, type] = {
+    "add": SupportsAdd,
+    "incr": SupportsCounters,
+    "decr": SupportsCounters,
+    "touch": SupportsTouch,
+}
 
 
 def _capable(layer: CacheLayer, capability: type, operation: str) -> Any:

@@ -94,6 +94,7 @@ class ResilientLayer(LayerProxy):
         check_callable(clock, "clock")
         self._breaker = breaker
         self._clock = clock
+        self._ops: dict[str, Any] = {}
 
     def around(self, layer: CacheLayer) -> ResilientLayer:
         """A wrapper of ``layer`` with this one's breaker, timeout and clock (the
@@ -181,34 +182,37 @@ class ResilientLayer(LayerProxy):
         """The wrapped layer's ``add`` (:class:`~cachechain.layers.SupportsAdd`),
         through the breaker. Raises :class:`~cachechain.ConfigError` when the wrapped
         layer has none."""
-        layer = self._layer
-        if not isinstance(layer, SupportsAdd):
-            raise _unsupported(layer, "add", "SupportsAdd")
-        return self._forward(layer.add, key, value, ttl)
+        stored: bool = self._forward(self._atomic("add", SupportsAdd), key, value, ttl)
+        return stored
 
     def incr(self, key: str, delta: int = 1) -> int | None:
         """The wrapped layer's ``incr`` (:class:`~cachechain.layers.SupportsCounters`),
         through the breaker; raises as :meth:`add` when it has none."""
-        layer = self._layer
-        if not isinstance(layer, SupportsCounters):
-            raise _unsupported(layer, "incr", "SupportsCounters")
-        return self._forward(layer.incr, key, delta)
+        count: int | None = self._forward(self._atomic("incr", SupportsCounters), key, delta)
+        return count
 
     def decr(self, key: str, delta: int = 1) -> int | None:
         """The wrapped layer's ``decr``, through the breaker; raises as :meth:`add`
         when it has none."""
-        layer = self._layer
-        if not isinstance(layer, SupportsCounters):
-            raise _unsupported(layer, "decr", "SupportsCounters")
-        return self._forward(layer.decr, key, delta)
+        count: int | None = self._forward(self._atomic("decr", SupportsCounters), key, delta)
+        return count
 
     def touch(self, key: str, ttl: float | None = None) -> bool:
         """The wrapped layer's ``touch`` (:class:`~cachechain.layers.SupportsTouch`),
         through the breaker; raises as :meth:`add` when it has none."""
-        layer = self._layer
-        if not isinstance(layer, SupportsTouch):
-            raise _unsupported(layer, "touch", "SupportsTouch")
-        return self._forward(layer.touch, key, ttl)
+        found: bool = self._forward(self._atomic("touch", SupportsTouch), key, ttl)
+        return found
+
+    def _atomic(self, operation: str, capability: type) -> Any:
+        """The wrapped layer's bound ``operation``, its capability checked once (a
+        protocol ``isinstance`` costs microseconds). Raises ConfigError without it."""
+        found = self._ops.get(operation)
+        if found is None:
+            layer = self._layer
+            if not isinstance(layer, capability):
+                raise _unsupported(layer, operation, capability.__name__)
+            found = self._ops[operation] = getattr(layer, operation)
+        return found
 
     def stats(self) -> BreakerStats:
         """Return the breaker's :class:`BreakerStats`."""

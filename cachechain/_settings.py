@@ -37,7 +37,7 @@ class: for example ``maxsize``, ``default_ttl``, ``servers``, ``timeout``), and 
 chain's settings for it: ``resilient``, ``breaker``, ``call_timeout`` (the
 :class:`~cachechain.LayerConfig` ``timeout``: the longest a call may take,
 seconds), ``write_behind`` and ``writer``. A memcached ``codec`` is ``"json"``,
-``{"type": "signed_pickle", "secret": "..."}`` or ``"package.module:attr"``.
+``"tagged_json"``, ``{"type": "signed_pickle", "secret": "..."}`` or ``"package.module:attr"``.
 
 Every error is a :class:`~cachechain.ConfigError` whose message starts with the
 path of the field: ``layers[1].timeout must be a number of seconds > 0, got -1``.
@@ -338,7 +338,7 @@ def _chain_settings(entry: Mapping[Any, Any], path: str) -> dict[str, Any]:
 
 
 def _codec(value: Any, path: str) -> Any:
-    from ._codecs import JsonCodec, SignedPickleCodec
+    from ._codecs import JsonCodec, SignedPickleCodec, TaggedJsonCodec
 
     if isinstance(value, str) and ":" not in value:
         value = {"type": value}
@@ -351,10 +351,13 @@ def _codec(value: Any, path: str) -> Any:
     if kind == "json":
         reject_unknown(path, value, ("type",), "json codec setting")
         return JsonCodec()
+    if kind == "tagged_json":
+        reject_unknown(path, value, ("type",), "tagged_json codec setting")
+        return TaggedJsonCodec()
     if kind != "signed_pickle":
         raise ConfigError(
-            f"{path}.type must be 'json' or 'signed_pickle' (or give 'package.module:attr'), "
-            f"got {kind!r}"
+            f"{path}.type must be 'json', 'tagged_json' or 'signed_pickle' (or give "
+            f"'package.module:attr'), got {kind!r}"
         )
     reject_unknown(path, value, ("type", "secret"), "signed_pickle codec setting")
     secret = value.get("secret")

@@ -32,7 +32,7 @@ from ._breaker import CircuitBreaker
 from ._chain_metrics import Reporter
 from ._config import BreakerConfig, LayerConfig, WriterConfig
 from ._errors import ChainClosedError
-from ._resilience import ResilientLayer
+from ._resilience import ResilientLayer, unwrapped
 from ._writer import AsyncWriter
 from .layers._base import CacheLayer, SupportsTimeout
 
@@ -58,7 +58,16 @@ class Tier:
     (None for a layer without one) and the chain's failure ``report``. ``index`` is the
     layer's position in the chain, 0 for the fastest."""
 
-    __slots__ = ("_report", "breaker", "get_with_ttl", "index", "layer", "name", "writer")
+    __slots__ = (
+        "_report",
+        "_supports",
+        "breaker",
+        "get_with_ttl",
+        "index",
+        "layer",
+        "name",
+        "writer",
+    )
 
     def __init__(
         self, index: int, layer: CacheLayer, report: Reporter, breaker: CircuitBreaker | None
@@ -72,6 +81,7 @@ class Tier:
         #: The layer's ``get_with_ttl``, bound once for the read path.
         self.get_with_ttl: Callable[[str], tuple[Any, float | None]] = layer.get_with_ttl
         self._report = report
+        self._supports: dict[type, bool] = {}
 
     # -- the policy: where a write goes -----------------------------------------------
     def route_set(self, key: str, value: Any, ttl: float | None) -> bool | None:
@@ -98,6 +108,22 @@ class Tier:
         of ``key`` handed to it, False if some are still pending. Here: always True
         (no writer)."""
         return True
+
+    def supports(self, capability: type) -> bool:
+        """Whether the layer itself (unwrapped from its breaker) has ``capability``, a
+        runtime-checkable protocol such as :class:`~cachechain.layers.SupportsAdd`.
+        Checked once per capability: such a check costs microseconds, and the chain's
+        atomic operations ask it on every call."""
+        known = self._supports.get(capability)
+        if known is None:
+            known = self._supports[capability] = isinstance(unwrapped(self.layer), capability)
+        return known
+
+    def forget(self, key: str) -> None:
+        """Drop the layer's copy of ``key``, best effort, after an atomic operation that
+        the shared layer could not take: nothing was written, so nothing is owed. A
+        failure is counted and logged; unlike :meth:`delete`, it leaves no repair."""
+        self.call("delete", self.layer.delete, key)
 
     # -- reads ---------------------------------------------------------------------------
     def held(self, keys: Iterable[str]) -> frozenset[str]:
@@ -248,12 +274,17 @@ class SettlingTier(Tier):
     def drain(self, key: str) -> bool:
         """Make way for an atomic operation of ``key`` on this layer: when the writer
         holds a write of ``key`` (a queued set, which must land rather than be
-        cancelled, a delete, a write in flight or a repair), have it write what it
-        holds now (its ``flush``, at most ``settle`` seconds). Return whether none of
-        ``key`` is left pending, so an older write cannot overtake the operation."""
+        cancelled, a delete, a write in flight or a repair; every key while the writer
+        is overflowed), have it write what it holds now (its ``flush``, at most
+        ``settle`` seconds; not while the layer's breaker refuses calls). Return whether
+        none of ``key`` is left pending, so an older write cannot overtake the
+        operation."""
         writer = self._queue
         if not writer.holds(key):
             return True
+        breaker = self.breaker
+        if breaker is not None and breaker.refusing():
+            return False  # the layer is down: a flush would only be refused too
         writer.flush(self._settle)
         return not writer.holds(key)
 

@@ -27,6 +27,14 @@ value. The writer keeps its own bounded queue rather than one executor task per 
   gets one call per round however many keys wait. Until then the key is held
   (:meth:`AsyncWriter.holds`), so a chain neither serves nor copies up the layer's value
   of it. A newer set or delete of the key replaces its repair;
+- at most ``max_repairs`` repairs wait, so a long outage does not grow memory. Past
+  the cap the writer *overflows*: it gives up the key-by-key repairs and handles the
+  layer as a whole. While overflowed it holds every key (a chain reads nothing from
+  the layer, which may keep an older value of any key) and, on the same backoff, calls
+  its overflow handler (:attr:`AsyncWriter.overflow_handler`, for a chain's shared
+  layer: move the namespace generation, so no process reads a value written before);
+  the first call that returns True ends the overflow. Without a handler the layer
+  stays unread until one is set or the writer is closed;
 - :meth:`AsyncWriter.close` stops intake and drains within one deadline; at interpreter
   exit without ``close`` every live writer is drained for at most
   :attr:`AsyncWriter.exit_timeout` seconds, before ``concurrent.futures`` joins its
@@ -58,7 +66,7 @@ from . import _fork
 from ._errors import ChainClosedError, CircuitOpenError, ConfigError
 from ._logonce import LogOnce
 from ._repairs import RepairSchedule
-from ._validate import check_count, check_seconds
+from ._validate import check_callable, check_count, check_seconds
 from ._writequeue import COALESCED, DELETE, DELETE_OP, FULL, QUEUED, SET, Op, WriteQueue
 from .layers._base import CacheLayer
 
@@ -76,6 +84,7 @@ log = logging.getLogger("cachechain.writer")
 DROP_REASONS: Final = ("queue_full", "circuit_open", "closed")
 
 _NOTHING: Final[frozenset[str]] = frozenset()
+_NO_HANDLER: Final = "it has no overflow handler: not until one is set or the writer closes"
 _INF: Final = math.inf
 
 # Outcomes of one write, as seen by a drain task.
@@ -100,7 +109,10 @@ class WriterStats:
     - ``dropped``: operations never written, the sum of ``dropped_by_reason``, a dict
       with every reason of :data:`DROP_REASONS` as a key;
     - ``repairing``: keys whose repair delete waits to be retried (see the module
-      docstring): the layer may hold an older value of each.
+      docstring): the layer may hold an older value of each;
+    - ``overflowed``: more than ``max_repairs`` repairs were owed, and the layer awaits
+      its handling as a whole (it is not read meanwhile: see
+      :attr:`AsyncWriter.overflow_handler`); ``overflows``: how many times that began.
 
     Counters start at zero when the writer is created (and again in a forked child).
     """
@@ -114,6 +126,8 @@ class WriterStats:
     dropped: int
     dropped_by_reason: dict[str, int]
     repairing: int = 0
+    overflowed: bool = False
+    overflows: int = 0
 
 
 class WriterObserver(Protocol):
@@ -203,7 +217,112 @@ class _Tally:
             log.exception("cachechain writer for layer %r: its observer raised", name)
 
 
-class _WriterWorkers:
+class _RepairRounds:
+    """The repairs a writer owes its layer: the keys it holds for them, the retry rounds
+    its workers run, and the overflow past ``max_repairs`` (see the module docstring).
+    A base of :class:`_WriterWorkers`; every method runs with the writer's lock held
+    unless its docstring says "lock not held"."""
+
+    # State, set by _WriterWorkers._init_state and AsyncWriter.__init__.
+    _name: str
+    _lock: threading.Lock
+    _idle: threading.Condition
+    _queue: WriteQueue
+    _repairs: RepairSchedule
+    _tally: _Tally
+    _abandon: bool
+    #: Called by an overflow round; True once the layer was handled as a whole.
+    _overflow_handler: Callable[[], bool] | None
+
+    def _release(self, key: str) -> None:
+        """Stop holding ``key`` if it is no longer queued, in flight or awaiting a retry."""
+        if key not in self._repairs.waiting:
+            self._queue.release(key)
+
+    def _schedule_repair(self, key: str) -> bool:
+        """After a failed or refused write of ``key``: keep a delete of it for the next
+        retry round, unless a newer operation of it is queued. Past ``max_repairs`` the
+        layer is handled as a whole instead (the writer overflows: see the module
+        docstring). Returns whether a worker must run a round for it."""
+        if self._queue.queued(key):
+            return False  # the newer operation replaces the key's value (or deletes it)
+        if self._abandon:  # closed and drained: nobody will retry it
+            self._tally.drop("closed")
+            return False
+        repairs = self._repairs
+        was = repairs.overflowed
+        for given_up in repairs.add(key):  # (overflowed is set before they are let go)
+            self._queue.release(given_up)
+        if repairs.overflowed and not was:
+            log.warning(
+                "cachechain writer for layer %r: more than %d repair deletes pending; the "
+                "layer is not read until it is handled as a whole (%s)",
+                self._name,
+                repairs.max_repairs,
+                "by its overflow handler" if self._overflow_handler else _NO_HANDLER,
+            )
+            return True
+        return key in repairs.waiting
+
+    def _requeue_repairs(self, *, overflow: bool = True) -> None:
+        """Queue every repair delete awaiting a retry, to be tried now (flush, close),
+        and (``overflow``) ask for an overflow round now if the writer has a handler. A
+        key queued meanwhile keeps its newer operation. Deletes take no queue room."""
+        for key in self._repairs.take_all():
+            self._queue.queue_delete(key)
+        if overflow and self._overflow_handler is not None:
+            self._repairs.hurry()
+
+    def _start_round(self) -> None:
+        """Start a retry round: the oldest repair joins the queue, busy or not (each that
+        lands brings the next forward, so a layer still down gets one call per round)."""
+        key = self._repairs.start_round()
+        if key is not None:
+            self._queue.queue_delete(key)
+
+    def _rounds_pending(self) -> bool:
+        """Whether retry rounds are to come: repairs wait, or the writer is overflowed
+        and has a handler to call."""
+        repairs = self._repairs
+        return bool(repairs.waiting) or (repairs.overflowed and self._overflow_handler is not None)
+
+    def _overflow_busy(self) -> bool:
+        """Whether an overflow round is in progress, or was asked for now and a worker
+        will start it (flush and close wait for it)."""
+        repairs = self._repairs
+        return repairs.handling or (repairs.hurried and self._overflow_handler is not None)
+
+    def _handle_overflow(self, handler: Callable[[], bool]) -> None:
+        """Run an overflow round: call ``handler`` (the lock is released around the
+        call) and end the round with what it returned (an exception is a False,
+        logged)."""
+        for key in self._repairs.start_overflow():  # covered by this round
+            self._queue.release(key)
+        self._lock.release()
+        handled = False
+        try:
+            handled = bool(handler())
+        except Exception:
+            log.warning(
+                "cachechain writer for layer %r: its overflow handler raised",
+                self._name,
+                exc_info=True,
+            )
+        finally:
+            self._lock.acquire()
+            if not self._abandon:  # else close() gave up meanwhile and forgot it all
+                over = self._repairs.end_overflow(handled)
+                if over:
+                    log.warning(
+                        "cachechain writer for layer %r: the layer was handled as a whole; "
+                        "it is read again",
+                        self._name,
+                    )
+            if self._queue.idle():
+                self._idle.notify_all()
+
+
+class _WriterWorkers(_RepairRounds):
     """The worker side of :class:`AsyncWriter`: its shared state, the drain tasks and
     their lifecycle on the executor, the retry rounds they run, and stopping (close,
     interpreter exit, a forked child).
@@ -211,6 +330,8 @@ class _WriterWorkers:
     :class:`AsyncWriter` adds what callers call. A method here runs with the writer's
     lock held unless its docstring says "lock not held".
     """
+
+    _max_repairs: int
 
     # Settings, set by AsyncWriter.__init__ (see there).
     _layer: CacheLayer
@@ -247,7 +368,9 @@ class _WriterWorkers:
         #: is queued or awaits a repair, never both, so a key the queue lets go of (a
         #: cancelled set) has no repair to keep it held.
         self._held = self._queue.held
-        self._repairs = RepairSchedule(self._min_retry, self._max_retry, self._clock)
+        self._repairs = RepairSchedule(
+            self._min_retry, self._max_retry, self._clock, self._max_repairs
+        )
         self._keeper = False  # an idle worker stays for the retry rounds
         self._running = 0
         self._idle_workers = 0
@@ -255,36 +378,6 @@ class _WriterWorkers:
         self._executor: Executor | None = self._given_executor
         self._tally = _Tally(self._queue, self._repairs)
         self._log_once = LogOnce(log)  # failed writes: WARNING once per exception type
-
-    def _release(self, key: str) -> None:
-        """Stop holding ``key`` if it is no longer queued, in flight or awaiting a retry."""
-        if key not in self._repairs.waiting:
-            self._queue.release(key)
-
-    # ------------------------------------------------------------------ repairs
-
-    def _schedule_repair(self, key: str) -> None:
-        """After a failed or refused write of ``key``: keep a delete of it for the next
-        retry round, unless a newer operation of it is queued."""
-        if self._queue.queued(key):
-            return  # the newer operation replaces the key's value (or deletes it)
-        if self._abandon:  # closed and drained: nobody will retry it
-            self._tally.drop("closed")
-            return
-        self._repairs.add(key)
-
-    def _requeue_repairs(self) -> None:
-        """Queue every repair delete awaiting a retry, to be tried now (flush, close). A
-        key queued meanwhile keeps its newer operation. Deletes take no queue room."""
-        for key in self._repairs.take_all():
-            self._queue.queue_delete(key)
-
-    def _start_round(self) -> None:
-        """Start a retry round: the oldest repair joins the queue, busy or not (each that
-        lands brings the next forward, so a layer still down gets one call per round)."""
-        key = self._repairs.start_round()
-        if key is not None:
-            self._queue.queue_delete(key)
 
     # ------------------------------------------------------------------ workers
 
@@ -354,7 +447,8 @@ class _WriterWorkers:
         for key, op in items:
             self._repairs.withdraw(key)
             if op[0] is DELETE:
-                self._repairs.add(key)
+                self._schedule_repair(key)
+                self._release(key)  # given up by an overflow: the next round covers it
             else:
                 lost += 1
                 self._release(key)
@@ -377,7 +471,7 @@ class _WriterWorkers:
                     self._running -= 1
                     # A task ended by an exception must not leave work with no worker.
                     orphaned = (
-                        bool(self._repairs.waiting or len(self._queue))
+                        (self._rounds_pending() or bool(len(self._queue)))
                         and self._running == 0
                         and not self._closed
                         and not self._abandon
@@ -394,8 +488,12 @@ class _WriterWorkers:
         repairs = self._repairs
         take = self._queue.take
         while not self._abandon:
-            if repairs.waiting and repairs.due():
-                self._start_round()  # a round is due: its repair joins the queue
+            if (repairs.waiting or repairs.overflowed) and repairs.due():
+                if not repairs.overflowed:
+                    self._start_round()  # a round is due: its repair joins the queue
+                elif self._overflow_handler is not None:
+                    self._handle_overflow(self._overflow_handler)
+                    continue
             item = take()
             if item is not None:
                 self._write(item[0], item[1])
@@ -408,7 +506,7 @@ class _WriterWorkers:
         worker at a time stays for the retry rounds, waking when the next is due."""
         repairs = self._repairs
         wait = self._idle_timeout
-        keeper = bool(repairs.waiting) and not self._keeper
+        keeper = self._rounds_pending() and not self._keeper
         if keeper:  # this worker stays for the rounds; others may end
             self._keeper = True
             wait = repairs.idle_wait(wait)
@@ -419,7 +517,7 @@ class _WriterWorkers:
             self._idle_workers -= 1
             if keeper:
                 self._keeper = False
-        return notified or self._queue.ready() or (keeper and bool(repairs.waiting))
+        return notified or self._queue.ready() or (keeper and self._rounds_pending())
 
     def _write(self, key: str, op: Op) -> None:
         """Make the write of ``key`` just taken (the lock is released around the call)."""
@@ -496,7 +594,9 @@ class _WriterWorkers:
         """Wait until nothing is queued or in flight (or, with
         ``until_abandoned``, another close gave up draining); False at ``deadline``
         (clock seconds; None: no deadline)."""
-        while not self._queue.idle() and not (until_abandoned and self._abandon):
+        while (not self._queue.idle() or self._overflow_busy()) and not (
+            until_abandoned and self._abandon
+        ):
             if deadline is None:
                 self._idle.wait()
                 continue
@@ -518,7 +618,8 @@ class _WriterWorkers:
             self._room.notify_all()
             wanted = 0
             if not self._abandon:
-                wanted = min(self._workers - self._running, len(self._queue))
+                work = len(self._queue) + self._overflow_busy()
+                wanted = min(self._workers - self._running, work)
             executor = self._start_workers(wanted)
         for _ in range(wanted):
             if executor is not None and not self._submit(executor, warn=warn):
@@ -537,7 +638,15 @@ class _WriterWorkers:
             unmade = sum(1 for _, op in items if op[0] is DELETE)
             if lost:
                 self._tally.drop("closed", lost)
+            overflowed = self._repairs.overflowed
             unrepaired = self._repairs.clear()
+            if overflowed:
+                log.log(
+                    logging.WARNING if warn else logging.DEBUG,
+                    "cachechain writer for layer %r: closed while the layer awaited its "
+                    "overflow handler; it may serve older values of any key until they expire",
+                    self._name,
+                )
             if unrepaired:
                 self._tally.drop("closed", unrepaired)
                 lost += unrepaired
@@ -568,7 +677,65 @@ class _WriterWorkers:
         self._tally.observer = observer
 
 
-class AsyncWriter(_WriterWorkers):
+class _WriterIntake(_WriterWorkers):
+    """The intake helpers of :class:`AsyncWriter` (the writer's lock held): a set
+    waiting for room in a full queue, a queued set cancelled."""
+
+    def _closed_error(self) -> ChainClosedError:
+        return ChainClosedError(f"the writer for layer {self._name!r} is closed")
+
+    def _offer_when_room(self, key: str, op: Op, max_wait: float | None) -> int:
+        """A set of ``key`` found the queue full: wait for room, then offer it again.
+        Returns what :meth:`WriteQueue.offer` did, or FULL when the set was dropped (then
+        counted, and the key released)."""
+        wait = self._max_wait if max_wait is None else max_wait
+        reason = self._wait_for_room(key, wait)
+        if reason is not None:
+            self._tally.drop(reason)
+            self._release(key)
+            return FULL
+        # An older write of the key may have ended (and released it) while this one
+        # waited: offer() holds it again before it is queued.
+        outcome = self._queue.offer(key, op)
+        if self._room_waiters and self._queue.has_room():
+            self._room.notify()  # room is left: pass it on to another waiting set
+        return outcome
+
+    def _wait_for_room(self, key: str, wait: float) -> str | None:
+        """Wait up to ``wait`` seconds until a set of ``key`` can be queued. Returns None
+        when there is room (or ``key`` got queued meanwhile, to coalesce with), else the
+        drop reason."""
+        if wait <= 0:
+            return "queue_full"
+        deadline = self._clock() + wait
+        self._room_waiters += 1
+        try:
+            while True:
+                remaining = deadline - self._clock()
+                timed_out = remaining <= 0 or not self._room.wait(remaining)
+                if self._closed:
+                    return "closed"
+                if self._queue.has_room(key):
+                    return None
+                if timed_out:
+                    return "queue_full"
+        finally:
+            self._room_waiters -= 1
+
+    def _unqueue_set(self, key: str) -> bool:
+        """Remove a queued set of ``key`` that no worker has taken; return whether there
+        was one. Wakes a set waiting for room, and flush when idle."""
+        if not self._queue.cancel_set(key):
+            return False
+        self._repairs.withdraw(key)  # it may have replaced the repair of a retry round
+        if self._room_waiters:
+            self._room.notify()
+        if self._queue.idle():
+            self._idle.notify_all()
+        return True
+
+
+class AsyncWriter(_WriterIntake):
     """Writes ``set``/``delete`` operations to one cache layer in the background.
 
     ``layer`` is the lower layer this writer feeds (one writer per layer).
@@ -581,8 +748,10 @@ class AsyncWriter(_WriterWorkers):
     ``cachechain-writer-<layer name>``) when first needed and shuts it down on
     :meth:`close`; a given executor is never shut down by the writer. ``retry_delay``
     and ``max_retry_delay`` (seconds) bound the backoff between rounds of repair
-    deletes (see the module docstring). ``clock`` returns monotonic seconds; it times
-    deadlines, backoffs and write durations and exists for tests.
+    deletes (see the module docstring). ``max_repairs`` caps the repair deletes that
+    wait; past it the writer *overflows* and handles the layer as a whole through
+    ``on_overflow`` (see :attr:`overflow_handler`). ``clock`` returns monotonic
+    seconds; it times deadlines, backoffs and write durations and exists for tests.
 
     All methods are thread-safe. Raises :class:`~cachechain.ConfigError` naming
     the field for an invalid argument.
@@ -605,6 +774,8 @@ class AsyncWriter(_WriterWorkers):
         idle_timeout: float = 1.0,
         retry_delay: float = 0.05,
         max_retry_delay: float = 2.0,
+        max_repairs: int = 10_000,
+        on_overflow: Callable[[], bool] | None = None,
         executor: ThreadPoolExecutor | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -630,6 +801,10 @@ class AsyncWriter(_WriterWorkers):
             raise ConfigError(f"executor must be a ThreadPoolExecutor or None, got {executor!r}")
         if not callable(clock):
             raise ConfigError(f"clock must be a callable returning seconds, got {clock!r}")
+        self._max_repairs = check_count(max_repairs, "max_repairs")
+        if on_overflow is not None:
+            check_callable(on_overflow, "on_overflow")
+        self._overflow_handler = on_overflow
         self._layer = layer
         self._name = name
         self._clock = clock
@@ -641,10 +816,17 @@ class AsyncWriter(_WriterWorkers):
         _fork.track(self)
 
     @classmethod
-    def from_config(cls, layer: CacheLayer, config: WriterConfig) -> AsyncWriter:
+    def from_config(
+        cls,
+        layer: CacheLayer,
+        config: WriterConfig,
+        *,
+        on_overflow: Callable[[], bool] | None = None,
+    ) -> AsyncWriter:
         """The async writer of ``layer`` with the settings of ``config`` (a
-        :class:`~cachechain.WriterConfig`). Raises :class:`~cachechain.ConfigError`
-        for a layer that is not a :class:`~cachechain.layers.CacheLayer`."""
+        :class:`~cachechain.WriterConfig`) and the overflow handler ``on_overflow``
+        (see :attr:`overflow_handler`). Raises :class:`~cachechain.ConfigError` for a
+        layer that is not a :class:`~cachechain.layers.CacheLayer`."""
         return cls(
             layer,
             queue_size=config.queue_size,
@@ -652,6 +834,8 @@ class AsyncWriter(_WriterWorkers):
             workers=config.workers,
             retry_delay=config.retry_delay,
             max_retry_delay=config.max_retry_delay,
+            max_repairs=config.max_repairs,
+            on_overflow=on_overflow,
         )
 
     # ------------------------------------------------------------------ public API
@@ -675,6 +859,44 @@ class AsyncWriter(_WriterWorkers):
     @observer.setter
     def observer(self, observer: WriterObserver | None) -> None:
         self._tally.observer = observer
+
+    @property
+    def overflow_handler(self) -> Callable[[], bool] | None:
+        """What handles the layer as a whole once the writer overflowed: a callable
+        taking no argument that returns True when it did (for a shared layer, the
+        chain moves the namespace generation there, so no process reads any value
+        written before), and False or raises (logged) when it could not (the layer is
+        down). Settable; None (the default) for none.
+
+        The writer overflows when more than ``max_repairs`` repair deletes wait: it
+        gives them up and, while overflowed, :meth:`holds` every key (a chain reads
+        nothing from the layer, which may keep older values of any key) and
+        :meth:`flush` returns False. It calls the handler on its repair backoff
+        schedule, one call at a time, from a worker thread and without its lock; the
+        first call that returns True ends the overflow. Without a handler the writer
+        stays overflowed, its layer unread, until one is set or it is closed. Raises
+        :class:`~cachechain.ConfigError` for a value that is neither callable nor None.
+        """
+        return self._overflow_handler
+
+    @overflow_handler.setter
+    def overflow_handler(self, handler: Callable[[], bool] | None) -> None:
+        if handler is not None:
+            check_callable(handler, "overflow_handler")
+        executor = None
+        with self._lock:
+            self._overflow_handler = handler
+            if self._repairs.overflowed and not self._closed:
+                executor = self._wake_worker()  # its rounds may start
+            self._idle.notify_all()  # a flush waiting for a round of no handler
+        if executor is not None:
+            self._submit(executor)
+
+    @property
+    def overflowed(self) -> bool:
+        """Whether the writer overflowed and its layer awaits its
+        :attr:`overflow_handler` (it is not read meanwhile)."""
+        return self._repairs.overflowed
 
     def set(
         self, key: str, value: Any, ttl: float | None = None, *, max_wait: float | None = None
@@ -745,8 +967,10 @@ class AsyncWriter(_WriterWorkers):
         so a layer that is down is not asked again at once for every key.
 
         A queued operation of ``key`` is left to do the job (if it fails, it leaves a
-        repair in turn). Returns False, counting it as dropped (reason ``closed``), when
-        the writer is closed; True otherwise.
+        repair in turn). Past ``max_repairs`` waiting repairs, or while the writer is
+        overflowed, the key is covered by the layer's handling as a whole instead (see
+        :attr:`overflow_handler`). Returns False, counting it as dropped (reason
+        ``closed``), when the writer is closed; True otherwise.
         """
         executor = None
         with self._lock:
@@ -755,8 +979,8 @@ class AsyncWriter(_WriterWorkers):
                 self._tally.drop("closed")
             elif not self._queue.queued(key) and key not in self._repairs:
                 self._queue.hold(key)
-                self._schedule_repair(key)
-                executor = self._wake_worker()  # someone must run the round
+                if self._schedule_repair(key):
+                    executor = self._wake_worker()  # someone must run the round
             events = self._tally.take()
         self._tally.deliver(events, self._name)
         if executor is not None:
@@ -782,16 +1006,22 @@ class AsyncWriter(_WriterWorkers):
         Such a key's value in the layer may be older than the chain's: a chain reading
         it must neither serve it nor copy it into the layers above. Lock-free (it runs
         on every L1 miss): a key joins the held set before it enters the queue, and
-        leaves it only once it is neither queued, in flight nor awaiting a retry.
+        leaves it only once it is neither queued, in flight nor awaiting a retry. While
+        the writer is :attr:`overflowed`, every key is held.
         """
         held = self._held
-        if not held:
+        repairs = self._repairs
+        if not held and not repairs.overflowed:
             return _NOTHING
-        return frozenset(key for key in keys if key in held)
+        wanted = tuple(keys)
+        found = frozenset(key for key in wanted if key in held)
+        # Read after the held set: an overflow is flagged before it lets keys go.
+        return frozenset(wanted) if repairs.overflowed else found
 
     def holds(self, key: str) -> bool:
-        """Whether ``key`` is held (see :meth:`holding`): one lock-free set lookup."""
-        return key in self._held
+        """Whether ``key`` is held (see :meth:`holding`): one lock-free set lookup (and
+        one attribute read when it is not held)."""
+        return key in self._held or self._repairs.overflowed
 
     def settle(self, key: str, timeout: float) -> bool:
         """Make way for a synchronous write of ``key``: cancel its queued set and wait
@@ -823,33 +1053,35 @@ class AsyncWriter(_WriterWorkers):
 
     def flush(self, timeout: float | None = None) -> bool:
         """Make every queued write now, then every repair delete (those waiting for a
-        retry and those the writes just left), once each, and wait for them.
+        retry and those the writes just left), once each, and wait for them; while the
+        writer is :attr:`overflowed`, call its overflow handler now too, once.
 
         Returns True if at the end, within ``timeout`` seconds (``None``: as long as it
-        takes), nothing is queued, in flight or awaiting a retry: the layer has taken
-        every write handed to this writer (a write it failed was then repaired). False
-        otherwise, for instance while the layer is down. Writes that were dropped count
-        as done. Raises :class:`~cachechain.ConfigError` for an invalid
-        ``timeout``.
+        takes), nothing is queued, in flight or awaiting a retry and the writer is not
+        overflowed: the layer has taken every write handed to this writer (a write it
+        failed was then repaired). False otherwise, for instance while the layer is
+        down, or while overflowed with no handler. Writes that were dropped count as
+        done. Raises :class:`~cachechain.ConfigError` for an invalid ``timeout``.
         """
         if timeout is not None:
             timeout = check_seconds(timeout, "timeout", zero_ok=True)
         deadline = None if timeout is None else self._clock() + timeout
-        for _ in range(2):  # the queue with the waiting repairs, then the new repairs
+        for attempt in range(2):  # the queue with the waiting repairs, then the new repairs
             with self._lock:
-                if not self._repairs.waiting and self._queue.idle():
+                repairs = self._repairs
+                if not repairs.waiting and self._queue.idle() and not repairs.overflowed:
                     break
                 executor = None
                 if not self._abandon:
-                    self._requeue_repairs()
-                    if len(self._queue):
+                    self._requeue_repairs(overflow=not attempt)  # the handler once
+                    if len(self._queue) or self._overflow_busy():
                         executor = self._wake_worker()
             if executor is not None:
                 self._submit(executor)
             with self._lock:
                 if not self._wait_until_idle(deadline):
                     break
-        return not self._held
+        return not self._held and not self._repairs.overflowed
 
     def close(self, timeout: float = 5.0) -> int:
         """Stop intake, drain within ``timeout`` seconds, and return how many were dropped.
@@ -893,66 +1125,13 @@ class AsyncWriter(_WriterWorkers):
                 dropped=sum(dropped.values()),
                 dropped_by_reason=dropped,
                 repairing=len(self._repairs),
+                overflowed=self._repairs.overflowed,
+                overflows=self._repairs.overflows,
             )
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"<AsyncWriter layer={self._name!r} {state} depth={len(self._queue)}>"
-
-    # ------------------------------------------------------------------ intake (lock held)
-
-    def _closed_error(self) -> ChainClosedError:
-        return ChainClosedError(f"the writer for layer {self._name!r} is closed")
-
-    def _offer_when_room(self, key: str, op: Op, max_wait: float | None) -> int:
-        """A set of ``key`` found the queue full: wait for room, then offer it again.
-        Returns what :meth:`WriteQueue.offer` did, or FULL when the set was dropped (then
-        counted, and the key released)."""
-        wait = self._max_wait if max_wait is None else max_wait
-        reason = self._wait_for_room(key, wait)
-        if reason is not None:
-            self._tally.drop(reason)
-            self._release(key)
-            return FULL
-        # An older write of the key may have ended (and released it) while this one
-        # waited: offer() holds it again before it is queued.
-        outcome = self._queue.offer(key, op)
-        if self._room_waiters and self._queue.has_room():
-            self._room.notify()  # room is left: pass it on to another waiting set
-        return outcome
-
-    def _wait_for_room(self, key: str, wait: float) -> str | None:
-        """Wait up to ``wait`` seconds until a set of ``key`` can be queued. Returns None
-        when there is room (or ``key`` got queued meanwhile, to coalesce with), else the
-        drop reason."""
-        if wait <= 0:
-            return "queue_full"
-        deadline = self._clock() + wait
-        self._room_waiters += 1
-        try:
-            while True:
-                remaining = deadline - self._clock()
-                timed_out = remaining <= 0 or not self._room.wait(remaining)
-                if self._closed:
-                    return "closed"
-                if self._queue.has_room(key):
-                    return None
-                if timed_out:
-                    return "queue_full"
-        finally:
-            self._room_waiters -= 1
-
-    def _unqueue_set(self, key: str) -> bool:
-        """Remove a queued set of ``key`` that no worker has taken; return whether there
-        was one. Wakes a set waiting for room, and flush when idle."""
-        if not self._queue.cancel_set(key):
-            return False
-        self._repairs.withdraw(key)  # it may have replaced the repair of a retry round
-        if self._room_waiters:
-            self._room.notify()
-        if self._queue.idle():
-            self._idle.notify_all()
-        return True
 
 
 # ---------------------------------------------------------------------- exit hook

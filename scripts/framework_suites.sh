@@ -8,8 +8,10 @@
 # Needs the project's test dependencies (pip install -e '.[test]') and memcached on PATH
 # (installed with apt when missing and we are root, as scripts/test.sh does). The sdists
 # come from PyPI once (pip download) into .tools/frameworks/ (git-ignored).
+# --strict (a step of scripts/test.sh) fails on any failure or skip of a cachechain run
+# that tests/frameworks/deviations.py does not list.
 # Usage: bash scripts/framework_suites.sh [--suite django|flask] [--backend NAME|all]
-#        [--no-flush-diagnostic] [--strict] [-v]     (see python -m tests.frameworks.run -h)
+#        [--flush-diagnostic] [--strict] [-v]     (see python -m tests.frameworks.run -h)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -63,6 +63,17 @@ python3 -m mypy --config-file plugins/cachechain-statsd/pyproject.toml \
 (cd plugins/cachechain-statsd && python3 -m pytest --cov=cachechain_statsd --cov-report=term-missing)
 # ---- end of the cachechain-statsd block --------------------------------------------------
 
+# ---- framework suites (issue 10): Django's and Flask-Caching's own cache tests ----------
+# Django's tests/cache and Flask-Caching's and cachelib's generic tests, from their sdists,
+# against cachechain's backends over an in-process layer and a real memcached (about a
+# minute; the stock backends are left out: run the script without flags for the table
+# beside them). --strict fails on any failure or skip that tests/frameworks/deviations.py
+# does not list.
+echo "== framework suites (scripts/framework_suites.sh --strict)"
+bash scripts/framework_suites.sh --strict \
+  --backend cachechain --backend cachechain-location --backend cachechain-nosecret
+# ---- end of the framework suites block ----------------------------------------------------
+
 # ---- supported Pythons (issue 11): mypy and pytest on 3.10, 3.12 and 3.13 ------------------
 # 3.11 is the run above; the others run in venvs under .tools/venvs (see scripts/matrix.sh).
 echo "== other supported Pythons: 3.10, 3.12, 3.13 (scripts/matrix.sh)"

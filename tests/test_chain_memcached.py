@@ -10,6 +10,7 @@ from pymemcache.client.base import Client
 
 from cachechain import MISSING, Chain, LayerConfig, MemcachedLayer, MemoryLayer
 from cachechain.layers._memcached import memcached_key
+from cachechain.layers._wire import Connection
 from cachechain.metrics._memory import MemoryCollector
 from tests.support.fakes import FakeClock
 from tests.support.faultproxy import FaultProxy
@@ -90,13 +91,13 @@ def test_get_many_is_one_round_trip_per_layer(
     keys = [f"k{i}" for i in range(100)]
     l2.set_many({k: i for i, k in enumerate(keys)}, ttl=60)
     calls: list[int] = []
-    real = Client.get_many
+    real = Connection.get_many
 
-    def spy(self: Client, keys: Any, *args: Any, **kwargs: Any) -> Any:
+    def spy(self: Connection, keys: Any, *args: Any) -> Any:
         calls.append(len(keys))
-        return real(self, keys, *args, **kwargs)
+        return real(self, keys, *args)
 
-    monkeypatch.setattr(Client, "get_many", spy)
+    monkeypatch.setattr(Connection, "get_many", spy)
     before = _stats(memcached)
     with Chain([l1, l2], coherence=False) as chain:
         found = chain.get_many([*keys, "missing"])

@@ -33,7 +33,7 @@ if not settings.configured:
     )
     django.setup()
 
-from django.core.cache import cache, caches
+from django.core.cache import CacheKeyWarning, cache, caches
 from django.core.cache.backends.base import InvalidCacheKey
 from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpRequest, HttpResponse, JsonResponse
@@ -45,8 +45,10 @@ from django.views.decorators.cache import cache_page
 from cachechain import Chain
 from cachechain._codecs import JsonCodec, SignedPickleCodec
 from cachechain._errors import ChainClosedError, ConfigError
+from cachechain._namespace import NamespacedLayer
+from cachechain._resilience import unwrapped
 from cachechain.contrib import _EXITING, NO_EXPIRY_TTL, _close_open_chains
-from cachechain.contrib.django import CachechainCache, close_chains
+from cachechain.contrib.django import DEFAULT_L1, CachechainCache, chain_options, close_chains
 from cachechain.layers._base import MISSING
 from cachechain.layers._memcached import MemcachedLayer
 from tests.support.fakes import wait_for_waiters
@@ -153,8 +155,28 @@ def app(memcached: MemcachedProcess) -> Iterator[MemcachedProcess]:
         yield memcached
 
 
+def forget_l1(b: CachechainCache) -> None:
+    """This process forgets its in-process layer (memcached keeps what it has)."""
+    b.chain.layers[0].clear()  # type: ignore[attr-defined]
+
+
+def l2_codec(b: CachechainCache) -> Any:
+    """The codec of the backend's memcached layer."""
+    return unwrapped(b.chain.layers[1]).codec  # type: ignore[attr-defined]
+
+
+def memcached_key(b: CachechainCache, key: str) -> bytes:
+    """The key memcached holds ``key`` (a Django key) under: the layer's ``key_prefix``,
+    the namespace generation, Django's made key."""
+    layer: Any = b.chain.layers[1]
+    while not isinstance(layer, NamespacedLayer):
+        layer = layer.layer
+    return f"dj:{layer.namespace.current()}{b.make_key(key)}".encode()
+
+
 def l2_reader(address: str, codec: Any) -> Chain:
-    """Another process's view of the memcached layer: a chain with no L1."""
+    """Another process's view of the memcached layer: a chain with no L1 (it shares the
+    namespace generation stored there)."""
     return Chain(
         [
             MemcachedLayer(
@@ -186,7 +208,7 @@ def test_a_view_reads_through_l1_and_memcached(app: MemcachedProcess) -> None:
     with l2_reader(app.address, SignedPickleCodec(SECRET)) as other:
         assert pickle.loads(other.get(made)) == {"uid": 7, "loads": 1}
     # This process forgets its L1: the value comes back from memcached, not the view.
-    backend().clear()
+    forget_l1(backend())
     assert l1.get(made) is MISSING
     assert client.get("/profile/7/").json() == {"uid": 7, "loads": 1}
     assert LOADS["profile:7"] == 1
@@ -202,7 +224,7 @@ def test_cache_page_serves_a_fresh_copy_of_the_cached_response(app: MemcachedPro
         assert response.content == b"page rendered 1 times"
         # The middleware's change to the response served never reaches the cached one.
         assert response["X-Stamp"] == "x"
-    backend().clear()  # only memcached has the page now: a signed pickle of HttpResponse
+    forget_l1(backend())  # only memcached has the page now: a signed pickle of HttpResponse
     response = client.get("/page/")
     assert (response.content, response["X-Stamp"]) == (b"page rendered 1 times", "x")
     assert LOADS["page"] == 1
@@ -283,24 +305,67 @@ def test_the_backends_of_every_thread_share_one_chain(app: MemcachedProcess) -> 
 
 
 @pytest.mark.memcached
-def test_location_names_the_shared_chain(memcached: MemcachedProcess) -> None:
+def test_aliases_share_a_chain_per_configuration(memcached: MemcachedProcess) -> None:
     base = caches_setting(memcached.address, codec=PICKLE_CODEC)["default"]
+    named = {**base["OPTIONS"], "name": "another-chain"}
     config = {
-        "a": {**base, "LOCATION": "one"},
-        "b": {**base, "LOCATION": "one", "KEY_PREFIX": "other"},
-        "c": {**base, "LOCATION": "two"},
+        "a": {**base},
+        "b": {**base, "KEY_PREFIX": "other"},
+        "c": {**base, "OPTIONS": named},
     }
     with django_app({"default": base, **config}):
         a, b, c = caches["a"], caches["b"], caches["c"]
-        assert a.chain is b.chain
-        assert a.chain is not c.chain
-        assert caches["default"].chain not in (a.chain, c.chain)  # LOCATION ""
+        assert a.chain is b.chain is caches["default"].chain  # the same OPTIONS
+        assert a.chain is not c.chain  # another name: a chain of its own
         a.set("k", "from a")
-        assert b.get("k") is None  # KEY_PREFIX still keeps their keys apart
+        assert b.get("k") is None  # KEY_PREFIX keeps their keys apart
         made = a.make_key("k")
         assert a.chain.layers[0].get(made) == "from a"
         assert c.chain.layers[0].get(made) is MISSING  # c has an L1 of its own...
         assert c.get("k") == "from a"  # ...over the same memcached
+
+
+@pytest.mark.memcached
+def test_location_is_the_memcached_of_the_default_set_up(memcached: MemcachedProcess) -> None:
+    with django_app(
+        {
+            "default": {
+                "BACKEND": "cachechain.contrib.django.CachechainCache",
+                "LOCATION": memcached.address,
+                "OPTIONS": {"name": "loc"},
+            }
+        }
+    ):
+        b = backend()
+        l1, l2 = b.chain.layers
+        assert (l1.name, l2.name, b.chain.name) == ("L1", "L2", "loc")
+        assert l1.max_ttl == DEFAULT_L1["max_ttl"]  # type: ignore[attr-defined]
+        assert unwrapped(l2).servers == (memcached.address,)  # type: ignore[attr-defined]
+        assert isinstance(l2_codec(b), SignedPickleCodec)  # keyed by SECRET_KEY
+        b.set("k", {"v": 1})
+        forget_l1(b)
+        assert b.get("k") == {"v": 1}  # from the memcached of LOCATION
+
+
+def test_location_is_split_as_django_splits_it() -> None:
+    def servers(location: Any) -> Any:
+        return chain_options(location, {})["layers"][1]["servers"]
+
+    assert servers("a:1") == ["a:1"]
+    assert servers("a:1;b:2") == servers("a:1, b:2") == servers(["a:1", "b:2"]) == ["a:1", "b:2"]
+    assert chain_options("a:1", {"name": "x"})["name"] == "x"
+    with pytest.raises(ConfigError, match="LOCATION must be memcached servers"):
+        chain_options(11211, {})
+
+
+def test_location_beside_explicit_layers_or_neither_is_refused() -> None:
+    layers = {"layers": [{"type": "memory"}]}
+    with pytest.raises(ConfigError, match="LOCATION 'x:1' is not used when OPTIONS gives 'layers'"):
+        CachechainCache("x:1", {"OPTIONS": layers})
+    with pytest.raises(ConfigError, match=r"needs LOCATION \(the memcached servers"):
+        CachechainCache("", {})
+    with pytest.raises(ConfigError, match=r"needs LOCATION"):
+        CachechainCache("", {"OPTIONS": {"name": "no-layers"}})
 
 
 @pytest.mark.memcached
@@ -381,7 +446,7 @@ def test_a_forked_child_counts_on_memcached(app: MemcachedProcess) -> None:
 
 
 def test_after_the_exit_hook_a_backend_builds_no_new_chain() -> None:
-    b = CachechainCache("exit", memory_only())
+    b = CachechainCache("", {"OPTIONS": {"name": "exit", "layers": [{"type": "memory"}]}})
     try:
         _close_open_chains()
         assert b.chain.closed  # not rebuilt while the interpreter exits
@@ -428,10 +493,10 @@ def memory_only(**backend: Any) -> dict[str, Any]:
 def test_bad_options_raise_config_errors_naming_the_field() -> None:
     with pytest.raises(ConfigError, match="OPTIONS must be a cachechain chain mapping"):
         CachechainCache("", {"OPTIONS": ["memory"]})
-    with pytest.raises(ConfigError, match=r"CACHES OPTIONS of LOCATION 'x': layers\[0\]"):
-        CachechainCache("x", {"OPTIONS": {"layers": [{"type": "memory", "maxsize": 0}]}})
+    with pytest.raises(ConfigError, match=r"CACHES OPTIONS of a cachechain cache: layers\[0\]"):
+        CachechainCache("", {"OPTIONS": {"layers": [{"type": "memory", "maxsize": 0}]}})
     with pytest.raises(ConfigError, match="a cachechain cache: layers must"):
-        CachechainCache("", {})
+        CachechainCache("", {"OPTIONS": {"layers": []}})
 
 
 @pytest.mark.memcached
@@ -439,8 +504,7 @@ def test_memcached_gets_a_signed_pickle_codec_keyed_by_secret_key(
     memcached: MemcachedProcess,
 ) -> None:
     with django_app(caches_setting(memcached.address), SECRET_KEY="the-django-secret"):
-        layer = backend().chain.layers[1].layer  # type: ignore[attr-defined]
-        assert isinstance(layer.codec, SignedPickleCodec)
+        assert isinstance(l2_codec(backend()), SignedPickleCodec)
         backend().set("obj", {"a": (1, 2)})
         made = backend().make_key("obj")
         with l2_reader(memcached.address, SignedPickleCodec("the-django-secret")) as other:
@@ -466,7 +530,7 @@ def test_a_memcached_layer_without_codec_needs_secret_key(memcached: MemcachedPr
 def test_an_explicit_json_codec_keeps_other_values_in_l1(memcached: MemcachedProcess) -> None:
     with django_app(caches_setting(memcached.address, codec="json")):
         b = backend()
-        assert isinstance(b.chain.layers[1].layer.codec, JsonCodec)  # type: ignore[attr-defined]
+        assert isinstance(l2_codec(b), JsonCodec)
         b.set("text", "plain")
         b.set("obj", {"a": 1})
         assert b.get("obj") == {"a": 1}
@@ -550,6 +614,8 @@ def test_incr_and_decr(app: MemcachedProcess) -> None:
     b.set("n", 1)
     assert b.incr("n") == 2
     assert b.incr("n", 5) == 7
+    b.set("digits", "5")  # a decimal str counts, as on Django's memcached backends
+    assert b.incr("digits") == 6 and b.get("digits") == 6
     assert b.decr("n") == 6
     assert b.decr("n", 10) == -4
     assert b.get("n") == -4
@@ -589,14 +655,22 @@ def test_versions_and_key_prefix(app: MemcachedProcess) -> None:
 
 
 @pytest.mark.memcached
-def test_any_str_key_works_without_a_key_warning(app: MemcachedProcess) -> None:
+def test_any_str_key_works_and_warns_as_djangos_generic_backends_do(
+    app: MemcachedProcess,
+) -> None:
     b = backend()
-    key = "spaces, unicode é and length " * 20
+    for key in ("spaces and unicode é", "long" * 70, "control\x7f"):
+        # The warning Django's local-memory cache gives: portability to memcached.
+        with pytest.warns(CacheKeyWarning, match="will cause errors if used with memcached"):
+            b.set(key, f"stored {key}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CacheKeyWarning)  # Django's way to silence it
+            forget_l1(b)
+            assert b.get(key) == f"stored {key}"  # from memcached, under a hashed key
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        b.set(key, "stored")
-        b.clear()
-        assert b.get(key) == "stored"  # from memcached, under a hashed key
+        b.set("plain:key-é", 1)  # no warning for a key memcached takes
+        assert b.get("plain:key-é") == 1
 
 
 def test_a_key_function_returning_no_str_is_an_invalid_key() -> None:
@@ -696,12 +770,19 @@ def test_get_or_set_runs_the_default_once_for_eight_threads(app: MemcachedProces
 
 
 @pytest.mark.memcached
-def test_clear_empties_only_the_in_process_layer(app: MemcachedProcess) -> None:
+def test_clear_empties_the_cache_for_every_process(app: MemcachedProcess) -> None:
     b = backend()
     b.set("k", "v")
+    made = b.make_key("k")
+    with l2_reader(app.address, SignedPickleCodec(SECRET)) as other:
+        assert other.get(made) == "v"  # another process (no L1) reads it in memcached
+    app.raw(b"set someone-else 0 0 1\r\nx\r\n")  # another application's key
     b.clear()
-    assert b.chain.layers[0].get(b.make_key("k")) is MISSING
-    assert b.get("k") == "v"  # memcached was not flushed
+    assert b.chain.layers[0].get(made) is MISSING
+    assert b.get("k") is None
+    with l2_reader(app.address, SignedPickleCodec(SECRET)) as other:
+        assert other.get(made, MISSING) is MISSING  # gone for every process
+    assert app.raw(b"get someone-else\r\n").startswith(b"VALUE someone-else")
 
 
 def test_clear_empties_a_memory_only_chain() -> None:
@@ -746,7 +827,7 @@ def test_the_example_project_serves_its_views(memcached: MemcachedProcess) -> No
         client = Client()
         first, second = client.get("/"), client.get("/")
         pages = [client.get("/page/").content.decode() for _ in range(2)]
-        cache.clear()  # the in-process layer only: the next reads come from memcached
+        cache.chain.layers[0].clear()  # this process forgets L1: the next reads are memcached's
         third = client.get("/")
         print(json.dumps({
             "codes": [r.status_code for r in (first, second, third)],
@@ -828,8 +909,8 @@ def test_get_or_set_stores_with_add(app: MemcachedProcess) -> None:
 @pytest.mark.memcached
 def test_a_counter_keeps_its_timeout_and_can_be_touched(app: MemcachedProcess) -> None:
     b = backend()
-    mkey = b"dj:" + b.make_key("n").encode()
     b.set("n", 1, 100)
+    mkey = memcached_key(b, "n")
     assert b.incr("n", 2) == 3 and b.decr("n", -2) == 5 and b.incr("n", -7) == -2
     assert app.raw(b"mg " + mkey + b" t\r\n") == b"HD t100\r\n"
     assert b.touch("n", 50) is True

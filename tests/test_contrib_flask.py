@@ -18,12 +18,14 @@ from flask import Flask, Response, jsonify
 from flask_caching import Cache
 
 from cachechain import Chain
-from cachechain._codecs import JsonCodec, SignedPickleCodec
+from cachechain._codecs import SignedPickleCodec, TaggedJsonCodec
 from cachechain._errors import ChainClosedError, ConfigError, InvalidKeyError
+from cachechain._resilience import unwrapped
 from cachechain.contrib import _EXITING, NO_EXPIRY_TTL, _close_open_chains
 from cachechain.contrib.flask import CachechainBackend
 from cachechain.layers._base import MISSING
 from cachechain.layers._memcached import MemcachedLayer
+from tests.support.fakes import UNPICKLED, Boom
 from tests.support.processes import WAIT, reported, run_processes
 from tests.support.servers import MemcachedProcess
 
@@ -100,8 +102,19 @@ def web(memcached: MemcachedProcess) -> Iterator[WebApp]:
     web.backend.close()
 
 
+def forget_l1(backend: CachechainBackend) -> None:
+    """This process forgets its in-process layer (memcached keeps what it has)."""
+    backend.chain.layers[0].clear()  # type: ignore[attr-defined]
+
+
+def l2_codec(backend: CachechainBackend) -> Any:
+    """The codec of the backend's memcached layer."""
+    return unwrapped(backend.chain.layers[1]).codec  # type: ignore[attr-defined]
+
+
 def l2_reader(address: str, codec: Any) -> Chain:
-    """Another process's view of the memcached layer: a chain with no L1."""
+    """Another process's view of the memcached layer: a chain with no L1 (it shares the
+    namespace generation stored there)."""
     return Chain(
         [
             MemcachedLayer(
@@ -125,7 +138,7 @@ def test_a_cached_view_is_served_from_l1_then_memcached(
     # Another process reads the page from memcached (a str: the backend did not pickle it).
     with l2_reader(memcached.address, SignedPickleCodec(SECRET)) as other:
         assert other.get("app:view//text") == "rendered 1 times"
-    web.backend.clear()  # this process forgets its L1: memcached still has the page
+    forget_l1(web.backend)  # memcached still has the page
     assert web.client.get("/text").text == "rendered 1 times"
     assert web.loads["text"] == 1
 
@@ -136,7 +149,7 @@ def test_a_cached_response_object_is_a_fresh_copy_each_time(web: WebApp) -> None
         response = web.client.get("/json")
         assert response.json == {"rendered": 1}
         assert response.headers["X-Stamp"] == "x"  # after_request never edits the cached one
-    web.backend.clear()  # only memcached has it now: a signed pickle of the Response
+    forget_l1(web.backend)  # only memcached has it now: a signed pickle of the Response
     response = web.client.get("/json")
     assert (response.json, response.headers["X-Stamp"]) == ({"rendered": 1}, "x")
     assert web.loads["json"] == 1
@@ -147,7 +160,7 @@ def test_a_memoized_function(web: WebApp, memcached: MemcachedProcess) -> None:
     assert [web.client.get("/square/3").json for _ in range(2)] == [{"n": 3, "square": 9}] * 2
     assert web.client.get("/square/4").json == {"n": 4, "square": 16}
     assert web.loads["square 3"] == 1
-    web.backend.clear()
+    forget_l1(web.backend)
     assert web.client.get("/square/3").json == {"n": 3, "square": 9}  # from memcached
     assert web.loads["square 3"] == 1
     with web.app.app_context():
@@ -172,7 +185,7 @@ def test_the_views_answer_while_memcached_is_down(own_memcached: MemcachedProces
     try:
         assert web.client.get("/text").text == "rendered 1 times"
         own_memcached.stop()
-        web.backend.clear()
+        assert web.backend.clear() is False  # the in-process layer only: memcached is down
         started = time.perf_counter()
         for _ in range(3):
             for url in ("/text", "/json", "/square/5"):
@@ -222,11 +235,12 @@ def test_factory_errors() -> None:
 
 
 @pytest.mark.memcached
-def test_memcached_gets_a_signed_pickle_codec_keyed_by_secret_key(web: WebApp) -> None:
-    layer = web.backend.chain.layers[1].layer  # type: ignore[attr-defined]
-    assert isinstance(layer.codec, SignedPickleCodec)
+def test_memcached_gets_a_signed_pickle_codec_keyed_by_secret_key(
+    web: WebApp, memcached: MemcachedProcess
+) -> None:
+    assert isinstance(l2_codec(web.backend), SignedPickleCodec)
     assert web.backend.set("obj", {"a": (1, 2)}) is True
-    address = layer.servers[0]
+    address = memcached.address
     with l2_reader(address, SignedPickleCodec(SECRET)) as other:
         assert pickle.loads(other.get("app:obj")) == {"a": (1, 2)}
     with l2_reader(address, SignedPickleCodec("another secret")) as other:
@@ -245,7 +259,7 @@ def test_a_bytes_secret_key_works(memcached: MemcachedProcess) -> None:
 
 
 @pytest.mark.memcached
-def test_without_secret_key_memcached_stays_on_json(
+def test_without_secret_key_memcached_gets_tagged_json(
     memcached: MemcachedProcess, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level("WARNING", logger="cachechain.contrib"):
@@ -253,14 +267,45 @@ def test_without_secret_key_memcached_stays_on_json(
     try:
         assert any("'L2' has no codec" in r.getMessage() for r in caplog.records)
         b = web.backend
-        assert isinstance(b.chain.layers[1].layer.codec, JsonCodec)  # type: ignore[attr-defined]
-        assert b.set("text", "plain") is True
-        assert b.set("obj", {"a": 1}) is False  # kept in L1 only
-        assert b.get("obj") == {"a": 1}
-        with l2_reader(memcached.address, JsonCodec()) as other:
+        assert isinstance(l2_codec(b), TaggedJsonCodec)
+        values = {
+            "text": "plain",
+            "raw": b"raw bytes",
+            "obj": {"sauce": [], 256: "truffle", "when": dt.date(2024, 5, 1)},
+            "pair": (1, {2, 3}),
+        }
+        for key, value in values.items():
+            assert b.set(key, value) is True  # memcached took every one
+        forget_l1(b)
+        assert {key: b.get(key) for key in values} == values  # read back from memcached
+        assert b.get("pair") is not b.get("pair")  # fresh copies
+        with l2_reader(memcached.address, TaggedJsonCodec()) as other:
             assert other.get("app:text") == "plain"
-            assert other.get("app:obj", MISSING) is MISSING
-        assert web.client.get("/text").text == "rendered 1 times"  # str views still shared
+            # what memcached holds is the value's tagged JSON, never a pickle
+            assert TaggedJsonCodec().decode(other.get("app:obj")) == values["obj"]
+        # A value tagged JSON cannot hold (a Response) stays in this process's L1.
+        assert b.set("response", Response("hi")) is False
+        assert b.get("response").get_data() == b"hi"
+        assert b.add("lock", Response("hi")) is False  # add needs memcached
+        assert [web.client.get("/json").json for _ in range(2)] == [{"rendered": 1}] * 2
+        assert web.loads["json"] == 1  # a cached Response view still caches, in L1
+    finally:
+        web.backend.close()
+
+
+@pytest.mark.memcached
+def test_without_secret_key_nothing_read_from_memcached_is_unpickled(
+    memcached: MemcachedProcess,
+) -> None:
+    web = WebApp(memcached.address, SECRET_KEY=None)
+    try:
+        with l2_reader(memcached.address, TaggedJsonCodec()) as other:
+            # whoever can write to memcached stores a pickle that runs code when loaded
+            assert other.set("app:evil", pickle.dumps(Boom()), 60)
+            assert other.set("app:junk", b'{" t": 1}', 60)  # a malformed tag
+        assert web.backend.get("evil") is None and web.backend.get("junk") is None
+        assert web.backend.get_many("evil", "junk") == [None, None]
+        assert UNPICKLED == []
     finally:
         web.backend.close()
 
@@ -377,11 +422,18 @@ def test_values_are_copies(backend: CachechainBackend) -> None:
 
 
 @pytest.mark.memcached
-def test_clear_empties_only_the_in_process_layer(backend: CachechainBackend) -> None:
+def test_clear_empties_the_cache_for_every_process(
+    backend: CachechainBackend, memcached: MemcachedProcess
+) -> None:
     backend.set("k", "v")
-    assert backend.clear() is False  # memcached was left as it is
-    assert backend.chain.layers[0].get("app:k") is MISSING
-    assert backend.get("k") == "v"
+    with l2_reader(memcached.address, SignedPickleCodec(SECRET)) as other:
+        assert other.get("app:k") == "v"  # another process (no L1) reads it in memcached
+    memcached.raw(b"set someone-else 0 0 1\r\nx\r\n")  # another application's key
+    assert backend.clear() is True  # what Flask-Caching expects of a clear that worked
+    assert backend.get("k") is None
+    with l2_reader(memcached.address, SignedPickleCodec(SECRET)) as other:
+        assert other.get("app:k", MISSING) is MISSING  # gone for every process
+    assert memcached.raw(b"get someone-else\r\n").startswith(b"VALUE someone-else")
 
 
 def test_clear_empties_a_memory_only_chain() -> None:
@@ -421,7 +473,7 @@ def test_the_example_app_serves_its_views(
         assert first.status_code == second.status_code == 200
         assert first.json == second.json
         assert client.get("/square/7").text == "7 squared is 49"
-        backend.clear()  # the in-process layer only: the next reads come from memcached
+        forget_l1(backend)  # the next reads come from memcached
         assert client.get("/").json == first.json
         assert client.get("/square/7").text == "7 squared is 49"
     finally:

@@ -53,7 +53,9 @@ from cachechain.layers._memcached import (
     NodeDownError,
     memcached_key,
 )
+from cachechain.layers._wire import Connection
 from tests.support.fakes import UNPICKLED, Boom, FakeClock
+from tests.support.hostile import Close, HostileServer, Reply, Request, Send
 from tests.support.servers import MemcachedProcess, free_port
 
 pytestmark = pytest.mark.memcached
@@ -90,16 +92,33 @@ def layer(memcached: MemcachedProcess) -> Iterator[MemcachedLayer]:
 
 
 class CallSpy:
-    """Counts pymemcache round trips (one per _fetch_cmd/_store_cmd/_misc_cmd call)."""
+    """Records the memcached round trips of the layer's connections: ``(command,
+    (host, port))`` for each call of a ``Connection`` command or of ``_wire.get``."""
+
+    COMMANDS = (
+        "get_many",
+        "gets",
+        "set",
+        "set_many",
+        "add",
+        "cas",
+        "delete",
+        "delete_many",
+        "incr",
+        "decr",
+        "touch",
+        "flush_all",
+    )
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls: list[tuple[str, Any]] = []
-        for name in ("_fetch_cmd", "_store_cmd", "_misc_cmd"):
-            original = getattr(Client, name)
-            monkeypatch.setattr(Client, name, self._wrap(name, original))
+        for name in self.COMMANDS:
+            original = getattr(Connection, name)
+            monkeypatch.setattr(Connection, name, self._wrap(name, original))
+        monkeypatch.setattr(_wire, "get", self._wrap("get", _wire.get))
 
     def _wrap(self, name: str, original: Callable[..., Any]) -> Callable[..., Any]:
-        def spy(client: Client, *args: Any, **kwargs: Any) -> Any:
+        def spy(client: Connection, *args: Any, **kwargs: Any) -> Any:
             self.calls.append((name, client.server))
             return original(client, *args, **kwargs)
 
@@ -602,7 +621,7 @@ def test_a_two_mib_value_is_never_sent_and_its_old_value_is_deleted(
     spy = CallSpy(monkeypatch)
     with pytest.raises(InvalidValueError, match="max_value_size") as info:
         lay.set("big", "x" * (2 * 1024 * 1024))
-    assert [name for name, _ in spy.calls] == ["_misc_cmd"]  # the delete; no store
+    assert [name for name, _ in spy.calls] == ["delete_many"]  # the delete; no store
     assert info.value.trips_breaker is False
     assert lay.get("big") is MISSING  # the old value does not outlive the refused write
     lay.set("big", "old")
@@ -820,15 +839,14 @@ def test_closed_connection_is_unavailable(fault_server: Any) -> None:
     assert isinstance(cause, (MemcacheUnexpectedCloseError, ConnectionResetError))
 
 
-def test_unexpected_close_maps_to_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
-    class ClosingClient(Client):  # type: ignore[misc]
-        def get(self, key: bytes, default: Any = None) -> Any:
-            raise MemcacheUnexpectedCloseError()
-
-    monkeypatch.setattr(poolmod, "Client", ClosingClient)
-    with pytest.raises(LayerUnavailableError, match="closed the connection") as info:
-        MemcachedLayer().get("k")
-    assert isinstance(info.value.__cause__, MemcacheUnexpectedCloseError)
+def test_unexpected_close_maps_to_unavailable() -> None:
+    with HostileServer(lambda request: Close()) as server:
+        lay = MemcachedLayer(servers=server.address, timeout=2.0)
+        with pytest.raises(LayerUnavailableError, match="closed the connection") as info:
+            lay.get("k")
+        assert isinstance(info.value.__cause__, MemcacheUnexpectedCloseError)
+        assert lay.stats().connections_open == 0
+        lay.close()
 
 
 @pytest.mark.parametrize(
@@ -836,7 +854,7 @@ def test_unexpected_close_maps_to_unavailable(monkeypatch: pytest.MonkeyPatch) -
     [
         (b"SERVER_ERROR out of memory\r\n", MemcacheServerError),
         (b"HELLO\r\n", MemcacheUnknownError),
-        (b"VALUE k 0 notanumber\r\n", ValueError),
+        (b"VALUE k 0 notanumber\r\n", MemcacheUnknownError),
     ],
 )
 def test_server_and_protocol_errors_are_layer_errors(
@@ -853,46 +871,43 @@ def test_server_and_protocol_errors_are_layer_errors(
     assert lay.stats().connections_open == 0
 
 
-def test_not_stored_is_a_layer_error(monkeypatch: pytest.MonkeyPatch, memcached: Any) -> None:
-    class RefusingClient(Client):  # type: ignore[misc]
-        def set(self, *args: Any, **kwargs: Any) -> bool:
-            return False
-
-        def set_many(self, values: dict[bytes, bytes], *args: Any, **kwargs: Any) -> list[bytes]:
-            return list(values)
-
-    monkeypatch.setattr(poolmod, "Client", RefusingClient)
-    lay = make_layer(memcached)
-    with pytest.raises(LayerError, match="did not store"):
-        lay.set("k", 1)
-    with pytest.raises(LayerError, match="did not store 2 keys"):
-        lay.set_many({"a": 1, "b": 2})
+def test_not_stored_is_a_layer_error() -> None:
+    with HostileServer(lambda request: Send(b"NOT_STORED\r\n")) as server:
+        lay = MemcachedLayer(servers=server.address, timeout=2.0)
+        with pytest.raises(LayerError, match="did not store"):
+            lay.set("k", 1)
+        with pytest.raises(LayerError, match="did not store 2 keys"):
+            lay.set_many({"a": 1, "b": 2})
+        assert lay.stats().connections_open == 1  # a refusal is an answer: still in step
+        lay.close()
 
 
-def test_server_too_large_in_a_batch_falls_back_to_single_sets(
-    monkeypatch: pytest.MonkeyPatch, memcached: Any
-) -> None:
-    stored: dict[bytes, bytes] = {}
+def test_server_too_large_in_a_batch_falls_back_to_single_sets() -> None:
+    answers = {
+        b"big": b"SERVER_ERROR object too large for cache\r\n",
+        b"refused": b"NOT_STORED\r\n",
+    }
 
-    class PickyClient(Client):  # type: ignore[misc]
-        def set_many(self, values: dict[bytes, bytes], *args: Any, **kwargs: Any) -> Any:
-            raise MemcacheServerError(b"object too large for cache")
+    def picky(request: Request) -> Reply:
+        if request.command == b"set":
+            return Send(answers.get(request.args[0], b"STORED\r\n"))
+        return Send(b"DELETED\r\n")
 
-        def set(self, key: bytes, value: bytes, expire: int = 0, **kwargs: Any) -> bool:
-            if key == b"refused":
-                return False
-            if key == b"big":
-                raise MemcacheServerError(b"object too large for cache")
-            stored[key] = value
-            return True
-
-    monkeypatch.setattr(poolmod, "Client", PickyClient)
-    lay = make_layer(memcached)
-    assert lay.set_many({"ok": 1, "big": 2}) == ["big"]
-    assert list(stored) == [b"ok"]
-    with pytest.raises(LayerError, match="did not store 1 keys"):
-        lay.set_many({"refused": 1, "ok2": 2})
-    assert list(stored) == [b"ok", b"ok2"]
+    with HostileServer(picky) as server:
+        lay = MemcachedLayer(servers=server.address, timeout=2.0)
+        assert lay.set_many({"ok": 1, "big": 2}) == ["big"]
+        sent = [(r.command, r.args[0]) for r in server.requests]
+        # The batch, then each item alone, then the refused key's old value deleted.
+        assert sent == [
+            (b"set", b"ok"),
+            (b"set", b"big"),
+            (b"set", b"ok"),
+            (b"set", b"big"),
+            (b"delete", b"big"),
+        ]
+        with pytest.raises(LayerError, match="did not store 1 keys"):
+            lay.set_many({"refused": 1, "ok2": 2})
+        lay.close()
 
 
 def test_an_all_invalid_batch_stores_nothing_and_deletes_old_values(
@@ -901,17 +916,16 @@ def test_an_all_invalid_batch_stores_nothing_and_deletes_old_values(
     layer.set_many({"a": 1, "b": 2})
     spy = CallSpy(monkeypatch)
     assert layer.set_many({"a": object(), "b": {1, 2}}) == ["a", "b"]
-    assert [name for name, _ in spy.calls] == ["_misc_cmd"]  # one delete_many; no store
+    assert [name for name, _ in spy.calls] == ["delete_many"]  # one round trip; no store
     assert layer.get_many(["a", "b"]) == {}
 
 
 def test_base_exception_discards_the_client(monkeypatch: pytest.MonkeyPatch) -> None:
-    class InterruptedClient(Client):  # type: ignore[misc]
-        def get(self, key: bytes, default: Any = None) -> Any:
-            self.sock = object()  # pretend a connection was open
-            raise KeyboardInterrupt
+    def interrupted(client: Connection, key: bytes, deadline: float) -> Any:
+        client.sock = socket.socket()  # pretend a connection was open
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(poolmod, "Client", InterruptedClient)
+    monkeypatch.setattr(_wire, "get", interrupted)
     lay = MemcachedLayer()
     with pytest.raises(KeyboardInterrupt):
         lay.get("k")
@@ -992,12 +1006,13 @@ def block_first_get(
     original = _wire.get
     block = [True]
 
-    def get(client: Client, key: bytes) -> bytes | None:
+    def get(client: Connection, key: bytes, deadline: float) -> bytes | None:
         if block[0]:
             block[0] = False
             entered.set()
             assert release.wait(10)
-        return original(client, key)
+            deadline = time.monotonic() + client.timeout  # the hold is not the server's
+        return original(client, key, deadline)
 
     monkeypatch.setattr(_wire, "get", get)
 
@@ -1054,16 +1069,16 @@ def test_get_many_is_one_round_trip(layer: MemcachedLayer, monkeypatch: Any) -> 
     assert layer.set_many({k: k for k in keys}) == []
     spy = CallSpy(monkeypatch)
     assert layer.get_many([*keys, "missing"]) == {k: k for k in keys}
-    assert [c[0] for c in spy.calls] == ["_fetch_cmd"]
+    assert [c[0] for c in spy.calls] == ["get_many"]
     spy.calls.clear()
     assert len(layer.get_many_with_ttl(keys)) == len(keys)
-    assert [c[0] for c in spy.calls] == ["_fetch_cmd"]
+    assert [c[0] for c in spy.calls] == ["get_many"]
     spy.calls.clear()
     assert layer.set_many({k: 1 for k in keys}) == []
-    assert [c[0] for c in spy.calls] == ["_store_cmd"]
+    assert [c[0] for c in spy.calls] == ["set_many"]
     spy.calls.clear()
     layer.delete_many(keys)
-    assert [c[0] for c in spy.calls] == ["_misc_cmd"]
+    assert [c[0] for c in spy.calls] == ["delete_many"]
 
 
 # -- cluster -----------------------------------------------------------------------------
@@ -1157,9 +1172,9 @@ def test_dead_node_costs_only_its_keys(
     # Now its keys fail fast, without any I/O; the other node's keys are served.
     spy = CallSpy(monkeypatch)
     created: list[Any] = []
-    real_client = poolmod.Client
+    real_client = poolmod.Connection
     monkeypatch.setattr(
-        poolmod, "Client", lambda *a, **k: created.append(1) or real_client(*a, **k)
+        poolmod, "Connection", lambda *a, **k: created.append(1) or real_client(*a, **k)
     )
     for call in (
         lambda: lay.get(b_keys[1]),
@@ -1448,9 +1463,7 @@ def test_clear_flushes_every_node_of_a_cluster() -> None:
         lay = MemcachedLayer("L2", [s.address for s in servers])
         keys = [f"k{i}" for i in range(40)]
         lay.set_many({k: k for k in keys}, 60)
-        held = [
-            Client(("127.0.0.1", s.port)).stats()[b"curr_items"] for s in servers
-        ]
+        held = [Client(("127.0.0.1", s.port)).stats()[b"curr_items"] for s in servers]
         assert all(n > 0 for n in held), held  # both nodes hold keys
         lay.clear()
         assert lay.get_many(keys) == {}

@@ -13,8 +13,10 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-def schedule(clock: FakeClock, retry: float = 1.0, max_retry: float = 5.0) -> RepairSchedule:
-    return RepairSchedule(retry, max_retry, clock)
+def schedule(
+    clock: FakeClock, retry: float = 1.0, max_retry: float = 5.0, max_repairs: int = 10_000
+) -> RepairSchedule:
+    return RepairSchedule(retry, max_retry, clock, max_repairs)
 
 
 def test_the_first_repair_waits_retry_delay(clock: FakeClock) -> None:
@@ -162,3 +164,150 @@ def test_repr_shows_the_state(clock: FakeClock) -> None:
     repairs = schedule(clock)
     repairs.add("a")
     assert repr(repairs) == "<RepairSchedule waiting=1 probe=None delay=2.0>"
+    repairs = schedule(clock, max_repairs=1)
+    repairs.add("a")
+    repairs.add("b")
+    assert repr(repairs) == "<RepairSchedule waiting=0 probe=None delay=2.0 overflowed>"
+
+
+# -- the cap: past max_repairs the layer is handled as a whole ----------------------------
+
+
+def test_past_max_repairs_every_repair_is_given_up_and_the_schedule_overflows(
+    clock: FakeClock,
+) -> None:
+    repairs = schedule(clock, max_repairs=3)
+    assert repairs.max_repairs == 3
+    for key in ("a", "b", "c"):
+        assert repairs.add(key) == ()
+    assert repairs.add("a") == ()  # a key waits once: still 3
+    assert not repairs.overflowed
+    assert list(repairs.add("d")) == ["a", "b", "c", "d"]  # for the caller to let go
+    assert repairs.overflowed and repairs.overflows == 1 and len(repairs) == 0
+    for i in range(10_000):  # covered by the next overflow round: nothing is kept
+        assert list(repairs.add(f"k{i}")) == [f"k{i}"]
+    assert len(repairs) == 0 and repairs.overflows == 1
+
+
+def test_overflow_rounds_keep_the_backoff_and_one_runs_at_a_time(clock: FakeClock) -> None:
+    repairs = schedule(clock, retry=1.0, max_retry=4.0, max_repairs=1)
+    repairs.add("a")  # the first round in 1 s
+    repairs.add("b")  # overflows: the rounds keep that schedule
+    assert not repairs.due()
+    waits = []
+    for _ in range(4):
+        started = clock.now
+        while not repairs.due():
+            clock.advance(0.5)
+        waits.append(clock.now - started)
+        assert repairs.start_overflow() == []
+        assert repairs.handling and not repairs.due()
+        assert not repairs.end_overflow(handled=False)
+    assert waits == [1.0, 2.0, 4.0, 4.0]
+    clock.advance(4)
+    repairs.start_overflow()
+    clock.advance(100)
+    assert not repairs.due()  # one round at a time
+    assert repairs.overflowed and repairs.overflows == 1
+
+
+def test_a_handled_round_ends_the_overflow_and_resets_the_backoff(clock: FakeClock) -> None:
+    repairs = schedule(clock, retry=1.0, max_retry=8.0, max_repairs=1)
+    repairs.add("a")
+    repairs.add("b")
+    clock.advance(1)
+    repairs.start_overflow()
+    assert repairs.end_overflow(handled=True)
+    assert not repairs.overflowed and not repairs.due()  # nothing waits
+    assert repairs.add("c") == ()  # kept one by one again, after retry_delay
+    assert not repairs.due()
+    clock.advance(1)
+    assert repairs.due() and repairs.start_round() == "c"
+
+
+def test_repairs_that_arrive_during_a_round_are_kept_one_by_one(clock: FakeClock) -> None:
+    """The handler may have acted before those writes failed: they still owe a delete."""
+    repairs = schedule(clock, retry=1.0, max_retry=8.0, max_repairs=2)
+    for key in ("a", "b", "c"):
+        repairs.add(key)
+    assert repairs.add("early") == ("early",)  # before the round: the round covers it
+    clock.advance(1)
+    repairs.start_overflow()
+    assert repairs.add("late") == ()  # during the round: kept
+    assert "late" in repairs
+    assert repairs.end_overflow(handled=True)
+    assert list(repairs.waiting) == ["late"]
+    assert repairs.due() and repairs.start_round() == "late"  # at once
+
+
+def test_repairs_kept_during_a_failed_round_are_covered_by_the_next(clock: FakeClock) -> None:
+    repairs = schedule(clock, max_repairs=1)
+    repairs.add("a")
+    repairs.add("b")
+    clock.advance(1)
+    repairs.start_overflow()
+    repairs.add("late")
+    assert not repairs.end_overflow(handled=False)
+    assert "late" in repairs  # still held for now...
+    clock.advance(2)
+    assert repairs.start_overflow() == ["late"]  # ...and given up to the next round
+
+
+def test_passing_the_cap_during_a_round_renews_the_overflow(clock: FakeClock) -> None:
+    repairs = schedule(clock, max_repairs=2)
+    for key in ("a", "b", "c"):
+        repairs.add(key)
+    clock.advance(1)
+    repairs.start_overflow()
+    repairs.add("x")
+    repairs.add("y")
+    assert list(repairs.add("z")) == ["x", "y", "z"]
+    assert not repairs.end_overflow(handled=True)  # those may predate nothing it did
+    assert repairs.overflowed and repairs.overflows == 1  # the same overflow
+    assert repairs.due()  # the layer answers: the next round at once
+    repairs.start_overflow()
+    assert repairs.end_overflow(handled=True) and not repairs.overflowed
+
+
+def test_hurry_asks_for_an_overflow_round_now(clock: FakeClock) -> None:
+    repairs = schedule(clock, retry=60.0, max_retry=60.0, max_repairs=1)
+    assert not repairs.hurry()  # not overflowed: nothing to hurry
+    repairs.add("a")
+    repairs.add("b")
+    assert not repairs.due()  # 60 s away
+    assert repairs.hurry() and repairs.hurried and repairs.due()
+    repairs.start_overflow()
+    assert not repairs.hurried
+    assert not repairs.hurry()  # a round in progress is the answer already
+    repairs.end_overflow(handled=False)
+    assert not repairs.due()  # backed off again
+    assert repairs.idle_wait(30.0) == 30.0
+
+
+def test_a_round_of_repairs_in_progress_delays_the_overflow_round(clock: FakeClock) -> None:
+    repairs = schedule(clock, max_repairs=2)
+    repairs.add("a")
+    repairs.add("b")
+    clock.advance(1)
+    assert repairs.start_round() == "a"  # the delete of "a" is on its way
+    repairs.add("c")
+    repairs.add("d")  # 3 waiting: overflows
+    assert repairs.overflowed and repairs.hurry()
+    assert not repairs.due()  # the round of "a" has not ended
+    assert repairs.end_round("a", landed=True)
+    assert repairs.due()
+
+
+def test_idle_wait_while_an_overflow_round_runs_and_clear_forgets_the_overflow(
+    clock: FakeClock,
+) -> None:
+    repairs = schedule(clock, max_repairs=1)
+    repairs.add("a")
+    repairs.add("b")
+    clock.advance(1)
+    repairs.start_overflow()
+    repairs.add("late")
+    assert repairs.idle_wait(30.0) == 30.0  # the round's end schedules the next
+    assert repairs.clear() == 1
+    assert not repairs.overflowed and not repairs.handling and not repairs.due()
+    assert repairs.add("k") == ()

@@ -265,7 +265,7 @@ def test_a_layer_class_of_your_own_by_path() -> None:
         ),
         (
             {"layers": [{"type": "memcached", "codec": "yaml"}]},
-            r"^layers\[0\]\.codec\.type must be 'json' or 'signed_pickle'",
+            r"^layers\[0\]\.codec\.type must be 'json', 'tagged_json' or 'signed_pickle'",
         ),
         (
             {"layers": [{"type": "memcached", "codec": {"type": "json", "x": 1}}]},

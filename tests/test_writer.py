@@ -29,6 +29,7 @@ import pytest
 
 from cachechain import _fork as fork_module
 from cachechain import _writer as writer_module
+from cachechain._config import WriterConfig
 from cachechain._errors import ChainClosedError, CircuitOpenError, ConfigError
 from cachechain._writer import DROP_REASONS, AsyncWriter, WriterStats
 from cachechain.layers._base import MISSING, BaseLayer
@@ -211,6 +212,9 @@ def hold_first_write(writer: AsyncWriter, layer: FakeLayer, key: str = "held") -
         ("max_retry_delay", math.inf),
         ("executor", "pool"),
         ("clock", 3.0),
+        ("max_repairs", 0),
+        ("max_repairs", 2.5),
+        ("on_overflow", 3),
     ],
 )
 def test_invalid_config_raises_config_error_naming_the_field(field: str, value: Any) -> None:
@@ -1442,3 +1446,265 @@ def test_a_failed_write_leaves_no_repair_when_a_newer_one_is_queued(
     gate.set()
     assert writer.flush(SAFETY)
     assert layer.data == {"k": "v2"} and writer.stats().repairing == 0
+
+
+# ---------------------------------------------------------------------- the cap on repairs
+
+
+class DownLayer(FakeLayer):
+    """Every write raises ConnectionResetError while ``down`` (after recording that it
+    was tried in ``entered``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = True
+
+    def _enter(self, kind: str, key: str) -> None:
+        super()._enter(kind, key)
+        if self.down:
+            raise ConnectionResetError("down")
+
+
+class Handler:
+    """An overflow handler: returns ``answer`` (or raises it), puts the number of each
+    call in ``calls`` as it returns; ``entered`` is set when a call starts, which then
+    waits for ``gate`` if one is set."""
+
+    def __init__(self, answer: bool | BaseException = False) -> None:
+        self.answer = answer
+        self.count = 0
+        self.calls: queue.Queue[int] = queue.Queue()
+        self.entered = threading.Event()
+        self.gate: threading.Event | None = None
+
+    def __call__(self) -> bool:
+        self.count += 1
+        self.entered.set()
+        if self.gate is not None:
+            assert self.gate.wait(SAFETY)
+        self.calls.put(self.count)
+        if isinstance(self.answer, BaseException):
+            raise self.answer
+        return self.answer
+
+
+def overflow(writer: AsyncWriter, keys: int) -> None:
+    """Owe ``keys`` repairs (one past max_repairs overflows the writer)."""
+    for i in range(keys):
+        assert writer.repair(f"k{i}")
+
+
+def test_past_max_repairs_the_writer_overflows_and_holds_every_key(
+    make_writer: Callable[..., AsyncWriter], caplog: pytest.LogCaptureFixture
+) -> None:
+    writer = make_writer(DownLayer(), max_repairs=5, retry_delay=600, max_retry_delay=600)
+    with caplog.at_level(logging.WARNING, logger="cachechain.writer"):
+        overflow(writer, 5)
+        assert writer.stats().repairing == 5 and not writer.overflowed
+        assert not writer.holds("other") and writer.holding(["k0", "other"]) == {"k0"}
+        overflow(writer, 50_000)  # a long outage: memory stays bounded
+    stats = writer.stats()
+    assert stats.overflowed and writer.overflowed and stats.overflows == 1
+    assert stats.repairing == 0 and not writer._held  # no key kept
+    assert writer.holds("other") and writer.holding(["a", "b"]) == {"a", "b"}
+    assert not writer.flush(SAFETY)  # no handler: it stays overflowed
+    assert writer.holds("other") and writer.stats().overflows == 1
+    warned = [r.getMessage() for r in caplog.records if "repair deletes pending" in r.getMessage()]
+    assert len(warned) == 1 and "more than 5" in warned[0] and "no overflow handler" in warned[0]
+
+
+def test_failed_queued_writes_count_toward_the_cap(
+    make_writer: Callable[..., AsyncWriter],
+) -> None:
+    writer = make_writer(DownLayer(), max_repairs=3, retry_delay=600, max_retry_delay=600)
+    for i in range(10):
+        assert writer.set(f"s{i}", i)
+    assert not writer.flush(SAFETY)  # every set failed, then every repair
+    stats = writer.stats()
+    assert stats.overflowed and stats.repairing == 0 and stats.failed >= 10
+    assert not writer._held
+
+
+def test_the_overflow_handler_runs_on_the_repair_backoff_and_ends_the_overflow(
+    make_writer: Callable[..., AsyncWriter],
+) -> None:
+    clock = FakeClock()  # rounds become due only when the test moves it
+    layer = DownLayer()
+    handler = Handler(answer=False)
+    writer = make_writer(
+        layer,
+        clock=clock,
+        max_repairs=2,
+        retry_delay=0.01,
+        max_retry_delay=0.01,
+        on_overflow=handler,
+    )
+    assert writer.overflow_handler is handler
+    overflow(writer, 3)
+    assert writer.overflowed and handler.count == 0  # the repairs' round is not due
+    clock.advance(1)
+    assert handler.calls.get(timeout=SAFETY) == 1  # down: not handled
+    assert writer.overflowed and writer.holds("k0")
+    layer.down = False
+    handler.answer = True
+    clock.advance(1)
+    assert handler.calls.get(timeout=SAFETY) == 2
+    assert writer.flush(SAFETY)  # waits for the round to end
+    assert not writer.overflowed and not writer.holds("k0") and handler.count == 2
+    stats = writer.stats()
+    assert stats.overflows == 1 and stats.repairing == 0
+    assert layer.ops == []  # no key-by-key delete was sent for the given-up repairs
+
+
+def test_flush_calls_the_overflow_handler_once_whatever_the_backoff(
+    make_writer: Callable[..., AsyncWriter],
+) -> None:
+    handler = Handler(answer=False)
+    writer = make_writer(
+        DownLayer(), max_repairs=1, retry_delay=600, max_retry_delay=600, on_overflow=handler
+    )
+    overflow(writer, 2)
+    assert not writer.flush(SAFETY)
+    assert handler.count == 1
+    assert not writer.flush(SAFETY)
+    assert handler.count == 2  # once per flush, not twice
+    handler.answer = True
+    assert writer.flush(SAFETY)
+    assert handler.count == 3 and not writer.overflowed
+
+
+def test_without_a_handler_the_layer_stays_unread_until_one_is_set(
+    make_writer: Callable[..., AsyncWriter],
+) -> None:
+    writer = make_writer(DownLayer(), max_repairs=1, retry_delay=0.01, max_retry_delay=0.01)
+    overflow(writer, 2)
+    assert not writer.flush(SAFETY) and writer.holds("x")
+    with pytest.raises(ConfigError, match="overflow_handler"):
+        writer.overflow_handler = 3  # type: ignore[assignment]
+    handler = Handler(answer=True)
+    writer.overflow_handler = handler
+    assert handler.calls.get(timeout=SAFETY) == 1  # the rounds start on their own
+    assert writer.flush(SAFETY) and not writer.holds("x")
+
+
+def test_a_repair_that_arrives_while_the_handler_runs_is_kept_key_by_key(
+    make_writer: Callable[..., AsyncWriter],
+) -> None:
+    """The handler may have acted before that write failed: the layer may keep an older
+    value of the key, so it still owes a delete once the overflow ends."""
+    layer = DownLayer()
+    handler = Handler(answer=True)
+    handler.gate = threading.Event()
+    writer = make_writer(
+        layer, max_repairs=1, retry_delay=0.01, max_retry_delay=0.01, on_overflow=handler
+    )
+    overflow(writer, 2)
+    assert handler.entered.wait(SAFETY)  # the round is running
+    assert writer.repair("late")
+    assert writer.stats().repairing == 1 and writer.holds("late")
+    layer.down = False
+    handler.gate.set()
+    assert writer.flush(SAFETY)
+    assert not writer.overflowed and not writer.holds("late")
+    assert layer.ops_of("late") == ["delete"] and layer.ops_of("k0") == []
+
+
+def test_a_handler_that_raises_is_logged_and_leaves_the_writer_overflowed(
+    make_writer: Callable[..., AsyncWriter], caplog: pytest.LogCaptureFixture
+) -> None:
+    handler = Handler(answer=RuntimeError("boom"))
+    writer = make_writer(
+        DownLayer(), max_repairs=1, retry_delay=600, max_retry_delay=600, on_overflow=handler
+    )
+    overflow(writer, 2)
+    with caplog.at_level(logging.WARNING, logger="cachechain.writer"):
+        assert not writer.flush(SAFETY)
+    assert handler.count == 1 and writer.overflowed
+    assert any("overflow handler raised" in r.getMessage() for r in caplog.records)
+
+
+def test_close_tries_the_overflow_handler_once_more_then_gives_up(
+    make_writer: Callable[..., AsyncWriter], caplog: pytest.LogCaptureFixture
+) -> None:
+    handler = Handler(answer=False)
+    writer = make_writer(
+        DownLayer(), max_repairs=1, retry_delay=600, max_retry_delay=600, on_overflow=handler
+    )
+    overflow(writer, 2)
+    with caplog.at_level(logging.WARNING, logger="cachechain.writer"):
+        writer.close(SAFETY)
+    assert handler.count == 1
+    assert not writer.overflowed and not writer.holds("x")
+    assert any("closed while the layer awaited" in r.getMessage() for r in caplog.records)
+    handled = Handler(answer=True)
+    other = make_writer(
+        DownLayer(), max_repairs=1, retry_delay=600, max_retry_delay=600, on_overflow=handled
+    )
+    overflow(other, 2)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cachechain.writer"):
+        other.close(SAFETY)
+    assert handled.count == 1
+    assert not any("closed while" in r.getMessage() for r in caplog.records)
+
+
+def test_flush_waits_for_an_overflow_round_in_progress(
+    make_writer: Callable[..., AsyncWriter],
+) -> None:
+    """A round in progress when flush is called: flush waits for its end, and calls the
+    handler no second time."""
+    handler = Handler(answer=True)
+    handler.gate = threading.Event()
+    writer = make_writer(
+        DownLayer(), max_repairs=1, retry_delay=0.01, max_retry_delay=0.01, on_overflow=handler
+    )
+    overflow(writer, 2)
+    assert handler.entered.wait(SAFETY)
+    release_when(writer_waits_idle(writer), handler.gate.set)
+    result: list[bool] = []
+    flusher = threading.Thread(target=lambda: result.append(writer.flush(SAFETY)))
+    flusher.start()
+    flusher.join(SAFETY)
+    assert result == [True] and handler.count == 1
+
+
+def writer_waits_idle(writer: AsyncWriter) -> threading.Event:
+    """An Event set once some thread waits on the writer's idle condition."""
+    waiting = threading.Event()
+    condition = writer._idle
+    original = condition.wait
+
+    def wait(timeout: float | None = None) -> bool:
+        waiting.set()
+        return original(timeout)
+
+    condition.wait = wait  # type: ignore[method-assign]
+    return waiting
+
+
+def test_max_repairs_and_the_handler_come_from_the_config() -> None:
+    with pytest.raises(ConfigError, match=r"writer\.max_repairs"):
+        WriterConfig(max_repairs=0)
+    assert WriterConfig().max_repairs == 10_000
+    handler = Handler()
+    writer = AsyncWriter.from_config(FakeLayer(), WriterConfig(max_repairs=7), on_overflow=handler)
+    try:
+        assert writer._max_repairs == 7 and writer.overflow_handler is handler
+        assert AsyncWriter.from_config(FakeLayer(), WriterConfig()).overflow_handler is None
+    finally:
+        writer.close(SAFETY)
+
+
+def test_a_forked_child_starts_without_the_parents_overflow() -> None:
+    handler = Handler(answer=False)
+    writer = AsyncWriter(
+        DownLayer(), max_repairs=1, retry_delay=600, max_retry_delay=600, on_overflow=handler
+    )
+    try:
+        overflow(writer, 2)
+        assert writer.overflowed
+        writer._after_fork()
+        assert not writer.overflowed and not writer.holds("k0")  # the parent handles it
+        assert writer.overflow_handler is handler and writer.stats().overflows == 0
+    finally:
+        writer.close(SAFETY)

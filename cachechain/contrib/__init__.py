@@ -2,39 +2,45 @@
 
 - :mod:`cachechain.contrib.django`: :class:`~cachechain.contrib.django.CachechainCache`,
   used through ``CACHES = {"default": {"BACKEND":
-  "cachechain.contrib.django.CachechainCache", "OPTIONS": {...}}}``.
+  "cachechain.contrib.django.CachechainCache", "LOCATION": "host:port"}}`` (the default
+  set-up) or ``"OPTIONS": {"layers": [...]}``.
 - :mod:`cachechain.contrib.flask`: :class:`~cachechain.contrib.flask.CachechainBackend`,
   used through ``CACHE_TYPE = "cachechain.contrib.flask.CachechainBackend"`` and
   ``CACHE_OPTIONS = {...}``.
 
-In both, the options are the mapping of :func:`cachechain.chain_config_from_mapping` (``layers``,
-``breaker``, ``writer``, ``metrics``, ``name``). What the two backends share, and why:
+In both, the options are the mapping of :func:`cachechain.chain_config_from_mapping`
+(``layers``, ``breaker``, ``writer``, ``metrics``, ``name``, ``coherence``). What the two
+backends share, and why:
 
 - **Values are copies, as in every Django and Flask-Caching backend.** ``str``, ``int``,
   ``float``, ``bool`` and ``None`` are stored as they are (immutable, and JSON can carry
-  them to memcached); any other value is pickled when it is stored and unpickled when
-  it is read, so every read returns a fresh object. A cached ``HttpResponse`` or Flask
-  ``Response`` that middleware or ``after_request`` handlers mutate (headers, cookies)
-  therefore never changes what the next request gets. A value that cannot be pickled
-  raises :class:`pickle.PicklingError`, as both frameworks document; a stored value
-  that can no longer be unpickled (its class was renamed in a deploy) is a miss,
-  logged once.
+  them to memcached); any other value is serialized when it is stored (pickled; tagged
+  JSON when memcached has :class:`~cachechain.TaggedJsonCodec`, see
+  :mod:`cachechain.contrib._values`) and deserialized when it is read, so every read
+  returns a fresh object. A cached ``HttpResponse`` or Flask ``Response`` that
+  middleware or ``after_request`` handlers mutate (headers, cookies) therefore never
+  changes what the next request gets. A value that cannot be pickled raises
+  :class:`pickle.PicklingError`, as both frameworks document; a stored value that can
+  no longer be read (its class was renamed in a deploy) is a miss, logged once.
 - **Memcached gets a signed pickle codec by default.** A ``memcached`` layer that names
   no ``codec`` is given :class:`~cachechain.SignedPickleCodec` keyed by the
   application's ``SECRET_KEY``: those frameworks cache arbitrary picklable objects, and
   nothing read from memcached is unpickled unless its HMAC signature checks out. Every
   process sharing the memcached must use the same ``SECRET_KEY``; after a change of
-  ``SECRET_KEY`` older entries are misses. A layer with an explicit ``"codec": "json"``
-  stores only the plain values above; the others stay in the layers that can hold them.
+  ``SECRET_KEY`` older entries are misses. Without a secret (a Flask app without
+  ``SECRET_KEY``) the layer gets :class:`~cachechain.TaggedJsonCodec` instead: it
+  holds JSON values, ``bytes``, tuples, sets, dates and times, ``Decimal`` and
+  ``UUID``, and nothing read from memcached is unpickled; other values stay in the
+  in-process layers. A layer with an explicit ``"codec": "json"`` stores only the
+  plain values above; the others stay in the layers that can hold them.
 - **"Never expires"** is stored as :data:`NO_EXPIRY_TTL` seconds (ten years): the
-  layers take finite TTLs. Each layer's ``max_ttl`` still caps every TTL: keep the
-  in-process layer's ``max_ttl`` short, since another process's ``delete`` does not reach
-  this process's memory.
-- **clear() empties only this process's in-process layers.** cachechain has no
-  operation that empties a shared memcached (``flush_all`` would wipe every
-  application using that server). To drop everything at once, change the key
-  namespace instead: ``VERSION`` or ``KEY_PREFIX`` (Django), ``CACHE_KEY_PREFIX``
-  (Flask-Caching), or the memcached layer's ``key_prefix``.
+  layers take finite TTLs. Each layer's ``max_ttl`` still caps every TTL.
+- **clear() clears the cache for every process** sharing the memcached
+  (:meth:`Chain.clear <cachechain.Chain.clear>`): the namespace generation stored in
+  memcached moves, so no process reads an older entry again, and the in-process layers
+  of the others drop theirs within the coherence bound (100 ms). Other applications'
+  keys on the same servers are untouched; ``backend.chain.clear(flush=True)`` runs
+  memcached's ``flush_all``, as Django's own memcached backends do in ``clear()``.
 - **add, incr and decr are atomic across processes.** They run on the chain's shared
   layer (memcached): ``add`` is memcached's ``add`` (exactly one process wins a key, so
   it works as a lock), ``incr``/``decr`` memcached's counters, so no update is lost
@@ -50,9 +56,7 @@ In both, the options are the mapping of :func:`cachechain.chain_config_from_mapp
 from __future__ import annotations
 
 import atexit
-import logging
 import operator
-import pickle
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
@@ -60,74 +64,16 @@ from typing import Any, Final
 
 from .. import _fork
 from .._chain import Chain
-from .._codecs import SignedPickleCodec
+from .._codecs import SignedPickleCodec, TaggedJsonCodec
 from .._errors import InvalidValueError
-from .._logonce import LogOnce
 from ..layers._base import MISSING
+from ._values import PICKLED, TAGGED, ValueForm, log
 
-__all__ = ["NO_EXPIRY_TTL"]
-
-log = logging.getLogger("cachechain.contrib")
+__all__ = ["NO_EXPIRY_TTL", "log"]
 
 #: The TTL, in seconds (ten years), that stands for "never expires" (Django's
 #: ``timeout=None``, Flask-Caching's ``timeout=0``).
 NO_EXPIRY_TTL: Final[float] = 10 * 365 * 24 * 3600.0
-
-#: Values stored as they are; any other value is stored pickled.
-_PLAIN: Final = frozenset({str, int, float, bool, type(None)})
-
-_PICKLE_PROTOCOL: Final = pickle.HIGHEST_PROTOCOL
-
-
-def _encode(value: Any) -> Any:
-    """Return what the chain stores for ``value``: the value itself when it is a plain
-    immutable (``str``, ``int``, ``float``, ``bool``, ``None``), else its pickle (bytes).
-
-    Raises :class:`pickle.PicklingError` for a value that cannot be pickled.
-    """
-    if value.__class__ in _PLAIN:
-        return value
-    try:
-        return pickle.dumps(value, protocol=_PICKLE_PROTOCOL)
-    except Exception as exc:  # PicklingError, TypeError, AttributeError, RecursionError
-        raise pickle.PicklingError(
-            f"cannot cache a {type(value).__name__}: it cannot be pickled ({exc!r})"
-        ) from exc
-
-
-#: Logs each kind of unpickling error at WARNING once, then at DEBUG.
-_log_once = LogOnce(log)
-
-
-def _decode(stored: Any) -> Any:
-    """Return the value that :func:`_encode` stored: a fresh unpickled object for bytes,
-    the stored object otherwise, or :data:`~cachechain.MISSING` when the bytes
-    cannot be unpickled any more (logged at WARNING once per error type, then DEBUG)."""
-    if stored.__class__ is not bytes:
-        return stored
-    try:
-        return pickle.loads(stored)
-    except Exception as exc:  # a class renamed or removed since the value was stored
-        kind = type(exc).__name__
-        _log_once(
-            kind,
-            "a cached value could not be unpickled (%s: %s); treated as a miss. "
-            "Further %s errors are logged at DEBUG",
-            kind,
-            exc,
-            kind,
-        )
-        return MISSING
-
-
-def _read(chain: Chain, key: str, default: Any) -> Any:
-    """The value cached under ``key`` (a fresh copy), or ``default`` on a miss and
-    for stored bytes that no longer unpickle."""
-    stored = chain.get(key, MISSING)
-    if stored is MISSING:
-        return default
-    value = _decode(stored)
-    return default if value is MISSING else value
 
 
 def _add(chain: Chain, key: str, stored: Any, ttl: float | None) -> bool:
@@ -194,40 +140,31 @@ def _needs_default_codec(options: Mapping[str, Any]) -> bool:
 
 def _with_default_codec(
     options: Mapping[str, Any], secret: str | bytes | None
-) -> tuple[Mapping[str, Any], list[str]]:
-    """Return ``options`` with a :class:`~cachechain.SignedPickleCodec` keyed by
-    ``secret`` given to every ``memcached`` layer that names no ``codec``, and the names
-    of such layers left on JSON because ``secret`` is empty. ``options`` is not changed;
+) -> tuple[Mapping[str, Any], ValueForm, list[str]]:
+    """Return ``options`` with a codec given to every ``memcached`` layer that names no
+    ``codec``, the value form the backend must use with them, and the names of those
+    layers that got tagged JSON. With a ``secret``, the codec is a
+    :class:`~cachechain.SignedPickleCodec` keyed by it, and the form
+    :data:`~cachechain.contrib._values.PICKLED`; without one,
+    :class:`~cachechain.TaggedJsonCodec` and :data:`~cachechain.contrib._values.TAGGED`
+    (nothing read from memcached is ever unpickled then). ``options`` is not changed;
     anything malformed is passed on untouched for the settings to report."""
     layers = _layer_entries(options)
     if not layers:
-        return options, []
+        return options, PICKLED, []
     entries: list[Any] = []
-    on_json: list[str] = []
-    codec: SignedPickleCodec | None = None
+    tagged: list[str] = []
+    codec: SignedPickleCodec | TaggedJsonCodec | None = None
     for index, entry in enumerate(layers):
         if _wants_default_codec(entry):
             if secret:
                 codec = codec or SignedPickleCodec(secret)
-                entry = {**entry, "codec": codec}
             else:
-                on_json.append(str(entry.get("name", f"L{index + 1}")))
+                codec = codec or TaggedJsonCodec()
+                tagged.append(str(entry.get("name", f"L{index + 1}")))
+            entry = {**entry, "codec": codec}
         entries.append(entry)
-    return {**options, "layers": entries}, on_json
-
-
-def _clear_local_layers(chain: Chain) -> bool:
-    """Empty every in-process layer of ``chain`` that can be emptied; return True when
-    that was every layer (so the whole cache is empty), False when other layers (such
-    as memcached) were left as they are."""
-    complete = True
-    for layer in chain.layers:
-        clear = getattr(layer, "clear", None)
-        if layer.local and callable(clear):
-            clear()
-        else:
-            complete = False
-    return complete
+    return {**options, "layers": entries}, (TAGGED if tagged else PICKLED), tagged
 
 
 #: The chains built by the backends and not yet garbage collected, closed at exit.

@@ -1,7 +1,22 @@
 """cachechain as a Django cache backend.
 
-Configure it in ``settings.py``; ``OPTIONS`` is the chain mapping of
-:func:`cachechain.chain_config_from_mapping`::
+Configure it in ``settings.py``. The default set-up, an in-process layer over
+memcached, takes the memcached servers from ``LOCATION``, as Django's memcached
+backends do (``"host:port"``, several separated by ``;`` or ``,``, or a list)::
+
+    CACHES = {
+        "default": {
+            "BACKEND": "cachechain.contrib.django.CachechainCache",
+            "LOCATION": "10.0.0.5:11211",
+        }
+    }
+
+is ``L1`` (``{"type": "memory", "maxsize": 10_000, "max_ttl": 30}``) over ``L2`` (a
+``memcached`` layer on those servers); ``OPTIONS`` may add the other keys of the
+chain mapping of :func:`cachechain.chain_config_from_mapping` (``name``, ``breaker``,
+``writer``, ``metrics``, ``coherence``). To choose the layers, give them in
+``OPTIONS["layers"]``, with their servers, and no ``LOCATION`` (one given anyway
+raises :class:`~cachechain.ConfigError`: it would be ignored)::
 
     CACHES = {
         "default": {
@@ -25,10 +40,12 @@ any backend. What to know:
 - **One chain per process and configuration.** Django creates a backend object per
   thread and alias; all the backends built from the same ``LOCATION`` and ``OPTIONS``
   in a process share one thread-safe :class:`~cachechain.Chain` (one in-process layer,
-  one memcached pool, one set of breakers and metrics). ``LOCATION`` is only a name:
-  give two aliases different ``LOCATION`` values to give them separate chains.
-  ``close()``, which Django calls at the end of every request, leaves the shared chain
-  open; the chains are closed at interpreter exit, or by :func:`close_chains`.
+  one memcached pool, one set of breakers and metrics). Two aliases on the same
+  memcached are one store, as with Django's memcached backends: give them different
+  ``KEY_PREFIX`` values to keep their keys apart (and a different ``OPTIONS["name"]``
+  to give them separate chains and metrics). ``close()``, which Django calls at the
+  end of every request, leaves the shared chain open; the chains are closed at
+  interpreter exit, or by :func:`close_chains`.
 - **Failures never reach the view.** A layer that is down, slow or returns garbage is a
   miss (and a write it missed is counted and logged), as everywhere in cachechain.
   ``incr``/``decr`` still raise :class:`ValueError` for a key that memcached does not
@@ -37,14 +54,20 @@ any backend. What to know:
   pickle codec keyed by ``SECRET_KEY`` (see :mod:`cachechain.contrib`): cached
   ``HttpResponse`` objects (``cache_page``) and any picklable value work out of the box.
   Set ``"codec": {"type": "signed_pickle", "secret": "..."}`` to use another secret.
+  Django needs a ``SECRET_KEY``; without one, such a layer raises
+  :class:`~django.core.exceptions.ImproperlyConfigured` when the backend is built.
 - **Timeouts** follow Django: ``DEFAULT_TIMEOUT`` is the backend's ``TIMEOUT``; ``None``
   never expires (stored as :data:`~cachechain.contrib.NO_EXPIRY_TTL`); ``0`` or a
   negative timeout does not cache (``set`` removes the key). Each layer's ``max_ttl``
   caps every timeout.
 - **Keys**: Django's ``KEY_PREFIX``, ``VERSION`` and ``KEY_FUNCTION`` apply. Every
-  ``str`` key is accepted without :class:`~django.core.cache.CacheKeyWarning`:
-  cachechain maps keys memcached cannot take (long, spaces, non-ASCII) to safe hashed
-  ones. A ``KEY_FUNCTION`` that returns anything but a ``str`` raises
+  ``str`` key works: cachechain maps keys memcached cannot take (longer than 250
+  characters, spaces, control characters) to safe hashed ones. Such a key still
+  raises a :class:`~django.core.cache.CacheKeyWarning`, as with Django's local-memory,
+  file and database caches, because it would fail on Django's memcached backends; the
+  warning is about portability, silence it with
+  ``warnings.simplefilter("ignore", CacheKeyWarning)``. A ``KEY_FUNCTION`` that
+  returns anything but a ``str`` raises
   :class:`~django.core.cache.backends.base.InvalidCacheKey`.
 - **Atomic across processes**: ``add``, ``incr``, ``decr`` and ``touch`` run on the
   chain's shared layer (memcached; the last layer of an in-process-only chain) with
@@ -60,18 +83,29 @@ any backend. What to know:
 - ``get_or_set`` runs its callable default once per key per process however many
   threads miss at once (cachechain's single flight), then stores it with ``add``:
   workers that miss at once all return the one value that won.
-- ``clear()`` empties this process's in-process layers only; memcached is not flushed
-  (see :mod:`cachechain.contrib`). Bump ``VERSION`` to drop every entry at once.
+- ``clear()`` empties the cache for every process sharing the memcached
+  (:meth:`Chain.clear <cachechain.Chain.clear>`: the namespace generation moves, so
+  other applications' keys on the same servers stay), where Django's memcached
+  backends run ``flush_all``; ``cache.chain.clear(flush=True)`` does that too.
 """
 
 from __future__ import annotations
 
+import re
 import threading
+import warnings
 from collections.abc import Callable, Hashable, Iterable, Mapping
-from typing import Any
+from typing import Any, Final
 
 from asgiref.sync import sync_to_async
-from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache, InvalidCacheKey
+from django.core.cache.backends.base import (
+    DEFAULT_TIMEOUT,
+    MEMCACHE_MAX_KEY_LENGTH,
+    BaseCache,
+    CacheKeyWarning,
+    InvalidCacheKey,
+    memcache_key_warnings,
+)
 from django.core.exceptions import ImproperlyConfigured
 
 from .. import _fork
@@ -82,28 +116,31 @@ from . import (
     NO_EXPIRY_TTL,
     NOT_A_COUNTER,
     _add,
-    _clear_local_layers,
     _close_at_exit,
     _count,
-    _decode,
     _delete,
-    _encode,
     _exiting,
     _needs_default_codec,
-    _read,
     _with_default_codec,
 )
+from ._values import ValueForm
 
-__all__ = ["CachechainCache", "close_chains"]
+__all__ = ["DEFAULT_L1", "CachechainCache", "chain_options", "close_chains"]
+
+#: Finds a character Django's ``memcache_key_warnings`` warns about (a fast first
+#: check: Django's own loops over every character).
+_MEMCACHED_UNSAFE: Final = re.compile("[\x00-\x20\x7f]").search
 
 
 class _Shared:
-    """What the backends of one configuration share in a process: the chain."""
+    """What the backends of one configuration share in a process: the chain, and the
+    form its values are stored in."""
 
-    __slots__ = ("chain",)
+    __slots__ = ("chain", "form")
 
-    def __init__(self, chain: Chain) -> None:
+    def __init__(self, chain: Chain, form: ValueForm) -> None:
         self.chain = chain
+        self.form = form
 
 
 _SHARED: dict[Hashable, _Shared] = {}
@@ -139,21 +176,65 @@ def _secret_key() -> str | bytes:
     return secret
 
 
-def _shared_for(location: str, options: Mapping[str, Any]) -> _Shared:
-    """Return the shared chain of this configuration in this process, building it on
-    first use (and again after :func:`close_chains`)."""
+#: The in-process layer of the default set-up (``LOCATION`` without ``OPTIONS["layers"]``).
+DEFAULT_L1: Final[Mapping[str, Any]] = {
+    "type": "memory",
+    "name": "L1",
+    "maxsize": 10_000,
+    "max_ttl": 30,
+}
+
+
+def _servers(location: Any) -> list[str]:
+    """``LOCATION`` as memcached server specs, split as Django's memcached backends
+    split it (``;`` or ``,``)."""
+    if isinstance(location, str):
+        return [spec.strip() for spec in re.split("[;,]", location) if spec.strip()]
+    if isinstance(location, (list, tuple)) and all(isinstance(s, str) for s in location):
+        return list(location)
+    raise ConfigError(
+        f"CACHES LOCATION must be memcached servers ('host:port', several separated by "
+        f"';' or ',', or a list of them), got {location!r}"
+    )
+
+
+def chain_options(location: Any, options: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The chain mapping of an alias: ``OPTIONS`` when it gives ``layers`` (then
+    ``LOCATION`` must be empty), else ``OPTIONS`` with the default set-up's layers:
+    :data:`DEFAULT_L1` over a ``memcached`` layer ``L2`` on the servers of
+    ``LOCATION``. Raises :class:`~cachechain.ConfigError` for a ``LOCATION`` beside
+    ``OPTIONS["layers"]``, and for neither."""
+    if "layers" in options:
+        if location:
+            raise ConfigError(
+                f"CACHES LOCATION {location!r} is not used when OPTIONS gives 'layers': "
+                "put the memcached servers in the memcached layer's 'servers' and remove "
+                "LOCATION (or remove OPTIONS['layers'] for the default set-up on LOCATION)"
+            )
+        return options
+    if not location:
+        raise ConfigError(
+            "CACHES of a cachechain cache needs LOCATION (the memcached servers, as for "
+            "Django's PyMemcacheCache) or OPTIONS['layers'] (the chain's layers)"
+        )
+    l2 = {"type": "memcached", "name": "L2", "servers": _servers(location)}
+    return {**options, "layers": [dict(DEFAULT_L1), l2]}
+
+
+def _shared_for(options: Mapping[str, Any]) -> _Shared:
+    """Return the shared chain of the chain mapping ``options`` in this process,
+    building it on first use (and again after :func:`close_chains`)."""
     secret = _secret_key() if _needs_default_codec(options) else None
-    fingerprint = (location, _freeze(options), secret)
+    fingerprint = (_freeze(options), secret)
     with _SHARED_LOCK:
         shared = _SHARED.get(fingerprint)
         if shared is None or (shared.chain.closed and not _exiting()):
-            resolved, _ = _with_default_codec(options, secret)
+            resolved, form, _ = _with_default_codec(options, secret)
             try:
                 chain = Chain.from_config(resolved)
             except ConfigError as exc:
-                where = f"LOCATION {location!r}" if location else "a cachechain cache"
-                raise ConfigError(f"CACHES OPTIONS of {where}: {exc}") from exc
-            shared = _SHARED[fingerprint] = _Shared(chain)
+                raise ConfigError(f"CACHES OPTIONS of a cachechain cache: {exc}") from exc
+            shared = _SHARED[fingerprint] = _Shared(chain, form)
             _close_at_exit(chain)
     return shared
 
@@ -185,14 +266,16 @@ _fork.at_fork(after_in_child=_after_fork_in_child)
 class CachechainCache(BaseCache):  # type: ignore[misc]  # django ships no type hints
     """A Django cache backend over a cachechain :class:`~cachechain.Chain`.
 
-    ``location`` is the ``LOCATION`` setting (only a name, see the module docstring);
-    ``params`` are the other settings of the alias, whose ``OPTIONS`` is the chain
-    mapping of :func:`cachechain.chain_config_from_mapping`. Timeouts are seconds
-    (``int`` or ``float``).
+    ``location`` is the ``LOCATION`` setting (the memcached servers of the default
+    set-up, see the module docstring); ``params`` are the other settings of the
+    alias, whose ``OPTIONS`` is the chain mapping of
+    :func:`cachechain.chain_config_from_mapping` (its ``layers`` may come from
+    ``LOCATION``). Timeouts are seconds (``int`` or ``float``).
 
-    Raises :class:`~cachechain.ConfigError`, naming the field, for bad
-    ``OPTIONS``, and :class:`~django.core.exceptions.ImproperlyConfigured` when a
-    memcached layer needs ``SECRET_KEY`` for its default codec and it is not set.
+    Raises :class:`~cachechain.ConfigError`, naming the field, for bad ``OPTIONS``
+    or ``LOCATION`` (see :func:`chain_options`), and
+    :class:`~django.core.exceptions.ImproperlyConfigured` when a memcached layer needs
+    ``SECRET_KEY`` for its default codec and it is not set.
     """
 
     def __init__(self, location: str, params: Mapping[str, Any]) -> None:
@@ -202,9 +285,8 @@ class CachechainCache(BaseCache):  # type: ignore[misc]  # django ships no type 
                 f"CACHES OPTIONS must be a cachechain chain mapping, got {type(options).__name__}"
             )
         super().__init__(params)
-        self._location = location or ""
-        self._options: Mapping[str, Any] = options
-        self._shared = _shared_for(self._location, options)
+        self._options = chain_options(location, options)
+        self._shared = _shared_for(self._options)
 
     # -- helpers ------------------------------------------------------------------
 
@@ -219,7 +301,7 @@ class CachechainCache(BaseCache):  # type: ignore[misc]  # django ships no type 
     def _live(self) -> _Shared:
         shared = self._shared
         if shared.chain.closed:  # closed by close_chains(): share the new one
-            shared = self._shared = _shared_for(self._location, self._options)
+            shared = self._shared = _shared_for(self._options)
         return shared
 
     def _ttl(self, timeout: Any) -> float | None:
@@ -233,14 +315,20 @@ class CachechainCache(BaseCache):  # type: ignore[misc]  # django ships no type 
         return min(float(timeout), NO_EXPIRY_TTL)
 
     def validate_key(self, key: Any) -> None:
-        """Check a made key: any ``str`` is fine (keys memcached cannot take are mapped
-        to safe hashed ones, so no :class:`~django.core.cache.CacheKeyWarning` is
-        issued). Raises :class:`~django.core.cache.backends.base.InvalidCacheKey` for a
-        key that is not a ``str`` (a ``KEY_FUNCTION`` returning something else)."""
+        """Check a made key: any ``str`` works (keys memcached cannot take are mapped
+        to safe hashed ones), and one that Django's memcached backends would refuse
+        (longer than 250 characters, a space or a control character) raises
+        :class:`~django.core.cache.CacheKeyWarning`, as Django's generic backends do.
+        Raises :class:`~django.core.cache.backends.base.InvalidCacheKey` for a key
+        that is not a ``str`` (a ``KEY_FUNCTION`` returning something else)."""
         if not isinstance(key, str):
             raise InvalidCacheKey(
                 f"cache keys must be str, got {type(key).__name__}: check KEY_FUNCTION"
             )
+        if len(key) > MEMCACHE_MAX_KEY_LENGTH or _MEMCACHED_UNSAFE(key) is not None:
+            for warning in memcache_key_warnings(key):
+                # 4: the caller of get(), set()... (through make_and_validate_key)
+                warnings.warn(warning, CacheKeyWarning, stacklevel=4)
 
     # -- reads --------------------------------------------------------------------
 
@@ -248,15 +336,17 @@ class CachechainCache(BaseCache):  # type: ignore[misc]  # django ships no type 
         """Return the value cached under ``key`` (a fresh copy), or ``default``. A layer
         failure is a miss."""
         key = self.make_and_validate_key(key, version=version)
-        return _read(self._live().chain, key, default)
+        shared = self._live()
+        return shared.form.read(shared.chain, key, default)
 
     def get_many(self, keys: Iterable[Any], version: int | None = None) -> dict[Any, Any]:
         """Return ``{key: value}`` for the ``keys`` that are cached (one batch per layer);
         missing keys are absent."""
         made = {self.make_and_validate_key(k, version=version): k for k in keys}
         found: dict[Any, Any] = {}
-        for made_key, stored in self._live().chain.get_many(list(made)).items():
-            value = _decode(stored)
+        shared = self._live()
+        for made_key, stored in shared.chain.get_many(list(made)).items():
+            value = shared.form.decode(stored)
             if value is not MISSING:
                 found[made[made_key]] = value
         return found
@@ -285,28 +375,27 @@ class CachechainCache(BaseCache):  # type: ignore[misc]  # django ships no type 
         """
         made = self.make_and_validate_key(key, version=version)
         ttl = self._ttl(timeout)
-        chain = self._live().chain
+        shared = self._live()
+        chain, form = shared.chain, shared.form
         if ttl is not None:
 
             def load() -> Any:
-                stored = _encode(default() if callable(default) else default)
+                stored = form.encode(default() if callable(default) else default)
                 if chain.add(made, stored, ttl):
                     return stored
                 return chain.get(made, stored)  # another worker's value won the add
 
-            value = _decode(chain.get_or_load(made, load, ttl))
+            value = form.decode(chain.get_or_load(made, load, ttl))
             if value is not MISSING:
                 return value
         else:
-            stored = chain.get(made, MISSING)
-            if stored is not MISSING:
-                value = _decode(stored)
-                if value is not MISSING:
-                    return value
+            value = form.read(chain, made, MISSING)
+            if value is not MISSING:
+                return value
         # Not cacheable now (timeout <= 0), or the cached bytes could not be unpickled.
         value = default() if callable(default) else default
         if ttl is not None:
-            chain.set(made, _encode(value), ttl)
+            chain.set(made, form.encode(value), ttl)
         return value
 
     # -- writes -------------------------------------------------------------------
@@ -322,14 +411,14 @@ class CachechainCache(BaseCache):  # type: ignore[misc]  # django ships no type 
         module docstring); a timeout of ``0`` or less removes the key instead. Raises
         :class:`pickle.PicklingError` for a value that cannot be pickled; a layer that
         fails is skipped (counted and logged by the chain)."""
-        stored = _encode(value)
+        shared = self._live()
+        stored = shared.form.encode(value)
         key = self.make_and_validate_key(key, version=version)
         ttl = self._ttl(timeout)
-        chain = self._live().chain
         if ttl is None:
-            chain.delete(key)
+            shared.chain.delete(key)
         else:
-            chain.set(key, stored, ttl)
+            shared.chain.set(key, stored, ttl)
 
     def add(
         self,
@@ -343,9 +432,10 @@ class CachechainCache(BaseCache):  # type: ignore[misc]  # django ships no type 
         was stored; False when the key was there, or when memcached could not be
         reached (nothing is stored then). A timeout of ``0`` or less stores nothing and
         returns whether the key is absent."""
-        stored = _encode(value)
+        shared = self._live()
+        stored = shared.form.encode(value)
         key = self.make_and_validate_key(key, version=version)
-        return _add(self._live().chain, key, stored, self._ttl(timeout))
+        return _add(shared.chain, key, stored, self._ttl(timeout))
 
     def set_many(
         self,
@@ -356,11 +446,13 @@ class CachechainCache(BaseCache):  # type: ignore[misc]  # django ships no type 
         """Store every item (one batch per layer); return the keys that failed: none
         when every layer took the batch, else every key of it (the chain reports per
         batch; the values are still in the layers that took them)."""
+        shared = self._live()
+        encode = shared.form.encode
         items = {
-            self.make_and_validate_key(k, version=version): (k, _encode(v)) for k, v in data.items()
+            self.make_and_validate_key(k, version=version): (k, encode(v)) for k, v in data.items()
         }
         ttl = self._ttl(timeout)
-        chain = self._live().chain
+        chain = shared.chain
         if ttl is None:
             chain.delete_many(list(items))
             return []
@@ -401,10 +493,10 @@ class CachechainCache(BaseCache):  # type: ignore[misc]  # django ships no type 
         stored for the default timeout and returned, not atomically (what ``+`` raises,
         :class:`TypeError` for ``None`` or a ``str``, propagates)."""
         made = self.make_and_validate_key(key, version=version)
-        chain = self._live().chain
-        counted = _count(chain, made, delta)
+        shared = self._live()
+        counted = _count(shared.chain, made, delta)
         if counted is NOT_A_COUNTER:
-            value = _read(chain, made, MISSING)
+            value = shared.form.read(shared.chain, made, MISSING)
             if value is MISSING:  # bytes that no longer unpickle: a miss
                 raise ValueError(f"Key '{key}' not found")
             new_value = value + delta
@@ -421,9 +513,12 @@ class CachechainCache(BaseCache):  # type: ignore[misc]  # django ships no type 
     # -- lifecycle ----------------------------------------------------------------
 
     def clear(self) -> None:
-        """Empty this process's in-process layers. Memcached is not flushed, and other
-        processes keep their in-process entries: bump ``VERSION`` to drop everything."""
-        _clear_local_layers(self._live().chain)
+        """Empty the cache for every process sharing its memcached
+        (:meth:`Chain.clear <cachechain.Chain.clear>`: the namespace generation moves;
+        other applications' keys on the same servers stay). While memcached cannot be
+        reached only this process's in-process layers are emptied (counted and logged
+        by the chain)."""
+        self._live().chain.clear()
 
     def close(self, **kwargs: Any) -> None:
         """Do nothing: Django calls this at the end of every request, and the chain is

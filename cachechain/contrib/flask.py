@@ -32,9 +32,12 @@ any backend. What to know:
 - **Values** are copies (see :mod:`cachechain.contrib`). A ``memcached`` layer without
   a ``codec`` gets a signed pickle codec keyed by the app's ``SECRET_KEY``, so cached
   ``Response`` objects and memoized results of any picklable type reach memcached.
-  Without a ``SECRET_KEY`` such a layer stays on JSON (logged at WARNING when the
-  backend is built): only ``str``, ``int``, ``float``, ``bool`` and ``None`` values
-  reach it, the others stay in the in-process layer.
+  Without a ``SECRET_KEY`` such a layer gets :class:`~cachechain.TaggedJsonCodec`
+  (logged at WARNING when the backend is built), which never unpickles what it reads:
+  JSON values, ``bytes``, tuples, sets, dicts with non-``str`` keys, dates and times,
+  ``Decimal`` and ``UUID`` reach memcached; other values (a ``Response``, instances of
+  the application's classes) stay in the in-process layer, and ``set`` returns False
+  for them (``add`` too: it needs memcached).
 - **Timeouts** follow Flask-Caching: ``None`` is ``CACHE_DEFAULT_TIMEOUT``, ``0``
   never expires (stored as :data:`~cachechain.contrib.NO_EXPIRY_TTL`), a
   :class:`~datetime.timedelta` is taken to the microsecond, and a negative timeout does
@@ -51,9 +54,10 @@ any backend. What to know:
   reached, ``add`` stores nothing and returns False and ``inc``/``dec`` return
   ``None`` (cachelib's "backend error"). On a stored value that is not an integer, they
   do what cachelib does, ``(value or 0) + delta`` then ``set``, not atomically.
-- ``clear()`` empties this process's in-process layers only and returns False when
-  other layers (memcached) were left as they are; change ``CACHE_KEY_PREFIX`` to drop
-  every entry at once.
+- ``clear()`` empties the cache for every process sharing the memcached
+  (:meth:`Chain.clear <cachechain.Chain.clear>`: the namespace generation moves, so
+  other applications' keys on the same servers stay) and returns True; False while
+  memcached cannot be reached (this process's in-process layers are emptied anyway).
 """
 
 from __future__ import annotations
@@ -74,13 +78,9 @@ from . import (
     NO_EXPIRY_TTL,
     NOT_A_COUNTER,
     _add,
-    _clear_local_layers,
     _close_at_exit,
     _count,
-    _decode,
     _delete,
-    _encode,
-    _read,
     _with_default_codec,
     log,
 )
@@ -95,8 +95,8 @@ class CachechainBackend(BaseCache):
     (Flask-Caching's ``CACHE_OPTIONS``). ``default_timeout`` (seconds, or a
     ``timedelta``; ``0`` never expires) applies when a write gives no timeout;
     ``key_prefix`` is put in front of every key; ``secret`` keys the signed pickle
-    codec of ``memcached`` layers that name no ``codec`` (``None`` or empty: they stay
-    on JSON). ``ignore_delete_many_errors`` is
+    codec of ``memcached`` layers that name no ``codec`` (``None`` or empty: they get
+    :class:`~cachechain.TaggedJsonCodec`). ``ignore_delete_many_errors`` is
     accepted for Flask-Caching's sake and has no effect (nothing here raises for a cache
     failure).
 
@@ -124,19 +124,21 @@ class CachechainBackend(BaseCache):
             )
         if not isinstance(key_prefix, str):
             raise ConfigError(f"CACHE_KEY_PREFIX must be a str, got {key_prefix!r}")
-        resolved, on_json = _with_default_codec(options, secret)
+        resolved, form, tagged = _with_default_codec(options, secret)
         try:
             chain = Chain.from_config(resolved)
         except ConfigError as exc:
             raise ConfigError(f"CACHE_OPTIONS: {exc}") from exc
-        for name in on_json:
+        for name in tagged:
             log.warning(
                 "memcached layer %r has no codec and the app has no SECRET_KEY: it stores "
-                "JSON, so only str, int, float, bool and None values reach it. Set "
-                "SECRET_KEY (signed pickle) or give the layer a codec",
+                "tagged JSON (JSON values, bytes, tuples, sets, dates and times, Decimal, "
+                "UUID); other values, such as Response objects, stay in the in-process "
+                "layer. Set SECRET_KEY (signed pickle) or give the layer a codec",
                 name,
             )
         self._chain = chain
+        self._form = form
         self._prefix = key_prefix
         _close_at_exit(chain)
 
@@ -201,7 +203,7 @@ class CachechainBackend(BaseCache):
     def get(self, key: str) -> Any:
         """Return the value cached under ``key`` (a fresh copy), or ``None``. A layer
         failure is a miss."""
-        return _read(self._chain, self._key(key), None)
+        return self._form.read(self._chain, self._key(key), None)
 
     def get_many(self, *keys: str) -> list[Any]:
         """Return the values of ``keys`` in order, ``None`` for each miss (one batch per
@@ -211,7 +213,7 @@ class CachechainBackend(BaseCache):
         values: list[Any] = []
         for made_key in made:
             stored = found.get(made_key, MISSING)
-            value = MISSING if stored is MISSING else _decode(stored)
+            value = MISSING if stored is MISSING else self._form.decode(stored)
             values.append(None if value is MISSING else value)
         return values
 
@@ -227,7 +229,7 @@ class CachechainBackend(BaseCache):
         every layer took it, False when some layer failed or refused it (the others
         still hold it). Raises :class:`pickle.PicklingError` for a value that cannot be
         pickled."""
-        stored = _encode(value)
+        stored = self._form.encode(value)
         key = self._key(key)
         ttl = self._ttl(timeout)
         if ttl is None:
@@ -240,7 +242,7 @@ class CachechainBackend(BaseCache):
         when the key was there or memcached could not be reached (nothing is stored
         then). A negative timeout stores nothing and returns whether the key is absent.
         """
-        stored = _encode(value)
+        stored = self._form.encode(value)
         key = self._key(key)
         return _add(self._chain, key, stored, self._ttl(timeout))
 
@@ -250,7 +252,8 @@ class CachechainBackend(BaseCache):
         """Store every item (one batch per layer); return the keys that were set: all of
         them when every layer took the batch, else none (the chain reports per batch;
         the values are still in the layers that took them)."""
-        items = {self._key(k): _encode(v) for k, v in mapping.items()}
+        encode = self._form.encode
+        items = {self._key(k): encode(v) for k, v in mapping.items()}
         ttl = self._ttl(timeout)
         if ttl is None:
             ok = self._chain.delete_many(list(items))
@@ -286,7 +289,7 @@ class CachechainBackend(BaseCache):
                 return delta
             counted = _count(chain, made, delta)  # another worker started it first
         if counted is NOT_A_COUNTER:
-            current = _read(chain, made, None)
+            current = self._form.read(chain, made, None)
             value = (current or 0) + delta
             return value if self.set(key, value) else None
         return cast("int | None", counted)
@@ -299,9 +302,11 @@ class CachechainBackend(BaseCache):
     # -- lifecycle ----------------------------------------------------------------
 
     def clear(self) -> bool:
-        """Empty this process's in-process layers; return True only when they were every
-        layer, False when memcached (or another shared layer) was left as it is."""
-        return _clear_local_layers(self._chain)
+        """Empty the cache for every process sharing its memcached
+        (:meth:`Chain.clear <cachechain.Chain.clear>`); return True, or False when
+        memcached could not be reached (this process's in-process layers are emptied
+        anyway; counted and logged by the chain)."""
+        return self._chain.clear()
 
     def close(self, timeout: float = 5.0) -> int:
         """Close the chain, draining its queued writes within ``timeout`` seconds; return

@@ -29,8 +29,17 @@ Design, and why:
 - Atomic operations (:mod:`._memcached_atomic`): ``add``, ``incr``/``decr`` and
   ``touch`` with memcached's commands, and a compare-and-set loop where the envelope
   needs it (the first ``incr`` of a value ``set`` stored, a ``touch`` of an envelope).
-- Single-key reads go through :mod:`._wire`, a lean ``get`` on the pooled client's
-  socket; everything else through pymemcache.
+- The wire (:mod:`._wire`): the layer speaks memcached's text protocol itself, on
+  its own pooled connections (pymemcache's exception types are kept). A call has ONE
+  deadline, ``timeout`` seconds from its start, for connecting, sending and every read
+  (a compare-and-set loop included): a server that answers slowly, a byte at a time,
+  cannot hold it longer; the call raises :class:`~cachechain.LayerTimeoutError` and its
+  connection is dropped. A reply is read on the layer's word, never the server's,
+  and the connection dropped before anything larger is allocated: a value announced
+  larger than ``max_value_size`` (a value this layer never stores) is a corrupt read,
+  :class:`~cachechain.CorruptValueError` (counted in ``stats``; says nothing of the
+  server's health), a reply line over 2 KiB a :class:`~cachechain.LayerError`. No
+  ``select()``: past 1,024 open descriptors it fails.
 - Fork safety: a forked child (gunicorn ``--preload``) drops the connections and locks
   it inherited and opens its own.
 """
@@ -73,6 +82,7 @@ from ._pool import Node, NodeDownError, Pool
 from ._servers import parse_servers
 
 log = logging.getLogger("cachechain.memcached")
+_monotonic = time.monotonic
 
 __all__ = [
     "HASHED_KEY_MARKER",
@@ -104,9 +114,10 @@ def _exptime(ttl: float, expires_at: float) -> int:
 class MemcachedLayerStats:
     """A point-in-time view of a :class:`MemcachedLayer`.
 
-    ``corrupt_values`` counts reads of stored bytes that could not be decoded (since
-    the layer was created); ``nodes`` is the number of configured servers and
-    ``nodes_down`` how many are marked down (always 0 with one server);
+    ``corrupt_values`` counts reads of stored bytes that could not be decoded, or that
+    memcached announced larger than ``max_value_size`` (since the layer was created);
+    ``nodes`` is the number of configured servers and ``nodes_down`` how many are
+    marked down (always 0 with one server);
     ``connections_open`` counts pooled clients with an open socket; ``pool_exhausted``
     counts calls refused because no client became free within ``pool_timeout``.
     """
@@ -121,17 +132,19 @@ class MemcachedLayerStats:
 class MemcachedLayer(MemcachedAtomicOps, BaseLayer):
     """A remote cache layer on memcached; thread-safe and fork-safe.
 
-    ``servers``: ``"HOST:PORT"`` strings (``"[::1]:11211"`` for IPv6; the port defaults
-    to 11211), as a sequence or one comma-separated string. ``key_prefix`` namespaces
-    every key (see :func:`memcached_key`). ``codec`` turns values into bytes
-    (:class:`~cachechain.JsonCodec` by default). ``default_ttl`` applies to writes
-    without a TTL (``None``: no expiry); ``max_ttl`` caps every TTL. ``connect_timeout``
-    bounds connecting and ``timeout`` each socket read or write (not a whole
-    operation). ``pool_size`` clients at most per server; a caller waits at most
-    ``pool_timeout`` for one. A server that fails in a cluster is skipped for
-    ``dead_timeout``. Encoded values larger than ``max_value_size`` bytes are refused
-    before any I/O. All durations are seconds. ``clock`` gives unix wall-clock seconds
-    (entries' expiry, shared between processes); ``monotonic`` times the down-marking.
+    ``servers``: ``"HOST:PORT"`` strings (``"[::1]:11211"`` for IPv6; the port defaults to
+    11211), as a sequence or one comma-separated string. ``key_prefix`` namespaces every key
+    (see :func:`memcached_key`). ``codec`` turns values into bytes
+    (:class:`~cachechain.JsonCodec` by default). ``default_ttl`` applies to writes without a
+    TTL (``None``: no expiry); ``max_ttl`` caps every TTL. ``timeout`` bounds a whole call
+    (connecting, at most ``connect_timeout``; sending; reading the whole reply; every
+    compare-and-set round), per server for a batch over several. ``pool_size`` connections
+    at most per server; a caller waits at most ``pool_timeout`` for one, before its
+    ``timeout`` starts. A server that fails in a cluster is skipped for ``dead_timeout``.
+    Encoded values (envelope included) over ``max_value_size`` bytes are refused before any
+    I/O; a reply announcing one is a corrupt reply. All durations are seconds. ``clock``
+    gives unix wall-clock seconds (entries' expiry, shared between processes); ``monotonic``
+    times the down-marking.
 
     Raises :class:`~cachechain.ConfigError`, naming the field, for a bad setting.
     Operations raise :class:`~cachechain.InvalidKeyError` for a non-``str`` key,
@@ -187,6 +200,7 @@ class MemcachedLayer(MemcachedAtomicOps, BaseLayer):
             pool_size=pool_size,
             pool_timeout=pool_timeout,
             dead_timeout=dead_timeout,
+            max_value_size=self._max_value_size,
             monotonic=check_callable(monotonic, "monotonic"),
         )
         self._stats_lock = threading.Lock()
@@ -197,12 +211,12 @@ class MemcachedLayer(MemcachedAtomicOps, BaseLayer):
 
     @property
     def timeout(self) -> float:
-        """Seconds each socket read or write may take (not a bound on a whole call)."""
+        """Seconds a whole call may take: connect, send, reply (per server in a batch)."""
         return self._pool.timeout
 
     @property
     def connect_timeout(self) -> float:
-        """Seconds a connection attempt may take."""
+        """Seconds a connection attempt may take (within the call's ``timeout``)."""
         return self._pool.connect_timeout
 
     @property
@@ -276,10 +290,10 @@ class MemcachedLayer(MemcachedAtomicOps, BaseLayer):
         if pool.closed:
             pool.check_open()
         mkey = map_key(key, self._prefix)
-        if pool.cluster:
-            data = pool.call(pool.node_for(mkey), _wire.get, mkey)
+        if pool.cluster:  # the deadline: pool.deadline(), one call shorter
+            data = pool.call(pool.node_for(mkey), _wire.get, mkey, _monotonic() + pool.timeout)
         else:  # what call does for one node, one call shorter: every L2 read's path
-            data = pool.attempt(pool.first, _wire.get, (mkey,), True)
+            data = pool.attempt(pool.first, _wire.get, (mkey, _monotonic() + pool.timeout), True)
         if data is None:
             return MISSING, None
         return self._decode(data, self._clock())
@@ -301,7 +315,7 @@ class MemcachedLayer(MemcachedAtomicOps, BaseLayer):
         for node, group in groups.items():
             mkeys = list(group)
             try:
-                raw: dict[bytes, bytes] = self._pool.call(node, "get_many", mkeys)
+                raw = self._pool.call(node, "get_many", mkeys, self._pool.deadline())
             except NodeDownError:
                 continue
             except (LayerTimeoutError, LayerUnavailableError) as exc:
@@ -356,11 +370,12 @@ class MemcachedLayer(MemcachedAtomicOps, BaseLayer):
         mkey = map_key(key, self._prefix)
         expires_at, exptime = self._expiry(ttl)
         node = self._pool.node_for(mkey)
+        deadline = self._pool.deadline()
         try:
             data = self._encode(value, expires_at)
-            stored = self._pool.call(node, "set", mkey, data, exptime)
+            stored = self._pool.call(node, "set", mkey, data, exptime, deadline)
         except InvalidValueError:
-            self._forget(node, [mkey])
+            self._forget(node, [mkey], deadline)
             raise
         if not stored:
             raise LayerError(f"memcached did not store key {key!r}", layer=self.name)
@@ -399,16 +414,16 @@ class MemcachedLayer(MemcachedAtomicOps, BaseLayer):
                 )
         if rejected:  # their older values must not outlive the refused writes
             for node, mkeys in self._group(rejected).items():
-                self._forget(node, list(mkeys))
+                self._forget(node, list(mkeys), self._pool.deadline())
         if first_error is not None:
             raise first_error
         return rejected
 
-    def _forget(self, node: Node, mkeys: list[bytes]) -> None:
-        """Delete ``mkeys`` after their new values were refused; best effort: a failure
+    def _forget(self, node: Node, mkeys: list[bytes], deadline: float) -> None:
+        """Delete ``mkeys`` (refused new values) by ``deadline``; best effort: a failure
         here is the one the write would have hit anyway, so it is not raised."""
         try:
-            self._pool.call(node, "delete_many", mkeys)
+            self._pool.call(node, "delete_many", mkeys, deadline)
         except (LayerError, PoolExhaustedError):
             log.debug("memcached layer %r: could not delete refused keys", self.name)
 
@@ -420,20 +435,21 @@ class MemcachedLayer(MemcachedAtomicOps, BaseLayer):
         group: dict[bytes, str],
         rejected: list[str],
     ) -> list[bytes]:
-        """Store one node's batch; return memcached keys not stored.
+        """Store one node's batch within one deadline; return memcached keys not stored.
 
         If memcached refuses an item as too large, the batch's connection is gone and
         its later items unconfirmed: store them one by one, rejecting the large ones.
         """
+        deadline = self._pool.deadline()
         try:
-            failed: list[bytes] = self._pool.call(node, "set_many", batch, exptime)
+            failed: list[bytes] = self._pool.call(node, "set_many", batch, exptime, deadline)
             return failed
         except InvalidValueError:
             pass
         failed = []
         for mkey, data in batch.items():
             try:
-                if not self._pool.call(node, "set", mkey, data, exptime):
+                if not self._pool.call(node, "set", mkey, data, exptime, deadline):
                     failed.append(mkey)
             except InvalidValueError:
                 rejected.append(group[mkey])
@@ -443,7 +459,7 @@ class MemcachedLayer(MemcachedAtomicOps, BaseLayer):
         """Remove ``key`` and wait for memcached's reply; an absent key is fine."""
         self._pool.check_open()
         mkey = map_key(key, self._prefix)
-        self._pool.call(self._pool.node_for(mkey), "delete", mkey)
+        self._pool.call(self._pool.node_for(mkey), "delete", mkey, self._pool.deadline())
 
     def delete_many(self, keys: Iterable[str]) -> None:
         """Remove every key in ``keys``: one pipelined round trip per node.
@@ -458,7 +474,7 @@ class MemcachedLayer(MemcachedAtomicOps, BaseLayer):
         for node, group in self._group(keys).items():
             mkeys = list(group)
             try:
-                self._pool.call(node, "delete_many", mkeys)
+                self._pool.call(node, "delete_many", mkeys, self._pool.deadline())
             except (LayerError, PoolExhaustedError) as exc:
                 first_error = first_error or exc
         if first_error is not None:
@@ -473,7 +489,7 @@ class MemcachedLayer(MemcachedAtomicOps, BaseLayer):
         first_error: CacheError | None = None
         for node in self._pool.nodes:
             try:
-                self._pool.call(node, "flush_all", 0, False)
+                self._pool.call(node, "flush_all", self._pool.deadline())
             except (LayerError, PoolExhaustedError) as exc:
                 first_error = first_error or exc
         if first_error is not None:
@@ -489,7 +505,7 @@ class MemcachedLayer(MemcachedAtomicOps, BaseLayer):
         with self._stats_lock:
             corrupt = self._corrupt
         return MemcachedLayerStats(
-            corrupt_values=corrupt,
+            corrupt_values=corrupt + pool.oversized,
             nodes=len(pool.nodes),
             nodes_down=down,
             connections_open=open_connections,

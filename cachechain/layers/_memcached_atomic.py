@@ -18,7 +18,10 @@
 Every command that must not run twice (``add``, ``incr``, ``decr``, ``cas``) goes
 through :meth:`Pool.call_once <._pool.Pool.call_once>`: never retried, so a reply lost
 to a timeout or a dropped connection is an error, and the change may or may not have
-been made. Errors are mapped as for every other call of the layer.
+been made. Every round of a loop shares the call's one deadline (``timeout`` seconds
+from its start): a server that answers each command slowly, but within the timeout,
+cannot stretch the call over its 32 rounds. Errors are mapped as for every other call
+of the layer.
 """
 
 from __future__ import annotations
@@ -107,15 +110,16 @@ def _add(layer: MemcachedLayer, key: str, value: Any, ttl: float | None) -> bool
     expires_at, exptime = layer._expiry(ttl)
     data = layer._encode(value, expires_at)
     node = pool.node_for(mkey)
+    deadline = pool.deadline()
     for _ in range(_ROUNDS):
-        if pool.call_once(node, "add", mkey, data, exptime):
+        if pool.call_once(node, "add", mkey, data, exptime, deadline):
             return True
-        found, cas = pool.call(node, "gets", mkey)
+        found, cas = pool.call(node, "gets", mkey, deadline)
         if found is None:
             continue  # gone since: add again
         if not _expired(found, layer._clock()):
             return False
-        if pool.call_once(node, "cas", mkey, data, cas, exptime):
+        if pool.call_once(node, "cas", mkey, data, cas, exptime, deadline):
             return True  # replaced the entry that had expired for us
     raise _contended(layer, key, "add")
 
@@ -133,12 +137,12 @@ def _expired(data: bytes, now: float) -> bool:
     return expires_at is not None and expires_at <= now
 
 
-def _native(client: Any, command: str, mkey: bytes, delta: int) -> Any:
-    """memcached's ``incr``/``decr``: the new unsigned value, None for a missing key,
-    or :data:`_NOT_A_NUMBER` when the value is not a number (the connection is still
-    in step: the error line was read whole)."""
+def _native(client: Any, command: str, mkey: bytes, delta: int, *deadline: float) -> Any:
+    """memcached's ``incr``/``decr`` (``deadline``: the call's, passed on): the new
+    unsigned value, None for a missing key, or :data:`_NOT_A_NUMBER` when the value is
+    not a number (the connection is still in step: the error line was read whole)."""
     try:
-        return getattr(client, command)(mkey, delta)
+        return getattr(client, command)(mkey, delta, *deadline)
     except MemcacheClientError as exc:
         if b"non-numeric" in (exc.args[0] if exc.args and isinstance(exc.args[0], bytes) else b""):
             return _NOT_A_NUMBER
@@ -151,13 +155,14 @@ def _count(layer: MemcachedLayer, key: str, delta: int, command: str) -> int | N
     mkey = map_key(key, layer._prefix)
     node = pool.node_for(mkey)
     apply = incr_value if command == "incr" else decr_value
+    deadline = pool.deadline()
     for _ in range(_ROUNDS):
-        result = pool.call_once(node, _native, command, mkey, delta)
+        result = pool.call_once(node, _native, command, mkey, delta, deadline)
         if result is None:
             return None
         if result is not _NOT_A_NUMBER:
             return incr_value(int(result), 0)  # memcached's unsigned number, read signed
-        outcome = _convert(layer, node, mkey, key, delta, apply)
+        outcome = _convert(layer, node, mkey, key, delta, apply, deadline)
         if outcome is not _AGAIN:
             return cast("int | None", outcome)
     raise _contended(layer, key, command)
@@ -170,12 +175,13 @@ def _convert(
     key: str,
     delta: int,
     apply: Callable[[int, int], int],
+    deadline: float,
 ) -> int | _Again | None:
     """One compare-and-set round that makes the envelope of ``key`` a counter with the
-    change applied: the new value, None when the key is absent (or expired for us), or
-    :data:`_AGAIN` when another client changed it meanwhile."""
+    change applied, by ``deadline``: the new value, None when the key is absent (or
+    expired for us), or :data:`_AGAIN` when another client changed it meanwhile."""
     pool = layer._pool
-    found, cas = pool.call(node, "gets", mkey)
+    found, cas = pool.call(node, "gets", mkey, deadline)
     if found is None:
         return None
     if found.__class__ is RawCounter:
@@ -193,7 +199,7 @@ def _convert(
     new = apply(current, delta)
     # The counter lives as long as the envelope would have (to memcached's next second).
     exptime = 0 if remaining is None else layer._expiry(remaining)[1]
-    if pool.call_once(node, "cas", mkey, raw(new), cas, exptime):
+    if pool.call_once(node, "cas", mkey, raw(new), cas, exptime, deadline):
         return new
     return _AGAIN
 
@@ -204,12 +210,13 @@ def _touch(layer: MemcachedLayer, key: str, ttl: float | None) -> bool:
     mkey = map_key(key, layer._prefix)
     expires_at, exptime = layer._expiry(ttl)
     node = pool.node_for(mkey)
+    deadline = pool.deadline()
     for _ in range(_ROUNDS):
-        found, cas = pool.call(node, "gets", mkey)
+        found, cas = pool.call(node, "gets", mkey, deadline)
         if found is None:
             return False
         if found.__class__ is RawCounter:
-            return bool(pool.call(node, "touch", mkey, exptime))
+            return bool(pool.call(node, "touch", mkey, exptime, deadline))
         try:
             data, old = restamp(found, expires_at)
         except CorruptValueError as exc:
@@ -217,7 +224,7 @@ def _touch(layer: MemcachedLayer, key: str, ttl: float | None) -> bool:
             raise
         if old is not None and old <= layer._clock():
             return False  # expired for us: absent
-        stored = pool.call_once(node, "cas", mkey, data, cas, exptime)
+        stored = pool.call_once(node, "cas", mkey, data, cas, exptime, deadline)
         if stored is None:
             return False  # deleted meanwhile
         if stored:

@@ -1,33 +1,30 @@
 """The connections of a :class:`~cachechain.layers._memcached.MemcachedLayer`.
 
 - Each server (:class:`Node`) has its own thread-safe pool of at most ``pool_size``
-  plain ``pymemcache.client.base.Client`` objects, created lazily, with no serde,
-  ``default_noreply=False``, ``no_delay=True`` and both timeouts set. A caller waits at
-  most ``pool_timeout`` seconds for a free one, then gets
-  :class:`~cachechain.PoolExhaustedError`. A client whose call failed is closed
-  and dropped, never reused.
+  :class:`._wire.Connection` objects, created lazily (each connects on first use with
+  ``TCP_NODELAY``). A caller waits at most ``pool_timeout`` seconds for a free one, then
+  gets :class:`~cachechain.PoolExhaustedError`. A connection whose call failed
+  (including a call that passed its deadline) is closed and dropped, never reused.
 - With several servers, rendezvous (highest random weight) hashing with BLAKE2b picks
   a key's node, the same in every process. A node that fails with a connection error or
   a timeout is marked down for ``dead_timeout`` seconds: calls for it raise
   :class:`NodeDownError` without any I/O, until one call probes it again. With a single
   node there is no down-marking: the chain's circuit breaker does that job.
-- :meth:`Pool.call` runs one client call and maps its failures to cachechain's errors;
-  a connection that was open before the call and turns out dead (the server restarted)
-  is retried once on a new one. :meth:`Pool.call_once` runs a command that must not
-  run twice (``incr``, ``add``, ``cas``...): never retried, on a connection checked
-  first.
+- :meth:`Pool.call` runs one command and maps its failures to cachechain's errors; a
+  connection that was open before the call and turns out dead (the server restarted)
+  is retried once on a new one, within the same deadline (the command's last
+  argument). :meth:`Pool.call_once` runs a command that must not run twice (``incr``,
+  ``add``, ``cas``...): never retried, on a connection checked first.
 """
 
 from __future__ import annotations
 
 import hashlib
-import select
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from pymemcache.client.base import Client
 from pymemcache.exceptions import (
     MemcacheError,
     MemcacheServerError,
@@ -38,13 +35,14 @@ from .._close import close_quietly
 from .._errors import (
     CacheError,
     ChainClosedError,
+    CorruptValueError,
     InvalidValueError,
     LayerError,
     LayerTimeoutError,
     LayerUnavailableError,
     PoolExhaustedError,
 )
-from ._counters import SERDE
+from ._wire import Connection, ValueTooLargeError, readable_now
 
 __all__ = ["Node", "NodeDownError", "Pool"]
 
@@ -145,10 +143,11 @@ class Node:
 class Pool:
     """The nodes of the layer named ``name``, and how a call runs on one of them.
 
-    ``connect_timeout`` and ``timeout`` (seconds) go to each new client; at most
-    ``pool_size`` clients per node; a caller waits at most ``pool_timeout`` seconds for
-    one; a node that fails in a cluster is skipped for ``dead_timeout`` seconds, timed
-    by ``monotonic``. The settings are checked by the layer. Thread-safe.
+    ``connect_timeout``, ``timeout`` (seconds) and ``max_value_size`` (bytes) go to
+    each new :class:`._wire.Connection`; at most ``pool_size`` clients per node; a
+    caller waits at most ``pool_timeout`` seconds for one; a node that fails in a
+    cluster is skipped for ``dead_timeout`` seconds, timed by ``monotonic``. The
+    settings are checked by the layer. Thread-safe.
     """
 
     def __init__(
@@ -161,6 +160,7 @@ class Pool:
         pool_size: int,
         pool_timeout: float,
         dead_timeout: float,
+        max_value_size: int,
         monotonic: Callable[[], float],
     ) -> None:
         self.name = name
@@ -176,10 +176,13 @@ class Pool:
         self.pool_size = pool_size
         self.pool_timeout = pool_timeout
         self.dead_timeout = dead_timeout
+        self.max_value_size = max_value_size
         self._monotonic = monotonic
         self._stats_lock = threading.Lock()
         #: Calls refused because no client became free within pool_timeout.
         self.exhausted = 0
+        #: Replies that announced a value larger than ``max_value_size``.
+        self.oversized = 0
 
     # -- nodes ---------------------------------------------------------------------
 
@@ -208,6 +211,11 @@ class Pool:
                     down += 1
         return open_connections, down
 
+    def deadline(self) -> float:
+        """The deadline of a call starting now: ``timeout`` seconds from now, on
+        :func:`time.monotonic` (the clock the connections wait by)."""
+        return time.monotonic() + self.timeout
+
     def check_open(self) -> None:
         """Raise :class:`~cachechain.ChainClosedError` once :meth:`close` ran."""
         if self.closed:
@@ -216,9 +224,11 @@ class Pool:
     # -- calls ---------------------------------------------------------------------
 
     def call(self, node: Node, op: str | Callable[..., Any], *args: Any) -> Any:
-        """Run the client method named ``op`` with ``args`` (or ``op(client, *args)``
-        for a function such as :func:`._wire.get`) on a pooled client of ``node``,
-        mapping failures (and raising :class:`NodeDownError` for a node marked down).
+        """Run the :class:`._wire.Connection` method named ``op`` with ``args`` (or
+        ``op(client, *args)`` for a function such as :func:`._wire.get`) on a pooled
+        connection of ``node``, mapping failures (and raising :class:`NodeDownError` for
+        a node marked down). The command's last argument is the call's deadline
+        (monotonic seconds): a retry keeps it.
 
         For idempotent operations only (everything but those :meth:`call_once` runs):
         when a connection that was already open turns out to be dead (the server
@@ -329,13 +339,11 @@ class Pool:
 
     def _connect(self, node: Node) -> Any:
         """A new client of ``node`` (it connects on first use), counted in its pool."""
-        client = Client(
+        client = Connection(
             (node.host, node.port),
-            serde=SERDE,
-            default_noreply=False,
             connect_timeout=self.connect_timeout,
             timeout=self.timeout,
-            no_delay=True,
+            max_value=self.max_value_size,
         )
         node.clients.add(client)
         return client
@@ -383,6 +391,10 @@ class Pool:
     def _translate(self, exc: Exception, node: Node) -> CacheError:
         """Map a client failure to cachechain's errors."""
         where = f"memcached {node.node_id}"
+        if isinstance(exc, ValueTooLargeError):  # a value we never store: a corrupt read
+            with self._stats_lock:
+                self.oversized += 1
+            return CorruptValueError(f"{where} sent a value too large: {exc}", layer=self.name)
         if isinstance(exc, TimeoutError):  # socket.timeout is TimeoutError
             return LayerTimeoutError(f"{where} timed out: {exc!r}", layer=self.name)
         if isinstance(exc, MemcacheUnexpectedCloseError):
@@ -418,7 +430,7 @@ def _unusable(sock: Any) -> bool:
     """Whether an idle connection is unusable: readable before any command was sent
     means the server closed it (or sent bytes nobody asked for). No waiting."""
     try:
-        return bool(select.select([sock], [], [], 0)[0])
+        return readable_now(sock)
     except (OSError, ValueError):  # closed or invalid descriptor
         return True
 

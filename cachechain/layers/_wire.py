@@ -1,31 +1,51 @@
-"""The hot path of a memcached read: one ``get`` on a pooled pymemcache client's socket.
+"""memcached's text protocol as a :class:`~cachechain.MemcachedLayer` speaks it: its
+pooled :class:`Connection` objects and every command the layer sends.
 
-pymemcache's ``Client.get`` spends about 4 µs of Python per call on top of the round
-trip (its key check, command assembly, a reply parser built for multi-key fetches, the
-serde dispatch): a fifth of a 22 µs loopback hit on the benchmark machine. An L2 hit is
-the chain's most common slow path, so :func:`get` sends the single-key ``get`` itself on
-the client's connected socket (pymemcache's public ``Client.sock``) and parses the one
-reply it can receive: one whole raw read costs 0.81x a ``Client.get`` with memcached
-pinned to the client's CPU, 0.86x unpinned (measured side by side on loopback; see
-``docs/design.md``).
+Three bounds hold for every command, whatever the server does:
 
-pymemcache still does everything else: it connects (with its timeouts and
-``TCP_NODELAY``), runs every other command, and closes. A client with no connection yet
-is asked through ``Client.get``, which connects first.
+- **One deadline per call.** Each command takes ``deadline``, a :func:`time.monotonic`
+  time computed once by the layer call (so a compare-and-set loop shares it). Before
+  every socket operation (connect, send, each read) the socket's timeout is set to the
+  time left; a call with no time left raises ``TimeoutError`` (``socket.timeout``). A
+  server that answers one byte at a time cannot stretch a call past its deadline.
+- **Memory on the layer's word, not the server's.** A reply line longer than
+  :data:`MAX_LINE` bytes, or a ``get`` reply with a key not asked for (or twice), is
+  not the protocol: ``MemcacheUnknownError``. A value announced larger than the
+  connection's ``max_value`` (the layer's ``max_value_size``: it never stores more)
+  raises :class:`ValueTooLargeError` (a ``MemcacheUnknownError``) from its header line.
+  Either is raised before anything that size is allocated.
+- **No** ``select()``. Waiting is the socket's own timeout (``poll`` inside CPython,
+  the hub under gevent); the zero-time readability check is :func:`readable_now`
+  (``poll``). ``select()`` refuses descriptors above 1023, which a process with many
+  files open hands out.
+
+Python's socket timeout stays the only way a call waits (see ``docs/design.md``: kernel
+timeouts vanish under gevent and restart on every signal). Setting it costs a system
+call, so it is changed only when the time left differs from the one set by more than
+:data:`_SLACK` (the millisecond resolution of ``poll``): a fresh call on an idle
+connection, whose time left is the full ``timeout`` already set, changes nothing.
+
+:func:`get` is the hot path (every L2 read): for the reply that arrives in one read it
+is one ``os.write`` of the command on the descriptor and one ``recv``, parsed inline;
+each rarer case is a function of its own.
 
 Errors keep pymemcache's types so the layer maps them in one place:
 ``MemcacheUnexpectedCloseError`` when the server closes the connection,
 ``MemcacheUnknownCommandError``, ``MemcacheClientError`` or ``MemcacheServerError`` for
-an error line, ``MemcacheUnknownError`` for a reply that is not the protocol, and the
-socket's own ``OSError`` (a timeout included). After any exception the caller must
-discard the client: its stream is at an unknown point.
+an error line, ``MemcacheUnknownError`` for a reply that is not the protocol (or is
+out of bounds), and the socket's own ``OSError`` (``TimeoutError`` included). After
+any exception the caller must discard the connection: its stream is at an unknown
+point.
 """
 
 from __future__ import annotations
 
 import os
 import select
-from typing import Any
+import socket
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any, Final, NoReturn
 
 from pymemcache.exceptions import (
     MemcacheClientError,
@@ -37,75 +57,299 @@ from pymemcache.exceptions import (
 
 from ._counters import COUNTER_FLAG_BYTES, RawCounter
 
-_MISS = b"END\r\n"
-_TRAILER = b"\r\nEND\r\n"  # after a value's data block
-_RECV_SIZE = 65536
-#: A reply line longer than this without CRLF is not memcached talking.
-_MAX_LINE = 2048
+__all__ = ["MAX_LINE", "MAX_VALUE", "Connection", "ValueTooLargeError", "get", "readable_now"]
+
+#: The longest reply line accepted, CRLF excluded: a ``VALUE`` line (a 250-byte key,
+#: flags, size and CAS) or an error message is far shorter.
+MAX_LINE: Final = 2048
+#: memcached's own ceiling for an item (``-I`` at most 1 GiB): no connection reads more.
+MAX_VALUE: Final = 1 << 30
+
+_MISS: Final = b"END\r\n"
+_TRAILER: Final = b"\r\nEND\r\n"  # after a value's data block
+_RECV_SIZE: Final = 65536
+#: The socket's timeout is left alone while it is within this many seconds of the
+#: time left (poll, which enforces it, counts in milliseconds).
+_SLACK: Final = 0.001
 #: The type a value read with these client flags is returned as (others: bytes).
 _BY_FLAGS: dict[bytes, type[bytes]] = {COUNTER_FLAG_BYTES: RawCounter}
-#: memcached's own ceiling for an item (``-I`` at most 1 GiB): a larger size is garbage.
-_MAX_SIZE = 1 << 30
+_monotonic = time.monotonic
+_poll = getattr(select, "poll", None)
 
 
-def get(client: Any, key: bytes) -> bytes | None:
-    """Send ``get <key>`` on ``client`` (a ``pymemcache.client.base.Client`` whose serde
-    is :class:`._counters.CounterSerde`) and return the stored bytes (a
+class ValueTooLargeError(MemcacheUnknownError):  # type: ignore[misc]
+    """A reply announced a value larger than the connection's ``max_value``: nothing of
+    it was read (the stream is left mid-reply, so the connection must be dropped)."""
+
+
+class Connection:
+    """One connection to the memcached server at ``server`` (``(host, port)``),
+    opened on first use.
+
+    ``connect_timeout`` bounds connecting (within the call's deadline); ``timeout`` is
+    the time a fresh call has (the socket's timeout between calls); ``max_value``
+    (bytes) is the largest value a reply may carry. Not thread-safe: a pool hands it to
+    one caller at a time. Every command takes the call's ``deadline`` (monotonic
+    seconds) last and raises as the module docstring says.
+    """
+
+    __slots__ = ("armed", "connect_timeout", "max_value", "server", "sock", "timeout")
+
+    def __init__(
+        self, server: tuple[str, int], *, connect_timeout: float, timeout: float, max_value: int
+    ) -> None:
+        self.server = server
+        self.connect_timeout = connect_timeout
+        self.timeout = timeout
+        self.max_value = min(max_value, MAX_VALUE)
+        #: The connected socket, or None before the first command and after close.
+        self.sock: socket.socket | None = None
+        #: The timeout currently set on ``sock`` (seconds).
+        self.armed = timeout
+
+    def connect(self, deadline: float) -> socket.socket:
+        """Open the connection (``TCP_NODELAY``), trying each address of the host in
+        turn, within ``connect_timeout`` and the deadline; return its socket."""
+        self.close()
+        host, port = self.server
+        error: OSError = OSError(f"no address found for {host!r}")
+        for family, kind, proto, _, address in socket.getaddrinfo(
+            host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, socket.IPPROTO_TCP
+        ):
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.settimeout(min(self.connect_timeout, _left(deadline)))
+                sock.connect(address)
+                sock.settimeout(self.timeout)
+            except OSError as exc:
+                sock.close()
+                if isinstance(exc, TimeoutError):
+                    raise
+                error = exc
+                continue
+            self.sock, self.armed = sock, self.timeout
+            return sock
+        raise error
+
+    def close(self) -> None:
+        """Close the socket, if open (the next command connects again)."""
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            sock.close()
+
+    # -- retrieval -------------------------------------------------------------------
+
+    def get_many(self, keys: Iterable[bytes], deadline: float) -> dict[bytes, bytes]:
+        """``get k1 k2 ...``: the stored bytes of each key found (a
+        :class:`._counters.RawCounter` for a counter), in one round trip."""
+        wanted = set(keys)
+        if not wanted:
+            return {}
+        reply = self._command(b"get " + b" ".join(wanted) + b"\r\n", deadline)
+        found: dict[bytes, bytes] = {}
+        while (line := reply.line()) != b"END":
+            key, flags, size, _ = _header(line, b"get", self.max_value)
+            if key not in wanted or key in found:
+                raise MemcacheUnknownError(f"unexpected key in reply to get: {line[:80]!r}")
+            found[key] = _BY_FLAGS.get(flags, bytes)(reply.block(size))
+        reply.finish()
+        return found
+
+    def gets(self, key: bytes, deadline: float) -> tuple[bytes | None, bytes | None]:
+        """``gets key``: ``(stored bytes, cas token)``, or ``(None, None)`` on a miss."""
+        reply = self._command(b"gets " + key + b"\r\n", deadline)
+        line = reply.line()
+        if line == b"END":
+            reply.finish()
+            return None, None
+        found, flags, size, cas = _header(line, b"gets", self.max_value)
+        if found != key or cas is None:
+            raise MemcacheUnknownError(f"unexpected reply to gets: {line[:80]!r}")
+        data = _BY_FLAGS.get(flags, bytes)(reply.block(size))
+        if reply.line() != b"END":
+            raise MemcacheUnknownError(f"value of {key!r} not followed by END")
+        reply.finish()
+        return data, cas
+
+    # -- storage ---------------------------------------------------------------------
+
+    def set(self, key: bytes, value: bytes, expire: int, deadline: float) -> bool:
+        """``set``: whether memcached stored the value."""
+        return self._store(b"set", key, value, expire, b"", deadline) == b"STORED"
+
+    def add(self, key: bytes, value: bytes, expire: int, deadline: float) -> bool:
+        """``add``: whether the value was stored (False: the key exists)."""
+        return self._store(b"add", key, value, expire, b"", deadline) == b"STORED"
+
+    def cas(
+        self, key: bytes, value: bytes, cas: bytes, expire: int, deadline: float
+    ) -> bool | None:
+        """``cas``: True when stored, False when the key changed since ``cas`` was
+        read, None when it is gone."""
+        line = self._store(b"cas", key, value, expire, b" " + cas, deadline)
+        if line not in _CAS_RESULTS:
+            _raise_for(line, b"cas")
+        return _CAS_RESULTS[line]
+
+    def set_many(self, values: Mapping[bytes, bytes], expire: int, deadline: float) -> list[bytes]:
+        """One pipelined ``set`` per item, in one round trip; return the keys memcached
+        did not store."""
+        reply = self._command(
+            b"".join(_storage(b"set", k, v, expire) for k, v in values.items()), deadline
+        )
+        failed = [key for key in values if _stored(reply.line(), b"set") != b"STORED"]
+        reply.finish()
+        return failed
+
+    def _store(
+        self, name: bytes, key: bytes, value: bytes, expire: int, extra: bytes, deadline: float
+    ) -> bytes:
+        reply = self._command(_storage(name, key, value, expire, extra), deadline)
+        line = _stored(reply.line(), name)
+        reply.finish()
+        return line
+
+    # -- other commands --------------------------------------------------------------
+
+    def delete(self, key: bytes, deadline: float) -> bool:
+        """``delete``: whether the key existed."""
+        return self._one_line(b"delete " + key + b"\r\n", b"delete", _DELETE_RESULTS, deadline)
+
+    def delete_many(self, keys: Iterable[bytes], deadline: float) -> bool:
+        """One pipelined ``delete`` per key, in one round trip; True once all answered."""
+        keys = list(keys)
+        reply = self._command(b"".join(b"delete " + key + b"\r\n" for key in keys), deadline)
+        for _ in keys:
+            _expect(reply.line(), b"delete", _DELETE_RESULTS)
+        reply.finish()
+        return True
+
+    def incr(self, key: bytes, delta: int, deadline: float) -> int | None:
+        """``incr``: the new (unsigned) value, or None when the key is absent."""
+        return self._count(b"incr", key, delta, deadline)
+
+    def decr(self, key: bytes, delta: int, deadline: float) -> int | None:
+        """``decr``: the new value (memcached stops at 0), or None when absent."""
+        return self._count(b"decr", key, delta, deadline)
+
+    def touch(self, key: bytes, expire: int, deadline: float) -> bool:
+        """``touch``: whether the key existed (and now expires after ``expire``)."""
+        command = b"touch %s %d\r\n" % (key, expire)
+        return self._one_line(command, b"touch", _TOUCH_RESULTS, deadline)
+
+    def flush_all(self, deadline: float) -> bool:
+        """``flush_all``: empty the server (every key, every application's)."""
+        return self._one_line(b"flush_all\r\n", b"flush_all", {b"OK": True}, deadline)
+
+    def _count(self, name: bytes, key: bytes, delta: int, deadline: float) -> int | None:
+        reply = self._command(b"%s %s %d\r\n" % (name, key, delta), deadline)
+        line = reply.line()
+        reply.finish()
+        if line == b"NOT_FOUND":
+            return None
+        if not line.isdigit() or len(line) > 20:
+            _raise_for(line, name)
+        return int(line)
+
+    def _one_line(
+        self, command: bytes, name: bytes, results: Mapping[bytes, bool], deadline: float
+    ) -> bool:
+        reply = self._command(command, deadline)
+        result = _expect(reply.line(), name, results)
+        reply.finish()
+        return result
+
+    def _command(self, command: bytes, deadline: float) -> _Reply:
+        """Send ``command`` and return its reply stream, to read within ``deadline``."""
+        sock = _ready(self, deadline)
+        _send(sock, command)
+        return _Reply(self, sock, deadline)
+
+
+_CAS_RESULTS: dict[bytes, bool | None] = {b"STORED": True, b"EXISTS": False, b"NOT_FOUND": None}
+_STORE_LINES: Final = frozenset({b"STORED", b"NOT_STORED", b"EXISTS", b"NOT_FOUND"})
+_DELETE_RESULTS: dict[bytes, bool] = {b"DELETED": True, b"NOT_FOUND": False}
+_TOUCH_RESULTS: dict[bytes, bool] = {b"TOUCHED": True, b"NOT_FOUND": False}
+
+
+def _storage(name: bytes, key: bytes, value: bytes, expire: int, extra: bytes = b"") -> bytes:
+    """A storage command and its data block; a :class:`RawCounter` gets its flag."""
+    flags = COUNTER_FLAG_BYTES if value.__class__ is RawCounter else b"0"
+    header = b"%s %s %s %d %d%s\r\n" % (name, key, flags, expire, len(value), extra)
+    return b"".join((header, value, b"\r\n"))
+
+
+def _stored(line: bytes, name: bytes) -> bytes:
+    """The reply line of a storage command, if it is one."""
+    if line not in _STORE_LINES:
+        _raise_for(line, name)
+    return line
+
+
+def _expect(line: bytes, name: bytes, results: Mapping[bytes, bool]) -> bool:
+    """What reply ``line`` to command ``name`` means, per ``results``."""
+    result = results.get(line)
+    if result is None:
+        _raise_for(line, name)
+    return bool(result)
+
+
+# -- the hot path ------------------------------------------------------------------------
+
+
+def get(conn: Connection, key: bytes, deadline: float) -> bytes | None:
+    """Send ``get <key>`` on ``conn`` and return the stored bytes (a
     :class:`._counters.RawCounter` for a value stored with the counter flag), or None on
-    a miss. ``key`` must already be a valid memcached key (see ``memcached_key``).
-    Raises as the module docstring says."""
+    a miss, within ``deadline``. ``key`` must already be a valid memcached key (see
+    ``memcached_key``). Raises as the module docstring says."""
     # Kept in one piece for the reply that fits one read (every L2 hit and miss): each
     # rarer case (a line or a value in pieces, an error) is a call of its own.
-    sock = client.sock
-    if sock is None:  # not connected yet: pymemcache connects, then reads the same way
-        value: bytes | None = client.get(key)
-        return value
-    command = b"get " + key + b"\r\n"
-    # A socket with a timeout polls before every send; a command this small always fits
-    # in the send buffer, so write it straight to the descriptor (one system call) and
-    # leave only a rare remainder to sendall, which waits within the timeout.
-    try:
-        sent = os.write(sock.fileno(), command)
-    except BlockingIOError:
-        sent = 0
-    if sent < len(command):
-        sock.sendall(command[sent:])
+    sock = conn.sock
+    if sock is None or not -_SLACK < conn.armed - (deadline - _monotonic()) < _SLACK:
+        sock = _ready(conn, deadline)
+    _send(sock, b"get " + key + b"\r\n")
     buf: bytes = sock.recv(_RECV_SIZE)
     if buf == _MISS:
         return None
     eol = buf.find(b"\r\n")
     if eol < 0:  # the reply line arrived in pieces
-        buf, eol = _read_line(sock, buf)
+        buf, eol = _read_line(conn, sock, buf, deadline)
     line = buf[:eol]
     if line == b"END":  # a miss that arrived in pieces
         _check_miss(buf, eol, key)
         return None
-    parts = line.split(b" ")
-    if parts[0] != b"VALUE" or len(parts) not in (4, 5) or parts[1] != key:
-        _raise_for(line)
-    if not (parts[2].isdigit() and parts[3].isdigit()) or len(parts[3]) > 10:
-        raise MemcacheUnknownError(f"bad flags or value size in {line[:80]!r}")
-    size = int(parts[3])
+    found, flags, size, _ = _header(line, b"get", conn.max_value)
+    if found != key:
+        raise MemcacheUnknownError(f"unexpected reply to get: {line[:80]!r}")
     start = eol + 2
     end = start + size
     if len(buf) < end + len(_TRAILER):  # a value larger than the first read
-        data = _read_large(sock, buf, start, size, key)
-    # A value that fits one read is at most the read's size (far below _MAX_SIZE).
+        data = _read_large(conn, sock, buf, start, size, key, deadline)
     elif buf[end:] != _TRAILER:  # more or other than one value: desync
         raise MemcacheUnknownError(f"value of {key!r} not followed by END alone")
     else:
         data = buf[start:end]
     # A counter (stored without an envelope) comes back marked; bytes(data) is data.
-    return _BY_FLAGS.get(parts[2], bytes)(data)
+    return _BY_FLAGS.get(flags, bytes)(data)
 
 
-def _read_line(sock: Any, buf: bytes) -> tuple[bytes, int]:
+def _ready(conn: Connection, deadline: float) -> socket.socket:
+    """``conn``'s socket, connected, its timeout the time left before ``deadline``."""
+    sock = conn.sock
+    if sock is None:
+        sock = conn.connect(deadline)
+    _arm(conn, sock, deadline)
+    return sock
+
+
+def _read_line(conn: Connection, sock: Any, buf: bytes, deadline: float) -> tuple[bytes, int]:
     """Read until ``buf`` holds a whole reply line; return it and the line's end."""
     eol = -1
     while eol < 0:
-        if len(buf) > _MAX_LINE:
+        if len(buf) > MAX_LINE:
             raise MemcacheUnknownError(f"reply line too long: {buf[:80]!r}")
-        buf += _recv(sock, _RECV_SIZE)
+        buf += _recv(conn, sock, deadline)
         eol = buf.find(b"\r\n")
     return buf, eol
 
@@ -116,44 +360,178 @@ def _check_miss(buf: bytes, eol: int, key: bytes) -> None:
         raise MemcacheUnknownError(f"miss of {key!r} followed by {buf[eol + 2 :][:80]!r}")
 
 
-def _read_large(sock: Any, buf: bytes, start: int, size: int, key: bytes) -> bytes:
-    """Read the rest of a value of ``size`` bytes starting at ``start`` in ``buf`` (all
-    the first read returned) into one buffer filled in place, and its trailer."""
-    if size > _MAX_SIZE:
-        raise MemcacheUnknownError(f"value size out of range in {buf[: start - 2][:80]!r}")
+def _read_large(
+    conn: Connection, sock: Any, buf: bytes, start: int, size: int, key: bytes, deadline: float
+) -> bytes:
+    """Read the rest of a value of ``size`` bytes (at most ``conn.max_value``: checked)
+    starting at ``start`` in ``buf`` (all the first read returned) into one buffer
+    filled in place, and its trailer."""
     end = start + size
     need = end + len(_TRAILER)
     got = len(buf)
     whole = bytearray(need)
     whole[:got] = buf
-    view = memoryview(whole)
-    while got < need:
-        n = sock.recv_into(view[got:])
-        if not n:
-            raise MemcacheUnexpectedCloseError()
-        got += n
-    view.release()
+    with memoryview(whole) as view:
+        while got < need:
+            _arm(conn, sock, deadline)
+            n = sock.recv_into(view[got:])
+            if not n:
+                raise MemcacheUnexpectedCloseError()
+            got += n
     if whole[end:] != _TRAILER:
         raise MemcacheUnknownError(f"value of {key!r} not followed by END")
     # Exactly one reply was read: anything after it means the stream is out of step.
-    if select.select([sock], [], [], 0)[0]:
+    if readable_now(sock):
         raise MemcacheUnknownError(f"value of {key!r} followed by more data")
-    return memoryview(whole)[start:end].tobytes()
+    return bytes(memoryview(whole)[start:end])
 
 
-def _recv(sock: Any, size: int) -> bytes:
-    data: bytes = sock.recv(size)
+# -- the reply stream of the other commands ------------------------------------------
+
+
+class _Reply:
+    """The reply to one command: lines and data blocks read from ``sock`` within
+    ``deadline``, at most :data:`MAX_LINE` bytes a line."""
+
+    __slots__ = ("buf", "conn", "deadline", "pos", "sock")
+
+    def __init__(self, conn: Connection, sock: Any, deadline: float) -> None:
+        self.conn = conn
+        self.sock = sock
+        self.deadline = deadline
+        self.buf = b""
+        self.pos = 0
+
+    def line(self) -> bytes:
+        """The next reply line, without its CRLF."""
+        buf, pos = self.buf, self.pos
+        eol = buf.find(b"\r\n", pos)
+        while eol < 0:
+            if len(buf) - pos > MAX_LINE:
+                raise MemcacheUnknownError(f"reply line too long: {buf[pos : pos + 80]!r}")
+            buf = buf[pos:] + _recv(self.conn, self.sock, self.deadline)
+            pos = 0
+            eol = buf.find(b"\r\n")
+        if eol - pos > MAX_LINE:
+            raise MemcacheUnknownError(f"reply line too long: {buf[pos : pos + 80]!r}")
+        self.buf, self.pos = buf, eol + 2
+        return buf[pos:eol]
+
+    def block(self, size: int) -> bytes:
+        """The next ``size`` bytes (a value's data, already checked against
+        ``max_value``) and the CRLF after them."""
+        start = self.pos
+        end = start + size
+        buf = self.buf
+        if len(buf) >= end + 2:
+            data, trailer = buf[start:end], buf[end : end + 2]
+            self.pos = end + 2
+        else:
+            data, trailer = self._read_block(size)
+        if trailer != b"\r\n":
+            raise MemcacheUnknownError(f"value of {size} bytes not followed by CRLF")
+        return data
+
+    def _read_block(self, size: int) -> tuple[bytes, bytes]:
+        """Read the rest of a block into one buffer of its size, filled in place (never
+        reading past it)."""
+        need = size + 2
+        have = self.buf[self.pos :]
+        whole = bytearray(need)
+        got = len(have)
+        whole[:got] = have
+        with memoryview(whole) as view:
+            while got < need:
+                _arm(self.conn, self.sock, self.deadline)
+                n = self.sock.recv_into(view[got:])
+                if not n:
+                    raise MemcacheUnexpectedCloseError()
+                got += n
+        self.buf, self.pos = b"", 0
+        return bytes(memoryview(whole)[:size]), bytes(whole[size:])
+
+    def finish(self) -> None:
+        """Check that nothing read follows the reply (a stream out of step)."""
+        if self.pos != len(self.buf):
+            raise MemcacheUnknownError(f"reply followed by {self.buf[self.pos :][:80]!r}")
+
+
+def _header(line: bytes, name: bytes, max_value: int) -> tuple[bytes, bytes, int, bytes | None]:
+    """``(key, flags, size, cas)`` of a ``VALUE`` line (``cas`` None without one);
+    raises for an error line, a malformed one, or a size above ``max_value``."""
+    parts = line.split(b" ")
+    if parts[0] != b"VALUE" or len(parts) not in (4, 5):
+        _raise_for(line, name)
+    if not (parts[2].isdigit() and parts[3].isdigit()) or len(parts[3]) > 10:
+        raise MemcacheUnknownError(f"bad flags or value size in {line[:80]!r}")
+    if len(parts) == 5 and not parts[4].isdigit():
+        raise MemcacheUnknownError(f"bad cas token in {line[:80]!r}")
+    size = int(parts[3])
+    if size > max_value:
+        raise ValueTooLargeError(f"value size out of range (max {max_value}) in {line[:80]!r}")
+    return parts[1], parts[2], size, parts[4] if len(parts) == 5 else None
+
+
+# -- sockets ---------------------------------------------------------------------------
+
+
+def _left(deadline: float) -> float:
+    """Seconds left before ``deadline``; raises ``TimeoutError`` when none are."""
+    left = deadline - _monotonic()
+    if left <= 0:
+        raise TimeoutError("memcached call passed its deadline")
+    return left
+
+
+def _arm(conn: Connection, sock: Any, deadline: float) -> None:
+    """Make the socket's timeout the time left before ``deadline`` (unless it is within
+    :data:`_SLACK` of it already); raises ``TimeoutError`` when no time is left."""
+    left = _left(deadline)
+    if not -_SLACK < conn.armed - left < _SLACK:
+        sock.settimeout(left)
+        conn.armed = left
+
+
+def _send(sock: Any, data: bytes) -> None:
+    """Send ``data`` within the socket's timeout (set by :func:`_arm`). A socket with a
+    timeout polls before every send; a command usually fits in the send buffer, so it
+    is written straight to the descriptor (one system call), and only a remainder goes
+    through ``sendall``, which waits within the timeout."""
+    try:
+        sent = os.write(sock.fileno(), data)
+    except BlockingIOError:
+        sent = 0
+    if sent < len(data):
+        with memoryview(data) as view:
+            sock.sendall(view[sent:])
+
+
+def _recv(conn: Connection, sock: Any, deadline: float) -> bytes:
+    _arm(conn, sock, deadline)
+    data: bytes = sock.recv(_RECV_SIZE)
     if not data:
         raise MemcacheUnexpectedCloseError()
     return data
 
 
-def _raise_for(line: bytes) -> None:
-    """Raise the error that a reply line other than ``VALUE <key> ...`` stands for."""
+def readable_now(sock: Any) -> bool:
+    """Whether ``sock`` has bytes (or an end of stream, or an error) to read right now,
+    without waiting. Uses ``poll`` where there is one: ``select()`` refuses descriptors
+    above 1023. Raises ``OSError``/``ValueError`` for a closed socket."""
+    if _poll is None:  # Windows: its select() has no ceiling on descriptor numbers
+        return bool(select.select([sock], [], [], 0)[0])
+    poller = _poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def _raise_for(line: bytes, name: bytes) -> NoReturn:
+    """Raise the error that reply ``line`` to command ``name`` stands for (an error
+    line, or anything the command does not answer)."""
     if line == b"ERROR":
-        raise MemcacheUnknownCommandError(b"get")
+        raise MemcacheUnknownCommandError(name)
     if line.startswith(b"CLIENT_ERROR"):
         raise MemcacheClientError(line[13:])
     if line.startswith(b"SERVER_ERROR"):
         raise MemcacheServerError(line[13:])
-    raise MemcacheUnknownError(f"unexpected reply to get: {line[:80]!r}")
+    raise MemcacheUnknownError(f"unexpected reply to {name.decode()}: {line[:80]!r}")

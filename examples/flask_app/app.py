@@ -7,38 +7,84 @@
 ``/`` is a whole view cached with ``@cache.cached``; ``/square/<n>`` calls a function
 cached per argument with ``@cache.memoize``. Both are kept in an in-process layer (at
 most 30 s) in front of memcached. Stop memcached and reload: the pages still answer.
+
+Under gunicorn (many processes over one memcached), from the repository root::
+
+    gunicorn --chdir examples/flask_app --workers 4 wsgi:application
+
+Each worker's in-process layer drops what another worker changed (a set, a delete, a
+``clear()``) within 100 ms: cachechain's coherence, on by default. Settings read from the
+environment for ``scripts/load_workers.py``, which drives this app under gunicorn:
+``CACHECHAIN_EXAMPLE_LOAD_ENDPOINTS=1`` registers its test endpoints under ``/load/``
+(they write and clear the cache: never in production, see ``load_views.py``);
+``CACHECHAIN_EXAMPLE_BACKEND=stock`` swaps cachechain for Flask-Caching's own
+``MemcachedCache`` (over a pooled pymemcache client), for comparison;
+``CACHECHAIN_EXAMPLE_MEMCACHED_TIMEOUT`` (seconds, default 0.1) bounds each memcached
+call.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
+from typing import Any
 
 from flask import Flask
 from flask_caching import Cache
+
+MEMCACHED = os.environ.get("CACHECHAIN_MEMCACHED", "127.0.0.1:11211")
+# Seconds a memcached call may take before it counts as failed.
+MEMCACHED_TIMEOUT = float(os.environ.get("CACHECHAIN_EXAMPLE_MEMCACHED_TIMEOUT", "0.1"))
+LOAD_ENDPOINTS = os.environ.get("CACHECHAIN_EXAMPLE_LOAD_ENDPOINTS") == "1"
+BACKEND = os.environ.get("CACHECHAIN_EXAMPLE_BACKEND", "cachechain")
+
+CACHECHAIN: dict[str, Any] = {
+    "CACHE_TYPE": "cachechain.contrib.flask.CachechainBackend",
+    "CACHE_OPTIONS": {  # the mapping of cachechain.chain_config_from_mapping
+        "name": "flask-example",
+        "layers": [
+            # max_ttl caps what a worker keeps in memory; what another worker changes
+            # is dropped from it within 100 ms (coherence, on by default).
+            {"type": "memory", "name": "L1", "maxsize": 10_000, "max_ttl": 30},
+            {
+                "type": "memcached",
+                "name": "L2",
+                "servers": [MEMCACHED],
+                "timeout": MEMCACHED_TIMEOUT,
+                "connect_timeout": MEMCACHED_TIMEOUT,
+            },
+        ],
+    },
+}
+
+
+def stock_config() -> dict[str, Any]:
+    """Flask-Caching's own memcached backend, only to compare (``scripts/load_workers.py
+    --backend stock``): cachelib's ``MemcachedCache`` over a thread-safe pymemcache
+    client (pylibmc and python-memcached are not dependencies of this project)."""
+    from pymemcache.client.base import PooledClient
+    from pymemcache.serde import pickle_serde
+
+    host, _, port = MEMCACHED.rpartition(":")
+    client = PooledClient((host, int(port)), serde=pickle_serde, default_noreply=False)
+    return {"CACHE_TYPE": "MemcachedCache", "CACHE_MEMCACHED_SERVERS": client}
+
+
+if BACKEND not in ("cachechain", "stock"):
+    raise SystemExit(f"CACHECHAIN_EXAMPLE_BACKEND must be cachechain or stock, got {BACKEND!r}")
+
+# The app's errors and cachechain's warnings on stderr (gunicorn's error log).
+logging.basicConfig(format="[%(levelname)s] %(name)s: %(message)s", level=logging.WARNING)
 
 app = Flask(__name__)
 app.config.update(
     # Also keys the signed pickle codec of the memcached layer: every process that
     # shares the memcached must use the same SECRET_KEY.
     SECRET_KEY=os.environ.get("FLASK_SECRET_KEY", "example-only-change-me"),
-    CACHE_TYPE="cachechain.contrib.flask.CachechainBackend",
     CACHE_DEFAULT_TIMEOUT=300,
     CACHE_KEY_PREFIX="example:",
-    CACHE_OPTIONS={  # the mapping of cachechain.chain_config_from_mapping
-        "name": "flask-example",
-        "layers": [
-            # Short max_ttl: another process's delete does not reach this memory.
-            {"type": "memory", "name": "L1", "maxsize": 10_000, "max_ttl": 30},
-            {
-                "type": "memcached",
-                "name": "L2",
-                "servers": [os.environ.get("CACHECHAIN_MEMCACHED", "127.0.0.1:11211")],
-                "timeout": 0.1,
-                "connect_timeout": 0.1,
-            },
-        ],
-    },
+    **(CACHECHAIN if BACKEND == "cachechain" else stock_config()),
 )
 cache = Cache(app)
 
@@ -59,6 +105,11 @@ def square(n: int) -> int:
 def show_square(n: int) -> str:
     return f"{n} squared is {square(n)}"
 
+
+if LOAD_ENDPOINTS:
+    from load_views import load_endpoints
+
+    app.register_blueprint(load_endpoints(cache), url_prefix="/load")
 
 if __name__ == "__main__":
     app.run()

@@ -7,8 +7,8 @@ A suite process reads its set-up from the environment (set by :mod:`tests.framew
   (for the backends that use one);
 - ``CACHECHAIN_FW_SOURCES``: the directory the sdists' test files were extracted to;
 - ``CACHECHAIN_FW_FLUSH``: ``"1"`` to flush memcached before every test (a diagnostic:
-  the suites empty the cache with ``clear()``, which leaves cachechain's memcached
-  layer as it is; with the flush, what still fails is not due to that);
+  the suites empty the cache with ``clear()`` between tests; what fails only without
+  the flush is due to state an earlier test left in memcached);
 - ``CACHECHAIN_FW_RESULT``: where the Django runner writes its JSON result.
 
 The cachechain set-ups are the ones the README recommends: an in-process
@@ -16,7 +16,9 @@ The cachechain set-ups are the ones the README recommends: an in-process
 (its codec is the default one the backends give it: pickle signed with the secret key).
 ``-l1`` and ``-l2`` variants keep one of the two layers, to tell which layer a failure
 comes from; ``cachechain-nosecret`` (Flask only) is the app without a ``SECRET_KEY``,
-whose memcached layer then stores JSON.
+whose memcached layer then stores tagged JSON (:class:`~cachechain.TaggedJsonCodec`);
+``cachechain-location`` (Django only) is the default set-up, the memcached servers
+in ``LOCATION`` and no ``OPTIONS``.
 """
 
 from __future__ import annotations
@@ -47,7 +49,14 @@ __all__ = [
 ]
 
 #: Django backends: the stock ones first (the reference), then cachechain's set-ups.
-DJANGO_BACKENDS = ("locmem", "pymemcache", "cachechain", "cachechain-l1", "cachechain-l2")
+DJANGO_BACKENDS = (
+    "locmem",
+    "pymemcache",
+    "cachechain",
+    "cachechain-location",
+    "cachechain-l1",
+    "cachechain-l2",
+)
 #: Flask-Caching backends, likewise.
 FLASK_BACKENDS = (
     "simple",
@@ -64,7 +73,14 @@ FLASK_REFERENCE = ("simple", "memcached")
 SECRET_KEY = "cachechain-framework-suites-secret"
 
 _WITH_MEMCACHED = frozenset(
-    {"pymemcache", "memcached", "cachechain", "cachechain-nosecret", "cachechain-l2"}
+    {
+        "pymemcache",
+        "memcached",
+        "cachechain",
+        "cachechain-nosecret",
+        "cachechain-location",
+        "cachechain-l2",
+    }
 )
 
 

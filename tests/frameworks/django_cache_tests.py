@@ -17,9 +17,11 @@ sdist's ``tests`` directory on ``sys.path`` (so ``cache.tests`` is Django's modu
 - The http-level classes (``cache_page``, the cache middleware, ``django.utils.cache``
   with and without i18n, ``TemplateResponse``, HEAD requests): subclasses of Django's
   own, whose ``CACHES`` override (``LocMemCache`` in Django) is rewritten alias by
-  alias: same ``KEY_PREFIX``/``TIMEOUT``/``VERSION``, backend under test. A cachechain
-  alias keeps its ``LOCATION``, which names its chain: ``CacheMiddlewareTest``'s
-  ``other`` alias gets a chain of its own (its own L1) over the same memcached.
+  alias: same ``KEY_PREFIX``/``TIMEOUT``/``VERSION``, backend under test. In Django an
+  alias with a ``LOCATION`` of its own (``CacheMiddlewareTest``'s ``other``) is a
+  separate local-memory store; on the one memcached of the run it gets that
+  ``LOCATION`` as its ``KEY_PREFIX`` (when it has none) instead, which keeps its keys
+  apart as a store of its own would (``test_view_decorator`` counts on it).
   For ``locmem`` the classes run exactly as in Django.
 
 With ``CACHECHAIN_FW_FLUSH=1`` memcached is flushed before every test (see
@@ -89,15 +91,18 @@ BackendCacheTests = override_settings(
 
 
 def _on_backend(caches: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """A ``CACHES`` setting of Django's tests with every alias on the backend under test."""
+    """A ``CACHES`` setting of Django's tests with every alias on the backend under
+    test; an alias that is a store of its own in Django (a ``LOCATION`` of its own)
+    gets that ``LOCATION`` as its ``KEY_PREFIX`` when it has none."""
     if BACKEND_NAME == "locmem":
         return caches
     moved: dict[str, dict[str, Any]] = {}
     for alias, params in caches.items():
         kept = {k: v for k, v in params.items() if k not in ("BACKEND", "LOCATION", "OPTIONS")}
         kept.update(CACHE_PARAMS)
-        if "OPTIONS" in CACHE_PARAMS and "LOCATION" in params:  # cachechain: the chain's name
-            kept["LOCATION"] = params["LOCATION"]
+        location = params.get("LOCATION")
+        if location and not params.get("KEY_PREFIX"):
+            kept["KEY_PREFIX"] = location
         moved[alias] = kept
     return moved
 

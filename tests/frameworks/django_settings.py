@@ -32,6 +32,11 @@ def backend_params(backend: str) -> dict[str, Any]:
             "BACKEND": "django.core.cache.backends.memcached.PyMemcacheCache",
             "LOCATION": memcached_address(),
         }
+    if backend == "cachechain-location":  # the default set-up: L1 over LOCATION's memcached
+        return {
+            "BACKEND": "cachechain.contrib.django.CachechainCache",
+            "LOCATION": memcached_address(),
+        }
     return {
         "BACKEND": "cachechain.contrib.django.CachechainCache",
         "OPTIONS": chain_options(backend),

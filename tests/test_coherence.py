@@ -1,0 +1,1150 @@
+"""Coherence (issue 10, points 2-3): the invalidation journal, the namespace generation,
+the namespaced layer, and a chain's ``clear()`` and receiver, without a poller thread
+wherever the behaviour allows it.
+
+The journals run over one :class:`FakeLayer` (the "memcached" every process shares)
+with :class:`FakeClock` clocks, and the tests call :meth:`MemcachedJournal.poll`
+themselves. A chain's journal is kept thread-less by the ``no_poller`` fixture
+(``start`` only records the receiver), so its polls are the test's too. The few tests
+that need the real poller thread say so and synchronise on events.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import pytest
+
+from cachechain import (
+    MISSING,
+    Chain,
+    CoherenceConfig,
+    ConfigError,
+    LayerConfig,
+    LayerTimeoutError,
+    LayerUnavailableError,
+    MemcachedLayer,
+    MemoryCollector,
+    MemoryLayer,
+    SignedPickleCodec,
+)
+from cachechain._journal import BATCH, MemcachedJournal
+from cachechain._namespace import Namespace, NamespacedLayer
+from cachechain.layers._base import BaseLayer
+from tests.support.fakes import FakeClock, FakeLayer
+from tests.support.servers import MemcachedProcess
+
+# Where a namespace over a layer without a codec (a FakeLayer) keeps its bookkeeping.
+RESERVED = "__cachechain__/plain/"
+GENERATION_KEY = RESERVED + "gen"
+HEAD_KEY = RESERVED + "j/head"
+
+
+def slot_key(seq: int, slots: int) -> str:
+    return f"{RESERVED}j/{seq % slots}"
+
+
+BOUND = 0.1
+INTERVAL = 0.04
+WAIT = 10.0  # seconds an event wait may take before the test fails
+
+
+# -------------------------------------------------------------------------- helpers
+
+
+class Recorder:
+    """A :class:`~cachechain._backplane.Receiver` that records what it is told."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+        self.lost_event = threading.Event()
+
+    def invalidate(self, keys: Sequence[str], lag: float) -> None:
+        self.events.append(("invalidate", list(keys), lag))
+
+    def cleared(self) -> None:
+        self.events.append(("cleared",))
+
+    def lost(self, reason: str) -> None:
+        self.events.append(("lost", reason))
+        self.lost_event.set()
+
+    def take(self) -> list[tuple[Any, ...]]:
+        """The events so far, forgotten."""
+        out, self.events = self.events, []
+        return out
+
+    def keys(self) -> list[list[str]]:
+        """The key lists of the invalidations so far, in order."""
+        return [e[1] for e in self.events if e[0] == "invalidate"]
+
+
+class Store(FakeLayer):
+    """The shared layer of the tests: a FakeLayer that can be cleared (``flush_all``),
+    can reject given values in ``set_many``, can block ``get_many`` once armed, and
+    sets :attr:`published` when a ring slot is written."""
+
+    def __init__(self, name: str = "L2", **kwargs: Any) -> None:
+        super().__init__(name, **kwargs)
+        self.rejects: set[Any] = set()
+        self.published = threading.Event()
+        self.block_many: threading.Event | None = None
+        self.many_entered = threading.Event()
+        self.cleared = 0
+
+    def clear(self) -> None:
+        self._enter("clear", None)
+        self.data.clear()
+        self.cleared += 1
+
+    def set_many(self, items: Mapping[str, Any], ttl: float | None = None) -> list[str]:
+        bad = [k for k, v in items.items() if repr(v) in self.rejects]
+        super().set_many({k: v for k, v in items.items() if k not in bad}, ttl)
+        if any(k.startswith("__cachechain__/j/") for k in items):
+            self.published.set()
+        return bad
+
+    def get_many_with_ttl(self, keys: Sequence[str]) -> dict[str, tuple[Any, float | None]]:
+        found = super().get_many_with_ttl(keys)
+        gate = self.block_many
+        if gate is not None:
+            self.block_many = None  # once
+            self.many_entered.set()
+            gate.wait(WAIT)
+        return found
+
+
+class Process:
+    """One "process" on the shared store: its namespace, its journal and a recorder.
+    ``mono`` and ``wall`` are its clocks (default: the real ones)."""
+
+    def __init__(
+        self,
+        store: Any,
+        mono: FakeClock | None = None,
+        wall: FakeClock | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.ns = Namespace(store)
+        self.rec = Recorder()
+        kwargs.setdefault("interval", INTERVAL)
+        kwargs.setdefault("bound", BOUND)
+        if mono is not None:
+            kwargs["clock"] = mono
+        if wall is not None:
+            kwargs["wall"] = wall
+        self.journal = MemcachedJournal(store, self.ns, **kwargs)
+        self.journal._receiver = self.rec  # poll() by hand instead of start()'s thread
+
+    def join(self) -> None:
+        """The first reads of the ring (the first one creates the head when absent),
+        then forget what they reported."""
+        self.journal.poll()
+        self.journal.poll()
+        assert ("cleared",) in self.rec.take()
+
+    def publish(self, *keys: str) -> None:
+        """Queue ``keys`` and publish them (a poll publishes first)."""
+        self.journal.publish(list(keys))
+        self.journal.poll()
+
+
+@pytest.fixture()
+def mono() -> FakeClock:
+    return FakeClock(1000.0)
+
+
+@pytest.fixture()
+def wall() -> FakeClock:
+    return FakeClock(1_700_000_000.0)
+
+
+@pytest.fixture()
+def store(wall: FakeClock) -> Store:
+    return Store(clock=wall)
+
+
+@pytest.fixture()
+def no_poller(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chains built in the test get a journal without its thread: the test polls."""
+
+    def start(self: MemcachedJournal, receiver: Any) -> None:
+        self._receiver = receiver
+
+    monkeypatch.setattr(MemcachedJournal, "start", start)
+
+
+def head(store: Store) -> Any:
+    return store.data[HEAD_KEY][0]
+
+
+# -------------------------------------------------------------------------- the journal
+
+
+def test_a_published_key_reaches_another_process_with_its_lag(
+    store: Store, mono: FakeClock, wall: FakeClock
+) -> None:
+    a, b = Process(store, mono, wall), Process(store, mono, wall)
+    a.join()
+    b.join()
+    a.publish("k1", "k2")
+    wall.advance(0.03)
+    b.journal.poll()
+    assert b.rec.take() == [("invalidate", ["k1", "k2"], pytest.approx(0.03))]
+    b.journal.poll()
+    assert b.rec.take() == []  # read once
+
+
+def test_a_process_does_not_receive_its_own_entries(
+    store: Store, mono: FakeClock, wall: FakeClock
+) -> None:
+    a = Process(store, mono, wall)
+    a.join()
+    a.publish("mine")
+    a.journal.poll()
+    assert a.rec.take() == []
+    assert head(store) == 1  # it was published all the same
+
+
+def test_entries_are_delivered_in_order_whoever_published_them(
+    store: Store, mono: FakeClock, wall: FakeClock
+) -> None:
+    a, b, c = (Process(store, mono, wall) for _ in range(3))
+    for p in (a, b, c):
+        p.join()
+    a.publish("x")
+    c.publish("y")
+    a.publish("z")
+    b.journal.poll()
+    assert b.rec.keys() == [["x"], ["y"], ["z"]]
+
+
+def test_more_than_read_ahead_entries_are_read_in_one_poll(
+    store: Store, mono: FakeClock, wall: FakeClock
+) -> None:
+    a, b = Process(store, mono, wall), Process(store, mono, wall, read_ahead=2)
+    a.join()
+    b.join()
+    for i in range(7):
+        a.publish(f"k{i}")
+    b.journal.poll()
+    assert b.rec.keys() == [[f"k{i}"] for i in range(7)]
+
+
+def test_a_batch_of_more_than_1000_keys_is_split_in_entries_read_in_order(
+    store: Store, mono: FakeClock, wall: FakeClock
+) -> None:
+    a, b = Process(store, mono, wall), Process(store, mono, wall)
+    a.join()
+    b.join()
+    keys = [f"key:{i}" for i in range(2 * BATCH + 500)]
+    a.publish(*keys)
+    assert head(store) == 3  # one incr reserved the three entries
+    assert len(store.ops("incr")) == 1
+    b.journal.poll()
+    got = b.rec.keys()
+    assert [len(k) for k in got] == [BATCH, BATCH, 500]
+    assert [k for batch in got for k in batch] == keys
+
+
+def test_a_key_whose_write_is_still_held_is_published_once_released(
+    store: Store, mono: FakeClock, wall: FakeClock
+) -> None:
+    held = {"slow"}
+    a = Process(store, mono, wall, held=lambda key: key in held)
+    b = Process(store, mono, wall)
+    a.join()
+    b.join()
+    a.publish("slow", "fast")
+    b.journal.poll()
+    assert b.rec.keys() == [["fast"]]
+    a.journal.poll()
+    b.journal.poll()
+    assert b.rec.keys() == [["fast"]]  # still held: not yet
+    held.clear()
+    a.journal.poll()
+    b.journal.poll()
+    assert b.rec.keys() == [["fast"], ["slow"]]
+
+
+def test_past_max_pending_one_drop_everything_entry_is_published(
+    store: Store, mono: FakeClock, wall: FakeClock
+) -> None:
+    a = Process(store, mono, wall, max_pending=3)
+    b = Process(store, mono, wall)
+    a.join()
+    b.join()
+    a.journal.publish(["1", "2"])
+    a.journal.publish(["3", "4"])  # 4 pending > 3: overflow
+    a.journal.poll()
+    assert head(store) == 1
+    assert store.data[slot_key(1, 1024)][0][3] is None
+    b.journal.poll()
+    assert b.rec.take() == [("lost", "overflow")]
+
+
+def test_a_publication_that_failed_is_made_again(
+    store: Store, mono: FakeClock, wall: FakeClock
+) -> None:
+    a, b = Process(store, mono, wall), Process(store, mono, wall)
+    a.join()
+    b.join()
+    store.fail = LayerUnavailableError("down")
+    a.publish("k")  # the poll fails: "k" stays pending
+    store.fail = None
+    a.journal.poll()
+    b.journal.poll()
+    assert b.rec.keys() == [["k"]]
+
+
+def test_a_reserved_slot_not_written_yet_is_waited_for_up_to_the_bound(
+    store: Store, mono: FakeClock, wall: FakeClock
+) -> None:
+    a, b = Process(store, mono, wall), Process(store, mono, wall)
+    a.join()
+    b.join()
+    store.incr(HEAD_KEY, 1)  # reserved by a publisher that has not written it (yet)
+    a.publish("after")  # entry 2
+    b.journal.poll()
+    assert b.rec.take() == []  # entry 1 missing: entry 2 waits behind it
+    mono.advance(BOUND * 0.9)
+    b.journal.poll()
+    assert b.rec.take() == []
+    store.set_many({slot_key(1, 1024): [1, "late-writer", wall(), ["late"]]}, 300)
+    b.journal.poll()
+    assert b.rec.keys() == [["late"], ["after"]]  # written in time: no loss
+
+
+def test_a_slot_left_unwritten_past_the_bound_is_a_gap(
+    store: Store, mono: FakeClock, wall: FakeClock
+) -> None:
+    a, b = Process(store, mono, wall), Process(store, mono, wall)
+    a.join()
+    b.join()
+    store.incr(HEAD_KEY, 1)  # its publisher died between the incr and the set_many
+    a.publish("after")
+    b.journal.poll()
+    mono.advance(BOUND / 2)
+    b.journal.poll()
+    assert b.rec.take() == []
+    mono.advance(BOUND / 2 + 0.001)
+    b.journal.poll()
+    assert b.rec.take() == [("lost", "gap"), ("invalidate", ["after"], 0.0)]
+    mono.advance(BOUND * 5)
+    a.publish("later")
+    b.journal.poll()
+    assert b.rec.take() == [("invalidate", ["later"], 0.0)]
+
+
+def test_a_wait_for_a_slot_does_not_outlive_a_restart_from_the_head(
+    store: Store, mono: FakeClock, wall: FakeClock
+) -> None:
+    """A reader saw a slot reserved and not written yet (an everyday sight: it read
+    between a publisher's ``incr`` and its ``set_many``), then restarted from the head
+    (another process cleared the cache). Long after, the next such sight must get its
+    own ``bound`` of patience, not be called a gap at once (which drops every entry)."""
+    a, b = Process(store, mono, wall), Process(store, mono, wall)
+    a.join()
+    b.join()
+    store.incr(HEAD_KEY, 1)  # a publication in progress...
+    b.journal.poll()  # ...seen half-made
+    assert a.ns.move()  # another process's clear(): b restarts from the head
+    b.journal.poll()
+    assert ("cleared",) in b.rec.take()
+    mono.advance(BOUND * 10)
+    b.journal.poll()
+    store.incr(HEAD_KEY, 1)  # the next publication in progress, seen half-made
+    b.journal.poll()
+    assert b.rec.take() == [], "a slot seen missing for the first time was called a gap"
+
+
+def test_a_ring_that_wrapped_past_the_reader_is_an_overrun(
+    store: Store, mono: FakeClock, wall: FakeClock
+) -> None:
+    a = Process(store, mono, wall, slots=4)
+    b = Process(store, mono, wall, slots=4)
+    a.join()
+    b.join()
+    for i in range(5):  # 5 entries in a ring of 4: entry 1 was overwritten
+        a.publish(f"k{i}")
+    b.journal.poll()
+    assert b.rec.take() == [("lost", "overrun")]
+    a.publish("next")
+    b.journal.poll()
+    assert b.rec.keys() == [["next"]]  # on track again, from the head
+
+
+def test_a_slot_holding_a_later_lap_is_an_overrun(
+    store: Store, mono: FakeClock, wall: FakeClock
+) -> None:
+    a = Process(store, mono, wall, slots=4)
+    b = Process(store, mono, wall, slots=4)
+    a.join()
+    b.join()
+    a.publish("k0")
+    # slot of entry 1 already rewritten by entry 5 (the head read is older than the slot)
+    store.set_many({slot_key(5, 4): [5, "other", wall(), ["k4"]]}, 300)
+    b.journal.poll()
+    assert b.rec.take() == [("lost", "overrun")]
+
+
+@pytest.mark.parametrize("how", ["vanished", "went_back"])
+def test_a_head_that_vanished_or_went_back_is_a_reset(
+    store: Store, mono: FakeClock, wall: FakeClock, how: str
+) -> None:
+    a, b = Process(store, mono, wall), Process(store, mono, wall)
+    a.join()
+    b.join()
+    for i in range(3):
+        a.publish(f"k{i}")
+    b.journal.poll()
+    b.rec.take()
+    if how == "vanished":
+        del store.data[HEAD_KEY]
+    else:
+        store.data[HEAD_KEY] = (1, None)
+    b.journal.poll()
+    assert ("lost", "reset") in b.rec.take()
+    b.journal.poll()
+    b.rec.take()
+    a.publish("again")
+    b.journal.poll()
+    assert b.rec.keys() == [["again"]]
+
+
+def test_an_unreachable_layer_is_lost_track_after_the_bound_and_every_bound_after(
+    store: Store, mono: FakeClock, wall: FakeClock
+) -> None:
+    b = Process(store, mono, wall)
+    b.join()
+    store.fail = LayerUnavailableError("down")
+    b.journal.poll()
+    assert b.rec.take() == []  # one failed poll is not lost track
+    mono.advance(BOUND + 0.001)
+    b.journal.poll()
+    assert b.rec.take() == [("lost", "unreachable")]
+    mono.advance(BOUND / 2)
+    b.journal.poll()
+    assert b.rec.take() == []
+    mono.advance(BOUND / 2 + 0.001)
+    b.journal.poll()
+    assert b.rec.take() == [("lost", "unreachable")]  # again, while it lasts
+    store.fail = None
+    mono.advance(BOUND * 3)
+    b.journal.poll()
+    assert ("lost", "unreachable") not in b.rec.take()
+
+
+def test_an_unreachable_layer_drops_before_an_entry_could_be_served_past_the_bound(
+    store: Store, mono: FakeClock, wall: FakeClock
+) -> None:
+    """Polls every 40 ms, bound 100 ms: the last poll that succeeded is at t=0; the polls
+    at 40 and 80 ms fail. An entry published just after t=0 is stale here from then
+    on, and the next chance to drop it is the poll at 120 ms, past the bound: the poll
+    at 80 ms must drop (lost track) already."""
+    b = Process(store, mono, wall)
+    b.join()
+    store.fail = LayerUnavailableError("down")
+    mono.advance(INTERVAL)
+    b.journal.poll()
+    mono.advance(INTERVAL)
+    b.journal.poll()  # t = 80 ms; the next poll, at 120 ms, would be too late
+    assert b.rec.take() == [("lost", "unreachable")]
+
+
+def test_a_poll_stuck_on_an_unanswering_layer_still_drops_within_the_bound() -> None:
+    """The poller thread, real clocks: memcached stops answering (a partition: every
+    read waits for its socket timeout, 250 ms by default). Track must be reported lost
+    within the bound while the read is still stuck, not when it times out."""
+    store = Store()
+    ns = Namespace(store)
+    rec = Recorder()
+    journal = MemcachedJournal(store, ns, interval=INTERVAL, bound=BOUND)
+    journal.start(rec)
+    try:
+        gate = threading.Event()
+        store.block_many = gate
+        assert store.many_entered.wait(WAIT)
+        rec.lost_event.clear()
+        stuck = rec.lost_event.wait(2.0)  # 20 bounds; the read is still stuck
+        gate.set()
+        assert stuck, "no lost() while the poll was stuck in I/O for 2 s (bound 0.1 s)"
+    finally:
+        store.block_many = None
+        journal.close(WAIT)
+
+
+def test_a_generation_moved_by_another_process_is_adopted_and_clears(
+    store: Store, mono: FakeClock, wall: FakeClock
+) -> None:
+    a, b = Process(store, mono, wall), Process(store, mono, wall)
+    a.join()
+    b.join()
+    before = b.ns.generation
+    assert before is not None and before == a.ns.generation
+    assert a.ns.move()
+    b.journal.poll()
+    assert b.ns.generation == a.ns.generation == before + 1
+    assert b.ns.prefix == f"{before + 1:x}/"
+    assert ("cleared",) in b.rec.take()
+    a.publish("after-clear")
+    b.journal.poll()
+    assert b.rec.keys() == [["after-clear"]]
+
+
+def test_an_evicted_generation_key_starts_a_fresh_generation(
+    store: Store, mono: FakeClock, wall: FakeClock
+) -> None:
+    b = Process(store, mono, wall)
+    b.join()
+    old = b.ns.generation
+    del store.data[GENERATION_KEY]
+    b.journal.poll()
+    fresh = b.ns.generation
+    assert fresh is not None and fresh > 0 and fresh != old
+    assert store.data[GENERATION_KEY][0] == fresh
+    assert ("cleared",) in b.rec.take()
+
+
+def test_a_clear_during_a_poll_is_not_undone_by_the_generation_the_poll_read(
+    store: Store, mono: FakeClock, wall: FakeClock
+) -> None:
+    """``Coherence.clear`` moves the namespace (``incr``) while this process's poller
+    has read the old generation and not adopted it yet: the poller must not take this
+    process back to the old generation (its next reads would serve what the clear
+    removed, until the next poll)."""
+    b = Process(store, mono, wall)
+    b.join()
+    gate = threading.Event()
+    store.block_many = gate
+    poller = threading.Thread(target=b.journal.poll)
+    poller.start()
+    try:
+        assert store.many_entered.wait(WAIT)  # the poll read the old generation
+        assert b.ns.move()
+        moved = b.ns.generation
+    finally:
+        gate.set()
+        poller.join(WAIT)
+    assert store.data[GENERATION_KEY][0] == moved
+    assert b.ns.generation == moved, "the poll put the old generation back after a clear"
+
+
+# -------------------------------------------------------------------------- the namespace
+
+
+def test_the_generation_is_fetched_lazily_once(store: Store) -> None:
+    ns = Namespace(store)
+    assert store.calls == [] and ns.generation is None
+    prefix = ns.current()
+    assert ns.generation is not None and ns.generation > 0
+    assert prefix == f"{ns.generation:x}/"
+    calls = len(store.calls)
+    assert ns.current() == prefix
+    assert len(store.calls) == calls
+
+
+def test_an_unknown_generation_is_a_layer_failure(store: Store) -> None:
+    ns = Namespace(store)
+    store.fail = LayerUnavailableError("down")
+    with pytest.raises(LayerUnavailableError, match="namespace generation"):
+        ns.current()
+    layer = NamespacedLayer(store, ns)
+    with pytest.raises(LayerUnavailableError):
+        layer.get("k")
+    store.fail = None
+    layer.set("k", 1)  # known again once the layer answers
+    assert layer.get("k") == 1
+
+
+def test_two_processes_creating_the_generation_at_once_get_the_same(store: Store) -> None:
+    class BothSawItAbsent(Store):
+        """The generation reads absent for each of the first two fetches, as when two
+        processes read before either added it."""
+
+        absent = 2
+
+        def get_with_ttl(self, key: str) -> tuple[Any, float | None]:
+            if key == GENERATION_KEY and self.absent:
+                self.absent -= 1
+                self._enter("get", key)
+                return MISSING, None
+            return super().get_with_ttl(key)
+
+    shared = BothSawItAbsent()
+    one, two = Namespace(shared), Namespace(shared)
+    assert one.current() == two.current()
+    assert len(shared.ops("add")) == 2  # both tried; the add decided
+
+
+class Plain(BaseLayer):
+    """A layer with none of the atomic operations."""
+
+    def get_with_ttl(self, key: str) -> tuple[Any, float | None]:
+        return MISSING, None
+
+    def set(self, key: str, value: Any, ttl: float | None = None) -> None:
+        pass
+
+    def delete(self, key: str) -> None:
+        pass
+
+
+def test_the_namespace_needs_add_and_counters() -> None:
+    with pytest.raises(ConfigError, match="add and counters"):
+        Namespace(Plain("plain"))
+
+
+def test_a_namespaced_layer_prefixes_every_key_and_maps_batches_back(store: Store) -> None:
+    ns = Namespace(store)
+    layer = NamespacedLayer(store, ns)
+    p = ns.current()
+    layer.set("a", 1, 60)
+    assert store.data[p + "a"][0] == 1 and "a" not in store.data
+    assert layer.get("a") == 1
+    assert layer.get_with_ttl("a") == (1, 60)
+    store.rejects = {repr("bad")}
+    assert layer.set_many({"b": 2, "c": "bad", "d": 4}, 60) == ["c"]
+    assert layer.get_many(["a", "b", "c", "d"]) == {"a": 1, "b": 2, "d": 4}
+    assert layer.get_many_with_ttl(["b", "zz"]) == {"b": (2, 60)}
+    assert layer.add("a", 9) is False and layer.add("n", 5) is True
+    assert layer.incr("n", 2) == 7 and layer.decr("n") == 6
+    assert layer.touch("n", 30) is True and layer.touch("zz") is False
+    layer.delete("a")
+    layer.delete_many(["b", "d"])
+    assert layer.get_many(["a", "b", "d", "n"]) == {"n": 6}
+    assert all(k.startswith(p) or k.startswith("__cachechain__/") for k in store.data)
+
+
+@pytest.mark.parametrize(
+    ("operation", "call"),
+    [
+        ("add", lambda layer: layer.add("k", 1)),
+        ("incr", lambda layer: layer.incr("k")),
+        ("decr", lambda layer: layer.decr("k")),
+        ("touch", lambda layer: layer.touch("k", 1)),
+    ],
+)
+def test_a_namespaced_layer_refuses_atomic_operations_its_layer_lacks(
+    operation: str, call: Any
+) -> None:
+    layer = NamespacedLayer(Plain("plain"), Namespace(Store("gen")))
+    with pytest.raises(ConfigError, match=operation):
+        call(layer)
+
+
+# -------------------------------------------------------------------------- the chain
+
+
+def make_chain(
+    store: Store, collector: MemoryCollector | None = None, **kwargs: Any
+) -> tuple[Chain, MemoryLayer]:
+    l1 = MemoryLayer("L1")
+    return Chain([l1, store], metrics=collector, **kwargs), l1
+
+
+def chain_journal(chain: Chain) -> MemcachedJournal:
+    coherence = chain.coherence
+    assert coherence is not None
+    journal = coherence.backplane
+    assert isinstance(journal, MemcachedJournal)
+    return journal
+
+
+def peer(store: Store) -> Process:
+    """Another process on the chain's store, joined to the ring (real clocks)."""
+    p = Process(store, FakeClock(1000.0), FakeClock(1_700_000_000.0))
+    p.join()
+    return p
+
+
+@pytest.mark.usefixtures("no_poller")
+def test_clear_moves_the_generation_and_empties_l1_but_not_other_apps_keys() -> None:
+    store = Store()
+    chain, l1 = make_chain(store)
+    with chain:
+        chain.set("k", "v", 60)
+        ns = chain.coherence.namespace  # type: ignore[union-attr]
+        before = ns.generation
+        store.set("other-app:key", "theirs", 60)
+        assert chain.clear() is True
+        assert ns.generation == before + 1  # type: ignore[operator]
+        assert store.data[GENERATION_KEY][0] == ns.generation
+        assert l1.get("k") is MISSING
+        assert chain.get("k") is None  # the old generation is never read again
+        assert store.get("other-app:key") == "theirs"
+        assert store.cleared == 0
+
+
+@pytest.mark.usefixtures("no_poller")
+def test_clear_with_the_shared_layer_down_returns_false_and_still_empties_l1() -> None:
+    store = Store()
+    collector = MemoryCollector()
+    chain, l1 = make_chain(store, collector)
+    with chain:
+        chain.set("k", "v", 60)
+        store.fail = LayerUnavailableError("down")
+        assert chain.clear() is False
+        assert l1.get("k") is MISSING
+        assert collector.snapshot().layer_metrics["L2"].errors >= 1
+        store.fail = None
+
+
+@pytest.mark.usefixtures("no_poller")
+def test_clear_flush_empties_the_whole_store() -> None:
+    store = Store()
+    chain, l1 = make_chain(store)
+    with chain:
+        chain.set("k", "v", 60)
+        store.set("other-app:key", "theirs", 60)
+        assert chain.clear(flush=True) is True
+        assert store.cleared == 1
+        assert "other-app:key" not in store.data
+        assert l1.get("k") is MISSING and chain.get("k") is None
+        chain.set("k2", "after", 60)  # a fresh generation works at once
+        l1.clear()
+        assert chain.get("k2") == "after"
+
+
+@pytest.mark.usefixtures("no_poller")
+def test_clear_flush_of_a_store_that_cannot_be_flushed_returns_false() -> None:
+    store = FakeLayer("L2")  # no clear()
+    l1 = MemoryLayer("L1")
+    with Chain([l1, store]) as chain:
+        chain.set("k", "v", 60)
+        assert chain.clear(flush=True) is False
+        assert l1.get("k") is MISSING
+
+
+@pytest.mark.usefixtures("no_poller")
+def test_a_mutation_publishes_its_keys_to_the_other_processes() -> None:
+    store = Store()
+    collector = MemoryCollector()
+    chain, _ = make_chain(store, collector)
+    with chain:
+        other = peer(store)
+        chain.set("s", 1, 60)
+        chain.set_many({"m1": 1, "m2": 2}, 60)
+        chain.delete("s")
+        chain.delete_many(["m1"])
+        chain_journal(chain).poll()
+        other.journal.poll()
+        assert other.rec.keys() == [["s", "m1", "m2"]]  # one entry, each key once
+        assert collector.snapshot().chain_metrics.invalidations_published == 5
+
+
+@pytest.mark.usefixtures("no_poller")
+@pytest.mark.parametrize(
+    ("operation", "key"),
+    [
+        (lambda c: c.add("k", 1, 60), "k"),
+        (lambda c: c.incr("n"), "n"),
+        (lambda c: c.decr("n"), "n"),
+        (lambda c: c.decr("n", floor=False), "n"),
+        (lambda c: c.touch("n", 60), "n"),
+    ],
+    ids=["add", "incr", "decr", "decr_nofloor", "touch"],
+)
+def test_an_atomic_operation_publishes_its_key(operation: Any, key: str) -> None:
+    store = Store()
+    chain, _ = make_chain(store)
+    with chain:
+        other = peer(store)
+        chain.add("n", 5, 60)
+        chain_journal(chain).poll()
+        other.journal.poll()
+        assert other.rec.keys() == [["n"]]
+        other.rec.take()
+        operation(chain)
+        chain_journal(chain).poll()
+        other.journal.poll()
+        assert other.rec.keys() == [[key]]
+
+
+@pytest.mark.usefixtures("no_poller")
+def test_an_atomic_operation_that_did_nothing_publishes_nothing() -> None:
+    store = Store()
+    chain, _ = make_chain(store)
+    with chain:
+        other = peer(store)
+        chain.set("k", "v", 60)
+        chain_journal(chain).poll()
+        other.journal.poll()
+        other.rec.take()
+        assert chain.add("k", "w", 60) is False
+        assert chain.incr("absent") is None
+        assert chain.touch("absent", 60) is False
+        chain_journal(chain).poll()
+        other.journal.poll()
+        assert other.rec.keys() == []
+
+
+class TimesOutAfterCounting(Store):
+    """``incr`` and ``touch`` reach the store, then the reply is lost (a timeout)."""
+
+    lose_replies = False
+
+    def incr(self, key: str, delta: int = 1) -> int | None:
+        count = super().incr(key, delta)
+        if self.lose_replies:
+            raise LayerTimeoutError("reply lost after the increment was made")
+        return count
+
+    def touch(self, key: str, ttl: float | None = None) -> bool:
+        found = super().touch(key, ttl)
+        if self.lose_replies:
+            raise LayerTimeoutError("reply lost after the touch was made")
+        return found
+
+
+@pytest.mark.usefixtures("no_poller")
+def test_an_atomic_operation_whose_reply_was_lost_still_publishes_its_key() -> None:
+    """A timed-out ``incr`` "may still have been made" (its docstring): the other
+    processes' copies of the counter may be stale from then on, so the key must be
+    published as a ``set`` or ``delete`` that failed is."""
+    store = TimesOutAfterCounting()
+    chain, _ = make_chain(store, breaker=None)
+    with chain:
+        other = peer(store)
+        chain.add("n", 5, 60)
+        chain_journal(chain).poll()
+        other.journal.poll()
+        other.rec.take()
+        store.lose_replies = True
+        assert chain.incr("n") is None  # nothing invented...
+        store.lose_replies = False
+        assert store.get(chain.coherence.namespace.current() + "n") == 6  # type: ignore[union-attr]
+        chain_journal(chain).poll()
+        other.journal.poll()
+        assert other.rec.keys() == [["n"]], "a count made in memcached was never published"
+
+
+@pytest.mark.usefixtures("no_poller")
+def test_a_write_behind_set_is_published_once_it_reached_memcached() -> None:
+    """Published earlier, another process could drop its copy and read the old value
+    back from memcached before the write lands."""
+    store = Store()
+    l1 = MemoryLayer("L1")
+    chain = Chain([l1, LayerConfig(layer=store, write_behind=True)])
+    with chain:
+        other = peer(store)
+        journal = chain_journal(chain)
+        chain.coherence.namespace.current()  # type: ignore[union-attr]
+        gate = threading.Event()
+        store.block_set = gate
+        try:
+            assert chain.set("k", "new", 60)  # queued
+            assert store.write_entered.wait(WAIT)  # the writer is on it, not done
+            journal.poll()
+            other.journal.poll()
+            assert other.rec.keys() == []
+        finally:
+            gate.set()
+        assert chain.flush(WAIT)
+        journal.poll()
+        other.journal.poll()
+        assert other.rec.keys() == [["k"]]
+
+
+@pytest.mark.usefixtures("no_poller")
+def test_a_malformed_entry_does_not_stall_the_chains_journal() -> None:
+    """An entry whose keys cannot be keys (another version's format, a bug in some
+    process): the chain must get past it (dropping everything, since it cannot tell
+    what changed), not fail every poll on it, and so drop its L1 every bound, until
+    the ring wraps."""
+    store = Store()
+    chain, l1 = make_chain(store)
+    with chain:
+        journal = chain_journal(chain)
+        journal.poll()
+        journal.poll()
+        other = peer(store)
+        chain.set("after", "old", 60)
+        seq = store.incr(HEAD_KEY, 1)
+        assert seq is not None
+        entry = [seq, "other-version", 1_700_000_000.0, [["not", "a key"]]]
+        store.set_many({slot_key(seq, 1024): entry}, 300)
+        other.publish("after")  # the next entry: "after" changed elsewhere
+        for _ in range(3):
+            journal.poll()
+        assert l1.get("after") is MISSING, "the journal is stuck on the malformed entry"
+
+
+@pytest.mark.usefixtures("no_poller")
+def test_a_received_invalidation_removes_the_key_from_l1() -> None:
+    store = Store()
+    collector = MemoryCollector()
+    chain, l1 = make_chain(store, collector)
+    with chain:
+        journal = chain_journal(chain)
+        journal.poll()
+        journal.poll()
+        chain.set("k", "old", 60)
+        chain.set("kept", "x", 60)
+        other = peer(store)
+        p = other.ns.current()
+        store.set(p + "k", "new", 60)  # the other process's set...
+        other.publish("k")  # ...and its publication
+        journal.poll()
+        assert l1.get("k") is MISSING
+        assert l1.get("kept") == "x"
+        assert chain.get("k") == "new"
+        figures = collector.snapshot().chain_metrics
+        assert figures.invalidations_applied == 1
+        assert figures.invalidation_lag.count == 1
+
+
+@pytest.mark.usefixtures("no_poller")
+def test_a_backfill_in_flight_does_not_bring_back_an_invalidated_value() -> None:
+    store = Store()
+    chain, l1 = make_chain(store)
+    with chain:
+        journal = chain_journal(chain)
+        journal.poll()
+        journal.poll()
+        other = peer(store)
+        p = chain.coherence.namespace.current()  # type: ignore[union-attr]
+        store.set(p + "k", "old", 60)
+        gate = threading.Event()
+        store.block_get = gate
+        got: list[Any] = []
+        reader = threading.Thread(target=lambda: got.append(chain.get("k")))
+        reader.start()
+        try:
+            assert store.entered.wait(WAIT)  # read "old", ticket taken before
+            store.block_get = None
+            store.set(p + "k", "new", 60)
+            other.publish("k")
+            journal.poll()  # the invalidation lands while the read is in flight
+        finally:
+            gate.set()
+            reader.join(WAIT)
+        assert got == ["old"]
+        assert l1.get("k") is MISSING, "the backfill brought the invalidated value back"
+        assert chain.get("k") == "new"
+
+
+@pytest.mark.usefixtures("no_poller")
+def test_lost_track_and_a_remote_clear_empty_l1_and_are_counted() -> None:
+    store = Store()
+    collector = MemoryCollector()
+    chain, l1 = make_chain(store, collector)
+    with chain:
+        journal = chain_journal(chain)
+        journal.poll()
+        journal.poll()
+        chain.set("a", 1, 60)
+        other = peer(store)
+        other.journal._max_pending = 1
+        other.journal.publish(["x", "y"])  # overflow: drop everything
+        other.journal.poll()
+        journal.poll()
+        assert l1.get("a") is MISSING
+        chain.set("b", 2, 60)
+        assert other.ns.move()  # another process's clear()
+        journal.poll()
+        assert l1.get("b") is MISSING
+        assert chain.get("b") is None
+        figures = collector.snapshot().chain_metrics
+        assert figures.coherence_lost == 1
+        assert figures.coherence_lost_by_reason == {"overflow": 1}
+
+
+@pytest.mark.usefixtures("no_poller")
+def test_close_publishes_what_is_pending() -> None:
+    store = Store()
+    chain, _ = make_chain(store)
+    other = peer(store)
+    chain.set("last", 1, 60)
+    chain.close()
+    other.journal.poll()
+    assert other.rec.keys() == [["last"]]
+
+
+def _coherence_threads() -> int:
+    return sum(1 for t in threading.enumerate() if t.name == "cachechain-coherence")
+
+
+def test_coherence_false_means_no_namespace_and_no_thread() -> None:
+    store = Store()
+    before = _coherence_threads()
+    with Chain([MemoryLayer("L1"), store], coherence=False) as chain:
+        assert chain.coherence is None
+        assert _coherence_threads() == before
+        chain.set("k", 1, 60)
+        assert store.data["k"][0] == 1  # not namespaced
+        assert chain.clear() is False  # nothing can clear the shared layer for all
+
+
+def test_coherence_on_starts_one_poller_that_close_stops() -> None:
+    store = Store()
+    before = _coherence_threads()
+    chain = Chain([MemoryLayer("L1"), store])
+    assert chain.coherence is not None and chain.coherence.tracking
+    assert _coherence_threads() == before + 1
+    chain.close()
+    assert _coherence_threads() == before
+
+
+@pytest.mark.usefixtures("no_poller")
+def test_without_an_in_process_layer_only_the_generation_is_followed() -> None:
+    store = Store()
+    with Chain([store]) as chain:
+        assert chain.coherence is not None and not chain.coherence.tracking
+        chain.set("k", 1, 60)
+        chain_journal(chain).poll()
+        assert HEAD_KEY not in store.data
+        assert chain.clear() is True
+
+
+@pytest.mark.usefixtures("no_poller")
+def test_the_namespace_switched_off_keeps_l1s_coherent_or_is_refused() -> None:
+    """``CoherenceConfig`` documents ``namespace`` and ``enabled`` as two settings:
+    turning off the generation must not silently turn off the invalidations too."""
+    store = Store()
+    l1 = MemoryLayer("L1")
+    try:
+        chain = Chain([l1, store], coherence=CoherenceConfig(namespace=False))
+    except ConfigError:
+        return  # refused, saying why: acceptable
+    with chain:
+        assert chain.coherence is not None and chain.coherence.tracking, (
+            "CoherenceConfig(namespace=False) turned the invalidations off without a word"
+        )
+
+
+def test_an_in_process_layer_without_clear_is_refused() -> None:
+    with pytest.raises(ConfigError, match="clear"):
+        Chain([FakeLayer("L1", local=True), Store()])
+    Chain([FakeLayer("L1", local=True), Store()], coherence=False).close()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"interval": 0.1, "bound": 0.1}, r"coherence\.interval .* must be below"),
+        ({"interval": 0.0}, r"coherence\.interval"),
+        ({"bound": -1.0}, r"coherence\.bound"),
+        ({"bound": float("inf")}, r"coherence\.bound"),
+        ({"slots": 0}, r"coherence\.slots"),
+        ({"slots": 1.5}, r"coherence\.slots"),
+        ({"enabled": "yes"}, r"coherence\.enabled must be a bool"),
+        ({"namespace": 1}, r"coherence\.namespace must be a bool"),
+    ],
+)
+def test_bad_coherence_settings_are_config_errors(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        CoherenceConfig(**kwargs)
+
+
+def test_coherence_must_be_a_bool_or_a_config() -> None:
+    with pytest.raises(ConfigError, match="coherence must be a bool"):
+        Chain([MemoryLayer("L1"), Store()], coherence="on")  # type: ignore[arg-type]
+    assert CoherenceConfig.of(True) == CoherenceConfig()
+    off = CoherenceConfig.of(False)
+    assert not off.enabled and not off.namespace
+
+
+# -------------------------------------------------------------------------- on memcached
+
+
+@pytest.fixture()
+def fresh_memcached() -> Iterator[MemcachedProcess]:
+    server = MemcachedProcess().start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.memcached
+def test_two_applications_with_different_codecs_share_one_memcached(
+    fresh_memcached: MemcachedProcess,
+) -> None:
+    """Two Django sites on one memcached, each with its own ``SECRET_KEY`` (each gets
+    a SignedPickleCodec keyed by it; the same happens to one site during a rolling
+    deploy that changes the key). Each must keep its L2 and its coherence: the
+    generation and the ring of the other must not make every L2 call fail."""
+    address = fresh_memcached.address
+    collectors = MemoryCollector(), MemoryCollector()
+    chains = [
+        Chain(
+            [MemoryLayer("L1"), MemcachedLayer("L2", address, codec=SignedPickleCodec(secret))],
+            metrics=collector,
+            name=name,
+        )
+        for name, secret, collector in zip(
+            ("a", "b"), (b"a" * 32, b"b" * 32), collectors, strict=True
+        )
+    ]
+    try:
+        for i, chain in enumerate(chains):
+            assert chain.set("k", i, 60)
+        for i, chain in enumerate(chains):
+            chain.layers[0].clear()  # type: ignore[attr-defined]
+            assert chain.get("k") == i, f"chain {i} lost its memcached layer"
+        for collector in collectors:
+            errors = collector.snapshot().layer_metrics["L2"].errors
+            assert errors == 0
+    finally:
+        for chain in chains:
+            chain.close()
+
+
+@pytest.mark.memcached
+def test_a_batch_of_long_keys_is_published_not_lost(fresh_memcached: MemcachedProcess) -> None:
+    """1,000 keys of 1,200 characters make an entry over memcached's 1 MB item: the
+    entry is refused, and every other process waits the bound for it, then drops
+    everything (lost track: "gap"). The batch must be split so that it fits."""
+    address = fresh_memcached.address
+    layer_a, layer_b = MemcachedLayer("L2", address), MemcachedLayer("L2", address)
+    mono = FakeClock()
+    a, b = Process(layer_a), Process(layer_b, mono)
+    try:
+        a.join()
+        b.join()
+        keys = [f"{i:04d}" + "k" * 1_196 for i in range(BATCH)]
+        a.journal.publish(keys)
+        a.journal.poll()
+        b.journal.poll()
+        mono.advance(BOUND * 2)  # any wait for an entry not written yet is over
+        b.journal.poll()
+        events = b.rec.take()
+        assert ("lost", "gap") not in events, "the entry was too large for memcached"
+        assert [k for e in events if e[0] == "invalidate" for k in e[1]] == keys
+    finally:
+        layer_a.close()
+        layer_b.close()
+
+
+@pytest.mark.memcached
+def test_the_journal_round_trip_on_memcached(fresh_memcached: MemcachedProcess) -> None:
+    layers = [MemcachedLayer("L2", fresh_memcached.address) for _ in range(2)]
+    a, b = (Process(layer) for layer in layers)
+    try:
+        a.join()
+        b.join()
+        a.publish("x", "y")
+        a.publish("z")
+        b.journal.poll()
+        assert b.rec.keys() == [["x", "y"], ["z"]]
+        assert a.ns.move()
+        b.journal.poll()
+        assert b.ns.generation == a.ns.generation
+        assert ("cleared",) in b.rec.take()
+    finally:
+        for layer in layers:
+            layer.close()
+
+
+@pytest.mark.memcached
+def test_a_shared_layer_given_by_layer_config_is_namespaced(
+    fresh_memcached: MemcachedProcess,
+) -> None:
+    """A chain whose shared layer is given through a LayerConfig is namespaced inside
+    its breaker: the breaker sees the generation's fetch as a call of the layer."""
+    l2 = MemcachedLayer("L2", fresh_memcached.address)
+    with Chain([MemoryLayer("L1"), LayerConfig(layer=l2)]) as chain:
+        assert chain.set("k", 1, 60)
+        prefix = chain.coherence.namespace.current()  # type: ignore[union-attr]
+        assert l2.get(prefix + "k") == 1
