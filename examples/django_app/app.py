@@ -21,7 +21,8 @@ the environment for ``scripts/load_workers.py``, which drives this app under gun
 ``CACHECHAIN_EXAMPLE_LOAD_ENDPOINTS=1`` mounts its test endpoints under ``/load/``
 (they write and clear the cache: never in production, see ``load_views.py``);
 ``CACHECHAIN_EXAMPLE_BACKEND=stock`` swaps cachechain for Django's own
-``PyMemcacheCache``, for comparison; sessions live in an alias of their own without the in-process layer (see ``SESSIONS``:
+``PyMemcacheCache``, for comparison; sessions live in an alias of their own without
+the in-process layer (see ``SESSIONS``:
 a user's next request may reach another worker sooner than the 100 ms coherence bound,
 so session data must be read from memcached; ``CACHECHAIN_EXAMPLE_SESSION_CACHE=default``
 puts them in the L1 alias, to see what goes wrong);
