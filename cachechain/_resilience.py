@@ -59,7 +59,7 @@ class ResilientLayer(LayerProxy):
 
     ``breaker`` defaults to ``CircuitBreaker(layer.name)``. ``timeout`` (seconds,
     ``None`` = no slow-call check) defaults to the wrapped layer's ``timeout`` plus its
-    ``connect_timeout`` when it has them (a socket timeout bounds each read, and a
+    ``connect_timeout`` when it has them (the layer's timeout bounds a whole call, and a
     healthy call may also have to connect). ``clock`` returns monotonic seconds and
     times each call. Raises
     :class:`~cachechain.ConfigError` for a layer that is not a ``CacheLayer`` or
@@ -82,7 +82,7 @@ class ResilientLayer(LayerProxy):
         elif not isinstance(breaker, CircuitBreaker):
             raise ConfigError(f"breaker must be a CircuitBreaker, got {breaker!r}")
         if timeout is None:
-            # A socket timeout bounds each read; a healthy call may also connect.
+            # The layer's timeout bounds a call; a healthy call may also connect.
             own = layer.timeout if isinstance(layer, SupportsTimeout) else None
             own = check_optional_seconds(own, "layer.timeout")
             connect = check_optional_seconds(
