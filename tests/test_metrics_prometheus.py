@@ -119,6 +119,7 @@ def exercise_everything(collector: PrometheusCollector, *, coherence: bool = Tru
     fake.fail = LayerUnavailableError("down", layer="L2")
     chain.get("x")  # an error that opens the breaker
     chain.get("y")  # refused by the open breaker
+    chain.delete("y")  # a delete L2 could not take (a repair is queued for it)
     fake.fail = None
     view = collector.bind_chain("web", ("L1", "L2"))
     view.record_queue_depth("L2", 3)
@@ -174,7 +175,9 @@ def test_names_types_and_labels_are_the_catalogues() -> None:
     )
     err = {"chain": "web", "layer": "L2", "operation": "get", "error_type": "connection"}
     assert get("cache_chain_errors_total", err) == 1
-    assert get("cache_chain_circuit_rejected_total", {"chain": "web", "layer": "L2"}) == 1
+    assert (
+        get("cache_chain_circuit_rejected_total", {"chain": "web", "layer": "L2"}) == 2
+    )  # the get of "y" and its delete
     assert get("cache_chain_loads_total", {"chain": "web", "result": "success"}) == 1
     chain.close()
 
