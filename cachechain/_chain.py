@@ -490,9 +490,7 @@ def _coherence(
                 )
     writer = tiers[at].writer
     held = writer.holds if writer is not None else _never_held
-    coherence = Coherence(
-        tiers, at, namespace.layer, namespace, chain._fence, chain._report, config, held
-    )
+    coherence = Coherence(tiers, at, namespace, chain._fence, chain._report, config, held)
     for tier in tiers:  # past max_repairs, a shared layer is handled as a whole
         if tier.writer is not None and not tier.layer.local:
             tier.writer.overflow_handler = coherence.handle_overflow

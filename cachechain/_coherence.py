@@ -78,15 +78,15 @@ class Coherence:
     """The coherence of one chain: its namespace, its backplane, and the receiver that
     applies other processes' changes to ``tiers`` (the chain's tiers) under ``fence``.
 
-    ``shared`` is the shared layer itself (unwrapped); ``held(key)`` whether a write of
-    ``key`` has not reached it yet. Never raises once built.
+    The journal lives in the shared layer that holds ``namespace`` (unwrapped);
+    ``held(key)`` says whether a write of ``key`` has not reached it yet. Never raises
+    once built.
     """
 
     def __init__(
         self,
         tiers: Sequence[Tier],
         shared_at: int,
-        shared: CacheLayer,
         namespace: Namespace,
         fence: MutationFence,
         report: Reporter,
@@ -103,7 +103,7 @@ class Coherence:
         self._others = [t for t in local if t is not self._first]
         track_keys = config.enabled and bool(local)
         self.backplane: Backplane = MemcachedJournal(
-            shared,
+            namespace.layer,
             namespace,
             keys=track_keys,
             interval=config.interval,
@@ -131,7 +131,7 @@ class Coherence:
         try:
             moved = self.namespace.move()
         except Exception as exc:
-            self._report.failed(self.backplane_layer_name, "clear", exc)
+            self._report.failed(self.namespace.layer.name, "clear", exc)
             moved = False
         self.drop_all()
         return moved
@@ -148,11 +148,6 @@ class Coherence:
             return self.clear()
         except Exception:
             return False
-
-    @property
-    def backplane_layer_name(self) -> str:
-        """The name of the layer that holds the namespace and the journal."""
-        return str(self.namespace._layer.name)
 
     # -- the receiver -----------------------------------------------------------------
     def invalidate(self, keys: Sequence[str], lag: float) -> None:

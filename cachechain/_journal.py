@@ -416,7 +416,7 @@ class MemcachedJournal:
         return self._entries(got, head, receiver)
 
     def _entries(self, got: Mapping[str, Any], head: int, receiver: Receiver) -> bool:
-        last = self._last or 0
+        last = self._last or 0  # set by the caller: never None here
         for seq in range(last + 1, min(head, last + self._read_ahead) + 1):
             entry = got.get(self._slot(seq))
             found = _seq_of(entry)
@@ -431,8 +431,8 @@ class MemcachedJournal:
             else:
                 receiver.lost("gap")
             self._gap_since = None
-            self._last = seq
-        return seq_last_below(self._last, head)
+            self._last = last = seq
+        return last < head
 
     def _gap_expired(self) -> bool:
         now = self._clock()
@@ -452,11 +452,6 @@ class MemcachedJournal:
             return
         lag = max(0.0, self._wall() - published_at) if isinstance(published_at, float) else 0.0
         receiver.invalidate(keys, lag)
-
-
-def seq_last_below(last: int | None, head: int) -> bool:
-    """Whether entries remain between ``last`` (the last one read) and ``head``."""
-    return last is not None and last < head
 
 
 def _seq_of(entry: object) -> int | None:

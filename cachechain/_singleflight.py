@@ -121,12 +121,13 @@ class SingleFlight(Generic[T]):
         """Detach the calls in flight for ``keys`` (Go's ``Forget``): later callers
         start a call of their own instead of joining one that began before (a ``set``
         or ``delete`` of the key made its result stale). Those already waiting still
-        get its result."""
+        get its result. Lock-free when no call is in flight (every ``set`` calls it)."""
+        if not self._calls:
+            return
         with self._lock:
             calls = self._calls
-            if calls:
-                for key in keys:
-                    calls.pop(key, None)
+            for key in keys:
+                calls.pop(key, None)
 
     def forget_all(self) -> None:
         """:meth:`forget` every key (a ``clear``)."""
