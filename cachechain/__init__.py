@@ -50,6 +50,7 @@ from ._errors import (
     LayerTimeoutError,
     LayerUnavailableError,
     PoolExhaustedError,
+    WriteInDoubtError,
 )
 from ._settings import chain_config_from_file, chain_config_from_mapping
 from ._singleflight import LoadTimeoutError, ReentrantLoadError
@@ -97,6 +98,7 @@ __all__ = [
     "MemoryCollector",
     "MemoryLayer",
     "PoolExhaustedError",
+    "WriteInDoubtError",
     "SignedPickleCodec",
     "TaggedJsonCodec",
     "WriterConfig",

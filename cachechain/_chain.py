@@ -311,7 +311,11 @@ class Chain(AtomicOps):
         lower layer that did not take the value (it failed, refused it, or its writer
         dropped it for a full queue) gets a delete of the key instead, retried until it
         lands, so no older value of it stays there; meanwhile this chain does not read
-        the key from that layer.
+        the key from that layer. A value a layer refuses (its codec cannot encode it,
+        or it is too large) always gives False, whether that layer's write is made at
+        once or queued (the value is checked before it is queued): that layer keeps
+        nothing of the key, and the layers that took the value (the in-process one)
+        serve it.
         Raises :class:`~cachechain.InvalidKeyError` for a non-``str`` key.
         """
         check_key(key)

@@ -9,9 +9,9 @@ A codec encodes one value into bytes and decodes them back. Three are provided:
 - :class:`SignedPickleCodec` (``codec_id`` 2): any picklable value, signed with
   HMAC-SHA256 under a secret. The signature is checked before anything is unpickled,
   so whoever can write to the cache but does not know the secret cannot make a reader
-  run code (the Flask-Caching and Django pickle problem). A value written with one
-  key can still be copied by such a writer under another key of the same layer: the
-  signature covers the value, not the key it is stored under.
+  run code (the Flask-Caching and Django pickle problem). In a layer the signature
+  covers the envelope's header (its expiry included) and the memcached key too, so
+  such a writer cannot make an entry live longer nor copy it under another key.
 - :class:`TaggedJsonCodec` (``codec_id`` 3): JSON plus tagged ``bytes``, ``tuple``,
   ``set``, dates and times, ``Decimal``, ``UUID`` and dicts with keys of those types
   (:mod:`cachechain._tagged`); reading it back never runs code either. The Django and
@@ -27,19 +27,27 @@ A codec encodes one value into bytes and decodes them back. Three are provided:
 
 so a reader can tell an expired entry (sub-second TTLs that memcached cannot express),
 and refuses bytes written by anything else, or by a layer with another codec.
+
+A codec that signs its payloads binds them to a *context* (:func:`binds_context`): its
+``encode`` and ``decode`` take a keyword argument ``context``, and :class:`Envelope`
+(what a layer uses) passes the envelope's header followed by the memcached key, which
+the codec authenticates together with the payload. Zeroing the expiry of a signed entry
+or copying it under another key then breaks its signature: it reads as a corrupt value
+(a miss), never as a live one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import inspect
 import json
 import json.scanner
 import math
 import pickle
 import struct
 from collections.abc import Iterator
-from typing import Any, Final, Protocol, runtime_checkable
+from typing import Any, Final, Protocol, cast, runtime_checkable
 
 from . import _tagged
 from ._errors import ConfigError, CorruptValueError, InvalidValueError
@@ -50,9 +58,11 @@ __all__ = [
     "ENVELOPE_MAGIC",
     "Codec",
     "CorruptValueError",
+    "Envelope",
     "JsonCodec",
     "SignedPickleCodec",
     "TaggedJsonCodec",
+    "binds_context",
     "check_codec",
     "expiry_of",
     "pack",
@@ -71,7 +81,18 @@ ENVELOPE_HEADER_SIZE = _HEADER.size
 
 @runtime_checkable
 class Codec(Protocol):
-    """Turns values into bytes and back, for the layers that store bytes."""
+    """Turns values into bytes and back, for the layers that store bytes.
+
+    A codec that signs its payloads (anything that trusts what it reads because of a
+    MAC, as :class:`SignedPickleCodec` does) must bind them to their place: its
+    ``encode`` and ``decode`` then also take a keyword argument ``context``
+    (``bytes``, with a default, ``b""``, so that the codec is still a ``Codec``), and
+    ``decode`` refuses a payload unless ``context`` is the one it was encoded with.
+    A layer detects this once, when it is made (:func:`binds_context`), and passes
+    the envelope's header (its expiry included) followed by the memcached key, so an
+    entry whose expiry was edited, or that was copied under another key, reads as a
+    corrupt value. A codec that reads untrusted bytes safely (JSON) needs no context.
+    """
 
     @property
     def codec_id(self) -> int:
@@ -92,6 +113,16 @@ class Codec(Protocol):
         """
 
 
+class _BoundCodec(Protocol):
+    """A codec that binds its payloads to a context (see :class:`Codec`)."""
+
+    codec_id: int
+
+    def encode(self, value: Any, *, context: bytes = b"") -> bytes: ...
+
+    def decode(self, data: bytes, *, context: bytes = b"") -> Any: ...
+
+
 def check_codec(codec: object) -> Codec:
     """Return ``codec`` if it provides ``codec_id`` (an ``int`` in 0-255), ``encode``
     and ``decode``. Raises :class:`~cachechain.ConfigError` naming the field
@@ -104,14 +135,61 @@ def check_codec(codec: object) -> Codec:
     return codec
 
 
+def binds_context(codec: Codec) -> bool:
+    """Whether ``codec`` binds its payloads to a context (see :class:`Codec`): both its
+    ``encode`` and its ``decode`` take a keyword argument ``context``.
+
+    Raises :class:`~cachechain.ConfigError` when only one of them does, or when
+    ``context`` cannot be passed by keyword or has no default.
+    """
+    encode = _takes_context(codec.encode, "encode")
+    decode = _takes_context(codec.decode, "decode")
+    if encode != decode:
+        has, lacks = ("encode", "decode") if encode else ("decode", "encode")
+        raise ConfigError(
+            f"codec.{has} takes a context but codec.{lacks} does not: a codec binds its "
+            f"payloads to a context in both or in neither"
+        )
+    return encode
+
+
+def _takes_context(method: Any, name: str) -> bool:
+    """Whether ``method`` has a parameter ``context``; ConfigError if it has one that
+    cannot be passed by keyword or has no default."""
+    try:
+        signature = inspect.signature(method)
+    except (TypeError, ValueError):  # no signature to read (a builtin): no context
+        return False
+    param = signature.parameters.get("context")
+    if param is None:
+        return False
+    keyword = param.kind in (param.KEYWORD_ONLY, param.POSITIONAL_OR_KEYWORD)
+    if not keyword or param.default is param.empty:
+        raise ConfigError(
+            f"codec.{name} must take context as a keyword argument with a default "
+            f"(b''), got {name}{signature}"
+        )
+    return True
+
+
 def _reject_constant(name: str) -> Any:
     """``parse_constant`` hook for :func:`json.loads`: NaN and infinities are not JSON."""
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    """``parse_float`` hook for :func:`json.loads`: a number too large for a float
+    (``1e400``) would read as an infinity, which the encoders refuse to write."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of the range of a float")
+    return value
+
+
 #: One decoder for every call (``json.loads`` with a hook builds a new one each time),
-#: used through its scanner: our encoder writes no surrounding whitespace.
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+#: used through its scanner: our encoder writes no surrounding whitespace. It reads
+#: what the encoders write: no NaN, no infinity, whether spelt out or out of range.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 _SCAN = json.scanner.make_scanner(_DECODER)  # type: ignore[arg-type]  # the stub names the wrong type
 
 
@@ -279,13 +357,21 @@ class TaggedJsonCodec:
         return "TaggedJsonCodec()"
 
 
+#: The length of a context, in front of it in the signed bytes.
+_CONTEXT_LENGTH: Final = struct.Struct(">I")
+
+
 class SignedPickleCodec:
     """Pickle (highest protocol) signed with HMAC-SHA256 (``codec_id`` 2).
 
-    The payload is a 32-byte signature followed by the pickle. ``decode`` verifies the
+    The payload is a 32-byte signature followed by the pickle. The signature covers the
+    ``context`` too (see :class:`Codec`): in a layer, the envelope's header (its
+    expiry) and the memcached key, so an entry whose expiry was changed or that was
+    copied under another key is refused like a forged one. ``decode`` verifies the
     signature with :func:`hmac.compare_digest` before unpickling anything. The signing
-    key is derived from ``secret`` for this codec only, so a signature made elsewhere
-    with the same secret is never accepted here.
+    key is derived from ``secret`` for this codec and format only, so a signature made
+    elsewhere with the same secret (or by cachechain 0.1, whose signature covered the
+    pickle alone) is never accepted here.
 
     Every process that shares the cache must use the same ``secret`` (``bytes``, or a
     ``str`` taken as UTF-8). Raises :class:`~cachechain.ConfigError` for an
@@ -304,13 +390,22 @@ class SignedPickleCodec:
             raise ConfigError(f"secret must be bytes or str, got {type(secret).__name__}")
         if not secret:
             raise ConfigError("secret must not be empty")
-        self._key = hmac.new(secret, b"cachechain.SignedPickleCodec.v1", hashlib.sha256).digest()
+        key = hmac.new(secret, b"cachechain.SignedPickleCodec.v2", hashlib.sha256).digest()
+        #: The HMAC keyed once; each signature starts from a copy of it.
+        self._mac = hmac.new(key, digestmod=hashlib.sha256)
 
-    def _sign(self, data: bytes) -> bytes:
-        return hmac.new(self._key, data, hashlib.sha256).digest()
+    def _sign(self, context: bytes, body: bytes) -> bytes:
+        """HMAC-SHA256 of the context's length (4 bytes, big-endian), the context and
+        the pickle: no two (context, pickle) pairs sign the same bytes."""
+        mac = self._mac.copy()
+        mac.update(_CONTEXT_LENGTH.pack(len(context)))
+        mac.update(context)
+        mac.update(body)
+        return mac.digest()
 
-    def encode(self, value: Any) -> bytes:
-        """Return the signature followed by the pickle of ``value``.
+    def encode(self, value: Any, *, context: bytes = b"") -> bytes:
+        """Return the signature (of ``context`` and the pickle) followed by the pickle
+        of ``value``.
 
         Raises :class:`~cachechain.InvalidValueError` when ``value`` cannot be
         pickled (a lambda, a lock, an open file...).
@@ -319,21 +414,24 @@ class SignedPickleCodec:
             data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:  # PicklingError, TypeError, AttributeError, RecursionError
             raise InvalidValueError(f"value cannot be pickled: {exc!r}") from exc
-        return self._sign(data) + data
+        return self._sign(context, data) + data
 
-    def decode(self, data: bytes) -> Any:
-        """Verify the signature, then unpickle.
+    def decode(self, data: bytes, *, context: bytes = b"") -> Any:
+        """Verify the signature of ``context`` and the pickle, then unpickle.
 
-        Raises :class:`CorruptValueError` for a missing or wrong signature (nothing is
-        unpickled then), or a signed pickle that no longer loads (a class renamed by a
-        deploy, for example).
+        Raises :class:`CorruptValueError` for a missing or wrong signature (another
+        secret, another context, an older format; nothing is unpickled then), or a
+        signed pickle that no longer loads (a class renamed by a deploy, for example).
         """
         size = self.SIGNATURE_SIZE
         if len(data) <= size:
             raise CorruptValueError("signed pickle is truncated (no signature or no data)")
         signature, body = data[:size], data[size:]
-        if not hmac.compare_digest(signature, self._sign(body)):
-            raise CorruptValueError("signed pickle has a bad signature; not unpickled")
+        if not hmac.compare_digest(signature, self._sign(context, body)):
+            raise CorruptValueError(
+                "signed pickle has a bad signature (another secret, key or expiry, or an "
+                "older format); not unpickled"
+            )
         try:
             return pickle.loads(body)
         except Exception as exc:  # a signed value that no longer loads: treat as a miss
@@ -343,46 +441,114 @@ class SignedPickleCodec:
         return "SignedPickleCodec(secret=<hidden>)"
 
 
-def pack(codec: Codec, value: Any, expires_at: float | None) -> bytes:
-    """Return the envelope of ``value``: header, then ``codec.encode(value)``.
+class Envelope:
+    """How a layer wraps the payloads of its ``codec`` (see :func:`pack`); made once
+    per layer. When the codec binds its payloads to a context (:func:`binds_context`,
+    :attr:`bound`), each payload is bound to the envelope's header and the memcached
+    key: the bytes of an entry read back under another key, or with another header,
+    are refused.
+
+    Raises :class:`~cachechain.ConfigError` as :func:`check_codec` and
+    :func:`binds_context` do.
+    """
+
+    __slots__ = ("_bound_codec", "bound", "codec", "codec_id")
+
+    def __init__(self, codec: Codec) -> None:
+        #: The codec.
+        self.codec: Codec = check_codec(codec)
+        self.codec_id: int = codec.codec_id
+        #: Whether payloads are bound to the header and the key.
+        self.bound = binds_context(codec)
+        self._bound_codec = cast("_BoundCodec", codec) if self.bound else None
+
+    def pack(self, value: Any, expires_at: float | None, key: bytes = b"") -> bytes:
+        """Return the envelope of ``value`` stored under ``key`` (the memcached key):
+        header, then the codec's payload.
+
+        ``expires_at`` is the entry's expiry in unix wall-clock seconds, or ``None`` for
+        none. Raises :class:`~cachechain.InvalidValueError` when the codec cannot
+        encode the value or ``expires_at`` is not a finite number > 0.
+        """
+        stamp = check_optional_seconds(expires_at, "expires_at", error=InvalidValueError) or 0.0
+        header = _HEADER.pack(ENVELOPE_MAGIC, self.codec_id, stamp)
+        bound = self._bound_codec
+        if bound is not None:
+            return header + bound.encode(value, context=header + key)
+        return header + self.codec.encode(value)
+
+    def unpack(self, data: bytes, key: bytes = b"") -> tuple[Any, float | None]:
+        """Return ``(value, expires_at)`` from the envelope ``data`` read under ``key``.
+
+        ``expires_at`` is unix wall-clock seconds, or ``None`` for an entry that does not
+        expire; the caller decides whether it has passed. Raises
+        :class:`CorruptValueError` for truncated data, a wrong magic byte, a codec id
+        other than this codec's (a JSON reader never unpickles; a pickle reader never
+        trusts unsigned data), an invalid expiry, or a payload the codec rejects (for a
+        bound codec: one not bound to this header and ``key``).
+        """
+        if len(data) < ENVELOPE_HEADER_SIZE:
+            raise CorruptValueError(f"stored value is truncated ({len(data)} bytes)")
+        magic, codec_id, stamp = _HEADER.unpack_from(data)
+        if magic != ENVELOPE_MAGIC:
+            raise CorruptValueError(f"stored value has an unknown envelope (magic 0x{magic:02x})")
+        if codec_id != self.codec_id:
+            raise CorruptValueError(
+                f"stored value was written by codec {codec_id}, this layer reads {self.codec_id}"
+            )
+        if not math.isfinite(stamp) or stamp < 0:
+            raise CorruptValueError(f"stored value has an invalid expiry {stamp!r}")
+        bound = self._bound_codec
+        if bound is not None:
+            context = data[:ENVELOPE_HEADER_SIZE] + key
+            value = bound.decode(data[ENVELOPE_HEADER_SIZE:], context=context)
+        else:
+            value = self.codec.decode(data[ENVELOPE_HEADER_SIZE:])
+        return value, (stamp if stamp else None)
+
+    def restamp(
+        self, data: bytes, expires_at: float | None, key: bytes = b""
+    ) -> tuple[bytes, float | None]:
+        """Return the envelope ``data`` (read under ``key``) with its expiry replaced by
+        ``expires_at`` (unix seconds, ``None`` for none), and the expiry it had. The
+        payload of a codec that does not bind it is kept as it is, neither decoded nor
+        checked (see :func:`restamp`); a bound payload is verified (:meth:`unpack`)
+        and encoded again for the new header. Raises :class:`CorruptValueError` as
+        :meth:`unpack` does (for an unbound payload: as :func:`restamp`), and
+        :class:`~cachechain.InvalidValueError` for an ``expires_at`` that is not a
+        finite number > 0."""
+        if self._bound_codec is None:
+            return restamp(data, expires_at)
+        value, old = self.unpack(data, key)
+        return self.pack(value, expires_at, key), old
+
+    def __repr__(self) -> str:
+        return f"Envelope({self.codec!r})"
+
+
+def pack(codec: Codec, value: Any, expires_at: float | None, key: bytes = b"") -> bytes:
+    """Return the envelope of ``value``: header, then ``codec.encode(value)`` (bound to
+    the header and ``key`` for a codec that binds its payloads, see :class:`Envelope`).
 
     ``expires_at`` is the entry's expiry in unix wall-clock seconds, or ``None`` for
     none. Raises :class:`~cachechain.InvalidValueError` when the codec cannot
     encode the value or ``expires_at`` is not a finite number > 0.
     """
-    stamp = check_optional_seconds(expires_at, "expires_at", error=InvalidValueError) or 0.0
-    payload = codec.encode(value)
-    return _HEADER.pack(ENVELOPE_MAGIC, codec.codec_id, stamp) + payload
+    return Envelope(codec).pack(value, expires_at, key)
 
 
-def unpack(codec: Codec, data: bytes) -> tuple[Any, float | None]:
-    """Return ``(value, expires_at)`` from an envelope made by :func:`pack`.
-
-    ``expires_at`` is unix wall-clock seconds, or ``None`` for an entry that does not
-    expire; the caller decides whether it has passed. Raises :class:`CorruptValueError`
-    for truncated data, a wrong magic byte, a codec id other than ``codec``'s (a JSON
-    reader never unpickles; a pickle reader never trusts unsigned data), an invalid
-    expiry, or a payload the codec rejects.
-    """
-    if len(data) < ENVELOPE_HEADER_SIZE:
-        raise CorruptValueError(f"stored value is truncated ({len(data)} bytes)")
-    magic, codec_id, stamp = _HEADER.unpack_from(data)
-    if magic != ENVELOPE_MAGIC:
-        raise CorruptValueError(f"stored value has an unknown envelope (magic 0x{magic:02x})")
-    if codec_id != codec.codec_id:
-        raise CorruptValueError(
-            f"stored value was written by codec {codec_id}, this layer reads {codec.codec_id}"
-        )
-    if not math.isfinite(stamp) or stamp < 0:
-        raise CorruptValueError(f"stored value has an invalid expiry {stamp!r}")
-    value = codec.decode(data[ENVELOPE_HEADER_SIZE:])
-    return value, (stamp if stamp else None)
+def unpack(codec: Codec, data: bytes, key: bytes = b"") -> tuple[Any, float | None]:
+    """Return ``(value, expires_at)`` from an envelope made by :func:`pack` (with the
+    same ``key``); see :meth:`Envelope.unpack`, which a layer calls, for the errors."""
+    return Envelope(codec).unpack(data, key)
 
 
 def restamp(data: bytes, expires_at: float | None) -> tuple[bytes, float | None]:
     """Return ``data`` (an envelope made by :func:`pack`) with its expiry replaced by
     ``expires_at`` (unix seconds, ``None`` for none), and the expiry it had. The
-    payload is neither decoded nor checked (nothing is unpickled). Raises
+    payload is neither decoded nor checked (nothing is unpickled), so this is only for
+    a codec that does not bind its payloads (a bound one no longer verifies: use
+    :meth:`Envelope.restamp`). Raises
     :class:`CorruptValueError` for bytes that are not an envelope (too short, a wrong
     magic byte, an invalid expiry), and :class:`~cachechain.InvalidValueError` for an
     ``expires_at`` that is not a finite number > 0."""

@@ -27,6 +27,7 @@ __all__ = [
     "LayerTimeoutError",
     "LayerUnavailableError",
     "PoolExhaustedError",
+    "WriteInDoubtError",
     "classify_error",
     "trips_breaker",
 ]
@@ -98,6 +99,20 @@ class LayerTimeoutError(LayerError, TimeoutError):
     """The backend did not answer within the configured timeout (seconds)."""
 
     error_type = "timeout"
+
+
+class WriteInDoubtError(LayerTimeoutError):
+    """A write of this key was refused without any I/O because an earlier write of the
+    same key, from this process, timed out after it was sent and memcached has not yet
+    answered it: sending now could let that older write land after this one.
+
+    The earlier write's connection is kept until memcached answers it (or closes it),
+    and the key is released then. A write that waited for that until its own deadline
+    (seconds) raises this error. Its timeout was counted already, so it does not trip
+    the circuit breaker.
+    """
+
+    trips_breaker = False
 
 
 class CircuitOpenError(LayerUnavailableError):

@@ -247,7 +247,7 @@ class SettlingTier(Tier):
     flight (waiting for it at most ``settle`` seconds) or else queued behind it, and
     a write the layer missed becomes a repair delete (see the module docstring)."""
 
-    __slots__ = ("_queue", "_set_wait", "_settle")
+    __slots__ = ("_check_value", "_queue", "_set_wait", "_settle")
 
     def __init__(
         self,
@@ -266,6 +266,11 @@ class SettlingTier(Tier):
         self._settle = settle
         #: Seconds a queued set may wait for room in a full queue (0: dropped at once).
         self._set_wait = set_wait
+        #: The layer's ``check_value(value)`` (raises for a value its ``set`` refuses,
+        #: as MemcachedLayer's does), or None.
+        self._check_value: Callable[[Any], object] | None = getattr(
+            unwrapped(layer), "check_value", None
+        )
 
     def held(self, keys: Iterable[str]) -> frozenset[str]:
         """Those of ``keys`` the writer holds (queued, in flight or awaiting a repair)."""
@@ -312,13 +317,30 @@ class SettlingTier(Tier):
         return None
 
     def _queue_set(self, key: str, value: Any, ttl: float | None) -> bool:
-        """Queue a set of ``key``; if the writer drops it (queue full), queue a delete
-        instead (never dropped), so that no older value of ``key`` outlives it there."""
+        """Queue a set of ``key``; if the layer refuses the value (checked first, so a
+        queued set answers as a synchronous one does, whatever the writer holds) or the
+        writer drops it (queue full), queue a delete instead (never dropped), so that no
+        older value of ``key`` outlives it there."""
         writer = self._queue
-        if writer.set(key, value, ttl, max_wait=self._set_wait):
+        if self._accepts(value) and writer.set(key, value, ttl, max_wait=self._set_wait):
             return True
         writer.delete(key)
         return False
+
+    def _accepts(self, value: Any) -> bool:
+        """Whether the layer would take ``value`` (its ``check_value``, if it has one);
+        a refusal is counted and logged as the refused synchronous set would be."""
+        check = self._check_value
+        if check is None:
+            return True
+        try:
+            check(value)
+        except Exception as exc:
+            self._report.failed(self.name, "set", exc)
+            if self._report.m is not None:
+                self._report.m.record_set(self.name, False, 0.0)
+            return False
+        return True
 
     def _queue_delete(self, key: str) -> bool:
         self._queue.delete(key)

@@ -354,14 +354,14 @@ class Scripted:
             monkeypatch.setattr(pool, method, self._wrap(real))
 
     def _wrap(self, real: Callable[..., Any]) -> Callable[..., Any]:
-        def call(node: Any, op: Any, *args: Any) -> Any:
+        def call(node: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
             name = op if isinstance(op, str) else args[0]  # _native(client, command, ...)
             replies = self.script.get(name)
             if replies:
                 reply = replies.pop(0)
                 if reply is not REAL:
                     return reply
-            return real(node, op, *args)
+            return real(node, op, *args, **kwargs)
 
         return call
 

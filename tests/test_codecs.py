@@ -51,10 +51,13 @@ class Point:
     y: int
 
 
-def sign(secret: bytes, body: bytes) -> bytes:
-    """Sign ``body`` the documented way (independent of the codec's code)."""
-    key = hmac.new(secret, b"cachechain.SignedPickleCodec.v1", hashlib.sha256).digest()
-    return hmac.new(key, body, hashlib.sha256).digest()
+def sign(secret: bytes, body: bytes, context: bytes = b"") -> bytes:
+    """Sign ``context`` and ``body`` the documented way (independent of the codec's
+    code): HMAC-SHA256, under a key derived for the format, of the context's length
+    (4 bytes, big-endian), the context and the pickle."""
+    key = hmac.new(secret, b"cachechain.SignedPickleCodec.v2", hashlib.sha256).digest()
+    message = struct.pack(">I", len(context)) + context + body
+    return hmac.new(key, message, hashlib.sha256).digest()
 
 
 # -- CorruptValueError -------------------------------------------------------------------
@@ -525,7 +528,7 @@ def test_tagged_nesting_limit_and_a_deep_call_stack() -> None:
         (b'{" d":[[[1],2]]}', "unhashable"),
         (b'{" s":[[1]]}', "unhashable"),
         (b'{" td":[1,2]}', "[days, seconds, microseconds]"),
-        (b'{" td":[1e999999,0,0]}', "tagged JSON"),
+        (b'{" td":[1e999999,0,0]}', "out of the range of a float"),
         (b'{" f":"1.5"}', "'nan', 'inf' or '-inf'"),
         (b'{" dt":5}', "isoformat text"),
         (b'{" dt":"yesterday"}', "Invalid isoformat"),

@@ -26,6 +26,7 @@ from cachechain._errors import (
 )
 from cachechain.layers._base import MISSING
 from cachechain.layers._memcached import MemcachedLayer
+from cachechain.layers._memcached_keys import map_key
 from tests.support.faultproxy import BacklogListener
 from tests.support.hostile import (
     Drip,
@@ -104,9 +105,14 @@ def test_a_dripping_server_cannot_hold_a_call_past_its_timeout(
     error, elapsed = timed(lambda: call(lay))
     assert isinstance(error, LayerTimeoutError), error
     assert elapsed < TIMEOUT + SLACK
-    assert lay.stats().connections_open == 0  # never reused mid-reply
+    assert lay._pool.first.idle == []  # never reused mid-reply
     hostile.answer(honest)
     assert lay.get("k") is MISSING  # a new connection, in step
+    # A write that timed out kept its connection until the server answered it (the
+    # rest of its drip, then the reaper's ``version``), and held its keys until then.
+    keys = [map_key("k", ""), map_key("j", "")]
+    lay._pool.fates.wait(keys, time.monotonic() + 5.0, "L2")
+    assert lay._pool.fates.held == {}
     lay.close()
 
 

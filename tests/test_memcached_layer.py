@@ -33,7 +33,13 @@ from pymemcache.exceptions import (
 
 import cachechain.layers._pool as poolmod
 from cachechain import _fork
-from cachechain._codecs import ENVELOPE_MAGIC, CorruptValueError, JsonCodec, SignedPickleCodec
+from cachechain._codecs import (
+    ENVELOPE_MAGIC,
+    CorruptValueError,
+    JsonCodec,
+    SignedPickleCodec,
+    pack,
+)
 from cachechain._errors import (
     ChainClosedError,
     ConfigError,
@@ -736,8 +742,8 @@ def test_pickle_layer_refuses_tampered_and_unsigned(memcached: MemcachedProcess)
     for key in ("tampered", "other", "unsigned", "bare", "json"):
         assert_corrupt(lay, key)
     assert UNPICKLED == []
-    # Positive control: the same object, properly signed, does unpickle.
-    plain.set(b"good", envelope(2, good))
+    # Positive control: the same object, signed for this key and header, does unpickle.
+    plain.set(b"good", pack(codec, Boom(), None, b"good"))
     lay.get("good")
     assert UNPICKLED == ["boom"]
 

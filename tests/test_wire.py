@@ -567,6 +567,11 @@ class JammedSocket(ScriptedSocket):
     def sendall(self, data: bytes) -> None:
         self.through_sendall += bytes(data)
 
+    def send(self, data: bytes) -> int:
+        """What a write command sends in parts (it counts what went out)."""
+        self.through_sendall += bytes(data)
+        return len(data)
+
     def close(self) -> None:
         super().close()
         self._jam.close()

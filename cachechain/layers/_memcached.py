@@ -23,7 +23,10 @@ Design, and why:
   is never sent raw.
 - Values: a :mod:`cachechain._codecs` envelope (``JsonCodec`` by default) that carries
   the entry's wall-clock expiry, so sub-second TTLs work and the remaining TTL can be
-  read back. Memcached gets the TTL rounded up to whole seconds. Counters (a key once
+  read back. A codec that signs binds its payload to the envelope's header and the
+  memcached key (:class:`~cachechain._codecs.Envelope`, detected once, here): a signed
+  entry whose expiry was edited, or copied under another key, reads as corrupt.
+  Memcached gets the TTL rounded up to whole seconds. Counters (a key once
   ``incr``/``decr`` made it one) are memcached's own decimal numbers, flagged
   (:mod:`._counters`), with no envelope: their remaining TTL reads as unknown (0.0).
 - Atomic operations (:mod:`._memcached_atomic`): ``add``, ``incr``/``decr`` and
@@ -55,7 +58,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import _fork
-from .._codecs import Codec, CorruptValueError, JsonCodec, check_codec, pack, unpack
+from .._codecs import Codec, CorruptValueError, Envelope, JsonCodec
 from .._errors import (
     CacheError,
     InvalidKeyError,
@@ -68,7 +71,6 @@ from .._errors import (
 from .._validate import check_callable, check_count, check_seconds
 from . import _wire
 from ._base import MISSING, BaseLayer
-from ._counters import RawCounter, read_raw
 from ._memcached_atomic import MemcachedAtomicOps
 from ._memcached_keys import (
     HASHED_KEY_MARKER,
@@ -78,6 +80,7 @@ from ._memcached_keys import (
     map_key,
     memcached_key,
 )
+from ._memcached_values import MemcachedValues
 from ._pool import Node, NodeDownError, Pool
 from ._servers import parse_servers
 
@@ -118,8 +121,12 @@ class MemcachedLayerStats:
     memcached announced larger than ``max_value_size`` (since the layer was created);
     ``nodes`` is the number of configured servers and ``nodes_down`` how many are
     marked down (always 0 with one server);
-    ``connections_open`` counts pooled clients with an open socket; ``pool_exhausted``
-    counts calls refused because no client became free within ``pool_timeout``.
+    ``connections_open`` counts pooled clients with an open socket (a connection whose
+    write timed out is among them until memcached answers it); ``pool_exhausted``
+    counts calls refused because no client became free within ``pool_timeout``;
+    ``keys_in_doubt`` is how many keys are held now because a write of them timed out
+    after it was sent and memcached has not answered it yet (their next writes wait,
+    see ``docs/design.md``, "Writes in doubt").
     """
 
     corrupt_values: int
@@ -127,9 +134,10 @@ class MemcachedLayerStats:
     nodes_down: int
     connections_open: int
     pool_exhausted: int
+    keys_in_doubt: int = 0
 
 
-class MemcachedLayer(MemcachedAtomicOps, BaseLayer):
+class MemcachedLayer(MemcachedAtomicOps, MemcachedValues, BaseLayer):
     """A remote cache layer on memcached; thread-safe and fork-safe.
 
     ``servers``: ``"HOST:PORT"`` strings (``"[::1]:11211"`` for IPv6; the port defaults to
@@ -183,7 +191,8 @@ class MemcachedLayer(MemcachedAtomicOps, BaseLayer):
         super().__init__(name, default_ttl=default_ttl, max_ttl=max_ttl)
         nodes = tuple(Node(*spec) for spec in parse_servers(servers))
         self._prefix = check_prefix(key_prefix)
-        self._codec = JsonCodec() if codec is None else check_codec(codec)
+        self._envelope = Envelope(JsonCodec() if codec is None else codec)
+        self._codec = self._envelope.codec
         connect_timeout = check_seconds(connect_timeout, "connect_timeout")
         timeout = check_seconds(timeout, "timeout")
         pool_size = check_count(pool_size, "pool_size")
@@ -253,30 +262,6 @@ class MemcachedLayer(MemcachedAtomicOps, BaseLayer):
 
     # -- reads ---------------------------------------------------------------------
 
-    def _decode(self, data: bytes, now: float) -> tuple[Any, float | None]:
-        """Unpack an envelope; ``(MISSING, None)`` if its expiry has passed. A counter
-        is its ``int`` with an unknown remaining TTL, ``0.0``: it has no envelope, and
-        ``0.0`` keeps the chain from copying it up for longer than it may live."""
-        try:
-            if data.__class__ is RawCounter:
-                return read_raw(data), 0.0
-            value, expires_at = unpack(self._codec, data)
-        except CorruptValueError as exc:
-            self._corrupted(exc)
-            raise
-        if expires_at is None:
-            return value, None
-        remaining = expires_at - now
-        if remaining <= 0:
-            return MISSING, None
-        return value, remaining
-
-    def _corrupted(self, exc: CorruptValueError) -> None:
-        """Count a read of stored bytes that could not be decoded (see :meth:`stats`)."""
-        with self._stats_lock:
-            self._corrupt += 1
-        exc.layer = self.name
-
     def get_with_ttl(self, key: str) -> tuple[Any, float | None]:
         """Return ``(value, remaining_seconds)``, ``(value, None)`` for an entry that
         never expires, ``(value, 0.0)`` for a counter (its remaining TTL is unknown), or
@@ -296,7 +281,7 @@ class MemcachedLayer(MemcachedAtomicOps, BaseLayer):
             data = pool.attempt(pool.first, _wire.get, (mkey, _monotonic() + pool.timeout), True)
         if data is None:
             return MISSING, None
-        return self._decode(data, self._clock())
+        return self._decode(data, mkey, self._clock())
 
     def get_many_with_ttl(self, keys: Sequence[str]) -> dict[str, tuple[Any, float | None]]:
         """Return the live entries among ``keys`` with their remaining TTLs (seconds).
@@ -327,7 +312,7 @@ class MemcachedLayer(MemcachedAtomicOps, BaseLayer):
             now = self._clock()
             for mkey, data in raw.items():
                 try:
-                    entry = self._decode(data, now)
+                    entry = self._decode(data, mkey, now)
                 except CorruptValueError:
                     continue
                 if entry[0] is not MISSING:
@@ -348,15 +333,6 @@ class MemcachedLayer(MemcachedAtomicOps, BaseLayer):
         expires_at = self._clock() + ttl
         return expires_at, _exptime(ttl, expires_at)
 
-    def _encode(self, value: Any, expires_at: float | None) -> bytes:
-        data = pack(self._codec, value, expires_at)
-        if len(data) > self._max_value_size:
-            raise InvalidValueError(
-                f"layer {self.name!r}: encoded value is {len(data)} bytes, "
-                f"more than max_value_size={self._max_value_size}"
-            )
-        return data
-
     def set(self, key: str, value: Any, ttl: float | None = None) -> None:
         """Store ``value`` for ``ttl`` seconds (``None``: ``default_ttl``) and wait for
         memcached's reply.
@@ -372,8 +348,8 @@ class MemcachedLayer(MemcachedAtomicOps, BaseLayer):
         node = self._pool.node_for(mkey)
         deadline = self._pool.deadline()
         try:
-            data = self._encode(value, expires_at)
-            stored = self._pool.call(node, "set", mkey, data, exptime, deadline)
+            data = self._encode(value, mkey, expires_at)
+            stored = self._pool.call(node, "set", mkey, data, exptime, deadline, keys=(mkey,))
         except InvalidValueError:
             self._forget(node, [mkey], deadline)
             raise
@@ -397,7 +373,7 @@ class MemcachedLayer(MemcachedAtomicOps, BaseLayer):
             batch: dict[bytes, bytes] = {}
             for mkey, key in group.items():
                 try:
-                    batch[mkey] = self._encode(items[key], expires_at)
+                    batch[mkey] = self._encode(items[key], mkey, expires_at)
                 except InvalidValueError:
                     rejected.append(key)
             if not batch:
@@ -423,7 +399,7 @@ class MemcachedLayer(MemcachedAtomicOps, BaseLayer):
         """Delete ``mkeys`` (refused new values) by ``deadline``; best effort: a failure
         here is the one the write would have hit anyway, so it is not raised."""
         try:
-            self._pool.call(node, "delete_many", mkeys, deadline)
+            self._pool.call(node, "delete_many", mkeys, deadline, keys=mkeys)
         except (LayerError, PoolExhaustedError):
             log.debug("memcached layer %r: could not delete refused keys", self.name)
 
@@ -442,14 +418,16 @@ class MemcachedLayer(MemcachedAtomicOps, BaseLayer):
         """
         deadline = self._pool.deadline()
         try:
-            failed: list[bytes] = self._pool.call(node, "set_many", batch, exptime, deadline)
+            failed: list[bytes] = self._pool.call(
+                node, "set_many", batch, exptime, deadline, keys=batch
+            )
             return failed
         except InvalidValueError:
             pass
         failed = []
         for mkey, data in batch.items():
             try:
-                if not self._pool.call(node, "set", mkey, data, exptime, deadline):
+                if not self._pool.call(node, "set", mkey, data, exptime, deadline, keys=(mkey,)):
                     failed.append(mkey)
             except InvalidValueError:
                 rejected.append(group[mkey])
@@ -459,7 +437,8 @@ class MemcachedLayer(MemcachedAtomicOps, BaseLayer):
         """Remove ``key`` and wait for memcached's reply; an absent key is fine."""
         self._pool.check_open()
         mkey = map_key(key, self._prefix)
-        self._pool.call(self._pool.node_for(mkey), "delete", mkey, self._pool.deadline())
+        pool = self._pool
+        pool.call(pool.node_for(mkey), "delete", mkey, pool.deadline(), keys=(mkey,))
 
     def delete_many(self, keys: Iterable[str]) -> None:
         """Remove every key in ``keys``: one pipelined round trip per node.
@@ -474,7 +453,7 @@ class MemcachedLayer(MemcachedAtomicOps, BaseLayer):
         for node, group in self._group(keys).items():
             mkeys = list(group)
             try:
-                self._pool.call(node, "delete_many", mkeys, self._pool.deadline())
+                self._pool.call(node, "delete_many", mkeys, self._pool.deadline(), keys=mkeys)
             except (LayerError, PoolExhaustedError) as exc:
                 first_error = first_error or exc
         if first_error is not None:
@@ -510,6 +489,7 @@ class MemcachedLayer(MemcachedAtomicOps, BaseLayer):
             nodes_down=down,
             connections_open=open_connections,
             pool_exhausted=pool.exhausted,
+            keys_in_doubt=len(pool.fates.held),
         )
 
     def close(self) -> None:

@@ -13,7 +13,8 @@
   with :class:`~cachechain.InvalidValueError`.
 - ``touch`` is memcached's ``touch`` for a counter. An envelope carries its own expiry,
   which reads honour, so it is rewritten by compare-and-set with the new expiry (the
-  payload is not decoded).
+  payload is not decoded, unless the codec binds it to the header: a signed payload
+  is verified and signed again for the new expiry).
 
 Every command that must not run twice (``add``, ``incr``, ``decr``, ``cas``) goes
 through :meth:`Pool.call_once <._pool.Pool.call_once>`: never retried, so a reply lost
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 from pymemcache.exceptions import MemcacheClientError
 
-from .._codecs import CorruptValueError, expiry_of, restamp
+from .._codecs import CorruptValueError, expiry_of
 from .._errors import InvalidValueError, LayerError
 from ._base import MISSING
 from ._counters import RawCounter, check_delta, countable, decr_value, incr_value, raw
@@ -108,18 +109,18 @@ def _add(layer: MemcachedLayer, key: str, value: Any, ttl: float | None) -> bool
     pool.check_open()
     mkey = map_key(key, layer._prefix)
     expires_at, exptime = layer._expiry(ttl)
-    data = layer._encode(value, expires_at)
+    data = layer._encode(value, mkey, expires_at)
     node = pool.node_for(mkey)
     deadline = pool.deadline()
     for _ in range(_ROUNDS):
-        if pool.call_once(node, "add", mkey, data, exptime, deadline):
+        if pool.call_once(node, "add", mkey, data, exptime, deadline, keys=(mkey,)):
             return True
         found, cas = pool.call(node, "gets", mkey, deadline)
         if found is None:
             continue  # gone since: add again
         if not _expired(found, layer._clock()):
             return False
-        if pool.call_once(node, "cas", mkey, data, cas, exptime, deadline):
+        if pool.call_once(node, "cas", mkey, data, cas, exptime, deadline, keys=(mkey,)):
             return True  # replaced the entry that had expired for us
     raise _contended(layer, key, "add")
 
@@ -157,7 +158,7 @@ def _count(layer: MemcachedLayer, key: str, delta: int, command: str) -> int | N
     apply = incr_value if command == "incr" else decr_value
     deadline = pool.deadline()
     for _ in range(_ROUNDS):
-        result = pool.call_once(node, _native, command, mkey, delta, deadline)
+        result = pool.call_once(node, _native, command, mkey, delta, deadline, keys=(mkey,))
         if result is None:
             return None
         if result is not _NOT_A_NUMBER:
@@ -187,7 +188,7 @@ def _convert(
     if found.__class__ is RawCounter:
         return _AGAIN  # made a counter meanwhile: memcached's command works now
     now = layer._clock()
-    value, remaining = layer._decode(found, now)  # counts and raises a corrupt value
+    value, remaining = layer._decode(found, mkey, now)  # counts and raises a corrupt value
     if value is MISSING:
         return None
     current = countable(value)
@@ -199,7 +200,7 @@ def _convert(
     new = apply(current, delta)
     # The counter lives as long as the envelope would have (to memcached's next second).
     exptime = 0 if remaining is None else layer._expiry(remaining)[1]
-    if pool.call_once(node, "cas", mkey, raw(new), cas, exptime, deadline):
+    if pool.call_once(node, "cas", mkey, raw(new), cas, exptime, deadline, keys=(mkey,)):
         return new
     return _AGAIN
 
@@ -216,15 +217,15 @@ def _touch(layer: MemcachedLayer, key: str, ttl: float | None) -> bool:
         if found is None:
             return False
         if found.__class__ is RawCounter:
-            return bool(pool.call(node, "touch", mkey, exptime, deadline))
+            return bool(pool.call(node, "touch", mkey, exptime, deadline, keys=(mkey,)))
         try:
-            data, old = restamp(found, expires_at)
+            data, old = layer._envelope.restamp(found, expires_at, mkey)
         except CorruptValueError as exc:
             layer._corrupted(exc)
             raise
         if old is not None and old <= layer._clock():
             return False  # expired for us: absent
-        stored = pool.call_once(node, "cas", mkey, data, cas, exptime, deadline)
+        stored = pool.call_once(node, "cas", mkey, data, cas, exptime, deadline, keys=(mkey,))
         if stored is None:
             return False  # deleted meanwhile
         if stored:

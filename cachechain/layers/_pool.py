@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from pymemcache.exceptions import (
@@ -42,6 +42,7 @@ from .._errors import (
     LayerUnavailableError,
     PoolExhaustedError,
 )
+from ._fates import Fates, Reaper, reaper
 from ._wire import Connection, ValueTooLargeError, readable_now
 
 __all__ = ["Node", "NodeDownError", "Pool"]
@@ -179,6 +180,10 @@ class Pool:
         self.max_value_size = max_value_size
         self._monotonic = monotonic
         self._stats_lock = threading.Lock()
+        #: The keys of this pool's writes in doubt (see :mod:`._fates`).
+        self.fates = Fates()
+        #: Who learns the fate of a write that timed out (the process's reaper).
+        self.reaper: Reaper = reaper()
         #: Calls refused because no client became free within pool_timeout.
         self.exhausted = 0
         #: Replies that announced a value larger than ``max_value_size``.
@@ -223,7 +228,13 @@ class Pool:
 
     # -- calls ---------------------------------------------------------------------
 
-    def call(self, node: Node, op: str | Callable[..., Any], *args: Any) -> Any:
+    def call(
+        self,
+        node: Node,
+        op: str | Callable[..., Any],
+        *args: Any,
+        keys: Collection[bytes] = (),
+    ) -> Any:
         """Run the :class:`._wire.Connection` method named ``op`` with ``args`` (or
         ``op(client, *args)`` for a function such as :func:`._wire.get`) on a pooled
         connection of ``node``, mapping failures (and raising :class:`NodeDownError` for
@@ -234,15 +245,28 @@ class Pool:
         when a connection that was already open turns out to be dead (the server
         restarted since it was last used), the node's idle connections are dropped and
         the call is tried once more on a new one.
+
+        A write names the memcached ``keys`` it changes: it waits for earlier writes of
+        them in doubt (:class:`._fates.Fates`, raising
+        :class:`~cachechain.WriteInDoubtError` at the deadline), and if it times out
+        itself, its connection goes to the reaper and its keys are held.
         """
         if self.cluster:
             self._check_node_up(node)
-        return self.attempt(node, op, args, True)
+        if keys and self.fates.held:
+            self.fates.wait(keys, args[-1], self.name)
+        return self.attempt(node, op, args, True, keys)
 
     def attempt(
-        self, node: Node, op: str | Callable[..., Any], args: tuple[Any, ...], retry: bool
+        self,
+        node: Node,
+        op: str | Callable[..., Any],
+        args: tuple[Any, ...],
+        retry: bool,
+        keys: Collection[bytes] = (),
     ) -> Any:
-        """:meth:`call` without the down check (what it does for one node)."""
+        """:meth:`call` without the down check and the wait for ``keys`` (what it does
+        for one node)."""
         # Kept flat (no helper calls on success): this is every L2 read's path.
         try:
             client = node.idle.pop()  # the common case: no lock
@@ -252,13 +276,13 @@ class Pool:
         try:
             result = getattr(client, op)(*args) if isinstance(op, str) else op(client, *args)
         except Exception as exc:
-            node.discard(client)
+            self._drop(node, client, exc, keys)
             if retry and reused and isinstance(exc, _STALE_CONNECTION):
                 node.drop_idle()
-                return self.attempt(node, op, args, False)
+                return self.attempt(node, op, args, False, keys)
             raise self._failed(exc, node) from exc
         except BaseException:
-            node.discard(client)
+            self._drop(node, client, None, keys)
             raise
         node.idle.append(client)
         if self.closed or node.waiting:
@@ -267,14 +291,23 @@ class Pool:
             self.mark(node, down=False)
         return result
 
-    def call_once(self, node: Node, op: str | Callable[..., Any], *args: Any) -> Any:
+    def call_once(
+        self,
+        node: Node,
+        op: str | Callable[..., Any],
+        *args: Any,
+        keys: Collection[bytes] = (),
+    ) -> Any:
         """:meth:`call` for an operation that must not run twice (``incr``, ``decr``,
         ``add``, ``cas``): it is never retried. A pooled connection that the server has
         closed since its last use (a restart) is found without waiting, by a
         zero-timeout poll, and replaced before the command is sent; a connection that
-        fails after sending it raises, and the command may or may not have run."""
+        fails after sending it raises, and the command may or may not have run (a
+        timeout holds ``keys`` until memcached says, as in :meth:`call`)."""
         if self.cluster:
             self._check_node_up(node)
+        if keys and self.fates.held:
+            self.fates.wait(keys, args[-1], self.name)
         try:
             client = node.idle.pop()
         except IndexError:
@@ -286,10 +319,10 @@ class Pool:
         try:
             result = getattr(client, op)(*args) if isinstance(op, str) else op(client, *args)
         except Exception as exc:
-            node.discard(client)
+            self._drop(node, client, exc, keys)
             raise self._failed(exc, node) from exc
         except BaseException:
-            node.discard(client)
+            self._drop(node, client, None, keys)
             raise
         node.idle.append(client)
         if self.closed or node.waiting:
@@ -297,6 +330,31 @@ class Pool:
         if self.cluster:
             self.mark(node, down=False)
         return result
+
+    def _drop(
+        self, node: Node, client: Any, exc: BaseException | None, keys: Collection[bytes]
+    ) -> None:
+        """After a failed call: discard ``client``, unless it carried a write of
+        ``keys`` that timed out (or was interrupted) after being sent: then hold the
+        keys and hand the connection to the reaper, which discards it once memcached
+        has answered (see :mod:`._fates`)."""
+        if not (keys and client.pending and (exc is None or isinstance(exc, TimeoutError))):
+            node.discard(client)
+            return
+        if len(keys) == 1 and client.sent < len(client.out):
+            # One command cut short: memcached drops an incomplete command with its
+            # connection, so closing it settles its fate (and frees the unsent bytes).
+            node.discard(client)
+            return
+        keys = tuple(keys)
+        fates = self.fates
+        fates.hold(keys)
+
+        def resolved() -> None:
+            node.discard(client)
+            fates.release(keys)
+
+        self.reaper.adopt(client, resolved)
 
     def _failed(self, exc: Exception, node: Node) -> Exception:
         """The cachechain error for ``exc`` raised by a call on ``node``; in a cluster a
@@ -422,6 +480,7 @@ class Pool:
     def reset_after_fork(self) -> None:
         """In a forked child: new locks, no inherited connections, no down-marks."""
         self._stats_lock = threading.Lock()
+        self.fates = Fates()
         for node in self.nodes:
             node.reset_after_fork()
 

@@ -93,7 +93,17 @@ class Connection:
     seconds) last and raises as the module docstring says.
     """
 
-    __slots__ = ("armed", "connect_timeout", "max_value", "server", "sock", "timeout")
+    __slots__ = (
+        "armed",
+        "connect_timeout",
+        "max_value",
+        "out",
+        "pending",
+        "sent",
+        "server",
+        "sock",
+        "timeout",
+    )
 
     def __init__(
         self, server: tuple[str, int], *, connect_timeout: float, timeout: float, max_value: int
@@ -106,6 +116,13 @@ class Connection:
         self.sock: socket.socket | None = None
         #: The timeout currently set on ``sock`` (seconds).
         self.armed = timeout
+        #: Whether bytes of a command (not ``get``) may have reached the server and its
+        #: whole reply has not been read: after a timeout, the server may still run it.
+        self.pending = False
+        #: The last command sent by :meth:`_command`, and how many of its bytes went
+        #: out: what is left to send if the send itself timed out.
+        self.out = b""
+        self.sent = 0
 
     def connect(self, deadline: float) -> socket.socket:
         """Open the connection (``TCP_NODELAY``), trying each address of the host in
@@ -263,7 +280,8 @@ class Connection:
     def _command(self, command: bytes, deadline: float) -> _Reply:
         """Send ``command`` and return its reply stream, to read within ``deadline``."""
         sock = _ready(self, deadline)
-        _send(sock, command)
+        self.pending = True
+        _send_counted(self, sock, command, deadline)
         return _Reply(self, sock, deadline)
 
 
@@ -451,9 +469,12 @@ class _Reply:
         return bytes(memoryview(whole)[:size]), bytes(whole[size:])
 
     def finish(self) -> None:
-        """Check that nothing read follows the reply (a stream out of step)."""
+        """Check that nothing read follows the reply (a stream out of step); the
+        command is no longer pending."""
         if self.pos != len(self.buf):
             raise MemcacheUnknownError(f"reply followed by {self.buf[self.pos :][:80]!r}")
+        conn = self.conn
+        conn.pending, conn.out = False, b""
 
 
 def _header(line: bytes, name: bytes, max_value: int) -> tuple[bytes, bytes, int, bytes | None]:
@@ -504,6 +525,24 @@ def _send(sock: Any, data: bytes) -> None:
     if sent < len(data):
         with memoryview(data) as view:
             sock.sendall(view[sent:])
+
+
+def _send_counted(conn: Connection, sock: Any, data: bytes, deadline: float) -> None:
+    """:func:`_send` for a command whose fate matters (a write): ``conn.out`` and
+    ``conn.sent`` say how much of ``data`` went out, even when a send times out (then
+    :mod:`._fates` sends the rest). Sends in parts within ``deadline``."""
+    conn.out = data
+    try:
+        sent = os.write(sock.fileno(), data)
+    except BlockingIOError:
+        sent = 0
+    conn.sent = sent
+    if sent < len(data):
+        with memoryview(data) as view:
+            while sent < len(data):
+                _arm(conn, sock, deadline)
+                sent += sock.send(view[sent:])
+                conn.sent = sent
 
 
 def _recv(conn: Connection, sock: Any, deadline: float) -> bytes:

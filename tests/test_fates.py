@@ -1,0 +1,262 @@
+"""Writes of unknown fate (issue 11, item 1): a write that timed out after it was sent
+must not land after a later write of the same key was acknowledged.
+
+:class:`tests.support.uplink.HoldingProxy` holds one chunk a client sends for 0.6 s,
+longer than the layer's 0.25 s timeout: the abandoned ``set`` reaches memcached after
+the caller was told it failed, as on a congested network or a paused server. Before the
+fix the connection was dropped and the next write went out on a new one, which
+memcached ran first: an acknowledged delete was undone 0.35 s later.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from cachechain import Chain, MemoryLayer, WriteInDoubtError
+from cachechain._errors import LayerError, LayerTimeoutError
+from cachechain.layers._base import MISSING
+from cachechain.layers._fates import Fates, Reaper
+from cachechain.layers._memcached import MemcachedLayer
+from cachechain.layers._memcached_keys import map_key
+from cachechain.layers._wire import Connection
+from tests.support.servers import MemcachedProcess
+from tests.support.uplink import HoldingProxy
+
+TIMEOUT = 0.25
+HOLD = 0.6
+#: How long a test watches for the abandoned write to show up (it lands after HOLD).
+WATCH = HOLD + 0.6
+
+
+@pytest.fixture()
+def proxy(memcached: MemcachedProcess) -> Iterator[HoldingProxy]:
+    with HoldingProxy(("127.0.0.1", memcached.port)) as p:
+        yield p
+
+
+def via(proxy: HoldingProxy, name: str = "L2") -> MemcachedLayer:
+    return MemcachedLayer(name, proxy.address, timeout=TIMEOUT, connect_timeout=TIMEOUT)
+
+
+def never_seen(read: object, value: object, seconds: float = WATCH) -> bool:
+    """Read ``read()`` until ``seconds`` pass; False as soon as it returns ``value``.
+    The value would come from memcached running another connection's command:
+    nothing in this process to wait on."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if read() == value:  # type: ignore[operator]
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def acknowledged(call: object, seconds: float = 5.0) -> int:
+    """Call ``call()`` until it succeeds (returns without raising, and not False);
+    return how many attempts were refused first."""
+    refused = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            if call() is not False:  # type: ignore[operator]
+                return refused
+        except LayerError:
+            pass
+        refused += 1
+        time.sleep(0.02)
+    raise AssertionError(f"not acknowledged within {seconds}s")
+
+
+def test_an_abandoned_set_cannot_undo_a_later_delete(
+    proxy: HoldingProxy, memcached: MemcachedProcess
+) -> None:
+    layer = via(proxy)
+    direct = MemcachedLayer("D", memcached.address)
+    try:
+        layer.set("k", "v0")
+        proxy.hold(HOLD)
+        with pytest.raises(LayerTimeoutError):
+            layer.set("k", "v1")
+        assert proxy.held.is_set()
+        # The delete is refused while the set is in doubt, then acknowledged.
+        refused = acknowledged(lambda: layer.delete("k"))
+        assert never_seen(lambda: direct.get("k"), "v1")
+        assert refused >= 1
+        assert proxy.delivered.is_set()  # the set reached memcached before the delete
+        assert layer.get("k") is MISSING
+        assert layer._pool.fates.held == {}
+    finally:
+        layer.close()
+        direct.close()
+
+
+def test_a_refused_write_is_never_sent(proxy: HoldingProxy) -> None:
+    layer = via(proxy)
+    try:
+        proxy.hold(HOLD)
+        with pytest.raises(LayerTimeoutError):
+            layer.set("k", "v1")
+        start = time.monotonic()
+        with pytest.raises(WriteInDoubtError) as info:
+            layer.add("k", "mine")
+        # It waited for the fate until its own deadline, no longer.
+        assert TIMEOUT - 0.05 <= time.monotonic() - start < TIMEOUT + 0.2
+        assert not info.value.trips_breaker
+        assert info.value.layer == "L2"
+        # Another key is not held.
+        layer.set("other", 1)
+        assert layer.get("other") == 1
+    finally:
+        layer.close()
+
+
+def test_chains_never_read_the_abandoned_value_after_the_delete(
+    proxy: HoldingProxy, memcached: MemcachedProcess
+) -> None:
+    """The issue's sequence: ``set -> False``, ``delete``, ``flush() -> True``, then no
+    read in this process or in another one returns the abandoned value."""
+    here = Chain([MemoryLayer("L1"), via(proxy)], coherence=False)
+    there = Chain([MemcachedLayer("L2", memcached.address)], coherence=False)
+    try:
+        assert here.set("k", "v0")
+        proxy.hold(HOLD)
+        assert here.set("k", "v1") is False
+        here.delete("k")
+        assert here.flush(5.0) is True
+        assert proxy.delivered.wait(5.0)
+        assert never_seen(lambda: here.get("k"), "v1")
+        assert never_seen(lambda: there.get("k"), "v1", 0.2)
+        assert here.get("k") is None and there.get("k") is None
+    finally:
+        here.close()
+        there.close()
+
+
+def test_an_abandoned_delete_cannot_free_a_later_lock(
+    proxy: HoldingProxy, memcached: MemcachedProcess
+) -> None:
+    """A delete in doubt holds the key: the process's next ``add`` (a lock) waits for
+    it, so the late delete cannot remove the lock it then takes."""
+    layer = via(proxy)
+    direct = MemcachedLayer("D", memcached.address)
+    try:
+        proxy.hold(HOLD)
+        with pytest.raises(LayerTimeoutError):
+            layer.delete("lock")  # a release that timed out
+        acknowledged(lambda: layer.add("lock", "mine"))  # taken again
+        assert never_seen(lambda: direct.get("lock"), MISSING)
+        assert direct.get("lock") == "mine"
+    finally:
+        layer.close()
+        direct.close()
+
+
+# -- the reaper ---------------------------------------------------------------------------
+
+
+class Silent:
+    """A server that accepts and reads but never answers."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+
+    def close(self) -> None:
+        self.listener.close()
+        for conn in self.conns:
+            conn.close()
+
+
+def connected(port: int) -> Connection:
+    conn = Connection(("127.0.0.1", port), connect_timeout=1.0, timeout=1.0, max_value=1024)
+    conn.connect(time.monotonic() + 1.0)
+    return conn
+
+
+def test_a_silent_connection_is_released_at_the_limit(caplog: pytest.LogCaptureFixture) -> None:
+    server = Silent()
+    reaper = Reaper(limit=0.2)
+    done = threading.Event()
+    try:
+        conn = connected(server.port)
+        with pytest.raises(TimeoutError):
+            conn.set(b"k", b"v", 0, time.monotonic() + 0.05)
+        assert conn.pending
+        start = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="cachechain.memcached"):
+            reaper.adopt(conn, done.set)
+            assert done.wait(5.0)
+        assert time.monotonic() - start >= 0.19
+        assert reaper.expired == 1 and reaper.pending() == 0
+        assert "may still run that write" in caplog.text
+    finally:
+        server.close()
+
+
+def test_the_reaper_sends_the_rest_of_a_command_then_waits_for_the_answer(
+    memcached: MemcachedProcess,
+) -> None:
+    """A command whose send was cut short: the reaper sends what was left (memcached
+    runs it whole) before its ``version``, and the fate is known at the answer."""
+    reaper = Reaper()
+    done = threading.Event()
+    conn = connected(memcached.port)
+    command = b"set half 0 0 5\r\nhello\r\n"
+    conn.out, conn.sent, conn.pending = command, 10, True
+    assert conn.sock is not None
+    conn.sock.sendall(command[:10])
+    reaper.adopt(conn, lambda: (conn.close(), done.set()))
+    assert done.wait(5.0)
+    assert reaper.expired == 0
+    assert memcached.raw(b"get half\r\n").startswith(b"VALUE half 0 5\r\nhello")
+
+
+def test_fates_count_each_write_in_doubt() -> None:
+    fates = Fates()
+    fates.hold([b"a", b"b"])
+    fates.hold([b"a"])
+    fates.release([b"a", b"b"])
+    assert fates.held == {b"a": 1}
+    with pytest.raises(WriteInDoubtError):
+        fates.wait([b"b", b"a"], time.monotonic() + 0.01, "L2")
+    released = threading.Event()
+
+    def later() -> None:
+        fates.wait([b"a"], time.monotonic() + 5.0, "L2")
+        released.set()
+
+    waiter = threading.Thread(target=later)
+    waiter.start()
+    fates.release([b"a"])
+    waiter.join(5.0)
+    assert released.is_set() and fates.held == {}
+
+
+def test_mapped_keys_are_what_is_held(proxy: HoldingProxy) -> None:
+    layer = via(proxy)
+    try:
+        proxy.hold(HOLD)
+        with pytest.raises(LayerTimeoutError):
+            layer.set_many({"a": 1, "b": 2})
+        assert set(layer._pool.fates.held) == {map_key("a", ""), map_key("b", "")}
+        layer._pool.fates.wait([map_key("a", "")], time.monotonic() + 5.0, "L2")
+        assert layer._pool.fates.held == {}
+        layer.set("a", 3)
+        assert layer.get("a") == 3
+    finally:
+        layer.close()
