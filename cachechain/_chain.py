@@ -306,8 +306,13 @@ class Chain(AtomicOps):
         each layer's default TTL; each layer caps it at its ``max_ttl``).
 
         Lower layers are written first, synchronously, or queued where the layer is
-        write-behind. Returns True when every layer took the value (a queued write
-        counts), False when some layer failed or refused it (counted, logged once). A
+        write-behind. Returns True when every layer took the value (for a write-behind
+        layer, once queued: such a write may land after another process's later write
+        of the key), False when some layer failed or refused it (counted, logged once),
+        or must first finish an older write of the key (a write in flight for more
+        than ``settle`` seconds, a pending repair): that layer then gets a delete after
+        the older write rather than the value, which, acknowledged before it landed,
+        could undo another process's later write. A
         lower layer that did not take the value (it failed, refused it, or its writer
         dropped it for a full queue) gets a delete of the key instead, retried until it
         lands, so no older value of it stays there; meanwhile this chain does not read
@@ -348,8 +353,10 @@ class Chain(AtomicOps):
         for a write-behind layer, through its ordered queue, which never drops a
         delete for lack of room).
 
-        Returns True when every layer took the delete or has it queued (a queued delete
-        is never dropped), False when some layer could not be reached (down, or its
+        Returns True when every layer took the delete (a write-behind layer: once
+        queued; a queued delete is never dropped), False when some layer has it queued
+        behind an older write of the key (not made yet: other processes may read the
+        older value until it lands) or could not be reached (down, or its
         breaker open): that is counted and logged once, and the layer's writer retries
         the delete until it lands; meanwhile this chain does not read the key from that
         layer. Raises :class:`~cachechain.InvalidKeyError` for a non-``str`` key.

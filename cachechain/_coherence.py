@@ -15,8 +15,9 @@ can hold a namespace generation (``add`` and counters) and
   :class:`~cachechain._fence.MutationFence` (a read that began before cannot backfill
   the old value after), and a clear or a loss of track drops every entry there.
 
-Without in-process layers above the shared one the journal only follows the
-generation (one ``get`` per interval). See docs/coherence.md.
+Without in-process layers above the shared one the journal reads only the generation
+(one ``get`` per interval), and publishes this process's keys all the same: the other
+processes' in-process layers must drop what it changes. See docs/coherence.md.
 """
 
 from __future__ import annotations
@@ -105,7 +106,8 @@ class Coherence:
         self.backplane: Backplane = MemcachedJournal(
             namespace.layer,
             namespace,
-            keys=track_keys,
+            keys=config.enabled,
+            follow=track_keys,
             interval=config.interval,
             bound=config.bound,
             slots=config.slots,
@@ -113,12 +115,14 @@ class Coherence:
         )
         #: Whether other processes' changes reach the in-process layers.
         self.tracking = track_keys
+        #: Whether this process's changes are published (whenever coherence is on).
+        self.publishing = config.enabled
         self.backplane.start(self)
 
     # -- this process's changes -----------------------------------------------------
     def publish(self, keys: Sequence[str]) -> None:
         """Tell the other processes that ``keys`` changed in the shared layer."""
-        if self.tracking:
+        if self.publishing:
             self.backplane.publish(keys)
             m = self._report.m
             if m is not None:

@@ -139,8 +139,11 @@ class MemcachedJournal:
     :class:`~cachechain._backplane.Backplane`.
 
     ``namespace`` is the layer's :class:`~cachechain._namespace.Namespace`: each poll
-    reads its generation. ``keys``: False to follow the generation only (no ring: a
-    chain without in-process layers above the shared one). ``interval`` and ``bound``
+    reads its generation. ``keys``: False to neither publish nor read keys (the
+    generation only); ``follow``: False to publish this process's keys without reading
+    the others' (a chain without in-process layers above the shared one has nothing to
+    drop, but the other processes' in-process layers must hear of its writes).
+    ``interval`` and ``bound``
     are seconds (``interval < bound``); ``slots`` the ring's size; ``held(key)`` says
     whether a write of ``key`` has not reached the layer yet; ``clock`` (monotonic)
     and ``wall`` (epoch) return seconds. Thread-safe; :meth:`poll` may be called
@@ -153,6 +156,7 @@ class MemcachedJournal:
         namespace: Namespace,
         *,
         keys: bool = True,
+        follow: bool = True,
         interval: float = 0.04,
         bound: float = 0.1,
         slots: int = 1024,
@@ -165,6 +169,7 @@ class MemcachedJournal:
         self._layer: Any = layer
         self._ns = namespace
         self._keys = keys
+        self._follow = keys and follow
         self._interval = interval
         self._bound = bound
         self._slots = slots
@@ -373,7 +378,7 @@ class MemcachedJournal:
         if self._ns.adopt(got.get(self._ns.generation_key), epoch):
             self._last = None  # what was published before the clear is cleared too
             receiver.cleared()
-        if not self._keys:
+        if not self._follow:
             return
         for _ in range(_MAX_ROUNDS):
             if not self._apply(got, receiver):
@@ -382,7 +387,7 @@ class MemcachedJournal:
 
     def _get(self, last: int | None) -> Mapping[str, Any]:
         generation = self._ns.generation_key
-        if not self._keys:
+        if not self._follow:
             return self._layer.get_many([generation])  # type: ignore[no-any-return]
         wanted = [self._head_key, generation]
         if last is not None:

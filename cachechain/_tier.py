@@ -165,7 +165,7 @@ class Tier:
 
     def delete(self, key: str) -> bool:
         """Remove ``key`` as the policy routes it; return whether the layer took the
-        delete or has it queued."""
+        delete (a write-behind layer: or has it queued)."""
         routed = self.route_delete(key)
         if routed is not None:
             return routed
@@ -173,7 +173,7 @@ class Tier:
 
     def set_many(self, items: Mapping[str, Any], ttl: float | None) -> bool:
         """Store every item, those the policy does not queue in one synchronous batch.
-        Return whether the layer took (or has queued) every value."""
+        Return whether the layer took every value (a write-behind layer: or queued it)."""
         ok = True
         batch: dict[str, Any] = {}
         for key, value in items.items():
@@ -188,7 +188,7 @@ class Tier:
 
     def delete_many(self, keys: Iterable[str]) -> bool:
         """Remove every key, those the policy does not queue in one synchronous batch.
-        Return whether the layer took (or has queued) every delete."""
+        Return whether the layer took every delete (a write-behind layer: or queued it)."""
         ok = True
         batch: list[str] = []
         for key in keys:
@@ -317,14 +317,19 @@ class SettlingTier(Tier):
         return None
 
     def _queue_set(self, key: str, value: Any, ttl: float | None) -> bool:
-        """Queue a set of ``key``; if the layer refuses the value (checked first, so a
-        queued set answers as a synchronous one does, whatever the writer holds) or the
-        writer drops it (queue full), queue a delete instead (never dropped), so that no
-        older value of ``key`` outlives it there."""
-        writer = self._queue
-        if self._accepts(value) and writer.set(key, value, ttl, max_wait=self._set_wait):
-            return True
-        writer.delete(key)
+        """A set that must wait behind an older write of ``key`` is not queued with its
+        value: acknowledged before it lands, it could land after a later write of the
+        key by another process (memcached orders nothing across processes) and undo it.
+        The layer gets a delete instead (never dropped, made after the older write; a
+        late delete only makes a miss), and the set answers False: this layer does not
+        have the value, the layers above it do."""
+        self._queue.delete(key)
+        return False
+
+    def _queue_delete(self, key: str) -> bool:
+        """Queue the delete behind the older write of ``key`` (never dropped) and answer
+        False: until it lands, other processes may still read the older value."""
+        self._queue.delete(key)
         return False
 
     def _accepts(self, value: Any) -> bool:
@@ -340,10 +345,6 @@ class SettlingTier(Tier):
             if self._report.m is not None:
                 self._report.m.record_set(self.name, False, 0.0)
             return False
-        return True
-
-    def _queue_delete(self, key: str) -> bool:
-        self._queue.delete(key)
         return True
 
     def fill(self, key: str, value: Any, ttl: float | None) -> None:
@@ -371,6 +372,23 @@ class WriteBehindTier(SettlingTier):
     __slots__ = ()
 
     def _must_queue(self, key: str) -> bool:
+        return True
+
+    def _queue_set(self, key: str, value: Any, ttl: float | None) -> bool:
+        """Queue a set of ``key`` (True: queued; it may land after another process's
+        later write of the key, which write-behind accepts). If the layer refuses the
+        value (checked first, so a queued set answers as a synchronous one does) or
+        the writer drops it (queue full), queue a delete instead (never dropped), so
+        that no older value of ``key`` outlives it there."""
+        writer = self._queue
+        if self._accepts(value) and writer.set(key, value, ttl, max_wait=self._set_wait):
+            return True
+        writer.delete(key)
+        return False
+
+    def _queue_delete(self, key: str) -> bool:
+        """Queue the delete (never dropped); True: queued, as write-behind answers."""
+        self._queue.delete(key)
         return True
 
 

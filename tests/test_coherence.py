@@ -989,14 +989,24 @@ def test_coherence_on_starts_one_poller_that_close_stops() -> None:
 
 
 @pytest.mark.usefixtures("no_poller")
-def test_without_an_in_process_layer_only_the_generation_is_followed() -> None:
+def test_without_an_in_process_layer_the_chain_publishes_but_reads_no_entries() -> None:
+    """A chain with no L1 (a memcached-only alias, a management command) must still tell
+    the processes whose L1s hold the keys it changes; it has nothing to drop itself."""
     store = Store()
-    with Chain([store]) as chain:
-        assert chain.coherence is not None and not chain.coherence.tracking
-        chain.set("k", 1, 60)
-        chain_journal(chain).poll()
-        assert HEAD_KEY not in store.data
-        assert chain.clear() is True
+    with Chain([MemoryLayer("L1"), store]) as cached, Chain([store]) as plain:
+        assert plain.coherence is not None and not plain.coherence.tracking
+        chain_journal(cached).poll()  # the first read of the ring
+        cached.set("k", 1, 60)
+        chain_journal(cached).poll()
+        assert cached.get("k") == 1 and cached.layers[0].get("k") == 1
+        assert plain.set("k", 2, 60)
+        assert plain.delete("other")
+        chain_journal(plain).poll()
+        assert HEAD_KEY in store.data  # published
+        chain_journal(cached).poll()
+        assert cached.layers[0].get("k") is MISSING  # dropped from the other's L1
+        assert cached.get("k") == 2
+        assert plain.clear() is True
 
 
 @pytest.mark.usefixtures("no_poller")

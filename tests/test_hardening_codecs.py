@@ -364,7 +364,9 @@ def test_set_of_a_refused_value_is_false_whatever_the_repair_state(
         assert chain.get("k") is bad  # the in-process layer took it and serves it
         assert other_process.get_many(["k", "fine"]) == {"fine": 1}  # no old value left
         errors = collector.snapshot().layer_metrics["L2"].errors_by_type
-        assert errors == {"serialization": 4}
+        # Settling: a set that must wait behind the repair becomes a delete, its value
+        # never encoded; write-behind checks every value it queues.
+        assert errors == {"serialization": 4 if write_behind else 2}
     other_process.close()
 
 

@@ -261,18 +261,25 @@ def test_a_lower_tier_writes_synchronously_when_nothing_of_the_key_is_in_flight(
     assert tier.writer is not None and tier.writer.stats().written == 0
 
 
-def test_a_set_is_queued_behind_a_write_of_its_key_still_in_flight(tiers: list[Tier]) -> None:
+def test_a_set_behind_a_write_of_its_key_still_in_flight_becomes_a_delete(
+    tiers: list[Tier],
+) -> None:
+    """Queued with its value, the set would be acknowledged before it lands and could
+    land after another process's later write of the key: the layer gets a delete
+    after the older write instead, and the set answers False."""
     l2 = FakeLayer("L2")
     l2.block_set = release = threading.Event()
     tier = tier_of(LayerConfig(layer=l2, timeout=0.01))
     tiers.append(tier)
     tier.fill("k", "old", 60)  # a backfill, now in flight
     assert l2.write_entered.wait(5)
-    assert tier.set("k", "new", 60) is True  # waited 0.01 s, then queued behind it
+    assert tier.set("k", "new", 60) is False  # waited 0.01 s: a delete queued behind it
+    assert tier.delete("k") is False  # queued too: not made yet
     assert tier.delete("j") is True  # another key: synchronous (blocked on set only)
     release.set()
     assert flush([tier], 5)
-    assert l2.data["k"][0] == "new"
+    assert "k" not in l2.data
+    assert l2.ops("set") == ["k"]  # only the backfill: the new value was never queued
 
 
 def test_a_backfill_is_queued_and_skipped_while_the_breaker_refuses(tiers: list[Tier]) -> None:
@@ -382,7 +389,7 @@ def test_a_new_policy_is_one_subclass(tiers: list[Tier]) -> None:
     assert plain.writer is not None
     tier = QueuedDeletes(1, l2, Reporter(None), None, plain.writer, settle=1.0)
     tiers.append(tier)
-    assert tier.delete("k") is True and l2.ops("delete") == []
+    assert tier.delete("k") is False and l2.ops("delete") == []  # queued: not made yet
     assert tier.set("j", 1, 60) is True and l2.ops("set") == ["j"]
     release.set()
     assert flush([tier], 5) and l2.ops("delete") == ["k"]
