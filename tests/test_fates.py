@@ -95,6 +95,27 @@ def test_an_abandoned_set_cannot_undo_a_later_delete(
         direct.close()
 
 
+def test_a_set_in_doubt_is_deleted_right_behind_itself(
+    proxy: HoldingProxy, memcached: MemcachedProcess
+) -> None:
+    """Another process's acknowledged write is not ordered by this one's holds: the
+    late set is retracted on its own connection, so it cannot outlive that write."""
+    layer = via(proxy)
+    other = MemcachedLayer("B", memcached.address)
+    try:
+        proxy.hold(HOLD)
+        with pytest.raises(LayerTimeoutError):
+            layer.set("k", "late")
+        other.set("k", "theirs")  # acknowledged while the set is on its way
+        assert proxy.delivered.wait(5.0)
+        layer._pool.fates.wait([map_key("k", "")], time.monotonic() + 5.0, "L2")
+        assert never_seen(lambda: other.get("k"), "late", 0.3)
+        assert other.get("k") is MISSING  # the late set, then its delete: a miss
+    finally:
+        layer.close()
+        other.close()
+
+
 def test_a_refused_write_is_never_sent(proxy: HoldingProxy) -> None:
     layer = via(proxy)
     try:

@@ -19,6 +19,11 @@ memcached that resumed). So:
   ``version``, and reads until memcached's ``VERSION`` line: by then memcached has run
   the abandoned command (or never will, when the server closes the connection or the
   connection fails). Only then is the connection closed and its keys released.
+- A ``set`` in doubt is also retracted: the reaper sends ``delete`` of its keys right
+  behind it on the same connection, so memcached runs the late set and its delete back
+  to back. Its caller was told it failed, and another process's write of the key,
+  which no hold here can order, is not undone for longer than that. Not ``add`` or
+  ``cas``: one that did not store leaves another client's value (a lock) in place.
 - A connection that gets no answer for :data:`LIMIT` seconds (a server stopped for that
   long) is closed and its keys released with a warning: the server may still run that
   write when it resumes, and the warning says so. Until then the connection keeps its
@@ -26,7 +31,8 @@ memcached that resumed). So:
   connection (``PoolExhaustedError``) instead of opening more.
 
 Reads are never held: a read in doubt changes nothing. What this cannot order: another
-process's writes, which never wait for this one's (see ``docs/coherence.md``).
+process's writes, which never wait for this one's; the retraction bounds what a late
+set of this process can do to them (see ``docs/design.md``, "Writes in doubt").
 """
 
 from __future__ import annotations
@@ -116,11 +122,19 @@ class _Entry:
 
     __slots__ = ("buf", "conn", "done", "rest", "since", "sock")
 
-    def __init__(self, conn: Connection, sock: Any, done: Callable[[], None], since: float):
+    def __init__(
+        self,
+        conn: Connection,
+        sock: Any,
+        done: Callable[[], None],
+        since: float,
+        retract: Collection[bytes],
+    ) -> None:
         self.conn = conn
         self.sock = sock
         self.done = done
-        self.rest = conn.out[conn.sent :] + SENTINEL
+        deletes = b"".join(b"delete " + key + b"\r\n" for key in retract)
+        self.rest = conn.out[conn.sent :] + deletes + SENTINEL
         self.buf = b""
         self.since = since
 
@@ -170,15 +184,18 @@ class Reaper:
         self.expired = 0
         _fork.track(self)
 
-    def adopt(self, conn: Connection, done: Callable[[], None]) -> None:
+    def adopt(
+        self, conn: Connection, done: Callable[[], None], retract: Collection[bytes] = ()
+    ) -> None:
         """Take ``conn``, whose last command timed out after bytes of it were sent, and
         call ``done()`` (from the reaper's thread) once memcached has answered it, the
-        connection failed, or ``limit`` passed. ``done`` closes the connection."""
+        connection failed, or ``limit`` passed. ``done`` closes the connection. The
+        keys in ``retract`` are deleted right behind the command, on ``conn``."""
         sock = conn.sock
         if sock is None:
             done()
             return
-        entry = _Entry(conn, sock, done, self._monotonic())
+        entry = _Entry(conn, sock, done, self._monotonic(), retract)
         sock.setblocking(False)
         with self._lock:
             self._entries[sock.fileno()] = entry

@@ -60,6 +60,11 @@ class NodeDownError(LayerUnavailableError):
     trips_breaker = False
 
 
+#: Writes whose keys are deleted right behind them when their fate is unknown: they
+#: store unconditionally, so the value they leave is theirs alone. Not ``add`` or
+#: ``cas``: when they did not store, the key holds another client's value (a lock).
+_RETRACTED = frozenset({"set", "set_many"})
+
 #: Failures of a connection that was open before the call: the server went away (or
 #: restarted) since. Timeouts are not among them: a slow server is not retried.
 _STALE_CONNECTION = (
@@ -276,13 +281,13 @@ class Pool:
         try:
             result = getattr(client, op)(*args) if isinstance(op, str) else op(client, *args)
         except Exception as exc:
-            self._drop(node, client, exc, keys)
+            self._drop(node, client, exc, keys, op)
             if retry and reused and isinstance(exc, _STALE_CONNECTION):
                 node.drop_idle()
                 return self.attempt(node, op, args, False, keys)
             raise self._failed(exc, node) from exc
         except BaseException:
-            self._drop(node, client, None, keys)
+            self._drop(node, client, None, keys, op)
             raise
         node.idle.append(client)
         if self.closed or node.waiting:
@@ -319,10 +324,10 @@ class Pool:
         try:
             result = getattr(client, op)(*args) if isinstance(op, str) else op(client, *args)
         except Exception as exc:
-            self._drop(node, client, exc, keys)
+            self._drop(node, client, exc, keys, op)
             raise self._failed(exc, node) from exc
         except BaseException:
-            self._drop(node, client, None, keys)
+            self._drop(node, client, None, keys, op)
             raise
         node.idle.append(client)
         if self.closed or node.waiting:
@@ -332,12 +337,19 @@ class Pool:
         return result
 
     def _drop(
-        self, node: Node, client: Any, exc: BaseException | None, keys: Collection[bytes]
+        self,
+        node: Node,
+        client: Any,
+        exc: BaseException | None,
+        keys: Collection[bytes],
+        op: object,
     ) -> None:
         """After a failed call: discard ``client``, unless it carried a write of
         ``keys`` that timed out (or was interrupted) after being sent: then hold the
         keys and hand the connection to the reaper, which discards it once memcached
-        has answered (see :mod:`._fates`)."""
+        has answered (see :mod:`._fates`). A ``set`` in doubt is retracted: the reaper
+        sends a delete of its keys right behind it, on the same connection, so that a
+        set that lands late is gone at once (its caller was told it failed)."""
         if not (keys and client.pending and (exc is None or isinstance(exc, TimeoutError))):
             node.discard(client)
             return
@@ -354,7 +366,7 @@ class Pool:
             node.discard(client)
             fates.release(keys)
 
-        self.reaper.adopt(client, resolved)
+        self.reaper.adopt(client, resolved, retract=keys if op in _RETRACTED else ())
 
     def _failed(self, exc: Exception, node: Node) -> Exception:
         """The cachechain error for ``exc`` raised by a call on ``node``; in a cluster a

@@ -90,6 +90,10 @@ class ProxyStats:
     connections made to the upstream; ``upstream_failures``: attempts that failed (the
     client is then closed). ``resets``: client connections closed with RST.
     ``waiting``: pump threads that are inside a latency or trickle delay right now.
+    ``held``: client segments held back by :meth:`FaultProxy.hold_requests`;
+    ``held_released``: those forwarded to the upstream since (counted before the send);
+    ``held_replies``: held connections that got their first upstream bytes after the
+    release (the upstream answered the held segment, so it ran it).
     """
 
     connections: int
@@ -101,11 +105,24 @@ class ProxyStats:
     upstream_failures: int
     resets: int
     waiting: int
+    held: int = 0
+    held_released: int = 0
+    held_replies: int = 0
 
     @property
     def bytes_forwarded(self) -> int:
         """Bytes sent in either direction: ``bytes_to_upstream + bytes_to_clients``."""
         return self.bytes_to_upstream + self.bytes_to_clients
+
+
+@dataclass
+class _Hold:
+    """One rule of :meth:`FaultProxy.hold_requests`: segments that ``match`` wait
+    ``seconds``; ``count`` more matches to go."""
+
+    match: Callable[[bytes], bool]
+    seconds: float
+    count: int
 
 
 def _shutdown(sock: socket.socket | None, how: int) -> None:
@@ -146,6 +163,9 @@ class _Connection:
         self.counted_mode: Mode | None = None
         self.counted_bytes = 0
         self.next_piece_at = 0.0
+        #: Set by the pump from the client once it forwarded a held segment; the pump
+        #: from the upstream counts the first reply after it (``held_replies``).
+        self.awaiting_held_reply = False
 
     def abort(self, *, rst: bool) -> bool:
         """Start closing; ``rst`` makes the client see a reset. False if already closing.
@@ -241,6 +261,10 @@ class FaultProxy:
         self._upstream_failures = 0
         self._resets = 0
         self._waiting = 0
+        self._holds: list[_Hold] = []
+        self._held = 0
+        self._held_released = 0
+        self._held_replies = 0
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -369,6 +393,9 @@ class FaultProxy:
                 upstream_failures=self._upstream_failures,
                 resets=self._resets,
                 waiting=self._waiting,
+                held=self._held,
+                held_released=self._held_released,
+                held_replies=self._held_replies,
             )
 
     @property
@@ -466,6 +493,23 @@ class FaultProxy:
             raise ValueError(f"interval must be >= 0 seconds, got {interval!r}")
         self._set_mode(Mode("trickle", chunk=int(chunk), interval=float(interval)))
 
+    def hold_requests(self, match: Callable[[bytes], bool], seconds: float, count: int = 1) -> None:
+        """Hold back the next ``count`` client segments for which ``match(segment)`` is
+        true: each waits ``seconds`` (>= 0) before it goes upstream, whatever the mode
+        (a write that a client timed out on, still delivered late, as a congested
+        network does). The connection's later segments wait behind it. A segment is
+        what one read from the client returned (a small command sent with one
+        ``sendall`` over loopback is one). Rules add up; each ends after ``count``
+        matches. :attr:`ProxyStats.held`, ``held_released`` and ``held_replies``
+        count what happened. Raises ``ValueError`` if ``seconds`` < 0 or ``count`` < 1.
+        """
+        if seconds < 0:
+            raise ValueError(f"seconds must be >= 0, got {seconds!r}")
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count!r}")
+        with self._cond:
+            self._holds.append(_Hold(match, float(seconds), int(count)))
+
     # -- internals --------------------------------------------------------------------
 
     def _count(self, **deltas: int) -> None:
@@ -493,6 +537,19 @@ class FaultProxy:
             self._threads = [t for t in self._threads if t.is_alive()]
             self._threads.append(thread)
         thread.start()
+
+    def _hold_delay(self, data: bytes) -> float | None:
+        """The hold for client segment ``data`` (seconds), counted; None if none."""
+        with self._cond:
+            for rule in self._holds:
+                if rule.match(data):
+                    rule.count -= 1
+                    if rule.count == 0:
+                        self._holds.remove(rule)
+                    self._held += 1
+                    self._cond.notify_all()
+                    return rule.seconds
+        return None
 
     def _pause(self, seconds: float) -> bool:
         """Wait ``seconds`` unless stopped first; True if the proxy is stopping."""
@@ -587,9 +644,15 @@ class FaultProxy:
                     return
                 if kind == "black_hole":
                     continue
+                held = self._hold_delay(data) if self._holds else None
+                if held is not None and self._pause(held):
+                    return
                 upstream = conn.upstream or self._connect_upstream(conn)
                 if upstream is None:
                     return
+                if held is not None:
+                    conn.awaiting_held_reply = True
+                    self._count(held_released=1)
                 self._count(bytes_to_upstream=len(data))  # before: see ProxyStats
                 upstream.sendall(data)
         except OSError:
@@ -609,6 +672,9 @@ class FaultProxy:
                 if not data:
                     conn.abort(rst=False)
                     return
+                if conn.awaiting_held_reply:
+                    conn.awaiting_held_reply = False
+                    self._count(held_replies=1)
                 if not self._deliver(conn, data):
                     return
         except OSError:
