@@ -248,3 +248,22 @@ def test_a_proxy_forwards_the_contract_and_nothing_else() -> None:
     assert "LayerProxy" in repr(proxy) and "L1" in repr(proxy)
     with pytest.raises(ConfigError, match="CacheLayer"):
         LayerProxy(object())  # type: ignore[arg-type]
+
+
+def test_a_fake_layer_raises_its_failure_with_a_fresh_traceback() -> None:
+    """One exception instance raised by every call must not carry the frames of every
+    earlier raise (it grew by a few frames per call, and kept them alive)."""
+    from cachechain.testing import FakeLayer
+
+    fake = FakeLayer("L2")
+    fake.fail = RuntimeError("down")
+    depths = []
+    for _ in range(3):
+        try:
+            fake.get("k")
+        except RuntimeError as exc:
+            tb, depth = exc.__traceback__, 0
+            while tb is not None:
+                depth, tb = depth + 1, tb.tb_next
+            depths.append(depth)
+    assert depths[0] == depths[1] == depths[2]

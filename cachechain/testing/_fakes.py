@@ -87,7 +87,9 @@ class FakeLayer(BaseLayer):
         with self._lock:
             self.calls.append((op, arg))
         if self.fail is not None:
-            raise self.fail
+            # One instance raised many times: start its traceback afresh each time,
+            # or it grows by every frame of every raise (and keeps them alive).
+            raise self.fail.with_traceback(None)
 
     def _hold_write(self, gate: threading.Event | None) -> None:
         if gate is not None:
