@@ -6,8 +6,12 @@ Every key a chain sends to a shared (not ``local``) layer carries the current
 a counter stored in the chain's shared layer itself under
 ``__cachechain__/<codec tag>/gen`` (:attr:`Namespace.generation_key`; never
 namespaced, so every process sharing the layer reads the same one), created with
-``add`` of a random 62-bit number (so a generation key that was evicted or flushed
-starts a fresh namespace instead of bringing old values back).
+``add`` of a random 62-bit number. When a poll finds it gone (memcached restarted or
+was flushed: nothing written under it is left), a process that knew the generation
+stores that same one again, so every process stays in one namespace; a fresh random
+one there would split them, for up to a poll interval, between the processes that
+adopted it and those still writing under the old one (seen in the model test: a value
+read back through the old generation after a newer write through the new one).
 
 The *codec tag* (:func:`codec_tag`) separates processes that cannot read each other's
 values (two sites with different ``SECRET_KEY``s on one memcached, a key rotation in a
@@ -151,7 +155,7 @@ class Namespace:
             if epoch is not None and epoch != self.epoch:
                 return False
             if not _is_generation(value):
-                value = self._create()
+                value = self._create(self.generation)
             known = self.generation
             self._set(value)  # type: ignore[arg-type]  # checked by _is_generation
             return known is not None and known != value
@@ -172,10 +176,11 @@ class Namespace:
         value = self._layer.get(self.generation_key)
         return value if _is_generation(value) else self._create()
 
-    def _create(self) -> int:
-        """Store a fresh generation unless another process just did; return the one
-        the layer holds then."""
-        fresh = secrets.randbits(_BITS) + 1
+    def _create(self, known: int | None = None) -> int:
+        """Store ``known`` (the generation this process had: memcached lost it) or else
+        a fresh random one, unless another process just stored one; return the one the
+        layer holds then."""
+        fresh = known if known is not None else secrets.randbits(_BITS) + 1
         key = self.generation_key
         if self._layer.add(key, fresh, None):
             return fresh

@@ -116,6 +116,31 @@ def test_a_set_in_doubt_is_deleted_right_behind_itself(
         other.close()
 
 
+def test_an_add_in_doubt_is_retracted_only_if_it_stored(
+    proxy: HoldingProxy, memcached: MemcachedProcess
+) -> None:
+    """A late ``add`` that found the key absent is deleted behind itself (its caller was
+    told it failed: no phantom lock, no value older than a later write); one that found
+    another client's value leaves it alone."""
+    layer = via(proxy)
+    other = MemcachedLayer("B", memcached.address)
+    try:
+        proxy.hold(HOLD)
+        with pytest.raises(LayerTimeoutError):
+            layer.add("free", "phantom")
+        layer._pool.fates.wait([map_key("free", "")], time.monotonic() + 5.0, "L2")
+        assert other.get("free") is MISSING  # stored late, then retracted
+        other.set("taken", "theirs")
+        proxy.hold(HOLD)
+        with pytest.raises(LayerTimeoutError):
+            layer.add("taken", "mine")
+        layer._pool.fates.wait([map_key("taken", "")], time.monotonic() + 5.0, "L2")
+        assert other.get("taken") == "theirs"  # NOT_STORED: nothing to retract
+    finally:
+        layer.close()
+        other.close()
+
+
 def test_a_refused_write_is_never_sent(proxy: HoldingProxy) -> None:
     layer = via(proxy)
     try:

@@ -22,8 +22,9 @@ memcached that resumed). So:
 - A ``set`` in doubt is also retracted: the reaper sends ``delete`` of its keys right
   behind it on the same connection, so memcached runs the late set and its delete back
   to back. Its caller was told it failed, and another process's write of the key,
-  which no hold here can order, is not undone for longer than that. Not ``add`` or
-  ``cas``: one that did not store leaves another client's value (a lock) in place.
+  which no hold here can order, is not undone for longer than that. An ``add`` or a
+  ``cas`` is retracted only once its reply says it stored (one that did not store left
+  another client's value, a lock, which a delete would remove): one round trip later.
 - A connection that gets no answer for :data:`LIMIT` seconds (a server stopped for that
   long) is closed and its keys released with a warning: the server may still run that
   write when it resumes, and the warning says so. Until then the connection keeps its
@@ -120,7 +121,7 @@ class Fates:
 class _Entry:
     """One connection in doubt: what is left to send, what was read, since when."""
 
-    __slots__ = ("buf", "conn", "done", "rest", "since", "sock")
+    __slots__ = ("answers", "buf", "conn", "done", "first", "if_stored", "rest", "since", "sock")
 
     def __init__(
         self,
@@ -129,12 +130,18 @@ class _Entry:
         done: Callable[[], None],
         since: float,
         retract: Collection[bytes],
+        if_stored: Collection[bytes],
     ) -> None:
         self.conn = conn
         self.sock = sock
         self.done = done
-        deletes = b"".join(b"delete " + key + b"\r\n" for key in retract)
-        self.rest = conn.out[conn.sent :] + deletes + SENTINEL
+        self.rest = conn.out[conn.sent :] + _deletes(retract) + SENTINEL
+        #: Keys to delete once the command's own reply says STORED (``add``, ``cas``).
+        self.if_stored = if_stored
+        #: The command's own reply line (the first line read), once read.
+        self.first: bytes | None = None
+        #: Answers to :data:`SENTINEL` still to read.
+        self.answers = 1
         self.buf = b""
         self.since = since
 
@@ -155,12 +162,25 @@ class _Entry:
         return False
 
     def _answered(self, data: bytes) -> bool:
-        """Whether the replies read so far end with the answer to :data:`SENTINEL`."""
+        """Whether the replies read so far end with the last answer awaited. An ``add``
+        or ``cas`` that stored is retracted then (its value is its caller's, who was
+        told it failed): a delete and another :data:`SENTINEL` go out."""
         lines = (self.buf + data).split(b"\r\n")
         self.buf = lines.pop()
-        if any(line.startswith(_ANSWER) for line in lines):
+        if lines and self.first is None:
+            self.first = lines[0]
+        self.answers -= sum(1 for line in lines if line.startswith(_ANSWER))
+        if self.if_stored and self.first == b"STORED":
+            self.rest += _deletes(self.if_stored) + SENTINEL
+            self.answers += 1
+            self.if_stored = ()
+        if self.answers <= 0:
             return True
         return len(self.buf) > MAX_LINE  # not memcached's protocol: give up on it
+
+
+def _deletes(keys: Collection[bytes]) -> bytes:
+    return b"".join(b"delete " + key + b"\r\n" for key in keys)
 
 
 class Reaper:
@@ -185,17 +205,22 @@ class Reaper:
         _fork.track(self)
 
     def adopt(
-        self, conn: Connection, done: Callable[[], None], retract: Collection[bytes] = ()
+        self,
+        conn: Connection,
+        done: Callable[[], None],
+        retract: Collection[bytes] = (),
+        if_stored: Collection[bytes] = (),
     ) -> None:
         """Take ``conn``, whose last command timed out after bytes of it were sent, and
         call ``done()`` (from the reaper's thread) once memcached has answered it, the
         connection failed, or ``limit`` passed. ``done`` closes the connection. The
-        keys in ``retract`` are deleted right behind the command, on ``conn``."""
+        keys in ``retract`` are deleted right behind the command, on ``conn``; those in
+        ``if_stored`` once its reply says it stored (an ``add``, a ``cas``)."""
         sock = conn.sock
         if sock is None:
             done()
             return
-        entry = _Entry(conn, sock, done, self._monotonic(), retract)
+        entry = _Entry(conn, sock, done, self._monotonic(), retract, if_stored)
         sock.setblocking(False)
         with self._lock:
             self._entries[sock.fileno()] = entry

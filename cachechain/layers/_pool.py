@@ -61,9 +61,11 @@ class NodeDownError(LayerUnavailableError):
 
 
 #: Writes whose keys are deleted right behind them when their fate is unknown: they
-#: store unconditionally, so the value they leave is theirs alone. Not ``add`` or
-#: ``cas``: when they did not store, the key holds another client's value (a lock).
+#: store unconditionally, so the value they leave is theirs alone.
 _RETRACTED = frozenset({"set", "set_many"})
+#: Writes retracted only once their reply says they stored: when they did not, the
+#: key holds another client's value (a lock) that a delete would remove.
+_RETRACTED_IF_STORED = frozenset({"add", "cas"})
 
 #: Failures of a connection that was open before the call: the server went away (or
 #: restarted) since. Timeouts are not among them: a slow server is not retried.
@@ -349,7 +351,8 @@ class Pool:
         keys and hand the connection to the reaper, which discards it once memcached
         has answered (see :mod:`._fates`). A ``set`` in doubt is retracted: the reaper
         sends a delete of its keys right behind it, on the same connection, so that a
-        set that lands late is gone at once (its caller was told it failed)."""
+        set that lands late is gone at once (its caller was told it failed); an ``add``
+        or ``cas`` once its reply says it stored."""
         if not (keys and client.pending and (exc is None or isinstance(exc, TimeoutError))):
             node.discard(client)
             return
@@ -366,7 +369,12 @@ class Pool:
             node.discard(client)
             fates.release(keys)
 
-        self.reaper.adopt(client, resolved, retract=keys if op in _RETRACTED else ())
+        self.reaper.adopt(
+            client,
+            resolved,
+            retract=keys if op in _RETRACTED else (),
+            if_stored=keys if op in _RETRACTED_IF_STORED else (),
+        )
 
     def _failed(self, exc: Exception, node: Node) -> Exception:
         """The cachechain error for ``exc`` raised by a call on ``node``; in a cluster a
