@@ -354,7 +354,7 @@ def bench_atomic(h: Any, ctx: Any) -> Any:
     chain = Chain([MemoryLayer("L1"), MemcachedLayer("L2", ctx.address)])
     plain = Chain([MemoryLayer("L1"), MemcachedLayer("L2", ctx.address)], coherence=False)
     raw = h.mc_client(ctx)
-    state = {"round": 0}
+    rounds: dict[str, int] = {}  # per contender: its keys of the last round
     try:
         raw.set(b"raw:counter", b"0", expire=600)
         chain.set("counter", 0, 600)
@@ -366,8 +366,8 @@ def bench_atomic(h: Any, ctx: Any) -> Any:
             keys: list[Any] = []
 
             def before() -> None:
-                state["round"] += 1
-                base = f"add:{tag}:{state['round']}"
+                rounds[tag] = rounds.get(tag, 0) + 1
+                base = f"add:{tag}:{rounds[tag]}"
                 keys[:] = [(f"{base}:{i}".encode() if encode else f"{base}:{i}") for i in range(n)]
 
             def run(count: int) -> None:
@@ -400,7 +400,11 @@ def bench_atomic(h: Any, ctx: Any) -> Any:
         h.run_section(sec, contenders, n, ctx.remote_rounds)
         sec.check(
             "every Chain.add stored (fresh keys)",
-            chain.get(f"add:chain:{state['round']}:0") == 1,
+            all(
+                c.get(f"add:{tag}:{rounds[tag]}:{i}") == 1
+                for tag, c in (("chain", chain), ("plain", plain))
+                for i in (0, n - 1)
+            ),
         )
         sec.goals += [
             h.Goal("Chain.add <= 1.2x raw add", "chain_add", "raw_add", "<=", 1.2),

@@ -35,9 +35,17 @@ from typing import TYPE_CHECKING
 
 from ._breaker import CircuitBreaker, CircuitState
 from ._chain import Chain
+from ._chain_atomic import UnconfirmedError
 from ._codecs import Codec, JsonCodec, SignedPickleCodec, TaggedJsonCodec
 from ._compat import package_getattr
-from ._config import BreakerConfig, ChainConfig, CoherenceConfig, LayerConfig, WriterConfig
+from ._config import (
+    BreakerConfig,
+    ChainConfig,
+    CoherenceConfig,
+    LayerConfig,
+    LoadConfig,
+    WriterConfig,
+)
 from ._errors import (
     CacheError,
     ChainClosedError,
@@ -92,6 +100,7 @@ __all__ = [
     "LayerError",
     "LayerTimeoutError",
     "LayerUnavailableError",
+    "LoadConfig",
     "LoadTimeoutError",
     "ReentrantLoadError",
     "MemcachedLayer",
@@ -101,6 +110,7 @@ __all__ = [
     "WriteInDoubtError",
     "SignedPickleCodec",
     "TaggedJsonCodec",
+    "UnconfirmedError",
     "WriterConfig",
     "__version__",
     "chain_config_from_file",

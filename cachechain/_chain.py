@@ -25,18 +25,27 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, TypeVar
 
-from . import _chain_cached, _chain_clear, _chain_close, _chain_load, _fork, _tier
+from . import _chain_clear, _chain_close, _fork, _tier
 from ._breaker import CircuitBreaker
 from ._chain_atomic import AtomicOps, shared_tier
 from ._chain_batch import Backfiller, read_through
+from ._chain_load import LoaderOps
 from ._chain_metrics import Reporter, record_batch, watch
 from ._close import close_quietly
 from ._coherence import Coherence, namespaced, shared_index
-from ._config import BreakerConfig, ChainConfig, CoherenceConfig, LayerConfig, WriterConfig
+from ._config import (
+    BreakerConfig,
+    ChainConfig,
+    CoherenceConfig,
+    LayerConfig,
+    LoadConfig,
+    WriterConfig,
+)
 from ._errors import ChainClosedError, ConfigError, InvalidKeyError, InvalidValueError
 from ._fence import MutationFence
+from ._loads import Loads
 from ._resilience import unwrapped
 from ._singleflight import SingleFlight
 from ._tier import Tier, build_tiers
@@ -47,14 +56,12 @@ from .metrics._base import CollectorGuard, adapt
 
 __all__ = ["Chain"]
 
-P = ParamSpec("P")
-R = TypeVar("R")
 C = TypeVar("C", bound="Chain")
 
 _perf = time.perf_counter
 
 
-class Chain(AtomicOps):
+class Chain(AtomicOps, LoaderOps):
     """Cache layers behind one thread-safe front, fastest layer first.
 
     ``layers`` are :class:`~cachechain.layers.CacheLayer` objects or
@@ -68,7 +75,9 @@ class Chain(AtomicOps):
     (:class:`~cachechain.CoherenceConfig`; True: its defaults, False: off) keeps the
     chain's in-process layers coherent with every other process sharing its shared
     layer, and makes :meth:`clear` clear the cache for all of them (see
-    :mod:`cachechain._coherence`).
+    :mod:`cachechain._coherence`). ``load``: the defaults of :meth:`get_or_load` and
+    :meth:`cached` (:class:`~cachechain.LoadConfig`). ``clock`` (monotonic seconds)
+    times the fail-safe throttle and loads' timeouts (layers have clocks of their own).
 
     Raises :class:`~cachechain.ConfigError` for an empty chain, duplicate layer
     names or bad settings.
@@ -83,6 +92,8 @@ class Chain(AtomicOps):
         breaker: BreakerConfig | None = None,
         writer: WriterConfig | None = None,
         coherence: CoherenceConfig | bool = True,
+        load: LoadConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         coherent = CoherenceConfig.of(coherence)
         configs, namespace = namespaced(_layer_configs(layers, name), coherent)
@@ -91,6 +102,7 @@ class Chain(AtomicOps):
         self._collector = metrics
         self._m: CollectorGuard | None = adapt(metrics, name, names)
         self._report = report = Reporter(self._m)
+        self._loads = Loads(name, load, self._m, clock)  # checks load and clock first
         breaker, writer = breaker or BreakerConfig(), writer or WriterConfig()
         tiers = build_tiers(configs, report, breaker=breaker, writer=writer)
         self._tiers = tiers
@@ -105,7 +117,7 @@ class Chain(AtomicOps):
         self._l1_get: Callable[[str], Any] = self._first.layer.get
         self._owned_collector: Any = None
         self._closed = False
-        self._flight: SingleFlight[Any] = SingleFlight()
+        self._flight: SingleFlight[Any] = SingleFlight(clock)
         self._fence = MutationFence()
         self._close_lock = threading.Lock()
         self._drained = threading.Event()  # set once close() has drained everything
@@ -261,44 +273,6 @@ class Chain(AtomicOps):
         if m is not None:
             record_batch(m, wanted, served, _perf() - start)
         return found
-
-    def get_or_load(
-        self,
-        key: str,
-        loader: Callable[[], Any],
-        ttl: float | None = None,
-        *,
-        wait_timeout: float | None = None,
-    ) -> Any:
-        """Return the cached value of ``key``, or call ``loader()`` once, cache its
-        result for ``ttl`` seconds (``None``: each layer's default) and return it.
-
-        However many threads miss the same key at once, the loader runs once in this
-        process and every one of them gets its result or its exception (nothing is
-        cached then). A ``None`` result is cached like any other value. A thread that
-        joined another's load waits at most ``wait_timeout`` seconds, then raises
-        :class:`~cachechain.LoadTimeoutError`. If the key is set or
-        deleted while the loader runs, the loaded value is returned but not cached.
-        """
-        ttl = check_ttl(ttl, error=InvalidValueError)
-        return _chain_load.get_or_load(self, key, loader, ttl, wait_timeout)
-
-    def cached(
-        self,
-        ttl: float | None = None,
-        *,
-        key: Callable[..., str] | None = None,
-        prefix: str | None = None,
-    ) -> Callable[[Callable[P, R]], Callable[P, R]]:
-        """Decorate a function so its results are cached through :meth:`get_or_load`.
-
-        The cache key is ``key(*args, **kwargs)`` when given, else the function's
-        ``prefix`` (default: its module and qualified name) followed by the ``repr`` of
-        its arguments. The wrapper gains ``invalidate(*args, **kwargs)``, which deletes
-        the entry of those arguments.
-        """
-        ttl = check_ttl(ttl, error=InvalidValueError)
-        return _chain_cached.cached(self, ttl, key, prefix)
 
     # -- writes -----------------------------------------------------------------------
     def set(self, key: str, value: Any, ttl: float | None = None) -> bool:
@@ -471,6 +445,7 @@ def _from_config(cls: type[C], config: ChainConfig | Mapping[str, Any]) -> C:
             breaker=config.breaker,
             writer=config.writer,
             coherence=config.coherence,
+            load=config.load,
         )
     except BaseException:
         if config.owns_collector:  # what the mapping made must not leak

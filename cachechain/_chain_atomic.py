@@ -32,19 +32,34 @@ call that failed other than by its breaker's refusal may still have been made (a
 reply lost to a timeout), so the key is published to the other processes as after a
 change; a remote layer above the shared one that could not drop its copy may then
 serve it until it expires.
+
+``strict=True`` tells the two apart where the caller must: each operation then raises
+:class:`UnconfirmedError` instead of returning False or None when the shared layer
+could not be asked or failed, so an answer of False (``add``: the key was there;
+``touch``: absent) or None (``incr``/``decr``: absent) is one the shared layer gave.
+A caller that creates a missing counter (Flask-Caching's ``inc``) must not take a
+failed ``incr``, which may have counted, for an absent key and count again. The
+default (``strict=False``) keeps the answers above.
+
+The path is kept lean (every call pays it, next to one memcached round trip): one
+stripe of the fence taken and released (:meth:`MutationFence.begin
+<cachechain._fence.MutationFence.begin>`/``end``), no closures, the shared layer's
+bound operation called with its arguments.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Final, cast
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Final
 
 from ._errors import (
     ChainClosedError,
     CircuitOpenError,
     ConfigError,
     InvalidValueError,
+    LayerError,
     LayerUnavailableError,
+    classify_error,
 )
 from ._resilience import unwrapped
 from ._tier import Tier
@@ -53,20 +68,52 @@ from .layers._base import SupportsAdd, SupportsCounters, SupportsTouch
 from .layers._counters import check_delta
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ._chain import Chain
 
-__all__ = ["AtomicOps", "shared_tier"]
+__all__ = ["AtomicOps", "UnconfirmedError", "shared_tier"]
 
 _MOD: Final = 1 << 64
-#: What _on_shared returns when the operation was not made: the shared layer owed an
-#: earlier write of the key, or its breaker refused the call.
-_UNASKED: Final[Any] = object()
-#: What _on_shared returns when the call failed: it may still have been made (a reply
-#: lost to a timeout), so other processes must drop their copies of the key.
-_MAYBE: Final[Any] = object()
+_COUNTERS: Final = ("incr", "decr")
 
-#: What the other tiers do once the shared layer answered: ``update(tier)``.
-Update = Callable[[Tier], object]
+# What the other tiers do once the shared layer answered (see _settle).
+_FORGET: Final = 0  # the call failed: drop the copy, owe nothing
+_DROP: Final = 1  # delete the key
+_STORE: Final = 2  # an add that stored: set above the shared layer, delete below
+_RETIME: Final = 3  # a touch that found the key: re-time the first layer's copy
+
+
+class UnconfirmedError(LayerError):
+    """An atomic operation of a :class:`~cachechain.Chain` called with ``strict=True``
+    (``add``, ``incr``, ``decr``, ``touch``) that the chain's shared layer did not
+    confirm: it could not be asked (its circuit breaker open, an earlier write of the
+    key not taken yet; the operation was not made), or it failed (an error, a timeout:
+    the operation may still have been made there, its reply lost).
+
+    The caller cannot tell whether the operation happened, so it must neither take it
+    for "absent" nor make it again (a counter would count twice). ``__cause__`` is the
+    layer's error and ``error_type`` its metrics label (``timeout``, ``connection``...);
+    ``layer`` names the shared layer. The failure was already counted and logged once
+    by the chain, so this error never trips a circuit breaker.
+    """
+
+    trips_breaker = False
+
+    def __init__(self, message: str, *, layer: str | None = None, error_type: str = "backend"):
+        super().__init__(message, layer=layer)
+        self.error_type = error_type
+
+
+class _Failure:
+    """What :func:`_on_shared` returns when the shared layer did not answer:
+    ``error``, and whether the call was ``sent`` (it may have been made then)."""
+
+    __slots__ = ("error", "sent")
+
+    def __init__(self, error: Exception, sent: bool) -> None:
+        self.error = error
+        self.sent = sent
 
 
 def shared_tier(tiers: Sequence[Tier]) -> Tier:
@@ -81,36 +128,34 @@ def shared_tier(tiers: Sequence[Tier]) -> Tier:
 class AtomicOps:
     """The atomic operations of :class:`~cachechain.Chain` (a base class of it)."""
 
-    def add(self, key: str, value: Any, ttl: float | None = None) -> bool:
+    def add(self, key: str, value: Any, ttl: float | None = None, *, strict: bool = False) -> bool:
         """Store ``value`` under ``key`` for ``ttl`` seconds (``None``: each layer's
         default) only if the chain's shared layer does not hold ``key``: atomic across
         every process sharing that layer (on memcached: its ``add``), so it can serve
         as a lock (``add("lock:job", owner, ttl=30)``: exactly one caller wins).
 
         Returns True when the shared layer stored the value; the layers above then get
-        it too. Returns False when the key was there, and also when the shared layer
-        could not be asked (down, timed out, its breaker open; counted and logged
-        once) or refused the value: no lock is granted and nothing is stored in this
-        process, whose copies of ``key`` are removed. Raises
+        it too. Returns False when the key was there or the shared layer refused the
+        value (its codec cannot encode it, it is too large), and also, unless
+        ``strict``, when the shared layer could not be asked (down, timed out, its
+        breaker open; counted and logged once): no lock is granted and nothing is
+        stored in this process, whose copies of ``key`` are removed. With
+        ``strict=True`` that last case raises :class:`UnconfirmedError` instead (after
+        a timeout the value may have been stored). Raises
         :class:`~cachechain.InvalidKeyError` for a non-``str`` key,
-        :class:`~cachechain.InvalidValueError` for an invalid ``ttl`` (before
-        anything changes), :class:`~cachechain.ConfigError` when the shared layer
-        has no ``add``, :class:`~cachechain.ChainClosedError` after ``close``.
+        :class:`~cachechain.InvalidValueError` for an invalid ``ttl`` or ``strict``
+        (before anything changes), :class:`~cachechain.ConfigError` when the shared
+        layer has no ``add``, :class:`~cachechain.ChainClosedError` after ``close``.
         """
-        chain = _checked(self, key, SupportsAdd, "add")
+        chain = _checked(self, key, SupportsAdd, "add", strict)
         ttl = check_ttl(ttl, error=InvalidValueError)
-
-        def update(ok: bool) -> Update:
-            below = chain._shared.index
-            if ok:
-                return lambda t: t.set(key, value, ttl) if t.index < below else t.delete(key)
-            return lambda t: t.delete(key)
-
-        return cast(
-            bool, _run(chain, "add", key, lambda layer: layer.add(key, value, ttl), False, update)
+        layer: Any = chain._shared.layer
+        stored: bool = _run(
+            chain, "add", key, layer.add, (key, value, ttl), _STORE, value, ttl, strict
         )
+        return stored
 
-    def incr(self, key: str, delta: int = 1) -> int | None:
+    def incr(self, key: str, delta: int = 1, *, strict: bool = False) -> int | None:
         """Add ``delta`` (an ``int``, ``0 <= delta < 2**64``) to the counter ``key`` on
         the chain's shared layer, atomically across every process sharing it (on
         memcached: its ``incr``), and return the new value. Counters are signed 64-bit
@@ -118,25 +163,35 @@ class AtomicOps:
         ``2**63 - 1`` to ``-2**63``). A stored ``int`` or decimal ``str`` becomes a
         counter on its first ``incr``; the counter keeps its TTL.
 
-        Returns None when the key is absent (nothing is created), and when the shared
-        layer could not be asked (down, timed out, its breaker open; counted and logged
-        once): never a count it did not make. After a timeout the increment may still
-        have been made. Either way the key is removed from the other layers of this
-        chain, so the next ``get`` reads the shared count. Raises
-        :class:`~cachechain.InvalidValueError` for a bad ``delta`` (before anything
-        changes) or a stored value that cannot be a counter (a float, a ``bool``, a
-        non-numeric ``str``...; nothing changes), :class:`~cachechain.InvalidKeyError`,
-        :class:`~cachechain.ConfigError` and :class:`~cachechain.ChainClosedError` as
-        :meth:`add` does.
+        Returns None when the key is absent (nothing is created), and, unless
+        ``strict``, when the shared layer could not be asked (down, timed out, its
+        breaker open; counted and logged once): never a count it did not make. After a
+        timeout the increment may still have been made, so a caller that creates
+        missing counters must pass ``strict=True``: then such a failure raises
+        :class:`UnconfirmedError`, and None always means absent. Either way the key is
+        removed from the other layers of this chain, so the next ``get`` reads the
+        shared count. Raises :class:`~cachechain.InvalidValueError` for a bad
+        ``delta`` or ``strict`` (before anything changes) or a stored value that
+        cannot be a counter (a float, a ``bool``, a non-numeric ``str``...; nothing
+        changes), :class:`~cachechain.InvalidKeyError`,
+        :class:`~cachechain.ConfigError` and :class:`~cachechain.ChainClosedError`
+        as :meth:`add` does.
         """
-        chain = _checked(self, key, SupportsCounters, "incr")
+        chain = _checked(self, key, SupportsCounters, "incr", strict)
         delta = check_delta(delta)
-        return _count(chain, "incr", key, lambda layer: layer.incr(key, delta))
+        layer: Any = chain._shared.layer
+        count: int | None = _run(
+            chain, "incr", key, layer.incr, (key, delta), _DROP, None, None, strict
+        )
+        return count
 
-    def decr(self, key: str, delta: int = 1, *, floor: bool = True) -> int | None:
+    def decr(
+        self, key: str, delta: int = 1, *, floor: bool = True, strict: bool = False
+    ) -> int | None:
         """Subtract ``delta`` (``0 <= delta < 2**64``) from the counter ``key`` on the
         chain's shared layer, atomically, and return the new value; as :meth:`incr`
-        otherwise (None when absent or unreachable, the same errors).
+        otherwise (None when absent, or unreachable unless ``strict``; the same
+        errors).
 
         With ``floor`` (the default) a counter that is not negative stops at 0, as
         memcached's ``decr`` does. ``floor=False`` lets it go below 0 (plain signed
@@ -144,52 +199,54 @@ class AtomicOps:
         ``2**64 - delta``, which memcached wraps to the difference, still atomic and in
         one command.
         """
-        chain = _checked(self, key, SupportsCounters, "decr")
+        chain = _checked(self, key, SupportsCounters, "decr", strict)
         delta = check_delta(delta)
-        if not isinstance(floor, bool):
+        if floor.__class__ is not bool:
             raise InvalidValueError(f"floor must be a bool, got {floor!r}")
+        layer: Any = chain._shared.layer
         if floor:
-            return _count(chain, "decr", key, lambda layer: layer.decr(key, delta))
-        return _count(chain, "decr", key, lambda layer: layer.incr(key, (-delta) % _MOD))
+            fn, args = layer.decr, (key, delta)
+        else:
+            fn, args = layer.incr, (key, (-delta) % _MOD)
+        count: int | None = _run(chain, "decr", key, fn, args, _DROP, None, None, strict)
+        return count
 
-    def touch(self, key: str, ttl: float | None = None) -> bool:
+    def touch(self, key: str, ttl: float | None = None, *, strict: bool = False) -> bool:
         """Make ``key`` expire ``ttl`` seconds from now (``None``: each layer's default)
         on the chain's shared layer, without rewriting its value, and return whether
         the shared layer held it. The first layer's copy, if any, is re-timed the same
         way (capped by its ``max_ttl``); other layers drop theirs.
 
-        Returns False when the key is absent, and when the shared layer could not be
-        asked (counted and logged once); this process's copies are then removed.
-        Raises as :meth:`add` does.
+        Returns False when the key is absent, and, unless ``strict`` (then
+        :class:`UnconfirmedError`), when the shared layer could not be asked (counted
+        and logged once); this process's copies are then removed. Raises as
+        :meth:`add` does.
         """
-        chain = _checked(self, key, SupportsTouch, "touch")
+        chain = _checked(self, key, SupportsTouch, "touch", strict)
         ttl = check_ttl(ttl, error=InvalidValueError)
-
-        def update(found: bool) -> Update:
-            if found:
-                return lambda t: _retime(chain, t, key, ttl) if t.index == 0 else t.delete(key)
-            return lambda t: t.delete(key)
-
-        return cast(
-            bool, _run(chain, "touch", key, lambda layer: layer.touch(key, ttl), False, update)
-        )
+        layer: Any = chain._shared.layer
+        found: bool = _run(chain, "touch", key, layer.touch, (key, ttl), _RETIME, None, ttl, strict)
+        return found
 
     def _publish_invalidation(self, keys: Sequence[str]) -> None:
-        """Hook for cross-process invalidation (issue 10, point 3): called once the
-        shared layer confirmed a change of ``keys`` by an atomic operation (an ``add``
-        that stored, an ``incr``/``decr`` that counted, a ``touch`` that found the
-        key), after this process's own layers were updated and outside the fence.
-        Other processes' in-process copies of ``keys`` are stale from then on. A no-op
-        for now; it must never raise nor block for long."""
+        """Called once ``keys`` may have changed on the shared layer (an ``add`` that
+        stored, an ``incr``/``decr`` that counted, a ``touch`` that found the key, a
+        call that failed after it was sent), after this process's own layers were
+        updated and outside the fence: :class:`~cachechain.Chain` detaches loads of
+        them and tells the other processes. Must never raise nor block for long."""
 
 
-def _checked(chain: object, key: str, capability: type, operation: str) -> Chain:
-    """The chain, once ``key`` is checked, the chain is open and its shared layer (as
-    wrapped by the chain) has ``capability``. Raises before anything changes."""
-    check_key(key)
-    owner = cast("Chain", chain)
+def _checked(chain: Any, key: str, capability: type, operation: str, strict: object) -> Chain:
+    """The chain, once ``key`` and ``strict`` are checked, the chain is open and its
+    shared layer (as wrapped by the chain) has ``capability``. Raises before anything
+    changes."""
+    if key.__class__ is not str:
+        check_key(key)
+    owner: Chain = chain
     if owner._closed:
         raise ChainClosedError("the chain is closed")
+    if strict.__class__ is not bool:
+        raise InvalidValueError(f"strict must be a bool, got {strict!r}")
     if not owner._shared.supports(capability):
         layer = unwrapped(owner._shared.layer)
         raise ConfigError(
@@ -199,17 +256,76 @@ def _checked(chain: object, key: str, capability: type, operation: str) -> Chain
     return owner
 
 
-def _count(chain: Chain, operation: str, key: str, call: Callable[[Any], Any]) -> int | None:
-    """An ``incr``/``decr``: every other layer loses the key, whatever the outcome."""
-    return cast("int | None", _run(chain, operation, key, call, None, lambda _: _drop(key)))
+def _run(
+    chain: Chain,
+    operation: str,
+    key: str,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    hit: int,
+    value: Any,
+    ttl: float | None,
+    strict: bool,
+) -> Any:
+    """Run ``fn(*args)`` (the shared layer's operation) as a mutation of ``key`` (see
+    the module docstring), then settle the other tiers: ``hit`` when it answered True,
+    a delete otherwise, a forget when it failed. What ``fn`` raises for the caller's
+    data (a value that is not a counter) propagates, changing nothing."""
+    shared, first, fence = chain._shared, chain._first, chain._fence
+    stripe = fence.begin(key)
+    kind = -1
+    try:
+        result = _on_shared(chain, shared, operation, key, fn, args)
+        failure = result.__class__ is _Failure
+        kind = _FORGET if failure else (hit if result else _DROP)
+        for tier in chain._up:  # the lower tiers, bottom up
+            if tier is not shared:
+                _settle(chain, tier, key, kind, value, ttl)
+    finally:
+        if kind < 0 or first is shared:
+            fence.end(stripe)
+        elif kind == _DROP:  # the first layer, under the fence's lock, as the mutation ends
+            fence.end(stripe, first.delete, key)
+        else:
+            fence.end(stripe, _settle, chain, first, key, kind, value, ttl)
+    if failure:
+        return _failed(chain, operation, key, result, strict)
+    if result is not None and result is not False:  # the key may have changed there
+        chain._publish_invalidation((key,))
+    return result
 
 
-def _drop(key: str) -> Update:
-    return lambda t: t.delete(key)
+def _settle(chain: Chain, tier: Tier, key: str, kind: int, value: Any, ttl: float | None) -> None:
+    """Update ``tier`` (not the shared one) after the shared layer's answer."""
+    if kind == _DROP:
+        tier.delete(key)
+    elif kind == _FORGET:
+        tier.forget(key)  # nothing was written: nothing is owed
+    elif kind == _STORE and tier.index < chain._shared.index:
+        tier.set(key, value, ttl)
+    elif kind == _RETIME and tier.index == 0:
+        _retime(chain, tier, key, ttl)
+    else:
+        tier.delete(key)
 
 
-def _forget(key: str) -> Update:
-    return lambda t: t.forget(key)
+def _failed(chain: Chain, operation: str, key: str, failure: _Failure, strict: bool) -> Any:
+    """The answer of an operation the shared layer did not confirm: False (``add``,
+    ``touch``) or None (counters), or with ``strict`` :class:`UnconfirmedError`. A
+    call that was sent may have been made: the key is published as changed."""
+    if failure.sent:
+        chain._publish_invalidation((key,))
+    error = failure.error
+    if strict and not isinstance(error, InvalidValueError):  # a refused value: not stored
+        name = chain._shared.name
+        raise UnconfirmedError(
+            f"Chain.{operation} of {key!r}: the shared layer {name!r} did not confirm it "
+            f"({type(error).__name__}: {error}); it "
+            + ("may have been made" if failure.sent else "was not made"),
+            layer=name,
+            error_type=classify_error(error),
+        ) from error
+    return None if operation in _COUNTERS else False
 
 
 def _retime(chain: Chain, tier: Tier, key: str, ttl: float | None) -> None:
@@ -226,68 +342,30 @@ def _retime(chain: Chain, tier: Tier, key: str, ttl: float | None) -> None:
         tier.delete(key)
 
 
-def _run(
-    chain: Chain,
-    operation: str,
-    key: str,
-    call: Callable[[Any], Any],
-    failed: Any,
-    update: Callable[[Any], Update],
-) -> Any:
-    """Run ``call(layer)`` on the shared layer as a mutation of ``key`` (see the module
-    docstring): ``failed`` is the result when the shared layer could not be asked (the
-    other tiers then forget the key); ``update(result)`` says what each other tier does
-    otherwise. What ``call`` raises for the caller's data (a value that is not a
-    counter) propagates, changing nothing."""
-    shared, first = chain._shared, chain._first
-    acts: list[Update] = []
-
-    def then() -> None:  # the first layer, under the fence's lock, as the mutation ends
-        if acts and first is not shared:
-            acts[0](first)
-
-    with chain._fence.mutating((key,), then):
-        result = _on_shared(chain, shared, operation, key, call)
-        failure = result is _UNASKED or result is _MAYBE
-        # Failed, the operation wrote nothing here: the other layers forget their copy.
-        act = _forget(key) if failure else update(result)
-        acts.append(act)
-        for tier in chain._up:  # the lower tiers, bottom up
-            if tier is not shared:
-                act(tier)
-    if result is _UNASKED:
-        return failed
-    if result is not None and result is not False:  # the key may have changed there
-        chain._publish_invalidation((key,))
-    return failed if failure else result
-
-
 def _on_shared(
     chain: Chain,
     shared: Tier,
     operation: str,
     key: str,
-    call: Callable[[Any], Any],
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
 ) -> Any:
-    """``call(shared.layer)``; :data:`_UNASKED` when it was not made (the layer owes an
-    earlier write of ``key``, or its breaker refused), :data:`_MAYBE` when it failed
-    otherwise; either is counted and logged through the chain's reporter. A value that
-    is not a counter is the caller's error: it is raised."""
+    """``fn(*args)`` on the shared layer, or a :class:`_Failure` when it was not made
+    (the layer owes an earlier write of ``key``, or its breaker refused) or failed;
+    either is counted and logged through the chain's reporter. A value that is not a
+    counter is the caller's error: it is raised."""
     if not shared.drain(key):
-        chain._report.failed(
-            shared.name,
-            operation,
-            LayerUnavailableError(
-                f"layer {shared.name!r} has not taken an earlier write of key {key!r} "
-                "yet: the operation was not made",
-                layer=shared.name,
-            ),
+        error = LayerUnavailableError(
+            f"layer {shared.name!r} has not taken an earlier write of key {key!r} "
+            "yet: the operation was not made",
+            layer=shared.name,
         )
-        return _UNASKED
+        chain._report.failed(shared.name, operation, error)
+        return _Failure(error, sent=False)
     try:
-        return call(shared.layer)
+        return fn(*args)
     except Exception as exc:
-        if isinstance(exc, InvalidValueError) and operation in ("incr", "decr"):
+        if isinstance(exc, InvalidValueError) and operation in _COUNTERS:
             raise  # not a counter: the stored value is the caller's, nothing changed
         chain._report.failed(shared.name, operation, exc)
-        return _UNASKED if isinstance(exc, CircuitOpenError) else _MAYBE
+        return _Failure(exc, sent=not isinstance(exc, CircuitOpenError))

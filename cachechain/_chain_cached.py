@@ -6,6 +6,8 @@ import functools
 from collections.abc import Callable
 from typing import Any, ParamSpec, Protocol, TypeVar, cast
 
+from ._load_policy import DEFAULT
+
 __all__ = ["cached"]
 
 P = ParamSpec("P")
@@ -13,11 +15,26 @@ R = TypeVar("R")
 
 
 class _Loading(Protocol):
-    def get_or_load(self, key: str, loader: Callable[[], Any], ttl: float | None = None) -> Any:
-        """The cached value of ``key``, or ``loader()``'s, cached for ``ttl`` seconds."""
+    def get_or_load(
+        self,
+        key: str,
+        loader: Callable[[], Any],
+        ttl: float | None = None,
+        *,
+        fail_safe: Any = ...,
+        soft_timeout: Any = ...,
+        hard_timeout: Any = ...,
+        eager_refresh: Any = ...,
+    ) -> Any:
+        """The cached value of ``key``, or ``loader()``'s, cached for ``ttl`` seconds
+        (with the loader options of ``Chain.get_or_load``)."""
 
     def delete(self, key: str) -> bool:
         """Remove ``key`` from the cache."""
+
+
+#: The names of ``get_or_load``'s loader options, in the order ``cached`` takes them.
+_OPTIONS = ("fail_safe", "soft_timeout", "hard_timeout", "eager_refresh")
 
 
 def cached(
@@ -25,11 +42,15 @@ def cached(
     ttl: float | None,
     key: Callable[..., str] | None,
     prefix: str | None,
+    options: tuple[Any, ...] = (),
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """A decorator caching a function's results in ``cache`` for ``ttl`` seconds, under
     ``key(*args, **kwargs)`` or else ``prefix`` (default: the function's module and
-    qualified name) followed by the ``repr`` of the arguments. The wrapper gains
-    ``invalidate(*args, **kwargs)`` and ``cache_key(*args, **kwargs)``."""
+    qualified name) followed by the ``repr`` of the arguments. ``options`` are the
+    values of ``fail_safe``, ``soft_timeout``, ``hard_timeout`` and ``eager_refresh``
+    given to every ``get_or_load`` (those left to the chain are not passed). The
+    wrapper gains ``invalidate(*args, **kwargs)`` and ``cache_key(*args, **kwargs)``."""
+    given = {n: v for n, v in zip(_OPTIONS, options, strict=False) if v is not DEFAULT}
 
     def decorate(fn: Callable[P, R]) -> Callable[P, R]:
         base = prefix if prefix is not None else f"{fn.__module__}.{fn.__qualname__}"
@@ -44,7 +65,10 @@ def cached(
         @functools.wraps(fn)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             return cast(
-                R, cache.get_or_load(make_key(*args, **kwargs), lambda: fn(*args, **kwargs), ttl)
+                R,
+                cache.get_or_load(
+                    make_key(*args, **kwargs), lambda: fn(*args, **kwargs), ttl, **given
+                ),
             )
 
         def invalidate(*args: Any, **kwargs: Any) -> None:

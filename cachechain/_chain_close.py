@@ -2,10 +2,12 @@
 
 The first call marks the chain closed (every later read or write raises
 :class:`~cachechain.ChainClosedError`), then, within ``timeout`` seconds in all: the
-backplane publishes what is pending and stops, the async writers drain (what they
-cannot write in time is counted as dropped), the layers close, and a collector the
-chain's config made is closed last (the writers' last events are in). A concurrent
-call waits for that same drain, at most its own ``timeout``.
+background loads end (their values are stored; those still running at the deadline
+are abandoned, and store nothing), the backplane publishes what is pending and stops,
+the async writers drain (what they cannot write in time is counted as dropped), the
+layers close, and a collector the chain's config made is closed last (the writers'
+last events are in). A concurrent call waits for that same drain, at most its own
+``timeout``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _tier
 from ._errors import ChainClosedError, InvalidValueError
+from ._loads import closed_stamped_read
 from ._validate import check_seconds
 from .metrics._base import CollectorGuard
 
@@ -37,12 +40,14 @@ def close(chain: Chain, timeout: float) -> int:
         first = not chain._closed
         chain._closed = True
         chain._l1_get = closed_get
+        chain._loads.read = closed_stamped_read
         if chain._figures is not None:
             chain._figures.stopped = True
     if not first:
         chain._drained.wait(timeout)
         return 0
     try:
+        chain._loads.close(_left(deadline))  # background loads' values reach the writers
         if chain._coherence is not None:  # its last publications, then the writers
             chain._coherence.close(_left(deadline))
         lost = _tier.close(chain._tiers, _left(deadline))

@@ -5,23 +5,133 @@ however many threads miss it together). Its result is cached in every layer only
 no mutation of the key's stripe began since the load started (the mutation fence's
 ticket, taken before the loader runs), so a ``set`` or ``delete`` made while the
 loader ran is never overwritten by the value it loaded.
+
+With a :class:`~cachechain._load_policy.LoadPolicy` (the chain's
+:class:`~cachechain.LoadConfig` or the call's options) three features join in:
+
+- **fail-safe** (:mod:`cachechain._failsafe`): values are stored stamped, kept
+  ``fail_safe_max_age`` past their TTL; when the loader raises or times out, the
+  youngest expired copy (if any, and not older than that) is served instead, and the
+  loader of that key is not called again for ``fail_safe_throttle`` seconds;
+- **loader timeouts**: a load that a caller may stop waiting for runs on a background
+  thread (:class:`~cachechain._loads.Loads`); each caller, leader or not, waits
+  ``soft_timeout`` (when it has a fail-safe value) or ``hard_timeout`` at most, counted
+  from the start of the load; the load goes on and its value is stored when it
+  arrives (through the fence);
+- **eager refresh** (:mod:`cachechain._refresh`): a hit past the refresh point starts
+  one background reload.
+
+Every loader call goes through :func:`invoke_loader`, the one place a loader runs.
+:class:`LoaderOps` (a base class of :class:`~cachechain.Chain`) holds the public
+methods, ``get_or_load`` and ``cached``.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
+from . import _chain_cached, _failsafe, _refresh
+from ._errors import ChainClosedError, InvalidValueError
+from ._failsafe import Candidate
+from ._load_policy import DEFAULT, Default, LoadPolicy
+from ._loads import LoadJob
+from ._singleflight import LoadTimeoutError, ReentrantLoadError
+from ._validate import check_key, check_ttl
 from .layers._base import MISSING
 from .metrics._base import CollectorGuard
 
 if TYPE_CHECKING:
     from ._chain import Chain
 
-__all__ = ["get_or_load"]
+__all__ = ["LoaderOps", "get_or_load", "invoke_loader", "load_and_store"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 _perf = time.perf_counter
+
+#: Errors that are never the loader's failure: no fail-safe value replaces them.
+_NOT_FAILURES = (ReentrantLoadError, ChainClosedError)
+
+
+class LoaderOps:
+    """``get_or_load`` and ``cached`` of :class:`~cachechain.Chain` (a base class of it)."""
+
+    def get_or_load(
+        self,
+        key: str,
+        loader: Callable[[], Any],
+        ttl: float | None = None,
+        *,
+        wait_timeout: float | None = None,
+        fail_safe: bool | Default = DEFAULT,
+        soft_timeout: float | Default | None = DEFAULT,
+        hard_timeout: float | Default | None = DEFAULT,
+        eager_refresh: float | Default | None = DEFAULT,
+    ) -> Any:
+        """Return the cached value of ``key``, or call ``loader()`` once, cache its
+        result for ``ttl`` seconds (``None``: each layer's default) and return it.
+
+        However many threads miss the same key at once, the loader runs once in this
+        process and every one of them gets its result or its exception (nothing is
+        cached then). A ``None`` result is cached like any other value. A thread that
+        joined another's load waits at most ``wait_timeout`` seconds, then raises
+        :class:`~cachechain.LoadTimeoutError`. If the key is set or
+        deleted while the loader runs, the loaded value is returned but not cached.
+
+        The other options default to the chain's :class:`~cachechain.LoadConfig`
+        (its ``load``; all off unless set there); ``None`` turns one off for this call.
+
+        - ``fail_safe`` (bool): when the loader raises or times out, serve the key's
+          previous value if it expired at most ``fail_safe_max_age`` seconds ago (and
+          do not call the loader of the key again for ``fail_safe_throttle`` seconds).
+          Values loaded with it on are kept that much longer in the layers, for that
+          purpose only: no other read sees them past ``ttl``.
+        - ``soft_timeout`` (seconds): with such a value, wait no longer for the
+          loader: serve it, and let the load finish in the background (its value is
+          stored when it arrives, unless the key was set or deleted meanwhile).
+        - ``hard_timeout`` (seconds): never wait longer: then the fail-safe value, or
+          :class:`~cachechain.LoadTimeoutError`. Timeouts count from the start of the
+          load, for every thread waiting for it.
+        - ``eager_refresh`` (in ``(0, 1)``): a hit on a value past that share of its
+          TTL returns it and starts one background reload of the key.
+
+        Raises :class:`~cachechain.InvalidValueError` naming the option for a bad
+        value (before anything is read), :class:`~cachechain.InvalidKeyError` for a
+        non-``str`` key, :class:`~cachechain.ChainClosedError` after ``close``, and
+        :class:`~cachechain.ReentrantLoadError` for a loader that asks for its own key.
+        """
+        ttl = check_ttl(ttl, error=InvalidValueError)
+        options = (fail_safe, soft_timeout, hard_timeout, eager_refresh)
+        return get_or_load(cast("Chain", self), key, loader, ttl, wait_timeout, *options)
+
+    def cached(
+        self,
+        ttl: float | None = None,
+        *,
+        key: Callable[..., str] | None = None,
+        prefix: str | None = None,
+        fail_safe: bool | Default = DEFAULT,
+        soft_timeout: float | Default | None = DEFAULT,
+        hard_timeout: float | Default | None = DEFAULT,
+        eager_refresh: float | Default | None = DEFAULT,
+    ) -> Callable[[Callable[P, R]], Callable[P, R]]:
+        """Decorate a function so its results are cached through :meth:`get_or_load`.
+
+        The cache key is ``key(*args, **kwargs)`` when given, else the function's
+        ``prefix`` (default: its module and qualified name) followed by the ``repr`` of
+        its arguments. The wrapper gains ``invalidate(*args, **kwargs)``, which deletes
+        the entry of those arguments. ``fail_safe``, ``soft_timeout``,
+        ``hard_timeout`` and ``eager_refresh`` are :meth:`get_or_load`'s, given to
+        every call; a bad one raises :class:`~cachechain.InvalidValueError` here.
+        """
+        ttl = check_ttl(ttl, error=InvalidValueError)
+        options = (fail_safe, soft_timeout, hard_timeout, eager_refresh)
+        chain = cast("Chain", self)
+        chain._loads.policies.resolve(*options)  # raises for a bad option, here
+        return _chain_cached.cached(chain, ttl, key, prefix, options)
 
 
 def get_or_load(
@@ -30,25 +140,34 @@ def get_or_load(
     loader: Callable[[], Any],
     ttl: float | None,
     wait_timeout: float | None,
+    fail_safe: bool | Default = DEFAULT,
+    soft_timeout: float | Default | None = DEFAULT,
+    hard_timeout: float | Default | None = DEFAULT,
+    eager_refresh: float | Default | None = DEFAULT,
 ) -> Any:
     """What :meth:`Chain.get_or_load <cachechain.Chain.get_or_load>` does; see there."""
+    policies = chain._loads.policies
+    if soft_timeout is DEFAULT and hard_timeout is DEFAULT and eager_refresh is DEFAULT:
+        if fail_safe is DEFAULT:
+            policy = policies.default
+        elif fail_safe is True:  # the common override, without a lookup
+            policy = policies.fail_safe_on
+        elif fail_safe is False:
+            policy = policies.fail_safe_off
+        else:
+            policy = policies.resolve(fail_safe, soft_timeout, hard_timeout, eager_refresh)
+    else:
+        policy = policies.resolve(fail_safe, soft_timeout, hard_timeout, eager_refresh)
+    if policy is not None:
+        if policy.stamps:
+            return _with_stamps(chain, key, loader, ttl, wait_timeout, policy)
+        return _timed_only(chain, key, loader, ttl, wait_timeout, policy)
     value = chain.get(key, MISSING)
     if value is not MISSING:
         return value
-    fence = chain._fence
 
     def load() -> Any:
-        ticket = fence.ticket(key)
-        try:
-            again = chain._l1_get(key)  # a load that just finished may have filled it
-        except Exception:
-            again = MISSING
-        if again is not MISSING:
-            return again
-        loaded = _timed_load(chain._m, loader)
-        if ticket is not None:
-            fence.if_unchanged(ticket, _store, chain, key, loaded, ttl)
-        return loaded
+        return load_and_store(chain, key, loader, ttl, None)[0]
 
     value, shared = chain._flight.do(key, load, wait_timeout)
     if shared and chain._m is not None:
@@ -56,7 +175,45 @@ def get_or_load(
     return value
 
 
+def invoke_loader(chain: Chain, key: str, loader: Callable[[], Any]) -> Any:
+    """Call ``loader()`` for ``key`` (the one place a loader runs), its outcome and
+    duration recorded; return its value or raise what it raises."""
+    return _timed_load(chain._m, loader)
+
+
+def load_and_store(
+    chain: Chain,
+    key: str,
+    loader: Callable[[], Any],
+    ttl: float | None,
+    policy: LoadPolicy | None,
+    *,
+    recheck: bool = True,
+) -> tuple[Any, bool]:
+    """Load ``key`` and store the value in every layer unless the fence saw a mutation
+    of it since the load began; return ``(value, stored)``. ``recheck``: first look in
+    the first layer again (a load that just ended may have filled it; not for an eager
+    refresh, whose point is to replace that value)."""
+    fence = chain._fence
+    ticket = fence.ticket(key)
+    if recheck:
+        try:
+            again = chain._l1_get(key)  # a load that just finished may have filled it
+        except Exception:
+            again = MISSING
+        if again is not MISSING:
+            return again, False
+    loaded = invoke_loader(chain, key, loader)
+    if ticket is None:
+        return loaded, False
+    if policy is None or not policy.stamps:
+        return loaded, fence.if_unchanged(ticket, _store, chain, key, loaded, ttl)
+    return loaded, fence.if_unchanged(ticket, _failsafe.store, chain, key, loaded, ttl, policy)
+
+
 def _store(chain: Chain, key: str, value: Any, ttl: float | None) -> None:
+    if chain._loads.abandoned:  # a background load that outlived close() stores nothing
+        return
     for tier in reversed(chain._tiers):  # the first tier's fill is a set
         tier.fill(key, value, ttl)
 
@@ -73,3 +230,203 @@ def _timed_load(m: CollectorGuard | None, loader: Callable[[], Any]) -> Any:
     if m is not None:
         m.record_load(True, _perf() - t0)
     return loaded
+
+
+# -- with a policy --------------------------------------------------------------------
+
+
+def _timed_only(
+    chain: Chain,
+    key: str,
+    loader: Callable[[], Any],
+    ttl: float | None,
+    wait_timeout: float | None,
+    policy: LoadPolicy,
+) -> Any:
+    """``get_or_load`` with loader timeouts alone: an ordinary read, then a load."""
+    value = chain.get(key, MISSING)
+    if value is not MISSING:
+        return value
+    return _load(chain, key, loader, ttl, wait_timeout, policy, MISSING)
+
+
+def _with_stamps(
+    chain: Chain,
+    key: str,
+    loader: Callable[[], Any],
+    ttl: float | None,
+    wait_timeout: float | None,
+    policy: LoadPolicy,
+) -> Any:
+    """``get_or_load`` with fail-safe or eager refresh: the first layer's stamped read
+    (a fresh hit returns here, starting a refresh past its point), then the layers
+    below and a load (:func:`_miss`)."""
+    read = chain._loads.read or chain._loads.bind(chain)  # after close(): raises
+    m = chain._m
+    start = _perf() if m is not None else 0.0
+    try:
+        value, fresh_left, origin = read(key)
+    except ChainClosedError:
+        raise
+    except Exception as exc:
+        check_key(key)  # an unhashable key is the caller's error, not the layer's
+        chain._report.failed(chain._l1_name, "get", exc)
+        value, fresh_left, origin = MISSING, None, None
+    if value is not MISSING:
+        if m is not None:
+            m.record_first_layer_hit(chain._l1_name, _perf() - start)
+        share = policy.refresh_at
+        # Past the refresh point of its TTL (the entry's, else the call's): reload it.
+        if (
+            share is not None
+            and fresh_left is not None
+            and fresh_left <= (origin or ttl or 0.0) * share
+        ):
+            _refresh.refresh(chain, key, loader, ttl, policy, load_and_store)
+        return value
+    if type(key) is not str:  # a key that cannot be in the first layer: checked here
+        check_key(key)
+    found = _read_below(chain, key, policy, m, start)
+    return _miss(chain, key, loader, ttl, wait_timeout, policy, found)
+
+
+def _miss(
+    chain: Chain,
+    key: str,
+    loader: Callable[[], Any],
+    ttl: float | None,
+    wait_timeout: float | None,
+    policy: LoadPolicy,
+    found: Candidate,
+) -> Any:
+    """After a first-layer miss: a fresh value found below, or a load with the
+    fail-safe value found, if any (served at once while the key's loader is
+    throttled)."""
+    if found.value is not MISSING:
+        if policy.refresh_at is not None and _refresh.due(
+            policy, found.fresh_left, found.origin, ttl
+        ):
+            _refresh.refresh(chain, key, loader, ttl, policy, load_and_store)
+        return found.value
+    fallback = MISSING
+    if policy.fail_safe and found.stale is not MISSING and found.stale_age <= policy.max_age:
+        fallback = found.stale
+        if chain._loads.throttle.holds(key):
+            chain._loads.served("throttled", key)
+            return fallback
+    return _load(chain, key, loader, ttl, wait_timeout, policy, fallback)
+
+
+def _read_below(
+    chain: Chain, key: str, policy: LoadPolicy, m: CollectorGuard | None, start: float
+) -> Candidate:
+    """After a first-layer miss: the first layer's expired copy (with fail-safe on) and
+    the layers below, as a :class:`Candidate`, metrics recorded as ``Chain.get``
+    records them."""
+    found = Candidate(MISSING, 0.0)
+    if policy.fail_safe:
+        _failsafe.first_copy(chain, key, found)
+    if m is not None:
+        m.record_get(chain._l1_name, False, _perf() - start)
+    _failsafe.read_below(chain, key, m, found)
+    if m is not None:
+        m.record_chain_get(found.index >= 0, found.index, _perf() - start)
+    return found
+
+
+def _load(
+    chain: Chain,
+    key: str,
+    loader: Callable[[], Any],
+    ttl: float | None,
+    wait_timeout: float | None,
+    policy: LoadPolicy,
+    fallback: Any,
+) -> Any:
+    """Load ``key`` in the single flight; ``fallback`` (or MISSING) is the fail-safe
+    value to serve if the loader fails or takes too long."""
+    if policy.timed(fallback is not MISSING):
+        return _timed(chain, key, loader, ttl, wait_timeout, policy, fallback)
+    job = LoadJob(load_and_store, chain, key, loader, ttl, policy)
+    try:
+        value, shared = chain._flight.do(key, job.run, wait_timeout)
+    except _NOT_FAILURES:
+        raise
+    except LoadTimeoutError:  # a wait_timeout, or the loader's own
+        if fallback is MISSING:
+            raise
+        chain._loads.served("hard_timeout", key)
+        return fallback
+    except Exception as exc:
+        if fallback is MISSING:
+            raise
+        chain._loads.served("loader_error", key, exc)
+        return fallback
+    if shared and chain._m is not None:
+        chain._m.record_singleflight_shared()
+    return value
+
+
+def _timed(
+    chain: Chain,
+    key: str,
+    loader: Callable[[], Any],
+    ttl: float | None,
+    wait_timeout: float | None,
+    policy: LoadPolicy,
+    fallback: Any,
+) -> Any:
+    """Load ``key`` on a background thread (or join the load in flight) and wait for it
+    as the policy says; on a timeout, serve ``fallback`` or raise LoadTimeoutError."""
+    flight = chain._flight
+    loads = chain._loads
+    call, leader = flight.join(key)
+    if leader:
+        loads.start(chain, call, LoadJob(load_and_store, chain, key, loader, ttl, policy))
+    elif chain._m is not None:
+        chain._m.record_singleflight_shared()
+    elapsed = loads.clock() - call.started
+    budget, reason = _budget(policy, fallback is not MISSING, leader, wait_timeout, elapsed)
+    assert call.done is not None  # join() gives every call its event
+    if call.done.wait(budget):
+        try:
+            return flight.outcome(call)
+        except _NOT_FAILURES:
+            raise
+        except Exception as exc:
+            if fallback is MISSING:
+                raise
+            # A LoadTimeoutError here: no room to run the load, or the loader's own.
+            reason = "hard_timeout" if isinstance(exc, LoadTimeoutError) else "loader_error"
+            loads.served(reason, key, exc)
+            return fallback
+    if fallback is not MISSING:
+        loads.served(reason if reason == "soft_timeout" else "hard_timeout", key)
+        return fallback
+    raise LoadTimeoutError(
+        f"gave up after {budget} s waiting for the load of {key!r} ({reason}); the load "
+        "goes on in the background and its value is stored when it arrives"
+    )
+
+
+def _budget(
+    policy: LoadPolicy,
+    has_fallback: bool,
+    leader: bool,
+    wait_timeout: float | None,
+    elapsed: float,
+) -> tuple[float | None, str]:
+    """How long a caller waits for a load that began ``elapsed`` seconds ago (None: as
+    long as it takes), and which limit that is: ``soft_timeout`` (only with a
+    fail-safe value), ``hard_timeout``, or a joining caller's own ``wait_timeout``."""
+    budget: float | None = None
+    reason = "hard_timeout"
+    if policy.hard_timeout is not None:
+        budget = policy.hard_timeout - elapsed
+    if has_fallback and policy.soft_timeout is not None:
+        soft = policy.soft_timeout - elapsed
+        if budget is None or soft < budget:
+            budget, reason = soft, "soft_timeout"
+    if not leader and wait_timeout is not None and (budget is None or wait_timeout < budget):
+        budget, reason = wait_timeout, "wait_timeout"
+    return (None if budget is None else max(0.0, budget)), reason

@@ -28,6 +28,21 @@ A codec encodes one value into bytes and decodes them back. Three are provided:
 so a reader can tell an expired entry (sub-second TTLs that memcached cannot express),
 and refuses bytes written by anything else, or by a layer with another codec.
 
+A *stamped* entry (a value ``get_or_load`` keeps past its logical expiry as a fail-safe
+copy, see :mod:`cachechain.layers._stamps`) has a 26-byte header::
+
+    byte 0      0xC2
+    byte 1      codec id
+    bytes 2-9   expires_at: when the entry is gone (its physical expiry), 0.0 = never
+    bytes 10-17 fresh_until: its logical expiry (unix seconds, > 0)
+    bytes 18-25 ttl: the TTL it was stored with (seconds, > 0)
+    bytes 26-   the codec's payload
+
+Readers that are not asked for stamps (:meth:`Envelope.unpack`, :func:`expiry_of`)
+see ``fresh_until`` as the entry's expiry, so a stamped entry past it is expired for
+them; :meth:`Envelope.read` gives all three. A signing codec binds the whole header,
+``fresh_until`` included: nobody without the secret can make a copy fresh again.
+
 A codec that signs its payloads binds them to a *context* (:func:`binds_context`): its
 ``encode`` and ``decode`` take a keyword argument ``context``, and :class:`Envelope`
 (what a layer uses) passes the envelope's header followed by the memcached key, which
@@ -51,11 +66,13 @@ from typing import Any, Final, Protocol, cast, runtime_checkable
 
 from . import _tagged
 from ._errors import ConfigError, CorruptValueError, InvalidValueError
-from ._validate import check_optional_seconds
+from ._validate import check_optional_seconds, check_seconds
 
 __all__ = [
     "ENVELOPE_HEADER_SIZE",
     "ENVELOPE_MAGIC",
+    "STAMPED_HEADER_SIZE",
+    "STAMPED_MAGIC",
     "Codec",
     "CorruptValueError",
     "Envelope",
@@ -72,11 +89,16 @@ __all__ = [
 
 #: The first byte of every envelope: format version 1 of cachechain's envelope.
 ENVELOPE_MAGIC = 0xC1
+#: The first byte of a stamped envelope (logical expiry and TTL in the header).
+STAMPED_MAGIC = 0xC2
 
 _HEADER = struct.Struct(">BBd")
+_STAMPED_HEADER = struct.Struct(">BBddd")
 
 #: Bytes of envelope before the codec payload (magic, codec id, ``expires_at``).
 ENVELOPE_HEADER_SIZE = _HEADER.size
+#: Bytes of a stamped envelope before the payload (plus ``fresh_until`` and ``ttl``).
+STAMPED_HEADER_SIZE = _STAMPED_HEADER.size
 
 
 @runtime_checkable
@@ -193,18 +215,24 @@ _DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite
 _SCAN = json.scanner.make_scanner(_DECODER)  # type: ignore[arg-type]  # the stub names the wrong type
 
 
+#: The encoders, built once (``json.dumps`` with options builds one per call: about
+#: half the cost of encoding a small value).
+_TO_TEXT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+_TO_ASCII = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
+
+
 def _json_text(value: Any, what: str) -> bytes:
     """Compact UTF-8 JSON of ``value`` (a lone surrogate in a ``str`` is kept, escaped
     as ``\\udXXX``, which JSON allows). Raises InvalidValueError, naming ``what`` the
     encoding is, for a value JSON cannot hold."""
     try:
-        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text = _TO_TEXT(value)
     except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidValueError(f"value cannot be encoded as {what}: {exc}") from exc
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+        return _TO_ASCII(value).encode("ascii")
 
 
 def _json_value(data: bytes) -> Any:
@@ -462,16 +490,32 @@ class Envelope:
         self.bound = binds_context(codec)
         self._bound_codec = cast("_BoundCodec", codec) if self.bound else None
 
-    def pack(self, value: Any, expires_at: float | None, key: bytes = b"") -> bytes:
+    def pack(
+        self,
+        value: Any,
+        expires_at: float | None,
+        key: bytes = b"",
+        *,
+        fresh_until: float | None = None,
+        ttl: float | None = None,
+    ) -> bytes:
         """Return the envelope of ``value`` stored under ``key`` (the memcached key):
         header, then the codec's payload.
 
         ``expires_at`` is the entry's expiry in unix wall-clock seconds, or ``None`` for
-        none. Raises :class:`~cachechain.InvalidValueError` when the codec cannot
-        encode the value or ``expires_at`` is not a finite number > 0.
+        none. With ``fresh_until`` (unix seconds) the envelope is stamped: the entry is
+        fresh until then and kept until ``expires_at`` (a fail-safe copy), and ``ttl``
+        (seconds) is the TTL it was stored with. Raises
+        :class:`~cachechain.InvalidValueError` when the codec cannot encode the value,
+        or ``expires_at``, ``fresh_until`` or ``ttl`` is not a finite number > 0.
         """
         stamp = check_optional_seconds(expires_at, "expires_at", error=InvalidValueError) or 0.0
-        header = _HEADER.pack(ENVELOPE_MAGIC, self.codec_id, stamp)
+        if fresh_until is None:
+            header = _HEADER.pack(ENVELOPE_MAGIC, self.codec_id, stamp)
+        else:
+            fresh = check_seconds(fresh_until, "fresh_until", error=InvalidValueError)
+            origin = check_seconds(ttl, "ttl", error=InvalidValueError)
+            header = _STAMPED_HEADER.pack(STAMPED_MAGIC, self.codec_id, stamp, fresh, origin)
         bound = self._bound_codec
         if bound is not None:
             return header + bound.encode(value, context=header + key)
@@ -481,36 +525,43 @@ class Envelope:
         """Return ``(value, expires_at)`` from the envelope ``data`` read under ``key``.
 
         ``expires_at`` is unix wall-clock seconds, or ``None`` for an entry that does not
-        expire; the caller decides whether it has passed. Raises
+        expire; the caller decides whether it has passed. For a stamped envelope it is
+        the logical expiry (``fresh_until``: see :meth:`read`). Raises
         :class:`CorruptValueError` for truncated data, a wrong magic byte, a codec id
         other than this codec's (a JSON reader never unpickles; a pickle reader never
         trusts unsigned data), an invalid expiry, or a payload the codec rejects (for a
         bound codec: one not bound to this header and ``key``).
         """
-        if len(data) < ENVELOPE_HEADER_SIZE:
-            raise CorruptValueError(f"stored value is truncated ({len(data)} bytes)")
-        magic, codec_id, stamp = _HEADER.unpack_from(data)
-        if magic != ENVELOPE_MAGIC:
-            raise CorruptValueError(f"stored value has an unknown envelope (magic 0x{magic:02x})")
+        value, _, fresh_until, _ = self.read(data, key)
+        return value, fresh_until
+
+    def read(
+        self, data: bytes, key: bytes = b""
+    ) -> tuple[Any, float | None, float | None, float | None]:
+        """Return ``(value, expires_at, fresh_until, ttl)`` from the envelope ``data``
+        read under ``key``: when the entry is gone (``None``: never), when it stops
+        being fresh (the same for an envelope that is not stamped) and the TTL a
+        stamped entry was stored with (``None`` for one that is not). Raises
+        :class:`CorruptValueError` as :meth:`unpack` does, and for a stamped header
+        whose ``fresh_until`` or ``ttl`` is not a finite number > 0."""
+        codec_id, expires_at, fresh_until, ttl, size = _header(data)
         if codec_id != self.codec_id:
             raise CorruptValueError(
                 f"stored value was written by codec {codec_id}, this layer reads {self.codec_id}"
             )
-        if not math.isfinite(stamp) or stamp < 0:
-            raise CorruptValueError(f"stored value has an invalid expiry {stamp!r}")
         bound = self._bound_codec
         if bound is not None:
-            context = data[:ENVELOPE_HEADER_SIZE] + key
-            value = bound.decode(data[ENVELOPE_HEADER_SIZE:], context=context)
+            value = bound.decode(data[size:], context=data[:size] + key)
         else:
-            value = self.codec.decode(data[ENVELOPE_HEADER_SIZE:])
-        return value, (stamp if stamp else None)
+            value = self.codec.decode(data[size:])
+        return value, expires_at, fresh_until, ttl
 
     def restamp(
         self, data: bytes, expires_at: float | None, key: bytes = b""
     ) -> tuple[bytes, float | None]:
         """Return the envelope ``data`` (read under ``key``) with its expiry replaced by
-        ``expires_at`` (unix seconds, ``None`` for none), and the expiry it had. The
+        ``expires_at`` (unix seconds, ``None`` for none), and the expiry it had (a
+        stamped envelope's logical one; the result is not stamped). The
         payload of a codec that does not bind it is kept as it is, neither decoded nor
         checked (see :func:`restamp`); a bound payload is verified (:meth:`unpack`)
         and encoded again for the new header. Raises :class:`CorruptValueError` as
@@ -545,32 +596,46 @@ def unpack(codec: Codec, data: bytes, key: bytes = b"") -> tuple[Any, float | No
 
 def restamp(data: bytes, expires_at: float | None) -> tuple[bytes, float | None]:
     """Return ``data`` (an envelope made by :func:`pack`) with its expiry replaced by
-    ``expires_at`` (unix seconds, ``None`` for none), and the expiry it had. The
+    ``expires_at`` (unix seconds, ``None`` for none), and the expiry it had (for a
+    stamped envelope, its logical expiry; the result is not stamped: the entry is
+    fresh until ``expires_at``). The
     payload is neither decoded nor checked (nothing is unpickled), so this is only for
     a codec that does not bind its payloads (a bound one no longer verifies: use
     :meth:`Envelope.restamp`). Raises
     :class:`CorruptValueError` for bytes that are not an envelope (too short, a wrong
     magic byte, an invalid expiry), and :class:`~cachechain.InvalidValueError` for an
     ``expires_at`` that is not a finite number > 0."""
-    codec_id, stamp = _header(data)
+    codec_id, _, fresh_until, _, size = _header(data)
     new = check_optional_seconds(expires_at, "expires_at", error=InvalidValueError) or 0.0
     header = _HEADER.pack(ENVELOPE_MAGIC, codec_id, new)
-    return header + data[ENVELOPE_HEADER_SIZE:], stamp
+    return header + data[size:], fresh_until
 
 
 def expiry_of(data: bytes) -> float | None:
-    """The expiry (unix seconds, ``None`` for none) of the envelope ``data``, read from
-    its header alone. Raises :class:`CorruptValueError` as :func:`restamp` does."""
-    return _header(data)[1]
+    """The expiry (unix seconds, ``None`` for none) of the envelope ``data`` as readers
+    see it (a stamped envelope's logical expiry), read from its header alone. Raises
+    :class:`CorruptValueError` as :func:`restamp` does."""
+    return _header(data)[2]
 
 
-def _header(data: bytes) -> tuple[int, float | None]:
-    """``(codec_id, expires_at)`` of an envelope's header; raises CorruptValueError."""
+def _header(data: bytes) -> tuple[int, float | None, float | None, float | None, int]:
+    """``(codec_id, expires_at, fresh_until, ttl, header size)`` of an envelope's
+    header (``fresh_until`` is ``expires_at`` and ``ttl`` None unless it is stamped);
+    raises CorruptValueError."""
     if len(data) < ENVELOPE_HEADER_SIZE:
         raise CorruptValueError(f"stored value is truncated ({len(data)} bytes)")
     magic, codec_id, stamp = _HEADER.unpack_from(data)
-    if magic != ENVELOPE_MAGIC:
+    if magic != ENVELOPE_MAGIC and magic != STAMPED_MAGIC:
         raise CorruptValueError(f"stored value has an unknown envelope (magic 0x{magic:02x})")
     if not math.isfinite(stamp) or stamp < 0:
         raise CorruptValueError(f"stored value has an invalid expiry {stamp!r}")
-    return codec_id, (stamp if stamp else None)
+    expires_at = stamp if stamp else None
+    if magic == ENVELOPE_MAGIC:
+        return codec_id, expires_at, expires_at, None, ENVELOPE_HEADER_SIZE
+    if len(data) < STAMPED_HEADER_SIZE:
+        raise CorruptValueError(f"stored value is truncated ({len(data)} bytes)")
+    _, _, _, fresh_until, ttl = _STAMPED_HEADER.unpack_from(data)
+    for number in (fresh_until, ttl):
+        if not math.isfinite(number) or number <= 0:
+            raise CorruptValueError(f"stored value has an invalid stamp {number!r}")
+    return codec_id, expires_at, fresh_until, ttl, STAMPED_HEADER_SIZE

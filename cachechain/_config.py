@@ -21,7 +21,15 @@ from ._validate import (
 )
 from .layers._base import CacheLayer
 
-__all__ = ["BreakerConfig", "ChainConfig", "CoherenceConfig", "LayerConfig", "WriterConfig"]
+__all__ = [
+    "BreakerConfig",
+    "ChainConfig",
+    "CoherenceConfig",
+    "LayerConfig",
+    "LoadConfig",
+    "WriterConfig",
+    "check_share",
+]
 
 
 @dataclass(frozen=True)
@@ -176,6 +184,74 @@ class CoherenceConfig:
         raise ConfigError(f"coherence must be a bool or a CoherenceConfig, got {value!r}")
 
 
+def check_share(value: object, field: str, *, error: type[Exception] = ConfigError) -> float | None:
+    """``None``, or ``value`` as a ``float`` share strictly between 0 and 1 (an eager
+    refresh's point in a TTL); raise ``error`` naming ``field`` otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise error(f"{field} must be a number in (0, 1) or None, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """How a chain's ``get_or_load`` and ``cached`` treat loaders (their defaults; each
+    call may override ``fail_safe``, ``soft_timeout``, ``hard_timeout`` and
+    ``eager_refresh``). Durations are seconds. Everything is off by default.
+
+    ``fail_safe``: when the loader raises or times out and an earlier value of the key
+    exists, serve that value instead, if it expired at most ``fail_safe_max_age``
+    seconds ago, and do not call the loader of that key again (in this process) for
+    ``fail_safe_throttle`` seconds. Loaded values are kept ``ttl +
+    fail_safe_max_age`` seconds in every layer that keeps stamped entries (the
+    in-process layer, memcached) for that purpose; only ``get_or_load`` with fail-safe
+    on ever reads them past their ``ttl``.
+
+    ``soft_timeout``: a caller with a fail-safe value waits that long for the loader,
+    then gets the fail-safe value while the load goes on in the background (its value
+    is stored when it arrives). ``hard_timeout``: any caller waits that long at most:
+    then it gets the fail-safe value, or :class:`~cachechain.LoadTimeoutError`.
+    Timed loads run on background threads, ``max_background_loads`` at most per chain
+    (a load that finds no room fails as a loader would, with a ``LoadTimeoutError``).
+
+    ``eager_refresh`` (a share of the TTL in ``(0, 1)``, e.g. ``0.8``): a hit on a
+    value older than that share of its TTL returns it and starts one background reload
+    of the key (one per key per process).
+
+    Raises :class:`~cachechain.ConfigError` naming the field for a bad value.
+    """
+
+    fail_safe: bool = False
+    fail_safe_max_age: float = 3600.0
+    fail_safe_throttle: float = 30.0
+    soft_timeout: float | None = None
+    hard_timeout: float | None = None
+    eager_refresh: float | None = None
+    max_background_loads: int = 64
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.fail_safe, bool):
+            raise ConfigError(f"load.fail_safe must be a bool, got {self.fail_safe!r}")
+        for name in ("fail_safe_max_age", "fail_safe_throttle"):
+            check_seconds(getattr(self, name), f"load.{name}", zero_ok=True)
+        for name in ("soft_timeout", "hard_timeout"):
+            check_optional_seconds(getattr(self, name), f"load.{name}", zero_ok=True)
+        check_share(self.eager_refresh, "load.eager_refresh")
+        check_positive_int(self.max_background_loads, "load.max_background_loads")
+
+    @property
+    def active(self) -> bool:
+        """Whether any of the features is on (a chain whose defaults are all off
+        takes the plain path)."""
+        return (
+            self.fail_safe
+            or self.soft_timeout is not None
+            or self.hard_timeout is not None
+            or self.eager_refresh is not None
+        )
+
+
 @dataclass(frozen=True)
 class ChainConfig:
     """A whole chain: the seed's ``ChainConfig`` (``Chain.from_config`` builds it).
@@ -184,7 +260,9 @@ class ChainConfig:
     ``name`` labels the chain's metrics. ``metrics_collector`` receives the metrics
     (``None``: none are recorded, at no cost). ``breaker`` and ``writer`` are the
     defaults for every layer that does not set its own. ``coherence``: see
-    :class:`CoherenceConfig` (True: its defaults; False: off). ``owns_collector``: the chain
+    :class:`CoherenceConfig` (True: its defaults; False: off). ``load``: the
+    defaults of ``get_or_load`` and ``cached`` (fail-safe, loader timeouts, eager
+    refresh; see :class:`LoadConfig`). ``owns_collector``: the chain
     closes the collector (if it has ``close()``) when the chain closes; set by
     :func:`cachechain.chain_config_from_mapping`, which creates it.
     """
@@ -196,3 +274,4 @@ class ChainConfig:
     writer: WriterConfig = field(default_factory=WriterConfig)
     coherence: CoherenceConfig | bool = True
     owns_collector: bool = False
+    load: LoadConfig = field(default_factory=LoadConfig)

@@ -105,6 +105,34 @@ class MutationFence:
                 active[stripe] += 1
         return Mutation(self, stripes, then)
 
+    def begin(self, key: str) -> int:
+        """Begin a mutation of the one key ``key`` (what :meth:`mutating` does, without
+        its context manager, for the chain's atomic operations); return the stripe to
+        hand to :meth:`end`, which must follow, in ``finally``."""
+        stripe = hash(key) & _MASK
+        lock = self._lock
+        lock.acquire()  # not ``with``: this pair is on every atomic operation's path
+        try:
+            self._seq[stripe] += _STRIPES
+            self._active[stripe] += 1
+        finally:
+            lock.release()
+        return stripe
+
+    def end(self, stripe: int, then: Callable[..., object] | None = None, *args: Any) -> None:
+        """End the mutation :meth:`begin` returned ``stripe`` for and, under the same
+        lock, call ``then(*args)`` (the write to the first layer). What ``then`` raises
+        propagates, the mutation ended."""
+        lock = self._lock
+        lock.acquire()
+        try:
+            self._seq[stripe] += _STRIPES
+            self._active[stripe] -= 1
+            if then is not None:
+                then(*args)
+        finally:
+            lock.release()
+
     def mutating_all(self, then: Callable[[], T]) -> Mutation[T]:
         """:meth:`mutating` of every key (a clear): no read in flight may backfill
         after it."""

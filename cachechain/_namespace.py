@@ -41,7 +41,14 @@ from typing import Any, Final
 
 from . import _fork
 from ._errors import ConfigError, LayerUnavailableError
-from .layers._base import CacheLayer, SupportsAdd, SupportsCounters, SupportsTouch
+from .layers._base import (
+    CacheLayer,
+    Lease,
+    SupportsAdd,
+    SupportsCounters,
+    SupportsLease,
+    SupportsTouch,
+)
 from .layers._proxy import LayerProxy
 
 __all__ = ["RESERVED_PREFIX", "Namespace", "NamespacedLayer", "codec_tag"]
@@ -203,7 +210,7 @@ class NamespacedLayer(LayerProxy):
     """``layer`` with every key prefixed by ``namespace``'s current generation.
 
     Implements the :class:`~cachechain.layers.CacheLayer` protocol and forwards the
-    atomic operations (``add``, ``incr``, ``decr``, ``touch``: raising
+    atomic operations (``add``, ``incr``, ``decr``, ``touch``, ``lease``: raising
     :class:`~cachechain.ConfigError` when the wrapped layer has none); keys come back
     from batch calls without the prefix. Every call raises
     :class:`~cachechain.LayerUnavailableError` while the generation is unknown and
@@ -265,22 +272,34 @@ class NamespacedLayer(LayerProxy):
 
     def add(self, key: str, value: Any, ttl: float | None = None) -> bool:
         """The wrapped layer's ``add`` of ``key`` in the current generation."""
-        stored: bool = self._atomic("add")(self._ns.current() + key, value, ttl)
+        ns, method = self._ns, self._ops.get("add") or self._atomic("add")
+        stored: bool = method((ns.prefix or ns.current()) + key, value, ttl)
         return stored
 
     def incr(self, key: str, delta: int = 1) -> int | None:
         """The wrapped layer's ``incr`` of ``key`` in the current generation."""
-        count: int | None = self._atomic("incr")(self._ns.current() + key, delta)
+        ns, method = self._ns, self._ops.get("incr") or self._atomic("incr")
+        count: int | None = method((ns.prefix or ns.current()) + key, delta)
         return count
 
     def decr(self, key: str, delta: int = 1) -> int | None:
         """The wrapped layer's ``decr`` of ``key`` in the current generation."""
-        count: int | None = self._atomic("decr")(self._ns.current() + key, delta)
+        ns, method = self._ns, self._ops.get("decr") or self._atomic("decr")
+        count: int | None = method((ns.prefix or ns.current()) + key, delta)
         return count
 
     def touch(self, key: str, ttl: float | None = None) -> bool:
         """The wrapped layer's ``touch`` of ``key`` in the current generation."""
-        found: bool = self._atomic("touch")(self._ns.current() + key, ttl)
+        ns, method = self._ns, self._ops.get("touch") or self._atomic("touch")
+        found: bool = method((ns.prefix or ns.current()) + key, ttl)
+        return found
+
+    def lease(self, key: str, ttl: float) -> Lease | None:
+        """The wrapped layer's ``lease`` (:class:`~cachechain.layers.SupportsLease`) of
+        ``key`` in the current generation: the stub is the namespaced key the value
+        will be stored under."""
+        ns, method = self._ns, self._ops.get("lease") or self._atomic("lease")
+        found: Lease | None = method((ns.prefix or ns.current()) + key, ttl)
         return found
 
     def _atomic(self, operation: str) -> Any:
@@ -299,6 +318,7 @@ _CAPABILITIES: dict[str, type] = {
     "incr": SupportsCounters,
     "decr": SupportsCounters,
     "touch": SupportsTouch,
+    "lease": SupportsLease,
 }
 
 

@@ -18,9 +18,10 @@ the wrapped layer is not touched. Otherwise the operation runs on the caller's t
 
 It also forwards the atomic operations of the wrapped layer (``add``, ``incr``,
 ``decr``, ``touch``: the capabilities :class:`~cachechain.layers.SupportsAdd`,
-:class:`~cachechain.layers.SupportsCounters`, :class:`~cachechain.layers.SupportsTouch`),
-through the breaker too; they raise :class:`~cachechain.ConfigError` when the wrapped
-layer lacks them (:func:`unwrapped` gives the layer to ask).
+:class:`~cachechain.layers.SupportsCounters`, :class:`~cachechain.layers.SupportsTouch`)
+and its ``lease`` (:class:`~cachechain.layers.SupportsLease`), through the breaker
+too; they raise :class:`~cachechain.ConfigError` when the wrapped layer lacks them
+(:func:`unwrapped` gives the layer to ask).
 
 The exception, if any, is re-raised unchanged. No thread ever waits for a call: the
 wrapped layer enforces its own timeout (the memcached layer on its socket), and the
@@ -39,8 +40,10 @@ from ._namespace import NamespacedLayer
 from ._validate import check_callable, check_optional_seconds
 from .layers._base import (
     CacheLayer,
+    Lease,
     SupportsAdd,
     SupportsCounters,
+    SupportsLease,
     SupportsTimeout,
     SupportsTouch,
 )
@@ -182,25 +185,37 @@ class ResilientLayer(LayerProxy):
         """The wrapped layer's ``add`` (:class:`~cachechain.layers.SupportsAdd`),
         through the breaker. Raises :class:`~cachechain.ConfigError` when the wrapped
         layer has none."""
-        stored: bool = self._forward(self._atomic("add", SupportsAdd), key, value, ttl)
+        method = self._ops.get("add") or self._atomic("add", SupportsAdd)
+        stored: bool = self._forward(method, key, value, ttl)
         return stored
 
     def incr(self, key: str, delta: int = 1) -> int | None:
         """The wrapped layer's ``incr`` (:class:`~cachechain.layers.SupportsCounters`),
         through the breaker; raises as :meth:`add` when it has none."""
-        count: int | None = self._forward(self._atomic("incr", SupportsCounters), key, delta)
+        method = self._ops.get("incr") or self._atomic("incr", SupportsCounters)
+        count: int | None = self._forward(method, key, delta)
         return count
 
     def decr(self, key: str, delta: int = 1) -> int | None:
         """The wrapped layer's ``decr``, through the breaker; raises as :meth:`add`
         when it has none."""
-        count: int | None = self._forward(self._atomic("decr", SupportsCounters), key, delta)
+        method = self._ops.get("decr") or self._atomic("decr", SupportsCounters)
+        count: int | None = self._forward(method, key, delta)
         return count
 
     def touch(self, key: str, ttl: float | None = None) -> bool:
         """The wrapped layer's ``touch`` (:class:`~cachechain.layers.SupportsTouch`),
         through the breaker; raises as :meth:`add` when it has none."""
-        found: bool = self._forward(self._atomic("touch", SupportsTouch), key, ttl)
+        method = self._ops.get("touch") or self._atomic("touch", SupportsTouch)
+        found: bool = self._forward(method, key, ttl)
+        return found
+
+    def lease(self, key: str, ttl: float) -> Lease | None:
+        """The wrapped layer's ``lease`` (:class:`~cachechain.layers.SupportsLease`),
+        through the breaker (an open one refuses it without I/O); raises as
+        :meth:`add` when it has none."""
+        method = self._ops.get("lease") or self._atomic("lease", SupportsLease)
+        found: Lease | None = self._forward(method, key, ttl)
         return found
 
     def _atomic(self, operation: str, capability: type) -> Any:

@@ -17,6 +17,7 @@ The mapping describes a whole chain::
         "breaker": {"max_failures": 5, "reset_timeout": 10.0},   # defaults of every layer
         "writer": {"queue_size": 1000, "max_wait": 0.0, "workers": 1},
         "coherence": {"bound": 0.1},        # or True (the default) / False
+        "load": {"fail_safe": True, "soft_timeout": 0.1, "eager_refresh": 0.8},
         "metrics": {"exporter": "statsd", "options": {"host": "127.0.0.1"}},
     }
 
@@ -24,7 +25,9 @@ Top-level keys: ``name`` (default ``"default"``), ``layers`` (required, fastest
 first), ``breaker`` and ``writer`` (the defaults, see
 :class:`~cachechain.BreakerConfig` and :class:`~cachechain.WriterConfig`),
 ``coherence`` (``True``, the default, ``False``, or the fields of
-:class:`~cachechain.CoherenceConfig`) and ``metrics`` (see
+:class:`~cachechain.CoherenceConfig`), ``load`` (the fields of
+:class:`~cachechain.LoadConfig`: the defaults of ``get_or_load`` and ``cached``,
+fail-safe, loader timeouts, eager refresh) and ``metrics`` (see
 :func:`cachechain.exporters.create_exporter`: a name, a ``{"exporter": ...,
 "options": ...}`` mapping, a ``"module:attr"`` path or a list of them for fan-out;
 absent or ``None``: the ``CACHECHAIN_EXPORTER`` environment variable decides, and
@@ -54,7 +57,14 @@ from pathlib import Path
 from typing import Any
 
 from ._close import close_quietly
-from ._config import BreakerConfig, ChainConfig, CoherenceConfig, LayerConfig, WriterConfig
+from ._config import (
+    BreakerConfig,
+    ChainConfig,
+    CoherenceConfig,
+    LayerConfig,
+    LoadConfig,
+    WriterConfig,
+)
 from ._declarative import import_path, keyword_options, reject_unknown, with_field
 from ._errors import ConfigError
 from ._exporter_spec import ExporterSpec, parse_exporters
@@ -63,7 +73,7 @@ from ._validate import check_optional_seconds
 
 __all__ = ["LAYER_TYPES", "chain_config_from_file", "chain_config_from_mapping"]
 
-_TOP_KEYS = ("name", "layers", "breaker", "writer", "coherence", "metrics")
+_TOP_KEYS = ("name", "layers", "breaker", "writer", "coherence", "load", "metrics")
 _CHAIN_LAYER_KEYS = (
     "type",
     "name",
@@ -120,6 +130,7 @@ def chain_config_from_mapping(
     breaker = _dataclass_from(BreakerConfig, mapping.get("breaker"), "breaker", "")
     writer = _dataclass_from(WriterConfig, mapping.get("writer"), "writer", "")
     coherence = _coherence(mapping.get("coherence", True))
+    load = _dataclass_from(LoadConfig, mapping.get("load"), "load", "")
     plans = _plan_layers(mapping.get("layers"))
     exporters = parse_exporters(mapping.get("metrics"), environ=environ)
     layers, collector, owned = _build(plans, exporters)
@@ -131,6 +142,7 @@ def chain_config_from_mapping(
         writer=writer,
         coherence=coherence,
         owns_collector=owned,
+        load=load,
     )
 
 
@@ -192,7 +204,8 @@ def _build(
 
 
 def _dataclass_from(cls: Any, value: Any, field: str, prefix: str) -> Any:
-    """Build a BreakerConfig/WriterConfig from a mapping (``None``: the defaults)."""
+    """Build a BreakerConfig/WriterConfig/CoherenceConfig/LoadConfig from a mapping
+    (``None``: the defaults)."""
     path = f"{prefix}{field}"
     if value is None:
         return None if prefix else cls()

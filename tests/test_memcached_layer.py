@@ -702,7 +702,7 @@ def assert_corrupt(lay: MemcachedLayer, key: str) -> None:
         b"hello, I was written by another program",
         b"\x80\x04K\x01.",
         b"\xc1\x01",
-        b"",
+        # b"" is not here: an empty value is a lease's stub, a miss (tests/test_lease.py)
         envelope(7, b"1"),
     ],
 )

@@ -36,6 +36,11 @@ ARGS: dict[str, tuple[Any, ...]] = {
     "record_invalidations_published": (4,),
     "record_invalidations_applied": (3, 0.02),
     "record_coherence_lost": ("gap",),
+    "record_fail_safe": ("loader_error",),
+    "record_background_load": ("stored",),
+    "record_eager_refresh": (),
+    "record_lease": ("won",),
+    "record_lease_wait": (0.03,),
 }
 
 

@@ -71,6 +71,11 @@ CATALOGUE: dict[str, tuple[str, set[str]]] = {
     "cache_chain_invalidations_applied_total": ("counter", {"chain"}),
     "cache_chain_invalidation_lag_seconds": ("histogram", {"chain"}),
     "cache_chain_coherence_lost_total": ("counter", {"chain", "reason"}),
+    "cache_chain_fail_safe_served_total": ("counter", {"chain", "reason"}),
+    "cache_chain_background_loads_total": ("counter", {"chain", "outcome"}),
+    "cache_chain_eager_refreshes_total": ("counter", {"chain"}),
+    "cache_chain_leases_total": ("counter", {"chain", "outcome"}),
+    "cache_chain_lease_wait_duration_seconds": ("histogram", {"chain"}),
 }
 
 
@@ -132,6 +137,11 @@ def exercise_everything(collector: PrometheusCollector, *, coherence: bool = Tru
     # The journal's own poll fails while the fake does: once it stays failed for the
     # bound, that is lost track; recorded here so the series exist whatever the timing.
     view.record_coherence_lost("unreachable")
+    view.record_fail_safe("soft_timeout")
+    view.record_background_load("stored")
+    view.record_eager_refresh()
+    view.record_lease("waited")
+    view.record_lease_wait(0.03)
     return chain
 
 

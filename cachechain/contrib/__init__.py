@@ -91,22 +91,23 @@ NOT_A_COUNTER: Final[Any] = object()
 _DELTA_BOUND: Final = 1 << 64
 
 
-def _count(chain: Chain, key: str, delta: Any) -> Any:
+def _count(chain: Chain, key: str, delta: Any, *, strict: bool = False) -> Any:
     """Add ``delta`` (any ``int``: a negative one subtracts, and the counter may go
     below 0) to the counter ``key`` on the chain's shared layer, atomically across
     processes (:meth:`Chain.incr <cachechain.Chain.incr>`, or :meth:`Chain.decr
     <cachechain.Chain.decr>` with ``floor=False``). Return the new value; None when the
-    key is absent or the shared layer cannot be reached; :data:`NOT_A_COUNTER` when the
-    stored value cannot be a counter (nothing changed). Raises :class:`TypeError` for
-    a ``delta`` that is not an integer and :class:`ValueError` for one of 2**64 or more
-    either way."""
+    key is absent or (unless ``strict``: then :class:`~cachechain.UnconfirmedError`)
+    the shared layer cannot be reached; :data:`NOT_A_COUNTER` when the stored value
+    cannot be a counter (nothing changed). Raises :class:`TypeError` for a ``delta``
+    that is not an integer and :class:`ValueError` for one of 2**64 or more either
+    way."""
     delta = operator.index(delta)
     if not -_DELTA_BOUND < delta < _DELTA_BOUND:
         raise ValueError(f"delta must be in (-2**64, 2**64), got {delta!r}")
     try:
         if delta >= 0:
-            return chain.incr(key, delta)
-        return chain.decr(key, -delta, floor=False)
+            return chain.incr(key, delta, strict=strict)
+        return chain.decr(key, -delta, floor=False, strict=strict)
     except InvalidValueError:
         return NOT_A_COUNTER
 

@@ -48,8 +48,11 @@ any backend. What to know:
   interpreter exit, or by :func:`close_chains`.
 - **Failures never reach the view.** A layer that is down, slow or returns garbage is a
   miss (and a write it missed is counted and logged), as everywhere in cachechain.
-  ``incr``/``decr`` still raise :class:`ValueError` for a key that memcached does not
-  have or while it cannot be reached, as Django specifies for a missing key.
+  ``incr``/``decr`` are the exception: they raise :class:`ValueError` for a key that
+  memcached does not have, as Django specifies for a missing key, and
+  :class:`~cachechain.UnconfirmedError` while memcached cannot be reached or does not
+  answer (the count may have been made), as Django's own memcached backends raise
+  their client's error.
 - **Values** are copies, and a ``memcached`` layer without a ``codec`` gets a signed
   pickle codec keyed by ``SECRET_KEY`` (see :mod:`cachechain.contrib`): cached
   ``HttpResponse`` objects (``cache_page``) and any picklable value work out of the box.
@@ -77,9 +80,11 @@ any backend. What to know:
   with Django's local-memory and Redis caches (Django's memcached backends stop at 0),
   and a counter keeps its timeout. While memcached cannot be reached, ``add`` stores
   nothing and returns False (no lock is granted), ``incr``/``decr`` raise
-  :class:`ValueError` and ``touch`` returns False. On a stored value that is not an
-  integer (a float, ``None``, a non-numeric ``str``), ``incr`` does what Django's
-  local-memory cache does, ``value + delta`` then ``set``, not atomically.
+  :class:`~cachechain.UnconfirmedError` (not a ``ValueError``: a failed ``incr`` may
+  have counted, and must not be taken for a missing key) and ``touch`` returns False.
+  On a stored value that is not an integer (a float, ``None``, a non-numeric
+  ``str``), ``incr`` does what Django's local-memory cache does, ``value + delta``
+  then ``set``, not atomically.
 - ``get_or_set`` runs its callable default once per key per process however many
   threads miss at once (cachechain's single flight), then stores it with ``add``:
   workers that miss at once all return the one value that won.
@@ -488,13 +493,17 @@ class CachechainCache(BaseCache):  # type: ignore[misc]  # django ships no type 
         """Add ``delta`` (an ``int``; a negative one subtracts, below 0 too) to the
         counter ``key`` in memcached, atomically across processes, and return the new
         value; the counter keeps its timeout. Raises :class:`ValueError` when
-        memcached does not hold ``key`` or cannot be reached (Django's contract for a
-        missing key). A stored value that is not an integer is read, ``value + delta``
-        stored for the default timeout and returned, not atomically (what ``+`` raises,
-        :class:`TypeError` for ``None`` or a ``str``, propagates)."""
+        memcached does not hold ``key`` (Django's contract for a missing key), and
+        :class:`~cachechain.UnconfirmedError` (a :class:`~cachechain.LayerError`, not a
+        ``ValueError``) when memcached could not be reached or did not answer: the
+        count may then have been made, so a caller that creates the key on
+        ``ValueError`` never counts twice; Django's ``PyMemcacheCache`` raises its
+        client's error likewise. A stored value that is not an integer is read,
+        ``value + delta`` stored for the default timeout and returned, not atomically
+        (what ``+`` raises, :class:`TypeError` for ``None`` or a ``str``, propagates)."""
         made = self.make_and_validate_key(key, version=version)
         shared = self._live()
-        counted = _count(shared.chain, made, delta)
+        counted = _count(shared.chain, made, delta, strict=True)
         if counted is NOT_A_COUNTER:
             value = shared.form.read(shared.chain, made, MISSING)
             if value is MISSING:  # bytes that no longer unpickle: a miss

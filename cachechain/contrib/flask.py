@@ -52,7 +52,10 @@ any backend. What to know:
   (with ``add``, so two workers cannot both start it); counters are signed 64-bit
   integers and may go below 0, and keep their timeout. While memcached cannot be
   reached, ``add`` stores nothing and returns False and ``inc``/``dec`` return
-  ``None`` (cachelib's "backend error"). On a stored value that is not an integer, they
+  ``None`` (cachelib's "backend error"); an ``inc`` that timed out may still have
+  counted on memcached, so it is never retried, nor taken for a missing key and
+  started again (:meth:`Chain.incr <cachechain.Chain.incr>` with ``strict=True``): a
+  call counts at most once. On a stored value that is not an integer, they
   do what cachelib does, ``(value or 0) + delta`` then ``set``, not atomically.
 - ``clear()`` empties the cache for every process sharing the memcached
   (:meth:`Chain.clear <cachechain.Chain.clear>`: the namespace generation moves, so
@@ -71,6 +74,7 @@ from flask import Flask
 from flask_caching.backends.base import BaseCache
 
 from .._chain import Chain
+from .._chain_atomic import UnconfirmedError
 from .._errors import ConfigError
 from .._validate import check_key
 from ..layers._base import MISSING
@@ -277,17 +281,22 @@ class CachechainBackend(BaseCache):
         """Add ``delta`` (an ``int``; a negative one subtracts, below 0 too) to the
         counter ``key`` in memcached, atomically across processes, and return the new
         value; a missing key starts at ``delta`` (stored with ``add`` for the default
-        timeout). Return ``None`` while memcached cannot be reached. A stored value
-        that is not an integer counts as cachelib says, ``(value or 0) + delta``, stored
-        with ``set`` (not atomically; ``+`` raises :class:`TypeError` for a ``str``)."""
+        timeout). Return ``None`` when memcached could not be reached or did not answer
+        (counted and logged by the chain): the count may then have been made, so
+        nothing is retried, and a call counts at most once. A stored value that is not
+        an integer counts as cachelib says, ``(value or 0) + delta``, stored with
+        ``set`` (not atomically; ``+`` raises :class:`TypeError` for a ``str``)."""
         made = self._key(key)
         chain = self._chain
-        counted = _count(chain, made, delta)
-        if counted is None:  # absent (or memcached unreachable): start the counter
-            ttl = self._ttl(None)
-            if ttl is not None and chain.add(made, delta, ttl):
-                return delta
-            counted = _count(chain, made, delta)  # another worker started it first
+        try:  # strict: a failed incr or add is not "absent", whatever it returned
+            counted = _count(chain, made, delta, strict=True)
+            if counted is None:  # absent: start the counter
+                ttl = self._ttl(None)
+                if ttl is not None and chain.add(made, delta, ttl, strict=True):
+                    return delta
+                counted = _count(chain, made, delta, strict=True)  # another started it
+        except UnconfirmedError:
+            return None
         if counted is NOT_A_COUNTER:
             current = self._form.read(chain, made, None)
             value = (current or 0) + delta

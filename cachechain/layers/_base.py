@@ -12,7 +12,8 @@ Beyond :class:`CacheLayer`, a layer may offer optional capabilities, each a smal
 runtime-checkable protocol (``isinstance`` tells): :class:`SupportsTimeout`,
 :class:`SupportsStats`, :class:`SupportsClear`, and the atomic operations a chain runs
 on its shared layer, :class:`SupportsAdd`, :class:`SupportsCounters` and
-:class:`SupportsTouch`.
+:class:`SupportsTouch`, and :class:`SupportsLease` (one loader per key across
+processes, :class:`Lease`).
 
 Layers know nothing of the chain, the breakers or the metrics. Write a new layer by
 subclassing :class:`BaseLayer` and implementing ``get_with_ttl``, ``set`` and
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, Protocol, runtime_checkable
 
 from .._errors import ConfigError, InvalidValueError
@@ -36,9 +37,11 @@ __all__ = [
     "BaseLayer",
     "CacheLayer",
     "Entry",
+    "Lease",
     "SupportsAdd",
     "SupportsClear",
     "SupportsCounters",
+    "SupportsLease",
     "SupportsStats",
     "SupportsTimeout",
     "SupportsTouch",
@@ -220,6 +223,68 @@ class SupportsTouch(Protocol):
         layer's default, capped at ``max_ttl``); return False when the layer holds no
         live entry of ``key``. Raises :class:`~cachechain.InvalidValueError` for an
         invalid TTL, and a layer error when the backend fails."""
+
+
+class Lease:
+    """What :meth:`SupportsLease.lease` found, in one of three states:
+
+    - :attr:`won`: this caller holds the lease: it loads the value and stores it (a
+      write of the key ends the lease), or calls :meth:`release` if it cannot;
+    - a live value (:attr:`value` is not :data:`MISSING`, :attr:`ttl` its remaining
+      seconds as :meth:`CacheLayer.get_with_ttl` gives them): the key was filled;
+    - neither (:attr:`held`): another client holds the lease; wait for its value.
+    """
+
+    __slots__ = ("_release", "ttl", "value", "won")
+
+    def __init__(
+        self,
+        *,
+        won: bool = False,
+        value: Any = MISSING,
+        ttl: float | None = None,
+        release: Callable[[], object] | None = None,
+    ) -> None:
+        self.won = won
+        self.value = value
+        self.ttl = ttl
+        self._release = release
+
+    @property
+    def held(self) -> bool:
+        """Whether another client holds the lease (neither won nor filled)."""
+        return not self.won and self.value is MISSING
+
+    def release(self) -> None:
+        """End a lease this caller won without storing a value (its load failed), so
+        the next client wins at once instead of after the lease's TTL; only this
+        caller's lease is ended, never a later one or a value. Does nothing for a lease
+        not won. Raises a layer error when the backend fails (the lease then ends at
+        its TTL)."""
+        if self._release is not None:
+            self._release()
+
+    def __repr__(self) -> str:
+        state = "won" if self.won else "held" if self.held else f"value={self.value!r}"
+        return f"<Lease {state}>"
+
+
+@runtime_checkable
+class SupportsLease(Protocol):
+    """An optional capability: a lease to fill a missing key, one holder at a time for
+    everyone sharing the layer (memcached's ``mg <key> N<ttl>``: the one client that
+    gets ``W`` fills the key; see :mod:`cachechain.layers._memcached_lease`). A chain's
+    ``get_or_load`` takes it on its shared layer, so that one process runs the loader
+    while the others wait for its value (:mod:`cachechain._lease`)."""
+
+    def lease(self, key: str, ttl: float) -> Lease | None:
+        """Ask for the lease to fill ``key`` for ``ttl`` seconds (a holder that dies
+        blocks nobody past it): a :class:`Lease` won, held by another client, or the
+        key's live value found instead; None when the layer cannot lease the key now
+        (the caller loads as if there were no lease). While a lease is held the key
+        reads as a miss for every reader. Raises
+        :class:`~cachechain.InvalidValueError` for a ``ttl`` that is not a finite
+        number of seconds ``> 0``, and a layer error when the backend fails."""
 
 
 class BaseLayer(abc.ABC):

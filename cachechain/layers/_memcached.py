@@ -29,6 +29,9 @@ Design, and why:
   Memcached gets the TTL rounded up to whole seconds. Counters (a key once
   ``incr``/``decr`` made it one) are memcached's own decimal numbers, flagged
   (:mod:`._counters`), with no envelope: their remaining TTL reads as unknown (0.0).
+- Leases (:mod:`._memcached_lease`): ``mg <key> N<ttl>`` (``add`` of an empty stub on a
+  server without the meta protocol) hands the filling of a missing key to one client;
+  the stub reads as a miss everywhere.
 - Atomic operations (:mod:`._memcached_atomic`): ``add``, ``incr``/``decr`` and
   ``touch`` with memcached's commands, and a compare-and-set loop where the envelope
   needs it (the first ``incr`` of a value ``set`` stored, a ``touch`` of an envelope).
@@ -80,6 +83,7 @@ from ._memcached_keys import (
     map_key,
     memcached_key,
 )
+from ._memcached_lease import MemcachedLeaseOps
 from ._memcached_values import MemcachedValues
 from ._pool import Node, NodeDownError, Pool
 from ._servers import parse_servers
@@ -137,7 +141,7 @@ class MemcachedLayerStats:
     keys_in_doubt: int = 0
 
 
-class MemcachedLayer(MemcachedAtomicOps, MemcachedValues, BaseLayer):
+class MemcachedLayer(MemcachedLeaseOps, MemcachedAtomicOps, MemcachedValues, BaseLayer):
     """A remote cache layer on memcached; thread-safe and fork-safe.
 
     ``servers``: ``"HOST:PORT"`` strings (``"[::1]:11211"`` for IPv6; the port defaults to
@@ -165,7 +169,8 @@ class MemcachedLayer(MemcachedAtomicOps, MemcachedValues, BaseLayer):
 
     It supports the atomic operations (``add``, ``incr``, ``decr``, ``touch``: see
     :class:`~cachechain.layers._memcached_atomic.MemcachedAtomicOps`) that a chain runs
-    on its shared layer.
+    on its shared layer, and leases (``lease``: one filler of a missing key across
+    processes, :mod:`~cachechain.layers._memcached_lease`).
     """
 
     local = False
@@ -214,6 +219,7 @@ class MemcachedLayer(MemcachedAtomicOps, MemcachedValues, BaseLayer):
         )
         self._stats_lock = threading.Lock()
         self._corrupt = 0
+        self._meta_nodes: dict[str, bool] = {}  # nodes that speak the meta protocol (leases)
         _fork.track(self)
 
     # -- read-only configuration -------------------------------------------------

@@ -128,7 +128,9 @@ def _add(layer: MemcachedLayer, key: str, value: Any, ttl: float | None) -> bool
 def _expired(data: bytes, now: float) -> bool:
     """Whether stored bytes are an envelope whose expiry has passed. A counter, or
     bytes that are not an envelope, are a value held: an ``add`` must not replace them
-    (a lock must never have two owners)."""
+    (a lock must never have two owners). Empty bytes, a lease's stub, are absent."""
+    if not data:
+        return True
     if data.__class__ is RawCounter:
         return False
     try:
@@ -214,8 +216,8 @@ def _touch(layer: MemcachedLayer, key: str, ttl: float | None) -> bool:
     deadline = pool.deadline()
     for _ in range(_ROUNDS):
         found, cas = pool.call(node, "gets", mkey, deadline)
-        if found is None:
-            return False
+        if not found:
+            return False  # absent, or a lease's stub
         if found.__class__ is RawCounter:
             return bool(pool.call(node, "touch", mkey, exptime, deadline, keys=(mkey,)))
         try:

@@ -6,17 +6,25 @@ context). A codec that signs gets the envelope's header and the memcached key as
 context, so a signed entry whose expiry was edited, or that was copied under another
 key, reads as corrupt: counted in the layer's ``stats().corrupt_values``, a miss for
 a chain.
+
+The layer keeps stamped entries (``get_or_load``'s fail-safe copies,
+:mod:`cachechain.layers._stamps`): a :class:`~cachechain.layers._stamps.Stamped`
+value goes into a stamped envelope (memcached keeps it for the whole TTL, the header
+says until when it is fresh), and reads see it only while it is fresh, unless the
+thread reads stamps.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .._codecs import CorruptValueError, Envelope
 from .._errors import InvalidValueError
 from ._base import MISSING
 from ._counters import RawCounter, read_raw
+from ._stamps import Found, Stamped, stamps_wanted
 
 __all__ = ["MemcachedValues"]
 
@@ -27,6 +35,9 @@ class MemcachedValues:
 
     _envelope: Envelope
     _max_value_size: int
+    _clock: Callable[[], float]
+    #: Takes :class:`~cachechain.layers._stamps.Stamped` values (see the module).
+    keeps_stamps = True
     _stats_lock: threading.Lock
     _corrupt: int
 
@@ -37,20 +48,31 @@ class MemcachedValues:
 
     def _decode(self, data: bytes, mkey: bytes, now: float) -> tuple[Any, float | None]:
         """Unpack an envelope read under ``mkey`` (a signed payload must be bound to it
-        and to the header); ``(MISSING, None)`` if its expiry has passed. A counter
+        and to the header); ``(MISSING, None)`` if its expiry (a stamped entry's
+        logical one) has passed. While the thread reads stamps, a stamped entry is
+        ``(Found, physical seconds left)``, fresh or not, until its physical expiry. A counter
         is its ``int`` with an unknown remaining TTL, ``0.0``: it has no envelope, and
         ``0.0`` keeps the chain from copying it up for longer than it may live.
-        Raises CorruptValueError, counted, for bytes that cannot be decoded."""
+        Raises CorruptValueError, counted, for bytes that cannot be decoded. Empty
+        bytes are a miss: the stub of a lease (the layer never stores them)."""
+        if not data:
+            return MISSING, None
         try:
             if data.__class__ is RawCounter:
                 return read_raw(data), 0.0
-            value, expires_at = self._envelope.unpack(data, mkey)
+            value, expires_at, fresh_until, origin = self._envelope.read(data, mkey)
         except CorruptValueError as exc:
             self._corrupted(exc)
             raise
-        if expires_at is None:
+        if origin is not None and stamps_wanted():  # get_or_load's fail-safe read
+            assert fresh_until is not None  # a stamped envelope has both
+            left = None if expires_at is None else expires_at - now
+            if left is not None and left <= 0:
+                return MISSING, None
+            return Found(value, fresh_until - now, origin), left
+        if fresh_until is None:
             return value, None
-        remaining = expires_at - now
+        remaining = fresh_until - now
         if remaining <= 0:
             return MISSING, None
         return value, remaining
@@ -64,8 +86,18 @@ class MemcachedValues:
     def _encode(self, value: Any, mkey: bytes, expires_at: float | None) -> bytes:
         """The envelope of ``value`` stored under ``mkey`` until ``expires_at`` (unix
         seconds, None: never). Raises InvalidValueError for a value the codec refuses
-        or one over ``max_value_size``."""
-        data = self._envelope.pack(value, expires_at, mkey)
+        or one over ``max_value_size``. A :class:`~cachechain.layers._stamps.Stamped`
+        value gets a stamped envelope: fresh for its ``fresh`` seconds from now, at
+        most until ``expires_at``."""
+        if value.__class__ is Stamped:
+            fresh_until = self._clock() + value.fresh
+            if expires_at is not None and expires_at < fresh_until:
+                fresh_until = expires_at
+            data = self._envelope.pack(
+                value.value, expires_at, mkey, fresh_until=fresh_until, ttl=value.origin
+            )
+        else:
+            data = self._envelope.pack(value, expires_at, mkey)
         if len(data) > self._max_value_size:
             raise InvalidValueError(
                 f"layer {self.name!r}: encoded value is {len(data)} bytes, "

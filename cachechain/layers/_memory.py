@@ -6,6 +6,11 @@ hit, and an entry without a TTL costs no clock read at all. Expired entries are 
 when they are next read, and by :meth:`MemoryLayer.expire`; LRU eviction bounds the
 size either way. Values are stored by reference, as in cachetools: do not mutate a value
 after caching it.
+
+A stamped entry (``get_or_load``'s fail-safe, :mod:`cachechain.layers._stamps`) is
+``(value, fresh_until, expires_at, origin_ttl)``: its second item is its *logical*
+expiry, so the hot path reads it exactly as a plain entry (past it, a miss), and it is
+removed only once its physical expiry (``expires_at``) has passed.
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ from .._errors import InvalidValueError
 from .._validate import check_count
 from ._base import MISSING, BaseLayer
 from ._counters import check_delta, countable, decr_value, incr_value
+from ._stamps import Found, Stamped, stamps_wanted
 
 __all__ = ["MemoryLayer", "MemoryLayerStats"]
 
-_Item = tuple[Any, "float | None"]
+#: ``(value, expires_at)``, or a stamped ``(value, fresh_until, expires_at, origin)``.
+_Item = tuple[Any, ...]
 
 
 #: What the store returns for an absent key (cachetools' ``__missing__`` hook), which
@@ -72,9 +79,15 @@ class MemoryLayer(BaseLayer):
     ``default_ttl`` (seconds, ``None`` for no expiry) applies to writes without a TTL;
     ``max_ttl`` caps every TTL. ``clock`` returns monotonic seconds and exists for
     tests. Raises :class:`~cachechain.ConfigError` for a bad ``maxsize`` or TTL.
+
+    It keeps stamped entries (fail-safe copies: see :mod:`cachechain.layers._stamps`):
+    ``set`` of a :class:`~cachechain.layers._stamps.Stamped` value keeps it for the
+    whole ``ttl`` but serves it only while it is fresh; :meth:`get_fresh` reads one.
     """
 
     local = True
+    #: Takes :class:`~cachechain.layers._stamps.Stamped` values (see the module).
+    keeps_stamps = True
 
     def __init__(
         self,
@@ -118,11 +131,37 @@ class MemoryLayer(BaseLayer):
         expires = item[1]
         if expires is None:
             return item[0], None
-        remaining = expires - self._clock()
+        now = self._clock()
+        remaining = expires - now
+        if len(item) > 2 and stamps_wanted():  # get_or_load's fail-safe read
+            return _found(item, now)
         if remaining <= 0:
             self._drop_if_same(key, item)
             return MISSING, None
         return item[0], remaining
+
+    def get_fresh(self, key: str) -> tuple[Any, float | None, float | None]:
+        """Return ``(value, fresh_left, origin)`` for ``get_or_load``: the value while
+        it is fresh, the seconds until its logical expiry (``None``: it never expires)
+        and the TTL a stamped entry was stored with (``None`` for a plain entry);
+        ``(MISSING, None, None)`` otherwise (an expired fail-safe copy is kept: read it
+        with ``get_with_ttl`` in stamp reading mode)."""
+        data = self._data
+        if key not in data:
+            return MISSING, None, None
+        with self._lock:
+            item = data[key]  # _ABSENT if evicted since
+        expires = item[1]
+        if expires is None:
+            return item[0], None, None
+        left = expires - self._clock()
+        if left > 0:
+            try:
+                return item[0], left, item[3]  # a stamped entry (the usual one here)
+            except IndexError:
+                return item[0], left, None
+        self._drop_if_same(key, item)  # kept if it is a fail-safe copy
+        return MISSING, None, None
 
     def get_many_with_ttl(self, keys: Sequence[str]) -> dict[str, tuple[Any, float | None]]:
         """Return the live entries among ``keys``, read under one lock acquisition."""
@@ -135,7 +174,7 @@ class MemoryLayer(BaseLayer):
         now = self._clock()
         found: dict[str, tuple[Any, float | None]] = {}
         for key, item in items:
-            value, expires = item
+            value, expires = item[0], item[1]
             if expires is None:
                 found[key] = (value, None)
             elif expires > now:
@@ -145,20 +184,29 @@ class MemoryLayer(BaseLayer):
         return found
 
     def set(self, key: str, value: Any, ttl: float | None = None) -> None:
-        """Store ``value`` for ``ttl`` seconds (default: ``default_ttl``)."""
+        """Store ``value`` for ``ttl`` seconds (default: ``default_ttl``); a
+        :class:`~cachechain.layers._stamps.Stamped` value is stored as a stamped entry
+        (fresh for its ``fresh`` seconds at most, kept for ``ttl``)."""
         ttl = self.effective_ttl(ttl)
-        item = (value, None if ttl is None else self._clock() + ttl)
+        if value.__class__ is Stamped:
+            item = _stamped(value, ttl, self._clock())
+        else:
+            item = (value, None if ttl is None else self._clock() + ttl)
         with self._lock:
             self._data[key] = item
 
     def set_many(self, items: Mapping[str, Any], ttl: float | None = None) -> list[str]:
         """Store every item under one lock acquisition; nothing is ever rejected."""
         ttl = self.effective_ttl(ttl)
-        expires = None if ttl is None else self._clock() + ttl
+        now = self._clock()
+        expires = None if ttl is None else now + ttl
         data = self._data
         with self._lock:
             for key, value in items.items():
-                data[key] = (value, expires)
+                if value.__class__ is Stamped:
+                    data[key] = _stamped(value, ttl, now)
+                else:
+                    data[key] = (value, expires)
         return []
 
     def delete(self, key: str) -> None:
@@ -243,10 +291,11 @@ class MemoryLayer(BaseLayer):
             self._data.clear()
 
     def expire(self) -> int:
-        """Remove every expired entry now; return how many were removed."""
+        """Remove every expired entry now (a stamped one once its physical expiry has
+        passed); return how many were removed."""
         now = self._clock()
         with self._lock:
-            dead = [k for k, (_, exp) in self._data.items() if exp is not None and exp <= now]
+            dead = [k for k, item in self._data.items() if _gone(item, now)]
             for key in dead:
                 del self._data[key]
         return len(dead)
@@ -264,7 +313,32 @@ class MemoryLayer(BaseLayer):
         return len(self._data)
 
     def _drop_if_same(self, key: str, item: _Item) -> None:
-        """Remove an expired entry unless a writer replaced it since it was read."""
+        """Remove an expired entry unless a writer replaced it since it was read, or it
+        is a stamped entry within its physical TTL (a fail-safe copy, kept)."""
+        if len(item) > 2 and not _gone(item, self._clock()):
+            return
         with self._lock:
             if self._data.get(key) is item:
                 del self._data[key]
+
+
+def _stamped(value: Stamped, ttl: float | None, now: float) -> _Item:
+    """The entry of a stamped value stored for ``ttl`` seconds (physical) at ``now``."""
+    fresh = value.fresh if ttl is None else min(value.fresh, ttl)
+    return (value.value, now + fresh, None if ttl is None else now + ttl, value.origin)
+
+
+def _found(item: _Item, now: float) -> tuple[Any, float | None]:
+    """A stamped entry as :meth:`MemoryLayer.get_with_ttl` answers it in reading mode:
+    ``(Found, physical seconds left)``, or ``(MISSING, None)`` past its physical TTL."""
+    expires_at = item[2]
+    left = None if expires_at is None else expires_at - now
+    if left is not None and left <= 0:
+        return MISSING, None
+    return Found(item[0], item[1] - now, item[3]), left
+
+
+def _gone(item: _Item, now: float) -> bool:
+    """Whether an entry is past its physical expiry (removable)."""
+    expires = item[2] if len(item) > 2 else item[1]
+    return expires is not None and expires <= now

@@ -10,8 +10,9 @@ capabilities (:class:`~cachechain.layers.SupportsTimeout`,
 :class:`~cachechain.layers.SupportsStats`, :class:`~cachechain.layers.SupportsClear`,
 and the atomic :class:`~cachechain.layers.SupportsAdd`,
 :class:`~cachechain.layers.SupportsCounters`, :class:`~cachechain.layers.SupportsTouch`)
-are not, so a proxy has one only when its own class says so (the chain's breaker
-wrapper forwards the atomic ones).
+and :class:`~cachechain.layers.SupportsLease`) are not, so a proxy has one only when
+its own class says so (the chain's breaker and namespace wrappers forward the atomic
+ones and the lease).
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """memcached's text protocol as a :class:`~cachechain.MemcachedLayer` speaks it: its
-pooled :class:`Connection` objects and every command the layer sends.
+pooled :class:`Connection` objects and every command the layer sends (but the meta
+commands of leases, ``mn``/``mg``/``md``, which :mod:`._memcached_lease` sends on the same
+connections through :meth:`Connection._command` and its reply stream, under the same
+bounds).
 
 Three bounds hold for every command, whatever the server does:
 

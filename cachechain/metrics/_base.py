@@ -127,6 +127,24 @@ class MetricsCollector:
         """This process lost track of other processes' changes (``reason``: one of
         :data:`~cachechain.metrics.LOST_REASONS`) and dropped every in-process entry."""
 
+    def record_fail_safe(self, reason: str) -> None:
+        """``get_or_load`` served a fail-safe value (an expired copy) instead of a
+        loaded one (``reason``: one of :data:`~cachechain.metrics.FAIL_SAFE_REASONS`)."""
+
+    def record_background_load(self, outcome: str) -> None:
+        """A load run on a background thread ended, or could not start (``outcome``:
+        one of :data:`~cachechain.metrics.BACKGROUND_OUTCOMES`)."""
+
+    def record_eager_refresh(self) -> None:
+        """A hit past the eager-refresh share of its TTL started a background reload."""
+
+    def record_lease(self, outcome: str) -> None:
+        """A ``get_or_load`` miss asked the shared layer for the lease to load the key
+        (``outcome``: one of :data:`~cachechain.metrics.LEASE_OUTCOMES`)."""
+
+    def record_lease_wait(self, duration: float) -> None:
+        """A ``get_or_load`` waited ``duration`` s for another process's load."""
+
     def add_refresh_hook(self, fn: Callable[[], object]) -> None:
         """Ask the collector to call ``fn()`` before it reads its figures (each scrape,
         snapshot or flush), so that values polled rather than pushed (an in-process

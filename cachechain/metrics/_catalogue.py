@@ -36,11 +36,14 @@ __all__ = [
     "CIRCUIT_STATES",
     "COUNTER",
     "DEFAULT_BUCKETS",
+    "BACKGROUND_OUTCOMES",
     "DROP_REASONS",
+    "FAIL_SAFE_REASONS",
     "GAUGE",
     "HISTOGRAM",
     "HIT_MISS",
     "LAG_BUCKETS",
+    "LEASE_OUTCOMES",
     "LOST_REASONS",
     "METRICS",
     "OPERATIONS",
@@ -75,6 +78,7 @@ OPERATIONS: tuple[str, ...] = (
     "incr",
     "decr",
     "touch",
+    "lease",
     "clear",
     "close",
     "other",
@@ -91,6 +95,38 @@ HIT_MISS: tuple[str, ...] = ("hit", "miss")
 #: Why a process lost track of other processes' invalidations (and dropped every
 #: in-process entry): see :data:`cachechain._backplane.LOST_REASONS`.
 LOST_REASONS: tuple[str, ...] = ("overrun", "gap", "unreachable", "reset", "overflow", "other")
+
+#: Why ``get_or_load`` served a fail-safe value (an expired copy) instead of a loaded one:
+#: the loader raised; the caller's soft timeout passed; its hard timeout (or its own
+#: ``wait_timeout``) passed; the loader failed less than ``fail_safe_throttle`` ago; the
+#: wait for another process's load (its lease) ended without a value.
+FAIL_SAFE_REASONS: tuple[str, ...] = (
+    "loader_error",
+    "soft_timeout",
+    "hard_timeout",
+    "throttled",
+    "lease_wait",
+    "other",
+)
+
+#: How a load run on a background thread (a timed load, an eager refresh) ended: its
+#: value stored; loaded but not stored (the key was set or deleted meanwhile); the loader
+#: raised; not started (``max_background_loads`` were running); still running when the
+#: chain closed (nothing stored).
+BACKGROUND_OUTCOMES: tuple[str, ...] = (
+    "stored",
+    "discarded",
+    "failed",
+    "rejected",
+    "abandoned",
+    "other",
+)
+
+#: How a lease of ``get_or_load`` on the shared layer ended (see ``cachechain._lease``):
+#: ``won`` (this process ran the loader), ``hit`` (the value was there), ``waited`` (another
+#: process's value arrived), ``timed_out`` (the wait ended without one), ``unavailable``
+#: (the shared layer failed or refused: loaded here at once).
+LEASE_OUTCOMES: tuple[str, ...] = ("won", "hit", "waited", "timed_out", "unavailable", "other")
 
 #: Latency buckets (seconds) of every histogram unless a collector is given others: an
 #: in-process hit (a few us) up to a remote call at its timeout (1 s); one more bucket,
@@ -194,6 +230,11 @@ RECORDS: tuple[Record, ...] = (
     Record("record_invalidations_published", (Param("count", int),)),
     Record("record_invalidations_applied", (Param("count", int), Param("lag", float))),
     Record("record_coherence_lost", (Param("reason", str),)),
+    Record("record_fail_safe", (Param("reason", str),)),
+    Record("record_background_load", (Param("outcome", str),)),
+    Record("record_eager_refresh", ()),
+    Record("record_lease", (Param("outcome", str),)),
+    Record("record_lease_wait", (_DURATION,)),
     Record(
         "record_first_layer_hit",
         (_LAYER, _DURATION),
@@ -594,6 +635,55 @@ METRICS: tuple[Metric, ...] = (
         feeds=(Feed("record_coherence_lost", {"reason": Arg("reason")}),),
         values={"reason": LOST_REASONS},
         fields=(Field("coherence_lost"), Field("coherence_lost_by_reason", by="reason")),
+    ),
+    Metric(
+        "fail_safe_served_total",
+        COUNTER,
+        ("chain", "reason"),
+        "Fail-safe values (expired copies) get_or_load served instead of a loaded value, "
+        "by reason.",
+        feeds=(Feed("record_fail_safe", {"reason": Arg("reason")}),),
+        values={"reason": FAIL_SAFE_REASONS},
+        fields=(Field("fail_safe_served"), Field("fail_safe_by_reason", by="reason")),
+    ),
+    Metric(
+        "background_loads_total",
+        COUNTER,
+        ("chain", "outcome"),
+        "Loads run on a background thread (loader timeouts, eager refreshes), by outcome.",
+        feeds=(Feed("record_background_load", {"outcome": Arg("outcome")}),),
+        values={"outcome": BACKGROUND_OUTCOMES},
+        fields=(
+            Field("background_loads"),
+            Field("background_loads_by_outcome", by="outcome"),
+        ),
+    ),
+    Metric(
+        "eager_refreshes_total",
+        COUNTER,
+        ("chain",),
+        "Background reloads started by a hit past the eager-refresh share of its TTL.",
+        feeds=(Feed("record_eager_refresh"),),
+        fields=(Field("eager_refreshes"),),
+    ),
+    Metric(
+        "leases_total",
+        COUNTER,
+        ("chain", "outcome"),
+        "Leases asked of the shared layer by get_or_load on a miss, by outcome.",
+        feeds=(Feed("record_lease", {"outcome": Arg("outcome")}),),
+        values={"outcome": LEASE_OUTCOMES},
+        fields=(Field("leases"), Field("leases_by_outcome", by="outcome")),
+    ),
+    Metric(
+        "lease_wait_duration_seconds",
+        HISTOGRAM,
+        ("chain",),
+        "Seconds a get_or_load waited for another process's load (its lease).",
+        feeds=(Feed("record_lease_wait", value="duration"),),
+        fields=(Field("lease_wait_latency"),),
+        unit="seconds",
+        buckets=DEFAULT_BUCKETS,
     ),
 )
 _METRICS = {m.name: m for m in METRICS}

@@ -85,7 +85,13 @@ class ChainMetrics:
     process told the others it changed, and those it dropped for them;
     ``invalidation_lag`` is the seconds from another process's publication to its
     application here; ``coherence_lost`` counts the times every in-process entry was
-    dropped because track was lost (by reason in ``coherence_lost_by_reason``).
+    dropped because track was lost (by reason in ``coherence_lost_by_reason``);
+    ``fail_safe_served`` counts the expired copies ``get_or_load`` served instead of a
+    load (by reason in ``fail_safe_by_reason``), ``background_loads`` the loads run on
+    background threads (by outcome in ``background_loads_by_outcome``),
+    ``eager_refreshes`` the reloads started by eager refresh;
+    ``leases`` counts the leases ``get_or_load`` asked of the shared layer (by outcome
+    in ``leases_by_outcome``), ``lease_wait_latency`` its waits for other processes.
     """
 
     total_hits: int = 0
@@ -101,6 +107,14 @@ class ChainMetrics:
     invalidation_lag: LatencyStats = field(default_factory=LatencyStats)
     coherence_lost: int = 0
     coherence_lost_by_reason: dict[str, int] = field(default_factory=dict)
+    fail_safe_served: int = 0
+    fail_safe_by_reason: dict[str, int] = field(default_factory=dict)
+    background_loads: int = 0
+    background_loads_by_outcome: dict[str, int] = field(default_factory=dict)
+    eager_refreshes: int = 0
+    leases: int = 0
+    leases_by_outcome: dict[str, int] = field(default_factory=dict)
+    lease_wait_latency: LatencyStats = field(default_factory=LatencyStats)
 
     @property
     def hit_ratio(self) -> float:

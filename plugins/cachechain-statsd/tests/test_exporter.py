@@ -128,6 +128,7 @@ def test_every_metric_of_the_catalogue_is_sent_under_its_statsd_name(receiver: R
     m = x.bind_chain("web", ["L1", "L2"])
     named = {"layer": "L2", "hit": True, "success": True, "state": 1, "layer_index": 1}
     named |= {"reason": "closed", "operation": "get", "error_type": "timeout"}
+    named |= {"outcome": "stored"}
     m.record_circuit_state("L2", 0)  # a transition needs a state before it
     m.record_get("L2", False, 0.001)  # a miss
     for rec in RECORDS:  # every method once, its arguments made from its parameters

@@ -1,0 +1,293 @@
+"""Leases on memcached: one client at a time fills a missing key (issue 12, item 4).
+
+:meth:`MemcachedLeaseOps.lease` asks memcached who fills a key that readers miss, as
+in "Scaling Memcache at Facebook" (NSDI 2013, 3.2.1), with memcached's own commands:
+
+- **Meta protocol** (memcached 1.6+, found once per node with ``mn``): ``mg <key> v c f
+  N<ttl>``. On a miss memcached creates an empty *stub* item living ``ttl`` seconds and
+  answers ``W`` (won) to this client alone; every other client then gets ``Z`` (a win
+  was handed out) with the empty stub, until a write replaces it (the winner's ``set``
+  ends the lease) or it expires (a winner that died blocks nobody past ``ttl``). A live
+  value comes back instead (the call doubles as a read). A value memcached still holds
+  but whose envelope has expired (memcached keeps an entry to its next whole second, and
+  longer when values are kept past their expiry) gets no ``W`` by itself: it is marked
+  stale with ``md <key> I T<ttl> C<cas>`` (only if unchanged), after which memcached
+  hands ``W`` to one client and ``Z`` to the others, and the stale copy stays readable.
+- **Classic protocol** (a server that answers ``ERROR`` to ``mn``): ``add`` of an empty
+  stub with the lease's TTL; the winner reads the stub's CAS (``gets``) as its token. A
+  stub found means another client holds the lease; a value whose envelope expired is
+  replaced by a stub with ``cas``.
+- **Release** (the winner's load failed): ``md <key> C<cas>`` (meta; ``I`` added for a
+  stale copy, which stays readable and goes to the next client) or ``cas <key> 0 -1 0
+  <cas>`` (classic: stored already expired): only the stub this caller won, never a
+  later lease or a value someone stored since.
+
+The stub is an empty value. The layer never stores one (every value is an envelope,
+with a header), so every reader of the layer takes an empty value for a miss
+(:meth:`MemcachedValues._decode <._memcached_values.MemcachedValues._decode>`; ``add``
+replaces it, ``incr``/``touch`` find the key absent).
+
+Why not pymemcache's ``raw_command`` or a meta-protocol client (``meta-memcache``):
+the commands run on the layer's own pooled :class:`._wire.Connection` objects, through
+:meth:`Pool.call_once <._pool.Pool.call_once>`, so they keep the call's one deadline,
+replies bounded by :data:`._wire.MAX_LINE` and ``max_value_size``, the pool's accounting
+and error mapping, and the namespaced memcached key. ``raw_command`` reads a reply up to
+an end token, which cannot frame ``mg``'s value block, without a bound on what the
+server sends, on pymemcache's own sockets and timeouts; a second client would open its
+own connections outside the pool. What this takes of the wire is its reply stream
+(``_command``, ``line``, ``block``, ``finish``), unchanged: ``_wire.py`` is not widened.
+See ``docs/design.md``, "One loader across processes".
+
+``mg`` is never retried on another connection (a retry after a lost ``W`` would see
+``Z`` for its own stub and wait for nobody until the TTL): it goes through
+``call_once``. ``md``/``cas`` with a CAS act on one item version only, so they are safe
+to retry.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Final, NamedTuple, cast
+
+from pymemcache.exceptions import MemcacheUnknownError
+
+from .._codecs import CorruptValueError
+from .._errors import InvalidValueError
+from .._validate import check_seconds
+from ._base import MISSING, Lease
+from ._counters import COUNTER_FLAG_BYTES, RawCounter
+from ._memcached_keys import map_key
+from ._wire import Connection, ValueTooLargeError, _raise_for
+
+if TYPE_CHECKING:
+    from ._memcached import MemcachedLayer
+    from ._pool import Node
+
+__all__ = ["MAX_LEASE_TTL", "MemcachedLeaseOps", "lease_exptime"]
+
+#: The longest lease, seconds: memcached reads a larger exptime as a unix time.
+MAX_LEASE_TTL: Final = 30 * 24 * 3600
+#: Rounds of one lease call: a stale or expired value is marked (or replaced) and asked
+#: again; each round is one or two round trips, all within the call's deadline.
+_ROUNDS: Final = 3
+#: What another client holding the lease looks like.
+_HELD: Final = Lease()
+
+
+class _Got(NamedTuple):
+    """An ``mg`` reply: the flags returned and the item (``data`` None: no item)."""
+
+    won: bool  # W: this client fills the key
+    held: bool  # Z: a win was handed out already
+    cas: bytes
+    data: bytes | None
+
+
+def lease_exptime(ttl: object) -> int:
+    """memcached's exptime for a lease of ``ttl`` seconds: rounded up to whole seconds
+    (memcached's clock ticks once a second, so a stub lives between ``ceil(ttl) - 1``
+    and ``ceil(ttl)`` seconds). Raises :class:`~cachechain.InvalidValueError` for a
+    ``ttl`` that is not a finite number of seconds in ``(0, 30 days]``."""
+    seconds = check_seconds(ttl, "lease ttl", error=InvalidValueError)
+    if seconds > MAX_LEASE_TTL:
+        raise InvalidValueError(f"lease ttl must be at most {MAX_LEASE_TTL} s, got {ttl!r}")
+    return math.ceil(seconds)
+
+
+class MemcachedLeaseOps:
+    """The lease of :class:`~cachechain.MemcachedLayer` (a base class of it; see the
+    module docstring). The layer sets ``_meta_nodes``, the nodes known to speak the
+    meta protocol (True) or not (False), by node id."""
+
+    _meta_nodes: dict[str, bool]
+
+    def lease(self, key: str, ttl: float) -> Lease | None:
+        """Ask for the lease to fill ``key`` for ``ttl`` seconds (see
+        :class:`~cachechain.layers.SupportsLease`): won, held by another client, or the
+        key's live value (with its remaining TTL) found instead. None when no lease can
+        be had now (the key kept changing between rounds). One deadline, the layer's
+        ``timeout``, covers every round trip. Raises
+        :class:`~cachechain.InvalidValueError` for a bad ``ttl``,
+        :class:`~cachechain.ChainClosedError` after ``close``, and a layer error when
+        memcached fails."""
+        layer = cast("MemcachedLayer", self)
+        exptime = lease_exptime(ttl)
+        pool = layer._pool
+        pool.check_open()
+        mkey = map_key(key, layer._prefix)
+        node = pool.node_for(mkey)
+        deadline = pool.deadline()
+        meta = self._meta_nodes.get(node.node_id)
+        if meta is None:
+            meta = self._meta_nodes[node.node_id] = bool(pool.call(node, _speaks_meta, deadline))
+        if meta:
+            return _meta_lease(layer, node, mkey, exptime, deadline)
+        return _classic_lease(layer, node, mkey, exptime, deadline)
+
+
+# -- the meta protocol -------------------------------------------------------------------
+
+
+def _meta_lease(
+    layer: MemcachedLayer, node: Node, mkey: bytes, exptime: int, deadline: float
+) -> Lease | None:
+    pool = layer._pool
+    for _ in range(_ROUNDS):
+        got: _Got = pool.call_once(node, _mg, mkey, exptime, deadline)
+        if got.won:
+            return _won_meta(layer, node, mkey, got)
+        if got.data is None:
+            return None  # no item despite N: nothing to hold
+        found = _live(layer, got.data, mkey)
+        if found is not None:
+            return found
+        if got.held:
+            return _HELD
+        # Held by nobody, expired for us: mark it stale (if unchanged), so that the
+        # next mg hands W to one client.
+        pool.call(node, _md_command, mkey, b"I T%d C%s" % (exptime, got.cas), deadline)
+    return None
+
+
+def _won_meta(layer: MemcachedLayer, node: Node, mkey: bytes, got: _Got) -> Lease:
+    """The lease ``got`` won; a stale copy (``data`` not empty) is released as stale,
+    so it stays readable and goes to the next client."""
+    stale = bool(got.data)
+    return Lease(won=True, release=lambda: _md(layer, node, mkey, got.cas, stale))
+
+
+def _live(layer: MemcachedLayer, data: bytes, mkey: bytes) -> Lease | None:
+    """A lease carrying the live value ``data`` holds, or None when it holds none for
+    this layer (a stub, an expired envelope, corrupt bytes: counted, as any read)."""
+    if not data:
+        return None
+    try:
+        value, remaining = layer._decode(data, mkey, layer._clock())
+    except CorruptValueError:
+        return None
+    return None if value is MISSING else Lease(value=value, ttl=remaining)
+
+
+def _md(layer: MemcachedLayer, node: Node, mkey: bytes, cas: bytes, stale: bool) -> None:
+    """Release a won lease: delete its stub (or mark its stale copy stale again) if it
+    is still the version this caller won."""
+    pool = layer._pool
+    pool.check_open()
+    flags = b"I C" + cas if stale else b"C" + cas
+    pool.call(node, _md_command, mkey, flags, pool.deadline())
+
+
+def _speaks_meta(conn: Connection, deadline: float) -> bool:
+    """``mn``: True when the server answers ``MN`` (meta protocol), False for ``ERROR``
+    (an older server: the stream stays in step)."""
+    reply = conn._command(b"mn\r\n", deadline)
+    line = reply.line()
+    reply.finish()
+    if line == b"MN":
+        return True
+    if line == b"ERROR":
+        return False
+    _raise_for(line, b"mn")
+
+
+def _mg(conn: Connection, key: bytes, exptime: int, deadline: float) -> _Got:
+    """``mg <key> v c f N<exptime>``: the reply's flags and the item's bytes (a
+    :class:`RawCounter` for a counter; None for ``EN``). The value block is read only
+    once its size is checked against ``conn.max_value``."""
+    reply = conn._command(b"mg %s v c f N%d\r\n" % (key, exptime), deadline)
+    line = reply.line()
+    if line == b"EN":
+        reply.finish()
+        return _Got(False, False, b"", None)
+    parts = line.split(b" ")
+    if parts[0] != b"VA" or len(parts) < 2:
+        _raise_for(line, b"mg")
+    size, cas, flags, marks = _parse_va(parts, line, conn.max_value)
+    data = reply.block(size)
+    reply.finish()
+    item = RawCounter(data) if flags == COUNTER_FLAG_BYTES else bytes(data)
+    return _Got(b"W" in marks, b"Z" in marks, cas, item)
+
+
+def _parse_va(
+    parts: list[bytes], line: bytes, max_value: int
+) -> tuple[int, bytes, bytes, set[bytes]]:
+    """``(size, cas, client flags, W/Z/X marks)`` of a ``VA`` line split in ``parts``;
+    raises for a malformed line or a size above ``max_value``."""
+    if not parts[1].isdigit() or len(parts[1]) > 10:
+        raise MemcacheUnknownError(f"bad value size in {line[:80]!r}")
+    size = int(parts[1])
+    if size > max_value:
+        raise ValueTooLargeError(f"value size out of range (max {max_value}) in {line[:80]!r}")
+    cas = flags = b""
+    marks: set[bytes] = set()
+    for token in parts[2:]:
+        head, arg = token[:1], token[1:]
+        if head in (b"W", b"Z", b"X") and not arg:
+            marks.add(head)
+        elif head == b"c" and arg.isdigit():
+            cas = arg
+        elif head == b"f" and arg.isdigit():
+            flags = arg
+        else:
+            raise MemcacheUnknownError(f"unexpected flag in reply to mg: {line[:80]!r}")
+    if not cas:
+        raise MemcacheUnknownError(f"no cas in reply to mg: {line[:80]!r}")
+    return size, cas, flags, marks
+
+
+def _md_command(conn: Connection, key: bytes, flags: bytes, deadline: float) -> bool:
+    """``md <key> <flags>``: True when it acted (``HD``), False when the key is absent
+    (``NF``) or not the version named by its ``C`` flag (``EX``)."""
+    reply = conn._command(b"md %s %s\r\n" % (key, flags), deadline)
+    line = reply.line()
+    reply.finish()
+    if line == b"HD":
+        return True
+    if line in (b"NF", b"EX"):
+        return False
+    _raise_for(line, b"md")
+
+
+# -- the classic protocol ----------------------------------------------------------------
+
+
+def _classic_lease(
+    layer: MemcachedLayer, node: Node, mkey: bytes, exptime: int, deadline: float
+) -> Lease | None:
+    pool = layer._pool
+    keys = (mkey,)
+    for _ in range(_ROUNDS):
+        if pool.call_once(node, "add", mkey, b"", exptime, deadline, keys=keys):
+            return _won_classic(layer, node, mkey, deadline)
+        data, cas = pool.call(node, "gets", mkey, deadline)
+        if data is None:
+            continue  # gone since: add again
+        if not data:
+            return _HELD
+        found = _live(layer, data, mkey)
+        if found is not None:
+            return found
+        # Expired for us: replace it with a stub, if unchanged.
+        if pool.call_once(node, "cas", mkey, b"", cas, exptime, deadline, keys=keys):
+            return _won_classic(layer, node, mkey, deadline)
+    return None
+
+
+def _won_classic(layer: MemcachedLayer, node: Node, mkey: bytes, deadline: float) -> Lease:
+    """The lease on the stub this caller just stored, its CAS read as the token (a
+    value stored since ended the lease: it is returned instead)."""
+    data, cas = layer._pool.call(node, "gets", mkey, deadline)
+    if data:
+        return _live(layer, data, mkey) or Lease(won=True)  # replaced: nothing to release
+    if data is None or cas is None:
+        return Lease(won=True)  # gone already: nothing to release
+    return Lease(won=True, release=lambda: _cas_expire(layer, node, mkey, cas))
+
+
+def _cas_expire(layer: MemcachedLayer, node: Node, mkey: bytes, cas: bytes) -> None:
+    """Release a classic lease: store its stub already expired, if it is still the
+    version this caller won."""
+    pool = layer._pool
+    pool.check_open()
+    pool.call_once(node, "cas", mkey, b"", cas, -1, pool.deadline(), keys=(mkey,))
