@@ -197,6 +197,7 @@ class Reaper:
         self.limit = limit
         self._monotonic = monotonic
         self._lock = threading.Lock()
+        self._sent = threading.Condition(self._lock)
         self._entries: dict[int, _Entry] = {}
         self._thread: threading.Thread | None = None
         self._wake: tuple[int, int] | None = None
@@ -239,6 +240,16 @@ class Reaper:
         with self._lock:
             return len(self._entries)
 
+    def wait_sent(self, timeout: float) -> bool:
+        """Wait at most ``timeout`` seconds until the reaper has sent everything it had
+        to send (the rest of each command, its retraction, its ``version``); return
+        whether it has. Tests use it before counting a server's bytes."""
+        with self._sent:
+            return self._sent.wait_for(self._all_sent, timeout)
+
+    def _all_sent(self) -> bool:
+        return not any(entry.rest for entry in self._entries.values())
+
     def _run(self) -> None:
         while True:
             with self._lock:
@@ -256,6 +267,8 @@ class Reaper:
                 elif fd in entries and entries[fd].step(events):
                     self._finish(fd, entries[fd])
             self._expire(entries)
+            with self._sent:
+                self._sent.notify_all()
 
     def _timeout_ms(self, entries: dict[int, _Entry]) -> int | None:
         """Milliseconds until the oldest entry's ``limit``; None (no timeout) if none."""
@@ -292,6 +305,7 @@ class Reaper:
         # The parent's thread does not exist here and its sockets are the pool's to
         # close; the wake pipe is the parent's.
         self._lock = threading.Lock()
+        self._sent = threading.Condition(self._lock)
         self._entries = {}
         self._thread = None
         self._wake = None
