@@ -163,9 +163,11 @@ def test_black_hole_bounds_every_get_and_the_open_breaker_costs_no_io(
     worst = latencies[-1]
     assert worst <= TIMEOUT * 2 + 0.15, f"a get took {worst:.3f} s under a black hole"
 
-    # Writes that timed out went to the reaper, which sends their retraction and its
+    # The backfills queued by the loads above may still be in flight (a timeout each);
+    # those that timed out went to the reaper, which sends their retraction and its
     # ``version`` on their own connections: bytes of those earlier calls, not of the
-    # refused ones below.
+    # refused ones below. (flush() answers False: the repairs wait for the breaker.)
+    chain.flush(4 * TIMEOUT)
     assert l2.layer._pool.reaper.wait_sent(5.0)  # type: ignore[attr-defined]
     before = proxy.stats()
     open_costs = []
