@@ -23,8 +23,10 @@ WAIT = 2.0  # bound for waiting on the proxy to see something; never reached whe
 MakeClient = Callable[[], Client]
 
 
-def _proxy_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith("faultproxy-")]
+def _proxy_threads(proxy: FaultProxy) -> list[str]:
+    """The live threads of ``proxy`` (other tests' proxies may still be winding down)."""
+    prefix = f"faultproxy-{proxy.port}-"
+    return [t.name for t in threading.enumerate() if t.name.startswith(prefix)]
 
 
 @pytest.fixture()
@@ -302,7 +304,7 @@ def test_stop_returns_promptly_with_connections_open(memcached: MemcachedProcess
         started = time.monotonic()
         proxy.stop(timeout=2.0)
         assert time.monotonic() - started < 0.5
-        assert _proxy_threads() == []
+        assert _proxy_threads(proxy) == []
         assert proxy.stats().open_connections == 0
         for sock in socks:  # every client sees its connection closed
             sock.settimeout(WAIT)
@@ -323,7 +325,7 @@ def test_lifecycle_errors(memcached: MemcachedProcess) -> None:
     with pytest.raises(RuntimeError):
         proxy.start()  # no restart after stop
     FaultProxy(("127.0.0.1", memcached.port)).stop()  # never started: no error
-    assert _proxy_threads() == []
+    assert _proxy_threads(proxy) == []
 
 
 @pytest.mark.parametrize(
