@@ -352,16 +352,8 @@ def _load(
         value, shared = chain._flight.do(key, job.run, wait_timeout)
     except _NOT_FAILURES:
         raise
-    except LoadTimeoutError:  # a wait_timeout, or the loader's own
-        if fallback is MISSING:
-            raise
-        chain._loads.served("hard_timeout", key)
-        return fallback
-    except Exception as exc:
-        if fallback is MISSING:
-            raise
-        chain._loads.served("loader_error", key, exc)
-        return fallback
+    except Exception as exc:  # LoadTimeoutError: a wait_timeout, or the loader's own
+        return _instead(chain, key, fallback, exc)
     if shared and chain._m is not None:
         chain._m.record_singleflight_shared()
     return value
@@ -393,13 +385,8 @@ def _timed(
             return flight.outcome(call)
         except _NOT_FAILURES:
             raise
-        except Exception as exc:
-            if fallback is MISSING:
-                raise
-            # A LoadTimeoutError here: no room to run the load, or the loader's own.
-            reason = "hard_timeout" if isinstance(exc, LoadTimeoutError) else "loader_error"
-            loads.served(reason, key, exc)
-            return fallback
+        except Exception as exc:  # LoadTimeoutError: no room to run it, or the loader's own
+            return _instead(chain, key, fallback, exc)
     if fallback is not MISSING:
         loads.served(reason if reason == "soft_timeout" else "hard_timeout", key)
         return fallback
@@ -407,6 +394,17 @@ def _timed(
         f"gave up after {budget} s waiting for the load of {key!r} ({reason}); the load "
         "goes on in the background and its value is stored when it arrives"
     )
+
+
+def _instead(chain: Chain, key: str, fallback: Any, exc: Exception) -> Any:
+    """What a load of ``key`` that failed with ``exc`` gives its caller: ``fallback``,
+    counted as served for a ``hard_timeout`` (a LoadTimeoutError) or a
+    ``loader_error``; ``exc`` raised again when there is no fallback (MISSING)."""
+    if fallback is MISSING:
+        raise exc
+    reason = "hard_timeout" if isinstance(exc, LoadTimeoutError) else "loader_error"
+    chain._loads.served(reason, key, exc)
+    return fallback
 
 
 def _budget(
