@@ -25,6 +25,7 @@ class _Loading(Protocol):
         soft_timeout: Any = ...,
         hard_timeout: Any = ...,
         eager_refresh: Any = ...,
+        lease: Any = ...,
     ) -> Any:
         """The cached value of ``key``, or ``loader()``'s, cached for ``ttl`` seconds
         (with the loader options of ``Chain.get_or_load``)."""
@@ -34,7 +35,7 @@ class _Loading(Protocol):
 
 
 #: The names of ``get_or_load``'s loader options, in the order ``cached`` takes them.
-_OPTIONS = ("fail_safe", "soft_timeout", "hard_timeout", "eager_refresh")
+_OPTIONS = ("fail_safe", "soft_timeout", "hard_timeout", "eager_refresh", "lease")
 
 
 def cached(
@@ -47,8 +48,8 @@ def cached(
     """A decorator caching a function's results in ``cache`` for ``ttl`` seconds, under
     ``key(*args, **kwargs)`` or else ``prefix`` (default: the function's module and
     qualified name) followed by the ``repr`` of the arguments. ``options`` are the
-    values of ``fail_safe``, ``soft_timeout``, ``hard_timeout`` and ``eager_refresh``
-    given to every ``get_or_load`` (those left to the chain are not passed). The
+    values of ``fail_safe``, ``soft_timeout``, ``hard_timeout``, ``eager_refresh`` and
+    ``lease`` given to every ``get_or_load`` (those left to the chain are not passed). The
     wrapper gains ``invalidate(*args, **kwargs)`` and ``cache_key(*args, **kwargs)``."""
     given = {n: v for n, v in zip(_OPTIONS, options, strict=False) if v is not DEFAULT}
 

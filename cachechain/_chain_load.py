@@ -21,6 +21,12 @@ With a :class:`~cachechain._load_policy.LoadPolicy` (the chain's
 - **eager refresh** (:mod:`cachechain._refresh`): a hit past the refresh point starts
   one background reload.
 
+And across processes, the **lease** (:mod:`cachechain._lease`, on by default): a load
+after a miss in every layer (not an eager refresh, whose value is still served) first
+takes the shared layer's lease, so that one process of all those sharing memcached
+runs the loader; the others wait for its value, then serve their fail-safe value (if
+any) or load themselves.
+
 Every loader call goes through :func:`invoke_loader`, the one place a loader runs.
 :class:`LoaderOps` (a base class of :class:`~cachechain.Chain`) holds the public
 methods, ``get_or_load`` and ``cached``.
@@ -28,11 +34,13 @@ methods, ``get_or_load`` and ``cached``.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
-from . import _chain_cached, _failsafe, _refresh
+from . import _chain_cached, _failsafe, _lease, _refresh
+from ._config import LeaseConfig
 from ._errors import ChainClosedError, InvalidValueError
 from ._failsafe import Candidate
 from ._load_policy import DEFAULT, Default, LoadPolicy
@@ -45,7 +53,7 @@ from .metrics._base import CollectorGuard
 if TYPE_CHECKING:
     from ._chain import Chain
 
-__all__ = ["LoaderOps", "get_or_load", "invoke_loader", "load_and_store"]
+__all__ = ["LoaderOps", "get_or_load", "invoke_loader", "load_and_store", "load_leased"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -70,19 +78,25 @@ class LoaderOps:
         soft_timeout: float | Default | None = DEFAULT,
         hard_timeout: float | Default | None = DEFAULT,
         eager_refresh: float | Default | None = DEFAULT,
+        lease: bool | Default = DEFAULT,
     ) -> Any:
         """Return the cached value of ``key``, or call ``loader()`` once, cache its
         result for ``ttl`` seconds (``None``: each layer's default) and return it.
 
         However many threads miss the same key at once, the loader runs once in this
         process and every one of them gets its result or its exception (nothing is
-        cached then). A ``None`` result is cached like any other value. A thread that
-        joined another's load waits at most ``wait_timeout`` seconds, then raises
-        :class:`~cachechain.LoadTimeoutError`. If the key is set or
-        deleted while the loader runs, the loaded value is returned but not cached.
+        cached then). However many processes miss it, the loader runs once among all
+        those that share the chain's memcached layer, with ``lease`` on (the chain's
+        ``LoadConfig.lease``, on by default): the others wait for its value, at most
+        ``lease.wait`` seconds, then serve a fail-safe value or load themselves. A
+        ``None`` result is cached like any other value. A thread that joined another's
+        load waits at most ``wait_timeout`` seconds, then raises
+        :class:`~cachechain.LoadTimeoutError`. If the key is set or deleted while the
+        loader runs, the loaded value is returned but not cached.
 
         The other options default to the chain's :class:`~cachechain.LoadConfig`
-        (its ``load``; all off unless set there); ``None`` turns one off for this call.
+        (its ``load``; all off unless set there, but ``lease``); ``None`` turns one off
+        for this call.
 
         - ``fail_safe`` (bool): when the loader raises or times out, serve the key's
           previous value if it expired at most ``fail_safe_max_age`` seconds ago (and
@@ -97,6 +111,8 @@ class LoaderOps:
           load, for every thread waiting for it.
         - ``eager_refresh`` (in ``(0, 1)``): a hit on a value past that share of its
           TTL returns it and starts one background reload of the key.
+        - ``lease`` (bool): take the shared layer's lease before loading (True: the
+          chain's ``LoadConfig.lease``, or the default one if the chain's is off).
 
         Raises :class:`~cachechain.InvalidValueError` naming the option for a bad
         value (before anything is read), :class:`~cachechain.InvalidKeyError` for a
@@ -104,7 +120,7 @@ class LoaderOps:
         :class:`~cachechain.ReentrantLoadError` for a loader that asks for its own key.
         """
         ttl = check_ttl(ttl, error=InvalidValueError)
-        options = (fail_safe, soft_timeout, hard_timeout, eager_refresh)
+        options = (fail_safe, soft_timeout, hard_timeout, eager_refresh, lease)
         return get_or_load(cast("Chain", self), key, loader, ttl, wait_timeout, *options)
 
     def cached(
@@ -117,6 +133,7 @@ class LoaderOps:
         soft_timeout: float | Default | None = DEFAULT,
         hard_timeout: float | Default | None = DEFAULT,
         eager_refresh: float | Default | None = DEFAULT,
+        lease: bool | Default = DEFAULT,
     ) -> Callable[[Callable[P, R]], Callable[P, R]]:
         """Decorate a function so its results are cached through :meth:`get_or_load`.
 
@@ -124,13 +141,15 @@ class LoaderOps:
         ``prefix`` (default: its module and qualified name) followed by the ``repr`` of
         its arguments. The wrapper gains ``invalidate(*args, **kwargs)``, which deletes
         the entry of those arguments. ``fail_safe``, ``soft_timeout``,
-        ``hard_timeout`` and ``eager_refresh`` are :meth:`get_or_load`'s, given to
-        every call; a bad one raises :class:`~cachechain.InvalidValueError` here.
+        ``hard_timeout``, ``eager_refresh`` and ``lease`` are :meth:`get_or_load`'s,
+        given to every call; a bad one raises :class:`~cachechain.InvalidValueError`
+        here.
         """
         ttl = check_ttl(ttl, error=InvalidValueError)
-        options = (fail_safe, soft_timeout, hard_timeout, eager_refresh)
+        options = (fail_safe, soft_timeout, hard_timeout, eager_refresh, lease)
         chain = cast("Chain", self)
-        chain._loads.policies.resolve(*options)  # raises for a bad option, here
+        chain._loads.policies.resolve(*options[:4])  # raises for a bad option, here
+        chain._loads.lease_for(lease)
         return _chain_cached.cached(chain, ttl, key, prefix, options)
 
 
@@ -144,9 +163,12 @@ def get_or_load(
     soft_timeout: float | Default | None = DEFAULT,
     hard_timeout: float | Default | None = DEFAULT,
     eager_refresh: float | Default | None = DEFAULT,
+    lease: bool | Default = DEFAULT,
 ) -> Any:
     """What :meth:`Chain.get_or_load <cachechain.Chain.get_or_load>` does; see there."""
-    policies = chain._loads.policies
+    loads = chain._loads
+    leasing = loads.lease if lease is DEFAULT else loads.lease_for(lease)
+    policies = loads.policies
     if soft_timeout is DEFAULT and hard_timeout is DEFAULT and eager_refresh is DEFAULT:
         if fail_safe is DEFAULT:
             policy = policies.default
@@ -160,14 +182,14 @@ def get_or_load(
         policy = policies.resolve(fail_safe, soft_timeout, hard_timeout, eager_refresh)
     if policy is not None:
         if policy.stamps:
-            return _with_stamps(chain, key, loader, ttl, wait_timeout, policy)
-        return _timed_only(chain, key, loader, ttl, wait_timeout, policy)
+            return _with_stamps(chain, key, loader, ttl, wait_timeout, policy, leasing)
+        return _timed_only(chain, key, loader, ttl, wait_timeout, policy, leasing)
     value = chain.get(key, MISSING)
     if value is not MISSING:
         return value
 
     def load() -> Any:
-        return load_and_store(chain, key, loader, ttl, None)[0]
+        return load_leased(chain, key, loader, ttl, None, lease=leasing)[0]
 
     value, shared = chain._flight.do(key, load, wait_timeout)
     if shared and chain._m is not None:
@@ -211,6 +233,41 @@ def load_and_store(
     return loaded, fence.if_unchanged(ticket, _failsafe.store, chain, key, loaded, ttl, policy)
 
 
+def load_leased(
+    chain: Chain,
+    key: str,
+    loader: Callable[[], Any],
+    ttl: float | None,
+    policy: LoadPolicy | None,
+    *,
+    recheck: bool = True,
+    lease: LeaseConfig,
+    fallback: Any = MISSING,
+) -> tuple[Any, bool]:
+    """:func:`load_and_store` under the shared layer's lease (``lease``; none when it
+    is off): this process loads if it wins the lease (or none can be had), else it
+    waits for the winner's value (then ``stored`` is False: another process stored
+    it) and, when the wait ends without one, serves ``fallback`` (a fail-safe value,
+    counted as served for ``lease_wait``) or loads here. Returns ``(value, stored)``."""
+    if not lease.enabled:
+        return load_and_store(chain, key, loader, ttl, policy, recheck=recheck)
+    outcome: list[Any] = [MISSING, False]
+
+    def here() -> tuple[Any, bool]:
+        outcome[0], outcome[1] = load_and_store(chain, key, loader, ttl, policy, recheck=recheck)
+        return outcome[0], outcome[1]
+
+    serve = None
+    if fallback is not MISSING:
+
+        def serve() -> Any:
+            chain._loads.served("lease_wait", key)
+            return fallback
+
+    value = _lease.leased_load(chain, key, here, config=lease, fallback=serve)
+    return value, bool(outcome[1])
+
+
 def _store(chain: Chain, key: str, value: Any, ttl: float | None) -> None:
     if chain._loads.abandoned:  # a background load that outlived close() stores nothing
         return
@@ -242,12 +299,13 @@ def _timed_only(
     ttl: float | None,
     wait_timeout: float | None,
     policy: LoadPolicy,
+    lease: LeaseConfig,
 ) -> Any:
     """``get_or_load`` with loader timeouts alone: an ordinary read, then a load."""
     value = chain.get(key, MISSING)
     if value is not MISSING:
         return value
-    return _load(chain, key, loader, ttl, wait_timeout, policy, MISSING)
+    return _load(chain, key, loader, ttl, wait_timeout, policy, lease, MISSING)
 
 
 def _with_stamps(
@@ -257,6 +315,7 @@ def _with_stamps(
     ttl: float | None,
     wait_timeout: float | None,
     policy: LoadPolicy,
+    lease: LeaseConfig,
 ) -> Any:
     """``get_or_load`` with fail-safe or eager refresh: the first layer's stamped read
     (a fresh hit returns here, starting a refresh past its point), then the layers
@@ -287,7 +346,7 @@ def _with_stamps(
     if type(key) is not str:  # a key that cannot be in the first layer: checked here
         check_key(key)
     found = _read_below(chain, key, policy, m, start)
-    return _miss(chain, key, loader, ttl, wait_timeout, policy, found)
+    return _miss(chain, key, loader, ttl, wait_timeout, policy, lease, found)
 
 
 def _miss(
@@ -297,6 +356,7 @@ def _miss(
     ttl: float | None,
     wait_timeout: float | None,
     policy: LoadPolicy,
+    lease: LeaseConfig,
     found: Candidate,
 ) -> Any:
     """After a first-layer miss: a fresh value found below, or a load with the
@@ -314,7 +374,7 @@ def _miss(
         if chain._loads.throttle.holds(key):
             chain._loads.served("throttled", key)
             return fallback
-    return _load(chain, key, loader, ttl, wait_timeout, policy, fallback)
+    return _load(chain, key, loader, ttl, wait_timeout, policy, lease, fallback)
 
 
 def _read_below(
@@ -341,13 +401,16 @@ def _load(
     ttl: float | None,
     wait_timeout: float | None,
     policy: LoadPolicy,
+    lease: LeaseConfig,
     fallback: Any,
 ) -> Any:
-    """Load ``key`` in the single flight; ``fallback`` (or MISSING) is the fail-safe
-    value to serve if the loader fails or takes too long."""
+    """Load ``key`` in the single flight, under ``lease``; ``fallback`` (or MISSING) is
+    the fail-safe value to serve if the loader fails or takes too long, or another
+    process's load does not arrive in time."""
     if policy.timed(fallback is not MISSING):
-        return _timed(chain, key, loader, ttl, wait_timeout, policy, fallback)
-    job = LoadJob(load_and_store, chain, key, loader, ttl, policy)
+        return _timed(chain, key, loader, ttl, wait_timeout, policy, lease, fallback)
+    load = functools.partial(load_leased, lease=lease, fallback=fallback)
+    job = LoadJob(load, chain, key, loader, ttl, policy)
     try:
         value, shared = chain._flight.do(key, job.run, wait_timeout)
     except _NOT_FAILURES:
@@ -366,15 +429,19 @@ def _timed(
     ttl: float | None,
     wait_timeout: float | None,
     policy: LoadPolicy,
+    lease: LeaseConfig,
     fallback: Any,
 ) -> Any:
     """Load ``key`` on a background thread (or join the load in flight) and wait for it
-    as the policy says; on a timeout, serve ``fallback`` or raise LoadTimeoutError."""
+    as the policy says; on a timeout, serve ``fallback`` or raise LoadTimeoutError. The
+    load takes ``lease`` (a wait for another process counts against the budget; when
+    it ends without a value, the background load runs here)."""
     flight = chain._flight
     loads = chain._loads
     call, leader = flight.join(key)
     if leader:
-        loads.start(chain, call, LoadJob(load_and_store, chain, key, loader, ttl, policy))
+        load = functools.partial(load_leased, lease=lease)
+        loads.start(chain, call, LoadJob(load, chain, key, loader, ttl, policy))
     elif chain._m is not None:
         chain._m.record_singleflight_shared()
     elapsed = loads.clock() - call.started

@@ -618,6 +618,15 @@ def expiry_of(data: bytes) -> float | None:
     return _header(data)[2]
 
 
+def kept_until(data: bytes) -> tuple[float | None, bool]:
+    """``(expires_at, stamped)`` of the envelope ``data``, read from its header alone:
+    until when the entry is kept (unix seconds, ``None`` for ever; for a stamped
+    envelope, a fail-safe copy, its physical expiry, past its logical one) and whether
+    it is stamped. Raises :class:`CorruptValueError` as :func:`expiry_of` does."""
+    _, expires_at, _, origin, _ = _header(data)
+    return expires_at, origin is not None
+
+
 def _header(data: bytes) -> tuple[int, float | None, float | None, float | None, int]:
     """``(codec_id, expires_at, fresh_until, ttl, header size)`` of an envelope's
     header (``fresh_until`` is ``expires_at`` and ``ttl`` None unless it is stamped);

@@ -8,9 +8,9 @@ An in-process layer is written synchronously and not wrapped unless asked.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from ._errors import ConfigError
 from ._validate import (
@@ -26,6 +26,7 @@ __all__ = [
     "ChainConfig",
     "CoherenceConfig",
     "LayerConfig",
+    "LeaseConfig",
     "LoadConfig",
     "WriterConfig",
     "check_share",
@@ -194,11 +195,58 @@ def check_share(value: object, field: str, *, error: type[Exception] = ConfigErr
     return float(value)
 
 
+#: Seconds a lease lives by default: how long a holder that died blocks the others.
+LEASE_TTL: Final = 2.0
+
+
+@dataclass(frozen=True)
+class LeaseConfig:
+    """How ``get_or_load`` shares a load across processes (see :mod:`cachechain._lease`).
+
+    ``enabled``: take a lease on the shared layer on a miss (when the layer supports
+    it). ``ttl``: seconds a lease lives (a holder that dies blocks the others at most
+    that long; memcached rounds it up to whole seconds). ``wait``: the most seconds a
+    caller waits for another process's load before it loads itself (or serves a
+    fail-safe value); ``None``: ``ttl``. Raises :class:`~cachechain.ConfigError` naming
+    the field for a bad value.
+    """
+
+    enabled: bool = True
+    ttl: float = LEASE_TTL
+    wait: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(f"lease.enabled must be a bool, got {self.enabled!r}")
+        ttl = check_seconds(self.ttl, "lease.ttl")
+        if ttl > 30 * 24 * 3600:
+            raise ConfigError(f"lease.ttl must be at most 30 days, got {self.ttl!r}")
+        check_optional_seconds(self.wait, "lease.wait", zero_ok=True)
+
+    @property
+    def max_wait(self) -> float:
+        """The most seconds a caller waits for another process's load."""
+        return self.ttl if self.wait is None else self.wait
+
+    @classmethod
+    def of(cls, value: LeaseConfig | bool | None) -> LeaseConfig:
+        """``value`` as a config: True or None give the defaults, False turns leases
+        off. Raises :class:`~cachechain.ConfigError` for anything else."""
+        if isinstance(value, LeaseConfig):
+            return value
+        if value is None or value is True:
+            return LeaseConfig()
+        if value is False:
+            return LeaseConfig(enabled=False)
+        raise ConfigError(f"lease must be a LeaseConfig or a bool, got {value!r}")
+
+
 @dataclass(frozen=True)
 class LoadConfig:
     """How a chain's ``get_or_load`` and ``cached`` treat loaders (their defaults; each
-    call may override ``fail_safe``, ``soft_timeout``, ``hard_timeout`` and
-    ``eager_refresh``). Durations are seconds. Everything is off by default.
+    call may override ``fail_safe``, ``soft_timeout``, ``hard_timeout``,
+    ``eager_refresh`` and ``lease``). Durations are seconds. Everything but ``lease`` is
+    off by default.
 
     ``fail_safe``: when the loader raises or times out and an earlier value of the key
     exists, serve that value instead, if it expired at most ``fail_safe_max_age``
@@ -219,6 +267,13 @@ class LoadConfig:
     value older than that share of its TTL returns it and starts one background reload
     of the key (one per key per process).
 
+    ``lease`` (a :class:`LeaseConfig`, or a bool for the defaults or off; a mapping of
+    its fields in settings): on a miss in every layer, one process of all those sharing
+    the chain's shared layer (memcached) runs the loader; the others wait for its value
+    (at most ``lease.wait`` seconds), then serve a fail-safe value or load themselves.
+    The one feature on by default: it costs one round trip per miss, none per hit, and
+    nothing on a chain whose shared layer cannot lease (an in-process one).
+
     Raises :class:`~cachechain.ConfigError` naming the field for a bad value.
     """
 
@@ -229,8 +284,16 @@ class LoadConfig:
     hard_timeout: float | None = None
     eager_refresh: float | None = None
     max_background_loads: int = 64
+    lease: LeaseConfig | bool = True
 
     def __post_init__(self) -> None:
+        lease = self.lease
+        if isinstance(lease, Mapping):
+            unknown = sorted(set(lease) - {"enabled", "ttl", "wait"})
+            if unknown:
+                raise ConfigError(f"load.lease: unknown setting {unknown[0]!r}")
+            lease = LeaseConfig(**lease)
+        object.__setattr__(self, "lease", LeaseConfig.of(lease))
         if not isinstance(self.fail_safe, bool):
             raise ConfigError(f"load.fail_safe must be a bool, got {self.fail_safe!r}")
         for name in ("fail_safe_max_age", "fail_safe_throttle"):

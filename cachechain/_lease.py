@@ -40,11 +40,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from ._errors import ChainClosedError, ConfigError
-from ._validate import check_optional_seconds, check_seconds
+from ._config import LEASE_TTL, LeaseConfig
+from ._errors import ChainClosedError
 from .layers._base import MISSING, Lease, SupportsLease
 
 if TYPE_CHECKING:
@@ -54,8 +53,6 @@ if TYPE_CHECKING:
 
 __all__ = ["FIRST_POLL", "LEASE_TTL", "MAX_POLL", "LeaseConfig", "leased_load"]
 
-#: Seconds a lease lives by default: how long a holder that died blocks the others.
-LEASE_TTL: Final = 2.0
 #: Seconds before a waiter's first poll of the shared layer; each poll doubles it ...
 FIRST_POLL: Final = 0.005
 #: ... up to this many seconds between polls (what a value's arrival may wait to be seen).
@@ -68,48 +65,7 @@ _FAILED: Final = Lease()
 LoadAndStore = Callable[[], "tuple[Any, bool]"]
 
 
-@dataclass(frozen=True)
-class LeaseConfig:
-    """How ``get_or_load`` shares a load across processes (see :mod:`cachechain._lease`).
-
-    ``enabled``: take a lease on the shared layer on a miss (when the layer supports
-    it). ``ttl``: seconds a lease lives (a holder that dies blocks the others at most
-    that long; memcached rounds it up to whole seconds). ``wait``: the most seconds a
-    caller waits for another process's load before it loads itself (or serves a
-    fail-safe value); ``None``: ``ttl``. Raises :class:`~cachechain.ConfigError` naming
-    the field for a bad value.
-    """
-
-    enabled: bool = True
-    ttl: float = LEASE_TTL
-    wait: float | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.enabled, bool):
-            raise ConfigError(f"lease.enabled must be a bool, got {self.enabled!r}")
-        ttl = check_seconds(self.ttl, "lease.ttl")
-        if ttl > 30 * 24 * 3600:
-            raise ConfigError(f"lease.ttl must be at most 30 days, got {self.ttl!r}")
-        check_optional_seconds(self.wait, "lease.wait", zero_ok=True)
-
-    @property
-    def max_wait(self) -> float:
-        """The most seconds a caller waits for another process's load."""
-        return self.ttl if self.wait is None else self.wait
-
-    @classmethod
-    def of(cls, value: LeaseConfig | bool | None) -> LeaseConfig:
-        """``value`` as a config: True or None give the defaults, False turns leases
-        off. Raises :class:`~cachechain.ConfigError` for anything else."""
-        if isinstance(value, LeaseConfig):
-            return value
-        if value is None or value is True:
-            return DEFAULT
-        if value is False:
-            return OFF
-        raise ConfigError(f"lease must be a LeaseConfig or a bool, got {value!r}")
-
-
+#: The default lease settings, and leases off.
 DEFAULT: Final = LeaseConfig()
 OFF: Final = LeaseConfig(enabled=False)
 

@@ -16,10 +16,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from ._background import BackgroundLoads
-from ._config import LoadConfig
-from ._errors import ChainClosedError, ConfigError
+from ._config import LeaseConfig, LoadConfig
+from ._errors import ChainClosedError, ConfigError, InvalidValueError
 from ._failsafe import FirstRead, Throttle, first_reader
-from ._load_policy import LoadPolicy, Policies
+from ._load_policy import DEFAULT, Default, LoadPolicy, Policies
 from ._logonce import LogOnce
 from ._singleflight import LoadTimeoutError, _Call
 from ._validate import check_callable
@@ -41,6 +41,9 @@ STORED, DISCARDED, FAILED, REJECTED, ABANDONED = (
     "rejected",
     "abandoned",
 )
+
+_LEASE_ON: Final = LeaseConfig()
+_LEASE_OFF: Final = LeaseConfig(enabled=False)
 
 _REASONS: Final = {
     "loader_error": "the loader raised",
@@ -112,6 +115,7 @@ class Loads:
         "abandoned",
         "background",
         "clock",
+        "lease",
         "m",
         "policies",
         "read",
@@ -131,6 +135,8 @@ class Loads:
             raise ConfigError(f"load must be a LoadConfig or None, got {config!r}")
         check_callable(clock, "clock")
         self.policies = Policies(config)
+        #: The lease a ``get_or_load`` takes unless it says otherwise.
+        self.lease: LeaseConfig = LeaseConfig.of(config.lease)
         self.clock = clock
         self.throttle = Throttle(clock)
         self.background = BackgroundLoads(name, config.max_background_loads)
@@ -147,6 +153,18 @@ class Loads:
         (called on first use: the chain's tiers must exist)."""
         self.read = first_reader(chain)
         return self.read
+
+    def lease_for(self, flag: bool | Default) -> LeaseConfig:
+        """The lease of a call that passes ``lease=flag``: :data:`DEFAULT` or True the
+        chain's (True: the default one when the chain's is off), False none. Raises
+        :class:`~cachechain.InvalidValueError` for anything else."""
+        if flag is DEFAULT:
+            return self.lease
+        if flag is True:
+            return self.lease if self.lease.enabled else _LEASE_ON
+        if flag is False:
+            return _LEASE_OFF
+        raise InvalidValueError(f"lease must be a bool, got {flag!r}")
 
     def served(self, reason: str, key: str, error: BaseException | None = None) -> None:
         """A fail-safe value of ``key`` was served instead of a load, for ``reason``

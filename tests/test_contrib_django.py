@@ -44,6 +44,7 @@ from django.views.decorators.cache import cache_page
 
 from cachechain import Chain, UnconfirmedError
 from cachechain._codecs import JsonCodec, SignedPickleCodec
+from cachechain._config import LeaseConfig
 from cachechain._errors import ChainClosedError, ConfigError
 from cachechain._namespace import NamespacedLayer
 from cachechain._resilience import unwrapped
@@ -51,6 +52,7 @@ from cachechain.contrib import _EXITING, NO_EXPIRY_TTL, _close_open_chains
 from cachechain.contrib.django import DEFAULT_L1, CachechainCache, chain_options, close_chains
 from cachechain.layers._base import MISSING
 from cachechain.layers._memcached import MemcachedLayer
+from cachechain.testing import FakeClock
 from tests.support.fakes import wait_for_waiters
 from tests.support.processes import WAIT, reported, run_processes
 from tests.support.servers import MemcachedProcess
@@ -468,6 +470,33 @@ def test_after_the_exit_hook_a_backend_builds_no_new_chain() -> None:
         close_chains()
     assert not b.chain.closed  # after close_chains (and outside exit) it is rebuilt
     close_chains()
+
+
+def test_get_or_set_takes_the_load_options_given_in_options() -> None:
+    """``OPTIONS["load"]`` sets the chain's ``get_or_load`` defaults, so ``get_or_set``
+    serves a fail-safe value when its callable fails (issue 12, item 5)."""
+    options = {
+        "name": "load-options",
+        "layers": [{"type": "memory"}],
+        "load": {"fail_safe": True, "fail_safe_max_age": 60, "lease": {"ttl": 5}},
+    }
+    b = CachechainCache("", {"OPTIONS": options})
+    try:
+        loads = b.chain._loads
+        assert loads.lease == LeaseConfig(ttl=5)
+        assert loads.policies.default is not None and loads.policies.default.fail_safe
+        clock = FakeClock()
+        unwrapped(b.chain.layers[0])._clock = clock  # type: ignore[attr-defined]
+        assert b.get_or_set("k", lambda: "v1", 1) == "v1"
+        clock.advance(2)
+        assert b.get("k") is None  # expired for every ordinary read
+
+        def database_down() -> str:
+            raise ConnectionError("down")
+
+        assert b.get_or_set("k", database_down, 1) == "v1"  # the fail-safe value
+    finally:
+        close_chains()
 
 
 class UnhashableCodec(JsonCodec):

@@ -26,6 +26,7 @@ from cachechain import (
     ConfigError,
     InvalidValueError,
     LayerConfig,
+    LoadConfig,
     MemcachedLayer,
     MemoryCollector,
     MemoryLayer,
@@ -50,9 +51,13 @@ def make_layer(server: MemcachedProcess | str, **kwargs: Any) -> MemcachedLayer:
     return MemcachedLayer("L2", address, **kwargs)
 
 
-def make_chain(server: MemcachedProcess | str, **kwargs: Any) -> Chain:
-    """A default chain (L1 over memcached, coherence and its namespace on)."""
-    return Chain([MemoryLayer("L1"), make_layer(server, **kwargs)], metrics=MemoryCollector())
+def make_chain(
+    server: MemcachedProcess | str, load: LoadConfig | None = None, **kwargs: Any
+) -> Chain:
+    """A default chain (L1 over memcached, coherence and its namespace on), with
+    ``load`` (its ``get_or_load`` defaults) and ``kwargs`` for the memcached layer."""
+    layers = [MemoryLayer("L1"), make_layer(server, **kwargs)]
+    return Chain(layers, metrics=MemoryCollector(), load=load)
 
 
 def settled(chain: Chain) -> Chain:
@@ -717,8 +722,8 @@ def test_lease_config_is_checked() -> None:
     assert LeaseConfig.of(config) is config
     assert LeaseConfig().max_wait == DEFAULT.ttl == 2.0
     assert LeaseConfig(ttl=5).max_wait == 5 and LeaseConfig(ttl=5, wait=0).max_wait == 0
-    assert LeaseConfig.of(None) is DEFAULT and LeaseConfig.of(True) is DEFAULT
-    assert LeaseConfig.of(False) is OFF and not OFF.enabled
+    assert LeaseConfig.of(None) == DEFAULT and LeaseConfig.of(True) == DEFAULT
+    assert LeaseConfig.of(False) == OFF and not OFF.enabled
     for bad in (
         {"ttl": 0},
         {"ttl": float("inf")},

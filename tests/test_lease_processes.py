@@ -2,11 +2,10 @@
 
 Forked worker processes (``multiprocessing``'s fork context, as gunicorn's workers)
 each build a default chain (an in-process L1 over memcached, coherence on) and miss the
-same key through ``get_or_load`` with the lease (:func:`tests.test_lease.leased_get_or_load`
-until the chain integrates it). Loaders count themselves in memcached (``incr``), so
-the count is the cluster's. Cross-process ordering uses multiprocessing events and
-queues; the only waits on time are the lease's own (its TTL), measured and bounded.
-The figures are printed (``pytest -s``) and kept in :data:`FIGURES`.
+same key through ``Chain.get_or_load``, which takes the lease. Loaders count themselves
+in memcached (``incr``), so the count is the cluster's. Cross-process ordering uses
+multiprocessing events and queues; the only waits on time are the lease's own (its
+TTL), measured and bounded. The figures are printed (``pytest -s``) and kept in :data:`FIGURES`.
 """
 
 from __future__ import annotations
@@ -22,10 +21,11 @@ from typing import Any
 import pytest
 from pymemcache.client.base import Client
 
+from cachechain import LoadConfig
 from cachechain._lease import MAX_POLL, LeaseConfig
 from tests.support.processes import WAIT, reported, run_processes
 from tests.support.servers import MemcachedProcess
-from tests.test_lease import lease_figures, leased_get_or_load, make_chain, settled
+from tests.test_lease import lease_figures, make_chain, settled
 
 pytestmark = [
     pytest.mark.memcached,
@@ -80,7 +80,7 @@ def _burst(
         def thread() -> None:
             start.wait(WAIT)
             t0 = time.time()
-            value = leased_get_or_load(chain, "hot", loader, 60)
+            value = chain.get_or_load("hot", loader, 60)
             got.append((value, t0, time.time()))
 
         barrier.wait(WAIT)  # every process is ready
@@ -151,21 +151,21 @@ def test_four_processes_of_sixteen_threads_run_the_loader_once(
 
 
 def _holder(address: str, loading: Any, config: LeaseConfig) -> None:
-    chain = settled(make_chain(address))
+    chain = settled(make_chain(address, LoadConfig(lease=config)))
 
     def loader() -> Any:
         loading.put(time.time())
         threading.Event().wait()  # hangs until killed
         return "never"
 
-    leased_get_or_load(chain, "hot", loader, 60, config=config)
+    chain.get_or_load("hot", loader, 60)
 
 
 def _waiter(
     results: Any, index: int, address: str, asked: Any, config: LeaseConfig, threads: int
 ) -> None:
     def work() -> dict[str, Any]:
-        chain = settled(make_chain(address))
+        chain = settled(make_chain(address, LoadConfig(lease=config)))
         _asked_once(chain, asked, index)
         counter = Client(address)
         loaded_at: list[float] = []
@@ -179,7 +179,7 @@ def _waiter(
         ends: list[float] = []
 
         def thread() -> None:
-            got.append(leased_get_or_load(chain, "hot", loader, 60, config=config))
+            got.append(chain.get_or_load("hot", loader, 60))
             ends.append(time.time())
 
         pool = [threading.Thread(target=thread) for _ in range(threads)]

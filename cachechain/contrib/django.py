@@ -14,7 +14,8 @@ backends do (``"host:port"``, several separated by ``;`` or ``,``, or a list)::
 is ``L1`` (``{"type": "memory", "maxsize": 10_000, "max_ttl": 30}``) over ``L2`` (a
 ``memcached`` layer on those servers); ``OPTIONS`` may add the other keys of the
 chain mapping of :func:`cachechain.chain_config_from_mapping` (``name``, ``breaker``,
-``writer``, ``metrics``, ``coherence``). To choose the layers, give them in
+``writer``, ``metrics``, ``coherence``, and ``load``: the defaults of ``get_or_set``,
+fail-safe values, loader timeouts, eager refresh and the lease). To choose the layers, give them in
 ``OPTIONS["layers"]``, with their servers, and no ``LOCATION`` (one given anyway
 raises :class:`~cachechain.ConfigError`: it would be ignored)::
 
@@ -86,8 +87,10 @@ any backend. What to know:
   ``str``), ``incr`` does what Django's local-memory cache does, ``value + delta``
   then ``set``, not atomically.
 - ``get_or_set`` runs its callable default once per key per process however many
-  threads miss at once (cachechain's single flight), then stores it with ``add``:
-  workers that miss at once all return the one value that won.
+  threads miss at once (cachechain's single flight), and once among the workers
+  (memcached's lease), then stores it with ``add``: workers that miss at once all
+  return the one value that won. ``OPTIONS["load"]`` gives it fail-safe values, loader
+  timeouts and eager refresh (see :meth:`CachechainCache.get_or_set`).
 - ``clear()`` empties the cache for every process sharing the memcached
   (:meth:`Chain.clear <cachechain.Chain.clear>`: the namespace generation moves, so
   other applications' keys on the same servers stay), where Django's memcached
@@ -374,18 +377,29 @@ class CachechainCache(BaseCache):  # type: ignore[misc]  # django ships no type 
 
         A callable ``default`` runs once per key in this process however many threads
         miss at once; the others wait for its result (or its exception, which is
-        raised to each of them and cached for none). With a timeout of ``0`` or less,
-        or while memcached cannot be reached, nothing is stored and the computed value
-        is returned.
+        raised to each of them and cached for none), and once among the workers that
+        share memcached (the chain's lease): the others wait for its value. With a
+        timeout of ``0`` or less, or while memcached cannot be reached, nothing is
+        stored and the computed value is returned.
+
+        ``OPTIONS["load"]`` (:class:`~cachechain.LoadConfig`) applies: with
+        ``fail_safe`` the previous value is returned when ``default`` raises (or, with
+        ``soft_timeout``, takes too long); with it or ``eager_refresh`` on, the value is
+        stored by :meth:`Chain.get_or_load <cachechain.Chain.get_or_load>` itself
+        (stamped, so that it can serve as a fail-safe value later), not with ``add``.
         """
         made = self.make_and_validate_key(key, version=version)
         ttl = self._ttl(timeout)
         shared = self._live()
         chain, form = shared.chain, shared.form
         if ttl is not None:
+            policy = chain._loads.policies.default
+            stamped = policy is not None and policy.stamps
 
             def load() -> Any:
                 stored = form.encode(default() if callable(default) else default)
+                if stamped:  # get_or_load stores it, stamped; the lease serializes workers
+                    return stored
                 if chain.add(made, stored, ttl):
                     return stored
                 return chain.get(made, stored)  # another worker's value won the add

@@ -57,6 +57,13 @@ any backend. What to know:
   started again (:meth:`Chain.incr <cachechain.Chain.incr>` with ``strict=True``): a
   call counts at most once. On a stored value that is not an integer, they
   do what cachelib does, ``(value or 0) + delta`` then ``set``, not atomically.
+- **Loaders**: Flask-Caching's ``cached`` and ``memoize`` read with ``get`` and write
+  with ``set``; they do not call a loader through cachechain, so they get none of
+  :meth:`Chain.get_or_load <cachechain.Chain.get_or_load>`'s features. For one
+  loader per key across threads and workers (the lease), fail-safe values, loader
+  timeouts and eager refresh, decorate with the chain's own
+  ``cache.cache.chain.cached(ttl, fail_safe=True, ...)``; ``CACHE_OPTIONS["load"]``
+  (:class:`~cachechain.LoadConfig`) sets its defaults.
 - ``clear()`` empties the cache for every process sharing the memcached
   (:meth:`Chain.clear <cachechain.Chain.clear>`: the namespace generation moves, so
   other applications' keys on the same servers stay) and returns True; False while

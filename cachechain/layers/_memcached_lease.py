@@ -16,11 +16,16 @@ in "Scaling Memcache at Facebook" (NSDI 2013, 3.2.1), with memcached's own comma
 - **Classic protocol** (a server that answers ``ERROR`` to ``mn``): ``add`` of an empty
   stub with the lease's TTL; the winner reads the stub's CAS (``gets``) as its token. A
   stub found means another client holds the lease; a value whose envelope expired is
-  replaced by a stub with ``cas``.
-- **Release** (the winner's load failed): ``md <key> C<cas>`` (meta; ``I`` added for a
-  stale copy, which stays readable and goes to the next client) or ``cas <key> 0 -1 0
-  <cas>`` (classic: stored already expired): only the stub this caller won, never a
-  later lease or a value someone stored since.
+  replaced by a stub with ``cas``, except a fail-safe copy (a stamped envelope
+  memcached still keeps, see :mod:`._stamps`): a stub would destroy it, so there is no
+  lease then (each process loads; the meta protocol has no such gap).
+- **Release** (the winner's load failed): ``md <key> C<cas>`` (meta) or ``cas <key> 0
+  -1 0 <cas>`` (classic: stored already expired): only the stub this caller won, never
+  a later lease or a value someone stored since. A stale copy is marked stale again
+  instead (``md <key> I C<cas> T<ttl>``): it stays readable, goes to the next client,
+  and gets back the time its envelope says it is kept, which the mark for the lease
+  had cut to the lease's TTL (so a winner that dies blocks nobody past it; a fail-safe
+  copy then lives on only in the processes' in-process layers).
 
 The stub is an empty value. The layer never stores one (every value is an envelope,
 with a header), so every reader of the layer takes an empty value for a miss
@@ -51,7 +56,7 @@ from typing import TYPE_CHECKING, Final, NamedTuple, cast
 
 from pymemcache.exceptions import MemcacheUnknownError
 
-from .._codecs import CorruptValueError
+from .._codecs import CorruptValueError, kept_until
 from .._errors import InvalidValueError
 from .._validate import check_seconds
 from ._base import MISSING, Lease
@@ -150,10 +155,33 @@ def _meta_lease(
 
 
 def _won_meta(layer: MemcachedLayer, node: Node, mkey: bytes, got: _Got) -> Lease:
-    """The lease ``got`` won; a stale copy (``data`` not empty) is released as stale,
-    so it stays readable and goes to the next client."""
-    stale = bool(got.data)
-    return Lease(won=True, release=lambda: _md(layer, node, mkey, got.cas, stale))
+    """The lease ``got`` won. Its release deletes the stub; a stale copy (``data`` not
+    empty) is marked stale again instead, so it stays readable and goes to the next
+    client, and gets back the time it had to live (marking it for the lease gave it the
+    lease's TTL, so that a winner that dies blocks nobody past it): a fail-safe copy
+    outlives a failed load, for every process."""
+    if not got.data:
+        flags = b"C" + got.cas
+    else:
+        keep = _seconds_kept(got.data, layer._clock())
+        flags = b"I C" + got.cas + (b"" if keep is None else b" T%d" % keep)
+    return Lease(won=True, release=lambda: _md(layer, node, mkey, flags))
+
+
+def _seconds_kept(data: bytes, now: float) -> int | None:
+    """memcached's TTL that gives the entry ``data`` back the time its envelope says it
+    is kept (``0``: for ever), or None when there is none to give back (a counter,
+    bytes that are not an envelope, an entry past its time)."""
+    if data.__class__ is RawCounter:
+        return None
+    try:
+        expires_at, _ = kept_until(data)
+    except CorruptValueError:
+        return None
+    if expires_at is None:
+        return 0
+    left = expires_at - now
+    return math.ceil(left) if left > 0 else None
 
 
 def _live(layer: MemcachedLayer, data: bytes, mkey: bytes) -> Lease | None:
@@ -168,12 +196,11 @@ def _live(layer: MemcachedLayer, data: bytes, mkey: bytes) -> Lease | None:
     return None if value is MISSING else Lease(value=value, ttl=remaining)
 
 
-def _md(layer: MemcachedLayer, node: Node, mkey: bytes, cas: bytes, stale: bool) -> None:
-    """Release a won lease: delete its stub (or mark its stale copy stale again) if it
-    is still the version this caller won."""
+def _md(layer: MemcachedLayer, node: Node, mkey: bytes, flags: bytes) -> None:
+    """Release a won lease with ``md <key> <flags>`` (their ``C`` names the version this
+    caller won: a later lease or value is never touched)."""
     pool = layer._pool
     pool.check_open()
-    flags = b"I C" + cas if stale else b"C" + cas
     pool.call(node, _md_command, mkey, flags, pool.deadline())
 
 
@@ -268,10 +295,24 @@ def _classic_lease(
         found = _live(layer, data, mkey)
         if found is not None:
             return found
+        if _fail_safe_copy(data, layer._clock()):
+            return None  # a stub would destroy it: no lease (the meta protocol keeps it)
         # Expired for us: replace it with a stub, if unchanged.
         if pool.call_once(node, "cas", mkey, b"", cas, exptime, deadline, keys=keys):
             return _won_classic(layer, node, mkey, deadline)
     return None
+
+
+def _fail_safe_copy(data: bytes, now: float) -> bool:
+    """Whether ``data`` is a stamped envelope memcached should still keep: a value past
+    its logical expiry kept for ``get_or_load``'s fail-safe."""
+    if data.__class__ is RawCounter:
+        return False
+    try:
+        expires_at, stamped = kept_until(data)
+    except CorruptValueError:
+        return False
+    return stamped and (expires_at is None or expires_at > now)
 
 
 def _won_classic(layer: MemcachedLayer, node: Node, mkey: bytes, deadline: float) -> Lease:

@@ -1,0 +1,297 @@
+"""The lease inside ``Chain.get_or_load`` (issue 12, items 4 and 5): on by default, per
+call and per chain, in settings, and with fail-safe values.
+
+Two chains over one real memcached stand for two processes (each has its own L1 and
+its own connections). Clocks are injected (the chain's monotonic one and the memcached
+layer's wall clock move together); a lease wait is real time, bounded by
+``LeaseConfig.wait``. Thread hand-offs use events.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from cachechain import (
+    Chain,
+    ConfigError,
+    InvalidValueError,
+    LoadConfig,
+    MemcachedLayer,
+    MemoryCollector,
+    MemoryLayer,
+)
+from cachechain._config import LeaseConfig
+from cachechain._load_policy import DEFAULT
+from cachechain._resilience import unwrapped
+from cachechain._settings import chain_config_from_mapping
+from cachechain.testing import FakeClock
+from tests.support.servers import MemcachedProcess
+from tests.test_lease import classic, lease_figures
+
+pytestmark = pytest.mark.memcached
+
+WAIT = 10.0  # the most any event wait may take before the test fails
+
+
+class Clocks:
+    """The chain's monotonic clock and the memcached layer's wall clock, moved together."""
+
+    def __init__(self) -> None:
+        self.mono = FakeClock(1000.0)
+        self.wall = FakeClock(time.time())
+
+    def advance(self, seconds: float) -> None:
+        self.mono.advance(seconds)
+        self.wall.advance(seconds)
+
+
+@pytest.fixture()
+def clocks() -> Clocks:
+    return Clocks()
+
+
+@pytest.fixture()
+def make(memcached: MemcachedProcess, clocks: Clocks) -> Iterator[Callable[..., Chain]]:
+    """Builds "processes": chains over the test's memcached, closed at the end."""
+    made: list[Chain] = []
+    prefix = f"{uuid.uuid4().hex[:8]}:"  # this test's keys: none left by another
+
+    def build(**load: Any) -> Chain:
+        l1 = MemoryLayer("L1", clock=clocks.mono)
+        l2 = MemcachedLayer(
+            "L2",
+            memcached.address,
+            key_prefix=prefix,
+            timeout=0.5,
+            connect_timeout=0.5,
+            clock=clocks.wall,
+        )
+        chain = Chain(
+            [l1, l2],
+            load=LoadConfig(**load),
+            clock=clocks.mono,
+            coherence=False,
+            metrics=MemoryCollector(),
+        )
+        made.append(chain)
+        return chain
+
+    yield build
+    for chain in made:
+        chain.close()
+
+
+def asked(chain: Chain) -> threading.Event:
+    """An event set once ``chain`` has asked its shared layer for a lease."""
+    shared: Any = chain._shared.layer
+    real = shared.lease
+    done = threading.Event()
+
+    def lease(key: str, ttl: float) -> Any:
+        try:
+            return real(key, ttl)
+        finally:
+            done.set()
+
+    shared.lease = lease
+    return done
+
+
+class Holder:
+    """A chain's ``get_or_load`` of ``key`` on a thread, its loader blocked until
+    :meth:`finish`: the lease is held meanwhile."""
+
+    def __init__(self, chain: Chain, key: str, value: Any, ttl: float = 1.0) -> None:
+        self.loading = threading.Event()
+        self.release = threading.Event()
+        self.result: list[Any] = []
+
+        def loader() -> Any:
+            self.loading.set()
+            assert self.release.wait(WAIT)
+            return value
+
+        def run() -> None:
+            self.result.append(chain.get_or_load(key, loader, ttl))
+
+        self.thread = threading.Thread(target=run)
+        self.thread.start()
+        assert self.loading.wait(WAIT)
+
+    def finish(self) -> Any:
+        self.release.set()
+        self.thread.join(WAIT)
+        assert not self.thread.is_alive()
+        return self.result[0]
+
+
+def boom() -> Any:
+    raise ConnectionError("the database is down")
+
+
+def item_ttl(memcached: MemcachedProcess, chain: Chain, key: str) -> int:
+    """memcached's remaining TTL of ``chain``'s ``key`` in seconds (-1: none), by
+    ``mg <key> t``."""
+    layer: Any = unwrapped(chain.layers[1])
+    reply = memcached.raw(b"mg " + layer._prefix.encode() + key.encode() + b" t\r\n")
+    assert reply.startswith(b"HD "), reply
+    return int(reply.split(b" t", 1)[1].split()[0])
+
+
+# -- on by default ---------------------------------------------------------------------
+
+
+def test_a_miss_waits_for_the_process_that_holds_the_lease(make: Callable[..., Chain]) -> None:
+    a, b = make(), make()
+    assert a._loads.lease == LeaseConfig()  # on by default
+    holder = Holder(a, "k", "from a")
+    got: list[Any] = []
+    waits = asked(b)
+    waiting = threading.Thread(
+        target=lambda: got.append(b.get_or_load("k", lambda: pytest.fail("b loaded"), 1))
+    )
+    waiting.start()
+    assert waits.wait(WAIT)  # b found the lease held
+    assert holder.finish() == "from a"
+    waiting.join(WAIT)
+    assert got == ["from a"]  # b's loader never ran: it waited for a's value
+    assert lease_figures(a) == {"won": 1}
+    assert lease_figures(b) == {"waited": 1}
+    assert b.layers[0].get("k") == "from a"  # copied into b's L1
+
+
+def test_lease_false_loads_at_once_while_another_process_holds_it(
+    make: Callable[..., Chain],
+) -> None:
+    a, b = make(), make()
+    holder = Holder(a, "k", "from a")
+    try:
+        assert b.get_or_load("k", lambda: "from b", 1, lease=False) == "from b"
+        assert lease_figures(b) == {}
+    finally:
+        holder.finish()
+
+
+def test_a_chain_with_leases_off_loads_at_once_and_a_call_can_turn_them_on(
+    make: Callable[..., Chain],
+) -> None:
+    a, b = make(), make(lease=False)
+    assert not b._loads.lease.enabled
+    assert b._loads.lease_for(True) == LeaseConfig()
+    assert b._loads.lease_for(DEFAULT) is b._loads.lease
+    assert not a._loads.lease_for(False).enabled
+    holder = Holder(a, "k", "from a")
+    try:
+        assert b.get_or_load("k", lambda: "from b", 1) == "from b"
+        assert lease_figures(b) == {}
+    finally:
+        holder.finish()
+    holder = Holder(a, "k2", "from a")
+    got: list[Any] = []
+    waits = asked(b)
+    waiting = threading.Thread(
+        target=lambda: got.append(b.get_or_load("k2", lambda: "from b", 1, lease=True))
+    )
+    waiting.start()
+    assert waits.wait(WAIT)
+    assert holder.finish() == "from a"
+    waiting.join(WAIT)
+    assert got == ["from a"] and lease_figures(b) == {"waited": 1}
+
+
+def test_the_decorator_passes_the_lease_option(make: Callable[..., Chain]) -> None:
+    a, b = make(), make()
+    calls: list[int] = []
+
+    @b.cached(60, key=lambda n: f"n{n}", lease=False)
+    def square(n: int) -> int:
+        calls.append(n)
+        return n * n
+
+    holder = Holder(a, "n3", -1)
+    try:
+        assert square(3) == 9 and calls == [3]  # no wait for a's lease
+    finally:
+        holder.finish()
+
+
+def test_a_bad_lease_option_is_refused_before_anything_is_read(
+    make: Callable[..., Chain],
+) -> None:
+    chain = make()
+    for bad in ("yes", 1, None):
+        with pytest.raises(InvalidValueError, match="lease must be a bool"):
+            chain.get_or_load("k", lambda: pytest.fail("loaded"), lease=bad)  # type: ignore[arg-type]
+        with pytest.raises(InvalidValueError, match="lease must be a bool"):
+            chain.cached(lease=bad)  # type: ignore[arg-type]
+
+
+def test_the_lease_in_load_config_and_settings() -> None:
+    assert LoadConfig().lease == LeaseConfig()
+    assert LoadConfig(lease=False).lease == LeaseConfig(enabled=False)
+    assert LoadConfig(lease=LeaseConfig(ttl=5)).lease == LeaseConfig(ttl=5)
+    layers = [{"type": "memory"}]
+    config = chain_config_from_mapping({"layers": layers, "load": {"lease": {"ttl": 5, "wait": 1}}})
+    assert config.load is not None and config.load.lease == LeaseConfig(ttl=5, wait=1)
+    config = chain_config_from_mapping({"layers": layers, "load": {"lease": False}})
+    assert config.load is not None and config.load.lease == LeaseConfig(enabled=False)
+    for bad, match in (
+        ({"tll": 1}, "unknown setting 'tll'"),
+        ({"ttl": 0}, "lease.ttl"),
+        ("on", "lease must be a LeaseConfig or a bool"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            chain_config_from_mapping({"layers": layers, "load": {"lease": bad}})
+
+
+# -- with fail-safe values -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["meta", "classic"])
+def test_a_failed_load_under_the_lease_keeps_the_fail_safe_copy_for_every_process(
+    make: Callable[..., Chain], clocks: Clocks, memcached: MemcachedProcess, mode: str
+) -> None:
+    options = {"fail_safe": True, "fail_safe_max_age": 60.0}
+    a = make(**options)
+    assert a.get_or_load("k", lambda: "v1", 1) == "v1"
+    assert a.flush()  # its store reached memcached (fills go through the writer)
+    clocks.advance(2)  # past its TTL; memcached keeps it 61 s for the fail-safe
+    b = make(**options)  # another process: nothing in its L1
+    if mode == "classic":
+        classic(unwrapped(b.layers[1]))  # type: ignore[arg-type]
+    assert b.get_or_load("k", boom, 1) == "v1"  # the database is down: the copy
+    # Marked for the lease, the copy got the lease's TTL (2 s); the failed load gave
+    # it back its own (61 s) on release (classic: it was never replaced by a stub).
+    assert item_ttl(memcached, b, "k") > 30
+    c = make(**options)  # a third process, later: it still has the copy
+    assert c.get_or_load("k", boom, 1) == "v1"
+    expected = {"won": 1} if mode == "meta" else {"unavailable": 1}
+    assert lease_figures(b) == expected
+
+
+def test_a_wait_that_ends_without_a_value_serves_the_fail_safe_copy(
+    make: Callable[..., Chain], clocks: Clocks
+) -> None:
+    options = {"fail_safe": True, "fail_safe_max_age": 60.0}
+    a = make(**options)
+    assert a.get_or_load("k", lambda: "v1", 1) == "v1"
+    assert a.flush()  # its store reached memcached (fills go through the writer)
+    clocks.advance(2)
+    b = make(**options, lease=LeaseConfig(wait=0.2))
+    holder = Holder(a, "k", "v2")  # a reloads, slowly, holding the lease
+    try:
+        started = time.monotonic()
+        assert b.get_or_load("k", lambda: pytest.fail("b loaded"), 1) == "v1"
+        assert time.monotonic() - started < WAIT
+    finally:
+        assert holder.finish() == "v2"
+    figures: Any = b.metrics_collector.snapshot().chain_metrics  # type: ignore[union-attr]
+    assert figures.fail_safe_by_reason == {"lease_wait": 1}
+    assert lease_figures(b) == {"timed_out": 1}
+    assert b.get_or_load("k", lambda: pytest.fail("b loaded"), 1) == "v2"  # a's, from memcached
