@@ -155,11 +155,8 @@ class MemoryLayer(BaseLayer):
         if expires is None:
             return item[0], None, None
         left = expires - self._clock()
-        if left > 0:
-            try:
-                return item[0], left, item[3]  # a stamped entry (the usual one here)
-            except IndexError:
-                return item[0], left, None
+        if left > 0:  # a stamped entry has 4 fields; a plain one (a set's) 2
+            return item[0], left, (item[3] if len(item) > 3 else None)
         self._drop_if_same(key, item)  # kept if it is a fail-safe copy
         return MISSING, None, None
 
