@@ -20,7 +20,9 @@ Configure Flask-Caching with it; ``CACHE_OPTIONS`` is the chain mapping of
     cache = Cache(app)
 
 then use ``@cache.cached``, ``@cache.memoize`` and ``cache.get``/``cache.set`` as with
-any backend. What to know:
+any backend (with ``from cachechain.contrib.flask import Cache`` in place of
+Flask-Caching's, the decorators load once across threads and workers and take
+fail-safe options: see below). What to know:
 
 - **One chain per backend.** Flask-Caching builds one backend per ``Cache`` and
   application (``init_app``), shared by every thread; it owns one thread-safe
@@ -57,13 +59,15 @@ any backend. What to know:
   started again (:meth:`Chain.incr <cachechain.Chain.incr>` with ``strict=True``): a
   call counts at most once. On a stored value that is not an integer, they
   do what cachelib does, ``(value or 0) + delta`` then ``set``, not atomically.
-- **Loaders**: Flask-Caching's ``cached`` and ``memoize`` read with ``get`` and write
-  with ``set``; they do not call a loader through cachechain, so they get none of
-  :meth:`Chain.get_or_load <cachechain.Chain.get_or_load>`'s features. For one
-  loader per key across threads and workers (the lease), fail-safe values, loader
-  timeouts and eager refresh, decorate with the chain's own
-  ``cache.cache.chain.cached(ttl, fail_safe=True, ...)``; ``CACHE_OPTIONS["load"]``
-  (:class:`~cachechain.LoadConfig`) sets its defaults.
+- **Decorators that load once**: ``flask_caching.Cache``'s ``cached`` and ``memoize``
+  read with ``get``, call the function and write with ``set``, so every thread and
+  worker that misses calls it. Use :class:`Cache` from this module instead (same
+  arguments): its decorators call the function through
+  :meth:`CachechainBackend.get_or_load` (:meth:`Chain.get_or_load
+  <cachechain.Chain.get_or_load>`): once per key among the threads, and the workers
+  (memcached's lease), and with ``fail_safe``, ``soft_timeout``, ``hard_timeout``,
+  ``eager_refresh`` and ``lease`` per decorator, their defaults in
+  ``CACHE_OPTIONS["load"]`` (:class:`~cachechain.LoadConfig`).
 - ``clear()`` empties the cache for every process sharing the memcached
   (:meth:`Chain.clear <cachechain.Chain.clear>`: the namespace generation moves, so
   other applications' keys on the same servers stay) and returns True; False while
@@ -72,11 +76,17 @@ any backend. What to know:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import functools
+import inspect
 import math
-from collections.abc import Mapping
+import threading
+import types
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
+import flask_caching
 from flask import Flask
 from flask_caching.backends.base import BaseCache
 
@@ -96,7 +106,7 @@ from . import (
     log,
 )
 
-__all__ = ["CachechainBackend"]
+__all__ = ["Cache", "CachechainBackend"]
 
 
 class CachechainBackend(BaseCache):
@@ -232,6 +242,32 @@ class CachechainBackend(BaseCache):
         """Return whether some reachable layer holds ``key`` (a cached ``None`` too)."""
         return self._chain.get(self._key(key), MISSING) is not MISSING
 
+    def get_or_load(
+        self,
+        key: str,
+        loader: Callable[[], Any],
+        timeout: int | float | dt.timedelta | None = None,
+        **options: Any,
+    ) -> Any:
+        """Return the value cached under ``key`` (a copy), or call ``loader()`` once
+        (per key, among this process's threads and, with the lease, the workers sharing
+        memcached), cache its result for ``timeout`` (as :meth:`set` takes it) and
+        return it: :meth:`Chain.get_or_load <cachechain.Chain.get_or_load>` with its
+        ``options`` (``fail_safe``, ``soft_timeout``, ``hard_timeout``,
+        ``eager_refresh``, ``lease``; their defaults are ``CACHE_OPTIONS["load"]``).
+        A negative timeout caches nothing (``loader()`` is called). Raises what
+        ``loader()`` raises (unless a fail-safe value replaces it), and
+        :class:`~cachechain.InvalidValueError` for a bad option."""
+        ttl = self._ttl(timeout)
+        if ttl is None:
+            return loader()
+        form = self._form
+        stored = self._chain.get_or_load(
+            self._key(key), lambda: form.encode(loader()), ttl, **options
+        )
+        value = form.decode(stored)
+        return loader() if value is MISSING else value  # bytes that no longer unpickle
+
     # -- writes -------------------------------------------------------------------
 
     def set(self, key: str, value: Any, timeout: int | float | dt.timedelta | None = None) -> bool:
@@ -329,3 +365,236 @@ class CachechainBackend(BaseCache):
         how many were dropped. Later calls raise
         :class:`~cachechain.ChainClosedError`. Also done at interpreter exit."""
         return self._chain.close(timeout)
+
+
+# -- Flask-Caching's decorators, loading through the chain ----------------------------
+
+#: The loader options of ``Chain.get_or_load`` that the decorators of :class:`Cache` take.
+LOAD_OPTIONS = ("fail_safe", "soft_timeout", "hard_timeout", "eager_refresh", "lease")
+
+
+class _Frame:
+    """One call of a function decorated by :class:`Cache` (``loading``), on this
+    thread: the key its cache read missed (then its call goes through
+    ``get_or_load``), and the key that ``get_or_load`` stored (Flask-Caching's own
+    ``set`` of it is skipped)."""
+
+    __slots__ = ("loading", "missed", "stored")
+
+    def __init__(self, loading: _Loading) -> None:
+        self.loading = loading
+        self.missed: str | None = None
+        self.stored: str | None = None
+
+
+class Cache(flask_caching.Cache):
+    """Flask-Caching's ``Cache`` whose ``cached`` and ``memoize`` call the decorated
+    function through :meth:`CachechainBackend.get_or_load` when the app's backend is a
+    :class:`CachechainBackend`: one call per key however many threads, and with the
+    lease however many workers, miss at once; and, with the decorator's own
+    ``fail_safe``, ``soft_timeout``, ``hard_timeout``, ``eager_refresh`` and ``lease``
+    (or ``CACHE_OPTIONS["load"]``), fail-safe values, loader timeouts and eager
+    refresh. Everything else is Flask-Caching's (keys, ``unless``, ``forced_update``,
+    ``cache_none``, signals, ``delete_memoized``...). A ``response_filter`` that
+    refuses a result keeps it from the cache; with fail-safe on, the previous value is
+    served instead. Another backend: the decorators are Flask-Caching's, unchanged (a
+    loader option given to one then raises :class:`~cachechain.ConfigError` when the
+    decorated function misses).
+
+    Use it in place of ``flask_caching.Cache``::
+
+        from cachechain.contrib.flask import Cache
+        cache = Cache(app)
+
+        @cache.memoize(60, fail_safe=True, soft_timeout=0.2)
+        def profile(uid): ...
+
+    A bad loader option raises :class:`~cachechain.InvalidValueError` when the
+    decorated function is called.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._frames = threading.local()
+
+    def cached(self, *args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], Any]:
+        """Flask-Caching's ``cached`` (same arguments), plus the loader options of
+        :meth:`Chain.get_or_load <cachechain.Chain.get_or_load>` as keywords."""
+        options = {n: kwargs.pop(n) for n in LOAD_OPTIONS if n in kwargs}
+        bound = _bind(flask_caching.Cache.cached, self, args, kwargs)
+        decorator = super().cached(*args, **kwargs)
+        return self._loading(decorator, options, bound)
+
+    def memoize(self, *args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], Any]:
+        """Flask-Caching's ``memoize`` (same arguments), plus the loader options of
+        :meth:`Chain.get_or_load <cachechain.Chain.get_or_load>` as keywords."""
+        options = {n: kwargs.pop(n) for n in LOAD_OPTIONS if n in kwargs}
+        bound = _bind(flask_caching.Cache.memoize, self, args, kwargs)
+        decorator = super().memoize(*args, **kwargs)
+        return self._loading(decorator, options, bound)
+
+    def _loading(
+        self,
+        decorator: Callable[[Callable[..., Any]], Any],
+        options: dict[str, Any],
+        bound: dict[str, Any],
+    ) -> Callable[[Callable[..., Any]], Any]:
+        keep = bound.get("response_filter")
+        cache_none = bool(bound.get("cache_none", False))
+
+        def decorate(fn: Callable[..., Any]) -> Any:
+            inner = decorator(fn)
+            return _Loading(self, inner, options, keep, cache_none)
+
+        return decorate
+
+    # -- the hooks Flask-Caching's decorators call ----------------------------------
+
+    def _memoize_version(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Flask-Caching's, but a memoized function's version never expires with its
+        values (stored with timeout 0): a new version would move every key, and the
+        fail-safe value of a key with it. Versions are one per function (and instance);
+        ``delete_memoized`` still replaces them."""
+        kwargs["timeout"] = 0
+        return super()._memoize_version(f, *args, **kwargs)
+
+    def get(self, *args: Any, **kwargs: Any) -> Any:
+        """Flask-Caching's ``get``; inside a decorated call, a miss is remembered so that
+        the function is then called through ``get_or_load``."""
+        value = super().get(*args, **kwargs)
+        frame = getattr(self._frames, "frame", None)
+        if frame is not None and value is None and args and frame.missed is None:
+            frame.missed = args[0]
+        return value
+
+    def set(self, *args: Any, **kwargs: Any) -> bool | None:
+        """Flask-Caching's ``set``, skipped for the key ``get_or_load`` just stored."""
+        frame = getattr(self._frames, "frame", None)
+        key = args[0] if args else kwargs.get("key")
+        if frame is not None and key is not None and key == frame.stored:
+            return True
+        return super().set(*args, **kwargs)
+
+    def _call_fn(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        frame = getattr(self._frames, "frame", None)
+        if frame is None or frame.missed is None:
+            return super()._call_fn(fn, *args, **kwargs)
+        backend = self.cache
+        if not isinstance(backend, CachechainBackend):
+            if frame.loading.options:
+                raise ConfigError(
+                    f"the loader options {sorted(frame.loading.options)} of a decorator of "
+                    "cachechain.contrib.flask.Cache need CACHE_TYPE "
+                    f"'cachechain.contrib.flask.CachechainBackend', not {type(backend).__name__}"
+                )
+            return super()._call_fn(fn, *args, **kwargs)
+        key, frame.missed = frame.missed, None
+        loading = frame.loading
+
+        def load() -> Any:
+            value = super(Cache, self)._call_fn(fn, *args, **kwargs)
+            if inspect.isgenerator(value):  # as Flask-Caching stores one
+                value = _joined(value)
+            if loading.refuses(value):
+                raise _Refused(value)
+            return value
+
+        try:
+            value = backend.get_or_load(key, load, loading.timeout(), **loading.options)
+        except _Refused as refused:
+            frame.stored = key  # nor by Flask-Caching's set (it would store a None)
+            return refused.value
+        frame.stored = key
+        return value
+
+
+def _joined(generator: Any) -> Any:
+    """What Flask-Caching caches for a generator: its chunks joined (``str`` or
+    ``bytes``), else their list."""
+    chunks = list(generator)
+    if all(isinstance(chunk, str) for chunk in chunks):
+        return "".join(chunks)
+    if all(isinstance(chunk, bytes) for chunk in chunks):
+        return b"".join(chunks)
+    return chunks
+
+
+class _Refused(Exception):
+    """A decorated function's result that its ``response_filter`` (or, without
+    ``cache_none``, Flask-Caching's rule that ``None`` is never served) keeps from the cache:
+    raised through ``get_or_load`` (nothing is stored) and returned to the caller."""
+
+    def __init__(self, value: Any) -> None:
+        super().__init__("refused by the response filter")
+        self.value = value
+
+
+class _Loading:
+    """A function decorated by :class:`Cache`: Flask-Caching's decorated function
+    (``inner``), called inside a :class:`_Frame`. Attributes are Flask-Caching's
+    (``uncached``, ``cache_timeout``, ``make_cache_key``...): read and written through."""
+
+    def __init__(
+        self,
+        cache: Cache,
+        inner: Any,
+        options: dict[str, Any],
+        response_filter: Callable[[Any], bool] | None,
+        cache_none: bool,
+    ) -> None:
+        object.__setattr__(self, "_cache", cache)
+        object.__setattr__(self, "_inner", inner)
+        object.__setattr__(self, "options", options)
+        object.__setattr__(self, "_filter", response_filter)
+        object.__setattr__(self, "_cache_none", cache_none)
+        for name in functools.WRAPPER_ASSIGNMENTS:  # __module__, __name__, __doc__...
+            with contextlib.suppress(AttributeError):
+                object.__setattr__(self, name, getattr(inner, name))
+        object.__setattr__(self, "__wrapped__", inner)
+
+    def __get__(self, instance: object, owner: type | None = None) -> Any:
+        """As a function: a method when read from an instance (or a class method's
+        class, as Flask-Caching's own decorated functions)."""
+        return self if instance is None else types.MethodType(self, instance)
+
+    def __repr__(self) -> str:
+        return repr(self._inner)
+
+    def timeout(self) -> Any:
+        """The decorated function's timeout now (Flask-Caching's ``cache_timeout``,
+        which may be changed after decoration)."""
+        timeout = self._inner.cache_timeout
+        if isinstance(timeout, str):  # as Flask-Caching's decorators read it
+            timeout = int(timeout)
+        if isinstance(timeout, dt.timedelta):
+            return math.ceil(timeout.total_seconds())
+        return timeout
+
+    def refuses(self, value: Any) -> bool:
+        """Whether ``value`` stays out of the cache: refused by the response filter, or
+        ``None`` without ``cache_none`` (Flask-Caching never serves it then)."""
+        if value is None and not self._cache_none:
+            return True
+        keep = self._filter
+        return keep is not None and not keep(value)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        frames = self._cache._frames
+        outer = getattr(frames, "frame", None)
+        frames.frame = _Frame(self)
+        try:
+            return self._inner(*args, **kwargs)
+        finally:
+            frames.frame = outer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._inner, name, value)
+
+
+def _bind(method: Callable[..., Any], cache: Cache, args: Any, kwargs: Any) -> dict[str, Any]:
+    """The arguments of a call of Flask-Caching's ``method``, by name."""
+    bound = inspect.signature(method).bind(cache, *args, **kwargs)
+    return dict(bound.arguments)
