@@ -1106,15 +1106,21 @@ SECTIONS: dict[str, Callable[[Ctx], Section]] = {
 
 def _sections_of_their_own() -> dict[str, Callable[[Ctx], Section]]:
     """The sections kept in modules next to this script (``coherence.py``: issue 10;
-    ``loads.py``: issue 12), given this module as their harness."""
+    ``loads.py``: issue 12; ``threads.py``: issue 14), given this module as their
+    harness."""
     here = str(Path(__file__).resolve().parent)
     if here not in sys.path:
         sys.path.insert(0, here)
     import coherence
     import loads
+    import threads
 
     harness = sys.modules[__name__]
-    return {**coherence.sections(harness), **loads.sections(harness)}
+    return {
+        **coherence.sections(harness),
+        **loads.sections(harness),
+        **threads.sections(harness),
+    }
 
 
 SECTIONS.update(_sections_of_their_own())

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from cachechain import MISSING, ConfigError, InvalidValueError, MemoryLayer
-from cachechain.layers import CacheLayer, SupportsClear, SupportsStats, SupportsTimeout
+from cachechain.layers import CacheLayer, SupportsClear, SupportsStats, SupportsTimeout, _memory
 from tests.support.fakes import FakeClock
 
 
@@ -146,36 +146,57 @@ def test_concurrent_writers_and_readers_keep_it_bounded_and_consistent() -> None
     assert layer.stats().evictions > 0
 
 
-class EvictingLock:
-    """A lock that, when taken, first lets another "thread" remove ``key``: the race
-    between a read's lock-free membership test and its locked read, made certain."""
-
-    def __init__(self, layer: MemoryLayer, key: str) -> None:
-        self.layer, self.key, self.lock, self.armed = layer, key, threading.Lock(), True
-
-    def __enter__(self) -> None:
-        if self.armed:
-            self.armed = False
-            self.layer.delete(self.key)  # takes this lock, disarmed, and releases it
-        self.lock.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.lock.release()
-
-
-@pytest.mark.parametrize("read", ["get", "get_with_ttl"])
-def test_a_key_evicted_between_the_membership_test_and_the_read_is_a_miss(read: str) -> None:
+def test_a_hit_never_waits_for_the_lock() -> None:
+    """Reads take no lock (issue 14): with the lock held elsewhere for the whole time,
+    every read answers, and the read buffer stays bounded."""
     layer = MemoryLayer(maxsize=4)
     layer.set("k", "v", ttl=60)
-    real_lock = layer._lock
-    racing = EvictingLock(layer, "k")
-    racing.lock = real_lock
-    layer._lock = racing  # type: ignore[assignment]
-    result = getattr(layer, read)("k")
-    assert result == (MISSING if read == "get" else (MISSING, None))
-    assert not racing.armed  # the race did happen
-    layer._lock = real_lock
-    assert layer.get("k") is MISSING and len(layer) == 0
+    answered: list[object] = []
+    done = threading.Event()
+
+    def reads() -> None:
+        for _ in range(3 * _memory._READS_KEPT):
+            answered.append(layer.get("k"))
+            answered.append(layer.get_with_ttl("k")[0])
+            answered.append(layer.get_fresh("k")[0])
+        answered.append(layer.get_many_with_ttl(["k", "absent"])["k"][0])
+        done.set()
+
+    assert layer._lock.acquire()  # a writer that does not let go meanwhile
+    reader = threading.Thread(target=reads)
+    try:
+        reader.start()
+        assert done.wait(10), "a read waited for the lock"
+        assert len(layer._reads) <= _memory._READS_KEPT
+    finally:
+        layer._lock.release()
+        reader.join(10)
+    assert set(answered) == {"v"} and len(answered) == 9 * _memory._READS_KEPT + 1
+
+
+def test_reads_are_replayed_into_the_lru_order_before_a_write_evicts() -> None:
+    """A key read since the last replay is recent for the next eviction: the writer
+    replays the read buffer before it writes."""
+    layer = MemoryLayer(maxsize=3)
+    for key in ("a", "b", "c"):
+        layer.set(key, key)
+    assert layer.get("a") == "a"  # buffered, not yet replayed (fewer than _REPLAY_AT)
+    assert list(layer._reads) == ["a"]
+    layer.set("d", "d")  # replays, then evicts the least recent: b, not a
+    assert layer.get("a") == "a" and layer.get("b") is MISSING
+    assert layer.stats().evictions == 1
+
+
+def test_a_reader_replays_a_full_buffer_when_the_lock_is_free() -> None:
+    layer = MemoryLayer(maxsize=3)
+    for key in ("a", "b", "c"):
+        layer.set(key, key)
+    for _ in range(_memory._REPLAY_AT - 1):
+        layer.get("a")
+    assert len(layer._reads) == _memory._REPLAY_AT - 1 and next(iter(layer._order)) == "a"
+    layer.get("b")  # the 64th read: replayed, each key moved once (a, then b)
+    assert len(layer._reads) == 0
+    assert list(layer._order) == ["c", "a", "b"]
 
 
 def test_a_miss_reads_nothing_under_the_lock() -> None:

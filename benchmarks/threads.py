@@ -1,0 +1,126 @@
+"""Benchmark section of issue 14, item 1: L1 hits of one key from 1 to 16 threads of one
+process, for ``Chain.get``, cachetools' ``LRUCache.get`` under a lock, and ``dict.get``.
+
+Each contender is one implementation at one thread count: its threads are started and
+parked on a barrier before the timed run (untimed), the timed run releases them and
+joins them, and a row's "ns per call" is the wall time divided by the hits of all the
+threads together (the inverse of hits per second). Unpinned: the threads run on every
+CPU the process may use, where a lock taken by every read makes a convoy.
+
+Registered by ``run.py`` (``_sections_of_their_own``), which hands over its harness.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from itertools import repeat
+from typing import Any
+
+__all__ = ["sections"]
+
+THREADS = (1, 2, 4, 8, 16)
+
+
+def sections(h: Any) -> dict[str, Callable[[Any], Any]]:
+    """The sections, by id, bound to run.py's harness module ``h``."""
+    return {"threads": lambda ctx: bench_threads(h, ctx)}
+
+
+class _Crew:
+    """``count`` threads that each call ``read(key)`` a share of ``n`` times once
+    released: :meth:`park` (untimed) starts them on a barrier, :meth:`run` (timed)
+    releases and joins them."""
+
+    def __init__(self, read: Callable[[str], object], key: str, count: int) -> None:
+        self.read, self.key, self.count = read, key, count
+        self.threads: list[threading.Thread] = []
+        self.start = threading.Barrier(count + 1)
+        self.calls = 0
+
+    def park(self, n: int) -> None:
+        share = max(1, n // self.count)
+        self.calls = share * self.count
+        self.start = threading.Barrier(self.count + 1)
+
+        def work() -> None:
+            read, key = self.read, self.key
+            self.start.wait()
+            for _ in repeat(None, share):
+                read(key)
+
+        self.threads = [threading.Thread(target=work) for _ in range(self.count)]
+        for t in self.threads:
+            t.start()
+
+    def run(self, n: int) -> None:
+        self.start.wait()
+        for t in self.threads:
+            t.join()
+
+
+def bench_threads(h: Any, ctx: Any) -> Any:
+    from cachetools import LRUCache
+
+    from cachechain import Chain, MemoryLayer
+
+    sec = h.Section(
+        "threads",
+        "14. L1 hits of one key from N threads (ns per hit = wall / all threads' hits)",
+        base="chain_1",
+    )
+    sec.notes.append(
+        "Chain([MemoryLayer]) with metrics=None; each row's threads share one key and "
+        "the work (n hits in all), parked on a barrier before the timed run. Unpinned: "
+        "with a lock on every read, threads on several CPUs convoy on it (the GIL's "
+        "hand-offs); MemoryLayer reads take no lock (a read buffer replayed under a "
+        "try-lock, see cachechain/layers/_memory.py)."
+    )
+    key = "user:42"
+    chain = Chain([MemoryLayer("L1")])
+    chain.set(key, h.VALUE)
+    lru: LRUCache[str, Any] = LRUCache(10_000)
+    lru[key] = h.VALUE
+    lock = threading.Lock()
+    plain = {key: h.VALUE}
+
+    def locked_get(k: str) -> Any:
+        with lock:
+            return lru.get(k)
+
+    sec.check("Chain.get hits L1", chain.get(key) == h.VALUE)
+    n = ctx.n(200_000)
+    contenders = []
+    for name, label, read in (
+        ("chain", "Chain.get", chain.get),
+        ("lru", "LRUCache.get under a lock", locked_get),
+        ("dict", "dict.get", plain.get),
+    ):
+        for count in THREADS:
+            crew = _Crew(read, key, count)
+            contenders.append(
+                h.Contender(
+                    f"{name}_{count}",
+                    f"{label}, {count} thread{'s' if count > 1 else ''}",
+                    crew.run,
+                    before=lambda crew=crew: crew.park(n),
+                )
+            )
+    try:
+        h.run_section(sec, contenders, n, ctx.rounds)
+    finally:
+        chain.close()
+    sec.goals += [
+        h.Goal("Chain.get, 16 threads: >= 0.8x the hits/s of 1", "chain_16", "chain_1", "<=", 1.25),
+        h.Goal("Chain.get, 8 threads: >= 0.8x the hits/s of 1", "chain_8", "chain_1", "<=", 1.25),
+        h.Goal(
+            "Chain.get, 1 thread <= 1.42x a locked LRUCache.get (the figure before)",
+            "chain_1",
+            "lru_1",
+            "<=",
+            1.42,
+        ),
+        h.Goal("locked LRUCache.get, 16 threads vs 1 (info)", "lru_16", "lru_1", "info"),
+        h.Goal("dict.get, 16 threads vs 1 (info)", "dict_16", "dict_1", "info"),
+    ]
+    return sec
