@@ -57,6 +57,9 @@ def _backfill_hits(
     held_by: Mapping[int, frozenset[str]],
     backfill: Backfill,
 ) -> None:
+    many = getattr(backfill, "many", None)
+    if many is not None and not held_by and many(index, hits, tickets):
+        return
     for key, (value, ttl) in hits.items():
         ticket = tickets[key]
         if ticket is not None:
@@ -71,7 +74,7 @@ class Backfiller:
     a value whose remaining TTL the layer cannot tell (``0.0``: a memcached counter),
     which must not outlive it. Failures go to ``report``; ``m``: the chain's metrics."""
 
-    __slots__ = ("_fence", "_l1_name", "_l1_set", "_plain", "_report", "_tiers")
+    __slots__ = ("_fence", "_l1_fill_many", "_l1_name", "_l1_set", "_plain", "_report", "_tiers")
 
     def __init__(
         self,
@@ -84,6 +87,8 @@ class Backfiller:
         self._fence = fence
         self._report = report
         self._l1_set = tiers[0].layer.set
+        #: The first layer's batch fill (``MemoryLayer.fill_many``), if it has one.
+        self._l1_fill_many = getattr(tiers[0].layer, "fill_many", None)
         self._l1_name = tiers[0].name
         self._plain = m is None  # nothing recorded: an L2 hit's fill is L1's set alone
 
@@ -108,6 +113,29 @@ class Backfiller:
                 self._report.failed(self._l1_name, "set", exc)
             return
         self._fence.if_unchanged(ticket, self._fill, index, key, value, ttl, skip)
+
+    def many(
+        self,
+        index: int,
+        hits: Mapping[str, tuple[Any, float | None]],
+        tickets: Mapping[str, Ticket],
+    ) -> bool:
+        """Backfill a batch of hits of the second tier into the first in one step (one
+        fence lock, one layer lock), when that is the whole job: nothing to record, the
+        first layer fills in batches. Return False to be told key by key instead."""
+        fill_many = self._l1_fill_many
+        if index != 1 or not self._plain or fill_many is None:
+            return False
+        items = [
+            (tickets[key], (key, value, ttl))
+            for key, (value, ttl) in hits.items()
+            if ttl is None or ttl > 0.0
+        ]
+        try:
+            self._fence.if_unchanged_many(items, fill_many)
+        except Exception as exc:
+            self._report.failed(self._l1_name, "set", exc)
+        return True
 
     def _fill(
         self, index: int, key: str, value: Any, ttl: float | None, skip: tuple[int, ...]

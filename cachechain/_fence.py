@@ -92,6 +92,28 @@ class MutationFence:
             fn(*args)
             return True
 
+    def if_unchanged_many(
+        self,
+        items: Sequence[tuple[Ticket, T]],
+        fn: Callable[[list[T]], object],
+    ) -> int:
+        """:meth:`if_unchanged` for a batch: under one acquisition of the fence's lock,
+        call ``fn`` once with the items whose ticket's stripe saw no mutation (``fn``
+        is not called when none did); return how many were passed. What ``fn`` raises
+        propagates."""
+        seqs, active = self._seq, self._active
+        with self._lock:
+            admitted = [
+                item
+                for ticket, item in items
+                if ticket is not None
+                and seqs[ticket & _MASK] == ticket
+                and not active[ticket & _MASK]
+            ]
+            if admitted:
+                fn(admitted)
+            return len(admitted)
+
     def mutating(self, keys: Iterable[str], then: Callable[[], T]) -> Mutation[T]:
         """Begin a mutation of ``keys`` and return it as a context manager. Its exit
         ends the mutation and, under the same lock, calls ``then()`` (the write to the

@@ -783,3 +783,28 @@ def test_metrics_collector_is_the_one_given_or_made_by_the_config() -> None:
     made = Chain.from_config({"layers": [{"type": "memory"}], "metrics": "memory"})
     assert isinstance(made.metrics_collector, MemoryCollector)
     made.close()
+
+
+def test_a_batch_backfill_never_overwrites_a_write_made_during_the_read() -> None:
+    """``get_many`` backfills a batch in one step (issue 14); a key written while the
+    lower layer answered keeps the new value in L1, the others are backfilled."""
+    l1 = MemoryLayer("L1")
+    chain: Chain
+
+    class Racing(MemoryLayer):
+        def get_many_with_ttl(self, keys: Any) -> Any:
+            found = super().get_many_with_ttl(keys)
+            chain.set("b", "new")  # another thread's write, while the read is out
+            return found
+
+    l2 = Racing("L2")
+    chain = Chain([l1, l2], coherence=False)
+    # A key of another of the fence's 64 stripes than "b" (a write fences its stripe).
+    a = next(k for k in (f"a{i}" for i in range(1000)) if hash(k) & 63 != hash("b") & 63)
+    try:
+        l2.set_many({a: "old a", "b": "old b"})
+        assert chain.get_many([a, "b"]) == {a: "old a", "b": "old b"}
+        assert l1.get(a) == "old a"  # backfilled
+        assert l1.get("b") == "new"  # the write, not the older value read before it
+    finally:
+        chain.close()

@@ -298,3 +298,25 @@ def test_many_readers_and_writers_leave_the_first_layer_in_step_with_the_lower()
 
     run(*(writer(k) for k in keys), *(reader for _ in range(5)))
     assert first == lower == dict.fromkeys(keys, 299)
+
+
+def test_a_batch_backfill_passes_only_the_unchanged_keys_under_one_lock() -> None:
+    """``if_unchanged_many`` (``Chain.get_many``'s batch backfill, issue 14): one call
+    with the items whose stripe saw no mutation since their ticket."""
+    fence = MutationFence()
+    stay, moved = "stay", key_in_another_stripe("stay")
+    tickets = fence.tickets([stay, moved])
+    with fence.mutating([moved], lambda: None):
+        pass  # a write of ``moved`` after its ticket was taken
+    held: list[bool] = []
+    got: list[list[str]] = []
+
+    def fill(items: list[str]) -> None:
+        held.append(fence._lock.locked())
+        got.append(items)
+
+    items = [(tickets[stay], stay), (tickets[moved], moved), (None, "no ticket")]
+    assert fence.if_unchanged_many(items, fill) == 1
+    assert got == [[stay]] and held == [True]
+    assert fence.if_unchanged_many([(tickets[moved], moved)], fill) == 0
+    assert got == [[stay]]  # not called for nothing

@@ -204,3 +204,17 @@ def test_a_miss_reads_nothing_under_the_lock() -> None:
     layer._lock = None  # type: ignore[assignment]  # taking it would raise
     assert layer.get("absent") is MISSING
     assert layer.get_with_ttl("absent") == (MISSING, None)
+
+
+def test_fill_many_stores_each_item_with_its_own_ttl() -> None:
+    clock = FakeClock()
+    layer = MemoryLayer(maxsize=3, default_ttl=100.0, max_ttl=50.0, clock=clock)
+    layer.set("old", 0)
+    layer.fill_many([("a", 1, 10.0), ("b", 2, None), ("c", 3, 500.0)])
+    assert layer.get_with_ttl("a") == (1, 10.0)
+    assert layer.get_with_ttl("b") == (2, 50.0)  # the default, capped by max_ttl
+    assert layer.get_with_ttl("c") == (3, 50.0)  # capped
+    assert layer.get("old") is MISSING and layer.stats().evictions == 1  # LRU evicted
+    with pytest.raises(InvalidValueError):
+        layer.fill_many([("d", 4, float("nan"))])
+    assert layer.get("d") is MISSING

@@ -242,6 +242,25 @@ class MemoryLayer(BaseLayer):
                     data[key] = (value, expires)
         return []
 
+    def fill_many(self, items: Sequence[tuple[str, Any, float | None]]) -> None:
+        """Store each ``(key, value, ttl)`` (``ttl``: seconds, a finite number > 0, or
+        ``None`` for ``default_ttl``; capped by ``max_ttl``) under one lock
+        acquisition and one clock read: a chain's backfill of a batch read from a lower
+        layer (values of other layers, never :class:`Stamped`). Raises
+        :class:`~cachechain.InvalidValueError` for a bad TTL (nothing is stored)."""
+        now = self._clock()
+        effective = self.effective_ttl
+        entries = [
+            (key, (value, None if (t := effective(ttl)) is None else now + t))
+            for key, value, ttl in items
+        ]
+        data = self._data
+        with self._lock:
+            if self._reads:
+                self._replay_locked()
+            for key, item in entries:
+                data[key] = item
+
     def delete(self, key: str) -> None:
         """Remove ``key`` if present."""
         with self._lock:
