@@ -968,9 +968,9 @@ def bench_metrics(ctx: Ctx) -> Section:
         run_section(sec, contenders, ctx.n(20_000), ctx.rounds)
         sec.goals += [
             Goal("MemoryCollector <= 2x metrics=None", "memory", "none", "<=", 2.0),
-            Goal("PrometheusCollector <= 2x metrics=None", "prom", "none", "<=", 2.0),
+            Goal("PrometheusCollector <= 1.3x metrics=None", "prom", "none", "<=", 1.3),
             Goal("PrometheusCollector vs naive prometheus", "prom", "naive", "info"),
-            Goal("StatsD exporter <= 2x metrics=None", "statsd", "none", "<=", 2.0),
+            Goal("StatsD exporter <= 1.3x metrics=None", "statsd", "none", "<=", 1.3),
             Goal("StatsD, daemon down: no added latency", "statsd_down", "statsd", "<=", 1.1),
             Goal("StatsD, host unresolvable: no added latency", "statsd_dns", "statsd", "<=", 1.1),
         ]

@@ -14,6 +14,7 @@ from cachechain.metrics import COUNTER, GAUGE, HISTOGRAM, METRICS, RECORDS
 from cachechain.metrics._base import MetricsCollector
 
 import cachechain_statsd
+from cachechain_statsd import _series as series_module
 from cachechain_statsd import exporter as exporter_module
 from cachechain_statsd.exporter import StatsdExporter
 
@@ -140,7 +141,9 @@ def test_every_metric_of_the_catalogue_is_sent_under_its_statsd_name(receiver: R
     }
     kinds = {COUNTER: "c", GAUGE: "g", HISTOGRAM: "ms"}
     assert sent.pop("statsd_exporter.dropped_samples", "c") == "c"
-    assert sent == {metric.statsd: kinds[metric.kind] for metric in METRICS}
+    # Metrics no record feeds (info metrics, series derived by the Prometheus side)
+    # have nothing for a StatsD exporter to send.
+    assert sent == {metric.statsd: kinds[metric.kind] for metric in METRICS if metric.feeds}
     x.close()
 
 
@@ -307,7 +310,8 @@ def test_sample_rate_is_rounded_to_one_in_n_and_zero_turns_timers_off(receiver: 
     for _ in range(9):
         m.record_first_layer_hit("L1", 0.001)
     got = parse(flushed(x, receiver))
-    assert got["cache_chain.c.L1.operation_duration.get"] == ["1.000000|ms|@0.333333"] * 3
+    # 3 values standing for 9 events: StatsD counts 3 / (1/3) = 9.
+    assert got["cache_chain.c.L1.operation_duration.get"] == ["1.000000|ms|@0.3333333333"] * 3
     x.close()
 
     off = make(receiver, timer_sample_rate=0)
@@ -344,7 +348,7 @@ def test_a_full_buffer_drops_samples_and_counts_them(receiver: Receiver) -> None
 def test_too_many_series_are_dropped_and_counted(
     receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(exporter_module, "MAX_SERIES", 30)
+    monkeypatch.setattr(series_module, "MAX_SERIES", 30)
     x = make(receiver, timer_sample_rate=1.0)
     m = x.bind_chain("c", ["L1"])  # about 20 series
     for i in range(40):
@@ -361,7 +365,7 @@ def test_too_many_series_are_dropped_and_counted(
 
 
 def test_lines_are_packed_into_datagrams_of_at_most_max_udp_size(receiver: Receiver) -> None:
-    x = make(receiver, timer_sample_rate=1.0, max_udp_size=200)
+    x = make(receiver, timer_sample_rate=1.0, max_udp_size=200, max_packets=1000)
     m = x.bind_chain("c", ["L1"])
     for _ in range(100):
         m.record_first_layer_hit("L1", 0.001)
@@ -373,6 +377,170 @@ def test_lines_are_packed_into_datagrams_of_at_most_max_udp_size(receiver: Recei
     # Batched: several lines per datagram, far fewer datagrams than operations.
     assert 10 < stats.packets_sent - before.packets_sent < 100
     assert stats.lines_sent - before.lines_sent == len(lines)
+    x.close()
+
+
+def kinds_in_order(datagrams: list[bytes]) -> list[str]:
+    """The kind (``c``, ``g``, ``ms``) of every line of ``datagrams``, in sending order."""
+    lines = [line for d in datagrams for line in d.decode("ascii").split("\n")]
+    return [line.split("|")[1] for line in lines]
+
+
+def test_a_flush_of_many_series_is_split_into_datagrams_counters_first(
+    receiver: Receiver,
+) -> None:
+    """Issue 13: a flush packs every line into datagrams of at most ``max_udp_size``
+    bytes, counters first, then gauges, then timer values; counts stay exact."""
+    x = make(receiver, timer_sample_rate=1.0, max_udp_size=512, max_packets=10_000)
+    m = x.bind_chain("c", ["L1", "L2"])
+    for i in range(300):  # 300 counter series, recorded between the timed calls
+        m.record_get("L1", True, 0.001)
+        m.record_error("L2", "get", f"Err{i}")
+        m.record_queue_depth(f"Q{i % 40}", i)
+        m.record_error("L2", "get", f"Err{i}")
+    before = len(receiver.datagrams)
+    lines = flushed(x, receiver)
+    datagrams = receiver.datagrams[before:]
+    assert len(datagrams) > 10 and all(len(d) <= 512 for d in datagrams)
+    kinds = kinds_in_order(datagrams)
+    assert kinds == sorted(kinds, key=["c", "g", "ms"].index), kinds
+    assert kinds.count("ms") == 300 and kinds.count("g") == 40
+    got = parse(lines)
+    assert all(got[f"cache_chain.c.L2.errors.get.Err{i}"] == ["2|c"] for i in range(300))
+    assert got["cache_chain.c.L1.hits"] == ["300|c"]
+    x.close()
+
+
+def test_the_datagram_budget_leaves_timer_values_out_counts_them_and_warns_once(
+    receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At most ``max_packets`` datagrams a flush interval: timer values beyond it are
+    left out, counted (stats, and a counter of the exporter's own sent later), warned
+    about once; the values sent carry the |@rate that keeps each timer's count right."""
+    x = make(receiver, timer_sample_rate=1.0, max_packets=5, flush_interval=1.0)
+    m = x.bind_chain("c", ["L1"])
+    for _ in range(5000):
+        m.record_first_layer_hit("L1", 0.001)
+    with caplog.at_level(logging.DEBUG, logger="cachechain.statsd"):
+        lines = flushed(x, receiver)
+        stats = x.stats()
+        assert stats.packets_sent <= 5
+        timer = [line for line in lines if ".operation_duration.get:" in line]
+        assert 0 < len(timer) < 5000
+        assert stats.dropped_samples == 5000 - len(timer)
+        # StatsD's count of the timer: each value stands for 1 / rate events.
+        rates = [float(line.rpartition("|@")[2]) for line in timer]
+        assert sum(1 / r for r in rates) == pytest.approx(5000, rel=1e-6)
+        assert parse(lines)["cache_chain.c.L1.hits"] == ["5000|c"]  # exact
+        for _ in range(100):
+            m.record_first_layer_hit("L1", 0.001)
+        lines = flushed(x, receiver)  # the budget is spent: few values if any now
+    got = parse(lines)
+    assert got["cache_chain.statsd_exporter.dropped_samples"] == [f"{5000 - len(timer)}|c"]
+    assert got["cache_chain.c.L1.hits"] == ["100|c"]
+    later = len(got.get("cache_chain.c.L1.operation_duration.get", []))
+    assert later < 100
+    assert x.stats().dropped_samples == 5100 - len(timer) - later
+    said = [r for r in caplog.records if "left out of a flush" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.WARNING, logging.DEBUG]
+    x.close()
+
+
+def test_a_budget_is_shared_so_that_a_rare_timer_keeps_its_values(receiver: Receiver) -> None:
+    assert series_module.share([3, 1000, 1000], [10, 10, 10], 1030) == [3, 50, 50]
+    assert series_module.share([5, 5], [10, 20], 1000) == [5, 5]
+    assert series_module.share([5, 5], [10, 20], 0) == [0, 0]
+    # Names longer than a datagram: one line a datagram, the budget counted in lines.
+    x = make(receiver, timer_sample_rate=1.0, max_udp_size=64, max_packets=4)
+    m = x.bind_chain("a_chain_with_a_name_long_enough_to_fill_a_datagram", ["L1"])
+    for _ in range(50):
+        m.record_load(True, 0.001)
+    lines = flushed(x, receiver)
+    timer = [line for line in lines if "load_duration" in line]
+    assert 0 < len(timer) < 50
+    assert x.stats().packets_sent <= 4
+    x.close()
+
+
+def test_a_flush_is_sent_in_paced_bursts(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(exporter_module, "BURST_BYTES", 2000)  # 3 datagrams of 600 bytes
+    monkeypatch.setattr(exporter_module, "BURST_PAUSE", 0.0)
+    x = make(receiver, timer_sample_rate=1.0, max_udp_size=600, max_packets=1000)
+    m = x.bind_chain("c", ["L1"])
+    for _ in range(400):
+        m.record_first_layer_hit("L1", 0.001)
+    flushed(x, receiver)
+    stats = x.stats()
+    assert stats.packets_sent > 9
+    assert stats.pauses == (stats.packets_sent - 1) // 3
+    x.close()
+
+
+class FailingSocket:
+    """A socket whose ``sendto`` raises ``ENOBUFS`` for the first ``failures`` calls."""
+
+    def __init__(self, real: socket.socket, failures: int) -> None:
+        self.real = real
+        self.failures = failures
+
+    def sendto(self, data: bytes, addr: Any) -> int:
+        if self.failures > 0:
+            self.failures -= 1
+            raise OSError(105, "No buffer space available")
+        return self.real.sendto(data, addr)
+
+    def close(self) -> None:
+        self.real.close()
+
+
+@pytest.mark.parametrize("tags", [False, True], ids=["plain", "tags"])
+def test_counts_of_a_refused_datagram_are_sent_by_the_next_flush(
+    receiver: Receiver, caplog: pytest.LogCaptureFixture, tags: bool
+) -> None:
+    x = make(receiver, timer_sample_rate=0, tags=tags)
+    m = x.bind_chain("c", ["L1"])
+    assert x.flush()  # resolved: the socket exists
+    assert x._sock is not None
+    x._sock = FailingSocket(x._sock, failures=2)  # type: ignore[assignment]
+    with caplog.at_level(logging.DEBUG, logger="cachechain.statsd"):
+        for _ in range(7):
+            m.record_get("L1", True, 0.0)
+        assert x.flush()  # refused
+        m.record_get("L1", True, 0.0)
+        assert x.flush()  # refused again
+        m.record_get("L1", False, 0.0)
+        lines = flushed(x, receiver)
+    stats = x.stats()
+    assert stats.send_errors == 2
+    got = parse(lines)
+    if tags:
+        assert got["cache_chain.hits"] == ["8|c|#chain:c,layer:L1"]  # 7 + 1: none lost
+    else:
+        assert got["cache_chain.c.L1.hits"] == ["8|c"]
+    assert got["cache_chain.statsd_exporter.send_errors"] == ["2|c"]
+    said = [r for r in caplog.records if "a send failed" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.WARNING, logging.DEBUG]
+    x.close()
+
+
+def test_a_record_that_fails_inside_the_exporter_is_counted_not_raised(
+    receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    x = make(receiver)
+    m = x.bind_chain("c", ["L1"])
+    with caplog.at_level(logging.WARNING, logger="cachechain.statsd"):
+        m.record_evictions("L1", "many")  # not a number: the exporter's own error
+        m.record_evictions("L1", object())
+    assert x.stats().record_errors == 2
+    assert len([r for r in caplog.records if "record_evictions raised" in r.getMessage()]) == 1
+    # Methods that catch their own errors: the chain calls them without a guard.
+    chain = Chain([MemoryLayer("L1")], metrics=x)
+    assert chain._m is not None
+    view = x.bind_chain("default", ["L1"])
+    assert chain._m.record_first_layer_hit is view.record_first_layer_hit
+    chain.close()
     x.close()
 
 
@@ -394,8 +562,9 @@ def test_a_half_full_buffer_wakes_the_thread_before_the_interval(receiver: Recei
     m = x.bind_chain("c", ["L1"])
     for _ in range(6):  # the 6th value finds 5 = max_samples // 2 in the buffer
         m.record_get("L1", True, 0.001)
-    got = receiver.receive(1)[0].decode().split("\n")
-    assert "cache_chain.c.L1.hits:6|c" in got
+    counted, timed = (d.decode().split("\n") for d in receiver.receive(2))
+    assert "cache_chain.c.L1.hits:6|c" in counted  # counters first, timers after
+    got = counted + timed
     assert got.count("cache_chain.c.L1.operation_duration.get:1.000000|ms") == 6
     x.close(timeout=5)
 
@@ -544,9 +713,10 @@ def test_environment_variables_fill_in_the_options() -> None:
         "localhost",
         8125,
         "cache_chain",
-        512,
+        1432,
         False,
     )
+    assert (x.max_packets, z.max_packets) == (100, 100)
     for e in (x, y, z):
         e.close()
 

@@ -13,10 +13,17 @@ from cachechain import ConfigError
 
 from ._wire import clean
 
-__all__ = ["DEFAULT_PREFIX", "Options", "Resolver"]
+__all__ = ["DEFAULT_MAX_PACKETS", "DEFAULT_MAX_UDP_SIZE", "DEFAULT_PREFIX", "Options", "Resolver"]
 
 #: The prefix of every metric name unless ``prefix`` or ``STATSD_PREFIX`` says otherwise.
 DEFAULT_PREFIX = "cache_chain"
+#: The largest datagram unless ``max_udp_size`` or ``STATSD_MAXUDPSIZE`` says otherwise:
+#: an Ethernet MTU of 1500 less IP and UDP headers and some room for tunnels (loopback
+#: takes 64 KB; across the Internet, say 512).
+DEFAULT_MAX_UDP_SIZE = 1432
+#: Datagrams one exporter sends a second at most, unless ``max_packets`` says otherwise
+#: (counters and gauges are always sent; timer values give way).
+DEFAULT_MAX_PACKETS = 100
 
 Resolver = Callable[[str, int, int, int], Sequence[tuple[Any, ...]]]
 
@@ -84,7 +91,8 @@ def _check_period(rate: Any) -> int:
 @dataclass(frozen=True)
 class Options:
     """The exporter's checked options (see :class:`~cachechain_statsd.StatsdExporter`);
-    ``sample_period``: every N-th event of a series keeps its duration (0: timers off)."""
+    ``sample_period``: every N-th event of a series keeps its duration (0: timers off);
+    ``max_packets``: datagrams a second at most (counters and gauges excepted)."""
 
     host: str
     port: int
@@ -95,6 +103,7 @@ class Options:
     flush_interval: float
     sample_period: int
     max_samples: int
+    max_packets: int = DEFAULT_MAX_PACKETS
 
     @classmethod
     def resolve(cls, env: Mapping[str, str], **given: Any) -> Options:
@@ -114,7 +123,7 @@ class Options:
             max_udp_size=pick(
                 "max_udp_size",
                 "STATSD_MAXUDPSIZE",
-                "512",
+                str(DEFAULT_MAX_UDP_SIZE),
                 lambda v, f: _check_int(v, f, 64, 65_000),
             ),
             ipv6=pick("ipv6", "STATSD_IPV6", "0", _check_bool),
@@ -122,4 +131,7 @@ class Options:
             flush_interval=_check_seconds(given["flush_interval"], "flush_interval"),
             sample_period=_check_period(given["timer_sample_rate"]),
             max_samples=_check_int(given["max_samples"], "max_samples", 1, 10_000_000),
+            max_packets=_check_int(
+                given.get("max_packets", DEFAULT_MAX_PACKETS), "max_packets", 1, 1_000_000
+            ),
         )

@@ -27,11 +27,12 @@ from cachechain.metrics import (
     Record,
     feeds_of,
     find_record,
+    never_raises,
     series_params,
     stand_in,
 )
 
-from ._wire import Tally
+from ._wire import Samples, Tally
 
 if TYPE_CHECKING:
     from .exporter import StatsdExporter
@@ -56,6 +57,10 @@ class ChainView(MetricsCollector):
     The series of the layers the chain declared are resolved here, so that a record
     bumps a counter and, for every N-th event of a series, keeps the duration, and that
     is all; other layers' series are resolved on first use.
+
+    Each record method is marked :func:`~cachechain.metrics.never_raises` (the chain
+    calls it without a guard of its own): what one raises is caught here, counted in
+    ``StatsdExporterStats.record_errors`` and logged once.
     """
 
     record_first_layer_hit: Callable[[str, float], None]  # type: ignore[assignment]
@@ -68,7 +73,6 @@ class ChainView(MetricsCollector):
         self._cap = exporter.max_samples
         self._wake_at = exporter.wake_at
         self._wake = exporter._wake_thread
-        self._drop = exporter._dropped.inc
         self._last: dict[str, Any] = {}  # the latest value of each gauge, by stat
         self._lock = threading.Lock()
         for rec in sorted(RECORDS, key=lambda r: bool(r.stands_for)):  # fused ones last
@@ -141,30 +145,47 @@ class ChainView(MetricsCollector):
         for args in self._declared_calls(rec):  # the declared layers' series exist now
             actions[key_of(args)] = self._action(self.plan(rec, args))
 
+        failed = self._failed
+
+        @never_raises
         def record(*args: Any) -> None:
-            if len(args) < len(names):
-                args = (*args, *defaults[len(args) :])
-            key = key_of(args)
-            act = actions.get(key)
-            if act is None:
-                act = self._action(self.plan(rec, args))
-                if len(actions) < MAX_PLANS:
-                    actions[key] = act
-            act(args)
+            try:
+                if len(args) < len(names):
+                    args = (*args, *defaults[len(args) :])
+                key = key_of(args)
+                act = actions.get(key)
+                if act is None:
+                    act = self._action(self.plan(rec, args))
+                    if len(actions) < MAX_PLANS:
+                        actions[key] = act
+                act(args)
+            except Exception as exc:
+                failed(rec.name, exc)
 
         record.__name__ = rec.name
         return record
+
+    def _failed(self, name: str, exc: Exception) -> None:
+        """A record method raised ``exc``: count it, log the first (DEBUG after)."""
+        self._x._record_errors.inc()
+        self._x._warn(
+            "record",
+            "statsd exporter: %s raised %r; nothing recorded, cache operations are "
+            "unaffected (counted in stats().record_errors)",
+            name,
+            exc,
+        )
 
     def _timed(self, rec: Record) -> Recorder:
         """The method of a record whose arguments all choose its series but the last, a
         duration, and whose every call counts one and may keep the duration (a get, a
         write, a logical get): one lookup, one bump."""
-        plans: dict[tuple[Any, ...], tuple[Callable[[], int], list[float]]] = {}
-        keep = self._keep
+        plans: dict[tuple[Any, ...], tuple[Callable[[], int], Samples]] = {}
+        keep, failed = self._keep, self._failed
 
-        def resolve(args: tuple[Any, ...]) -> tuple[Callable[[], int], list[float]]:
+        def resolve(args: tuple[Any, ...]) -> tuple[Callable[[], int], Samples]:
             steps = self.plan(rec, args)
-            found = (steps[0][1].inc, steps[1][1].values)
+            found = (steps[0][1].inc, steps[1][1])
             if len(plans) < MAX_PLANS:
                 plans[args[:-1]] = found
             return found
@@ -172,9 +193,13 @@ class ChainView(MetricsCollector):
         for args in self._declared_calls(rec):
             resolve(args)
 
+        @never_raises
         def record(*args: Any) -> None:
-            found = plans.get(args[:-1]) or resolve(args)
-            keep(found[0](), found[1], args[-1])
+            try:
+                found = plans.get(args[:-1]) or resolve(args)
+                keep(found[0](), found[1], args[-1])
+            except Exception as exc:
+                failed(rec.name, exc)
 
         record.__name__ = rec.name
         return record
@@ -204,8 +229,8 @@ class ChainView(MetricsCollector):
         kinds = [kind for kind, _, _ in steps]
         keep, gauge = self._keep, self._x._gauge
         if kinds == [INC, KEEP]:
-            inc, values, at = steps[0][1].inc, steps[1][1].values, steps[1][2]
-            return lambda args: keep(inc(), values, args[at])
+            inc, samples, at = steps[0][1].inc, steps[1][1], steps[1][2]
+            return lambda args: keep(inc(), samples, args[at])
         if kinds == [INC]:
             bump = steps[0][1].inc
             return lambda args: bump() and None
@@ -221,7 +246,7 @@ class ChainView(MetricsCollector):
             if kind is INC:
                 count = target.inc()
             elif kind is KEEP:
-                self._keep(count, target.values, args[arg])
+                self._keep(count, target, args[arg])
             elif kind is ADD:
                 if args[arg] > 0:
                     target.add(int(args[arg]))
@@ -237,18 +262,20 @@ class ChainView(MetricsCollector):
             previous, self._last[gauge] = self._last.get(gauge), value
         return previous is not None and previous != value
 
-    def _keep(self, count: int, values: list[float], seconds: float) -> None:
-        """Keep ``seconds`` if ``count`` (the series' event number) is a multiple of
-        the sample period and the buffer has room; count it as dropped otherwise."""
+    def _keep(self, count: int, samples: Samples, seconds: float) -> None:
+        """Keep ``seconds`` in ``samples`` if ``count`` (the series' event number) is a
+        multiple of the sample period and the buffer has room; count it as its overflow
+        otherwise."""
         period = self._period
         if period and not count % period:
+            values = samples.values
             n = len(values)
             if n < self._cap:
                 values.append(seconds)
                 if n == self._wake_at:
                     self._wake()
             else:
-                self._drop()
+                samples.overflow.inc()
 
     def _fused(self, rec: Record) -> Recorder:
         """The chain's hottest call as a closure: for the first layer, one counter bump
@@ -263,38 +290,48 @@ class ChainView(MetricsCollector):
         counters, timers = self._fused_stats(rec, first)
         key = ("first", self.chain, first)
         inc = self._x._tally(*counters, key=key).inc
-        values = self._x._timer(*timers, key=key).values
+        samples = self._x._timer(*timers, key=key)
+        values = samples.values
         period, cap, wake_at, wake, drop = (
             self._period,
             self._cap,
             self._wake_at,
             self._wake,
-            self._drop,
+            samples.overflow.inc,
         )
+        failed = self._failed
         if not period:
 
+            @never_raises
             def count_only(layer: str, duration: float) -> None:
-                if layer == first:
-                    inc()
-                else:
-                    fallback(layer, duration)
+                try:
+                    if layer == first:
+                        inc()
+                    else:
+                        fallback(layer, duration)
+                except Exception as exc:
+                    failed(rec.name, exc)
 
             return count_only
 
         append = values.append
 
+        @never_raises
         def record_first_layer_hit(layer: str, duration: float) -> None:
-            if layer == first:
-                if not inc() % period:
-                    n = len(values)
-                    if n < cap:
-                        append(duration)
-                        if n == wake_at:
-                            wake()
-                    else:
-                        drop()
-            else:
-                fallback(layer, duration)
+            try:
+                if layer == first:
+                    if not inc() % period:
+                        n = len(values)
+                        if n < cap:
+                            append(duration)
+                            if n == wake_at:
+                                wake()
+                        else:
+                            drop()
+                else:
+                    fallback(layer, duration)
+            except Exception as exc:
+                failed(rec.name, exc)
 
         return record_first_layer_hit
 

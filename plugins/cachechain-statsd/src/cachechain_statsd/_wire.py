@@ -2,7 +2,8 @@
 
 :class:`Tally` is an exact counter that threads bump without a lock, :class:`Samples` a
 buffer of kept timer values; :class:`Transport` and :class:`Batch` let the ``statsd``
-package's pipeline pack lines into datagrams that the exporter sends on its own socket.
+package's pipeline pack lines into datagrams that the exporter sends, paced, on its own
+socket.
 """
 
 from __future__ import annotations
@@ -12,16 +13,12 @@ import re
 import sys
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from cachechain.metrics import at_fork
 from statsd.client.base import StatsClientBase
 from statsd.client.udp import Pipeline
 
-if TYPE_CHECKING:
-    from .exporter import StatsdExporter
-
-__all__ = ["Batch", "Samples", "Tally", "Transport", "clean"]
+__all__ = ["RATE_TEXT_MAX", "Batch", "Samples", "Tally", "Transport", "clean", "rate_text"]
 
 _GIL = bool(getattr(sys, "_is_gil_enabled", lambda: True)())
 _ADD_LOCK = threading.Lock()
@@ -80,13 +77,16 @@ class Samples:
 
     Threads ``append`` to ``values`` (atomic under the GIL); :meth:`drain` removes the
     ones present when it starts, so a value appended meanwhile waits for the next flush.
+    ``overflow`` counts the values that were to be kept but found the buffer full: the
+    flush still knows how many events the values it sends stand for.
     """
 
-    __slots__ = ("targets", "values")
+    __slots__ = ("overflow", "targets", "values")
 
     def __init__(self, targets: tuple[str, ...]) -> None:
         self.values: list[float] = []
         self.targets = targets
+        self.overflow = Tally(())
 
     def drain(self) -> list[float]:
         """Remove and return the values kept so far."""
@@ -98,16 +98,22 @@ class Samples:
 
 
 class Transport(StatsClientBase):  # type: ignore[misc]
-    """The ``statsd`` client the pipeline hands its datagrams to: it passes them to the
-    exporter, which sends them on its own socket."""
+    """The ``statsd`` client the pipeline hands its datagrams to: it keeps them for the
+    exporter, which sends them, paced, on its own socket."""
 
-    def __init__(self, exporter: StatsdExporter, max_udp_size: int) -> None:
+    def __init__(self, max_udp_size: int) -> None:
         self._prefix = None
         self._maxudpsize = max_udp_size
-        self._exporter = exporter
+        #: The datagrams packed so far, waiting to be sent (paced) by the exporter.
+        self.datagrams: list[str] = []
 
     def _send(self, data: str) -> None:
-        self._exporter._send_datagram(data)
+        self.datagrams.append(data)
+
+    def take(self) -> list[str]:
+        """Remove and return the datagrams packed so far."""
+        taken, self.datagrams = self.datagrams, []
+        return taken
 
     def pipeline(self) -> Batch:
         """A new batch of lines."""
@@ -128,11 +134,17 @@ class Batch(Pipeline):  # type: ignore[misc]
         name, _, tags = stat.partition("|#")
         line = f"{name}:{value}"
         if rate < 1:
-            line += f"|@{_rate_text(rate)}"
+            line += f"|@{rate_text(rate)}"
         if tags:
             line += f"|#{tags}"
         return line
 
 
-def _rate_text(rate: float) -> str:
-    return format(rate, ".6f").rstrip("0").rstrip(".")
+#: The longest ``|@rate`` text :func:`rate_text` writes, ``|@`` included.
+RATE_TEXT_MAX = 14
+
+
+def rate_text(rate: float) -> str:
+    """``rate`` (in (0, 1)) in plain decimals, as StatsD daemons parse it (no exponent),
+    with at least 3 significant digits down to 1e-7, and never ``0``."""
+    return format(max(rate, 1e-10), ".10f").rstrip("0").rstrip(".")

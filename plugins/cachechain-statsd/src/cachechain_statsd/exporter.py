@@ -11,23 +11,32 @@ What a cache call costs, and what it never does:
   client-side aggregate (a mean, a histogram) would lose exactly what StatsD is for.
   Every N-th event of a series keeps its duration (N = ``round(1 / timer_sample_rate)``,
   default 10), which costs nothing beyond the counter bump that the event makes anyway
-  (a random draw would cost as much again on the hottest path). Kept values are sent in
-  milliseconds with ``|@<1/N>``, from which StatsD scales the timer's count back up.
-  They wait in a buffer bounded to ``max_samples`` per timer; beyond that they are
-  dropped and counted (:attr:`StatsdExporterStats.dropped_samples`, and the counter
-  ``<prefix>.statsd_exporter.dropped_samples``).
+  (a random draw would cost as much again on the hottest path). Kept values wait in a
+  buffer bounded to ``max_samples`` per timer, and are sent in milliseconds with
+  ``|@rate``, ``rate`` being the values sent over the events they stand for, so that
+  StatsD's count of each timer is right even when values were left out (a full
+  buffer, or the datagram budget below). What is left out is counted
+  (:attr:`StatsdExporterStats.dropped_samples`, and the counter
+  ``<prefix>.statsd_exporter.dropped_samples``) and warned about once.
 - **Gauges** (queue depth and capacity, breaker state, entries) keep their latest value
   and are sent at every flush. Figures a chain polls rather than pushes (entries,
   evictions, queue depth) are read through its refresh hook just before each flush.
 - **Sending happens on one daemon thread**, every ``flush_interval`` seconds, and early
   when a timer buffer is half full (at most five times an interval). The lines are
   packed by the ``statsd`` package's pipeline into datagrams of at most
-  ``max_udp_size`` bytes and sent with ``sendto`` on an unconnected, non-blocking UDP
-  socket (a connected one raises ``ConnectionRefusedError`` once the daemon is down),
-  to an address that the thread resolved once. A host that does not resolve is
-  counted, logged once and tried again at each flush; counters keep accumulating
-  meanwhile and are sent once it resolves. No ``record_*`` call ever resolves a name,
-  touches a socket or waits for the thread.
+  ``max_udp_size`` bytes (default 1432), counters first, then gauges, then timer
+  values, and at most ``max_packets`` datagrams a second (counters and gauges are
+  always sent; timer values give way, spread evenly, a rare timer keeping all of its
+  own). They are sent paced, in bursts of :data:`BURST_BYTES` with a pause of
+  :data:`BURST_PAUSE` between two, so that the daemon's socket buffer is not overrun
+  (UDP would lose the datagrams without telling the sender). ``sendto`` is used on an
+  unconnected, non-blocking UDP socket (a connected one raises
+  ``ConnectionRefusedError`` once the daemon is down), to an address that the thread
+  resolved once; a datagram the socket refuses is counted, warned about once, and the
+  counter increases it held are sent again by the next flush. A host that does not
+  resolve is counted, logged once and tried again at each flush; counters keep
+  accumulating meanwhile and are sent once it resolves. No ``record_*`` call ever
+  resolves a name, touches a socket or waits for the thread.
 - :meth:`StatsdExporter.close` sends what is pending; so does interpreter exit. A
   forked child (gunicorn ``--preload``) starts its own thread and socket and does not
   send again what its parent had counted.
@@ -54,10 +63,11 @@ import logging
 import os
 import socket
 import threading
+import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from cachechain import ConfigError
 from cachechain.metrics import (
@@ -68,32 +78,38 @@ from cachechain.metrics import (
     track_fork,
 )
 
-from ._options import DEFAULT_PREFIX, Options, Resolver
+from ._options import DEFAULT_MAX_PACKETS, DEFAULT_PREFIX, Options, Resolver
+from ._series import MAX_SERIES, SeriesTable
 from ._view import ChainView
-from ._wire import Samples, Tally, Transport, clean
+from ._wire import Tally, Transport, clean
 
-__all__ = ["DEFAULT_PREFIX", "StatsdExporter", "StatsdExporterStats"]
+__all__ = ["DEFAULT_PREFIX", "MAX_SERIES", "StatsdExporter", "StatsdExporterStats"]
 
 log = logging.getLogger("cachechain.statsd")
 _log_once = LogOnce(log)
 _TOKENS = itertools.count()
 
-T = TypeVar("T")
-
 #: At most this many flushes per interval when full timer buffers wake the thread early.
 MAX_EARLY_FLUSHES = 5
-#: Most distinct series (counters, timers or gauges) one exporter keeps; more are dropped.
-MAX_SERIES = 10_000
+#: A flush sends its datagrams in bursts of about this many bytes...
+BURST_BYTES = 16 * 1024
+#: ...with this pause (seconds) between two bursts, so that a receiver draining its
+#: socket buffer (Linux's default is about 208 KB) keeps up.
+BURST_PAUSE = 0.002
 
 
 @dataclass(frozen=True)
 class StatsdExporterStats:
     """What an exporter did: ``packets_sent`` datagrams holding ``lines_sent`` lines in
-    ``flushes`` flushes; ``send_errors`` datagrams the socket refused (dropped);
-    ``dropped_samples`` timer values dropped because a buffer was full;
-    ``dropped_series`` records dropped because :data:`MAX_SERIES` was reached;
-    ``resolve_failures`` failed lookups of the host; ``resolved`` whether the address is
-    known."""
+    ``flushes`` flushes; ``send_errors`` datagrams the socket refused (their timer and
+    gauge lines are lost; their counters' increases are sent again by the next flush);
+    ``dropped_samples`` timer values not sent, because a buffer was full
+    (``max_samples``) or the datagram budget (``max_packets`` a second) was spent (each
+    timer's count stays right: the values sent carry the ``|@rate`` of what they stand
+    for); ``dropped_series`` records dropped because :data:`MAX_SERIES` was reached;
+    ``record_errors`` record calls that failed inside the exporter (nothing recorded,
+    nothing raised); ``resolve_failures`` failed lookups of the host; ``resolved``
+    whether the address is known; ``pauses`` pauses between bursts of a flush."""
 
     packets_sent: int
     lines_sent: int
@@ -103,98 +119,8 @@ class StatsdExporterStats:
     dropped_series: int
     resolve_failures: int
     resolved: bool
-
-
-class SeriesTable:
-    """The series one exporter keeps between flushes: exact counters (:class:`Tally`),
-    kept timer values (:class:`Samples`) and the latest gauge values, at most
-    :data:`MAX_SERIES` counters and timers together, and as many gauges (a record past
-    that is dropped and counted in ``dropped_series``). ``dropped`` counts the timer
-    values dropped because a buffer was full."""
-
-    def __init__(self, dropped_stat: str) -> None:
-        self._lock = threading.Lock()
-        self._tallies: dict[Any, Tally] = {}
-        self._samples: dict[Any, Samples] = {}
-        self._gauges: dict[str, float] = {}
-        self._discard_tally = Tally(())
-        self._discard_samples = Samples(())
-        #: Records dropped because the table was full.
-        self.dropped_series = 0
-        #: Timer values dropped because a buffer was full (itself sent as a counter).
-        self.dropped = Tally((dropped_stat,))
-
-    def tally(self, *targets: str, key: Any = None) -> Tally:
-        """The counter feeding the stats ``targets`` (one per ``key``, by default the
-        first target), created if new."""
-        return self._find(self._tallies, Tally, self._discard_tally, targets, key)
-
-    def timer(self, *targets: str, key: Any = None) -> Samples:
-        """The buffer of kept values of the timers ``targets`` (one per ``key``, by
-        default the first target), created if new."""
-        return self._find(self._samples, Samples, self._discard_samples, targets, key)
-
-    def _find(
-        self,
-        held: dict[Any, T],
-        make: Callable[[tuple[str, ...]], T],
-        discard: T,
-        targets: tuple[str, ...],
-        key: Any,
-    ) -> T:
-        key = targets[0] if key is None else key
-        found = held.get(key)
-        if found is None:
-            with self._lock:
-                found = held.get(key)
-                if found is None:
-                    if len(self._tallies) + len(self._samples) >= MAX_SERIES:
-                        self.dropped_series += 1
-                        return discard
-                    found = held[key] = make(targets)
-        return found
-
-    def gauge(self, stat: str, value: float) -> None:
-        """Set the gauge ``stat`` to ``value``."""
-        gauges = self._gauges
-        if stat not in gauges and len(gauges) >= MAX_SERIES:
-            self.dropped_series += 1
-            return
-        gauges[stat] = value
-
-    def fill(self, batch: Any, rate: float) -> None:
-        """Add to ``batch`` every counter's increase since the last call (the increases
-        of one stat summed), every gauge, and the timer values kept (milliseconds, sent
-        with the sample ``rate``)."""
-        with self._lock:
-            tallies = [*self._tallies.values(), self.dropped]
-            samples = list(self._samples.values())
-            gauges = dict(self._gauges)
-        totals: dict[str, int] = {}
-        for tally in tallies:
-            value = tally.value()
-            delta = value - tally.sent
-            if delta:
-                tally.sent = value
-                for stat in tally.targets:
-                    totals[stat] = totals.get(stat, 0) + delta
-        for stat, delta in totals.items():
-            batch.incr(stat, delta)
-        for stat, gauge in gauges.items():
-            batch.gauge(stat, gauge)
-        for kept in samples:
-            values = kept.drain()
-            for stat in kept.targets:
-                for seconds in values:
-                    batch.timing(stat, max(0.0, seconds) * 1000.0, rate)
-
-    def forget(self) -> None:
-        """Count everything as sent already (a forked child: its parent sends it)."""
-        self._lock = threading.Lock()
-        for tally in [*self._tallies.values(), self.dropped]:
-            tally.sent = tally.value()
-        for samples in self._samples.values():
-            samples.drain()
+    record_errors: int = 0
+    pauses: int = 0
 
 
 _EXPORTERS: weakref.WeakSet[StatsdExporter] = weakref.WeakSet()
@@ -210,8 +136,12 @@ class StatsdExporter(MetricsCollector):
     other labels instead of dotted name parts. ``flush_interval``: seconds between
     sends. ``timer_sample_rate`` (0 to 1): the share of durations sent as timer values,
     rounded to 1/N (every N-th event of a series); 0 turns timers off, and counters are
-    exact whatever it is. ``max_udp_size``: the
-    largest datagram, bytes (default ``STATSD_MAXUDPSIZE`` or 512). ``max_samples``:
+    exact whatever it is. ``max_udp_size``: the largest datagram, bytes (default
+    ``STATSD_MAXUDPSIZE`` or 1432, which suits loopback and Ethernet LANs).
+    ``max_packets``: datagrams sent a second at most, on average over the flushes
+    (counters and gauges are always sent; timer values beyond the budget are left out,
+    counted, and the ones sent carry the ``|@rate`` that keeps each timer's count
+    right). ``max_samples``:
     timer values buffered per timer between sends. ``ipv6``: resolve ``host`` to an IPv6
     address (default ``STATSD_IPV6``). ``environ`` replaces ``os.environ`` for the
     ``STATSD_*`` variables; ``resolver`` replaces ``socket.getaddrinfo`` (tests).
@@ -238,6 +168,7 @@ class StatsdExporter(MetricsCollector):
         flush_interval: float = 1.0,
         timer_sample_rate: float = 0.1,
         max_udp_size: int | None = None,
+        max_packets: int = DEFAULT_MAX_PACKETS,
         max_samples: int = 5000,
         ipv6: bool | None = None,
         environ: Mapping[str, str] | None = None,
@@ -255,6 +186,7 @@ class StatsdExporter(MetricsCollector):
             flush_interval=flush_interval,
             timer_sample_rate=timer_sample_rate,
             max_samples=max_samples,
+            max_packets=max_packets,
         )
         if resolver is not None and not callable(resolver):
             raise ConfigError(
@@ -266,7 +198,10 @@ class StatsdExporter(MetricsCollector):
         self.port = options.port
         #: The sanitized prefix of every name ("" for none).
         self.prefix = options.prefix
+        #: The largest datagram, bytes.
         self.max_udp_size = options.max_udp_size
+        #: Datagrams sent a second at most, on average (counters and gauges excepted).
+        self.max_packets = options.max_packets
         self.ipv6 = options.ipv6
         self.tags = options.tags
         self.flush_interval = options.flush_interval
@@ -291,11 +226,16 @@ class StatsdExporter(MetricsCollector):
         self._flush_lock = threading.Lock()
         self._close_lock = threading.Lock()
         self._hooks = RefreshHooks(functools.partial(_hook_failed, self._token))
-        self._series = table = SeriesTable(f"{self._pfx}statsd_exporter.dropped_samples")
+        self._series = table = SeriesTable(self._pfx)
         self._tally, self._timer, self._gauge = table.tally, table.timer, table.gauge
-        self._dropped = table.dropped
         self._views: dict[tuple[str, tuple[str, ...]], ChainView] = {}
-        self._transport = Transport(self, self.max_udp_size)
+        self._transport = Transport(self.max_udp_size)
+        self._burst = max(1, BURST_BYTES // self.max_udp_size)
+        # The datagram budget: max_packets a second, up to a second's worth at once (an
+        # interval's, for intervals above a second).
+        self._most = self.max_packets * max(1.0, self.flush_interval)
+        self._tokens = self._most
+        self._filled_at = time.monotonic()
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._stop = False
@@ -308,6 +248,8 @@ class StatsdExporter(MetricsCollector):
         self._lines = 0
         self._flushes = 0
         self._send_errors = 0
+        self._pauses = 0
+        self._record_errors = Tally(())  # bumped by any thread
         self._resolve_failures = 0
         self._pid = os.getpid()
 
@@ -415,10 +357,45 @@ class StatsdExporter(MetricsCollector):
                 return False
             self._hooks.run()
             self._flushes += 1
-            batch = self._transport.pipeline()
-            self._series.fill(batch, self.timer_sample_rate)
-            batch.send()
+            packed = self._series.pack(self._transport, self.sample_period, self._budget())
+            self._tokens -= len(packed.datagrams)
+            if packed.dropped:
+                self._warn(
+                    "samples",
+                    "statsd exporter: %d timer values left out of a flush (a buffer of "
+                    "max_samples=%d was full, or max_packets=%d datagrams a second were "
+                    "spent); counters are exact, each timer's count is kept by |@rate, and "
+                    "the values left out are counted in %sstatsd_exporter.dropped_samples",
+                    packed.dropped,
+                    self.max_samples,
+                    self.max_packets,
+                    self._pfx,
+                )
+            self._send_paced(packed.datagrams)
             return True
+
+    def _budget(self) -> int:
+        """Datagrams this flush may send: a budget refilled with ``max_packets`` a
+        second, holding at most a second's worth (or a ``flush_interval``'s, if longer:
+        a flush after a quiet spell may send that much at once; an early flush gets the
+        share of the time since the last one; counters and gauges sent beyond the
+        budget are taken from the next)."""
+        now = time.monotonic()
+        refill = (now - self._filled_at) * self.max_packets
+        self._tokens = min(self._most, self._tokens + refill)
+        self._filled_at = now
+        return max(0, int(self._tokens))
+
+    def _send_paced(self, datagrams: list[str]) -> None:
+        """Send ``datagrams`` in order, in bursts of about :data:`BURST_BYTES` with a
+        pause of :data:`BURST_PAUSE` seconds between two (on this thread: a cache call
+        never waits for it)."""
+        burst = self._burst
+        for i, data in enumerate(datagrams):
+            if i and not i % burst:
+                self._pauses += 1
+                time.sleep(BURST_PAUSE)
+            self._send_datagram(data)
 
     def add_refresh_hook(self, fn: Callable[[], object]) -> None:
         """Call ``fn()`` before each flush, so that figures a chain polls rather than
@@ -463,7 +440,17 @@ class StatsdExporter(MetricsCollector):
             sock.sendto(data.encode("ascii", "replace"), self._addr)
         except OSError as exc:
             self._send_errors += 1
-            self._warn("send", "statsd exporter: a send failed (%r); dropped, counted", exc)
+            self._series.send_errors.inc()
+            carried = _carry_counts(data, self._series.carry)
+            self._warn(
+                "send",
+                "statsd exporter: a send failed (%r); its %d counter increases are sent "
+                "again by the next flush, its other lines are dropped; counted in "
+                "%sstatsd_exporter.send_errors",
+                exc,
+                carried,
+                self._pfx,
+            )
             return
         self._packets += 1
         self._lines += data.count("\n") + 1
@@ -480,10 +467,12 @@ class StatsdExporter(MetricsCollector):
             lines_sent=self._lines,
             flushes=self._flushes,
             send_errors=self._send_errors,
-            dropped_samples=self._dropped.value(),
+            dropped_samples=self._series.pending_drops(),
             dropped_series=self._series.dropped_series,
             resolve_failures=self._resolve_failures,
             resolved=self._addr is not None,
+            record_errors=self._record_errors.value(),
+            pauses=self._pauses,
         )
 
     # -- series -------------------------------------------------------------------------
@@ -522,6 +511,21 @@ class StatsdExporter(MetricsCollector):
 
     def _default(self) -> MetricsCollector:
         return self.bind_chain("default", ())
+
+
+def _carry_counts(data: str, carry: dict[str, int]) -> int:
+    """Add the counter increases of the datagram ``data`` (lines ``name:n|c``, tags
+    after ``|#`` kept in the key) to ``carry``; return how many lines they were."""
+    found = 0
+    for line in data.split("\n"):
+        name, _, rest = line.partition(":")
+        value, kind, tail = rest.partition("|c")
+        if kind and (not tail or tail.startswith("|#")):
+            with contextlib.suppress(ValueError):
+                key = name + tail
+                carry[key] = carry.get(key, 0) + int(value)
+                found += 1
+    return found
 
 
 def _hook_failed(token: int, fn: Callable[[], object], exc: Exception) -> None:

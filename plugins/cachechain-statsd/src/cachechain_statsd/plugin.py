@@ -24,6 +24,7 @@ def create_statsd_exporter(
     flush_interval: float = 1.0,
     timer_sample_rate: float = 0.1,
     max_udp_size: int | None = None,
+    max_packets: int | None = None,
     max_samples: int = 5000,
     ipv6: bool | None = None,
 ) -> Any:
@@ -31,6 +32,7 @@ def create_statsd_exporter(
     (see its documentation; ``STATSD_HOST``, ``STATSD_PORT``, ``STATSD_PREFIX``,
     ``STATSD_MAXUDPSIZE`` and ``STATSD_IPV6`` fill in what is not given). Raises
     :class:`~cachechain.ConfigError` naming the option for a bad value."""
+    from ._options import DEFAULT_MAX_PACKETS
     from .exporter import StatsdExporter
 
     return StatsdExporter(
@@ -41,6 +43,7 @@ def create_statsd_exporter(
         flush_interval=flush_interval,
         timer_sample_rate=timer_sample_rate,
         max_udp_size=max_udp_size,
+        max_packets=DEFAULT_MAX_PACKETS if max_packets is None else max_packets,
         max_samples=max_samples,
         ipv6=ipv6,
     )
