@@ -1129,12 +1129,13 @@ SECTIONS: dict[str, Callable[[Ctx], Section]] = {
 
 def _sections_of_their_own() -> dict[str, Callable[[Ctx], Section]]:
     """The sections kept in modules next to this script (``coherence.py``: issue 10;
-    ``loads.py``: issue 12; ``threads.py``: issue 14), given this module as their
-    harness."""
+    ``loads.py``: issue 12; ``threads.py`` and ``frameworks.py``: issue 14), given this
+    module as their harness."""
     here = str(Path(__file__).resolve().parent)
     if here not in sys.path:
         sys.path.insert(0, here)
     import coherence
+    import frameworks
     import loads
     import threads
 
@@ -1143,6 +1144,7 @@ def _sections_of_their_own() -> dict[str, Callable[[Ctx], Section]]:
         **coherence.sections(harness),
         **loads.sections(harness),
         **threads.sections(harness),
+        **frameworks.sections(harness),
     }
 
 

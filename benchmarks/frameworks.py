@@ -1,0 +1,103 @@
+"""Benchmark section of issue 14: the Django backend against Django's own caches.
+
+``cache.get`` of a hit and ``cache.get_many`` of 20 hits through
+``cachechain.contrib.django.CachechainCache`` (the default set-up: an in-process L1
+over memcached), Django's ``LocMemCache`` and Django's ``PyMemcacheCache`` on the same
+memcached, interleaved. Django is configured in this process (once) with the three
+aliases.
+
+Registered by ``run.py`` (``_sections_of_their_own``), which hands over its harness.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from itertools import repeat
+from typing import Any
+
+__all__ = ["sections"]
+
+
+def sections(h: Any) -> dict[str, Callable[[Any], Any]]:
+    """The sections, by id, bound to run.py's harness module ``h``."""
+    return {"django": lambda ctx: bench_django(h, ctx)}
+
+
+def _configure(address: str) -> Any:
+    """Django's settings with the three aliases (or None when Django is missing)."""
+    import django
+    from django.conf import settings
+
+    caches = {
+        "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+        "chain": {
+            "BACKEND": "cachechain.contrib.django.CachechainCache",
+            "LOCATION": address,
+            "OPTIONS": {"name": "bench-django"},
+        },
+        "locmem": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+        "pymemcache": {
+            "BACKEND": "django.core.cache.backends.memcached.PyMemcacheCache",
+            "LOCATION": address,
+        },
+    }
+    if not settings.configured:
+        settings.configure(SECRET_KEY="bench", CACHES=caches, USE_TZ=True)
+        django.setup()
+    return settings
+
+
+def bench_django(h: Any, ctx: Any) -> Any:
+    sec = h.Section(
+        "django",
+        "15. Django: cache.get and get_many(20) hits, cachechain vs Django's backends",
+        base="chain_get",
+    )
+    sec.notes.append(
+        "cachechain's default set-up (L1 over memcached: a hit is served by L1), Django's "
+        "LocMemCache (in-process) and PyMemcacheCache (every hit a memcached round trip, "
+        "the same memcached). Values: a dict of 5 fields (pickled by Django's backends, "
+        "signed-pickled by cachechain's memcached layer)."
+    )
+    django, why = h._optional("django")
+    if django is None:
+        sec.error = why
+        return sec
+    _configure(ctx.address)
+    from django.core.cache import caches
+
+    value = {"id": 42, "name": "Ada", "roles": ["admin"], "active": True, "score": 9.5}
+    keys = [f"bench:{i}" for i in range(20)]
+    names = ("chain", "locmem", "pymemcache")
+    for name in names:
+        cache = caches[name]
+        cache.set_many(dict.fromkeys(keys, value), 600)
+        sec.check(f"{name}: get hits", cache.get(keys[0]) == value)
+        sec.check(f"{name}: get_many hits all 20", len(cache.get_many(keys)) == len(keys))
+    contenders = []
+    for name in names:
+        cache = caches[name]
+
+        def get_run(n: int, get: Any = cache.get) -> None:
+            k = keys[0]
+            for _ in repeat(None, n):
+                get(k)
+
+        def many_run(n: int, get_many: Any = cache.get_many) -> None:
+            for _ in repeat(None, n):
+                get_many(keys)
+
+        contenders += [
+            h.Contender(f"{name}_get", f"{name}: cache.get (hit)", get_run),
+            h.Contender(f"{name}_many", f"{name}: cache.get_many(20) (hits)", many_run),
+        ]
+    h.run_section(sec, contenders, ctx.n(2_000), ctx.remote_rounds)
+    sec.goals += [
+        h.Goal("cachechain get vs LocMemCache get", "chain_get", "locmem_get", "info"),
+        h.Goal("cachechain get vs PyMemcacheCache get", "chain_get", "pymemcache_get", "info"),
+        h.Goal("cachechain get_many vs LocMemCache", "chain_many", "locmem_many", "info"),
+        h.Goal("cachechain get_many vs PyMemcacheCache", "chain_many", "pymemcache_many", "info"),
+    ]
+    for name in names:
+        caches[name].close()
+    return sec
