@@ -13,6 +13,8 @@ writes POST (no CSRF middleware in this app).
   timeout)``... and what it returned (``result``); ``incr`` of a key the cache does
   not have answers 409 with the error (Django raises ``ValueError``).
 - ``GET  get``: ``cache.get(key)`` as ``value``.
+- ``GET  get_many?keys=a,b,c``: ``cache.get_many(keys)`` as ``values`` (the benchmark's
+  view of many keys).
 - Sessions (cache-backed, ``SESSION_ENGINE`` of ``app.py``), as ``django.contrib.auth``
   handles them but with no user table: ``POST login?user=NAME`` (a new session key,
   ``user`` and an empty ``cart``), ``POST cart?item=ITEM`` (appends to the cart when
@@ -83,6 +85,11 @@ def get(request: HttpRequest) -> JsonResponse:
     return _reply(value=cache.get(request.GET["key"]))
 
 
+@require_GET
+def get_many(request: HttpRequest) -> JsonResponse:
+    return _reply(values=cache.get_many(request.GET["keys"].split(",")))
+
+
 @require_POST
 def login(request: HttpRequest) -> JsonResponse:
     request.session.cycle_key()  # as django.contrib.auth.login: no session fixation
@@ -118,6 +125,7 @@ urlpatterns = [
     path("clear", clear),
     path("incr", incr),
     path("get", get),
+    path("get_many", get_many),
     path("login", login),
     path("cart", cart),
     path("whoami", whoami),
