@@ -218,3 +218,22 @@ def test_fill_many_stores_each_item_with_its_own_ttl() -> None:
     with pytest.raises(InvalidValueError):
         layer.fill_many([("d", 4, float("nan"))])
     assert layer.get("d") is MISSING
+
+
+def test_a_batch_fill_keeps_cachetools_consistent() -> None:
+    """``fill_many`` writes straight into cachetools' dict, order and count (where it
+    keeps no sizes): cachetools' own operations must still agree with it."""
+    layer = MemoryLayer(maxsize=4, default_ttl=None)
+    layer.set("a", 1)
+    layer.set("b", 2)
+    layer.fill_many([("c", 3, None), ("a", 10, None), ("d", 4, None), ("e", 5, None)])
+    data = layer._data
+    assert data.currsize == len(data) == 4  # b (the least recent) made room for e
+    assert list(layer._order) == ["c", "a", "d", "e"] and layer.get("b") is MISSING
+    assert layer.get("a") == 10 and layer.stats().evictions == 1
+    layer.set("f", 6)  # cachetools' own __setitem__ evicts the least recent, c
+    assert layer.get("c") is MISSING and data.currsize == len(data) == 4
+    layer.delete("d")
+    assert data.currsize == len(data) == 3
+    layer.fill_many([(f"k{i}", i, None) for i in range(10)])
+    assert data.currsize == len(data) == 4 and layer.stats().evictions == 2 + 9

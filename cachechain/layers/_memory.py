@@ -30,6 +30,7 @@ removed only once its physical expiry (``expires_at``) has passed.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import OrderedDict, deque
@@ -78,6 +79,39 @@ class _CountingLRU(LRUCache[str, _Item]):
         item = LRUCache.popitem(self)
         self.evictions += 1
         return item
+
+    def put_many(self, pairs: Iterable[tuple[str, _Item]]) -> None:
+        """``self[key] = item`` for each pair, in order, making room as ``__setitem__``
+        does (the least recent entries go, counted). Where cachetools keeps no sizes
+        (cachetools 8: ``getsizeof`` not given), straight on its dict, order and count,
+        which saves its per-item Python calls (a batch backfill's main cost); else
+        through ``__setitem__``."""
+        if getattr(self, "_Cache__size", 0) is not None:  # another cachetools: the slow way
+            for key, item in pairs:
+                self[key] = item
+            return
+        data: dict[str, _Item] = self._Cache__data  # type: ignore[attr-defined]
+        order: OrderedDict[str, None] = self._LRUCache__order  # type: ignore[attr-defined]
+        maxsize = self.maxsize
+        size: int = getattr(self, "_Cache__currsize")  # noqa: B009 - cachetools' own count
+        evicted = 0
+        try:
+            for key, item in pairs:
+                if key in data:
+                    data[key] = item
+                    order.move_to_end(key)
+                    continue
+                while size >= maxsize:
+                    old, _ = order.popitem(last=False)
+                    del data[old]
+                    size -= 1
+                    evicted += 1
+                data[key] = item
+                order[key] = None
+                size += 1
+        finally:
+            setattr(self, "_Cache__currsize", size)  # noqa: B010
+            self.evictions += evicted
 
 
 @dataclass(frozen=True)
@@ -249,17 +283,20 @@ class MemoryLayer(BaseLayer):
         layer (values of other layers, never :class:`Stamped`). Raises
         :class:`~cachechain.InvalidValueError` for a bad TTL (nothing is stored)."""
         now = self._clock()
-        effective = self.effective_ttl
-        entries = [
-            (key, (value, None if (t := effective(ttl)) is None else now + t))
-            for key, value, ttl in items
-        ]
-        data = self._data
+        default, cap = self.default_ttl, self._max_ttl
+        entries: list[tuple[str, _Item]] = []
+        for key, value, ttl in items:
+            if ttl is None:
+                ttl = default
+            elif ttl.__class__ is not float or not 0.0 < ttl < math.inf:
+                ttl = self.effective_ttl(ttl)  # validated (raises for a bad one)
+            if ttl is not None and cap is not None and ttl > cap:
+                ttl = cap
+            entries.append((key, (value, None if ttl is None else now + ttl)))
         with self._lock:
             if self._reads:
                 self._replay_locked()
-            for key, item in entries:
-                data[key] = item
+            self._data.put_many(entries)
 
     def delete(self, key: str) -> None:
         """Remove ``key`` if present."""
