@@ -237,3 +237,16 @@ def test_a_batch_fill_keeps_cachetools_consistent() -> None:
     assert data.currsize == len(data) == 3
     layer.fill_many([(f"k{i}", i, None) for i in range(10)])
     assert data.currsize == len(data) == 4 and layer.stats().evictions == 2 + 9
+
+
+def test_a_set_keeps_cachetools_consistent() -> None:
+    """``set`` writes straight into cachetools' dict, order and count too."""
+    layer = MemoryLayer(maxsize=2, default_ttl=None)
+    data = layer._data
+    for key in ("a", "b", "a", "c", "d"):
+        layer.set(key, key)
+        assert data.currsize == len(data) == len(layer._order) <= 2
+    assert list(layer._order) == ["c", "d"] and layer.stats().evictions == 2
+    layer.delete("c")
+    layer.set_many({"e": 1, "f": 2})  # cachetools' own __setitem__: evicts d
+    assert list(layer._order) == ["e", "f"] and data.currsize == 2

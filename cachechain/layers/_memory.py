@@ -72,6 +72,13 @@ class _CountingLRU(LRUCache[str, _Item]):
 
     evictions = 0
 
+    def __init__(self, maxsize: int) -> None:
+        super().__init__(maxsize)
+        #: Whether :meth:`put` may write cachetools' own dict, order and count (it
+        #: keeps no per-item sizes: cachetools 8 without ``getsizeof``).
+        self.direct = getattr(self, "_Cache__size", 0) is None
+        self._bound = maxsize  # cachetools' maxsize is a property: read on every put
+
     def __missing__(self, key: str) -> _Item:
         return _ABSENT  # type: ignore[no-any-return]
 
@@ -80,13 +87,34 @@ class _CountingLRU(LRUCache[str, _Item]):
         self.evictions += 1
         return item
 
+    def put(self, key: str, item: _Item) -> None:
+        """``self[key] = item``, making room as ``__setitem__`` does; see :meth:`put_many`."""
+        if not self.direct:
+            self[key] = item
+            return
+        data: dict[str, _Item] = self._Cache__data  # type: ignore[attr-defined]
+        order: OrderedDict[str, None] = self._LRUCache__order  # type: ignore[attr-defined]
+        if key in data:
+            data[key] = item
+            order.move_to_end(key)
+            return
+        size: int = self._Cache__currsize  # type: ignore[has-type]
+        while size >= self._bound:
+            old, _ = order.popitem(last=False)
+            del data[old]
+            size -= 1
+            self.evictions += 1
+        data[key] = item
+        order[key] = None
+        self._Cache__currsize = size + 1
+
     def put_many(self, pairs: Iterable[tuple[str, _Item]]) -> None:
         """``self[key] = item`` for each pair, in order, making room as ``__setitem__``
         does (the least recent entries go, counted). Where cachetools keeps no sizes
         (cachetools 8: ``getsizeof`` not given), straight on its dict, order and count,
         which saves its per-item Python calls (a batch backfill's main cost); else
         through ``__setitem__``."""
-        if getattr(self, "_Cache__size", 0) is not None:  # another cachetools: the slow way
+        if not self.direct:  # another cachetools: the slow way
             for key, item in pairs:
                 self[key] = item
             return
@@ -258,7 +286,7 @@ class MemoryLayer(BaseLayer):
         with self._lock:
             if self._reads:
                 self._replay_locked()
-            self._data[key] = item
+            self._data.put(key, item)
 
     def set_many(self, items: Mapping[str, Any], ttl: float | None = None) -> list[str]:
         """Store every item under one lock acquisition; nothing is ever rejected."""
