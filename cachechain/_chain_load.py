@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
 from . import _chain_cached, _failsafe, _lease, _refresh
 from ._config import LeaseConfig
-from ._errors import ChainClosedError, InvalidValueError
+from ._errors import ChainClosedError, InvalidValueError, Uncacheable
 from ._failsafe import Candidate
 from ._load_policy import DEFAULT, Default, LoadPolicy
 from ._loads import LoadJob
@@ -53,7 +53,14 @@ from .metrics._base import CollectorGuard
 if TYPE_CHECKING:
     from ._chain import Chain
 
-__all__ = ["LoaderOps", "get_or_load", "invoke_loader", "load_and_store", "load_leased"]
+__all__ = [
+    "LoaderOps",
+    "Uncacheable",
+    "get_or_load",
+    "invoke_loader",
+    "load_and_store",
+    "load_leased",
+]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -61,7 +68,7 @@ R = TypeVar("R")
 _perf = time.perf_counter
 
 #: Errors that are never the loader's failure: no fail-safe value replaces them.
-_NOT_FAILURES = (ReentrantLoadError, ChainClosedError)
+_NOT_FAILURES = (ReentrantLoadError, ChainClosedError, Uncacheable)
 
 
 class LoaderOps:

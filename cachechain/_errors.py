@@ -14,6 +14,7 @@ programmer errors (an invalid key, a closed chain, a bad configuration).
 from __future__ import annotations
 
 import socket
+from typing import Any
 
 __all__ = [
     "CacheError",
@@ -27,6 +28,7 @@ __all__ = [
     "LayerTimeoutError",
     "LayerUnavailableError",
     "PoolExhaustedError",
+    "Uncacheable",
     "WriteInDoubtError",
     "classify_error",
     "trips_breaker",
@@ -174,3 +176,14 @@ def trips_breaker(exc: BaseException) -> bool:
     if isinstance(exc, CacheError):
         return exc.trips_breaker
     return True
+
+
+class Uncacheable(Exception):
+    """Raised by a loader to hand ``value`` to the callers of ``get_or_load`` without
+    caching it: it is not stored, it is not a failure (no fail-safe value replaces it,
+    the throttle is not held), and every caller waiting for that load gets it raised
+    too (for the framework backends: a response a filter refuses, an HTTP error)."""
+
+    def __init__(self, value: Any) -> None:
+        super().__init__("a value not to cache")
+        self.value = value

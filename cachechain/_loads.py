@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from ._background import BackgroundLoads
 from ._config import LeaseConfig, LoadConfig
-from ._errors import ChainClosedError, ConfigError, InvalidValueError
+from ._errors import ChainClosedError, ConfigError, InvalidValueError, Uncacheable
 from ._failsafe import FirstRead, Throttle, first_reader
 from ._load_policy import DEFAULT, Default, LoadPolicy, Policies
 from ._logonce import LogOnce
@@ -94,8 +94,8 @@ class LoadJob:
             value, self.stored = self.load(
                 self.chain, self.key, self.loader, self.ttl, self.policy, recheck=self.recheck
             )
-        except Exception:
-            if self.policy.fail_safe or not self.recheck:
+        except Exception as exc:
+            if (self.policy.fail_safe or not self.recheck) and not isinstance(exc, Uncacheable):
                 throttle.hold(self.key, self.policy.throttle)
             raise
         throttle.release(self.key)

@@ -15,7 +15,8 @@ from typing import Any
 
 import flask_caching
 import pytest
-from flask import Flask
+from flask import Flask, Response, abort, request
+from flask_caching import CachedResponse
 
 from cachechain import ConfigError, InvalidValueError
 from cachechain._resilience import unwrapped
@@ -253,3 +254,123 @@ def test_methods_generators_and_none_behave_as_with_flask_caching(sites: list[Si
         assert chunks() == "ab" == chunks() and site.calls["chunks"] == 1
         assert nothing() is None and nothing() is None
         assert site.calls["nothing"] == 2
+
+
+# -- found by review: Flask-Caching's own rules, kept --------------------------------
+
+
+def _expiring(site: Site) -> FakeClock:
+    """An injected clock for the site's in-process layer (its entries expire on it)."""
+    clock = FakeClock()
+    unwrapped(site.backend.chain.layers[0])._clock = clock  # type: ignore[attr-defined]
+    return clock
+
+
+def test_a_callback_that_reads_the_cache_does_not_take_the_views_key(
+    sites: list[Site],
+) -> None:
+    """The last read before the call is Flask-Caching's own: a ``make_cache_key`` that
+    reads the cache (a generation, as apps do) must not get the page stored under
+    its key."""
+    site = Site("callback", None, "")
+    sites.append(site)
+    cache = site.cache
+
+    def key() -> str:
+        return "page:%s" % (cache.get("generation") or 0)
+
+    @site.app.route("/p")
+    @cache.cached(timeout=60, make_cache_key=key)
+    def page() -> str:
+        return "the page"
+
+    assert site.app.test_client().get("/p").data == b"the page"
+    with site.app.app_context():
+        assert cache.get("generation") is None
+        assert cache.get("page:0") == "the page"
+
+
+def test_a_timed_load_runs_the_view_in_the_requests_context(sites: list[Site]) -> None:
+    """A load that a caller may stop waiting for runs on another thread: the view still
+    sees its ``request`` (a copy of the request's context)."""
+    site = Site("timed", None, "", fail_safe_max_age=60)
+    sites.append(site)
+    clock = _expiring(site)
+    calls: list[str] = []
+
+    @site.app.route("/h")
+    @site.cache.cached(timeout=1, query_string=True, hard_timeout=5.0)
+    def hard() -> str:
+        return "hello " + request.args.get("n", "?")
+
+    @site.app.route("/s")
+    @site.cache.cached(timeout=1, fail_safe=True, soft_timeout=5.0)
+    def soft() -> str:
+        calls.append(request.path)
+        return "page"
+
+    client = site.app.test_client()
+    reply = client.get("/h?n=1")
+    assert reply.status_code == 200 and reply.data == b"hello 1"
+    assert client.get("/s").data == b"page"
+    clock.advance(2)  # expired: a fail-safe value exists, the reload is timed
+    assert client.get("/s").data == b"page" and calls == ["/s", "/s"]
+
+
+def test_an_http_error_or_none_is_no_failure_and_no_fail_safe_value(
+    sites: list[Site],
+) -> None:
+    """An ``abort(404)`` and a ``None`` result are Flask-Caching's answers, not loader
+    failures: fail-safe does not replace them with the previous value."""
+    site = Site("answers", None, "", fail_safe=True, fail_safe_max_age=60)
+    sites.append(site)
+    clock = _expiring(site)
+    state = {"gone": False}
+    users = {1: "ann"}
+
+    @site.app.route("/item")
+    @site.cache.cached(timeout=1, response_filter=lambda r: getattr(r, "status_code", 200) == 200)
+    def item() -> str:
+        if state["gone"]:
+            abort(404)
+        return "item"
+
+    @site.cache.memoize(1)
+    def user(uid: int) -> str | None:
+        return users.get(uid)
+
+    client = site.app.test_client()
+    assert client.get("/item").status_code == 200
+    with site.app.app_context():
+        assert user(1) == "ann"
+    state["gone"] = True
+    del users[1]
+    clock.advance(2)
+    assert client.get("/item").status_code == 404
+    with site.app.app_context():
+        assert user(1) is None  # not the previous "ann"
+
+
+def test_a_cached_response_keeps_its_own_timeout(sites: list[Site]) -> None:
+    site = Site("cached-response", None, "")
+    sites.append(site)
+
+    @site.app.route("/r")
+    @site.cache.cached(timeout=300)
+    def page() -> Any:
+        return CachedResponse(Response("x"), timeout=1)
+
+    assert site.app.test_client().get("/r").status_code == 200
+    l1: Any = unwrapped(site.backend.chain.layers[0])
+    [key] = [k for k in l1._entries if "/r" in k]
+    ttl = l1.get_with_ttl(key)[1]
+    assert ttl is not None and ttl <= 1.0
+
+
+def test_eager_refresh_is_refused_on_the_decorators(sites: list[Site]) -> None:
+    site = Site("eager", None, "")
+    sites.append(site)
+    with pytest.raises(InvalidValueError, match="eager_refresh is not available"):
+        site.cache.cached(60, eager_refresh=0.8)
+    with pytest.raises(InvalidValueError, match="eager_refresh is not available"):
+        site.cache.memoize(60, eager_refresh=0.8)

@@ -25,6 +25,7 @@ from cachechain import (
     ReentrantLoadError,
 )
 from cachechain._config import LoadConfig
+from cachechain._errors import Uncacheable
 from cachechain.testing import FakeClock, FakeLayer
 from cachechain.testing._threads import run_together
 
@@ -570,4 +571,22 @@ def test_a_hit_below_past_its_refresh_point_starts_a_refresh(clock: FakeClock) -
     assert chain.get_or_load("k", db, ttl=TTL) == "v1"
     assert chain._loads.background.wait_idle(5)
     assert db.calls == 2
+    chain.close()
+
+
+def test_an_uncacheable_value_is_handed_over_not_failed_not_stored(clock: FakeClock) -> None:
+    """``Uncacheable`` (what a framework backend raises for a response it must not
+    cache): every caller gets it raised, nothing is stored, no fail-safe value replaces
+    it and the loader is not throttled."""
+    chain, _, _ = make_chain(clock, fail_safe=True, fail_safe_throttle=5.0)
+    chain.get_or_load("k", lambda: "old", ttl=TTL)
+    clock.advance(TTL)  # expired: "old" is a fail-safe candidate
+
+    def refuse() -> Any:
+        raise Uncacheable("not this one")
+
+    with pytest.raises(Uncacheable) as caught:
+        chain.get_or_load("k", refuse, ttl=TTL)
+    assert caught.value.value == "not this one"
+    assert chain.get_or_load("k", lambda: "new", ttl=TTL) == "new"  # not throttled
     chain.close()

@@ -295,3 +295,45 @@ def test_a_wait_that_ends_without_a_value_serves_the_fail_safe_copy(
     assert figures.fail_safe_by_reason == {"lease_wait": 1}
     assert lease_figures(b) == {"timed_out": 1}
     assert b.get_or_load("k", lambda: pytest.fail("b loaded"), 1) == "v2"  # a's, from memcached
+
+
+@pytest.mark.parametrize("max_age", [60.0, 40 * 24 * 3600.0])
+def test_a_failed_load_gives_back_a_copy_kept_past_30_days(
+    make: Callable[..., Chain], clocks: Clocks, memcached: MemcachedProcess, max_age: float
+) -> None:
+    """memcached reads a TTL above 30 days as a unix time: the release gives such a copy
+    its time back as one (found by review: a 40-day copy was deleted at once)."""
+    options = {"fail_safe": True, "fail_safe_max_age": max_age}
+    a = make(**options)
+    assert a.get_or_load("k", lambda: "v1", 1) == "v1"
+    assert a.flush()
+    clocks.advance(2)
+    b = make(**options)
+    assert b.get_or_load("k", boom, 1) == "v1"
+    assert lease_figures(b) == {"won": 1}
+    assert item_ttl(memcached, b, "k") > 30
+    c = make(**options)
+    assert c.get_or_load("k", boom, 1) == "v1"
+
+
+def test_a_copy_that_expired_during_a_slow_failed_load_is_put_back(
+    make: Callable[..., Chain], clocks: Clocks, memcached: MemcachedProcess
+) -> None:
+    """Marked for the lease, the copy lives the lease's TTL (1 s here); a load slower
+    than that which then fails must not leave every process without the copy (found
+    by review). The load's slowness is the database's own, real time."""
+    options = {"fail_safe": True, "fail_safe_max_age": 600.0}
+    a = make(**options)
+    assert a.get_or_load("k", lambda: "v1", 1) == "v1"
+    assert a.flush()
+    clocks.advance(2)
+    b = make(**options, lease=LeaseConfig(ttl=1.0))
+
+    def slow_then_down() -> Any:
+        time.sleep(2.2)  # past the lease's TTL (memcached's clock: 1 s, to the second)
+        raise ConnectionError("the database is down")
+
+    assert b.get_or_load("k", slow_then_down, 1) == "v1"
+    assert item_ttl(memcached, b, "k") > 30  # put back, with its own time
+    c = make(**options)
+    assert c.get_or_load("k", boom, 1) == "v1"

@@ -250,3 +250,13 @@ def test_a_set_keeps_cachetools_consistent() -> None:
     layer.delete("c")
     layer.set_many({"e": 1, "f": 2})  # cachetools' own __setitem__: evicts d
     assert list(layer._order) == ["e", "f"] and data.currsize == 2
+
+
+def test_add_replays_the_reads_before_it_evicts() -> None:
+    """Found by review: ``add`` evicted without the reads since the last replay."""
+    layer = MemoryLayer(maxsize=2, default_ttl=None)
+    layer.set("a", 1)
+    layer.set("b", 2)
+    assert layer.get("a") == 1  # read: recent
+    assert layer.add("c", 3)
+    assert list(layer._order) == ["a", "c"] and layer.get("b") is MISSING

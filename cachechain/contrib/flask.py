@@ -65,9 +65,11 @@ fail-safe options: see below). What to know:
   arguments): its decorators call the function through
   :meth:`CachechainBackend.get_or_load` (:meth:`Chain.get_or_load
   <cachechain.Chain.get_or_load>`): once per key among the threads, and the workers
-  (memcached's lease), and with ``fail_safe``, ``soft_timeout``, ``hard_timeout``,
-  ``eager_refresh`` and ``lease`` per decorator, their defaults in
-  ``CACHE_OPTIONS["load"]`` (:class:`~cachechain.LoadConfig`).
+  (memcached's lease), and with ``fail_safe``, ``soft_timeout``, ``hard_timeout`` and
+  ``lease`` per decorator, their defaults in ``CACHE_OPTIONS["load"]``
+  (:class:`~cachechain.LoadConfig`). Not ``eager_refresh``: a hit is answered by
+  Flask-Caching's own read. A ``forced_update`` (or ``is_stale``) stores through
+  Flask-Caching's ``set``: that entry keeps no fail-safe copy.
 - ``clear()`` empties the cache for every process sharing the memcached
   (:meth:`Chain.clear <cachechain.Chain.clear>`: the namespace generation moves, so
   other applications' keys on the same servers stay) and returns True; False while
@@ -77,6 +79,7 @@ fail-safe options: see below). What to know:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime as dt
 import functools
 import inspect
@@ -88,11 +91,13 @@ from typing import Any, cast
 
 import flask_caching
 from flask import Flask
+from flask_caching import CachedResponse
 from flask_caching.backends.base import BaseCache
+from werkzeug.exceptions import HTTPException
 
 from .._chain import Chain
 from .._chain_atomic import UnconfirmedError
-from .._errors import ConfigError
+from .._errors import ConfigError, InvalidValueError, Uncacheable
 from .._validate import check_key
 from ..layers._base import MISSING
 from . import (
@@ -392,14 +397,18 @@ class Cache(flask_caching.Cache):
     function through :meth:`CachechainBackend.get_or_load` when the app's backend is a
     :class:`CachechainBackend`: one call per key however many threads, and with the
     lease however many workers, miss at once; and, with the decorator's own
-    ``fail_safe``, ``soft_timeout``, ``hard_timeout``, ``eager_refresh`` and ``lease``
-    (or ``CACHE_OPTIONS["load"]``), fail-safe values, loader timeouts and eager
-    refresh. Everything else is Flask-Caching's (keys, ``unless``, ``forced_update``,
-    ``cache_none``, signals, ``delete_memoized``...). A ``response_filter`` that
-    refuses a result keeps it from the cache; with fail-safe on, the previous value is
-    served instead. Another backend: the decorators are Flask-Caching's, unchanged (a
-    loader option given to one then raises :class:`~cachechain.ConfigError` when the
-    decorated function misses).
+    ``fail_safe``, ``soft_timeout``, ``hard_timeout`` and ``lease`` (or
+    ``CACHE_OPTIONS["load"]``), fail-safe values and loader timeouts (a timed load runs
+    the function on another thread, in a copy of the request's context). Everything
+    else is Flask-Caching's (keys, ``unless``, ``forced_update``, ``cache_none``,
+    ``CachedResponse`` timeouts, signals, ``delete_memoized``...). What Flask-Caching
+    keeps out of the cache (a result its ``response_filter`` refuses, ``None`` without
+    ``cache_none``, an ``HTTPException``, which ``cached`` stores itself) is not a
+    failure: no fail-safe value replaces it. Another backend: the decorators are
+    Flask-Caching's, unchanged (a loader option given to one then raises
+    :class:`~cachechain.ConfigError` when the decorated function misses).
+    ``eager_refresh`` raises :class:`~cachechain.InvalidValueError`: a hit is answered
+    by Flask-Caching's own read, which never reaches ``get_or_load``.
 
     Use it in place of ``flask_caching.Cache``::
 
@@ -420,7 +429,7 @@ class Cache(flask_caching.Cache):
     def cached(self, *args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], Any]:
         """Flask-Caching's ``cached`` (same arguments), plus the loader options of
         :meth:`Chain.get_or_load <cachechain.Chain.get_or_load>` as keywords."""
-        options = {n: kwargs.pop(n) for n in LOAD_OPTIONS if n in kwargs}
+        options = _options(kwargs)
         bound = _bind(flask_caching.Cache.cached, self, args, kwargs)
         decorator = super().cached(*args, **kwargs)
         return self._loading(decorator, options, bound)
@@ -428,7 +437,7 @@ class Cache(flask_caching.Cache):
     def memoize(self, *args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], Any]:
         """Flask-Caching's ``memoize`` (same arguments), plus the loader options of
         :meth:`Chain.get_or_load <cachechain.Chain.get_or_load>` as keywords."""
-        options = {n: kwargs.pop(n) for n in LOAD_OPTIONS if n in kwargs}
+        options = _options(kwargs)
         bound = _bind(flask_caching.Cache.memoize, self, args, kwargs)
         decorator = super().memoize(*args, **kwargs)
         return self._loading(decorator, options, bound)
@@ -459,12 +468,14 @@ class Cache(flask_caching.Cache):
         return super()._memoize_version(f, *args, **kwargs)
 
     def get(self, *args: Any, **kwargs: Any) -> Any:
-        """Flask-Caching's ``get``; inside a decorated call, a miss is remembered so that
-        the function is then called through ``get_or_load``."""
+        """Flask-Caching's ``get``; inside a decorated call, the key of a miss is
+        remembered so that the function is then called through ``get_or_load``. The
+        last read before the call decides: Flask-Caching's own read of the key comes
+        after any made by the app's callbacks (``make_cache_key``, ``unless``...)."""
         value = super().get(*args, **kwargs)
         frame = getattr(self._frames, "frame", None)
-        if frame is not None and value is None and args and frame.missed is None:
-            frame.missed = args[0]
+        if frame is not None and args:
+            frame.missed = args[0] if value is None else None
         return value
 
     def set(self, *args: Any, **kwargs: Any) -> bool | None:
@@ -490,9 +501,15 @@ class Cache(flask_caching.Cache):
             return super()._call_fn(fn, *args, **kwargs)
         key, frame.missed = frame.missed, None
         loading = frame.loading
+        # A timed load runs on another thread: it gets this one's app and request.
+        context = contextvars.copy_context()
+        call = super()._call_fn
 
         def load() -> Any:
-            value = super(Cache, self)._call_fn(fn, *args, **kwargs)
+            try:
+                value = context.copy().run(call, fn, *args, **kwargs)
+            except HTTPException as exc:  # Flask-Caching's answer, not a failure
+                raise _Refused(exc, raised=True) from exc
             if inspect.isgenerator(value):  # as Flask-Caching stores one
                 value = _joined(value)
             if loading.refuses(value):
@@ -502,9 +519,12 @@ class Cache(flask_caching.Cache):
         try:
             value = backend.get_or_load(key, load, loading.timeout(), **loading.options)
         except _Refused as refused:
+            if refused.raised:
+                raise refused.value from None  # as a direct call would (cached stores it)
             frame.stored = key  # nor by Flask-Caching's set (it would store a None)
             return refused.value
-        frame.stored = key
+        if not (isinstance(value, CachedResponse) and value.timeout):
+            frame.stored = key  # else Flask-Caching's set stores it for its own timeout
         return value
 
 
@@ -519,14 +539,15 @@ def _joined(generator: Any) -> Any:
     return chunks
 
 
-class _Refused(Exception):
-    """A decorated function's result that its ``response_filter`` (or, without
-    ``cache_none``, Flask-Caching's rule that ``None`` is never served) keeps from the cache:
-    raised through ``get_or_load`` (nothing is stored) and returned to the caller."""
+class _Refused(Uncacheable):
+    """A decorated function's result that stays out of the cache and is not a failure
+    (no fail-safe value replaces it): refused by its ``response_filter``, ``None``
+    without ``cache_none`` (Flask-Caching never serves it), or an ``HTTPException``
+    it raised (``raised``: raised again to the caller, as Flask-Caching does)."""
 
-    def __init__(self, value: Any) -> None:
-        super().__init__("refused by the response filter")
-        self.value = value
+    def __init__(self, value: Any, *, raised: bool = False) -> None:
+        super().__init__(value)
+        self.raised = raised
 
 
 class _Loading:
@@ -592,6 +613,19 @@ class _Loading:
 
     def __setattr__(self, name: str, value: Any) -> None:
         setattr(self._inner, name, value)
+
+
+def _options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The loader options among a decorator's ``kwargs`` (removed from them). Raises
+    :class:`~cachechain.InvalidValueError` for ``eager_refresh``: a hit is answered by
+    Flask-Caching's own read, which never reaches ``get_or_load``, so a refresh could
+    never start."""
+    if kwargs.get("eager_refresh") is not None:
+        raise InvalidValueError(
+            "eager_refresh is not available on Flask-Caching's decorators (their hits "
+            "never reach get_or_load): decorate with the chain's cached() instead"
+        )
+    return {n: kwargs.pop(n) for n in LOAD_OPTIONS if n in kwargs}
 
 
 def _bind(method: Callable[..., Any], cache: Cache, args: Any, kwargs: Any) -> dict[str, Any]:

@@ -84,7 +84,7 @@ from ._memcached_keys import (
     memcached_key,
 )
 from ._memcached_lease import MemcachedLeaseOps
-from ._memcached_values import MemcachedValues
+from ._memcached_values import MemcachedValues, exptime
 from ._pool import Node, NodeDownError, Pool
 from ._servers import parse_servers
 
@@ -100,21 +100,6 @@ __all__ = [
     "NodeDownError",
     "memcached_key",
 ]
-
-#: memcached reads an expiry above 30 days (in seconds) as an absolute unix time.
-_RELATIVE_EXPIRY_LIMIT = 30 * 24 * 3600
-#: The largest absolute expiry memcached parses (a signed 32-bit time).
-_MAX_ABSOLUTE_EXPIRY = 2**31 - 1
-
-
-def _exptime(ttl: float, expires_at: float) -> int:
-    """memcached's exptime for an entry that lives ``ttl`` seconds, until unix time
-    ``expires_at``: the TTL rounded up to whole seconds, or past 30 days the absolute
-    time (0, no expiry, past 2038: the envelope still expires the entry)."""
-    if ttl <= _RELATIVE_EXPIRY_LIMIT:
-        return math.ceil(ttl)
-    absolute = math.ceil(expires_at)
-    return absolute if absolute <= _MAX_ABSOLUTE_EXPIRY else 0
 
 
 @dataclass(frozen=True)
@@ -337,7 +322,7 @@ class MemcachedLayer(MemcachedLeaseOps, MemcachedAtomicOps, MemcachedValues, Bas
         if not math.isfinite(ttl):
             raise InvalidValueError(f"ttl must be a finite number of seconds, got {ttl!r}")
         expires_at = self._clock() + ttl
-        return expires_at, _exptime(ttl, expires_at)
+        return expires_at, exptime(ttl, expires_at)
 
     def set(self, key: str, value: Any, ttl: float | None = None) -> None:
         """Store ``value`` for ``ttl`` seconds (``None``: ``default_ttl``) and wait for

@@ -25,7 +25,9 @@ in "Scaling Memcache at Facebook" (NSDI 2013, 3.2.1), with memcached's own comma
   instead (``md <key> I C<cas> T<ttl>``): it stays readable, goes to the next client,
   and gets back the time its envelope says it is kept, which the mark for the lease
   had cut to the lease's TTL (so a winner that dies blocks nobody past it; a fail-safe
-  copy then lives on only in the processes' in-process layers).
+  copy then lives on only in the processes' in-process layers). A copy that expired
+  while the load ran (a load slower than the lease's TTL, then failed) is put back with
+  ``add``, so only if nothing was stored since.
 
 The stub is an empty value. The layer never stores one (every value is an envelope,
 with a header), so every reader of the layer takes an empty value for a miss
@@ -62,6 +64,7 @@ from .._validate import check_seconds
 from ._base import MISSING, Lease
 from ._counters import COUNTER_FLAG_BYTES, RawCounter
 from ._memcached_keys import map_key
+from ._memcached_values import exptime
 from ._wire import Connection, ValueTooLargeError, _raise_for
 
 if TYPE_CHECKING:
@@ -160,18 +163,26 @@ def _won_meta(layer: MemcachedLayer, node: Node, mkey: bytes, got: _Got) -> Leas
     client, and gets back the time it had to live (marking it for the lease gave it the
     lease's TTL, so that a winner that dies blocks nobody past it): a fail-safe copy
     outlives a failed load, for every process."""
-    if not got.data:
-        flags = b"C" + got.cas
-    else:
-        keep = _seconds_kept(got.data, layer._clock())
+    data = got.data
+    if not data:
+        return Lease(won=True, release=lambda: _md(layer, node, mkey, b"C" + got.cas))
+
+    def release() -> None:
+        # Its TTL given back (it is read now: the load took a while); a copy that
+        # expired meanwhile (the load outlived the lease's TTL) is put back, if absent.
+        keep = _kept_exptime(data, layer._clock())
         flags = b"I C" + got.cas + (b"" if keep is None else b" T%d" % keep)
-    return Lease(won=True, release=lambda: _md(layer, node, mkey, flags))
+        if not _md(layer, node, mkey, flags) and keep is not None:
+            _restore(layer, node, mkey, data, keep)
+
+    return Lease(won=True, release=release)
 
 
-def _seconds_kept(data: bytes, now: float) -> int | None:
-    """memcached's TTL that gives the entry ``data`` back the time its envelope says it
-    is kept (``0``: for ever), or None when there is none to give back (a counter,
-    bytes that are not an envelope, an entry past its time)."""
+def _kept_exptime(data: bytes, now: float) -> int | None:
+    """memcached's exptime that gives the entry ``data`` back the time its envelope
+    says it is kept (``0``: for ever; past 30 days a unix time, as every write of the
+    layer), or None when there is none to give back (a counter, bytes that are not an
+    envelope, an entry past its time)."""
     if data.__class__ is RawCounter:
         return None
     try:
@@ -181,7 +192,14 @@ def _seconds_kept(data: bytes, now: float) -> int | None:
     if expires_at is None:
         return 0
     left = expires_at - now
-    return math.ceil(left) if left > 0 else None
+    return exptime(left, expires_at) if left > 0 else None
+
+
+def _restore(layer: MemcachedLayer, node: Node, mkey: bytes, data: bytes, keep: int) -> None:
+    """Put a stale copy that expired during a failed load back, only if the key is
+    absent (``add``: a value or a lease stored since wins)."""
+    pool = layer._pool
+    pool.call_once(node, "add", mkey, data, keep, pool.deadline(), keys=(mkey,))
 
 
 def _live(layer: MemcachedLayer, data: bytes, mkey: bytes) -> Lease | None:
@@ -196,12 +214,13 @@ def _live(layer: MemcachedLayer, data: bytes, mkey: bytes) -> Lease | None:
     return None if value is MISSING else Lease(value=value, ttl=remaining)
 
 
-def _md(layer: MemcachedLayer, node: Node, mkey: bytes, flags: bytes) -> None:
+def _md(layer: MemcachedLayer, node: Node, mkey: bytes, flags: bytes) -> bool:
     """Release a won lease with ``md <key> <flags>`` (their ``C`` names the version this
-    caller won: a later lease or value is never touched)."""
+    caller won: a later lease or value is never touched); return whether memcached
+    still held that version."""
     pool = layer._pool
     pool.check_open()
-    pool.call(node, _md_command, mkey, flags, pool.deadline())
+    return bool(pool.call(node, _md_command, mkey, flags, pool.deadline()))
 
 
 def _speaks_meta(conn: Connection, deadline: float) -> bool:

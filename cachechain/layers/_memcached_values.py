@@ -16,6 +16,7 @@ thread reads stamps.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -26,7 +27,22 @@ from ._base import MISSING
 from ._counters import RawCounter, read_raw
 from ._stamps import Found, Stamped, stamps_wanted
 
-__all__ = ["MemcachedValues"]
+__all__ = ["MemcachedValues", "exptime"]
+
+#: memcached reads an expiry above 30 days (in seconds) as an absolute unix time.
+_RELATIVE_EXPIRY_LIMIT = 30 * 24 * 3600
+#: The largest absolute expiry memcached parses (a signed 32-bit time).
+_MAX_ABSOLUTE_EXPIRY = 2**31 - 1
+
+
+def exptime(ttl: float, expires_at: float) -> int:
+    """memcached's exptime for an entry that lives ``ttl`` seconds, until unix time
+    ``expires_at``: the TTL rounded up to whole seconds, or past 30 days the absolute
+    time (0, no expiry, past 2038: the envelope still expires the entry)."""
+    if ttl <= _RELATIVE_EXPIRY_LIMIT:
+        return math.ceil(ttl)
+    absolute = math.ceil(expires_at)
+    return absolute if absolute <= _MAX_ABSOLUTE_EXPIRY else 0
 
 
 class MemcachedValues:

@@ -356,7 +356,9 @@ class MemoryLayer(BaseLayer):
         with self._lock:
             if self._live(key, now) is not None:
                 return False
-            self._data[key] = (value, None if ttl is None else now + ttl)
+            if self._reads:  # an eviction must see the reads, as for any write
+                self._replay_locked()
+            self._data.put(key, (value, None if ttl is None else now + ttl))
             return True
 
     def incr(self, key: str, delta: int = 1) -> int | None:
