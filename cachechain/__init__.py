@@ -43,6 +43,7 @@ from ._config import (
     ChainConfig,
     CoherenceConfig,
     LayerConfig,
+    LeaseConfig,
     LoadConfig,
     WriterConfig,
 )
@@ -60,6 +61,7 @@ from ._errors import (
     PoolExhaustedError,
     WriteInDoubtError,
 )
+from ._health import ChainHealth, LayerFailure, LayerHealth
 from ._settings import chain_config_from_file, chain_config_from_mapping
 from ._singleflight import LoadTimeoutError, ReentrantLoadError
 from .layers._base import MISSING
@@ -70,13 +72,14 @@ from .metrics._memory import MemoryCollector
 if TYPE_CHECKING:
     from .layers._memcached import MemcachedLayer
     from .metrics._prometheus import PrometheusCollector as PrometheusCollector
+    from .metrics._prometheus import multiprocess_registry as multiprocess_registry
     from .metrics._prometheus import serve_metrics as serve_metrics
 
 __version__ = "0.2.0.dev0"
 
 # Public, but loaded on first use and left out of ``__all__`` so that
 # ``from cachechain import *`` does not need prometheus-client (the ``prometheus`` extra).
-_LAZY_EXPORTS = ("PrometheusCollector", "serve_metrics")
+_LAZY_EXPORTS = ("PrometheusCollector", "multiprocess_registry", "serve_metrics")
 
 __all__ = [
     "MISSING",
@@ -85,6 +88,7 @@ __all__ = [
     "Chain",
     "ChainClosedError",
     "ChainConfig",
+    "ChainHealth",
     "CoherenceConfig",
     "CircuitBreaker",
     "CircuitOpenError",
@@ -98,8 +102,11 @@ __all__ = [
     "JsonCodec",
     "LayerConfig",
     "LayerError",
+    "LayerFailure",
+    "LayerHealth",
     "LayerTimeoutError",
     "LayerUnavailableError",
+    "LeaseConfig",
     "LoadConfig",
     "LoadTimeoutError",
     "ReentrantLoadError",
@@ -135,6 +142,7 @@ __getattr__ = package_getattr(
         "MemcachedLayer": "cachechain.layers._memcached",
         "PrometheusCollector": "cachechain.metrics._prometheus",
         "serve_metrics": "cachechain.metrics._prometheus",
+        "multiprocess_registry": "cachechain.metrics._prometheus",
     },
     stubs=(
         "breaker",

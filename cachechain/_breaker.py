@@ -169,7 +169,7 @@ class CircuitBreaker:
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigError(f"name must be a non-empty str, got {name!r}")
-        max_failures = check_count(max_failures, "max_failures")
+        self._max_failures = max_failures = check_count(max_failures, "max_failures")
         self._reset_timeout = check_seconds(reset_timeout, "reset_timeout")
         self._half_open_max_calls = check_count(half_open_max_calls, "half_open_max_calls")
         self._half_open_successes = check_count(half_open_successes, "half_open_successes")
@@ -240,6 +240,11 @@ class CircuitBreaker:
     def reset_timeout(self) -> float:
         """How long (seconds) the breaker stays open before it admits trial calls."""
         return self._reset_timeout
+
+    @property
+    def max_failures(self) -> int:
+        """Consecutive failures that open the breaker (its ``max_failures`` setting)."""
+        return self._max_failures
 
     @property
     def state(self) -> CircuitState:

@@ -45,6 +45,7 @@ from ._config import (
 )
 from ._errors import ChainClosedError, ConfigError, InvalidKeyError, InvalidValueError
 from ._fence import MutationFence
+from ._health import ChainHealth, chain_health
 from ._loads import Loads
 from ._resilience import unwrapped
 from ._singleflight import SingleFlight
@@ -250,9 +251,8 @@ class Chain(AtomicOps, LoaderOps):
                 continue
             if m is not None:
                 m.record_get(tier.name, value is not MISSING, _perf() - t0)
-            if value is not MISSING:
-                if ticket is not None:
-                    self._backfill(ticket, tier.index, key, value, ttl, skip)
+            if value is not MISSING:  # backfilled unless the key was mutated since
+                self._backfill(ticket, tier.index, key, value, ttl, skip)
                 return value, tier.index
         return MISSING, -1
 
@@ -392,6 +392,13 @@ class Chain(AtomicOps, LoaderOps):
         return _chain_clear.clear(self, flush)
 
     # -- metrics ----------------------------------------------------------------------
+    def health(self) -> ChainHealth:
+        """A summary of the chain now (:class:`~cachechain.ChainHealth`): per layer its
+        breaker state, last failure, async writer queue and repairs pending, and servers
+        marked down; ``as_dict()`` makes it JSON-ready. No I/O; never raises for a layer
+        failure (works on a closed chain too)."""
+        return chain_health(self.name, self._tiers, self._report.last_errors, closed=self._closed)
+
     def _refresh_metrics(self) -> None:
         """Report the polled figures (queue depths, and the entries and evictions of
         layers that count them). The collector calls it before it reads its figures."""

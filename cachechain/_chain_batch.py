@@ -60,11 +60,9 @@ def _backfill_hits(
     many = getattr(backfill, "many", None)
     if many is not None and not held_by and many(index, hits, tickets):
         return
-    for key, (value, ttl) in hits.items():
-        ticket = tickets[key]
-        if ticket is not None:
-            skip = tuple([at for at, held in held_by.items() if key in held]) if held_by else ()
-            backfill(ticket, index, key, value, ttl, skip)
+    for key, (value, ttl) in hits.items():  # a key mutated since its ticket: skipped
+        skip = tuple([at for at, held in held_by.items() if key in held]) if held_by else ()
+        backfill(tickets[key], index, key, value, ttl, skip)
 
 
 class Backfiller:
@@ -74,7 +72,16 @@ class Backfiller:
     a value whose remaining TTL the layer cannot tell (``0.0``: a memcached counter),
     which must not outlive it. Failures go to ``report``; ``m``: the chain's metrics."""
 
-    __slots__ = ("_fence", "_l1_fill_many", "_l1_name", "_l1_set", "_plain", "_report", "_tiers")
+    __slots__ = (
+        "_fence",
+        "_l1_fill_many",
+        "_l1_name",
+        "_l1_set",
+        "_m",
+        "_plain",
+        "_report",
+        "_tiers",
+    )
 
     def __init__(
         self,
@@ -91,6 +98,7 @@ class Backfiller:
         self._l1_fill_many = getattr(tiers[0].layer, "fill_many", None)
         self._l1_name = tiers[0].name
         self._plain = m is None  # nothing recorded: an L2 hit's fill is L1's set alone
+        self._m = m
 
     def __call__(
         self,
@@ -112,7 +120,13 @@ class Backfiller:
             except Exception as exc:
                 self._report.failed(self._l1_name, "set", exc)
             return
-        self._fence.if_unchanged(ticket, self._fill, index, key, value, ttl, skip)
+        if not self._fence.if_unchanged(ticket, self._fill, index, key, value, ttl, skip):
+            m = self._m
+            if m is not None:  # a mutation of the key's stripe since the read began
+                tiers = self._tiers
+                for upper in range(index):
+                    if upper not in skip:
+                        m.record_backfill_skipped(tiers[upper].name, "mutated")
 
     def many(
         self,

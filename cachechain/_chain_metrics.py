@@ -2,16 +2,20 @@
 
 :class:`Reporter` counts a layer failure by error type in the chain's metrics collector
 and logs the first one of each (layer, operation, error type) at WARNING, the rest at
-DEBUG (again at WARNING once the layer's breaker closes). :func:`watch` connects a
-collector to a chain's writers and breakers, and :class:`PolledFigures` reports the
-values collectors poll rather than receive (queue depths, entries, evictions) from the
-refresh hook it registers.
+DEBUG (again at WARNING once the layer's breaker closes), and keeps each layer's last
+failure for :meth:`Chain.health`. :func:`watch` connects a collector to a chain's
+writers and breakers and reports the chain's info series, and :class:`PolledFigures`
+reports the values collectors poll rather than receive (queue depths, repairs pending,
+entries, evictions, a memcached layer's connections and nodes down) from the refresh
+hook it registers.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
@@ -20,11 +24,14 @@ from . import _fork
 from ._breaker import CircuitBreaker, CircuitState
 from ._errors import CircuitOpenError, classify_error
 from ._logonce import LogOnce
+from ._resilience import unwrapped
 from ._writer import AsyncWriter
 from .layers._base import CacheLayer, SupportsStats
+from .layers._proxy import LayerProxy
 from .metrics._base import CollectorGuard
 
 __all__ = [
+    "LastError",
     "PolledFigures",
     "Reporter",
     "Source",
@@ -50,15 +57,25 @@ class Watched(Protocol):
     writer: AsyncWriter | None
 
 
+#: A layer's last failure: ``(exception type name, message, time.time() of it)``.
+LastError = tuple[str, str, float]
+
+#: The longest exception message kept as a layer's last error (characters).
+MAX_MESSAGE = 200
+
+
 class Reporter:
     """Counts and logs what goes wrong in the layers of one chain (``m``: the chain's
-    collector guard, or None for no metrics). Never raises."""
+    collector guard, or None for no metrics), and keeps each layer's last failure
+    (:attr:`last_errors`; refusals of an open breaker are not failures). Never raises."""
 
-    __slots__ = ("__weakref__", "_log", "m")
+    __slots__ = ("__weakref__", "_log", "last_errors", "m")
 
     def __init__(self, m: CollectorGuard | None) -> None:
         self.m = m
         self._log = LogOnce(log)
+        #: The last failure of each layer that failed, by layer name.
+        self.last_errors: dict[str, LastError] = {}
         _fork.track(self)
 
     def _after_fork(self) -> None:
@@ -76,6 +93,7 @@ class Reporter:
         kind = classify_error(exc)
         if m is not None:
             m.record_error(layer, operation, kind)
+        self.last_errors[layer] = (type(exc).__name__, str(exc)[:MAX_MESSAGE], time.time())
         if self._log.first((layer, operation, kind)):
             log.warning(
                 "cache layer %r failed on %s (%s: %s); skipped as a miss. Further %s "
@@ -122,18 +140,34 @@ class WriterMetrics:
         self.m.record_queue_depth(self.layer, depth)
 
 
+#: Counters of a layer's ``stats()`` reported as increments: attribute, record method.
+_POLLED_COUNTS = (
+    ("evictions", "record_evictions"),
+    ("pool_exhausted", "record_pool_exhausted"),
+    ("corrupt_values", "record_corrupt_values"),
+)
+#: Gauges of a layer's ``stats()``: attribute, record method.
+_POLLED_GAUGES = (
+    ("entries", "record_entries"),
+    ("nodes_down", "record_nodes_down"),
+    ("connections_open", "record_connections"),
+)
+
+
 class PolledFigures:
-    """The figures a chain's collector polls: the queue depth of each writer (repairs
-    waiting included), and the ``entries`` and ``evictions`` of layers whose ``stats()``
-    has them (``int`` attributes). Evictions are reported as increments, each once,
-    however many refreshes run at once. Thread-safe."""
+    """The figures a chain's collector polls: the queue depth and the repairs pending of
+    each writer (apart), and the figures of layers whose ``stats()`` (of the layer
+    itself, unwrapped from its breaker) has them as ``int`` attributes: ``entries``,
+    ``nodes_down`` and ``connections_open`` as gauges, ``evictions``,
+    ``pool_exhausted`` and ``corrupt_values`` as increments, each reported once however
+    many refreshes run at once. Thread-safe."""
 
     __slots__ = ("__weakref__", "_lock", "_m", "_seen", "_sources", "stopped")
 
     def __init__(self, m: CollectorGuard, sources: Sequence[Source]) -> None:
         self._m = m
         self._sources = tuple(sources)
-        self._seen: dict[str, int] = {}
+        self._seen: dict[tuple[str, str], int] = {}
         self._lock = threading.Lock()  # refreshes may run in several threads
         #: Set when the chain closes: the refresh hook then unregisters itself.
         self.stopped = False
@@ -148,21 +182,27 @@ class PolledFigures:
         for name, writer, stats in self._sources:
             if writer is not None:
                 queued = writer.stats()
-                m.record_queue_depth(name, queued.depth + queued.repairing)
-            figures = stats() if stats is not None else None
-            entries = getattr(figures, "entries", None)
-            evictions = getattr(figures, "evictions", None)
-            if isinstance(entries, int):
-                m.record_entries(name, entries)
-            if isinstance(evictions, int):
-                self._evicted(name, evictions)
+                m.record_queue_depth(name, queued.depth)
+                m.record_repairs_pending(name, queued.repairing)
+            if stats is None:
+                continue
+            figures = stats()
+            for attr, method in _POLLED_GAUGES:
+                value = getattr(figures, attr, None)
+                if isinstance(value, int) and not isinstance(value, bool):
+                    getattr(m, method)(name, value)
+            for attr, method in _POLLED_COUNTS:
+                value = getattr(figures, attr, None)
+                if isinstance(value, int) and not isinstance(value, bool):
+                    self._increment(name, attr, method, value)
 
-    def _evicted(self, name: str, evictions: int) -> None:
+    def _increment(self, name: str, attr: str, method: str, total: int) -> None:
+        """Report the growth of the counter ``attr`` of layer ``name`` to ``total``."""
         with self._lock:
-            seen = self._seen.get(name, 0)
-            self._seen[name] = max(seen, evictions)
-        if evictions > seen:
-            self._m.record_evictions(name, evictions - seen)
+            seen = self._seen.get((name, attr), 0)
+            self._seen[(name, attr)] = max(seen, total)
+        if total > seen:
+            getattr(self._m, method)(name, total - seen)
 
     def hook(self) -> Callable[[], bool]:
         """A refresh hook for the collector that does not keep these figures (nor the
@@ -202,6 +242,13 @@ def watch(m: CollectorGuard, tiers: Sequence[Watched]) -> PolledFigures:
     for tier in tiers:
         if tier.breaker is not None:
             m.record_circuit_state(tier.name, int(tier.breaker.state))
+    add_info = getattr(m.collector, "add_info", None)
+    if add_info is not None:
+        try:
+            for metric, labels in info_series(tiers):
+                add_info(metric, labels)
+        except Exception as exc:  # the chain works without its info series
+            m.failed(exc)
     figures = PolledFigures(m, [(t.name, t.writer, _stats_of(t.layer)) for t in tiers])
     add_hook = getattr(m.collector, "add_refresh_hook", None)
     if add_hook is not None:
@@ -212,6 +259,66 @@ def watch(m: CollectorGuard, tiers: Sequence[Watched]) -> PolledFigures:
     return figures
 
 
+def innermost(layer: CacheLayer) -> CacheLayer:
+    """The layer itself: ``layer`` unwrapped from its breaker, its namespace and any
+    :class:`~cachechain.layers.LayerProxy` (a proxy of the application's, say)."""
+    seen = 0
+    layer = unwrapped(layer)
+    while isinstance(layer, LayerProxy) and seen < 16:
+        layer, seen = unwrapped(layer.layer), seen + 1
+    return layer
+
+
 def _stats_of(layer: CacheLayer) -> Callable[[], Any] | None:
-    """The layer's ``stats`` method, if it reports figures."""
+    """The ``stats`` method that reports the layer's figures: the first one inward from
+    ``layer`` after its breaker (whose ``stats`` are the breaker's), through any proxy
+    that has none of its own; None if no layer reports figures."""
+    inner = unwrapped(layer)
+    for _ in range(16):
+        if isinstance(inner, SupportsStats):
+            return inner.stats
+        if not isinstance(inner, LayerProxy):
+            break
+        inner = unwrapped(inner.layer)
     return layer.stats if isinstance(layer, SupportsStats) else None
+
+
+def stats_of(layer: CacheLayer) -> Callable[[], Any] | None:
+    """The ``stats`` method that reports ``layer``'s own figures (see
+    :func:`_stats_of`), or None."""
+    return _stats_of(layer)
+
+
+def layer_type(layer: CacheLayer) -> str:
+    """The class name of the layer itself (see :func:`innermost`)."""
+    return type(innermost(layer)).__name__
+
+
+def _seconds(value: object) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "none"
+    return f"{float(value):g}"
+
+
+def info_series(tiers: Sequence[Watched]) -> list[tuple[str, tuple[str, ...]]]:
+    """The info series of a chain of ``tiers``: ``("info", (version, layer types))``
+    then ``("layer_info", (layer, type, timeout, max_failures, reset_timeout))`` per
+    layer (``none`` for a setting the layer does not have)."""
+    version = str(getattr(sys.modules.get("cachechain"), "__version__", "unknown"))
+    types = [layer_type(t.layer) for t in tiers]
+    out: list[tuple[str, tuple[str, ...]]] = [("info", (version, ",".join(types)))]
+    for tier, kind in zip(tiers, types, strict=True):
+        breaker = tier.breaker
+        out.append(
+            (
+                "layer_info",
+                (
+                    tier.name,
+                    kind,
+                    _seconds(getattr(innermost(tier.layer), "timeout", None)),
+                    "none" if breaker is None else str(breaker.max_failures),
+                    "none" if breaker is None else _seconds(breaker.reset_timeout),
+                ),
+            )
+        )
+    return out

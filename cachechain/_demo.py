@@ -88,6 +88,11 @@ class FaultyLayer(LayerProxy):
             raise LayerTimeoutError("timed out (demo fault)", layer=self.name)
         return method(*args)
 
+    def stats(self) -> Any:
+        """The wrapped layer's ``stats()`` (the demo wraps layers that have one), so
+        that its figures (connections, nodes down...) reach the metrics."""
+        return self._layer.stats()  # type: ignore[attr-defined]
+
     def close(self) -> None:
         """Close the wrapped layer and end any fault."""
         self.fault = None

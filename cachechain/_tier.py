@@ -352,6 +352,9 @@ class SettlingTier(Tier):
         refuses calls, as the writer would only see it refused."""
         breaker = self.breaker
         if breaker is not None and breaker.refusing():
+            m = self._report.m
+            if m is not None:
+                m.record_backfill_skipped(self.name, "circuit_open")
             return
         with suppress(ChainClosedError):
             self._queue.set(key, value, ttl, max_wait=0.0)

@@ -722,7 +722,8 @@ def test_get_many_reads_a_layer_only_for_the_keys_its_writer_does_not_hold() -> 
         assert chain.flush(10) and "a" not in l2.data
 
 
-def test_repairs_waiting_for_a_retry_show_in_the_queue_depth_gauge() -> None:
+def test_repairs_waiting_for_a_retry_show_in_their_own_gauge() -> None:
+    """Pending repairs are counted apart from the queue depth (issue 13, item 5)."""
     collector = MemoryCollector()
     l1, l2 = MemoryLayer("L1"), FakeLayer("L2")
     with Chain([l1, LayerConfig(layer=l2, resilient=False)], metrics=collector) as chain:
@@ -730,10 +731,11 @@ def test_repairs_waiting_for_a_retry_show_in_the_queue_depth_gauge() -> None:
         assert chain.delete("a") is False and chain.delete("b") is False
         assert not chain.flush(10)  # both repairs failed again: they wait
         assert chain.writers["L2"].stats().repairing == 2
-        assert collector.snapshot().layer_metrics["L2"].queue_depth == 2
+        layer = collector.snapshot().layer_metrics["L2"]
+        assert layer.repairs_pending == 2 and layer.queue_depth == 0
         l2.fail = None
         assert chain.flush(10)
-        assert collector.snapshot().layer_metrics["L2"].queue_depth == 0
+        assert collector.snapshot().layer_metrics["L2"].repairs_pending == 0
 
 
 def test_repairs_the_chain_asks_for_wait_for_the_writers_retry_round() -> None:
@@ -806,5 +808,37 @@ def test_a_batch_backfill_never_overwrites_a_write_made_during_the_read() -> Non
         assert chain.get_many([a, "b"]) == {a: "old a", "b": "old b"}
         assert l1.get(a) == "old a"  # backfilled
         assert l1.get("b") == "new"  # the write, not the older value read before it
+    finally:
+        chain.close()
+
+
+def test_a_backfill_skipped_for_a_write_during_the_read_is_counted() -> None:
+    """``cache_chain_backfills_skipped_total{reason="mutated"}`` (issue 13, item 5): a
+    value read from L2 while the key was written is not copied into L1, and that is
+    counted, by ``get`` and by ``get_many``."""
+    collector = MemoryCollector()
+    l1 = MemoryLayer("L1")
+    chain: Chain
+
+    class Racing(MemoryLayer):
+        def get_with_ttl(self, key: str) -> Any:
+            found = super().get_with_ttl(key)
+            chain.delete(key)  # another thread's write, while the read is out
+            return found
+
+        def get_many_with_ttl(self, keys: Any) -> Any:
+            found = super().get_many_with_ttl(keys)
+            chain.delete("m")
+            return found
+
+    l2 = Racing("L2")
+    chain = Chain([l1, l2], coherence=False, metrics=collector)
+    try:
+        l2.set("k", "old")
+        assert chain.get("k") == "old" and l1.get("k") is MISSING
+        l2.set("m", "old")
+        assert chain.get_many(["m"]) == {"m": "old"} and l1.get("m") is MISSING
+        layer = collector.snapshot().layer_metrics["L1"]
+        assert layer.backfills_skipped_by_reason.get("mutated") == 2
     finally:
         chain.close()

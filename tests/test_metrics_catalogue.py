@@ -61,6 +61,14 @@ def test_every_feed_names_a_record_and_its_arguments() -> None:
         assert m.labels[0] == "chain", m.name
         assert (m.kind == HISTOGRAM) == bool(m.buckets) == (m.unit == "seconds"), m.name
         assert m.merge in ("sum", "max"), m.name
+        if m.one_hot_of is not None or m.info:  # gauges fed by no record call
+            assert m.kind == GAUGE and not m.feeds and m.merge == "max", m.name
+            assert not (m.info and m.one_hot_of), m.name
+            if m.one_hot_of is not None:
+                source = find_metric(m.one_hot_of)
+                assert source.kind == GAUGE and source.labels == m.labels[:-1], m.name
+                assert m.values[m.extra_labels[-1]], m.name
+            continue
         assert m.feeds, m.name
         for feed in m.feeds:
             rec = find_record(feed.record)

@@ -41,6 +41,12 @@ ARGS: dict[str, tuple[Any, ...]] = {
     "record_eager_refresh": (),
     "record_lease": ("won",),
     "record_lease_wait": (0.03,),
+    "record_backfill_skipped": ("L1", "circuit_open"),
+    "record_repairs_pending": ("L2", 2),
+    "record_nodes_down": ("L2", 1),
+    "record_connections": ("L2", 4),
+    "record_pool_exhausted": ("L2", 3),
+    "record_corrupt_values": ("L2", 1),
 }
 
 

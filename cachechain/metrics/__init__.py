@@ -25,6 +25,7 @@ from ._base import (
     stand_in,
 )
 from ._catalogue import (
+    BACKFILL_SKIP_REASONS,
     BACKGROUND_OUTCOMES,
     CIRCUIT_STATES,
     COUNTER,
@@ -57,6 +58,7 @@ from ._hooks import RefreshHooks
 from ._types import CacheMetrics, ChainMetrics, LatencyStats, MetricsSnapshot
 
 __all__ = [
+    "BACKFILL_SKIP_REASONS",
     "CIRCUIT_STATES",
     "COUNTER",
     "DEFAULT_BUCKETS",

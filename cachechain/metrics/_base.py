@@ -145,6 +145,36 @@ class MetricsCollector:
     def record_lease_wait(self, duration: float) -> None:
         """A ``get_or_load`` waited ``duration`` s for another process's load."""
 
+    def record_backfill_skipped(self, layer: str, reason: str) -> None:
+        """A backfill into ``layer`` (the copy of a value a lower layer had) was not made
+        (``reason``: one of :data:`~cachechain.metrics.BACKFILL_SKIP_REASONS`)."""
+
+    def record_repairs_pending(self, layer: str, repairs: int) -> None:
+        """The async writer of ``layer`` holds ``repairs`` keys whose repair delete
+        waits for a retry (polled: reported from the refresh hook)."""
+
+    def record_nodes_down(self, layer: str, nodes: int) -> None:
+        """``nodes`` servers of the remote ``layer`` are marked down (polled)."""
+
+    def record_connections(self, layer: str, connections: int) -> None:
+        """The remote ``layer`` has ``connections`` connections open (polled)."""
+
+    def record_pool_exhausted(self, layer: str, count: int) -> None:
+        """``count`` more calls to the remote ``layer`` were refused because no pooled
+        connection became free in time (polled, as increments)."""
+
+    def record_corrupt_values(self, layer: str, count: int) -> None:
+        """``count`` more values read from the remote ``layer`` could not be decoded
+        (polled, as increments)."""
+
+    def add_info(self, metric: str, labels: Sequence[str]) -> None:
+        """Report the constant series (value 1) of the info metric ``metric`` (its
+        name in the catalogue, ``info`` or ``layer_info``) with these label values, in
+        the catalogue's order after ``chain`` (``layer`` first for a metric of layers).
+        A chain calls it once per metric and layer when it is built. Not a
+        ``record_*`` method: the default ignores it, and a collector that does not
+        have it is not asked."""
+
     def add_refresh_hook(self, fn: Callable[[], object]) -> None:
         """Ask the collector to call ``fn()`` before it reads its figures (each scrape,
         snapshot or flush), so that values polled rather than pushed (an in-process

@@ -37,6 +37,7 @@ __all__ = [
     "COUNTER",
     "DEFAULT_BUCKETS",
     "BACKGROUND_OUTCOMES",
+    "BACKFILL_SKIP_REASONS",
     "DROP_REASONS",
     "FAIL_SAFE_REASONS",
     "GAUGE",
@@ -85,6 +86,10 @@ OPERATIONS: tuple[str, ...] = (
 )
 #: ``reason`` label values of dropped writes; anything else is counted as ``other``.
 DROP_REASONS: tuple[str, ...] = ("queue_full", "circuit_open", "closed", "other")
+#: Why a backfill (the copy of a value found in a lower layer into a layer above it) was
+#: not made: the layer's breaker refused calls; a write of the key began meanwhile (the
+#: value may be stale).
+BACKFILL_SKIP_REASONS: tuple[str, ...] = ("circuit_open", "mutated", "other")
 #: Breaker states by value (0, 1, 2): the ``to`` label of circuit transitions.
 CIRCUIT_STATES: tuple[str, ...] = ("closed", "open", "half_open")
 #: ``result`` of writes and loads: a true ``success`` argument is the first.
@@ -128,10 +133,15 @@ BACKGROUND_OUTCOMES: tuple[str, ...] = (
 #: (the shared layer failed or refused: loaded here at once).
 LEASE_OUTCOMES: tuple[str, ...] = ("won", "hit", "waited", "timed_out", "unavailable", "other")
 
-#: Latency buckets (seconds) of every histogram unless a collector is given others: an
-#: in-process hit (a few us) up to a remote call at its timeout (1 s); one more bucket,
-#: ``+Inf``, is implied.
+#: Latency buckets (seconds) of every histogram unless a collector is given others: from
+#: an in-process hit (0.5 us; an L1 hit takes about 1 us) up to a remote call at its
+#: timeout and a slow loader (10 s), in 1-2.5-5 steps; one more bucket, ``+Inf``, is
+#: implied.
 DEFAULT_BUCKETS: tuple[float, ...] = (
+    0.0000005,
+    0.000001,
+    0.0000025,
+    0.000005,
     0.00001,
     0.000025,
     0.00005,
@@ -148,6 +158,9 @@ DEFAULT_BUCKETS: tuple[float, ...] = (
     0.25,
     0.5,
     1.0,
+    2.5,
+    5.0,
+    10.0,
 )
 
 #: Buckets (seconds) of the invalidation lag: a poll interval is 0.04 s, the bound 0.1 s.
@@ -235,6 +248,12 @@ RECORDS: tuple[Record, ...] = (
     Record("record_eager_refresh", ()),
     Record("record_lease", (Param("outcome", str),)),
     Record("record_lease_wait", (_DURATION,)),
+    Record("record_backfill_skipped", (_LAYER, Param("reason", str))),
+    Record("record_repairs_pending", (_LAYER, Param("repairs", int))),
+    Record("record_nodes_down", (_LAYER, Param("nodes", int))),
+    Record("record_connections", (_LAYER, Param("connections", int))),
+    Record("record_pool_exhausted", (_LAYER, Param("count", int))),
+    Record("record_corrupt_values", (_LAYER, Param("count", int))),
     Record(
         "record_first_layer_hit",
         (_LAYER, _DURATION),
@@ -312,7 +331,16 @@ class Metric:
     processes combine, ``sum`` or ``max``. ``always``: label values (patterns) of the
     series exported with zeros for the layers and positions a chain declared (``{}``:
     all of them); ``shown_with``: a gauge whose being reported for a layer shows this
-    metric's zeros too. Any other series is exported once it is non-zero or reported.
+    metric's zeros too (a metric of async writers or breakers is exported for the
+    layers that have one). Any other series is exported once it is non-zero or
+    reported.
+
+    Two kinds of gauge are fed by no ``record_*`` call (``feeds`` is empty):
+    ``one_hot_of`` names the gauge (of the same labels but the last) this one shows as
+    one series per value of its last label, 1 for the value the gauge holds (its index
+    in :attr:`values`) and 0 for the others; ``info`` marks a constant 1 whose labels
+    describe the chain or a layer, reported once when a chain is built (see
+    :meth:`~cachechain.metrics.MetricsCollector.add_info`).
     """
 
     name: str
@@ -328,6 +356,8 @@ class Metric:
     always: tuple[Mapping[str, str], ...] = ()
     shown_with: str | None = None
     fields: tuple[Field, ...] = ()
+    one_hot_of: str | None = None
+    info: bool = False
 
     @property
     def per_layer(self) -> bool:
@@ -417,6 +447,7 @@ METRICS: tuple[Metric, ...] = (
             ),
         ),
         values={"operation": OPERATIONS, "error_type": ERROR_TYPES},
+        always=({},),
         fields=(Field("errors"), Field("errors_by_type", by="error_type")),
     ),
     Metric(
@@ -429,7 +460,7 @@ METRICS: tuple[Metric, ...] = (
             for op in ("get", "set", "delete")
         ),
         values={"operation": ("get", "set", "delete")},
-        always=({"operation": "get"},),
+        always=({},),
         fields=(
             Field("get_latency", where={"operation": "get"}),
             Field("set_latency", where={"operation": "set"}),
@@ -446,6 +477,7 @@ METRICS: tuple[Metric, ...] = (
             Feed(f"record_{op}", {"operation": op, **_SUCCESS}) for op in ("set", "delete")
         ),
         values={"operation": ("set", "delete"), "result": RESULTS},
+        always=({},),
         fields=(
             Field("sets", where={"operation": "set"}),
             Field("deletes", where={"operation": "delete"}),
@@ -492,6 +524,7 @@ METRICS: tuple[Metric, ...] = (
         "Loader calls, by result.",
         feeds=(Feed("record_load", _SUCCESS),),
         values={"result": RESULTS},
+        always=({},),
         fields=(Field("loads"), Field("load_failures", where={"result": "failure"})),
     ),
     Metric(
@@ -500,6 +533,7 @@ METRICS: tuple[Metric, ...] = (
         ("chain",),
         "Duration of loader calls.",
         feeds=(Feed("record_load", value="duration"),),
+        always=({},),
         fields=(Field("load_latency"),),
         unit="seconds",
         buckets=DEFAULT_BUCKETS,
@@ -530,12 +564,22 @@ METRICS: tuple[Metric, ...] = (
         fields=(Field("queue_capacity"),),
     ),
     Metric(
+        "repairs_pending",
+        GAUGE,
+        _CL,
+        "Keys whose repair delete waits for a retry in the layer's async writer (the "
+        "layer may hold an older value of each).",
+        feeds=(Feed("record_repairs_pending", value="repairs"),),
+        fields=(Field("repairs_pending"),),
+    ),
+    Metric(
         "writes_dropped_total",
         COUNTER,
         (*_CL, "reason"),
         "Writes the layer's async writer dropped, by reason.",
         feeds=(Feed("record_write_dropped", {"reason": Arg("reason")}),),
         values={"reason": DROP_REASONS},
+        shown_with="queue_capacity",
         fields=(Field("dropped_writes"), Field("dropped_by_reason", by="reason")),
     ),
     Metric(
@@ -545,6 +589,7 @@ METRICS: tuple[Metric, ...] = (
         "Writes made by the layer's async writer, by result.",
         feeds=(Feed("record_async_write", _SUCCESS),),
         values={"result": RESULTS},
+        shown_with="queue_capacity",
         fields=(Field("async_writes"), Field("failed_writes", where={"result": "failure"})),
     ),
     Metric(
@@ -553,6 +598,7 @@ METRICS: tuple[Metric, ...] = (
         _CL,
         "Duration of writes made by the layer's async writer.",
         feeds=(Feed("record_async_write", value="duration"),),
+        shown_with="queue_capacity",
         unit="seconds",
         buckets=DEFAULT_BUCKETS,
     ),
@@ -566,12 +612,23 @@ METRICS: tuple[Metric, ...] = (
         fields=(Field("circuit_state"),),
     ),
     Metric(
+        "circuit_breaker_state",
+        GAUGE,
+        (*_CL, "state"),
+        "State of the layer's circuit breaker: 1 for the current state, 0 for the others.",
+        feeds=(),
+        values={"state": CIRCUIT_STATES},
+        merge="max",
+        one_hot_of="circuit_state",
+    ),
+    Metric(
         "circuit_transitions_total",
         COUNTER,
         (*_CL, "to"),
         "Transitions of the layer's circuit breaker, by the state entered.",
         feeds=(Feed("record_circuit_state", {"to": Arg("state")}, on_change=True),),
         values={"to": CIRCUIT_STATES},
+        shown_with="circuit_state",
         fields=(Field("circuit_opens", where={"to": "open"}),),
     ),
     Metric(
@@ -601,11 +658,61 @@ METRICS: tuple[Metric, ...] = (
         fields=(Field("entries"),),
     ),
     Metric(
+        "backfills_skipped_total",
+        COUNTER,
+        (*_CL, "reason"),
+        "Backfills into the layer (copies of a value a lower layer had) not made, by reason.",
+        feeds=(Feed("record_backfill_skipped", {"reason": Arg("reason")}),),
+        values={"reason": BACKFILL_SKIP_REASONS},
+        always=({},),
+        fields=(
+            Field("backfills_skipped"),
+            Field("backfills_skipped_by_reason", by="reason"),
+        ),
+    ),
+    Metric(
+        "layer_nodes_down",
+        GAUGE,
+        _CL,
+        "Servers of the remote layer marked down (memcached).",
+        feeds=(Feed("record_nodes_down", value="nodes"),),
+        merge="max",
+        fields=(Field("nodes_down"),),
+    ),
+    Metric(
+        "layer_connections",
+        GAUGE,
+        _CL,
+        "Connections of the remote layer open now (memcached).",
+        feeds=(Feed("record_connections", value="connections"),),
+        fields=(Field("connections"),),
+    ),
+    Metric(
+        "layer_pool_exhausted_total",
+        COUNTER,
+        _CL,
+        "Calls to the remote layer refused because no pooled connection became free in "
+        "time (memcached).",
+        feeds=(Feed("record_pool_exhausted", value="count"),),
+        shown_with="layer_connections",
+        fields=(Field("pool_exhausted"),),
+    ),
+    Metric(
+        "layer_corrupt_values_total",
+        COUNTER,
+        _CL,
+        "Values read from the remote layer that could not be decoded (memcached).",
+        feeds=(Feed("record_corrupt_values", value="count"),),
+        shown_with="layer_connections",
+        fields=(Field("corrupt_values"),),
+    ),
+    Metric(
         "invalidations_published_total",
         COUNTER,
         ("chain",),
         "Keys this process changed and told the other processes to drop.",
         feeds=(Feed("record_invalidations_published", value="count"),),
+        always=({},),
         fields=(Field("invalidations_published"),),
     ),
     Metric(
@@ -614,6 +721,7 @@ METRICS: tuple[Metric, ...] = (
         ("chain",),
         "Keys other processes changed that this process dropped from its in-process layers.",
         feeds=(Feed("record_invalidations_applied", value="count"),),
+        always=({},),
         fields=(Field("invalidations_applied"),),
     ),
     Metric(
@@ -622,6 +730,7 @@ METRICS: tuple[Metric, ...] = (
         ("chain",),
         "Seconds from another process's publication of a change to its application here.",
         feeds=(Feed("record_invalidations_applied", value="lag"),),
+        always=({},),
         fields=(Field("invalidation_lag"),),
         unit="seconds",
         buckets=LAG_BUCKETS,
@@ -634,6 +743,7 @@ METRICS: tuple[Metric, ...] = (
         "in-process entry, by reason.",
         feeds=(Feed("record_coherence_lost", {"reason": Arg("reason")}),),
         values={"reason": LOST_REASONS},
+        always=({},),
         fields=(Field("coherence_lost"), Field("coherence_lost_by_reason", by="reason")),
     ),
     Metric(
@@ -644,6 +754,7 @@ METRICS: tuple[Metric, ...] = (
         "by reason.",
         feeds=(Feed("record_fail_safe", {"reason": Arg("reason")}),),
         values={"reason": FAIL_SAFE_REASONS},
+        always=({},),
         fields=(Field("fail_safe_served"), Field("fail_safe_by_reason", by="reason")),
     ),
     Metric(
@@ -653,6 +764,7 @@ METRICS: tuple[Metric, ...] = (
         "Loads run on a background thread (loader timeouts, eager refreshes), by outcome.",
         feeds=(Feed("record_background_load", {"outcome": Arg("outcome")}),),
         values={"outcome": BACKGROUND_OUTCOMES},
+        always=({},),
         fields=(
             Field("background_loads"),
             Field("background_loads_by_outcome", by="outcome"),
@@ -664,6 +776,7 @@ METRICS: tuple[Metric, ...] = (
         ("chain",),
         "Background reloads started by a hit past the eager-refresh share of its TTL.",
         feeds=(Feed("record_eager_refresh"),),
+        always=({},),
         fields=(Field("eager_refreshes"),),
     ),
     Metric(
@@ -673,6 +786,7 @@ METRICS: tuple[Metric, ...] = (
         "Leases asked of the shared layer by get_or_load on a miss, by outcome.",
         feeds=(Feed("record_lease", {"outcome": Arg("outcome")}),),
         values={"outcome": LEASE_OUTCOMES},
+        always=({},),
         fields=(Field("leases"), Field("leases_by_outcome", by="outcome")),
     ),
     Metric(
@@ -681,9 +795,35 @@ METRICS: tuple[Metric, ...] = (
         ("chain",),
         "Seconds a get_or_load waited for another process's load (its lease).",
         feeds=(Feed("record_lease_wait", value="duration"),),
+        always=({},),
         fields=(Field("lease_wait_latency"),),
         unit="seconds",
         buckets=DEFAULT_BUCKETS,
+    ),
+    Metric(
+        "info",
+        GAUGE,
+        ("chain", "version", "layers"),
+        "The chain: cachechain's version and the types of its layers, fastest first (always 1).",
+        feeds=(),
+        merge="max",
+        info=True,
+    ),
+    Metric(
+        "layer_info",
+        GAUGE,
+        (
+            *_CL,
+            "type",
+            "timeout_seconds",
+            "breaker_max_failures",
+            "breaker_reset_timeout_seconds",
+        ),
+        "A layer of the chain: its type, call timeout and breaker settings ('none' when "
+        "it has none; always 1).",
+        feeds=(),
+        merge="max",
+        info=True,
     ),
 )
 _METRICS = {m.name: m for m in METRICS}

@@ -84,7 +84,11 @@ class ChainView(MetricsCollector):
         self.baseline: Acc = [0] * self.size
         self.tl = threading.local()
         #: The latest value of each gauge, by layer name.
-        self.gauges: dict[str, dict[str, int]] = {m.name: {} for m in METRICS if m.kind == GAUGE}
+        self.gauges: dict[str, dict[str, int]] = {
+            m.name: {} for m in METRICS if m.kind == GAUGE and m.feeds
+        }
+        #: The label values (after ``chain``) of each info metric's series.
+        self.info: dict[str, dict[tuple[str, ...], None]] = {m.name: {} for m in METRICS if m.info}
         self._key = ("too many layers", next(_TOKENS))
         for name in layers:
             self._add_layer_locked(str(name))
@@ -167,6 +171,7 @@ class ChainView(MetricsCollector):
             layout=self.layout,
             block=self.block,
             gauges={name: dict(values) for name, values in self.gauges.items()},
+            info={name: list(values) for name, values in self.info.items()},
         )
 
     def _rebase_locked(self) -> None:
@@ -200,6 +205,22 @@ class ChainView(MetricsCollector):
         """Register ``fn`` with the underlying collector (see
         :meth:`AccumulatingCollector.add_refresh_hook`)."""
         self.engine.add_refresh_hook(fn)
+
+    def add_info(self, metric: str, labels: Sequence[str]) -> None:
+        """Keep the series of the info metric ``metric`` with ``labels`` (see
+        :meth:`MetricsCollector.add_info`); an unknown metric, a wrong number of labels
+        or a layer past :data:`MAX_LAYERS` is ignored. Idempotent."""
+        known = self.info.get(metric)
+        if known is None:
+            return
+        m = next(m for m in METRICS if m.name == metric)
+        values = tuple(str(v) for v in labels)
+        if len(values) != len(m.labels) - 1:
+            return
+        if m.per_layer and self.add_layer(values[0]) is None:
+            return
+        with self.engine._lock:
+            known[values] = None
 
     def __repr__(self) -> str:
         return f"<ChainView {self.chain!r} {self.layers} of {self.engine!r}>"

@@ -94,6 +94,18 @@ class FanoutCollector(MetricsCollector):
                 except Exception as exc:
                     guard.failed(exc)
 
+    def add_info(self, metric: str, labels: Sequence[str]) -> None:
+        """Forward the info series to every child that has ``add_info`` (see
+        :meth:`MetricsCollector.add_info`); what a child raises is counted and logged
+        once."""
+        for child, guard in zip(self.collectors, self._guards, strict=True):
+            add = getattr(child, "add_info", None)
+            if add is not None:
+                try:
+                    add(metric, labels)
+                except Exception as exc:
+                    guard.failed(exc)
+
     def close(self) -> None:
         """Close every child that has ``close()`` (flushing what it buffers); what a
         child raises is counted and logged once, and the others are still closed."""

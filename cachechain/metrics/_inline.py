@@ -23,10 +23,16 @@ __all__ = ["COMMON", "closure"]
 
 
 def _observe(h: str, total: str, top: str, *, track_sum: bool, track_max: bool) -> list[str]:
-    """Count ``duration`` in the histogram at ``h`` (sum at ``total``, max at ``top``)."""
+    """Count ``duration`` in the histogram at ``h`` (sum at ``total``, max at ``top``).
+    The first three buckets (an in-process hit: up to 2.5 us by default) are found by
+    comparisons, one per bucket, the others by a binary search."""
     lines = [
         "if duration <= b0:",
         f"    a[{h}] += 1",
+        "elif duration <= b1:",
+        f"    a[{h} + 1] += 1",
+        "elif duration <= b2:",
+        f"    a[{h} + 2] += 1",
         "else:",
         f"    a[{h} + search(bounds, duration)] += 1",
     ]
@@ -44,8 +50,9 @@ except AttributeError:
     a = register()"""
 
 #: What every template closes over: the view's thread-local list and its registration,
-#: the buckets' bounds, the first bound, the bucket count and the bucket search.
-COMMON = ("tl", "register", "bounds", "b0", "nb", "search")
+#: the buckets' bounds, the first three bounds (``-1.0`` for those past the last bound,
+#: so that no duration stops there), the bucket count and the bucket search.
+COMMON = ("tl", "register", "bounds", "b0", "b1", "b2", "nb", "search")
 
 # Each template: the other values it closes over, its body (``{acc}``: the calling
 # thread's list into ``a``; ``{observe}``: count ``duration`` in the histogram at

@@ -15,9 +15,14 @@ are not read by prometheus-client's ``MultiProcessCollector``, so the collector 
 its figures into the per-process files instead, from a daemon thread every
 ``flush_interval`` seconds, at exit, and on :meth:`PrometheusCollector.flush`. Counters
 and histograms are summed over processes (dead ones included: a counter never goes
-back); gauges use ``livesum`` (queue depth and capacity, entries) or ``livemax``
-(breaker state), so call ``prometheus_client.multiprocess.mark_process_dead(pid)`` from
-gunicorn's ``child_exit`` hook.
+back); gauges use ``livesum`` (queue depth and capacity, entries, repairs, connections)
+or ``livemax`` (breaker states, nodes down, info series), so call
+``prometheus_client.multiprocess.mark_process_dead(pid)`` from gunicorn's ``child_exit``
+hook. A process that forks (gunicorn's master with ``--preload``, which built a chain
+at import time) writes its gauges as 0 from the fork on, so that only the workers count
+(``live_after_fork=True`` keeps them). Serve ``/metrics`` from
+:func:`multiprocess_registry`: prometheus-client's ``MultiProcessCollector`` plus every
+family no process has written yet, described without samples.
 
 The metric names, types and labels are the catalogue's
 (:mod:`cachechain.metrics._catalogue`; the table is in ``docs/metrics.md``).
@@ -31,6 +36,7 @@ import logging
 import os
 import re
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TextIO, cast
@@ -45,6 +51,7 @@ from prometheus_client.core import Metric as Family
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString as _go_float
 
+from .. import _fork
 from .._errors import ConfigError
 from .._logonce import LogOnce
 from ._catalogue import COUNTER, DEFAULT_BUCKETS, GAUGE, HISTOGRAM, METRICS, Metric
@@ -55,7 +62,9 @@ __all__ = [
     "DEFAULT_BUCKETS",
     "FAMILIES",
     "MetricsServer",
+    "MultiprocessFamilies",
     "PrometheusCollector",
+    "multiprocess_registry",
     "serve_metrics",
     "start_demo_exporter",
 ]
@@ -68,6 +77,9 @@ _TOKENS = itertools.count()
 float_to_go: Callable[[float], str] = cast(Callable[[float], str], _go_float)
 
 _NAME_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+
+#: Seconds between two warnings of a multiprocess flush that keeps failing.
+WARN_EVERY = 60.0
 
 #: Every family the collector exports, in exposition order: the catalogue's metrics.
 FAMILIES: tuple[Metric, ...] = METRICS
@@ -187,14 +199,14 @@ def _value_class() -> Any:
     multiprocess mode (one writer per file), else one per directory."""
     from prometheus_client import values
 
-    if getattr(values.ValueClass, "_multiprocess", False):
-        return values.ValueClass
     directory = _multiprocess_dir()
     if not directory or not os.path.isdir(directory):
         raise ConfigError(
             "multiprocess mode needs PROMETHEUS_MULTIPROC_DIR set to an existing "
             f"directory, got {directory!r}"
         )
+    if getattr(values.ValueClass, "_multiprocess", False):
+        return values.ValueClass
     with _HUBS_LOCK:
         cls = _MP_CLASSES.get(directory)
         if cls is None:
@@ -212,13 +224,17 @@ def _multiprocess_mode(m: Metric) -> str:
 
 class _FileWriter:
     """Writes a table into prometheus-client's per-process files (absolute values,
-    only those that changed since the last write)."""
+    only those that changed since the last write). ``live``: False in a process that
+    forked (a pre-forking master), whose gauges of live processes are then written as
+    0 (the neutral value of ``livesum`` and, gauges being >= 0, of ``livemax``)."""
 
     def __init__(self, namespace: str, bounds: Sequence[float]) -> None:
         self.namespace = namespace
         self.le = [float_to_go(b) for b in bounds] + ["+Inf"]
         self.cls = _value_class()
+        self.directory = _multiprocess_dir()
         self.values: dict[tuple[str, Labels, str], tuple[Any, float]] = {}
+        self.live = True
 
     def _set(
         self, fam: Metric, labels: Labels, sample: str, extra: tuple[str, ...], value: float
@@ -254,7 +270,7 @@ class _FileWriter:
                 if fam.kind == COUNTER:
                     self._set(fam, labels, "_total", (), value)
                 elif fam.kind == GAUGE:
-                    self._set(fam, labels, "", (), value)
+                    self._set(fam, labels, "", (), value if self.live else 0)
                 else:
                     for bound, n in zip(self.le, value.counts, strict=True):
                         self._set(fam, labels, "_bucket", (bound,), n)
@@ -274,7 +290,10 @@ class PrometheusCollector(AccumulatingCollector):
     ``registry``: register into it now (see :meth:`register`). ``multiprocess``:
     write prometheus-client's multiprocess files instead of registering (``None``:
     when ``PROMETHEUS_MULTIPROC_DIR`` is set); ``flush_interval`` is then the period of
-    the background flush, seconds.
+    the background flush, seconds; ``live_after_fork``: whether a process that forked
+    keeps writing its gauges (default False: from the fork on it writes them as 0, so
+    that gunicorn's master with ``--preload``, which serves no request, does not count
+    among the live processes of ``livesum`` and ``livemax``).
 
     Recording is lock-free and never touches prometheus-client; it never raises.
     Raises :class:`~cachechain.ConfigError` (a ``ValueError``) for an invalid
@@ -289,6 +308,7 @@ class PrometheusCollector(AccumulatingCollector):
         registry: CollectorRegistry | None = None,
         multiprocess: bool | None = None,
         flush_interval: float = 1.0,
+        live_after_fork: bool = False,
     ) -> None:
         if not isinstance(namespace, str) or not _NAME_RE.match(namespace):
             raise ConfigError(f"namespace must be a Prometheus metric name, got {namespace!r}")
@@ -307,6 +327,11 @@ class PrometheusCollector(AccumulatingCollector):
         )
         self._closed = False
         self._key_flush = ("flush", next(_TOKENS))
+        self.live_after_fork = bool(live_after_fork)
+        #: Multiprocess flushes that failed (each logged at WARNING, at most once per
+        #: :data:`WARN_EVERY` seconds while they keep failing).
+        self.flush_failures = 0
+        self._warned_at: float | None = None
         self._flush_lock = threading.Lock()
         self._stop = threading.Event()
         self._flusher: threading.Thread | None = None
@@ -392,12 +417,37 @@ class PrometheusCollector(AccumulatingCollector):
         if writer is None:
             return False
         try:
+            if writer.directory is not None and not os.path.isdir(writer.directory):
+                raise FileNotFoundError(
+                    f"PROMETHEUS_MULTIPROC_DIR {writer.directory!r} is not a directory "
+                    "(any more): these figures reach no scrape"
+                )
             with self._flush_lock:  # read and write in one go: never older over newer
                 writer.write(engine_series(self))
         except Exception as exc:
-            _log_once(self._key_flush, "writing metrics for %r failed: %r (logged once)", self, exc)
+            self._flush_failed(exc)
             return False
+        self._warned_at = None
         return True
+
+    def _flush_failed(self, exc: Exception) -> None:
+        """Count a failed flush; warn at once, then every :data:`WARN_EVERY` seconds
+        while flushes keep failing (the figures of a process that cannot write its
+        files are not exported at all)."""
+        self.flush_failures += 1
+        now = time.monotonic()
+        if self._warned_at is not None and now - self._warned_at < WARN_EVERY:
+            log.debug("writing metrics for %r failed again: %r", self, exc)
+            return
+        self._warned_at = now
+        log.warning(
+            "writing metrics for %r failed: %r; this process's metrics are not exported "
+            "until it succeeds (%d failed flushes so far; warned again every %g s)",
+            self,
+            exc,
+            self.flush_failures,
+            WARN_EVERY,
+        )
 
     def close(self) -> None:
         """Stop the background flush and flush a last time (multiprocess mode); in one
@@ -419,13 +469,32 @@ class PrometheusCollector(AccumulatingCollector):
 
     def _after_fork(self) -> None:
         """In a forked child: figures from zero, a new flush lock, and (multiprocess
-        mode) the child's own files and flusher."""
+        mode) the child's own files and flusher. In one-process mode, warn once: each
+        forked worker exports only its own figures."""
         super()._after_fork()
         self._flush_lock = threading.Lock()
+        self._warned_at = None
         if self._writer is not None:
             self._writer.forget()
+            self._writer.live = True
             if not self._closed:
                 self._start_flusher()
+        elif not self._closed:
+            _log_once(
+                ("forked single process", id(type(self))),
+                "%r was forked (gunicorn or uWSGI workers?) in one-process mode: each "
+                "process exports only its own figures, to whichever process a scrape "
+                "reaches. Set PROMETHEUS_MULTIPROC_DIR to an empty directory before "
+                "the server starts (see docs/metrics.md)",
+                self,
+            )
+
+    def _forked_a_child(self) -> None:
+        """In the parent after a fork (a pre-forking master): write gauges as 0 from
+        now on, unless ``live_after_fork``."""
+        writer = self._writer
+        if writer is not None and not self.live_after_fork:
+            writer.live = False
 
     def __repr__(self) -> str:
         mode = "multiprocess" if self.multiprocess else "single process"
@@ -436,6 +505,62 @@ class PrometheusCollector(AccumulatingCollector):
 def _flush_at_exit() -> None:
     for collector in list(_MP_COLLECTORS):
         collector.close()
+
+
+def _after_fork_in_parent() -> None:
+    for collector in list(_MP_COLLECTORS):
+        collector._forked_a_child()
+
+
+_fork.at_fork(after_in_parent=_after_fork_in_parent)
+
+
+# -- multiprocess: scraping ----------------------------------------------------------------
+class MultiprocessFamilies(Collector):
+    """What a ``/metrics`` view serves in multiprocess mode: prometheus-client's
+    ``MultiProcessCollector`` over ``path`` (default ``PROMETHEUS_MULTIPROC_DIR``), plus
+    every family of the catalogue (in ``namespace``) that no process has written yet,
+    with its ``# HELP`` and ``# TYPE`` and no samples, so every family is always
+    described. Raises ``ValueError`` (prometheus-client's) when ``path`` is not a
+    directory."""
+
+    def __init__(
+        self,
+        path: str | None = None,
+        namespace: str = "cache_chain",
+        buckets: Sequence[float] = DEFAULT_BUCKETS,
+    ) -> None:
+        from prometheus_client import multiprocess
+
+        files: Any = cast(Any, multiprocess).MultiProcessCollector(None, path)
+        self._files = files
+        self.namespace = namespace
+        self.bounds = tuple(buckets)
+
+    def collect(self) -> list[Family]:
+        families: list[Family] = list(self._files.collect())
+        present = {f.name for f in families}
+        for fam in build_families(_new_table(), self.namespace, self.bounds):
+            if fam.name not in present:
+                families.append(fam)
+        return families
+
+    def describe(self) -> list[Family]:
+        return []  # like MultiProcessCollector: other collectors may share the names
+
+
+def multiprocess_registry(
+    path: str | None = None,
+    namespace: str = "cache_chain",
+    buckets: Sequence[float] = DEFAULT_BUCKETS,
+) -> CollectorRegistry:
+    """A new ``CollectorRegistry`` holding :class:`MultiprocessFamilies`: serve it (with
+    ``generate_latest``) from ``/metrics`` in multiprocess mode. Build one per scrape or
+    keep one (it reads the files at each collect). Raises ``ValueError`` when ``path``
+    (default ``PROMETHEUS_MULTIPROC_DIR``) is not a directory."""
+    registry = CollectorRegistry()
+    registry.register(MultiprocessFamilies(path, namespace, buckets))
+    return registry
 
 
 # -- serving /metrics ----------------------------------------------------------------------

@@ -104,6 +104,8 @@ class _Kit:
             register=view._register,
             bounds=lay.bounds,
             b0=lay.bounds[0],
+            b1=lay.bounds[1] if len(lay.bounds) > 1 else -1.0,
+            b2=lay.bounds[2] if len(lay.bounds) > 2 else -1.0,
             nb=lay.nb,
             search=bisect.bisect_left,
             **values,

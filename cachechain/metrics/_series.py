@@ -26,7 +26,9 @@ class ViewData:
     ``layers`` lists the layer names in order (bound first), ``offsets`` where each
     layer's block starts in ``totals``; ``bound`` is how many of them the chain was
     built with. ``totals`` has the fused histograms folded into the cells they stand
-    for already. ``gauges`` maps a gauge's name to its latest value by layer name.
+    for already. ``gauges`` maps a gauge's name to its latest value by layer name;
+    ``info`` an info metric's name to the label values (after ``chain``) of its
+    series.
     """
 
     chain: str
@@ -37,6 +39,7 @@ class ViewData:
     layout: Layout
     block: Block
     gauges: dict[str, dict[str, int]] = field(default_factory=dict)
+    info: dict[str, list[tuple[str, ...]]] = field(default_factory=dict)
 
     def value(self, m: Metric, cell: tuple[Any, ...], layer: str | None = None) -> Any:
         """The count (a counter) or :class:`Hist` (a histogram) of ``cell`` of ``m``, for
@@ -102,29 +105,55 @@ _PAIRS = {"hits_total": "misses_total", "misses_total": "hits_total"}
 
 def series(data: ViewData) -> Iterator[Series]:
     """Every series of ``data``: every cell kept for each of its layers and for the
-    chain (zeros included), and every gauge reported."""
-    bound = set(data.layers[: data.bound])
-    cells = data.layout.layer.cells
-    paired = _nonzero_pairs(data)
-    for m, cell, offset in cells:
-        for layer in data.layers:
-            value = _read(data, m, data.offsets[layer] + offset)
-            declared = layer in bound
-            shown = (
-                _nonzero(value)
-                or _always(m, cell, data, declared)
-                or (layer, _PAIRS.get(m.name)) in paired
-            )
-            if m.shown_with is not None:
-                shown = shown or layer in data.gauges[m.shown_with]
-            yield Series(m, layer, cell, value, shown)
+    chain (zeros included), every gauge reported (a one-hot gauge as one series per
+    state, see :attr:`Metric.one_hot_of`) and every info series."""
+    yield from _layer_series(data)
     for m, cell, offset in data.block.cells:
         value = _read(data, m, offset)
         yield Series(m, None, cell, value, _nonzero(value) or _always(m, cell, data, True))
     for m in METRICS:
-        if m.kind == GAUGE:
+        if m.info:
+            yield from _info_series(data, m)
+        elif m.one_hot_of is not None:
+            yield from _one_hot_series(data, m)
+        elif m.kind == GAUGE:
             for layer, value in data.gauges[m.name].items():
                 yield Series(m, layer, (), value, True)
+
+
+def _layer_series(data: ViewData) -> Iterator[Series]:
+    """The per-layer cells of ``data``, each shown when non-zero, always exported, the
+    partner of a non-zero hit or miss count, or shown with a gauge the layer reports."""
+    bound = set(data.layers[: data.bound])
+    paired = _nonzero_pairs(data)
+    for m, cell, offset in data.layout.layer.cells:
+        for layer in data.layers:
+            value = _read(data, m, data.offsets[layer] + offset)
+            shown = (
+                _nonzero(value)
+                or _always(m, cell, data, layer in bound)
+                or (layer, _PAIRS.get(m.name)) in paired
+                or (m.shown_with is not None and layer in data.gauges[m.shown_with])
+            )
+            yield Series(m, layer, cell, value, shown)
+
+
+def _info_series(data: ViewData, m: Metric) -> Iterator[Series]:
+    """The series of the info metric ``m`` (always 1)."""
+    for values in data.info.get(m.name, ()):
+        if m.per_layer:
+            yield Series(m, values[0], values[1:], 1, True)
+        else:
+            yield Series(m, None, values, 1, True)
+
+
+def _one_hot_series(data: ViewData, m: Metric) -> Iterator[Series]:
+    """One 0/1 series per state of each layer's gauge ``m.one_hot_of``."""
+    assert m.one_hot_of is not None
+    choices = m.values[m.extra_labels[-1]]
+    for layer, value in data.gauges[m.one_hot_of].items():
+        for index, choice in enumerate(choices):
+            yield Series(m, layer, (choice,), int(index == value), True)
 
 
 def _nonzero_pairs(data: ViewData) -> set[tuple[str, str]]:

@@ -45,7 +45,13 @@ class CacheMetrics:
     ``async_writes`` every write the layer's async writer made (``failed_writes`` of
     them failed). ``queue_depth``, ``queue_capacity``, ``entries`` and
     ``circuit_state`` (0 closed, 1 open, 2 half-open) are the latest values reported;
-    ``circuit_opens`` counts transitions to open. Latencies are in seconds.
+    ``circuit_opens`` counts transitions to open. ``repairs_pending`` (keys whose
+    repair delete waits for a retry), ``nodes_down`` and ``connections`` (a memcached
+    layer's servers marked down and open connections) are the latest values polled;
+    ``backfills_skipped`` counts backfills into the layer not made (by reason in
+    ``backfills_skipped_by_reason``), ``pool_exhausted`` and ``corrupt_values`` a
+    memcached layer's calls refused for want of a free connection and undecodable
+    values read. Latencies are in seconds.
     """
 
     hits: int = 0
@@ -65,6 +71,13 @@ class CacheMetrics:
     circuit_rejected: int = 0
     evictions: int = 0
     entries: int = 0
+    repairs_pending: int = 0
+    backfills_skipped: int = 0
+    backfills_skipped_by_reason: dict[str, int] = field(default_factory=dict)
+    nodes_down: int = 0
+    connections: int = 0
+    pool_exhausted: int = 0
+    corrupt_values: int = 0
     get_latency: LatencyStats = field(default_factory=LatencyStats)
     set_latency: LatencyStats = field(default_factory=LatencyStats)
 

@@ -21,16 +21,23 @@ environment for ``scripts/load_workers.py``, which drives this app under gunicor
 ``MemcachedCache`` (over a pooled pymemcache client), for comparison;
 ``CACHECHAIN_EXAMPLE_MEMCACHED_TIMEOUT`` (seconds, default 0.1) bounds each memcached
 call.
+
+``/healthz`` answers the chain's health as JSON (``Chain.health()``; 503 while a layer is
+unhealthy). ``CACHECHAIN_EXAMPLE_METRICS=1`` turns on Prometheus metrics and serves them
+at ``/metrics``: from prometheus-client's default registry in one process, or from every
+worker's files when ``PROMETHEUS_MULTIPROC_DIR`` is set (an empty directory, created
+before gunicorn starts; see docs/metrics.md).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from typing import Any
 
-from flask import Flask
+from flask import Flask, Response
 from flask_caching import Cache
 
 MEMCACHED = os.environ.get("CACHECHAIN_MEMCACHED", "127.0.0.1:11211")
@@ -38,6 +45,7 @@ MEMCACHED = os.environ.get("CACHECHAIN_MEMCACHED", "127.0.0.1:11211")
 MEMCACHED_TIMEOUT = float(os.environ.get("CACHECHAIN_EXAMPLE_MEMCACHED_TIMEOUT", "0.1"))
 LOAD_ENDPOINTS = os.environ.get("CACHECHAIN_EXAMPLE_LOAD_ENDPOINTS") == "1"
 BACKEND = os.environ.get("CACHECHAIN_EXAMPLE_BACKEND", "cachechain")
+METRICS = os.environ.get("CACHECHAIN_EXAMPLE_METRICS") == "1"
 
 CACHECHAIN: dict[str, Any] = {
     "CACHE_TYPE": "cachechain.contrib.flask.CachechainBackend",
@@ -57,6 +65,10 @@ CACHECHAIN: dict[str, Any] = {
         ],
     },
 }
+
+
+if METRICS:  # prometheus-client's default registry, or multiprocess files
+    CACHECHAIN["CACHE_OPTIONS"]["metrics"] = "prometheus"
 
 
 def stock_config() -> dict[str, Any]:
@@ -104,6 +116,37 @@ def square(n: int) -> int:
 @app.route("/square/<int:n>")
 def show_square(n: int) -> str:
     return f"{n} squared is {square(n)}"
+
+
+if BACKEND == "cachechain":
+
+    @app.route("/healthz")
+    def healthz() -> Response:
+        """The chain's health as JSON: 200 when every layer is healthy, else 503 (the
+        chain still answers then: an unhealthy layer is skipped as a miss)."""
+        backend: Any = cache.cache  # cachechain.contrib.flask.CachechainBackend
+        health = backend.chain.health()
+        return Response(
+            json.dumps(health.as_dict()),
+            status=200 if health.healthy else 503,
+            content_type="application/json",
+        )
+
+
+if METRICS:
+
+    @app.route("/metrics")
+    def metrics_view() -> Response:
+        """Prometheus metrics: every worker's (multiprocess mode) or this process's."""
+        from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+        from cachechain import multiprocess_registry
+
+        multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        registry = multiprocess_registry() if multiprocess else REGISTRY
+        # content_type, not mimetype: Flask appends "; charset=utf-8" to a mimetype, and
+        # CONTENT_TYPE_LATEST already ends with it.
+        return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
 
 
 if LOAD_ENDPOINTS:
