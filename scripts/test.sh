@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v memcached >/dev/null 2>&1 || need_apt+=(memcached)
-command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+{ command -v promtool && command -v prometheus; } >/dev/null 2>&1 || need_apt+=(prometheus)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== installing ${need_apt[*]} (apt)"
   export DEBIAN_FRONTEND=noninteractive
