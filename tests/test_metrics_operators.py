@@ -9,6 +9,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -582,11 +583,14 @@ def test_a_pre_forking_master_does_not_count_among_live_processes(tmp_path: Path
             os._exit(0)
         os.waitpid(pid, 0)
         assert collector.flush()  # the master goes on living (and flushing)
-        print(pid)
+        print("worker", pid)
         """
     )
     out = run_in_multiprocess_dir(script, tmp_path)
-    worker = int(out.split()[-1])
+    # Python 3.12+ warns that a multi-threaded process forks (on stderr, in ``out``).
+    found = re.search(r"^worker (\d+)$", out, re.M)
+    assert found is not None, out
+    worker = int(found.group(1))
     # The worker has exited: its live gauges are dropped, as gunicorn's child_exit does.
     from prometheus_client import multiprocess
 

@@ -228,8 +228,13 @@ class CachechainBackend(BaseCache):
 
     def get(self, key: str) -> Any:
         """Return the value cached under ``key`` (a fresh copy), or ``None``. A layer
-        failure is a miss."""
-        return self._form.read(self._chain, self._key(key), None)
+        failure is a miss. Inside a call of a function decorated by :class:`Cache`,
+        the key of a miss is remembered (see :class:`_Frame`)."""
+        value = self._form.read(self._chain, self._key(key), None)
+        frame = getattr(_frames, "frame", None)
+        if frame is not None:  # the last read before the call decides
+            frame.missed = key if value is None else None
+        return value
 
     def get_many(self, *keys: str) -> list[Any]:
         """Return the values of ``keys`` in order, ``None`` for each miss (one batch per
@@ -280,7 +285,11 @@ class CachechainBackend(BaseCache):
         module docstring); a negative timeout removes the key instead. Return True when
         every layer took it, False when some layer failed or refused it (the others
         still hold it). Raises :class:`pickle.PicklingError` for a value that cannot be
-        pickled."""
+        pickled. Inside a call of a function decorated by :class:`Cache`, the key its
+        ``get_or_load`` stored already is not written again."""
+        frame = getattr(_frames, "frame", None)
+        if frame is not None and key == frame.stored:
+            return True
         stored = self._form.encode(value)
         key = self._key(key)
         ttl = self._ttl(timeout)
@@ -378,6 +387,12 @@ class CachechainBackend(BaseCache):
 LOAD_OPTIONS = ("fail_safe", "soft_timeout", "hard_timeout", "eager_refresh", "lease")
 
 
+#: The call of a function decorated by :class:`Cache` running on this thread (its
+#: ``frame``: a :class:`_Frame`), read by :class:`CachechainBackend`'s ``get`` and
+#: ``set``: Flask-Caching's decorators call the backend's (before 2.5 directly).
+_frames = threading.local()
+
+
 class _Frame:
     """One call of a function decorated by :class:`Cache` (``loading``), on this
     thread: the key its cache read missed (then its call goes through
@@ -422,10 +437,6 @@ class Cache(flask_caching.Cache):
     decorated function is called.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._frames = threading.local()
-
     def cached(self, *args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], Any]:
         """Flask-Caching's ``cached`` (same arguments), plus the loader options of
         :meth:`Chain.get_or_load <cachechain.Chain.get_or_load>` as keywords."""
@@ -467,28 +478,9 @@ class Cache(flask_caching.Cache):
         kwargs["timeout"] = 0
         return super()._memoize_version(f, *args, **kwargs)
 
-    def get(self, *args: Any, **kwargs: Any) -> Any:
-        """Flask-Caching's ``get``; inside a decorated call, the key of a miss is
-        remembered so that the function is then called through ``get_or_load``. The
-        last read before the call decides: Flask-Caching's own read of the key comes
-        after any made by the app's callbacks (``make_cache_key``, ``unless``...)."""
-        value = super().get(*args, **kwargs)
-        frame = getattr(self._frames, "frame", None)
-        if frame is not None and args:
-            frame.missed = args[0] if value is None else None
-        return value
-
-    def set(self, *args: Any, **kwargs: Any) -> bool | None:
-        """Flask-Caching's ``set``, skipped for the key ``get_or_load`` just stored."""
-        frame = getattr(self._frames, "frame", None)
-        key = args[0] if args else kwargs.get("key")
-        if frame is not None and key is not None and key == frame.stored:
-            return True
-        return super().set(*args, **kwargs)
-
     def _call_fn(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        frame = getattr(self._frames, "frame", None)
-        if frame is None or frame.missed is None:
+        frame = getattr(_frames, "frame", None)
+        if frame is None:
             return super()._call_fn(fn, *args, **kwargs)
         backend = self.cache
         if not isinstance(backend, CachechainBackend):
@@ -498,6 +490,8 @@ class Cache(flask_caching.Cache):
                     "cachechain.contrib.flask.Cache need CACHE_TYPE "
                     f"'cachechain.contrib.flask.CachechainBackend', not {type(backend).__name__}"
                 )
+            return super()._call_fn(fn, *args, **kwargs)
+        if frame.missed is None:  # no miss read (unless, forced_update): a plain call
             return super()._call_fn(fn, *args, **kwargs)
         key, frame.missed = frame.missed, None
         loading = frame.loading
@@ -600,7 +594,7 @@ class _Loading:
         return keep is not None and not keep(value)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        frames = self._cache._frames
+        frames = _frames
         outer = getattr(frames, "frame", None)
         frames.frame = _Frame(self)
         try:
