@@ -479,9 +479,11 @@ class Cache(flask_caching.Cache):
         return super()._memoize_version(f, *args, **kwargs)
 
     def _call_fn(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        # Typed here: Flask-Caching before 2.5 does not annotate its _call_fn.
+        call: Callable[..., Any] = super()._call_fn
         frame = getattr(_frames, "frame", None)
         if frame is None:
-            return super()._call_fn(fn, *args, **kwargs)
+            return call(fn, *args, **kwargs)
         backend = self.cache
         if not isinstance(backend, CachechainBackend):
             if frame.loading.options:
@@ -490,14 +492,13 @@ class Cache(flask_caching.Cache):
                     "cachechain.contrib.flask.Cache need CACHE_TYPE "
                     f"'cachechain.contrib.flask.CachechainBackend', not {type(backend).__name__}"
                 )
-            return super()._call_fn(fn, *args, **kwargs)
+            return call(fn, *args, **kwargs)
         if frame.missed is None:  # no miss read (unless, forced_update): a plain call
-            return super()._call_fn(fn, *args, **kwargs)
+            return call(fn, *args, **kwargs)
         key, frame.missed = frame.missed, None
         loading = frame.loading
         # A timed load runs on another thread: it gets this one's app and request.
         context = contextvars.copy_context()
-        call = super()._call_fn
 
         def load() -> Any:
             try:
