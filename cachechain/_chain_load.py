@@ -181,14 +181,17 @@ def get_or_load(
             policy = policies.default
         elif fail_safe is True:  # the common override, without a lookup
             policy = policies.fail_safe_on
-        elif fail_safe is False:
-            policy = policies.fail_safe_off
         else:
             policy = policies.resolve(fail_safe, soft_timeout, hard_timeout, eager_refresh)
     else:
         policy = policies.resolve(fail_safe, soft_timeout, hard_timeout, eager_refresh)
     if policy is not None:
         if policy.stamps:
+            read = loads.read
+            if read is not None and chain._m is None:  # a fresh hit, the short way
+                value = _fresh_hit(read, key, ttl, policy)
+                if value is not MISSING:
+                    return value
             return _with_stamps(chain, key, loader, ttl, wait_timeout, policy, leasing)
         return _timed_only(chain, key, loader, ttl, wait_timeout, policy, leasing)
     value = chain.get(key, MISSING)
@@ -313,6 +316,20 @@ def _timed_only(
     if value is not MISSING:
         return value
     return _load(chain, key, loader, ttl, wait_timeout, policy, lease, MISSING)
+
+
+def _fresh_hit(read: Any, key: str, ttl: float | None, policy: LoadPolicy) -> Any:
+    """The first layer's fresh value of ``key`` that needs no refresh, or MISSING for
+    anything else (a miss, a refresh due, a failed read: :func:`_with_stamps` reads
+    again and handles it). For a chain without metrics: nothing is recorded."""
+    try:
+        value, fresh_left, origin = read(key)
+    except Exception:
+        return MISSING
+    share = policy.refresh_at
+    if share is None or fresh_left is None or fresh_left > (origin or ttl or 0.0) * share:
+        return value
+    return MISSING
 
 
 def _with_stamps(

@@ -237,9 +237,13 @@ class MemoryLayer(BaseLayer):
         and the TTL a stamped entry was stored with (``None`` for a plain entry);
         ``(MISSING, None, None)`` otherwise (an expired fail-safe copy is kept: read it
         with ``get_with_ttl`` in stamp reading mode)."""
-        item = self._read(key)
+        item = self._entries.get(key, _ABSENT)  # _read, inlined: get_or_load's hit path
         if item is _ABSENT:
             return MISSING, None, None
+        reads = self._reads
+        reads.append(key)
+        if len(reads) >= _REPLAY_AT:
+            self._replay()
         expires = item[1]
         if expires is None:
             return item[0], None, None
