@@ -1,5 +1,6 @@
-"""Benchmark section of issue 14, item 1: L1 hits of one key from 1 to 16 threads of one
-process, for ``Chain.get``, cachetools' ``LRUCache.get`` under a lock, and ``dict.get``.
+"""Benchmark sections of issue 14: items 1 (``threads``: L1 hits of one key from 1 to 16
+threads of one process, for ``Chain.get``, cachetools' ``LRUCache.get`` under a lock,
+and ``dict.get``) and 4 (``memory``: bytes per entry, see :func:`bench_memory`).
 
 Each contender is one implementation at one thread count: its threads are started and
 parked on a barrier before the timed run (untimed), the timed run releases them and
@@ -24,7 +25,10 @@ THREADS = (1, 2, 4, 8, 16)
 
 def sections(h: Any) -> dict[str, Callable[[Any], Any]]:
     """The sections, by id, bound to run.py's harness module ``h``."""
-    return {"threads": lambda ctx: bench_threads(h, ctx)}
+    return {
+        "threads": lambda ctx: bench_threads(h, ctx),
+        "memory": lambda ctx: bench_memory(h, ctx),
+    }
 
 
 class _Crew:
@@ -122,5 +126,81 @@ def bench_threads(h: Any, ctx: Any) -> Any:
         ),
         h.Goal("locked LRUCache.get, 16 threads vs 1 (info)", "lru_16", "lru_1", "info"),
         h.Goal("dict.get, 16 threads vs 1 (info)", "dict_16", "dict_1", "info"),
+    ]
+    return sec
+
+
+def bench_memory(h: Any, ctx: Any) -> Any:
+    """Issue 14, item 4: bytes per entry of 100,000 string entries (tracemalloc), a
+    MemoryLayer with and without a TTL against cachetools and a dict."""
+    import gc
+    import tracemalloc
+
+    from cachetools import LRUCache, TTLCache
+
+    from cachechain import MemoryLayer
+
+    sec = h.Section("memory", "17. Memory per entry: 100,000 str entries (tracemalloc)", base="lru")
+    sec.unit = "B"
+    sec.notes.append(
+        "Keys and values are made before the measure: a row is what its container adds "
+        "per entry (its hash table, order links, entry tuples, expiry floats). Rounds "
+        "repeat the build: the figure is deterministic."
+    )
+    n = ctx.n(100_000, minimum=1_000)
+    keys = [f"key:{i}" for i in range(n)]
+    values = [f"value:{i}" for i in range(n)]
+
+    def build_dict() -> Any:
+        return dict(zip(keys, values, strict=True))
+
+    def build_lru() -> Any:
+        cache: LRUCache[str, str] = LRUCache(n)
+        for k, v in zip(keys, values, strict=True):
+            cache[k] = v
+        return cache
+
+    def build_ttl() -> Any:
+        cache: TTLCache[str, str] = TTLCache(n, 300)
+        for k, v in zip(keys, values, strict=True):
+            cache[k] = v
+        return cache
+
+    def build_layer(ttl: float | None) -> Callable[[], Any]:
+        def build() -> Any:
+            layer = MemoryLayer("L1", maxsize=n, default_ttl=None)
+            for k, v in zip(keys, values, strict=True):
+                layer.set(k, v, ttl)
+            return layer
+
+        return build
+
+    builds = {
+        "dict": ("dict", build_dict),
+        "lru": ("cachetools LRUCache", build_lru),
+        "ttlcache": ("cachetools TTLCache (ttl 300 s)", build_ttl),
+        "layer_ttl": ("MemoryLayer, every entry with a TTL", build_layer(300.0)),
+        "layer": ("MemoryLayer, no TTL", build_layer(None)),
+    }
+    for key, (label, build) in builds.items():
+        row = h.Row(key, label)
+        for _ in range(max(1, min(ctx.rounds, 3))):
+            gc.collect()
+            tracemalloc.start()
+            before = tracemalloc.get_traced_memory()[0]
+            kept = build()
+            gc.collect()
+            after = tracemalloc.get_traced_memory()[0]
+            tracemalloc.stop()
+            row.samples.append((after - before) / n)
+            del kept
+        sec.rows.append(row)
+    sec.check(
+        "every container holds every entry",
+        len(build_lru()) == n and len(build_layer(300.0)()) == n,
+    )
+    sec.goals += [
+        h.Goal("MemoryLayer, TTLs, <= 1.3x cachetools LRUCache", "layer_ttl", "lru", "<=", 1.3),
+        h.Goal("MemoryLayer, TTLs, vs cachetools TTLCache", "layer_ttl", "ttlcache", "info"),
     ]
     return sec
