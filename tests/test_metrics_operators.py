@@ -23,6 +23,7 @@ from pymemcache.client.base import Client
 
 import cachechain
 from cachechain import (
+    BreakerConfig,
     Chain,
     ChainHealth,
     CircuitBreaker,
@@ -361,7 +362,12 @@ def test_a_memcached_layers_own_figures_are_exported(memcached: MemcachedProcess
     collector = PrometheusCollector(registry=registry)
     dead = f"127.0.0.1:{free_port()}"
     l2 = MemcachedLayer("L2", [memcached.address, dead], timeout=0.5, connect_timeout=0.2)
-    chain = Chain([MemoryLayer("L1"), l2], name="mc", metrics=collector, coherence=False)
+    # The dead node's misses must not open L2's breaker: the corrupt read below must
+    # reach the layer (which keys fall on the dead node depends on the hash seed).
+    never_opens = BreakerConfig(max_failures=10_000)
+    chain = Chain(
+        [MemoryLayer("L1"), l2], name="mc", metrics=collector, coherence=False, breaker=never_opens
+    )
     try:
         for i in range(40):  # some of these keys live on the dead node
             chain.get(f"k{i}")
