@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -590,3 +592,17 @@ def test_a_command_that_does_not_fit_the_send_buffer_goes_through_sendall() -> N
         call(conn, soon())
         assert sock.through_sendall == command
         sock.close()
+
+
+def test_the_idna_codec_is_loaded_before_any_thread_connects() -> None:
+    """getaddrinfo of a str host encodes it with the "idna" codec, imported lazily on
+    first use; threads importing it at once fail with ``LookupError('unknown encoding:
+    idna')``: seen in gunicorn gthread workers forked from a ``--preload`` master, all
+    connecting on their first requests (the memcached layer failed, its breaker
+    opened). Importing the wire loads it first; checked in a fresh interpreter."""
+    code = (
+        "import sys; import cachechain.layers._wire; "
+        "sys.exit(0 if 'encodings.idna' in sys.modules else 1)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], check=False, timeout=60)
+    assert done.returncode == 0

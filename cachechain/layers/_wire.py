@@ -43,6 +43,12 @@ point.
 
 from __future__ import annotations
 
+# Imported now, not on a thread's first connect: getaddrinfo of a str host encodes it
+# with the "idna" codec, imported lazily on first use, and several threads importing
+# it at once (gunicorn gthread workers forked from a --preload master, all connecting
+# on their first requests) can fail with LookupError('unknown encoding: idna').
+import codecs
+import encodings.idna  # noqa: F401
 import os
 import select
 import socket
@@ -59,6 +65,8 @@ from pymemcache.exceptions import (
 )
 
 from ._counters import COUNTER_FLAG_BYTES, RawCounter
+
+codecs.lookup("idna")  # and in the codec registry's cache (see the import above)
 
 __all__ = ["MAX_LINE", "MAX_VALUE", "Connection", "ValueTooLargeError", "get", "readable_now"]
 
