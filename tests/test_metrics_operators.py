@@ -372,7 +372,8 @@ def test_a_memcached_layers_own_figures_are_exported(memcached: MemcachedProcess
         for i in range(40):  # some of these keys live on the dead node
             chain.get(f"k{i}")
         bad = next(k for k in (f"bad{i}" for i in range(100)) if _stored(l2, k))
-        Client(("127.0.0.1", memcached.port)).set(bad.encode(), b"written by another program")
+        other = Client(("127.0.0.1", memcached.port))  # another program, waiting for its
+        other.set(bad.encode(), b"written by another program", noreply=False)  # reply
         corrupt_before = l2.stats().corrupt_values
         chain.get(bad)
         assert l2.stats().corrupt_values == corrupt_before + 1
