@@ -32,7 +32,7 @@ from ._breaker import CircuitBreaker
 from ._chain_atomic import AtomicOps, shared_tier
 from ._chain_batch import Backfiller, read_through
 from ._chain_load import LoaderOps
-from ._chain_metrics import Reporter, record_batch, watch
+from ._chain_metrics import Reporter, hit_sampler, record_batch, watch
 from ._close import close_quietly
 from ._coherence import Coherence, namespaced, shared_index
 from ._config import (
@@ -116,6 +116,11 @@ class Chain(AtomicOps, LoaderOps):
         self._figures = None if self._m is None else watch(self._m, tiers)
         self._l1_name = self._first.name
         self._l1_get: Callable[[str], Any] = self._first.layer.get
+        # A collector that counts first-layer hits itself gets one in `every` timed
+        # (see get); `_untimed` is its count while the next hit needs no clock.
+        self._sampler = hit_sampler(self._m, self._first)
+        self._untimed = None if self._sampler is None else self._sampler.hits
+        self._every = 0 if self._sampler is None else self._sampler.every
         self._owned_collector: Any = None
         self._closed = False
         self._flight: SingleFlight[Any] = SingleFlight(clock)
@@ -188,32 +193,50 @@ class Chain(AtomicOps, LoaderOps):
         if m is None:
             try:
                 value = self._l1_get(key)
-            except ChainClosedError:
-                raise
             except Exception as exc:
                 value = self._l1_failed(key, exc)
             if value is not MISSING:
                 return value
             value, _ = self._lookup(key, None, 0.0)
             return default if value is MISSING else value
-        # The same, timed (kept inline: this is the hottest path with metrics on).
+        # With a hit sampler, most first-layer hits are only counted (kept inline: this
+        # is the hottest path with metrics on); a miss is read again under the clock.
+        hits = self._untimed
+        if hits is not None:
+            try:
+                value = self._l1_get(key)
+            except Exception as exc:
+                return _get_failed(self, key, default, m, exc)
+            if value is not MISSING:
+                if not next(hits) % self._every:
+                    self._untimed = None  # the next hit is timed
+                return value
         start = _perf()
         try:
             value = self._l1_get(key)
-        except ChainClosedError:
-            raise
         except Exception as exc:
             self._l1_failed(key, exc)
             value, index = self._lookup(key, m, start, first_failed=True)
         else:
             if value is not MISSING:
-                m.record_first_layer_hit(self._l1_name, _perf() - start)
+                sampler = self._sampler
+                if sampler is None:
+                    m.record_first_layer_hit(self._l1_name, _perf() - start)
+                else:  # count the hit, time it, and leave the next ones untimed
+                    n = next(sampler.hits)
+                    self._untimed = sampler.hits
+                    sampler.timed(_perf() - start, n)
                 return value
             value, index = self._lookup(key, m, start)
         m.record_chain_get(index >= 0, index, _perf() - start)
         return default if value is MISSING else value
 
     def _l1_failed(self, key: object, exc: Exception) -> Any:
+        """A first-layer read raised ``exc``: raise it again if the chain is closed, raise
+        :class:`~cachechain.InvalidKeyError` for a bad key, else count the failure and
+        return ``MISSING``."""
+        if isinstance(exc, ChainClosedError):
+            raise exc
         check_key(key)  # an unhashable key is the caller's error, not the layer's
         self._report.failed(self._l1_name, "get", exc)
         return MISSING
@@ -433,6 +456,16 @@ class Chain(AtomicOps, LoaderOps):
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"<Chain {self.name!r} {[t.name for t in self._tiers]} {state}>"
+
+
+def _get_failed(chain: Chain, key: str, default: Any, m: CollectorGuard, exc: Exception) -> Any:
+    """The rest of an untimed ``get`` whose first-layer read raised ``exc``: the layers
+    below, timed from here (the failed call itself is not)."""
+    start = _perf()
+    chain._l1_failed(key, exc)
+    value, index = chain._lookup(key, m, start, first_failed=True)
+    m.record_chain_get(index >= 0, index, _perf() - start)
+    return default if value is MISSING else value
 
 
 def _from_config(cls: type[C], config: ChainConfig | Mapping[str, Any]) -> C:

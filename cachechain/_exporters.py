@@ -52,13 +52,16 @@ def _prometheus_factory(
     registry: Any = "default",
     multiprocess: bool | None = None,
     flush_interval: float = 1.0,
+    sample_hits: int | None = None,
 ) -> Any:
     """Build a :class:`~cachechain.PrometheusCollector`.
 
     ``registry``: ``"default"`` (prometheus-client's global registry, which its HTTP
     server and WSGI app expose), ``None`` (none: call ``register`` yourself), a
     ``"module:attr"`` path to a ``CollectorRegistry``, or a registry object.
-    ``multiprocess`` and ``flush_interval`` (seconds) are passed on as they are.
+    ``multiprocess``, ``flush_interval`` (seconds) and ``sample_hits`` (one
+    first-layer hit in that many is timed; ``None``: the collector's default) are
+    passed on as they are.
     """
     try:
         from .metrics._prometheus import PrometheusCollector
@@ -75,6 +78,8 @@ def _prometheus_factory(
         else:
             registry = import_path(registry, "registry")
     kwargs: dict[str, Any] = {"buckets": buckets} if buckets is not None else {}
+    if sample_hits is not None:
+        kwargs["sample_hits"] = sample_hits
     return PrometheusCollector(
         namespace,
         registry=registry,
@@ -84,11 +89,12 @@ def _prometheus_factory(
     )
 
 
-def _memory_factory() -> Any:
-    """Build a :class:`~cachechain.MemoryCollector`."""
+def _memory_factory(sample_hits: int = 1) -> Any:
+    """Build a :class:`~cachechain.MemoryCollector` (``sample_hits``: one first-layer
+    hit in that many is timed; 1, the default, times every hit)."""
     from .metrics._memory import MemoryCollector
 
-    return MemoryCollector()
+    return MemoryCollector(sample_hits=sample_hits)
 
 
 def _none_factory() -> NoOpCollector:

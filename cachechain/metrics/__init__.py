@@ -17,6 +17,7 @@ from .._fork import track as track_fork
 from .._logonce import LogOnce
 from ._base import (
     CollectorGuard,
+    HitSampler,
     MetricsCollector,
     NoOpCollector,
     adapt,
@@ -82,6 +83,7 @@ __all__ = [
     "CollectorGuard",
     "Feed",
     "Field",
+    "HitSampler",
     "LatencyStats",
     "LogOnce",
     "Metric",

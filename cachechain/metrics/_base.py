@@ -18,6 +18,7 @@ import itertools
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .._logonce import LogOnce
@@ -27,6 +28,7 @@ __all__ = [
     "RECORD_METHODS",
     "SEED_METHODS",
     "CollectorGuard",
+    "HitSampler",
     "MetricsCollector",
     "NoOpCollector",
     "adapt",
@@ -38,6 +40,25 @@ __all__ = [
 log = logging.getLogger("cachechain.metrics")
 _log_once = LogOnce(log)
 _TOKENS = itertools.count()
+
+
+@dataclass(frozen=True)
+class HitSampler:
+    """How a collector counts a chain's first-layer hits itself and has one in
+    ``every`` timed (see :meth:`MetricsCollector.hit_sampler`).
+
+    ``count()`` is called once per first-layer hit, timed or not, from any thread: it
+    must be cheap (a C-level call such as ``itertools.count().__next__``), exact under
+    concurrency, and never raise; it returns how many hits it counted before this one.
+    ``timed(duration, n)`` receives the duration (seconds) of a timed hit and what
+    ``count`` returned for it: that duration stands for the hits counted since the
+    previous sample in the latency histograms (a weighted observation, as StatsD's
+    sample rates). ``every`` is at least 2.
+    """
+
+    count: Callable[[], int]
+    every: int
+    timed: Callable[[float, int], None]
 
 
 class MetricsCollector:
@@ -175,6 +196,19 @@ class MetricsCollector:
         ``record_*`` method: the default ignores it, and a collector that does not
         have it is not asked."""
 
+    def hit_sampler(self, layer: str) -> HitSampler | None:
+        """Offer to count the hits of the chain's first layer ``layer`` without a call
+        per hit: return a :class:`HitSampler`, and the chain's ``get`` then counts each
+        first-layer hit with its ``count`` (exact), times one hit in ``every`` (the
+        next one after ``count`` returned a multiple of ``every``), and reports that
+        duration to its ``timed``, instead of calling :meth:`record_first_layer_hit` on
+        every hit with two clock reads around it. ``None`` (the default) keeps one
+        :meth:`record_first_layer_hit` per hit. Called once, when a chain is built; not
+        a ``record_*`` method. The collector must fold the hits ``count`` counted into
+        what :meth:`record_first_layer_hit` feeds: the hit counters exactly, the
+        latency histograms by ``timed``'s weighted samples."""
+        return None
+
     def add_refresh_hook(self, fn: Callable[[], object]) -> None:
         """Ask the collector to call ``fn()`` before it reads its figures (each scrape,
         snapshot or flush), so that values polled rather than pushed (an in-process
@@ -268,6 +302,47 @@ class CollectorGuard(_Contract):
             elif rec.name == "record_write_dropped" and not _accepts_reason(method):
                 method = _drop_reason(method)
             setattr(self, rec.name, method if _trusted(method) else self._guard(method))
+
+    def hit_sampler(self, layer: str) -> HitSampler | None:
+        """The collector's :class:`HitSampler` for the first layer ``layer`` (see
+        :meth:`MetricsCollector.hit_sampler`): ``None`` when it has none, or when its
+        ``hit_sampler`` raises (counted, logged once) or returns something else than a
+        sampler with callables and an ``every`` of at least 2. Its ``count`` is called
+        unguarded (it must not raise: only an ``itertools.count`` is trusted, any other
+        ``count`` is wrapped, and one that raises counts as a hit never sampled); its
+        ``timed`` is guarded unless marked :func:`never_raises`."""
+        offer = getattr(self.collector, "hit_sampler", None)
+        if offer is None:
+            return None
+        try:
+            sampler = offer(layer)
+        except Exception as exc:
+            self.failed(exc)
+            return None
+        if (
+            not isinstance(sampler, HitSampler)
+            or type(sampler.every) is not int
+            or sampler.every < 2
+            or not callable(sampler.count)
+            or not callable(sampler.timed)
+        ):
+            return None
+        count, timed = sampler.count, sampler.timed
+        if not isinstance(getattr(count, "__self__", None), itertools.count):
+            count = self._guard_count(count)
+        if not _trusted(timed):
+            timed = self._guard(timed)
+        return HitSampler(count, sampler.every, timed)
+
+    def _guard_count(self, count: Callable[[], int]) -> Callable[[], int]:
+        def guarded_count() -> int:
+            try:
+                return int(count())
+            except Exception as exc:
+                self.failed(exc)
+                return 1  # not a multiple of every (at least 2): no sample asked
+
+        return guarded_count
 
     def _guard(self, method: Callable[..., Any]) -> Callable[..., None]:
         def guarded(*args: Any) -> None:

@@ -30,11 +30,11 @@ from typing import Any
 
 from .. import _fork
 from .._logonce import LogOnce
-from ._base import MetricsCollector, forward_records, stand_in
+from ._base import HitSampler, MetricsCollector, forward_records, stand_in
 from ._catalogue import GAUGE, METRICS, RECORD_METHODS, RECORDS
 from ._hooks import RefreshHooks
 from ._layout import Layout
-from ._recorders import install
+from ._recorders import install, sampler
 from ._series import ViewData
 
 __all__ = ["MAX_LAYERS", "AccumulatingCollector", "ChainView"]
@@ -47,6 +47,10 @@ _TOKENS = itertools.count()
 MAX_LAYERS = 64
 #: Positions a chain counts its gets by, at least (more if it has more layers).
 MIN_INDEX_SLOTS = 8
+#: The fused record a :class:`~cachechain.metrics.HitSampler` stands in for.
+_SAMPLED = "record_first_layer_hit"
+#: Records whose override by a subclass turns hit sampling off (it expects every hit).
+_SAMPLING_FEEDS = frozenset((_SAMPLED, "record_get", "record_chain_get"))
 
 Acc = list[Any]  # one thread's numbers for one chain: ints, and floats for sums and maxima
 
@@ -90,6 +94,12 @@ class ChainView(MetricsCollector):
         #: The label values (after ``chain``) of each info metric's series.
         self.info: dict[str, dict[tuple[str, ...], None]] = {m.name: {} for m in METRICS if m.info}
         self._key = ("too many layers", next(_TOKENS))
+        #: The first layer's hits a HitSampler counted (read by its repr), the number
+        #: of them read as zero (a reset, a forked child), and how many of them the
+        #: samples so far stand for (see :func:`~cachechain.metrics._recorders.sampler`).
+        self.hits = itertools.count()
+        self.hits_base = 0
+        self.sampled = 0
         for name in layers:
             self._add_layer_locked(str(name))
         install(self, engine.track_max, engine.track_sum)
@@ -161,7 +171,8 @@ class ChainView(MetricsCollector):
         for p in self.max_slots:
             totals[p] = raw[p]
         first = self.offsets[self.layers[0]] if self.bound else None
-        self.layout.fold_fused(totals, self.block, first)
+        sampled = {_SAMPLED: _counted(self.hits) - self.hits_base}
+        self.layout.fold_fused(totals, self.block, first, sampled)
         return ViewData(
             chain=self.chain,
             layers=list(self.layers),
@@ -176,6 +187,7 @@ class ChainView(MetricsCollector):
 
     def _rebase_locked(self) -> None:
         """Make every figure read zero from now on (reset, or a forked child)."""
+        self.hits_base = self.sampled = _counted(self.hits)
         self.baseline = self._raw_locked()
         for p in self.max_slots:
             self.baseline[p] = 0
@@ -196,6 +208,19 @@ class ChainView(MetricsCollector):
                 setattr(self, rec.name, fused)
 
     # -- the rest of the collector interface -------------------------------------------
+    def hit_sampler(self, layer: str) -> HitSampler | None:
+        """Count the hits of the chain's first layer ``layer`` in :attr:`hits` and
+        take one in the engine's ``sample_hits`` as a weighted sample (see
+        :meth:`MetricsCollector.hit_sampler`); ``None`` for another layer, an unbound
+        view, a ``sample_hits`` of 1, or an engine whose subclass overrides a record
+        the hits feed (it wants every hit)."""
+        every = self.engine.sample_hits
+        if every < 2 or not self.bound or layer != self.layers[0]:
+            return None
+        if _SAMPLING_FEEDS & set(self.engine._overridden):
+            return None
+        return HitSampler(self.hits.__next__, every, sampler(self, _SAMPLED))
+
     def bind_chain(self, chain: str, layers: Sequence[str]) -> MetricsCollector:
         """Bind the underlying collector to another chain (see
         :meth:`AccumulatingCollector.bind_chain`)."""
@@ -243,11 +268,26 @@ class AccumulatingCollector(MetricsCollector):
     returns quickly and never raises for well-typed arguments. A subclass may override
     any ``record_*`` method: chains then call the override.
 
+    ``sample_hits``: a chain's ``get`` times one first-layer hit in ``sample_hits``
+    and counts its duration that many times in the latency histograms (the hit
+    counters stay exact; see :meth:`ChainView.hit_sampler`); 1 times every hit.
+
     After ``os.fork()`` the child's figures start at zero. Raises ``ValueError`` when
-    ``bounds`` are not ascending, positive and finite.
+    ``bounds`` are not ascending, positive and finite, or ``sample_hits`` is not an int
+    of at least 1.
     """
 
-    def __init__(self, bounds: Sequence[float], *, track_max: bool, track_sum: bool) -> None:
+    def __init__(
+        self,
+        bounds: Sequence[float],
+        *,
+        track_max: bool,
+        track_sum: bool,
+        sample_hits: int = 1,
+    ) -> None:
+        if type(sample_hits) is not int or sample_hits < 1:
+            raise ValueError(f"sample_hits must be an int of at least 1, got {sample_hits!r}")
+        self.sample_hits = sample_hits
         bounds = tuple(float(b) for b in bounds)
         if bounds and bounds[-1] == float("inf"):
             bounds = bounds[:-1]
@@ -356,6 +396,12 @@ class AccumulatingCollector(MetricsCollector):
             self._fold_dead_locked()
             for view in self._all_views():
                 view._rebase_locked()
+
+
+def _counted(counter: itertools.count[int]) -> int:
+    """The next value of ``counter`` (how many times it was called, from 0), read
+    without advancing it: its repr is ``count(N)``."""
+    return int(repr(counter)[6:-1])
 
 
 def _hook_failed(token: int, fn: Callable[[], object], exc: Exception) -> None:

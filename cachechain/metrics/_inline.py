@@ -22,22 +22,26 @@ from typing import Any
 __all__ = ["COMMON", "closure"]
 
 
-def _observe(h: str, total: str, top: str, *, track_sum: bool, track_max: bool) -> list[str]:
-    """Count ``duration`` in the histogram at ``h`` (sum at ``total``, max at ``top``).
-    The first three buckets (an in-process hit: up to 2.5 us by default) are found by
-    comparisons, one per bucket, the others by a binary search."""
+def _observe(
+    h: str, total: str, top: str, *, track_sum: bool, track_max: bool, weight: str = ""
+) -> list[str]:
+    """Count ``duration`` in the histogram at ``h`` (sum at ``total``, max at ``top``),
+    ``weight`` times when given (the name of an int). The first three buckets (an
+    in-process hit: up to 2.5 us by default) are found by comparisons, one per bucket,
+    the others by a binary search."""
+    n = weight or "1"
     lines = [
         "if duration <= b0:",
-        f"    a[{h}] += 1",
+        f"    a[{h}] += {n}",
         "elif duration <= b1:",
-        f"    a[{h} + 1] += 1",
+        f"    a[{h} + 1] += {n}",
         "elif duration <= b2:",
-        f"    a[{h} + 2] += 1",
+        f"    a[{h} + 2] += {n}",
         "else:",
-        f"    a[{h} + search(bounds, duration)] += 1",
+        f"    a[{h} + search(bounds, duration)] += {n}",
     ]
     if track_sum:
-        lines.append(f"a[{total}] += duration")
+        lines.append(f"a[{total}] += duration * {weight}" if weight else f"a[{total}] += duration")
     if track_max:
         lines += [f"if duration > a[{top}]:", f"    a[{top}] = duration"]
     return lines
@@ -110,6 +114,18 @@ def record(layer, duration):
 """,
         ("fh", "fh_sum", "fh_max"),
     ),
+    # A timed first-layer hit standing for ``weight`` hits (a HitSampler's ``timed``),
+    # in a histogram of its own.
+    "sampled": (
+        "sh, sh_sum, sh_max",
+        """\
+def record(duration, weight):
+    {acc}
+    {observe}
+    return None
+""",
+        ("sh", "sh_sum", "sh_max"),
+    ),
     # Count one duration in the histogram at h of the list a (for the other records).
     "observe": (
         "",
@@ -125,7 +141,8 @@ def record(a, h, duration):
 @functools.cache
 def _factory(form: str, track_max: bool, track_sum: bool) -> Callable[..., Any]:
     params, body, (h, total, top) = _TEMPLATES[form]
-    observe = _observe(h, total, top, track_sum=track_sum, track_max=track_max)
+    weight = "weight" if form == "sampled" else ""
+    observe = _observe(h, total, top, track_sum=track_sum, track_max=track_max, weight=weight)
     body = body.replace("{acc}", _ACC.replace("\n", "\n    "))
     body = body.replace("{observe}", "\n    ".join(observe))
     nested = "\n".join(f"    {line}" if line else line for line in body.splitlines())

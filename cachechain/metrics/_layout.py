@@ -1,7 +1,8 @@
 """Where each series sits in a thread's flat list of numbers, derived from the catalogue.
 
-A chain's list is its chain block (one histogram per fused record, then the cells of
-the metrics without a ``layer`` label) followed by one layer block per layer (the cells
+A chain's list is its chain block (one histogram per fused record, one more per fused
+record for the weighted samples of a :class:`~cachechain.metrics.HitSampler`, then the
+cells of the metrics without a ``layer`` label) followed by one layer block per layer (the cells
 of the metrics with one). A counter cell is one slot; a histogram cell is ``nb`` bucket
 slots (the last above every bound), then its sum and its maximum. Gauges are not kept
 in the lists (they are the latest value reported, not a count).
@@ -61,7 +62,8 @@ class Slot:
 class Block:
     """The slots of the cells of ``metrics`` (counters and histograms), relative to the
     block's start; position labels take ``0`` to ``positions``. ``fused`` records get
-    one histogram each, before the cells."""
+    two histograms each, before the cells: one for their calls, one for the weighted
+    samples of the hits a :class:`~cachechain.metrics.HitSampler` counts."""
 
     def __init__(
         self, metrics: Iterable[Metric], positions: int, hsize: int, fused: Sequence[str] = ()
@@ -75,11 +77,14 @@ class Block:
         self.histograms: list[int] = []
         #: Where the histogram of each fused record starts.
         self.fused: dict[str, int] = {}
+        #: Where the histogram of each fused record's weighted samples starts.
+        self.sampled: dict[str, int] = {}
         size = 0
         for name in fused:  # first: small offsets are ints Python does not allocate
             self.fused[name] = size
-            self.histograms.append(size)
-            size += hsize
+            self.sampled[name] = size + hsize
+            self.histograms += [size, size + hsize]
+            size += 2 * hsize
         for m in metrics:
             if m.kind == GAUGE:
                 continue
@@ -157,23 +162,38 @@ class Layout:
             out += self.slots(chain, target, args)
         return out
 
-    def fold_fused(self, totals: list[Any], chain: Block, first: int | None) -> None:
+    def fold_fused(
+        self,
+        totals: list[Any],
+        chain: Block,
+        first: int | None,
+        sampled: Mapping[str, int] | None = None,
+    ) -> None:
         """Add each fused histogram of ``totals`` into the cells it stands for (the
-        layer cells of the layer block at ``first``; nothing without one)."""
+        layer cells of the layer block at ``first``; nothing without one). The hits
+        of a fused record that a sampler counted (``sampled``, by record name) are
+        added to its counters, and its weighted samples to its histograms."""
         if first is None:
             return
-        nb = self.nb
         for name, start in chain.fused.items():
-            h = self.hist(totals, start)
-            for target in self.fused_targets(chain, name):
-                at = target.offset + (first if target.per_layer else 0)
-                if target.metric.kind == COUNTER:
-                    totals[at] += h.count
-                    continue
-                for i, n in enumerate(h.counts):
-                    totals[at + i] += n
-                totals[at + nb] += h.total
-                totals[at + nb + 1] = max(totals[at + nb + 1], h.max)
+            own = self.hist(totals, start)
+            h = own + self.hist(totals, chain.sampled[name])
+            counted = own.count + (sampled or {}).get(name, 0)
+            self._fold_one(totals, chain, name, first, h, counted)
+
+    def _fold_one(
+        self, totals: list[Any], chain: Block, name: str, first: int, h: Hist, counted: int
+    ) -> None:
+        nb = self.nb
+        for target in self.fused_targets(chain, name):
+            at = target.offset + (first if target.per_layer else 0)
+            if target.metric.kind == COUNTER:
+                totals[at] += counted
+                continue
+            for i, n in enumerate(h.counts):
+                totals[at + i] += n
+            totals[at + nb] += h.total
+            totals[at + nb + 1] = max(totals[at + nb + 1], h.max)
 
 
 def _slot(m: Metric, feed: Feed, offset: int, params: tuple[str, ...]) -> Slot:

@@ -46,11 +46,15 @@ class MemoryCollector(AccumulatingCollector):
     figures. Latency percentiles are accurate to one bucket of
     :data:`~cachechain.metrics._types.BUCKET_BOUNDS` (about 15%); maxima are exact.
     ``hits_by_layer`` counts positions past the chain's layers (and past 8) together
-    under that last position.
+    under that last position. ``sample_hits`` (default 1: every hit timed, so that
+    latency counts and maxima are exact too) times one first-layer hit of a chain's
+    ``get`` in that many, as :class:`~cachechain.PrometheusCollector` does; hit
+    counts stay exact either way. Raises ``ValueError`` for a ``sample_hits`` that is
+    not an int of at least 1.
     """
 
-    def __init__(self) -> None:
-        super().__init__(BUCKET_BOUNDS, track_max=True, track_sum=False)
+    def __init__(self, *, sample_hits: int = 1) -> None:
+        super().__init__(BUCKET_BOUNDS, track_max=True, track_sum=False, sample_hits=sample_hits)
 
     def snapshot(self) -> MetricsSnapshot:
         """Run the refresh hooks and return every figure: per layer name (layers of

@@ -29,7 +29,7 @@ from ._layout import ADD, INC, OBSERVE, Slot
 if TYPE_CHECKING:
     from ._engine import Acc, ChainView
 
-__all__ = ["install"]
+__all__ = ["install", "sampler"]
 
 #: Distinct argument values whose slots a generic record method remembers.
 MAX_PLANS = 256
@@ -43,6 +43,30 @@ def install(view: ChainView, track_max: bool, track_sum: bool) -> None:
     kit = _Kit(view, track_max, track_sum)
     for rec in sorted(RECORDS, key=lambda r: bool(r.stands_for)):
         setattr(view, rec.name, never_raises(kit.build(rec)))
+
+
+def sampler(view: ChainView, name: str) -> Callable[[float, int], None]:
+    """The ``timed`` of ``view``'s :class:`~cachechain.metrics.HitSampler` for the fused
+    record ``name``: count a duration, in the record's histogram of samples, once for
+    each hit the sampler counted since the previous sample (``n + 1`` hits counted up
+    to this one, less those the samples before stood for: :attr:`ChainView.sampled`,
+    under the engine's lock), so that the histogram never counts more hits than the
+    counter did."""
+    kit = _Kit(view, view.engine.track_max, view.engine.track_sum)
+    sh = view.block.sampled[name]
+    nb = view.layout.nb
+    observe = kit.compiled("sampled", name, sh=sh, sh_sum=sh + nb, sh_max=sh + nb + 1)
+
+    @never_raises
+    def timed(duration: float, n: int) -> None:
+        with view.engine._lock:  # one hit in every: looked up each time (forks)
+            weight = n + 1 - view.sampled
+            if weight <= 0:  # a later sample got there first
+                return
+            view.sampled = n + 1
+        observe(duration, weight)
+
+    return timed
 
 
 class _Kit:

@@ -22,6 +22,7 @@ from cachechain.metrics import (
     RECORDS,
     Arg,
     Feed,
+    HitSampler,
     Metric,
     MetricsCollector,
     Record,
@@ -335,6 +336,40 @@ class ChainView(MetricsCollector):
 
         return record_first_layer_hit
 
+    def hit_sampler(self, layer: str) -> HitSampler | None:
+        """Count the hits of the chain's first layer ``layer`` in the tally
+        ``record_first_layer_hit`` bumps, and keep the duration of one hit in
+        ``sample_period`` (the chain times only that one; see
+        :meth:`cachechain.metrics.MetricsCollector.hit_sampler`). With timers off
+        (``sample_period`` 0) the chain times none. ``None`` for another layer, or a
+        ``sample_period`` of 1 (every duration is sent: every hit is timed)."""
+        if not self.layer_names or layer != self.layer_names[0] or self._period == 1:
+            return None
+        rec = find_record("record_first_layer_hit")
+        counters, timers = self._fused_stats(rec, layer)
+        key = ("first", self.chain, layer)
+        inc = self._x._tally(*counters, key=key).inc
+        if not self._period:
+            return HitSampler(inc, _NEVER, _ignore)
+        samples = self._x._timer(*timers, key=key)
+        values, append, cap = samples.values, samples.values.append, self._cap
+        wake_at, wake, drop, failed = self._wake_at, self._wake, samples.overflow.inc, self._failed
+
+        @never_raises
+        def timed(duration: float, count: int) -> None:
+            try:
+                n = len(values)
+                if n < cap:
+                    append(duration)
+                    if n == wake_at:
+                        wake()
+                else:
+                    drop()
+            except Exception as exc:
+                failed(rec.name, exc)
+
+        return HitSampler(inc, self._period, timed)
+
     def _fused_stats(self, rec: Record, first: str) -> tuple[list[str], list[str]]:
         """The counter and timer stats of the calls ``rec`` stands for, made for the
         layer ``first``."""
@@ -351,6 +386,15 @@ class ChainView(MetricsCollector):
                 elif kind is KEEP:
                     timers += obj.targets
         return counters, timers
+
+
+#: A sampling period the chain never reaches: with timers off, no hit is timed.
+_NEVER = 1 << 62
+
+
+@never_raises
+def _ignore(duration: float, count: int) -> None:
+    return None
 
 
 def _timed(rec: Record) -> bool:
