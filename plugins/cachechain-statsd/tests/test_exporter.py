@@ -785,3 +785,39 @@ def test_after_fork_the_child_starts_fresh_and_does_not_resend_the_parents_count
         "cache_chain.c.request_duration.hit": ["2.000000|ms"],
     }
     x.close(timeout=5)
+
+
+# -- sampled hit timing (cachechain's HitSampler) --------------------------------------------
+
+
+# Timers off: the first hit asks for a sample (its count, 0, is a multiple of any
+# period), which is timed and dropped; no later count reaches the period.
+@pytest.mark.parametrize(("rate", "timed", "sent"), [(0.25, 25, 25), (1.0, 100, 100), (0, 1, 0)])
+def test_a_chain_times_only_the_first_layer_hits_whose_duration_is_kept(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch, rate: float, timed: int, sent: int
+) -> None:
+    from cachechain import _chain as chain_module
+
+    reads: list[float] = []
+
+    def clock() -> float:
+        reads.append(1.0)
+        return float(len(reads)) * 1e-6
+
+    monkeypatch.setattr(chain_module, "_perf", clock)
+    x = make(receiver, timer_sample_rate=rate)
+    chain = Chain([MemoryLayer("L1")], name="web", metrics=x, coherence=False)
+    chain.set("k", 1)
+    reads.clear()
+    for _ in range(100):
+        assert chain.get("k") == 1
+    assert len(reads) == 2 * timed  # two clock reads per timed hit, none for the others
+    got = parse(flushed(x, receiver))
+    assert got["cache_chain.web.L1.hits"] == ["100|c"]
+    assert got["cache_chain.web.requests.hit.L1"] == ["100|c"]
+    timers = got.get("cache_chain.web.request_duration.hit", [])
+    assert len(timers) == sent
+    # Each value sent stands for 1 / rate hits, so that StatsD counts 100.
+    assert all(t.endswith("|ms") if rate == 1.0 else t.endswith(f"|@{rate:g}") for t in timers)
+    chain.close()
+    x.close()
