@@ -61,7 +61,7 @@ import json.scanner
 import math
 import pickle
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Final, Protocol, cast, runtime_checkable
 
 from . import _tagged
@@ -480,7 +480,7 @@ class Envelope:
     :func:`binds_context` do.
     """
 
-    __slots__ = ("_bound_codec", "bound", "codec", "codec_id")
+    __slots__ = ("_bound_codec", "_plain_json", "bound", "codec", "codec_id")
 
     def __init__(self, codec: Codec) -> None:
         #: The codec.
@@ -489,6 +489,45 @@ class Envelope:
         #: Whether payloads are bound to the header and the key.
         self.bound = binds_context(codec)
         self._bound_codec = cast("_BoundCodec", codec) if self.bound else None
+        # JsonCodec itself (not a subclass, which may decode otherwise): a batch of
+        # its envelopes can be read in one pass (read_plain_many).
+        self._plain_json = type(codec) is JsonCodec
+
+    def read_plain_many(self, datas: Sequence[bytes]) -> list[tuple[Any, float | None] | None]:
+        """``(value, expires_at)`` of each of ``datas`` that is a plain envelope (not
+        stamped) of :class:`JsonCodec` with an ASCII payload, read in one pass: one text
+        decoded for the batch, each value scanned in place and checked to end exactly
+        where its payload does (what :meth:`unpack` accepts, and nothing else). ``None``
+        for every other item (another codec, a stamped or corrupt envelope, a counter, a
+        non-ASCII payload): the caller reads those one by one, as before, so that each
+        error is raised and counted as :meth:`read` does. Never raises."""
+        out: list[tuple[Any, float | None] | None] = [None] * len(datas)
+        if not self._plain_json:
+            return out
+        unpack, size = _HEADER.unpack_from, ENVELOPE_HEADER_SIZE
+        at: list[tuple[int, int, float]] = []  # (item, payload length, stamp)
+        parts: list[bytes] = []
+        for i, data in enumerate(datas):
+            if data.__class__ is bytes and len(data) > size and data[0] == ENVELOPE_MAGIC:
+                _, codec_id, stamp = unpack(data)
+                if codec_id == JsonCodec.codec_id and 0.0 <= stamp < math.inf:
+                    part = data[size:]
+                    at.append((i, len(part), stamp))
+                    parts.append(part)
+        joined = b"\n".join(parts)
+        if not parts or not joined.isascii():
+            return out
+        text = joined.decode("ascii")
+        pos = 0
+        for i, n, stamp in at:
+            try:
+                value, end = _SCAN(text, pos)
+            except (StopIteration, ValueError, RecursionError):
+                end = -1
+            if end == pos + n:
+                out[i] = (value, stamp or None)
+            pos += n + 1
+        return out
 
     def pack(
         self,

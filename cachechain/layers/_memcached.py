@@ -61,7 +61,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import _fork
-from .._codecs import Codec, CorruptValueError, Envelope, JsonCodec
+from .._codecs import Codec, Envelope, JsonCodec
 from .._errors import (
     CacheError,
     InvalidKeyError,
@@ -81,6 +81,7 @@ from ._memcached_keys import (
     MAX_PREFIX_LENGTH,
     check_prefix,
     map_key,
+    map_many,
     memcached_key,
 )
 from ._memcached_lease import MemcachedLeaseOps
@@ -239,6 +240,8 @@ class MemcachedLayer(MemcachedLeaseOps, MemcachedAtomicOps, MemcachedValues, Bas
     def _group(self, keys: Iterable[str]) -> dict[Node, dict[bytes, str]]:
         """Map each key, and group the memcached keys by node (duplicates merged)."""
         prefix = self._prefix
+        if not self._pool.cluster:  # one node: map_many, a batch in one loop
+            return {self._pool.first: map_many(keys, prefix)}
         node_for = self._pool.node_for
         groups: dict[Node, dict[bytes, str]] = {}
         for key in keys:
@@ -300,14 +303,8 @@ class MemcachedLayer(MemcachedLeaseOps, MemcachedAtomicOps, MemcachedValues, Bas
                 first_error = first_error or exc
                 continue
             answered = True
-            now = self._clock()
-            for mkey, data in raw.items():
-                try:
-                    entry = self._decode(data, mkey, now)
-                except CorruptValueError:
-                    continue
-                if entry[0] is not MISSING:
-                    found[group[mkey]] = entry
+            for mkey, entry in self._decode_many(raw, self._clock()):
+                found[group[mkey]] = entry
         if first_error is not None and not answered:
             raise first_error
         return found

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from .._codecs import CorruptValueError, Envelope
@@ -92,6 +92,33 @@ class MemcachedValues:
         if remaining <= 0:
             return MISSING, None
         return value, remaining
+
+    def _decode_many(
+        self, raw: Mapping[bytes, bytes], now: float
+    ) -> list[tuple[bytes, tuple[Any, float | None]]]:
+        """``(memcached key, (value, remaining seconds or None))`` of each live entry of
+        ``raw`` (bytes read by memcached key), as :meth:`_decode` reads them, corrupt
+        ones left out (counted). Plain JSON envelopes are read in one pass
+        (:meth:`~cachechain._codecs.Envelope.read_plain_many`: a batch of 100 costs
+        about half as much); every other one through :meth:`_decode`."""
+        datas = list(raw.values())
+        out: list[tuple[bytes, tuple[Any, float | None]]] = []
+        plains = self._envelope.read_plain_many(datas)
+        for mkey, data, plain in zip(raw, datas, plains, strict=True):
+            if plain is None:
+                try:
+                    entry = self._decode(data, mkey, now)
+                except CorruptValueError:
+                    continue
+                if entry[0] is not MISSING:
+                    out.append((mkey, entry))
+                continue
+            value, expires_at = plain
+            if expires_at is None:
+                out.append((mkey, plain))
+            elif expires_at > now:
+                out.append((mkey, (value, expires_at - now)))
+        return out
 
     def _corrupted(self, exc: CorruptValueError) -> None:
         """Count a read of stored bytes that could not be decoded (see ``stats``)."""

@@ -50,6 +50,7 @@ from __future__ import annotations
 import codecs
 import encodings.idna  # noqa: F401
 import os
+import re
 import select
 import socket
 import time
@@ -79,6 +80,9 @@ MAX_VALUE: Final = 1 << 30
 _MISS: Final = b"END\r\n"
 _TRAILER: Final = b"\r\nEND\r\n"  # after a value's data block
 _RECV_SIZE: Final = 65536
+#: A ``get`` reply's item with flags 0 (not a counter): key, then the size, of at most
+#: 10 digits (what :func:`_header` accepts), then the item's data.
+_VALUE: Final = re.compile(rb"VALUE (\S+) 0 ([0-9]{1,10})\r\n")
 #: The socket's timeout is left alone while it is within this many seconds of the
 #: time left (poll, which enforces it, counts in milliseconds).
 _SLACK: Final = 0.001
@@ -176,8 +180,31 @@ class Connection:
             return {}
         reply = self._command(b"get " + b" ".join(wanted) + b"\r\n", deadline)
         found: dict[bytes, bytes] = {}
-        while (line := reply.line()) != b"END":
-            key, flags, size, _ = _header(line, b"get", self.max_value)
+        match, max_value = _VALUE.match, self.max_value
+        while True:
+            # A whole plain item already read: one regex match and two slices (a
+            # batch's usual case; each item through line() and _header() cost twice as
+            # much). Anything else (END, an item in pieces, a flag, an error or a
+            # malformed line) takes the careful path below.
+            buf, pos = reply.buf, reply.pos
+            m = match(buf, pos)
+            if m is not None:
+                key, size = m[1], int(m[2])
+                start = m.end()
+                end = start + size
+                if (
+                    size <= max_value
+                    and buf[end : end + 2] == b"\r\n"
+                    and key in wanted
+                    and key not in found
+                ):
+                    found[key] = buf[start:end]
+                    reply.pos = end + 2
+                    continue
+            line = reply.line()
+            if line == b"END":
+                break
+            key, flags, size, _ = _header(line, b"get", max_value)
             if key not in wanted or key in found:
                 raise MemcacheUnknownError(f"unexpected key in reply to get: {line[:80]!r}")
             found[key] = _BY_FLAGS.get(flags, bytes)(reply.block(size))
