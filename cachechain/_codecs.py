@@ -493,6 +493,30 @@ class Envelope:
         # its envelopes can be read in one pass (read_plain_many).
         self._plain_json = type(codec) is JsonCodec
 
+    def read_plain(self, data: bytes) -> tuple[Any, float | None] | None:
+        """``(value, expires_at)`` of ``data`` if it is a plain envelope (not stamped) of
+        :class:`JsonCodec` that :meth:`unpack` reads, read in one step (an L2 hit's
+        path: four calls shorter); ``None`` for anything else, which the caller reads
+        with :meth:`read` (raising and counting as it does). Never raises."""
+        if (
+            not self._plain_json
+            or data.__class__ is not bytes
+            or len(data) <= ENVELOPE_HEADER_SIZE
+            or data[0] != ENVELOPE_MAGIC
+        ):
+            return None
+        _, codec_id, stamp = _HEADER.unpack_from(data)
+        if codec_id != JsonCodec.codec_id or not 0.0 <= stamp < math.inf:
+            return None
+        try:
+            text = data[ENVELOPE_HEADER_SIZE:].decode("utf-8")
+            value, end = _SCAN(text, 0)
+        except (StopIteration, ValueError, RecursionError):
+            return None
+        if end != len(text):
+            return None
+        return value, stamp or None
+
     def read_plain_many(self, datas: Sequence[bytes]) -> list[tuple[Any, float | None] | None]:
         """``(value, expires_at)`` of each of ``datas`` that is a plain envelope (not
         stamped) of :class:`JsonCodec` with an ASCII payload, read in one pass: one text

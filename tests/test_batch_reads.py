@@ -83,6 +83,32 @@ def test_a_batch_of_envelopes_reads_as_each_one_alone(seed: int) -> None:
             assert type(got[0]) is type(JSON.unpack(data)[0])
 
 
+@pytest.mark.parametrize("payload", PAYLOADS)
+@pytest.mark.parametrize("stamp", [0.0, 1.5e9, -1.0, float("nan")])
+def test_one_envelope_read_in_one_step_reads_as_unpack_does(payload: bytes, stamp: float) -> None:
+    data = envelope(payload, stamp)
+    got = JSON.read_plain(data)
+    if got is not None:
+        assert got == JSON.unpack(data)
+    else:  # a plain JSON envelope is left to unpack only when unpack refuses it
+        assert one_by_one(data) == "corrupt"
+
+
+def test_what_one_step_reads_and_what_it_leaves() -> None:
+    assert JSON.read_plain(envelope(b'"caf\xc3\xa9"', 2e9)) == ("café", 2e9)
+    assert JSON.read_plain(envelope(b"[1,2]")) == ([1, 2], None)
+    for data in (
+        envelope(b"1,2"),
+        envelope(b"1e400"),
+        envelope(b"1", magic=0xC2),
+        envelope(b"1", codec=2),
+        b"",
+        RawCounter(b"7"),
+    ):
+        assert JSON.read_plain(data) is None
+    assert Envelope(Sub()).read_plain(envelope(b"1")) is None
+
+
 def test_only_well_formed_ascii_json_envelopes_are_read_in_a_batch() -> None:
     good = [envelope(b'{"id":1}'), envelope(b"[1,2]", 1.7e9), envelope(b"3")]
     assert JSON.read_plain_many(good) == [({"id": 1}, None), ([1, 2], 1.7e9), (3, None)]

@@ -22,6 +22,7 @@ __all__ = [
     "map_key",
     "map_many",
     "memcached_key",
+    "raw_key",
 ]
 
 #: The longest key memcached accepts, in bytes.
@@ -34,6 +35,9 @@ HASHED_KEY_MARKER = "~"
 #: A key sent raw: printable ASCII without space, not starting with the marker.
 _RAW_KEY = re.compile(r"[!-}][!-~]*")
 _PREFIX = re.compile(r"(?:[!-}][!-~]*)?")
+#: A match when a ``str`` key of the right length is sent raw (``prefix + key``):
+#: printable ASCII without space, not starting with the marker (see :func:`map_key`).
+raw_key = _RAW_KEY.fullmatch
 
 
 def check_prefix(prefix: object) -> str:

@@ -71,6 +71,14 @@ class MemcachedValues:
         ``0.0`` keeps the chain from copying it up for longer than it may live.
         Raises CorruptValueError, counted, for bytes that cannot be decoded. Empty
         bytes are a miss: the stub of a lease (the layer never stores them)."""
+        plain = self._envelope.read_plain(data)  # the usual case, in one step
+        if plain is not None:
+            expires_at = plain[1]
+            if expires_at is None:
+                return plain
+            if expires_at > now:
+                return plain[0], expires_at - now
+            return MISSING, None
         if not data:
             return MISSING, None
         try:
