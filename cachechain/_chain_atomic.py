@@ -41,10 +41,16 @@ A caller that creates a missing counter (Flask-Caching's ``inc``) must not take 
 failed ``incr``, which may have counted, for an absent key and count again. The
 default (``strict=False``) keeps the answers above.
 
-The path is kept lean (every call pays it, next to one memcached round trip): one
-stripe of the fence taken and released (:meth:`MutationFence.begin
-<cachechain._fence.MutationFence.begin>`/``end``), no closures, the shared layer's
-bound operation called with its arguments.
+The path is kept lean (every call pays it, next to one memcached round trip; issue
+10 asks ``add`` and ``incr`` for at most 1.2x pymemcache's own): one stripe of the
+fence taken and released (:meth:`MutationFence.begin
+<cachechain._fence.MutationFence.begin>`/``end``), no closures, the arguments checked
+inline for the common types, and what does not change between calls resolved once
+per chain in its :class:`~cachechain._atomic_plan.AtomicPlan`: the shared layer's
+breaker, timeout and namespace, whose forwarding the call makes itself (as
+:class:`~cachechain._resilience.ResilientLayer` and
+:class:`~cachechain._namespace.NamespacedLayer` would), the layer's own bound
+operation, and the first layer's ``set``/``delete``.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
+from ._atomic_plan import AtomicPlan
 from ._errors import (
     ChainClosedError,
     CircuitOpenError,
@@ -75,6 +82,8 @@ if TYPE_CHECKING:
 __all__ = ["AtomicOps", "UnconfirmedError", "shared_tier"]
 
 _MOD: Final = 1 << 64
+_INF: Final = float("inf")
+_BIG: Final = 10**300  # an int below it is a finite float
 _COUNTERS: Final = ("incr", "decr")
 
 # What the other tiers do once the shared layer answered (see _settle).
@@ -128,6 +137,10 @@ def shared_tier(tiers: Sequence[Tier]) -> Tier:
 class AtomicOps:
     """The atomic operations of :class:`~cachechain.Chain` (a base class of it)."""
 
+    #: The chain's :class:`~cachechain._atomic_plan.AtomicPlan`, made on its first
+    #: atomic operation.
+    _atomic_plan: AtomicPlan | None = None
+
     def add(self, key: str, value: Any, ttl: float | None = None, *, strict: bool = False) -> bool:
         """Store ``value`` under ``key`` for ``ttl`` seconds (``None``: each layer's
         default) only if the chain's shared layer does not hold ``key``: atomic across
@@ -147,11 +160,15 @@ class AtomicOps:
         (before anything changes), :class:`~cachechain.ConfigError` when the shared
         layer has no ``add``, :class:`~cachechain.ChainClosedError` after ``close``.
         """
-        chain = _checked(self, key, SupportsAdd, "add", strict)
-        ttl = check_ttl(ttl, error=InvalidValueError)
-        layer: Any = chain._shared.layer
+        chain: Any = self  # a Chain (AtomicOps is one of its bases)
+        plan: AtomicPlan = chain._atomic_plan or AtomicPlan.of(chain)
+        method = plan.add
+        if key.__class__ is not str or chain._closed or strict.__class__ is not bool or not method:
+            _checked(chain, key, SupportsAdd, "add", strict)
+        if ttl is not None and not (ttl.__class__ is float and 0.0 < ttl < _INF):
+            ttl = float(ttl) if ttl.__class__ is int and 0 < ttl < _BIG else _ttl(ttl)
         stored: bool = _run(
-            chain, "add", key, layer.add, (key, value, ttl), _STORE, value, ttl, strict
+            chain, plan, "add", key, method, (value, ttl), _STORE, value, ttl, strict
         )
         return stored
 
@@ -177,11 +194,15 @@ class AtomicOps:
         :class:`~cachechain.ConfigError` and :class:`~cachechain.ChainClosedError`
         as :meth:`add` does.
         """
-        chain = _checked(self, key, SupportsCounters, "incr", strict)
-        delta = check_delta(delta)
-        layer: Any = chain._shared.layer
+        chain: Any = self  # a Chain (AtomicOps is one of its bases)
+        plan: AtomicPlan = chain._atomic_plan or AtomicPlan.of(chain)
+        method = plan.incr
+        if key.__class__ is not str or chain._closed or strict.__class__ is not bool or not method:
+            _checked(chain, key, SupportsCounters, "incr", strict)
+        if delta.__class__ is not int or not 0 <= delta < _MOD:
+            delta = check_delta(delta)
         count: int | None = _run(
-            chain, "incr", key, layer.incr, (key, delta), _DROP, None, None, strict
+            chain, plan, "incr", key, method, (delta,), _DROP, None, None, strict
         )
         return count
 
@@ -203,12 +224,12 @@ class AtomicOps:
         delta = check_delta(delta)
         if floor.__class__ is not bool:
             raise InvalidValueError(f"floor must be a bool, got {floor!r}")
-        layer: Any = chain._shared.layer
+        plan = AtomicPlan.of(chain)
         if floor:
-            fn, args = layer.decr, (key, delta)
+            fn, args = plan.decr, (delta,)
         else:
-            fn, args = layer.incr, (key, (-delta) % _MOD)
-        count: int | None = _run(chain, "decr", key, fn, args, _DROP, None, None, strict)
+            fn, args = plan.incr, ((-delta) % _MOD,)
+        count: int | None = _run(chain, plan, "decr", key, fn, args, _DROP, None, None, strict)
         return count
 
     def touch(self, key: str, ttl: float | None = None, *, strict: bool = False) -> bool:
@@ -224,8 +245,10 @@ class AtomicOps:
         """
         chain = _checked(self, key, SupportsTouch, "touch", strict)
         ttl = check_ttl(ttl, error=InvalidValueError)
-        layer: Any = chain._shared.layer
-        found: bool = _run(chain, "touch", key, layer.touch, (key, ttl), _RETIME, None, ttl, strict)
+        plan = AtomicPlan.of(chain)
+        found: bool = _run(
+            chain, plan, "touch", key, plan.touch, (ttl,), _RETIME, None, ttl, strict
+        )
         return found
 
     def _publish_invalidation(self, keys: Sequence[str]) -> None:
@@ -234,6 +257,13 @@ class AtomicOps:
         call that failed after it was sent), after this process's own layers were
         updated and outside the fence: :class:`~cachechain.Chain` detaches loads of
         them and tells the other processes. Must never raise nor block for long."""
+
+
+def _ttl(ttl: object) -> float | None:
+    """``ttl`` checked by :func:`~cachechain._validate.check_ttl` (what ``add`` does for
+    a ``ttl`` that is neither a ``float`` in ``(0, inf)`` nor an ``int`` in ``(0,
+    10**300)``, which it takes as they are: as a ``float``)."""
+    return check_ttl(ttl, error=InvalidValueError)
 
 
 def _checked(chain: Any, key: str, capability: type, operation: str, strict: object) -> Chain:
@@ -258,36 +288,44 @@ def _checked(chain: Any, key: str, capability: type, operation: str, strict: obj
 
 def _run(
     chain: Chain,
+    plan: AtomicPlan,
     operation: str,
     key: str,
-    fn: Callable[..., Any],
+    fn: Any,
     args: tuple[Any, ...],
     hit: int,
     value: Any,
     ttl: float | None,
     strict: bool,
 ) -> Any:
-    """Run ``fn(*args)`` (the shared layer's operation) as a mutation of ``key`` (see
-    the module docstring), then settle the other tiers: ``hit`` when it answered True,
-    a delete otherwise, a forget when it failed. What ``fn`` raises for the caller's
-    data (a value that is not a counter) propagates, changing nothing."""
-    shared, first, fence = chain._shared, chain._first, chain._fence
+    """Run ``fn(key, *args)`` (the shared layer's operation, through ``plan``) as a
+    mutation of ``key`` (see the module docstring), then settle the other tiers:
+    ``hit`` when it answered True, a delete otherwise, a forget when it failed. What
+    ``fn`` raises for the caller's data (a value that is not a counter) propagates,
+    changing nothing."""
+    fence = plan.fence
     stripe = fence.begin(key)
     kind = -1
     try:
-        result = _on_shared(chain, shared, operation, key, fn, args)
+        result = _on_shared(chain, plan, operation, key, fn, args)
         failure = result.__class__ is _Failure
         kind = _FORGET if failure else (hit if result else _DROP)
-        for tier in chain._up:  # the lower tiers, bottom up
-            if tier is not shared:
-                _settle(chain, tier, key, kind, value, ttl)
+        for tier in plan.others:  # the lower tiers but the shared one, bottom up
+            _settle(chain, tier, key, kind, value, ttl)
     finally:
-        if kind < 0 or first is shared:
-            fence.end(stripe)
-        elif kind == _DROP:  # the first layer, under the fence's lock, as the mutation ends
-            fence.end(stripe, first.delete, key)
-        else:
-            fence.end(stripe, _settle, chain, first, key, kind, value, ttl)
+        # The first layer, under the fence's lock, as the mutation ends.
+        first = plan.first
+        try:
+            if kind < 0 or first is plan.shared:
+                fence.end(stripe)
+            elif kind == _DROP:
+                fence.end(stripe, plan.l1_drop, key)
+            elif kind == _STORE and plan.l1_store is not None:
+                fence.end(stripe, plan.l1_store, key, value, ttl)
+            else:
+                fence.end(stripe, _settle, chain, first, key, kind, value, ttl)
+        except Exception as exc:  # only the first layer's own delete or set raises
+            chain._report.failed(first.name, "delete" if kind == _DROP else "set", exc)
     if failure:
         return _failed(chain, operation, key, result, strict)
     if result is not None and result is not False:  # the key may have changed there
@@ -344,28 +382,58 @@ def _retime(chain: Chain, tier: Tier, key: str, ttl: float | None) -> None:
 
 def _on_shared(
     chain: Chain,
-    shared: Tier,
+    plan: AtomicPlan,
     operation: str,
     key: str,
     fn: Callable[..., Any],
     args: tuple[Any, ...],
 ) -> Any:
-    """``fn(*args)`` on the shared layer, or a :class:`_Failure` when it was not made
-    (the layer owes an earlier write of ``key``, or its breaker refused) or failed;
-    either is counted and logged through the chain's reporter. A value that is not a
-    counter is the caller's error: it is raised."""
-    if not shared.drain(key):
-        error = LayerUnavailableError(
-            f"layer {shared.name!r} has not taken an earlier write of key {key!r} "
-            "yet: the operation was not made",
-            layer=shared.name,
-        )
-        chain._report.failed(shared.name, operation, error)
-        return _Failure(error, sent=False)
+    """``fn(key, *args)`` on the shared layer, or a :class:`_Failure` when it was not
+    made (the layer owes an earlier write of ``key``, or its breaker refused) or
+    failed; either is counted and logged through the chain's reporter. A value that is
+    not a counter is the caller's error: it is raised.
+
+    ``fn`` is the operation of the layer inside the wrappers ``plan`` resolved: the
+    call is made as they make it (see :mod:`cachechain._atomic_plan`), the key
+    prefixed by the namespace's generation, inside the breaker, timed against the
+    slow-call timeout (:meth:`ResilientLayer._forward
+    <cachechain._resilience.ResilientLayer>`)."""
+    held = plan.held
+    if held is not None and held(key) and not plan.shared.drain(key):
+        return _undrained(chain, plan.shared, operation, key)
+    ns = plan.namespace
+    breaker = plan.breaker
     try:
-        return fn(*args)
+        if breaker is None:  # the plan resolved no wrapper: ``fn`` is the layer's own
+            return fn(key, *args)
+        permit = breaker.acquire()
+        timeout = plan.timeout
+        clock: Any = plan.clock
+        start = clock() if timeout is not None else 0.0
+        try:
+            result = fn(key if ns is None else (ns.prefix or ns.current()) + key, *args)
+        except BaseException as exc:
+            breaker.on_error(permit, exc)
+            raise
+        if timeout is not None and clock() - start > timeout:
+            breaker.on_failure(permit)
+        else:
+            breaker.on_success(permit)
+        return result
     except Exception as exc:
         if isinstance(exc, InvalidValueError) and operation in _COUNTERS:
             raise  # not a counter: the stored value is the caller's, nothing changed
-        chain._report.failed(shared.name, operation, exc)
+        chain._report.failed(plan.shared.name, operation, exc)
         return _Failure(exc, sent=not isinstance(exc, CircuitOpenError))
+
+
+def _undrained(chain: Chain, shared: Tier, operation: str, key: str) -> _Failure:
+    """The failure of an operation not made: ``shared`` still owes a write of ``key``
+    (counted and logged)."""
+    error = LayerUnavailableError(
+        f"layer {shared.name!r} has not taken an earlier write of key {key!r} "
+        "yet: the operation was not made",
+        layer=shared.name,
+    )
+    chain._report.failed(shared.name, operation, error)
+    return _Failure(error, sent=False)

@@ -23,10 +23,15 @@ been made. Every round of a loop shares the call's one deadline (``timeout`` sec
 from its start): a server that answers each command slowly, but within the timeout,
 cannot stretch the call over its 32 rounds. Errors are mapped as for every other call
 of the layer.
+
+The first round of ``add`` and ``incr`` (the common case: the key absent, a counter
+already native) runs in the method itself, every other round apart (:func:`_add_over`,
+:func:`_count_over`): these are every ``Chain.add``/``Chain.incr``'s path.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, cast
 
@@ -56,6 +61,9 @@ class _Again:
 _AGAIN: Final = _Again()
 #: What :func:`_native` returns when memcached says the value is not a number.
 _NOT_A_NUMBER: Final = object()
+_MOD: Final = 1 << 64
+_HALF: Final = 1 << 63
+_monotonic = time.monotonic
 
 
 class ContendedError(LayerError):
@@ -78,7 +86,19 @@ class MemcachedAtomicOps:
         server; return whether it was stored. Raises
         :class:`~cachechain.InvalidValueError` for a value the codec refuses, one too
         large, or an invalid TTL (nothing is stored then)."""
-        return _add(cast("MemcachedLayer", self), key, value, ttl)
+        # The first round of _add, one call shorter: every Chain.add's path.
+        layer: Any = self  # a MemcachedLayer (this is one of its bases)
+        pool = layer._pool
+        if pool.closed:
+            pool.check_open()
+        mkey = map_key(key, layer._prefix)
+        expires_at, exptime = layer._expiry(ttl)
+        data = layer._encode(value, mkey, expires_at)
+        node = pool.node_for(mkey) if pool.cluster else pool.first
+        deadline = _monotonic() + pool.timeout  # pool.deadline(), one call shorter
+        if pool.call_once(node, "add", mkey, data, exptime, deadline, keys=(mkey,)):
+            return True  # the common case: the key was absent
+        return _add_over(layer, key, node, mkey, data, exptime, deadline)
 
     def incr(self, key: str, delta: int = 1) -> int | None:
         """Add ``delta`` (an ``int``, ``0 <= delta < 2**64``) to the counter ``key`` and
@@ -86,13 +106,32 @@ class MemcachedAtomicOps:
         :class:`~cachechain.layers.SupportsCounters`); None when the key is absent.
         The counter keeps its expiry. Raises :class:`~cachechain.InvalidValueError`
         for a bad ``delta`` or a value that cannot be a counter."""
-        return _count(cast("MemcachedLayer", self), key, check_delta(delta), "incr")
+        if delta.__class__ is not int or not 0 <= delta < _MOD:
+            delta = check_delta(delta)
+        # _count, one call shorter: every Chain.incr's path.
+        layer: Any = self  # a MemcachedLayer (this is one of its bases)
+        pool = layer._pool
+        if pool.closed:
+            pool.check_open()
+        mkey = map_key(key, layer._prefix)
+        node = pool.node_for(mkey) if pool.cluster else pool.first
+        deadline = _monotonic() + pool.timeout  # pool.deadline(), one call shorter
+        result = pool.call_once(node, _native, "incr", mkey, delta, deadline, keys=(mkey,))
+        if result is None:
+            return None
+        if result is not _NOT_A_NUMBER:
+            result = int(result) % _MOD  # memcached's unsigned number, read signed
+            return result - _MOD if result >= _HALF else result
+        return _count_over(layer, key, node, mkey, delta, "incr", deadline)
 
     def decr(self, key: str, delta: int = 1) -> int | None:
         """Subtract ``delta`` from the counter ``key`` (one that is not negative stops at
         0, as memcached's ``decr``) and return the new value; None when the key is
         absent. Raises as :meth:`incr` does."""
-        return _count(cast("MemcachedLayer", self), key, check_delta(delta), "decr")
+        if delta.__class__ is not int or not 0 <= delta < _MOD:
+            delta = check_delta(delta)
+        layer: Any = self  # a MemcachedLayer (this is one of its bases)
+        return _count(layer, key, delta, "decr")
 
     def touch(self, key: str, ttl: float | None = None) -> bool:
         """Make the live entry ``key`` expire ``ttl`` seconds from now (``None``:
@@ -104,16 +143,22 @@ class MemcachedAtomicOps:
         return _touch(cast("MemcachedLayer", self), key, ttl)
 
 
-def _add(layer: MemcachedLayer, key: str, value: Any, ttl: float | None) -> bool:
+def _add_over(
+    layer: MemcachedLayer,
+    key: str,
+    node: Node,
+    mkey: bytes,
+    data: bytes,
+    exptime: int,
+    deadline: float,
+) -> bool:
+    """The rest of an ``add`` (:meth:`MemcachedAtomicOps.add`) that memcached refused:
+    False when the key holds a live value, else (its envelope expired for us) the entry
+    replaced by compare-and-set, and ``add`` tried again when it went meanwhile; the
+    first round's ``add`` made."""
     pool = layer._pool
-    pool.check_open()
-    mkey = map_key(key, layer._prefix)
-    expires_at, exptime = layer._expiry(ttl)
-    data = layer._encode(value, mkey, expires_at)
-    node = pool.node_for(mkey)
-    deadline = pool.deadline()
-    for _ in range(_ROUNDS):
-        if pool.call_once(node, "add", mkey, data, exptime, deadline, keys=(mkey,)):
+    for round_ in range(_ROUNDS):
+        if round_ and pool.call_once(node, "add", mkey, data, exptime, deadline, keys=(mkey,)):
             return True
         found, cas = pool.call(node, "gets", mkey, deadline)
         if found is None:
@@ -154,17 +199,41 @@ def _native(client: Any, command: str, mkey: bytes, delta: int, *deadline: float
 
 def _count(layer: MemcachedLayer, key: str, delta: int, command: str) -> int | None:
     pool = layer._pool
-    pool.check_open()
+    if pool.closed:
+        pool.check_open()
     mkey = map_key(key, layer._prefix)
-    node = pool.node_for(mkey)
+    node = pool.node_for(mkey) if pool.cluster else pool.first
+    deadline = _monotonic() + pool.timeout  # pool.deadline(), one call shorter
+    result = pool.call_once(node, _native, command, mkey, delta, deadline, keys=(mkey,))
+    if result is None:
+        return None
+    if result is not _NOT_A_NUMBER:
+        result = int(result) % _MOD  # memcached's unsigned number, read signed (incr_value)
+        return result - _MOD if result >= _HALF else result
+    return _count_over(layer, key, node, mkey, delta, command, deadline)
+
+
+def _count_over(
+    layer: MemcachedLayer,
+    key: str,
+    node: Node,
+    mkey: bytes,
+    delta: int,
+    command: str,
+    deadline: float,
+) -> int | None:
+    """The rest of an ``incr``/``decr`` whose first command found a value that is not a
+    number: the compare-and-set rounds that make it a counter (see :func:`_convert`),
+    memcached's command tried again when another client made it one meanwhile."""
+    pool = layer._pool
     apply = incr_value if command == "incr" else decr_value
-    deadline = pool.deadline()
-    for _ in range(_ROUNDS):
-        result = pool.call_once(node, _native, command, mkey, delta, deadline, keys=(mkey,))
-        if result is None:
-            return None
-        if result is not _NOT_A_NUMBER:
-            return incr_value(int(result), 0)  # memcached's unsigned number, read signed
+    for round_ in range(_ROUNDS):
+        if round_:
+            result = pool.call_once(node, _native, command, mkey, delta, deadline, keys=(mkey,))
+            if result is None:
+                return None
+            if result is not _NOT_A_NUMBER:
+                return incr_value(int(result), 0)  # memcached's unsigned number, read signed
         outcome = _convert(layer, node, mkey, key, delta, apply, deadline)
         if outcome is not _AGAIN:
             return cast("int | None", outcome)

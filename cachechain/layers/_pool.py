@@ -43,7 +43,7 @@ from .._errors import (
     PoolExhaustedError,
 )
 from ._fates import Fates, Reaper, reaper
-from ._wire import Connection, ValueTooLargeError, readable_now
+from ._wire import Connection, ValueTooLargeError, stale
 
 __all__ = ["Node", "NodeDownError", "Pool"]
 
@@ -319,7 +319,7 @@ class Pool:
             client = node.idle.pop()
         except IndexError:
             client = self._acquire_slow(node)
-        if client.sock is not None and _unusable(client.sock):
+        if client.sock is not None and stale(client):
             node.discard(client)  # its server went away: the others are as stale
             node.drop_idle()
             client = self._acquire_slow(node)
@@ -503,15 +503,6 @@ class Pool:
         self.fates = Fates()
         for node in self.nodes:
             node.reset_after_fork()
-
-
-def _unusable(sock: Any) -> bool:
-    """Whether an idle connection is unusable: readable before any command was sent
-    means the server closed it (or sent bytes nobody asked for). No waiting."""
-    try:
-        return readable_now(sock)
-    except (OSError, ValueError):  # closed or invalid descriptor
-        return True
 
 
 def _as_bytes(exc: BaseException) -> bytes:
