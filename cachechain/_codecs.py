@@ -61,7 +61,7 @@ import json.scanner
 import math
 import pickle
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final, Protocol, cast, runtime_checkable
 
 from . import _tagged
@@ -221,12 +221,36 @@ _TO_TEXT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan
 _TO_ASCII = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
 
 
+def _refuse(value: Any) -> Any:
+    """The ``default`` of :data:`_ENCODE`: a value of no JSON type is refused."""
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+#: The C encoder behind ``_TO_TEXT``, made once (``JSONEncoder.encode`` makes one per
+#: call: most of the cost of encoding a small value). Without circular checks: the
+#: codecs check containers themselves (``_check_structure``), and a cycle would end in
+#: a RecursionError anyway. ``None`` where the C accelerator is missing.
+_C_MAKE_ENCODER = getattr(json.encoder, "c_make_encoder", None)
+_ENCODE: Callable[[Any, int], Sequence[str]] | None = (
+    None
+    if _C_MAKE_ENCODER is None
+    else _C_MAKE_ENCODER(
+        None, _refuse, json.encoder.encode_basestring, None, ":", ",", False, False, False
+    )
+)
+
+
 def _json_text(value: Any, what: str) -> bytes:
     """Compact UTF-8 JSON of ``value`` (a lone surrogate in a ``str`` is kept, escaped
     as ``\\udXXX``, which JSON allows). Raises InvalidValueError, naming ``what`` the
     encoding is, for a value JSON cannot hold."""
     try:
-        text = _TO_TEXT(value)
+        if value.__class__ is int:  # a counter or a flag: no encoder at all
+            text = int.__repr__(value)
+        elif _ENCODE is not None:
+            text = "".join(_ENCODE(value, 0))
+        else:
+            text = _TO_TEXT(value)
     except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidValueError(f"value cannot be encoded as {what}: {exc}") from exc
     try:
@@ -572,7 +596,10 @@ class Envelope:
         :class:`~cachechain.InvalidValueError` when the codec cannot encode the value,
         or ``expires_at``, ``fresh_until`` or ``ttl`` is not a finite number > 0.
         """
-        stamp = check_optional_seconds(expires_at, "expires_at", error=InvalidValueError) or 0.0
+        if expires_at.__class__ is float and 0.0 < expires_at < math.inf:
+            stamp: float = expires_at  # the usual case, checked
+        else:
+            stamp = check_optional_seconds(expires_at, "expires_at", error=InvalidValueError) or 0.0
         if fresh_until is None:
             header = _HEADER.pack(ENVELOPE_MAGIC, self.codec_id, stamp)
         else:

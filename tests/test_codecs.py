@@ -8,6 +8,7 @@ import decimal
 import enum
 import hashlib
 import hmac
+import json
 import math
 import pickle
 import struct
@@ -667,3 +668,46 @@ def test_unpack_payload_rejected_by_codec() -> None:
     with pytest.raises(CorruptValueError, match="signature"):
         unpack(SignedPickleCodec(SECRET), unsigned)
     assert UNPICKLED == []
+
+
+# -- the encoder made once (issue 10: the cost of an add) -------------------------------
+
+_SAME_AS_JSON_DUMPS = [
+    0,
+    1,
+    -17,
+    10**200,
+    True,
+    False,
+    None,
+    1.5,
+    -0.0,
+    1e300,
+    "",
+    "plain",
+    'quote " and \\ and \n',
+    "café ☕",
+    "\ud800 lone surrogate",
+    [1, "a", [None, {"k": 2.5}]],
+    {"a": {"b": [True, False]}, "é": "x"},
+    (1, 2),
+]
+
+
+@pytest.mark.parametrize("value", _SAME_AS_JSON_DUMPS, ids=repr)
+def test_the_encoder_writes_what_json_dumps_writes(value: Any) -> None:
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    try:
+        expected = text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: written escaped
+        expected = json.dumps(value, separators=(",", ":")).encode("ascii")
+    assert JsonCodec().encode(value) == expected
+    assert JsonCodec().decode(JsonCodec().encode(value)) == json.loads(expected)
+
+
+@pytest.mark.parametrize(
+    "value", [float("nan"), float("inf"), [float("-inf")], b"bytes", {1: "int key"}, {1.5}]
+)
+def test_the_encoder_still_refuses_what_json_cannot_hold(value: Any) -> None:
+    with pytest.raises(InvalidValueError):
+        JsonCodec().encode(value)

@@ -323,6 +323,8 @@ class BaseLayer(abc.ABC):
         """
         if ttl is None:
             ttl = self.default_ttl
+        elif ttl.__class__ is float and 0.0 < ttl < math.inf:
+            pass  # the usual case: a TTL the chain checked already
         elif isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl < math.inf:
             ttl = check_seconds(ttl, "ttl", error=InvalidValueError)  # raises for every such ttl
         if ttl is not None and self._max_ttl is not None and ttl > self._max_ttl:
