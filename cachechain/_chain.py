@@ -549,6 +549,7 @@ def _key_list(keys: Iterable[str], operation: str) -> list[str]:
     if isinstance(keys, str):
         raise InvalidKeyError(f"{operation} takes an iterable of keys, not one str")
     wanted = list(dict.fromkeys(keys))
-    for key in wanted:
-        check_key(key)
+    if not all([key.__class__ is str for key in wanted]):  # a subclass, or an error
+        for key in wanted:
+            check_key(key)
     return wanted
