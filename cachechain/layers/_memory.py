@@ -1,31 +1,54 @@
 """MemoryLayer: a bounded, thread-safe, in-process layer with per-entry TTLs.
 
-Built on cachetools' ``LRUCache``, written under one ``threading.Lock``. Each entry is
-stored as ``(value, expires_at)`` on a monotonic clock, so per-entry TTLs cost one
-comparison on a hit, and an entry without a TTL costs no clock read at all. Expired
-entries are removed when they are next read, and by :meth:`MemoryLayer.expire`; LRU
-eviction bounds the size either way. Values are stored by reference, as in cachetools:
-do not mutate a value after caching it.
+One ``OrderedDict`` holds the entries, least recently used first: an LRU of its own
+(cachetools' ``LRUCache`` before 0.3: see docs/design.md, "Memory per entry"), written
+under one ``threading.Lock``. What an entry is tells the reader all it needs:
+
+- without a TTL, the value itself;
+- with a TTL, an :class:`_Expiring`: a ``float`` subclass whose float is the expiry (on
+  a monotonic clock) and whose one slot holds the value (48 bytes; the tuple and the
+  float it replaced took 80);
+- a stamped entry (``get_or_load``'s fail-safe, :mod:`cachechain.layers._stamps`), a
+  :class:`_Stamp`: an ``_Expiring`` whose float is its *logical* expiry, with two
+  slots more, its physical expiry (``expires_at``) and the TTL it was stored with.
+
+Reads tell them apart by their exact class (``item.__class__ is _Expiring``, as ``set``
+tells a ``Stamped`` value), which no caller's value has (both classes are private and
+their instances never leave the layer, so not even a proxy's ``__class__`` can name
+them). A TTL costs one comparison on a hit; an entry without one costs no clock read.
+A stamped entry reads as an entry with a TTL (past its logical expiry, a miss) and is
+removed only once its physical expiry has passed. Expired entries are removed when
+they are next read, and by :meth:`MemoryLayer.expire`; LRU eviction bounds the size
+either way. Values are stored by reference: do not mutate a value after caching it.
 
 **Reads take no lock** (issue 14), as in Caffeine: a read looks the key up in the
-cache's dict (one atomic ``dict.get``) and records the key in a bounded *read buffer*
-(a ``deque``, whose ``append`` is atomic); the LRU order is brought up to date from the
-buffer by whichever thread next holds the lock: a writer before it writes (so an
-eviction sees the reads), or a reader that finds the buffer full enough and the lock
-free (``acquire(blocking=False)``: a reader never waits). Each key is moved once per
-replay however often it was read, and a buffer past its bound drops its oldest reads:
-the recency order is approximate, exactly what a read sees is not. Under the GIL the
-lock-free steps are single bytecode-level operations on built-in containers; on a
-free-threaded Python (3.13t) ``dict`` and ``deque`` operations are thread-safe on their
-own (each takes its object's lock), so correctness does not rest on the GIL, only the
-speed figures do. A thread that reads while a writer replaces or removes the key sees
-the entry before or after the write, as with the lock. With threads on several CPUs a
-lock taken by every read made a convoy: 16 threads read a seventh of one thread's hits.
+entries (one ``dict.get``, bound once: ``OrderedDict`` inherits it from ``dict``) and
+records the key in a bounded *read buffer* (a ``deque``, whose ``append`` is atomic);
+the LRU order is brought up to date from the buffer by whichever thread next holds the
+lock: a writer before it writes (so an eviction sees the reads), or a reader that finds
+the buffer full enough and the lock free (``acquire(blocking=False)``: a reader never
+waits). Each key is moved once per replay however often it was read; a buffer past its
+bound drops its oldest reads, and a replay drops the reads recorded while it takes the
+buffer (between its ``copy`` and its ``clear``): the recency order is approximate,
+exactly what a read sees is not. With threads on several CPUs a lock taken by every
+read made a convoy: 16 threads read a seventh of one thread's hits.
 
-A stamped entry (``get_or_load``'s fail-safe, :mod:`cachechain.layers._stamps`) is
-``(value, fresh_until, expires_at, origin_ttl)``: its second item is its *logical*
-expiry, so the hot path reads it exactly as a plain entry (past it, a miss), and it is
-removed only once its physical expiry (``expires_at``) has passed.
+Why a read without the lock is right: an entry is built whole (its float and its slots
+set) before the one store that publishes it under its key, and is never changed after:
+every write, ``incr`` and ``touch`` included, stores a new entry. So the one lookup of a
+read yields one whole entry, the value with its own expiry, the one its key held before
+or after any write running at the same time (as with the lock); never a value with the
+expiry of another write (a design keeping the expiry apart from the value would need two
+lookups, and a writer between them could pair a new value with an old expiry), nor an
+entry of another key (an entry is stored under one key only). The ``OrderedDict``'s own
+links (the order) are read and changed only under the lock. Under the GIL each
+lock-free step is one operation on a built-in container. On a free-threaded Python
+(3.13t) ``dict.get`` (the dict inside the ``OrderedDict``: the ``OrderedDict``'s own
+methods run only under the layer's lock) and the deque's ``append``, ``copy`` and
+``clear`` are thread-safe on their own: each takes its object's lock, or reads without
+one against stores that publish a whole object, so an entry is seen with the float and
+slots it was built with; correctness does not rest on the GIL, only the speed figures
+do.
 """
 
 from __future__ import annotations
@@ -34,11 +57,9 @@ import math
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-from cachetools import LRUCache
 
 from .. import _fork
 from .._errors import InvalidValueError
@@ -49,16 +70,32 @@ from ._stamps import Found, Stamped, stamps_wanted
 
 __all__ = ["MemoryLayer", "MemoryLayerStats"]
 
-#: ``(value, expires_at)``, or a stamped ``(value, fresh_until, expires_at, origin)``.
-_Item = tuple[Any, ...]
+
+class _Expiring(float):
+    """An entry with a TTL: the float is its expiry (the layer's clock, seconds),
+    :attr:`value` the value. Never changed once stored (see the module)."""
+
+    __slots__ = ("value",)
+
+    value: Any
 
 
-#: What the store returns for an absent key (cachetools' ``__missing__`` hook), which
-#: reads meet only when a key is evicted between their lock-free ``key in data`` test
-#: and their locked read. The test comes first because a miss through ``data[key]``
-#: costs two caught exceptions inside cachetools 8 (~800 ns against ~100 ns), for
-#: ~70 ns more on a hit.
-_ABSENT: Any = (MISSING, None)
+class _Stamp(_Expiring):
+    """A stamped entry: the float is its logical expiry (the end of its freshness),
+    :attr:`expires_at` its physical one (``None``: never), :attr:`origin` the TTL it
+    was loaded with (seconds)."""
+
+    __slots__ = ("expires_at", "origin")
+
+    expires_at: float | None
+    origin: float
+
+
+#: An entry: a value (no TTL), an :class:`_Expiring` or a :class:`_Stamp`.
+_Item = Any
+
+#: What a lookup of an absent key returns (a private object: no value is it).
+_ABSENT: Any = object()
 
 #: Reads recorded before a reader tries to replay them into the LRU order.
 _REPLAY_AT = 64
@@ -66,79 +103,54 @@ _REPLAY_AT = 64
 _READS_KEPT = 4096
 
 
-class _CountingLRU(LRUCache[str, _Item]):
-    """An ``LRUCache`` that counts evictions (``popitem`` runs only to make room) and
-    returns :data:`_ABSENT` for an absent key instead of raising ``KeyError``."""
+def _expiring(value: Any, expires: float) -> _Expiring:
+    """The entry of ``value`` expiring at ``expires``."""
+    item = _Expiring(expires)
+    item.value = value
+    return item
 
-    evictions = 0
+
+class _LRU:
+    """The entries, least recently used first, bounded to ``maxsize``; writes make room
+    by evicting the least recent entries, counted in :attr:`evictions`. Not locked:
+    the layer calls it under its lock."""
+
+    __slots__ = ("entries", "evictions", "maxsize")
 
     def __init__(self, maxsize: int) -> None:
-        super().__init__(maxsize)
-        #: Whether :meth:`put` may write cachetools' own dict, order and count (it
-        #: keeps no per-item sizes: cachetools 8 without ``getsizeof``).
-        self.direct = getattr(self, "_Cache__size", 0) is None
-        self._bound = maxsize  # cachetools' maxsize is a property: read on every put
-
-    def __missing__(self, key: str) -> _Item:
-        return _ABSENT  # type: ignore[no-any-return]
-
-    def popitem(self) -> tuple[str, _Item]:
-        item = LRUCache.popitem(self)
-        self.evictions += 1
-        return item
+        self.entries: OrderedDict[str, _Item] = OrderedDict()
+        self.maxsize = maxsize
+        self.evictions = 0
 
     def put(self, key: str, item: _Item) -> None:
-        """``self[key] = item``, making room as ``__setitem__`` does; see :meth:`put_many`."""
-        if not self.direct:
-            self[key] = item
+        """Store ``item`` under ``key`` as the most recent entry, evicting the least
+        recent one if ``key`` is new and the layer is full."""
+        entries = self.entries
+        if key in entries:
+            entries[key] = item
+            entries.move_to_end(key)
             return
-        data: dict[str, _Item] = self._Cache__data  # type: ignore[attr-defined]
-        order: OrderedDict[str, None] = self._LRUCache__order  # type: ignore[attr-defined]
-        if key in data:
-            data[key] = item
-            order.move_to_end(key)
-            return
-        size: int = self._Cache__currsize  # type: ignore[has-type]
-        while size >= self._bound:
-            old, _ = order.popitem(last=False)
-            del data[old]
-            size -= 1
+        if len(entries) >= self.maxsize:
+            entries.popitem(last=False)
             self.evictions += 1
-        data[key] = item
-        order[key] = None
-        self._Cache__currsize = size + 1
+        entries[key] = item
 
     def put_many(self, pairs: Iterable[tuple[str, _Item]]) -> None:
-        """``self[key] = item`` for each pair, in order, making room as ``__setitem__``
-        does (the least recent entries go, counted). Where cachetools keeps no sizes
-        (cachetools 8: ``getsizeof`` not given), straight on its dict, order and count,
-        which saves its per-item Python calls (a batch backfill's main cost); else
-        through ``__setitem__``."""
-        if not self.direct:  # another cachetools: the slow way
-            for key, item in pairs:
-                self[key] = item
-            return
-        data: dict[str, _Item] = self._Cache__data  # type: ignore[attr-defined]
-        order: OrderedDict[str, None] = self._LRUCache__order  # type: ignore[attr-defined]
-        maxsize = self.maxsize
-        size: int = getattr(self, "_Cache__currsize")  # noqa: B009 - cachetools' own count
+        """:meth:`put` of each pair, in order (a batch's items in one loop)."""
+        entries, maxsize = self.entries, self.maxsize
+        move, evict = entries.move_to_end, entries.popitem
         evicted = 0
         try:
             for key, item in pairs:
-                if key in data:
-                    data[key] = item
-                    order.move_to_end(key)
+                if key in entries:
+                    entries[key] = item
+                    move(key)
                     continue
-                while size >= maxsize:
-                    old, _ = order.popitem(last=False)
-                    del data[old]
-                    size -= 1
+                if len(entries) >= maxsize:
+                    evict(last=False)
                     evicted += 1
-                data[key] = item
-                order[key] = None
-                size += 1
+                entries[key] = item
         finally:
-            setattr(self, "_Cache__currsize", size)  # noqa: B010
             self.evictions += evicted
 
 
@@ -154,6 +166,24 @@ class MemoryLayerStats:
     entries: int
     maxsize: int
     evictions: int
+
+
+class _TupleView(Mapping[str, tuple[Any, ...]]):
+    """The entries as tuples: ``(value, expires_at)`` (``expires_at`` ``None``: no
+    TTL) or, stamped, ``(value, fresh_until, expires_at, origin)``; for tests and
+    debugging (read it with no other thread writing)."""
+
+    def __init__(self, entries: OrderedDict[str, _Item]) -> None:
+        self._entries = entries
+
+    def __getitem__(self, key: str) -> tuple[Any, ...]:
+        return _as_tuple(self._entries[key])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 class MemoryLayer(BaseLayer):
@@ -182,17 +212,20 @@ class MemoryLayer(BaseLayer):
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(name, default_ttl=default_ttl, max_ttl=max_ttl)
-        self._data = _CountingLRU(check_count(maxsize, "maxsize"))
-        # The cache's own dict and recency order (cachetools' private attributes: read
-        # here once, checked, so a cachetools that renamed them fails at once).
-        self._entries: dict[str, _Item] = self._data._Cache__data  # type: ignore[attr-defined]
-        self._order: OrderedDict[str, None] = self._data._LRUCache__order  # type: ignore[attr-defined]
-        if not isinstance(self._entries, dict) or not isinstance(self._order, OrderedDict):
-            raise TypeError("cachetools.LRUCache changed its internals: update MemoryLayer")
+        self._store = _LRU(check_count(maxsize, "maxsize"))
+        self._entries = self._store.entries
+        #: The lock-free lookup, bound once (``OrderedDict`` looks ``get`` up slower
+        #: than ``dict`` does, through its instance dict).
+        self._lookup: Callable[[str, Any], _Item] = self._entries.get
         self._reads: deque[str] = deque(maxlen=_READS_KEPT)
         self._lock = threading.Lock()
         self._clock = clock
         _fork.track(self)
+
+    @property
+    def _data(self) -> Mapping[str, tuple[Any, ...]]:
+        """The entries as tuples (see :class:`_TupleView`), for tests and debugging."""
+        return _TupleView(self._entries)
 
     def _after_fork(self) -> None:
         """In a forked child: a fresh lock and read buffer (the entries are kept)."""
@@ -201,35 +234,47 @@ class MemoryLayer(BaseLayer):
 
     def get(self, key: str) -> Any:
         """Return the value under ``key``, or :data:`~cachechain.MISSING`."""
-        item = self._entries.get(key, _ABSENT)  # no lock: see the module docstring
+        # The hot path (issue 14): bound methods read into locals (``self._lookup(...)``
+        # is a lookup CPython 3.11 does not specialize: ~10 ns a hit), the exact class
+        # read with ``__class__`` (~5 ns less than ``type()``), an entry with a TTL
+        # tested first (the default).
+        lookup = self._lookup
+        item = lookup(key, _ABSENT)  # no lock: see the module docstring
         if item is _ABSENT:
             return MISSING
         reads = self._reads
         reads.append(key)
         if len(reads) >= _REPLAY_AT:
             self._replay()
-        expires = item[1]
-        if expires is not None and expires <= self._clock():
+        if item.__class__ is _Expiring:
+            clock = self._clock
+            if item > clock():
+                return item.value
             self._drop_if_same(key, item)
             return MISSING
-        return item[0]
+        if item.__class__ is _Stamp:  # read to its logical expiry, as any TTL
+            if item > self._clock():
+                return item.value
+            self._drop_if_same(key, item)  # kept if it is a fail-safe copy
+            return MISSING
+        return item
 
     def get_with_ttl(self, key: str) -> tuple[Any, float | None]:
         """Return ``(value, remaining_seconds)`` or ``(MISSING, None)``."""
         item = self._read(key)
-        if item is _ABSENT:
-            return MISSING, None
-        expires = item[1]
-        if expires is None:
-            return item[0], None
-        now = self._clock()
-        remaining = expires - now
-        if len(item) > 2 and stamps_wanted():  # get_or_load's fail-safe read
-            return _found(item, now)
-        if remaining <= 0:
+        kind = item.__class__
+        if kind is _Expiring or kind is _Stamp:
+            now = self._clock()
+            if kind is _Stamp and stamps_wanted():  # get_or_load's fail-safe read
+                return _found(item, now)
+            remaining = item - now
+            if remaining > 0:
+                return item.value, remaining
             self._drop_if_same(key, item)
             return MISSING, None
-        return item[0], remaining
+        if item is _ABSENT:
+            return MISSING, None
+        return item, None
 
     def get_fresh(self, key: str) -> tuple[Any, float | None, float | None]:
         """Return ``(value, fresh_left, origin)`` for ``get_or_load``: the value while
@@ -237,28 +282,30 @@ class MemoryLayer(BaseLayer):
         and the TTL a stamped entry was stored with (``None`` for a plain entry);
         ``(MISSING, None, None)`` otherwise (an expired fail-safe copy is kept: read it
         with ``get_with_ttl`` in stamp reading mode)."""
-        item = self._entries.get(key, _ABSENT)  # _read, inlined: get_or_load's hit path
+        lookup = self._lookup  # _read, inlined: get_or_load's hit path (see get)
+        item = lookup(key, _ABSENT)
         if item is _ABSENT:
             return MISSING, None, None
         reads = self._reads
         reads.append(key)
         if len(reads) >= _REPLAY_AT:
             self._replay()
-        expires = item[1]
-        if expires is None:
-            return item[0], None, None
-        left = expires - self._clock()
-        if left > 0:  # a stamped entry has 4 fields; a plain one (a set's) 2
-            return item[0], left, (item[3] if len(item) > 3 else None)
-        self._drop_if_same(key, item)  # kept if it is a fail-safe copy
-        return MISSING, None, None
+        kind = item.__class__
+        if kind is _Expiring or kind is _Stamp:
+            clock = self._clock
+            left = item - clock()
+            if left > 0:
+                return item.value, left, (item.origin if kind is _Stamp else None)
+            self._drop_if_same(key, item)  # kept if it is a fail-safe copy
+            return MISSING, None, None
+        return item, None, None
 
     def get_many_with_ttl(self, keys: Sequence[str]) -> dict[str, tuple[Any, float | None]]:
         """Return the live entries among ``keys`` (read without the lock, as :meth:`get`)."""
-        entries = self._entries
+        lookup = self._lookup
         items: list[tuple[str, _Item]] = []
         for key in keys:
-            item = entries.get(key, _ABSENT)
+            item = lookup(key, _ABSENT)
             if item is not _ABSENT:
                 items.append((key, item))
         if items:
@@ -269,11 +316,11 @@ class MemoryLayer(BaseLayer):
         now = self._clock()
         found: dict[str, tuple[Any, float | None]] = {}
         for key, item in items:
-            value, expires = item[0], item[1]
-            if expires is None:
-                found[key] = (value, None)
-            elif expires > now:
-                found[key] = (value, expires - now)
+            kind = item.__class__
+            if kind is not _Expiring and kind is not _Stamp:
+                found[key] = (item, None)
+            elif item > now:
+                found[key] = (item.value, item - now)
             else:
                 self._drop_if_same(key, item)
         return found
@@ -283,29 +330,34 @@ class MemoryLayer(BaseLayer):
         :class:`~cachechain.layers._stamps.Stamped` value is stored as a stamped entry
         (fresh for its ``fresh`` seconds at most, kept for ``ttl``)."""
         ttl = self.effective_ttl(ttl)
+        item: _Item
         if value.__class__ is Stamped:
             item = _stamped(value, ttl, self._clock())
+        elif ttl is None:
+            item = value
         else:
-            item = (value, None if ttl is None else self._clock() + ttl)
+            item = _Expiring(self._clock() + ttl)
+            item.value = value
         with self._lock:
             if self._reads:
                 self._replay_locked()
-            self._data.put(key, item)
+            self._store.put(key, item)
 
     def set_many(self, items: Mapping[str, Any], ttl: float | None = None) -> list[str]:
         """Store every item under one lock acquisition; nothing is ever rejected."""
         ttl = self.effective_ttl(ttl)
         now = self._clock()
         expires = None if ttl is None else now + ttl
-        data = self._data
+        entries: list[tuple[str, _Item]] = []
+        for key, value in items.items():
+            if value.__class__ is Stamped:
+                entries.append((key, _stamped(value, ttl, now)))
+            else:
+                entries.append((key, value if expires is None else _expiring(value, expires)))
         with self._lock:
             if self._reads:
                 self._replay_locked()
-            for key, value in items.items():
-                if value.__class__ is Stamped:
-                    data[key] = _stamped(value, ttl, now)
-                else:
-                    data[key] = (value, expires)
+            self._store.put_many(entries)
         return []
 
     def fill_many(self, items: Sequence[tuple[str, Any, float | None]]) -> None:
@@ -322,33 +374,39 @@ class MemoryLayer(BaseLayer):
                 ttl = default
             elif ttl.__class__ is not float or not 0.0 < ttl < math.inf:
                 ttl = self.effective_ttl(ttl)  # validated (raises for a bad one)
-            if ttl is not None and cap is not None and ttl > cap:
+            if ttl is None:
+                entries.append((key, value))
+                continue
+            if cap is not None and ttl > cap:
                 ttl = cap
-            entries.append((key, (value, None if ttl is None else now + ttl)))
+            item = _Expiring(now + ttl)
+            item.value = value
+            entries.append((key, item))
         with self._lock:
             if self._reads:
                 self._replay_locked()
-            self._data.put_many(entries)
+            self._store.put_many(entries)
 
     def delete(self, key: str) -> None:
         """Remove ``key`` if present."""
         with self._lock:
-            self._data.pop(key, None)
+            self._entries.pop(key, None)
 
     def delete_many(self, keys: Iterable[str]) -> None:
         """Remove every key in ``keys`` under one lock acquisition."""
-        data = self._data
+        entries = self._entries
         with self._lock:
             for key in keys:
-                data.pop(key, None)
+                entries.pop(key, None)
 
     # -- atomic operations (the chain's add/incr/decr/touch on an in-process chain) ------
 
-    def _live(self, key: str, now: float) -> _Item | None:
-        """The entry of ``key`` if it has not expired at ``now``; call under the lock."""
-        item = self._data.get(key)
-        if item is None or (item[1] is not None and item[1] <= now):
-            return None
+    def _live(self, key: str, now: float) -> _Item:
+        """The entry of ``key`` if it has not expired (a stamped one: its logical
+        expiry) at ``now``, else :data:`_ABSENT`; call under the lock."""
+        item = self._entries.get(key, _ABSENT)
+        if _timed(item) and item <= now:
+            return _ABSENT
         return item
 
     def add(self, key: str, value: Any, ttl: float | None = None) -> bool:
@@ -358,11 +416,11 @@ class MemoryLayer(BaseLayer):
         ttl = self.effective_ttl(ttl)
         now = self._clock()
         with self._lock:
-            if self._live(key, now) is not None:
+            if self._live(key, now) is not _ABSENT:
                 return False
             if self._reads:  # an eviction must see the reads, as for any write
                 self._replay_locked()
-            self._data.put(key, (value, None if ttl is None else now + ttl))
+            self._store.put(key, value if ttl is None else _expiring(value, now + ttl))
             return True
 
     def incr(self, key: str, delta: int = 1) -> int | None:
@@ -383,16 +441,20 @@ class MemoryLayer(BaseLayer):
         now = self._clock()
         with self._lock:
             item = self._live(key, now)
-            if item is None:
+            if item is _ABSENT:
                 return None
-            current = countable(item[0])
+            timed = _timed(item)
+            stored = item.value if timed else item
+            current = countable(stored)
             if current is None:
                 raise InvalidValueError(
                     f"the value of {key!r} is not a counter (an int or a decimal str in "
-                    f"[-2**63, 2**63)): {type(item[0]).__name__}"
+                    f"[-2**63, 2**63)): {type(stored).__name__}"
                 )
             value = apply(current, delta)
-            self._data[key] = (value, item[1])
+            # A new entry (entries never change: see the module), with the same expiry
+            # (a stamped entry's logical one: a counter is no fail-safe copy).
+            self._store.put(key, _expiring(value, float(item)) if timed else value)
             return value
 
     def touch(self, key: str, ttl: float | None = None) -> bool:
@@ -403,44 +465,44 @@ class MemoryLayer(BaseLayer):
         now = self._clock()
         with self._lock:
             item = self._live(key, now)
-            if item is None:
+            if item is _ABSENT:
                 return False
-            self._data[key] = (item[0], None if ttl is None else now + ttl)
+            value = item.value if _timed(item) else item
+            self._store.put(key, value if ttl is None else _expiring(value, now + ttl))
             return True
 
     def clear(self) -> None:
         """Remove every entry."""
         with self._lock:
-            self._data.clear()
+            self._entries.clear()
 
     def expire(self) -> int:
         """Remove every expired entry now (a stamped one once its physical expiry has
         passed); return how many were removed."""
         now = self._clock()
         with self._lock:
-            dead = [k for k, item in self._data.items() if _gone(item, now)]
+            entries = self._entries
+            dead = [k for k, item in entries.items() if _gone(item, now)]
             for key in dead:
-                del self._data[key]
+                del entries[key]
         return len(dead)
 
     def stats(self) -> MemoryLayerStats:
         """Return the entry count, the bound and the eviction count."""
+        store = self._store
         with self._lock:
-            return MemoryLayerStats(
-                entries=len(self._data),
-                maxsize=int(self._data.maxsize),
-                evictions=self._data.evictions,
-            )
+            return MemoryLayerStats(len(store.entries), store.maxsize, store.evictions)
 
     def __len__(self) -> int:
-        return len(self._data)
+        return len(self._entries)
 
     # -- the read buffer ----------------------------------------------------------------
 
     def _read(self, key: str) -> _Item:
         """The entry of ``key`` (or :data:`_ABSENT`), read without the lock and recorded
         in the read buffer."""
-        item: _Item = self._entries.get(key, _ABSENT)
+        lookup = self._lookup
+        item = lookup(key, _ABSENT)
         if item is not _ABSENT:
             reads = self._reads
             reads.append(key)
@@ -460,48 +522,75 @@ class MemoryLayer(BaseLayer):
 
     def _replay_locked(self) -> None:
         """Move each key read since the last replay to the recent end of the LRU order,
-        once however often it was read (a key gone since is skipped). Under the lock."""
+        once however often it was read, in the order of their first reads (a key gone
+        since is skipped). Under the lock.
+
+        The buffer is taken whole by ``copy`` (one C call that runs no Python code: no
+        other thread appends meanwhile under the GIL; on 3.13t it holds the deque's
+        lock), then cleared: reads recorded between the two are dropped, as reads past
+        the buffer's bound are (recency is approximate). Half the cost of popping the
+        reads one by one (1.8 against 3.8 us for 64 reads of one key)."""
         reads = self._reads
-        batch: list[str] = []
-        take = reads.popleft
-        for _ in range(len(reads)):
-            try:
-                batch.append(take())
-            except IndexError:  # pragma: no cover - another thread emptied it (3.13t)
-                break
-        order = self._order
-        move = order.move_to_end
+        batch = reads.copy()
+        reads.clear()
+        entries = self._entries
+        move = entries.move_to_end
         for key in dict.fromkeys(batch):
-            if key in order:  # not evicted or removed since it was read
+            if key in entries:  # not evicted or removed since it was read
                 move(key)
 
     def _drop_if_same(self, key: str, item: _Item) -> None:
         """Remove an expired entry unless a writer replaced it since it was read, or it
         is a stamped entry within its physical TTL (a fail-safe copy, kept)."""
-        if len(item) > 2 and not _gone(item, self._clock()):
+        if type(item) is _Stamp and not _gone(item, self._clock()):
             return
         with self._lock:
-            if self._data.get(key) is item:
-                del self._data[key]
+            entries = self._entries
+            if entries.get(key, _ABSENT) is item:
+                del entries[key]
 
 
-def _stamped(value: Stamped, ttl: float | None, now: float) -> _Item:
+def _stamped(value: Stamped, ttl: float | None, now: float) -> _Stamp:
     """The entry of a stamped value stored for ``ttl`` seconds (physical) at ``now``."""
     fresh = value.fresh if ttl is None else min(value.fresh, ttl)
-    return (value.value, now + fresh, None if ttl is None else now + ttl, value.origin)
+    item = _Stamp(now + fresh)
+    item.value = value.value
+    item.expires_at = None if ttl is None else now + ttl
+    item.origin = value.origin
+    return item
 
 
-def _found(item: _Item, now: float) -> tuple[Any, float | None]:
+def _found(item: _Stamp, now: float) -> tuple[Any, float | None]:
     """A stamped entry as :meth:`MemoryLayer.get_with_ttl` answers it in reading mode:
     ``(Found, physical seconds left)``, or ``(MISSING, None)`` past its physical TTL."""
-    expires_at = item[2]
+    expires_at = item.expires_at
     left = None if expires_at is None else expires_at - now
     if left is not None and left <= 0:
         return MISSING, None
-    return Found(item[0], item[1] - now, item[3]), left
+    return Found(item.value, item - now, item.origin), left
+
+
+def _timed(item: _Item) -> bool:
+    """Whether an entry has an expiry (an :class:`_Expiring` or a :class:`_Stamp`)."""
+    kind = type(item)
+    return kind is _Expiring or kind is _Stamp
 
 
 def _gone(item: _Item, now: float) -> bool:
     """Whether an entry is past its physical expiry (removable)."""
-    expires = item[2] if len(item) > 2 else item[1]
-    return expires is not None and expires <= now
+    kind = type(item)
+    if kind is _Expiring:
+        return bool(item <= now)
+    if kind is _Stamp:
+        return item.expires_at is not None and item.expires_at <= now
+    return False
+
+
+def _as_tuple(item: _Item) -> tuple[Any, ...]:
+    """An entry in the tuple form of :class:`_TupleView`."""
+    kind = type(item)
+    if kind is _Stamp:
+        return (item.value, float(item), item.expires_at, item.origin)
+    if kind is _Expiring:
+        return (item.value, float(item))
+    return (item, None)
