@@ -44,7 +44,7 @@ from ._config import (
     WriterConfig,
 )
 from ._errors import ChainClosedError, ConfigError, InvalidKeyError, InvalidValueError
-from ._fence import MutationFence
+from ._fence import MutationFence, Ticket
 from ._health import ChainHealth, chain_health
 from ._loads import Loads
 from ._resilience import unwrapped
@@ -128,6 +128,7 @@ class Chain(AtomicOps, LoaderOps):
         self._close_lock = threading.Lock()
         self._drained = threading.Event()  # set once close() has drained everything
         self._backfill = Backfiller(tiers, self._fence, report, self._m)
+        self._pair = _pair_of(self._below, self._held_by)  # _lookup in one step
         self._coherence: Coherence | None = None
         if namespace is not None:
             self._coherence = _coherence(self, configs, namespace, coherent)
@@ -255,6 +256,8 @@ class Chain(AtomicOps, LoaderOps):
         if m is not None and not first_failed:
             m.record_get(self._l1_name, False, _perf() - start)
         ticket = self._fence.ticket(key)
+        if m is None and self._pair is not None:  # the usual chain: L1 over one layer
+            return _lookup_pair(self, self._pair, key, ticket)
         # Taken after the ticket: a write a writer still holds (a write-behind set or
         # delete that has returned, or a repair delete) has not reached its layer yet,
         # so that layer's value of the key may be older: it is neither read nor
@@ -456,6 +459,35 @@ class Chain(AtomicOps, LoaderOps):
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"<Chain {self.name!r} {[t.name for t in self._tiers]} {state}>"
+
+
+def _pair_of(
+    below: Sequence[Tier], held_by: Sequence[tuple[int, Callable[[str], bool]]]
+) -> tuple[Tier, Callable[[str], bool]] | None:
+    """For a chain of two tiers whose lower one has a writer: that tier and its
+    writer's ``holds`` (see :func:`_lookup_pair`); else None."""
+    if len(below) == 1 and len(held_by) == 1 and held_by[0][0] == below[0].index:
+        return below[0], held_by[0][1]
+    return None
+
+
+def _lookup_pair(
+    chain: Chain, pair: tuple[Tier, Callable[[str], bool]], key: str, ticket: Ticket
+) -> tuple[Any, int]:
+    """:meth:`Chain._lookup` without metrics for a chain of two tiers whose lower one has
+    a writer (``pair``: that tier and its writer's ``holds``), in one frame."""
+    tier, holds = pair
+    if holds(key):  # a write the writer holds has not reached the layer: not read
+        return MISSING, -1
+    try:
+        value, ttl = tier.get_with_ttl(key)
+    except Exception as exc:
+        chain._report.failed(tier.name, "get", exc)
+        return MISSING, -1
+    if value is MISSING:
+        return MISSING, -1
+    chain._backfill(ticket, 1, key, value, ttl, ())
+    return value, 1
 
 
 def _get_failed(chain: Chain, key: str, default: Any, m: CollectorGuard, exc: Exception) -> Any:

@@ -93,7 +93,10 @@ class Backfiller:
         self._tiers = tiers
         self._fence = fence
         self._report = report
-        self._l1_set = tiers[0].layer.set
+        # The first layer's one-item fill for a backfill (MemoryLayer.fill: set without
+        # re-checking the TTL a lower layer gave), else its set.
+        layer = tiers[0].layer
+        self._l1_set = getattr(layer, "fill", None) or layer.set
         #: The first layer's batch fill (``MemoryLayer.fill_many``), if it has one.
         self._l1_fill_many = getattr(tiers[0].layer, "fill_many", None)
         self._l1_name = tiers[0].name

@@ -420,3 +420,24 @@ def test_an_entry_with_a_ttl_costs_at_most_1_3x_an_lru_cache_entry() -> None:
     base = _bytes_per_entry(lru, n)
     assert _bytes_per_entry(layer(300.0), n) <= 1.3 * base
     assert _bytes_per_entry(layer(None), n) <= base
+
+
+def test_fill_stores_a_lower_layers_value_as_set_would() -> None:
+    """A chain's backfill of one value (``fill``): the TTL a lower layer gave, capped by
+    ``max_ttl``; ``None`` takes ``default_ttl``; anything else goes through ``set``'s
+    checks."""
+
+    clock = FakeClock()
+    layer = MemoryLayer("L1", maxsize=2, default_ttl=30.0, max_ttl=60.0, clock=clock)
+    layer.fill("a", (1, 2), 10.0)
+    layer.fill("b", "v", None)
+    layer.fill("c", 3, 600.0)  # evicts a (maxsize 2)
+    assert layer.get_with_ttl("a") == (MISSING, None)
+    assert layer.get_with_ttl("b") == ("v", 30.0)
+    assert layer.get_with_ttl("c") == (3, 60.0)
+    layer.fill("d", 4, 5)  # an int TTL: set's path
+    assert layer.get_with_ttl("d") == (4, 5.0)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(InvalidValueError):
+            layer.fill("e", 5, bad)
+    assert layer.get("e") is MISSING

@@ -360,6 +360,30 @@ class MemoryLayer(BaseLayer):
             self._store.put_many(entries)
         return []
 
+    def fill(self, key: str, value: Any, ttl: float | None) -> None:
+        """:meth:`fill_many` of one item (a chain's backfill of an L2 hit): ``set``
+        without its checks for the TTL a lower layer gave (a finite float > 0, or
+        ``None`` for ``default_ttl``; capped by ``max_ttl``); anything else goes
+        through :meth:`set`, which raises :class:`~cachechain.InvalidValueError` for a
+        bad TTL."""
+        if ttl is None:
+            ttl = self.default_ttl
+        elif ttl.__class__ is not float or not 0.0 < ttl < math.inf:
+            self.set(key, value, ttl)
+            return
+        if value.__class__ is Stamped:
+            self.set(key, value, ttl)
+            return
+        item: _Item = value
+        if ttl is not None:
+            cap = self._max_ttl
+            item = _Expiring(self._clock() + (ttl if cap is None or ttl <= cap else cap))
+            item.value = value
+        with self._lock:
+            if self._reads:
+                self._replay_locked()
+            self._store.put(key, item)
+
     def fill_many(self, items: Sequence[tuple[str, Any, float | None]]) -> None:
         """Store each ``(key, value, ttl)`` (``ttl``: seconds, a finite number > 0, or
         ``None`` for ``default_ttl``; capped by ``max_ttl``) under one lock
