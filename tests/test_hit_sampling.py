@@ -306,3 +306,59 @@ def test_a_closed_chain_raises_on_the_untimed_path() -> None:
     chain.close()
     with pytest.raises(ChainClosedError):
         chain.get("k")
+
+
+class ResetOnRelease:
+    """An engine's lock that, once armed, lets another caller ``reset()`` the engine
+    right after its next release (what another thread may do at that instant)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.real = threading.Lock()
+        self.engine = engine
+        self.armed = False
+
+    def __enter__(self) -> ResetOnRelease:
+        self.real.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.real.release()
+        if self.armed:
+            self.armed = False
+            self.engine.reset()
+
+    def acquire(self, *args: Any, **kwargs: Any) -> bool:
+        return self.real.acquire(*args, **kwargs)
+
+    def release(self) -> None:
+        self.real.release()
+
+
+def test_a_reset_beside_a_sample_never_leaves_more_latency_counts_than_hits() -> None:
+    """Found by review: the sample's weight was taken under the lock and observed after
+    it, so a reset in between kept up to ``every`` hits of before it in the histograms."""
+    collector = MemoryCollector(sample_hits=4)
+    chain = Chain([MemoryLayer("L1")], metrics=collector, coherence=False)
+    chain.set("k", 1)
+    for _ in range(10):
+        chain.get("k")
+    lock = ResetOnRelease(collector)
+    collector._lock = lock  # type: ignore[assignment]
+    while chain._untimed is not None:  # up to the hit that will be timed
+        chain.get("k")
+    lock.armed = True
+    chain.get("k")  # the timed hit: its weight, the reset, its observation
+    assert not lock.armed
+    snap = collector.snapshot()
+    layer = snap.layer_metrics["L1"]
+    assert layer.get_latency.count <= layer.hits
+    assert snap.chain_metrics.latency.count <= snap.chain_metrics.total_hits
+    chain.close()
+
+
+def test_prometheus_names_a_bad_sample_hits() -> None:
+    from cachechain import ConfigError
+
+    for bad in (0, 2.5, True):
+        with pytest.raises(ConfigError, match=r"^sample_hits must be"):
+            PrometheusCollector(registry=None, sample_hits=bad)  # type: ignore[arg-type]

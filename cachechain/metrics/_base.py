@@ -307,9 +307,9 @@ class CollectorGuard(_Contract):
         """The collector's :class:`HitSampler` for the first layer ``layer`` (see
         :meth:`MetricsCollector.hit_sampler`): ``None`` when it has none, or when its
         ``hit_sampler`` raises (counted, logged once) or returns something else than a
-        sampler with callables and an ``every`` of at least 2. Its ``count`` is called
-        unguarded (it must not raise: only an ``itertools.count`` is trusted, any other
-        ``count`` is wrapped, and one that raises counts as a hit never sampled); its
+        sampler with callables and an ``every`` of at least 2. An ``itertools.count``'s
+        ``count`` is called as it is (it cannot raise); any other is wrapped, and one
+        that raises is counted as a collector failure and that hit is not sampled. Its
         ``timed`` is guarded unless marked :func:`never_raises`."""
         offer = getattr(self.collector, "hit_sampler", None)
         if offer is None:

@@ -306,7 +306,8 @@ class PrometheusCollector(AccumulatingCollector):
 
     Recording is lock-free and never touches prometheus-client; it never raises.
     Raises :class:`~cachechain.ConfigError` (a ``ValueError``) for an invalid
-    namespace, buckets or interval, or multiprocess mode without a directory.
+    namespace, buckets, interval or ``sample_hits``, or multiprocess mode without a
+    directory.
     """
 
     def __init__(
@@ -326,6 +327,8 @@ class PrometheusCollector(AccumulatingCollector):
             isinstance(flush_interval, (int, float)) and 0 < flush_interval < float("inf")
         ):
             raise ConfigError(f"flush_interval must be seconds > 0, got {flush_interval!r}")
+        if type(sample_hits) is not int or sample_hits < 1:
+            raise ConfigError(f"sample_hits must be an int of at least 1, got {sample_hits!r}")
         try:
             super().__init__(buckets, track_max=False, track_sum=True, sample_hits=sample_hits)
         except (TypeError, ValueError) as exc:

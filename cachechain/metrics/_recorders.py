@@ -57,14 +57,20 @@ def sampler(view: ChainView, name: str) -> Callable[[float, int], None]:
     nb = view.layout.nb
     observe = kit.compiled("sampled", name, sh=sh, sh_sum=sh + nb, sh_max=sh + nb + 1)
 
+    tl, register = view.tl, view._register
+
     @never_raises
     def timed(duration: float, n: int) -> None:
-        with view.engine._lock:  # one hit in every: looked up each time (forks)
+        if getattr(tl, "a", None) is None:
+            register()  # takes the engine's lock: before it is held below
+        # The weight and the observation under one hold of the lock (one hit in every;
+        # looked up each time: a forked child has a new one), so that a reset sees the
+        # sample wholly before or wholly after it.
+        with view.engine._lock:
             weight = n + 1 - view.sampled
-            if weight <= 0:  # a later sample got there first
-                return
-            view.sampled = n + 1
-        observe(duration, weight)
+            if weight > 0:  # else a later sample got there first
+                view.sampled = n + 1
+                observe(duration, weight)
 
     return timed
 
