@@ -16,6 +16,7 @@ from .._fork import at_fork
 from .._fork import track as track_fork
 from .._logonce import LogOnce
 from ._base import (
+    DEFAULT_SAMPLE_HITS,
     CollectorGuard,
     HitSampler,
     MetricsCollector,
@@ -63,6 +64,7 @@ __all__ = [
     "CIRCUIT_STATES",
     "COUNTER",
     "DEFAULT_BUCKETS",
+    "DEFAULT_SAMPLE_HITS",
     "DROP_REASONS",
     "BACKGROUND_OUTCOMES",
     "FAIL_SAFE_REASONS",

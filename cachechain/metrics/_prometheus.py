@@ -54,6 +54,7 @@ from prometheus_client.utils import floatToGoString as _go_float
 from .. import _fork
 from .._errors import ConfigError
 from .._logonce import LogOnce
+from ._base import DEFAULT_SAMPLE_HITS
 from ._catalogue import COUNTER, DEFAULT_BUCKETS, GAUGE, HISTOGRAM, METRICS, Metric
 from ._engine import AccumulatingCollector, ChainView
 from ._series import ViewData, series
@@ -79,10 +80,6 @@ float_to_go: Callable[[float], str] = cast(Callable[[float], str], _go_float)
 
 _NAME_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 
-#: A chain's ``get`` times one first-layer hit in this many by default (issue 13: two
-#: clock reads and a record per hit cost ~300 ns, as much as the hit itself); the hit
-#: counters stay exact, and the latency histograms count each timed hit this many times.
-DEFAULT_SAMPLE_HITS = 64
 
 #: Seconds between two warnings of a multiprocess flush that keeps failing.
 WARN_EVERY = 60.0

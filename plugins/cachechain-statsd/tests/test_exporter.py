@@ -790,9 +790,12 @@ def test_after_fork_the_child_starts_fresh_and_does_not_resend_the_parents_count
 # -- sampled hit timing (cachechain's HitSampler) --------------------------------------------
 
 
-# Timers off: the first hit asks for a sample (its count, 0, is a multiple of any
-# period), which is timed and dropped; no later count reaches the period.
-@pytest.mark.parametrize(("rate", "timed", "sent"), [(0.25, 25, 25), (1.0, 100, 100), (0, 1, 0)])
+# A period below 64 samples first-layer hits one in 64 (hits 1 and 65 of 100 timed, each
+# sent as standing for 64); 1.0: every hit. Timers off: the first hit asks for a sample
+# (its count, 0, is a multiple of any period), which is timed and dropped.
+@pytest.mark.parametrize(
+    ("rate", "timed", "sent"), [(0.25, 2, 2), (0.01, 1, 1), (1.0, 100, 100), (0, 1, 0)]
+)
 def test_a_chain_times_only_the_first_layer_hits_whose_duration_is_kept(
     receiver: Receiver, monkeypatch: pytest.MonkeyPatch, rate: float, timed: int, sent: int
 ) -> None:
@@ -817,7 +820,8 @@ def test_a_chain_times_only_the_first_layer_hits_whose_duration_is_kept(
     assert got["cache_chain.web.requests.hit.L1"] == ["100|c"]
     timers = got.get("cache_chain.web.request_duration.hit", [])
     assert len(timers) == sent
-    # Each value sent stands for 1 / rate hits, so that StatsD counts 100.
-    assert all(t.endswith("|ms") if rate == 1.0 else t.endswith(f"|@{rate:g}") for t in timers)
+    # Each value sent stands for the hits it was kept for, so that StatsD counts them.
+    sent_rate = 1.0 if rate == 1.0 else min(rate, 1 / 64)
+    assert all(t.endswith("|ms") if rate == 1.0 else t.endswith(f"|@{sent_rate:g}") for t in timers)
     chain.close()
     x.close()

@@ -211,7 +211,7 @@ class SeriesTable:
             if not k:
                 continue
             sent += k
-            rate = k / (stands_for * max(period, 1))
+            rate = k / (stands_for * max(s.period or period, 1))
             for seconds in _spread(values, k):
                 ms = max(0.0, seconds) * 1000.0
                 for stat in s.targets:

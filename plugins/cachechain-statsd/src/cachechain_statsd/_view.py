@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from cachechain.metrics import (
     COUNTER,
+    DEFAULT_SAMPLE_HITS,
     GAUGE,
     HISTOGRAM,
     RECORDS,
@@ -339,19 +340,23 @@ class ChainView(MetricsCollector):
     def hit_sampler(self, layer: str) -> HitSampler | None:
         """Count the hits of the chain's first layer ``layer`` in the tally
         ``record_first_layer_hit`` bumps, and keep the duration of one hit in
-        ``sample_period`` (the chain times only that one; see
-        :meth:`cachechain.metrics.MetricsCollector.hit_sampler`). With timers off
-        (``sample_period`` 0) the chain times none. ``None`` for another layer, or a
-        ``sample_period`` of 1 (every duration is sent: every hit is timed)."""
+        ``max(sample_period, DEFAULT_SAMPLE_HITS)`` (64 by default: the chain times
+        only that one, see :meth:`cachechain.metrics.MetricsCollector.hit_sampler`; its
+        values are sent with that rate). With timers off (``sample_period`` 0) the chain
+        times none. ``None`` for another layer, or a ``sample_period`` of 1 (every
+        duration is sent: every hit is timed)."""
         if not self.layer_names or layer != self.layer_names[0] or self._period == 1:
             return None
         rec = find_record("record_first_layer_hit")
         counters, timers = self._fused_stats(rec, layer)
-        key = ("first", self.chain, layer)
-        inc = self._x._tally(*counters, key=key).inc
+        inc = self._x._tally(*counters, key=("first", self.chain, layer)).inc
         if not self._period:
             return HitSampler(inc, _NEVER, _ignore)
-        samples = self._x._timer(*timers, key=key)
+        every = max(self._period, DEFAULT_SAMPLE_HITS)
+        # A buffer of its own: its values stand for ``every`` hits each, the fused
+        # record's (get_or_load's hits) for ``sample_period``.
+        samples = self._x._timer(*timers, key=("first sampled", self.chain, layer))
+        samples.period = every
         values, append, cap = samples.values, samples.values.append, self._cap
         wake_at, wake, drop, failed = self._wake_at, self._wake, samples.overflow.inc, self._failed
 
@@ -368,7 +373,7 @@ class ChainView(MetricsCollector):
             except Exception as exc:
                 failed(rec.name, exc)
 
-        return HitSampler(inc, self._period, timed)
+        return HitSampler(inc, every, timed)
 
     def _fused_stats(self, rec: Record, first: str) -> tuple[list[str], list[str]]:
         """The counter and timer stats of the calls ``rec`` stands for, made for the

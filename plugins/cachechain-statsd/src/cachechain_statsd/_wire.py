@@ -78,15 +78,17 @@ class Samples:
     Threads ``append`` to ``values`` (atomic under the GIL); :meth:`drain` removes the
     ones present when it starts, so a value appended meanwhile waits for the next flush.
     ``overflow`` counts the values that were to be kept but found the buffer full: the
-    flush still knows how many events the values it sends stand for.
+    flush still knows how many events the values it sends stand for. ``period``: one
+    event in how many had its value kept (0: the exporter's ``sample_period``).
     """
 
-    __slots__ = ("overflow", "targets", "values")
+    __slots__ = ("overflow", "period", "targets", "values")
 
     def __init__(self, targets: tuple[str, ...]) -> None:
         self.values: list[float] = []
         self.targets = targets
         self.overflow = Tally(())
+        self.period = 0
 
     def drain(self) -> list[float]:
         """Remove and return the values kept so far."""
