@@ -89,11 +89,13 @@ def _prometheus_factory(
     )
 
 
-def _memory_factory(sample_hits: int = 1) -> Any:
+def _memory_factory(sample_hits: int | None = None) -> Any:
     """Build a :class:`~cachechain.MemoryCollector` (``sample_hits``: one first-layer
-    hit in that many is timed; 1, the default, times every hit)."""
+    hit in that many is timed; ``None``: the collector's default, 1: every hit)."""
     from .metrics._memory import MemoryCollector
 
+    if sample_hits is None:
+        return MemoryCollector()
     return MemoryCollector(sample_hits=sample_hits)
 
 

@@ -403,7 +403,7 @@ def test_a_fanout_feeds_every_collector_through_a_chain() -> None:
         (["memory", ["none"]], r"metrics\[1\] must be an exporter name"),
         (
             {"exporter": "memory", "options": {"size": 1}},
-            r"metrics\.options\.size is not an option of exporter 'memory' \(options: none\)",
+            r"metrics\.options\.size is not an option of exporter 'memory' \(options: sample_hits\)",
         ),
     ],
 )

@@ -141,17 +141,20 @@ def test_a_miss_is_read_again_under_the_clock(clock: CountingClock) -> None:
     chain.close()
 
 
-def test_memory_collector_times_every_hit_by_default(clock: CountingClock) -> None:
-    collector = MemoryCollector()
+@pytest.mark.parametrize(("sample_hits", "reads", "timed"), [(None, 2, 2), (1, 20, 10)])
+def test_memory_collector_samples_unless_told_to_time_every_hit(
+    clock: CountingClock, sample_hits: int | None, reads: int, timed: int
+) -> None:
+    collector = MemoryCollector() if sample_hits is None else MemoryCollector(sample_hits=1)
     chain = Chain([MemoryLayer("L1")], metrics=collector, coherence=False)
     chain.set("k", 1)
-    reads = clock.reads
+    before = clock.reads
     for _ in range(10):
         chain.get("k")
-    assert clock.reads - reads == 20
+    assert clock.reads - before == reads  # sampled: the 2nd hit only (asked by the 1st)
     snap = collector.snapshot()
     assert snap.layer_metrics["L1"].hits == 10
-    assert snap.chain_metrics.latency.count == 10
+    assert snap.chain_metrics.latency.count == timed  # the hits up to the last sample
     chain.close()
 
 

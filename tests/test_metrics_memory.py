@@ -51,7 +51,7 @@ def test_seed_chain_metrics_collection() -> None:
 
 
 def test_every_chain_operation_is_recorded() -> None:
-    collector = MemoryCollector()
+    collector = MemoryCollector(sample_hits=1)  # every hit timed: exact latency counts
     l1, l2 = MemoryLayer("L1"), FakeLayer("L2", local=True)
     with Chain([l1, l2], metrics=collector) as chain:
         assert chain.set("a", 1)  # L2 then L1, synchronously
@@ -219,7 +219,7 @@ def test_direct_calls_record_for_the_default_chain() -> None:
 
 
 def test_counts_are_exact_under_eight_concurrent_threads() -> None:
-    collector = MemoryCollector()
+    collector = MemoryCollector(sample_hits=1)  # every hit timed: exact latency counts
     chain = Chain([MemoryLayer("L1"), MemoryLayer("L2")], metrics=collector)
     chain.set("hot", 1)
     view = collector.bind_chain("default", ("L1", "L2"))

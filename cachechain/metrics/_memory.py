@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._base import DEFAULT_SAMPLE_HITS
 from ._catalogue import CIRCUIT_STATES, DROP_REASONS, OPERATIONS, Field
 from ._engine import MAX_LAYERS, AccumulatingCollector, ChainView
 from ._layout import Hist
@@ -44,16 +45,18 @@ class MemoryCollector(AccumulatingCollector):
     memory is fixed per chain and layer whatever the traffic. One collector may serve
     several chains: figures of layers with the same name add up, and so do the chain
     figures. Latency percentiles are accurate to one bucket of
-    :data:`~cachechain.metrics._types.BUCKET_BOUNDS` (about 15%); maxima are exact.
-    ``hits_by_layer`` counts positions past the chain's layers (and past 8) together
-    under that last position. ``sample_hits`` (default 1: every hit timed, so that
-    latency counts and maxima are exact too) times one first-layer hit of a chain's
-    ``get`` in that many, as :class:`~cachechain.PrometheusCollector` does; hit
-    counts stay exact either way. Raises ``ValueError`` for a ``sample_hits`` that is
-    not an int of at least 1.
+    :data:`~cachechain.metrics._types.BUCKET_BOUNDS` (about 15%); maxima are exact
+    among the durations timed. ``hits_by_layer`` counts positions past the chain's
+    layers (and past 8) together under that last position. ``sample_hits`` (default
+    :data:`~cachechain.metrics.DEFAULT_SAMPLE_HITS`, as
+    :class:`~cachechain.PrometheusCollector`) times one first-layer hit of a chain's
+    ``get`` in that many, counted for the hits since the one before in the latency
+    figures; hit counts stay exact either way. ``sample_hits=1`` times every hit, so
+    that latency counts and maxima are exact too (a test that asserts on them). Raises
+    ``ValueError`` for a ``sample_hits`` that is not an int of at least 1.
     """
 
-    def __init__(self, *, sample_hits: int = 1) -> None:
+    def __init__(self, *, sample_hits: int = DEFAULT_SAMPLE_HITS) -> None:
         super().__init__(BUCKET_BOUNDS, track_max=True, track_sum=False, sample_hits=sample_hits)
 
     def snapshot(self) -> MetricsSnapshot:
