@@ -403,7 +403,8 @@ def test_a_fanout_feeds_every_collector_through_a_chain() -> None:
         (["memory", ["none"]], r"metrics\[1\] must be an exporter name"),
         (
             {"exporter": "memory", "options": {"size": 1}},
-            r"metrics\.options\.size is not an option of exporter 'memory' \(options: sample_hits\)",
+            r"metrics\.options\.size is not an option of exporter 'memory' "
+            r"\(options: sample_hits\)",
         ),
     ],
 )
