@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 from . import _chain_clear, _chain_close, _fork, _tier
 from ._breaker import CircuitBreaker
 from ._chain_atomic import AtomicOps, shared_tier
-from ._chain_batch import Backfiller, read_through
+from ._chain_batch import Backfiller, PairBatch, read_through
 from ._chain_load import LoaderOps
 from ._chain_metrics import Reporter, hit_sampler, record_batch, watch
 from ._close import close_quietly
@@ -129,6 +129,7 @@ class Chain(AtomicOps, LoaderOps):
         self._drained = threading.Event()  # set once close() has drained everything
         self._backfill = Backfiller(tiers, self._fence, report, self._m)
         self._pair = _pair_of(self._below, self._held_by)  # _lookup in one step
+        self._pair_batch = PairBatch.of(tiers, self._fence, report, self._m is not None)
         self._coherence: Coherence | None = None
         if namespace is not None:
             self._coherence = _coherence(self, configs, namespace, coherent)
@@ -295,6 +296,8 @@ class Chain(AtomicOps, LoaderOps):
         m = self._m
         start = _perf() if m is not None else 0.0
         tickets = self._fence.tickets(wanted)
+        if self._pair_batch is not None:  # read_through in one step: the usual chain
+            return self._pair_batch.read(wanted, tickets, self._backfill)
         found, served = read_through(self._tiers, wanted, tickets, self._backfill)
         if m is not None:
             record_batch(m, wanted, served, _perf() - start)

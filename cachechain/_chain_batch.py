@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._chain_metrics import Reporter
 from ._fence import MutationFence, Ticket
+from ._namespace import Namespace, NamespacedLayer, batch_under
+from ._resilience import ResilientLayer, unwrapped
 from ._tier import Tier
 from .metrics._base import CollectorGuard
 
-__all__ = ["Backfill", "Backfiller", "read_through"]
+if TYPE_CHECKING:
+    from ._breaker import CircuitBreaker
+
+__all__ = ["Backfill", "Backfiller", "PairBatch", "read_through"]
 
 #: ``backfill(ticket, index, key, value, ttl, skip)``: copy a hit from the tier at
 #: ``index`` into the tiers above it but those in ``skip``, if the fence allows.
@@ -161,3 +166,134 @@ class Backfiller:
         for upper in range(index):
             if upper not in skip:
                 tiers[upper].fill(key, value, ttl)
+
+
+class PairBatch:
+    """:func:`read_through` in one step for the usual chain: two tiers, no metrics, the
+    first an in-process layer that fills in batches (``fill_many``), the second a layer
+    that maps a key prefix itself (``get_many_under``: a
+    :class:`~cachechain.MemcachedLayer`), behind the chain's own wrappers only (a
+    :class:`~cachechain._resilience.ResilientLayer`, a
+    :class:`~cachechain._namespace.NamespacedLayer`), whose forwarding it makes itself
+    as :class:`~cachechain._atomic_plan.AtomicPlan` does: the same breaker permit, the
+    same timing against the same timeout, the generation's prefix read inside the
+    breaker. The batch is copied once per step instead of once per wrapper, and the
+    hits go to the first layer under one hold of the fence's lock, as
+    :meth:`Backfiller.many` puts them. Keys the second tier's writer holds send the
+    batch through :func:`read_through` (they are neither read nor backfilled there).
+    Built by :meth:`of`; immutable."""
+
+    __slots__ = (
+        "_breaker",
+        "_clock",
+        "_fence",
+        "_fill_many",
+        "_first",
+        "_namespace",
+        "_report",
+        "_second",
+        "_timeout",
+        "_under",
+    )
+
+    def __init__(self, tiers: Sequence[Tier], fence: MutationFence, report: Reporter) -> None:
+        first, second = tiers
+        self._first = first
+        self._second = second
+        self._fence = fence
+        self._report = report
+        fill: Any = first.layer  # a layer with fill_many (checked by of())
+        self._fill_many: Callable[[list[tuple[str, Any, float | None]]], object] = fill.fill_many
+        layer = second.layer
+        self._breaker: CircuitBreaker | None = None
+        self._timeout: float | None = None
+        self._clock: Callable[[], float] | None = None
+        if type(layer) is ResilientLayer:
+            self._breaker, self._timeout, self._clock = layer.breaker, layer.timeout, layer._clock
+            layer = layer.layer
+        self._namespace: Namespace | None = None
+        if type(layer) is NamespacedLayer:
+            self._namespace = layer.namespace
+            layer = layer.layer
+        self._under: Callable[[str, Sequence[str]], dict[str, tuple[Any, float | None]]] = (
+            batch_under(layer)  # type: ignore[assignment]  # checked by of()
+        )
+
+    @classmethod
+    def of(
+        cls, tiers: Sequence[Tier], fence: MutationFence, report: Reporter, metered: bool
+    ) -> PairBatch | None:
+        """The reader of a chain of ``tiers``, or None when it is not the usual one
+        (see the class docstring; ``metered``: the chain records metrics)."""
+        if metered or len(tiers) != 2 or type(tiers[0]) is not Tier:
+            return None
+        if getattr(tiers[0].layer, "fill_many", None) is None:
+            return None
+        layer = tiers[1].layer
+        inner = layer.layer if type(layer) is ResilientLayer else layer
+        inner = inner.layer if type(inner) is NamespacedLayer else inner
+        if inner is not unwrapped(layer) or batch_under(inner) is None:
+            return None  # wrappers the reader does not know
+        return cls(tiers, fence, report)
+
+    def read(
+        self, wanted: list[str], tickets: Mapping[str, Ticket], backfill: Backfill
+    ) -> dict[str, Any]:
+        """The values of ``wanted`` found in either tier (see :func:`read_through`,
+        whose result it returns). Never raises for a layer failure."""
+        first = self._first
+        try:
+            near = first.layer.get_many_with_ttl(wanted)
+        except Exception as exc:
+            self._report.failed(first.name, "get_many", exc)
+            near = {}
+        if near:
+            found = {key: value for key, (value, _) in near.items()}
+            remaining = [key for key in wanted if key not in near]
+            if not remaining:
+                return found
+        else:
+            found, remaining = {}, wanted
+        second = self._second
+        if second.held(remaining):  # the writer's keys: read_through skips them
+            more, _ = read_through((second,), remaining, tickets, backfill)
+            found.update(more)
+            return found
+        try:
+            hits = self._read(remaining)
+        except Exception as exc:
+            self._report.failed(second.name, "get_many", exc)
+            return found
+        fills = []
+        for key, pair in hits.items():
+            found[key] = pair[0]
+            ttl = pair[1]
+            if ttl is None or ttl > 0.0:  # never a counter's copy (0.0: TTL unknown)
+                fills.append((tickets[key], (key, pair[0], ttl)))
+        if fills:
+            try:
+                self._fence.if_unchanged_many(fills, self._fill_many)
+            except Exception as exc:
+                self._report.failed(first.name, "set", exc)
+        return found
+
+    def _read(self, keys: list[str]) -> dict[str, tuple[Any, float | None]]:
+        """The second layer's hits among ``keys``, read as its wrappers would."""
+        ns = self._namespace
+        breaker = self._breaker
+        if breaker is None:
+            return self._under("" if ns is None else ns.current(), keys)
+        permit = breaker.acquire()
+        timeout = self._timeout
+        clock: Any = self._clock
+        start = clock() if timeout is not None else 0.0
+        try:
+            hits = self._under("" if ns is None else ns.prefix or ns.current(), keys)
+        except BaseException as exc:
+            breaker.on_error(permit, exc)
+            raise
+        if timeout is not None and clock() - start > timeout:
+            breaker.on_failure(permit)
+        else:
+            breaker.on_success(permit)
+        return hits

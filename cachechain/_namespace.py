@@ -36,7 +36,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
 
 from . import _fork
@@ -51,7 +51,7 @@ from .layers._base import (
 )
 from .layers._proxy import LayerProxy
 
-__all__ = ["RESERVED_PREFIX", "Namespace", "NamespacedLayer", "codec_tag"]
+__all__ = ["RESERVED_PREFIX", "Namespace", "NamespacedLayer", "batch_under", "codec_tag"]
 
 #: Keys of cachechain's own bookkeeping in a shared layer start with this; they are
 #: never namespaced (a namespaced key starts with a hex digit).
@@ -202,6 +202,21 @@ class Namespace:
         self.prefix = f"{generation:x}/"
 
 
+def batch_under(layer: CacheLayer) -> Callable[[str, Sequence[str]], Any] | None:
+    """``layer.get_many_under(prefix, keys)`` (a batch read that adds ``prefix`` to each
+    key as it maps it, by key: :meth:`MemcachedLayer.get_many_under
+    <cachechain.MemcachedLayer.get_many_under>`) when the layer's
+    ``get_many_with_ttl`` is the one built on it (a subclass that overrides
+    ``get_many_with_ttl`` alone is read through it); else None."""
+    mro = type(layer).__mro__
+    owner = next((c for c in mro if "get_many_under" in vars(c)), None)
+    if owner is None or owner is not next(c for c in mro if "get_many_with_ttl" in vars(c)):
+        return None
+    bound: Any = layer  # it has get_many_under (found above)
+    under: Callable[[str, Sequence[str]], Any] = bound.get_many_under
+    return under
+
+
 def _is_generation(value: object) -> bool:
     return type(value) is int and value > 0
 
@@ -217,12 +232,13 @@ class NamespacedLayer(LayerProxy):
     cannot be fetched, and otherwise what the wrapped layer raises.
     """
 
-    __slots__ = ("_ns", "_ops")
+    __slots__ = ("_ns", "_ops", "_under")
 
     def __init__(self, layer: CacheLayer, namespace: Namespace) -> None:
         super().__init__(layer)
         self._ns = namespace
         self._ops: dict[str, Any] = {}
+        self._under = batch_under(layer)
 
     @property
     def namespace(self) -> Namespace:
@@ -244,8 +260,14 @@ class NamespacedLayer(LayerProxy):
         return {k[n:]: v for k, v in self._layer.get_many([p + k for k in keys]).items()}
 
     def get_many_with_ttl(self, keys: Sequence[str]) -> dict[str, tuple[Any, float | None]]:
-        """The hits among ``keys`` with their remaining TTLs (seconds), by key."""
+        """The hits among ``keys`` with their remaining TTLs (seconds), by key. A layer
+        that maps a prefix itself (``get_many_under``: :class:`~cachechain.MemcachedLayer`)
+        is given the generation's, so the batch is not copied twice."""
         p = self._ns.current()
+        under = self._under
+        if under is not None:
+            found: dict[str, tuple[Any, float | None]] = under(p, keys)
+            return found
         n = len(p)
         found = self._layer.get_many_with_ttl([p + k for k in keys])
         return {k[n:]: v for k, v in found.items()}

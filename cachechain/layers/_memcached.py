@@ -239,15 +239,16 @@ class MemcachedLayer(MemcachedLeaseOps, MemcachedAtomicOps, MemcachedValues, Bas
 
     # -- keys and nodes ------------------------------------------------------------
 
-    def _group(self, keys: Iterable[str]) -> dict[Node, dict[bytes, str]]:
-        """Map each key, and group the memcached keys by node (duplicates merged)."""
+    def _group(self, keys: Iterable[str], inner: str = "") -> dict[Node, dict[bytes, str]]:
+        """Map each ``inner + key``, and group the memcached keys by node (duplicates
+        merged), each mapped back to its key."""
         prefix = self._prefix
         if not self._pool.cluster:  # one node: map_many, a batch in one loop
-            return {self._pool.first: map_many(keys, prefix)}
+            return {self._pool.first: map_many(keys, prefix, inner)}
         node_for = self._pool.node_for
         groups: dict[Node, dict[bytes, str]] = {}
         for key in keys:
-            mkey = map_key(key, prefix)
+            mkey = map_key(inner + key if isinstance(key, str) else key, prefix)
             node = node_for(mkey)
             group = groups.get(node)
             if group is None:
@@ -290,17 +291,25 @@ class MemcachedLayer(MemcachedLeaseOps, MemcachedAtomicOps, MemcachedValues, Bas
         the keys of a node marked down (or that fails during this call) are misses,
         unless no node answered at all: then the first failure is raised.
         """
+        return self.get_many_under("", keys)
+
+    def get_many_under(
+        self, inner: str, keys: Sequence[str]
+    ) -> dict[str, tuple[Any, float | None]]:
+        """:meth:`get_many_with_ttl` of ``inner + key`` for each of ``keys``, by key
+        (``inner``: a prefix such as a namespace generation, added as each key is
+        mapped, so a wrapper that prefixes keys makes no batch of its own). Raises as
+        :meth:`get_many_with_ttl` does."""
         self._pool.check_open()
         if isinstance(keys, str):
             raise InvalidKeyError("keys must be a sequence of str, not a str")
-        groups = self._group(keys)
+        groups = self._group(keys, inner)
         found: dict[str, tuple[Any, float | None]] = {}
         first_error: CacheError | None = None
         answered = False
         for node, group in groups.items():
-            mkeys = list(group)
             try:
-                raw = self._pool.call(node, "get_many", mkeys, self._pool.deadline())
+                raw = self._pool.call(node, "get_many", list(group), self._pool.deadline())
             except NodeDownError:
                 continue
             except (LayerTimeoutError, LayerUnavailableError) as exc:
@@ -309,8 +318,7 @@ class MemcachedLayer(MemcachedLeaseOps, MemcachedAtomicOps, MemcachedValues, Bas
                 first_error = first_error or exc
                 continue
             answered = True
-            for mkey, entry in self._decode_many(raw, self._clock()):
-                found[group[mkey]] = entry
+            self._decode_many(raw, group, found, self._clock())
         if first_error is not None and not answered:
             raise first_error
         return found

@@ -67,17 +67,22 @@ def map_key(key: str, prefix: str) -> bytes:
     return (prefix + HASHED_KEY_MARKER).encode("ascii") + hashed
 
 
-def map_many(keys: Iterable[str], prefix: str) -> dict[bytes, str]:
-    """``{memcached key: key}`` for ``keys`` as :func:`map_key` maps them (a key given
-    twice is in it once), in one loop: a batch's keys cost a third as much. Raises
+def map_many(keys: Iterable[str], prefix: str, inner: str = "") -> dict[bytes, str]:
+    """``{memcached key: key}`` for ``keys`` as :func:`map_key` maps ``inner + key``
+    (a key given twice is in it once), in one loop: a batch's keys cost a third as much.
+    ``inner`` is a prefix the caller adds to each key before it is mapped (a namespace
+    generation); the result still maps back to ``key``. Raises
     :class:`~cachechain.InvalidKeyError` when a key is not a ``str``."""
     fullmatch, limit = _RAW_KEY.fullmatch, MAX_KEY_LENGTH - len(prefix)
     mapped: dict[bytes, str] = {}
     for key in keys:
-        if key.__class__ is str and len(key) <= limit and fullmatch(key):
-            mapped[(prefix + key).encode("ascii")] = key
+        if key.__class__ is not str and not isinstance(key, str):
+            check_key(key)  # raises
+        full = inner + key
+        if len(full) <= limit and fullmatch(full):
+            mapped[(prefix + full).encode("ascii")] = key
         else:
-            mapped[map_key(key, prefix)] = key
+            mapped[map_key(full, prefix)] = key
     return mapped
 
 

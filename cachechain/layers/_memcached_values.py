@@ -102,15 +102,19 @@ class MemcachedValues:
         return value, remaining
 
     def _decode_many(
-        self, raw: Mapping[bytes, bytes], now: float
-    ) -> list[tuple[bytes, tuple[Any, float | None]]]:
-        """``(memcached key, (value, remaining seconds or None))`` of each live entry of
-        ``raw`` (bytes read by memcached key), as :meth:`_decode` reads them, corrupt
-        ones left out (counted). Plain JSON envelopes are read in one pass
+        self,
+        raw: Mapping[bytes, bytes],
+        keys: Mapping[bytes, str],
+        found: dict[str, tuple[Any, float | None]],
+        now: float,
+    ) -> None:
+        """Put into ``found``, under its key in ``keys`` (memcached key -> key), the
+        ``(value, remaining seconds or None)`` of each live entry of ``raw`` (bytes read
+        by memcached key), as :meth:`_decode` reads them, corrupt ones left out
+        (counted). Plain JSON envelopes are read in one pass
         (:meth:`~cachechain._codecs.Envelope.read_plain_many`: a batch of 100 costs
         about half as much); every other one through :meth:`_decode`."""
         datas = list(raw.values())
-        out: list[tuple[bytes, tuple[Any, float | None]]] = []
         plains = self._envelope.read_plain_many(datas)
         for mkey, data, plain in zip(raw, datas, plains, strict=True):
             if plain is None:
@@ -119,14 +123,13 @@ class MemcachedValues:
                 except CorruptValueError:
                     continue
                 if entry[0] is not MISSING:
-                    out.append((mkey, entry))
+                    found[keys[mkey]] = entry
                 continue
             value, expires_at = plain
             if expires_at is None:
-                out.append((mkey, plain))
+                found[keys[mkey]] = plain
             elif expires_at > now:
-                out.append((mkey, (value, expires_at - now)))
-        return out
+                found[keys[mkey]] = (value, expires_at - now)
 
     def _corrupted(self, exc: CorruptValueError) -> None:
         """Count a read of stored bytes that could not be decoded (see ``stats``)."""

@@ -1,0 +1,121 @@
+"""Chain.get_many's one-step reader for the usual chain (``_chain_batch.PairBatch``):
+taken exactly where it applies, and giving what ``read_through`` gives, backfills,
+failures and held keys included (issue 14, item 2), on a real memcached."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from cachechain import Chain, MemcachedLayer, MemoryCollector, MemoryLayer
+from cachechain._chain_batch import PairBatch
+from cachechain._config import LayerConfig
+from tests.support.servers import MemcachedProcess
+
+KEYS = ["plain:1", "plain:2", "with space", "~tilde", "x" * 300, "ünï", "absent"]
+
+
+def cmd_get(server: MemcachedProcess) -> int:
+    stats = server.raw(b"stats\r\n").decode().split("\r\n")
+    return int(next(line.split()[2] for line in stats if line.startswith("STAT cmd_get ")))
+
+
+def two(memcached: MemcachedProcess, **kw: Any) -> Chain:
+    return Chain([MemoryLayer("L1", maxsize=100), MemcachedLayer("L2", memcached.address)], **kw)
+
+
+def test_the_usual_chain_reads_batches_in_one_step(memcached: MemcachedProcess) -> None:
+    for kw in ({}, {"coherence": False}):
+        chain = two(memcached, **kw)
+        try:
+            assert isinstance(chain._pair_batch, PairBatch)
+        finally:
+            chain.close()
+    plain = Chain(
+        [
+            MemoryLayer("L1"),
+            LayerConfig(layer=MemcachedLayer("L2", memcached.address), resilient=False),
+        ]
+    )
+    try:
+        assert isinstance(plain._pair_batch, PairBatch)
+    finally:
+        plain.close()
+
+
+def test_other_chains_read_through_every_tier(memcached: MemcachedProcess) -> None:
+    metered = two(memcached, metrics=MemoryCollector())
+    three = Chain([MemoryLayer("L1"), MemoryLayer("L1b"), MemcachedLayer("L2", memcached.address)])
+    memory_only = Chain([MemoryLayer("L1"), MemoryLayer("L2")])
+    try:
+        assert metered._pair_batch is None
+        assert three._pair_batch is None
+        assert memory_only._pair_batch is None
+    finally:
+        for c in (metered, three, memory_only):
+            c.close()
+
+
+@pytest.mark.parametrize("coherence", [True, False])
+def test_it_gives_what_read_through_gives(memcached: MemcachedProcess, coherence: bool) -> None:
+    fused, general = two(memcached, coherence=coherence), two(memcached, coherence=coherence)
+    general._pair_batch = None  # the general path, for comparison
+    try:
+        for chain in (fused, general):
+            chain.set_many({k: {"v": k} for k in KEYS[:-1]}, ttl=60)
+            chain._first.layer.clear()  # type: ignore[attr-defined]
+            chain._first.layer.set("plain:1", "l1 copy")  # an L1 hit among the misses
+        want = {"plain:1": "l1 copy", **{k: {"v": k} for k in KEYS[1:-1]}}
+        assert fused.get_many(KEYS) == general.get_many(KEYS) == want
+        # every L2 hit was backfilled into L1, with its TTL
+        l1 = fused._first.layer.get_many_with_ttl(KEYS)  # type: ignore[attr-defined]
+        assert {k: v for k, (v, _) in l1.items()} == want
+        assert all(
+            ttl is not None and 0 < ttl <= 60 for k, (_, ttl) in l1.items() if k != "plain:1"
+        )
+        # an all-L1 batch never asks memcached
+        before = cmd_get(memcached)
+        assert fused.get_many(KEYS[:2]) == {"plain:1": "l1 copy", "plain:2": {"v": "plain:2"}}
+        assert cmd_get(memcached) == before
+    finally:
+        fused.close()
+        general.close()
+
+
+def test_a_counter_is_read_but_not_backfilled(memcached: MemcachedProcess) -> None:
+    chain = two(memcached)
+    try:
+        assert chain.add("n", 0)
+        assert chain.incr("n") == 1
+        assert chain.get_many(["n"]) == {"n": 1}
+        assert chain._first.layer.get_many_with_ttl(["n"]) == {}  # type: ignore[attr-defined]
+    finally:
+        chain.close()
+
+
+def test_a_failing_memcached_serves_l1_and_is_counted(own_memcached: MemcachedProcess) -> None:
+    chain = two(own_memcached)
+    try:
+        chain.set_many({"a": 1, "b": 2})
+        chain._first.layer.delete("b")  # type: ignore[attr-defined]
+        own_memcached.stop()
+        assert chain.get_many(["a", "b"]) == {"a": 1}  # never raises
+        assert chain.health().layer("L2").last_error is not None
+    finally:
+        chain.close(timeout=1.0)
+
+
+def test_keys_the_writer_holds_are_neither_read_nor_backfilled(
+    memcached: MemcachedProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chain = two(memcached)
+    try:
+        chain.set_many({"a": 1, "b": 2})
+        chain._first.layer.clear()  # type: ignore[attr-defined]
+        tier = chain._tiers[1]
+        monkeypatch.setattr(type(tier), "held", lambda self, keys: frozenset({"b"} & set(keys)))
+        assert chain.get_many(["a", "b"]) == {"a": 1}
+        assert chain._first.layer.get_many_with_ttl(["a", "b"]).keys() == {"a"}  # type: ignore[attr-defined]
+    finally:
+        chain.close()
