@@ -241,19 +241,16 @@ class PairBatch:
     ) -> dict[str, Any]:
         """The values of ``wanted`` found in either tier (see :func:`read_through`,
         whose result it returns). Never raises for a layer failure."""
+        if not wanted:
+            return {}  # no layer is asked (nor its breaker)
         first = self._first
-        try:
-            near = first.layer.get_many_with_ttl(wanted)
-        except Exception as exc:
-            self._report.failed(first.name, "get_many", exc)
-            near = {}
-        if near:
-            found = {key: value for key, (value, _) in near.items()}
-            remaining = [key for key in wanted if key not in near]
+        found = self._near(wanted)
+        if found:
+            remaining = [key for key in wanted if key not in found]
             if not remaining:
                 return found
         else:
-            found, remaining = {}, wanted
+            remaining = wanted
         second = self._second
         if second.held(remaining):  # the writer's keys: read_through skips them
             more, _ = read_through((second,), remaining, tickets, backfill)
@@ -276,6 +273,20 @@ class PairBatch:
             except Exception as exc:
                 self._report.failed(first.name, "set", exc)
         return found
+
+    def _near(self, wanted: list[str]) -> dict[str, Any]:
+        """The first layer's values among ``wanted``, taken as :meth:`Tier.read_many
+        <cachechain._tier.Tier.read_many>` takes them (asked keys only, ``(value,
+        ttl)`` pairs, anything else a failure of the layer: counted, no hits)."""
+        try:
+            near = self._first.layer.get_many_with_ttl(wanted)
+            if not near:
+                return {}
+            asked = set(wanted)
+            return {key: value for key, (value, _) in near.items() if key in asked}
+        except Exception as exc:
+            self._report.failed(self._first.name, "get_many", exc)
+            return {}
 
     def _read(self, keys: list[str]) -> dict[str, tuple[Any, float | None]]:
         """The second layer's hits among ``keys``, read as its wrappers would."""

@@ -207,11 +207,18 @@ def batch_under(layer: CacheLayer) -> Callable[[str, Sequence[str]], Any] | None
     key as it maps it, by key: :meth:`MemcachedLayer.get_many_under
     <cachechain.MemcachedLayer.get_many_under>`) when the layer's
     ``get_many_with_ttl`` is the one built on it (a subclass that overrides
-    ``get_many_with_ttl`` alone is read through it); else None."""
+    ``get_many_with_ttl`` alone, or a patch of it on the class or the instance, is
+    read through it); else None. Resolved when a wrapper is built: a patch made
+    later is not seen."""
     mro = type(layer).__mro__
     owner = next((c for c in mro if "get_many_under" in vars(c)), None)
     if owner is None or owner is not next(c for c in mro if "get_many_with_ttl" in vars(c)):
         return None
+    method = vars(owner)["get_many_with_ttl"]
+    if getattr(method, "__qualname__", "") != f"{owner.__qualname__}.get_many_with_ttl":
+        return None  # replaced on the class (a mock, a tracing hook): read through it
+    if "get_many_with_ttl" in getattr(layer, "__dict__", ()):
+        return None  # replaced on the instance
     bound: Any = layer  # it has get_many_under (found above)
     under: Callable[[str, Sequence[str]], Any] = bound.get_many_under
     return under

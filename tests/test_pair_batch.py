@@ -119,3 +119,66 @@ def test_keys_the_writer_holds_are_neither_read_nor_backfilled(
         assert chain._first.layer.get_many_with_ttl(["a", "b"]).keys() == {"a"}  # type: ignore[attr-defined]
     finally:
         chain.close()
+
+
+def test_an_empty_batch_asks_no_layer_nor_breaker(memcached: MemcachedProcess) -> None:
+    chain = two(memcached)
+    try:
+        breaker = chain.breakers["L2"]
+        rejected, state = breaker.rejected, breaker.state
+        before = cmd_get(memcached)
+        assert chain.get_many([]) == {}
+        assert (breaker.rejected, breaker.state) == (rejected, state)
+        assert cmd_get(memcached) == before
+    finally:
+        chain.close()
+
+
+class Sloppy(MemoryLayer):
+    """Answers with a key nobody asked for."""
+
+    def get_many_with_ttl(self, keys: Any) -> Any:
+        found = super().get_many_with_ttl(keys)
+        found["never-asked"] = ("x", None)
+        return found
+
+
+class Broken(MemoryLayer):
+    """Answers with something that is not ``(value, ttl)`` pairs."""
+
+    def get_many_with_ttl(self, keys: Any) -> Any:
+        return {k: "not a pair" for k in keys}
+
+
+@pytest.mark.parametrize("cls", [Sloppy, Broken])
+def test_the_first_layers_answer_is_checked(memcached: MemcachedProcess, cls: type) -> None:
+    chain = Chain([cls("L1"), MemcachedLayer("L2", memcached.address)], coherence=False)
+    try:
+        assert isinstance(chain._pair_batch, PairBatch)
+        chain.set("a", 1)
+        assert chain.get_many(["a", "b"]) == {"a": 1}
+        assert (chain.health().layer("L1").last_error is not None) == (cls is Broken)
+    finally:
+        chain.close()
+
+
+def test_a_patched_batch_read_is_honoured(
+    memcached: MemcachedProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[Any] = []
+    original = MemcachedLayer.get_many_with_ttl
+
+    def traced(self: MemcachedLayer, keys: Any) -> Any:
+        calls.append(list(keys))
+        return original(self, keys)
+
+    monkeypatch.setattr(MemcachedLayer, "get_many_with_ttl", traced)
+    for coherence in (False, True):
+        chain = two(memcached, coherence=coherence)
+        try:
+            chain.set("p", 1)
+            chain._first.layer.clear()  # type: ignore[attr-defined]
+            assert chain.get_many(["p"]) == {"p": 1}
+        finally:
+            chain.close()
+    assert len(calls) == 2
