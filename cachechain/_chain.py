@@ -129,7 +129,7 @@ class Chain(AtomicOps, LoaderOps):
         self._drained = threading.Event()  # set once close() has drained everything
         self._backfill = Backfiller(tiers, self._fence, report, self._m)
         self._pair = _pair_of(self._below, self._held_by)  # _lookup in one step
-        self._pair_batch = PairBatch.of(tiers, self._fence, report, self._m is not None)
+        self._pair_batch = PairBatch.of(tiers, report, self._backfill)
         self._coherence: Coherence | None = None
         if namespace is not None:
             self._coherence = _coherence(self, configs, namespace, coherent)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ._chain_metrics import Reporter
 from ._fence import MutationFence, Ticket
@@ -11,9 +11,6 @@ from ._namespace import Namespace, NamespacedLayer, batch_under
 from ._resilience import ResilientLayer, unwrapped
 from ._tier import Tier
 from .metrics._base import CollectorGuard
-
-if TYPE_CHECKING:
-    from ._breaker import CircuitBreaker
 
 __all__ = ["Backfill", "Backfiller", "PairBatch", "read_through"]
 
@@ -136,6 +133,11 @@ class Backfiller:
                     if upper not in skip:
                         m.record_backfill_skipped(tiers[upper].name, "mutated")
 
+    @property
+    def batches(self) -> bool:
+        """Whether :meth:`many` backfills a batch of the second tier in one step."""
+        return self._plain and self._l1_fill_many is not None
+
     def many(
         self,
         index: int,
@@ -173,43 +175,24 @@ class PairBatch:
     first an in-process layer that fills in batches (``fill_many``), the second a layer
     that maps a key prefix itself (``get_many_under``: a
     :class:`~cachechain.MemcachedLayer`), behind the chain's own wrappers only (a
-    :class:`~cachechain._resilience.ResilientLayer`, a
-    :class:`~cachechain._namespace.NamespacedLayer`), whose forwarding it makes itself
-    as :class:`~cachechain._atomic_plan.AtomicPlan` does: the same breaker permit, the
-    same timing against the same timeout, the generation's prefix read inside the
-    breaker. The batch is copied once per step instead of once per wrapper, and the
-    hits go to the first layer under one hold of the fence's lock, as
-    :meth:`Backfiller.many` puts them. Keys the second tier's writer holds send the
-    batch through :func:`read_through` (they are neither read nor backfilled there).
-    Built by :meth:`of`; immutable."""
+    :class:`~cachechain._resilience.ResilientLayer`, whose breaker and timing it goes
+    through, a :class:`~cachechain._namespace.NamespacedLayer`, whose generation's
+    prefix it gives the layer inside the breaker). The batch is copied once per step
+    instead of once per wrapper, and the hits are backfilled by
+    :meth:`Backfiller.many`. Keys the second tier's writer holds send the batch
+    through :func:`read_through` (they are neither read nor backfilled there). Built
+    by :meth:`of`; immutable."""
 
-    __slots__ = (
-        "_breaker",
-        "_clock",
-        "_fence",
-        "_fill_many",
-        "_first",
-        "_namespace",
-        "_report",
-        "_second",
-        "_timeout",
-        "_under",
-    )
+    __slots__ = ("_backfill", "_first", "_namespace", "_report", "_resilient", "_second", "_under")
 
-    def __init__(self, tiers: Sequence[Tier], fence: MutationFence, report: Reporter) -> None:
-        first, second = tiers
-        self._first = first
-        self._second = second
-        self._fence = fence
+    def __init__(self, tiers: Sequence[Tier], report: Reporter, backfill: Backfiller) -> None:
+        self._first, self._second = tiers
         self._report = report
-        fill: Any = first.layer  # a layer with fill_many (checked by of())
-        self._fill_many: Callable[[list[tuple[str, Any, float | None]]], object] = fill.fill_many
-        layer = second.layer
-        self._breaker: CircuitBreaker | None = None
-        self._timeout: float | None = None
-        self._clock: Callable[[], float] | None = None
+        self._backfill = backfill
+        layer = self._second.layer
+        self._resilient: ResilientLayer | None = None
         if type(layer) is ResilientLayer:
-            self._breaker, self._timeout, self._clock = layer.breaker, layer.timeout, layer._clock
+            self._resilient = layer
             layer = layer.layer
         self._namespace: Namespace | None = None
         if type(layer) is NamespacedLayer:
@@ -220,21 +203,17 @@ class PairBatch:
         )
 
     @classmethod
-    def of(
-        cls, tiers: Sequence[Tier], fence: MutationFence, report: Reporter, metered: bool
-    ) -> PairBatch | None:
-        """The reader of a chain of ``tiers``, or None when it is not the usual one
-        (see the class docstring; ``metered``: the chain records metrics)."""
-        if metered or len(tiers) != 2 or type(tiers[0]) is not Tier:
-            return None
-        if getattr(tiers[0].layer, "fill_many", None) is None:
+    def of(cls, tiers: Sequence[Tier], report: Reporter, backfill: Backfiller) -> PairBatch | None:
+        """The reader of a chain of ``tiers`` backfilled by ``backfill``, or None when
+        it is not the usual one (see the class docstring)."""
+        if len(tiers) != 2 or type(tiers[0]) is not Tier or not backfill.batches:
             return None
         layer = tiers[1].layer
         inner = layer.layer if type(layer) is ResilientLayer else layer
         inner = inner.layer if type(inner) is NamespacedLayer else inner
         if inner is not unwrapped(layer) or batch_under(inner) is None:
             return None  # wrappers the reader does not know
-        return cls(tiers, fence, report)
+        return cls(tiers, report, backfill)
 
     def read(
         self, wanted: list[str], tickets: Mapping[str, Ticket], backfill: Backfill
@@ -243,7 +222,6 @@ class PairBatch:
         whose result it returns). Never raises for a layer failure."""
         if not wanted:
             return {}  # no layer is asked (nor its breaker)
-        first = self._first
         found = self._near(wanted)
         if found:
             remaining = [key for key in wanted if key not in found]
@@ -257,21 +235,17 @@ class PairBatch:
             found.update(more)
             return found
         try:
-            hits = self._read(remaining)
+            resilient = self._resilient
+            if resilient is None:
+                hits = self._read(remaining)
+            else:
+                hits = resilient._forward(self._read, remaining)
         except Exception as exc:
             self._report.failed(second.name, "get_many", exc)
             return found
-        fills = []
-        for key, pair in hits.items():
-            found[key] = pair[0]
-            ttl = pair[1]
-            if ttl is None or ttl > 0.0:  # never a counter's copy (0.0: TTL unknown)
-                fills.append((tickets[key], (key, pair[0], ttl)))
-        if fills:
-            try:
-                self._fence.if_unchanged_many(fills, self._fill_many)
-            except Exception as exc:
-                self._report.failed(first.name, "set", exc)
+        for key, (value, _) in hits.items():
+            found[key] = value
+        self._backfill.many(1, hits, tickets)
         return found
 
     def _near(self, wanted: list[str]) -> dict[str, Any]:
@@ -289,22 +263,6 @@ class PairBatch:
             return {}
 
     def _read(self, keys: list[str]) -> dict[str, tuple[Any, float | None]]:
-        """The second layer's hits among ``keys``, read as its wrappers would."""
+        """The second layer's hits among ``keys``, in the current generation."""
         ns = self._namespace
-        breaker = self._breaker
-        if breaker is None:
-            return self._under("" if ns is None else ns.current(), keys)
-        permit = breaker.acquire()
-        timeout = self._timeout
-        clock: Any = self._clock
-        start = clock() if timeout is not None else 0.0
-        try:
-            hits = self._under("" if ns is None else ns.prefix or ns.current(), keys)
-        except BaseException as exc:
-            breaker.on_error(permit, exc)
-            raise
-        if timeout is not None and clock() - start > timeout:
-            breaker.on_failure(permit)
-        else:
-            breaker.on_success(permit)
-        return hits
+        return self._under("" if ns is None else ns.current(), keys)
