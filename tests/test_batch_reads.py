@@ -10,6 +10,8 @@ import random
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cachechain._codecs import (
     _HEADER,
@@ -158,6 +160,38 @@ def test_map_many_maps_each_key_as_map_key_does(key: str) -> None:
 def test_map_many_refuses_a_key_that_is_not_a_str() -> None:
     with pytest.raises(InvalidKeyError):
         map_many(["a", b"b"], "")  # type: ignore[list-item]
+    with pytest.raises(InvalidKeyError):
+        map_many(iter(["a", None]), "p:", "g:")  # type: ignore[list-item]
+
+
+# Keys near every edge of the raw test: printable ASCII, space, "~", controls, non-ASCII.
+_KEY_TEXT = st.text(st.sampled_from(["a", "Z", "~", " ", "}", "!", "\x7f", "\n", "é", ":"]))
+_KEYS = st.lists(st.one_of(_KEY_TEXT, st.text(max_size=3), st.integers(230, 260).map("k".__mul__)))
+
+
+@given(
+    keys=_KEYS,
+    prefix=st.sampled_from(["", "app:", "p" * 64]),
+    inner=st.sampled_from(["", "g7:", "~g:", "g 1:", "é:", "x" * 40]),
+)
+def test_map_many_maps_any_batch_as_map_key_maps_each_key(
+    keys: list[str], prefix: str, inner: str
+) -> None:
+    """The one-pass batch and the key-by-key loop both map as map_key does."""
+    expected = {map_key(inner + key, prefix): key for key in keys}
+    assert map_many(keys, prefix, inner) == expected
+    assert map_many(iter(keys), prefix, inner) == expected  # not a list: copied first
+
+
+def test_a_batch_of_raw_keys_is_mapped_in_one_pass() -> None:
+    from cachechain.layers._memcached_keys import _map_raw
+
+    assert _map_raw(["a", "b~", "a"], "p:", "g1:") == {b"p:g1:a": "a", b"p:g1:b~": "b~"}
+    assert _map_raw(["x" * 248], "p:", "") == {b"p:" + b"x" * 248: "x" * 248}
+    assert _map_raw(["~x"], "", "g:") == {b"g:~x": "~x"}  # raw after a raw prefix
+    # Every other batch goes key by key: one key to hash, a space in a key, too long.
+    for keys, inner in ((["a", "~x"], ""), (["a b"], ""), (["x" * 249], ""), (["a"], "~g:")):
+        assert _map_raw(keys, "p:", inner) is None
 
 
 # -- the wire: a get reply read item by item or in one pass gives the same result -------
