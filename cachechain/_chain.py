@@ -295,7 +295,7 @@ class Chain(AtomicOps, LoaderOps):
             raise ChainClosedError("the chain is closed")
         m = self._m
         start = _perf() if m is not None else 0.0
-        tickets = self._fence.tickets(wanted)
+        tickets = self._fence.tickets()
         if self._pair_batch is not None:  # read_through in one step: the usual chain
             return self._pair_batch.read(wanted, tickets, self._backfill)
         found, served = read_through(self._tiers, wanted, tickets, self._backfill)

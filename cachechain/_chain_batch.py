@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ._chain_metrics import Reporter
-from ._fence import MutationFence, Ticket
+from ._fence import MutationFence, Ticket, Tickets
 from ._namespace import Namespace, NamespacedLayer, batch_under
 from ._resilience import ResilientLayer, unwrapped
 from ._tier import Tier
@@ -22,7 +22,7 @@ Backfill = Callable[[Ticket, int, str, Any, "float | None", tuple[int, ...]], No
 def read_through(
     tiers: Sequence[Tier],
     wanted: list[str],
-    tickets: Mapping[str, Ticket],
+    tickets: Tickets,
     backfill: Backfill,
 ) -> tuple[dict[str, Any], dict[str, int]]:
     """Ask each of ``tiers``, fastest first and once, for those of ``wanted`` that the
@@ -55,7 +55,7 @@ def read_through(
 def _backfill_hits(
     index: int,
     hits: Mapping[str, tuple[Any, float | None]],
-    tickets: Mapping[str, Ticket],
+    tickets: Tickets,
     held_by: Mapping[int, frozenset[str]],
     backfill: Backfill,
 ) -> None:
@@ -142,7 +142,7 @@ class Backfiller:
         self,
         index: int,
         hits: Mapping[str, tuple[Any, float | None]],
-        tickets: Mapping[str, Ticket],
+        tickets: Tickets,
     ) -> bool:
         """Backfill a batch of hits of the second tier into the first in one step (one
         fence lock, one layer lock), when that is the whole job: nothing to record, the
@@ -151,12 +151,12 @@ class Backfiller:
         if index != 1 or not self._plain or fill_many is None:
             return False
         items = [
-            (tickets[key], (key, value, ttl))
+            (key, (key, value, ttl))
             for key, (value, ttl) in hits.items()
             if ttl is None or ttl > 0.0
         ]
         try:
-            self._fence.if_unchanged_many(items, fill_many)
+            self._fence.if_unchanged_many(tickets, items, fill_many)
         except Exception as exc:
             self._report.failed(self._l1_name, "set", exc)
         return True
@@ -215,9 +215,7 @@ class PairBatch:
             return None  # wrappers the reader does not know
         return cls(tiers, report, backfill)
 
-    def read(
-        self, wanted: list[str], tickets: Mapping[str, Ticket], backfill: Backfill
-    ) -> dict[str, Any]:
+    def read(self, wanted: list[str], tickets: Tickets, backfill: Backfill) -> dict[str, Any]:
         """The values of ``wanted`` found in either tier (see :func:`read_through`,
         whose result it returns). Never raises for a layer failure."""
         if not wanted:

@@ -9,7 +9,10 @@ backfill under the fence's lock only if no mutation of the stripe began since th
 was taken. A mutation's final bump and its write to the first layer run under that same
 lock (the ``then`` of :meth:`MutationFence.mutating`), so a read that saw an old value
 in a lower layer can never write it back above after a concurrent ``delete`` or
-``set``: at worst the backfill is skipped. See docs/design.md, "Consistency between
+``set``: at worst the backfill is skipped. A batch read takes every stripe's number at
+once (:meth:`MutationFence.tickets`, a copy of 64 numbers), which needs no check of the
+active marks: a mutation in progress when it was taken is either still active at the
+backfill or has bumped its stripe since. See docs/design.md, "Consistency between
 reads, backfills and mutations".
 
 Knows nothing of layers or chains: it runs the callables it is given.
@@ -24,7 +27,7 @@ from typing import Any, Generic, TypeVar
 
 from . import _fork
 
-__all__ = ["Mutation", "MutationFence", "Ticket"]
+__all__ = ["Mutation", "MutationFence", "Ticket", "Tickets"]
 
 T = TypeVar("T")
 
@@ -35,6 +38,20 @@ Ticket = int | None
 _STRIPES = 64  # a power of two
 _MASK = _STRIPES - 1
 _ALL = tuple(range(_STRIPES))
+
+
+class Tickets:
+    """:meth:`MutationFence.tickets`: the tickets of a batch read, one per stripe;
+    ``tickets[key]`` is ``key``'s (see :meth:`MutationFence.tickets`). Immutable."""
+
+    __slots__ = ("seq",)
+
+    def __init__(self, seq: list[int]) -> None:
+        #: The stripes' sequence numbers when the tickets were taken (read only).
+        self.seq = seq
+
+    def __getitem__(self, key: str) -> Ticket:
+        return self.seq[hash(key) & _MASK]
 
 
 class MutationFence:
@@ -68,15 +85,13 @@ class MutationFence:
             return None
         return seq
 
-    def tickets(self, keys: Iterable[str]) -> dict[str, Ticket]:
-        """:meth:`ticket` of each of ``keys``, by key."""
-        seqs, active = self._seq, self._active
-        out: dict[str, Ticket] = {}
-        for key in keys:
-            stripe = hash(key) & _MASK
-            seq = seqs[stripe]
-            out[key] = None if active[stripe] else seq
-        return out
+    def tickets(self) -> Tickets:
+        """A ticket for every key at once (a batch read's): a copy of the stripes'
+        sequence numbers, whatever the batch's size. Lock-free. Unlike :meth:`ticket`,
+        a key's ticket is given while a mutation of its stripe is in progress, and
+        still refused: by :meth:`if_unchanged` while the mutation runs (the stripe is
+        active), after it (its end bumped the stripe)."""
+        return Tickets(self._seq[:])
 
     def if_unchanged(self, ticket: Ticket, fn: Callable[..., object], *args: Any) -> bool:
         """Call ``fn(*args)`` under the fence's lock if no mutation of the ticket's
@@ -94,21 +109,20 @@ class MutationFence:
 
     def if_unchanged_many(
         self,
-        items: Sequence[tuple[Ticket, T]],
+        tickets: Tickets,
+        items: Iterable[tuple[str, T]],
         fn: Callable[[list[T]], object],
     ) -> int:
-        """:meth:`if_unchanged` for a batch: under one acquisition of the fence's lock,
-        call ``fn`` once with the items whose ticket's stripe saw no mutation (``fn``
-        is not called when none did); return how many were passed. What ``fn`` raises
-        propagates."""
-        seqs, active = self._seq, self._active
+        """:meth:`if_unchanged` for a batch of ``(key, item)`` pairs: under one
+        acquisition of the fence's lock, call ``fn`` once with the items whose key's
+        stripe saw no mutation since ``tickets`` were taken (``fn`` is not called when
+        none did); return how many were passed. What ``fn`` raises propagates."""
+        seqs, active, taken = self._seq, self._active, tickets.seq
         with self._lock:
             admitted = [
                 item
-                for ticket, item in items
-                if ticket is not None
-                and seqs[ticket & _MASK] == ticket
-                and not active[ticket & _MASK]
+                for key, item in items
+                if seqs[(stripe := hash(key) & _MASK)] == taken[stripe] and not active[stripe]
             ]
             if admitted:
                 fn(admitted)

@@ -60,9 +60,27 @@ def test_no_ticket_while_a_mutation_of_the_stripe_is_in_progress() -> None:
         assert fence.ticket("k0") is None
         assert fence.ticket(same) is None  # a stripe, not a key
         assert fence.ticket(other) is not None
-        assert fence.tickets(["k0", other]) == {"k0": None, other: fence.ticket(other)}
     assert fence.ticket("k0") is not None
     assert fence.if_unchanged(None, pytest.fail) is False
+
+
+def test_a_batch_ticket_taken_during_a_mutation_is_refused_during_and_after_it() -> None:
+    """``tickets()`` gives a key a ticket while its stripe is being mutated (a copy of
+    the sequence numbers): ``if_unchanged`` refuses it while the mutation runs and
+    after it ended; another stripe's ticket stays good."""
+    fence = MutationFence()
+    other = key_in_another_stripe("k0")
+    calls: list[str] = []
+    with fence.mutating(["k0"], lambda: None):
+        tickets = fence.tickets()
+        assert tickets["k0"] is not None
+        assert fence.if_unchanged(tickets["k0"], pytest.fail) is False  # running
+        assert fence.if_unchanged_many(tickets, [("k0", "k0")], pytest.fail) == 0
+    assert fence.if_unchanged(tickets["k0"], pytest.fail) is False  # ended: bumped
+    assert fence.if_unchanged_many(tickets, [("k0", "k0")], pytest.fail) == 0
+    assert fence.if_unchanged(tickets[other], calls.append, other) is True
+    assert tickets[other] == fence.ticket(other)
+    assert calls == [other]
 
 
 def test_a_ticket_taken_before_a_mutation_began_is_refused_while_it_runs() -> None:
@@ -305,7 +323,7 @@ def test_a_batch_backfill_passes_only_the_unchanged_keys_under_one_lock() -> Non
     with the items whose stripe saw no mutation since their ticket."""
     fence = MutationFence()
     stay, moved = "stay", key_in_another_stripe("stay")
-    tickets = fence.tickets([stay, moved])
+    tickets = fence.tickets()
     with fence.mutating([moved], lambda: None):
         pass  # a write of ``moved`` after its ticket was taken
     held: list[bool] = []
@@ -315,8 +333,8 @@ def test_a_batch_backfill_passes_only_the_unchanged_keys_under_one_lock() -> Non
         held.append(fence._lock.locked())
         got.append(items)
 
-    items = [(tickets[stay], stay), (tickets[moved], moved), (None, "no ticket")]
-    assert fence.if_unchanged_many(items, fill) == 1
+    items = [(stay, stay), (moved, moved)]
+    assert fence.if_unchanged_many(tickets, items, fill) == 1
     assert got == [[stay]] and held == [True]
-    assert fence.if_unchanged_many([(tickets[moved], moved)], fill) == 0
+    assert fence.if_unchanged_many(tickets, [(moved, moved)], fill) == 0
     assert got == [[stay]]  # not called for nothing
