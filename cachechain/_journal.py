@@ -33,7 +33,7 @@ rather than serving one past the bound: the ring overran the entries not read ye
 entry stayed unwritten for ``bound`` seconds (its publisher died between the ``incr``
 and the ``set_many``), the head vanished or went back (``flush_all``, a restart, an
 eviction), an entry is malformed, or no poll began successfully for ``bound -
-interval * PUBLISH_DELAY - WATCH_TICK`` seconds, 75 ms by default (the shared layer
+interval * PUBLISH_DELAY - WATCH_TICK`` seconds, 70 ms by default (the shared layer
 unreachable or stalled: a process-wide watchdog
 thread notices while the poll is still stuck in its socket timeout; then again every
 ``bound`` while it lasts). A process paused (SIGSTOP, a long GC) catches up from the
@@ -71,7 +71,7 @@ BATCH_BYTES: Final = 400_000
 #: Seconds between two checks of the watchdog.
 WATCH_TICK: Final = 0.02
 #: Fraction of the interval between two publications outside a poll.
-PUBLISH_DELAY: Final = 0.125
+PUBLISH_DELAY: Final = 0.25
 _MAX_ROUNDS: Final = 64  # reads per poll while behind, before the next interval
 
 

@@ -15,6 +15,7 @@ from pymemcache.exceptions import MemcacheServerError, MemcacheUnknownError
 
 from cachechain import Chain, LayerError, MemcachedLayer, MemoryLayer
 from cachechain._resilience import ResilientLayer, unwrapped
+from cachechain.layers import _pool
 from cachechain.layers._wire import Connection, stale
 from cachechain.metrics import MetricsCollector
 from tests.support.fakes import FakeClock, FakeLayer
@@ -195,8 +196,9 @@ def test_stale_on_a_closed_descriptor_is_true() -> None:
 
 
 def test_a_server_restart_is_found_before_an_atomic_command(
-    own_memcached: MemcachedProcess,
+    own_memcached: MemcachedProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(_pool, "RECENT", -1.0)  # every command polls its connection
     layer = MemcachedLayer("L2", own_memcached.address, timeout=1.0, connect_timeout=1.0)
     try:
         assert layer.add("k", 1) is True
@@ -206,6 +208,34 @@ def test_a_server_restart_is_found_before_an_atomic_command(
         own_memcached.restart()
         assert layer.add("k", 2) is True  # the stale connection was replaced, not used
         assert layer.incr("k") == 3 and layer.incr("n") is None
+    finally:
+        layer.close()
+
+
+def test_a_burst_of_atomic_commands_polls_once_then_a_gap_polls_again(
+    memcached: MemcachedProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A command that must not run twice skips the poll for a closed connection when
+    one was answered on the connection less than RECENT seconds before it began."""
+    polled: list[int] = []
+
+    def spy(conn: Connection) -> bool:
+        polled.append(1)
+        return stale(conn)
+
+    monkeypatch.setattr(_pool, "stale", spy)
+    monkeypatch.setattr(_pool, "RECENT", 3600.0)  # every gap below it: one burst
+    layer = MemcachedLayer("L2", memcached.address, timeout=1.0, connect_timeout=1.0)
+    try:
+        layer.set("warm", 1)  # connects: the socket exists, no atomic command answered
+        assert layer.add("a", 1) is True
+        assert polled == [1]  # the first atomic command on it polls
+        assert layer.add("b", 1) is True and layer.incr("a") == 2
+        assert layer.decr("a") == 1 and layer.touch("b", 60.0) is True
+        assert polled == [1]  # the burst: no more polls
+        monkeypatch.setattr(_pool, "RECENT", 0.0)  # any gap is longer
+        assert layer.add("c", 1) is True
+        assert polled == [1, 1]
     finally:
         layer.close()
 

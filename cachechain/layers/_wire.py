@@ -49,6 +49,7 @@ from __future__ import annotations
 # on their first requests) can fail with LookupError('unknown encoding: idna').
 import codecs
 import encodings.idna  # noqa: F401
+import math
 import os
 import re
 import select
@@ -127,6 +128,7 @@ class Connection:
         "server",
         "sock",
         "timeout",
+        "used",
     )
 
     def __init__(
@@ -150,6 +152,9 @@ class Connection:
         #: The ``poll`` object :func:`stale` asks about ``sock`` (made on its first
         #: use, dropped with the socket), or None.
         self.poller: Any = None
+        #: The deadline of the last command that must not run twice answered on this
+        #: connection (see :meth:`Pool.call_once <._pool.Pool.call_once>`).
+        self.used = -math.inf
 
     def connect(self, deadline: float) -> socket.socket:
         """Open the connection (``TCP_NODELAY``), trying each address of the host in
