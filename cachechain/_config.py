@@ -133,6 +133,13 @@ class LayerConfig:
         check_optional_seconds(self.timeout, "layer.timeout")
 
 
+#: Fraction of the coherence ``interval`` a journal waits between two publications
+#: outside a poll (so a burst of writes costs a few round trips, not one per write).
+PUBLISH_DELAY: Final = 0.25
+#: Seconds between two checks of the coherence watchdog (a poll stuck in I/O).
+WATCH_TICK: Final = 0.02
+
+
 @dataclass(frozen=True)
 class CoherenceConfig:
     """How a chain stays coherent with the other processes sharing its shared layer
@@ -143,8 +150,9 @@ class CoherenceConfig:
     the cache for every process (needs ``add`` and counters on that layer, as
     memcached has). ``enabled``: a change made in one process removes the key from
     every other process's in-process layers within ``bound`` seconds, through a
-    journal in the shared layer polled every ``interval`` seconds (``interval <
-    bound``); ``slots`` entries of it are kept. Both are on by default; they need no
+    journal in the shared layer polled every ``interval`` seconds (``interval *
+    (1 + PUBLISH_DELAY) + WATCH_TICK < bound``: at most 64 ms for the default 100 ms
+    bound); ``slots`` entries of it are kept. Both are on by default; they need no
     server beyond the shared layer, and cost one round trip per ``interval`` per
     chain. Raises :class:`~cachechain.ConfigError` for invalid values.
     """
@@ -164,6 +172,15 @@ class CoherenceConfig:
         if self.interval >= self.bound:
             raise ConfigError(
                 f"coherence.interval ({self.interval}) must be below coherence.bound ({self.bound})"
+            )
+        longest = (self.bound - WATCH_TICK) / (1 + PUBLISH_DELAY)
+        if self.interval >= longest:
+            raise ConfigError(
+                f"coherence.interval ({self.interval}) must be below {max(longest, 0.0):.6g} "
+                f"for coherence.bound ({self.bound}): (bound - {WATCH_TICK}) / "
+                f"{1 + PUBLISH_DELAY}, so that a poll begun in time is never taken for a "
+                "stuck one (its watchdog drops the in-process layers after bound - "
+                f"interval * {PUBLISH_DELAY} - {WATCH_TICK} seconds without one)"
             )
         check_positive_int(self.slots, "coherence.slots")
         if self.enabled and not self.namespace:

@@ -53,6 +53,7 @@ from typing import Any, Final
 
 from . import _fork
 from ._backplane import Receiver
+from ._config import PUBLISH_DELAY, WATCH_TICK
 from ._errors import LayerUnavailableError
 from ._logonce import LogOnce
 from ._namespace import Namespace
@@ -68,10 +69,6 @@ ENTRY_TTL: Final = 300.0
 #: Keys in one entry, and their characters at most (memcached's items are 1 MB).
 BATCH: Final = 1000
 BATCH_BYTES: Final = 400_000
-#: Seconds between two checks of the watchdog.
-WATCH_TICK: Final = 0.02
-#: Fraction of the interval between two publications outside a poll.
-PUBLISH_DELAY: Final = 0.25
 _MAX_ROUNDS: Final = 64  # reads per poll while behind, before the next interval
 
 
@@ -234,9 +231,11 @@ class MemcachedJournal:
 
     def check_stuck(self) -> None:
         """The watchdog's check, while a poll is in flight or the last one failed: no
-        poll began successfully for ``bound - interval`` seconds (one stuck in I/O
-        cannot say so itself): report lost track, then again every ``bound``. A poller
-        merely late (the process busy) is left alone. Never raises."""
+        poll began successfully for ``bound - interval * PUBLISH_DELAY - WATCH_TICK``
+        seconds (one stuck in I/O cannot say so itself): report lost track, then again
+        every ``bound``. More than ``interval`` (the configuration checks it), so a
+        poll begun in time is never taken for a stuck one. A poller merely late (the
+        process busy) is left alone. Never raises."""
         receiver = self._receiver
         if receiver is None or self._closed or not self._troubled:
             return
@@ -297,7 +296,7 @@ class MemcachedJournal:
             elif woke:
                 wake.clear()
                 self._publish_quietly()
-                stop.wait(gap)
+                stop.wait(min(gap, max(0.0, next_poll - clock())))  # never past a poll
 
     def _publish_quietly(self) -> None:
         try:

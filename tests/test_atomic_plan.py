@@ -216,7 +216,8 @@ def test_a_burst_of_atomic_commands_polls_once_then_a_gap_polls_again(
     memcached: MemcachedProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A command that must not run twice skips the poll for a closed connection when
-    one was answered on the connection less than RECENT seconds before it began."""
+    one was answered on the connection less than RECENT seconds before it is taken,
+    by the pool's clock: an idle gap, whatever the commands' deadlines say."""
     polled: list[int] = []
 
     def spy(conn: Connection) -> bool:
@@ -224,8 +225,10 @@ def test_a_burst_of_atomic_commands_polls_once_then_a_gap_polls_again(
         return stale(conn)
 
     monkeypatch.setattr(_pool, "stale", spy)
-    monkeypatch.setattr(_pool, "RECENT", 3600.0)  # every gap below it: one burst
-    layer = MemcachedLayer("L2", memcached.address, timeout=1.0, connect_timeout=1.0)
+    clock = FakeClock()
+    layer = MemcachedLayer(
+        "L2", memcached.address, timeout=1.0, connect_timeout=1.0, monotonic=clock
+    )
     try:
         layer.set("warm", 1)  # connects: the socket exists, no atomic command answered
         assert layer.add("a", 1) is True
@@ -233,7 +236,9 @@ def test_a_burst_of_atomic_commands_polls_once_then_a_gap_polls_again(
         assert layer.add("b", 1) is True and layer.incr("a") == 2
         assert layer.decr("a") == 1 and layer.touch("b", 60.0) is True
         assert polled == [1]  # the burst: no more polls
-        monkeypatch.setattr(_pool, "RECENT", 0.0)  # any gap is longer
+        clock.advance(_pool.RECENT)  # idle as long as the window: still a burst
+        assert layer.incr("a") == 2 and polled == [1]
+        clock.advance(_pool.RECENT + 0.001)  # idle longer (a wait for the key, say)
         assert layer.add("c", 1) is True
         assert polled == [1, 1]
     finally:

@@ -183,6 +183,22 @@ def test_map_many_maps_any_batch_as_map_key_maps_each_key(
     assert map_many(iter(keys), prefix, inner) == expected  # not a list: copied first
 
 
+class ShortLen(str):
+    """A key whose ``len`` lies."""
+
+    def __len__(self) -> int:
+        return 1
+
+
+def test_a_key_whose_len_lies_is_measured_as_a_str() -> None:
+    key = ShortLen("x" * 249)  # 251 bytes after "p:": must be hashed
+    expected = {map_key("x" * 249, "p:"): key}
+    assert map_many([key], "p:") == expected
+    assert map_many([key, "a"], "p:") == expected | {b"p:a": "a"}
+    assert map_key(key, "p:") == map_key("x" * 249, "p:")
+    assert len(map_key(key, "p:")) <= 250
+
+
 def test_a_batch_of_raw_keys_is_mapped_in_one_pass() -> None:
     from cachechain.layers._memcached_keys import _map_raw
 

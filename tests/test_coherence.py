@@ -1045,6 +1045,10 @@ def test_an_in_process_layer_without_clear_is_refused() -> None:
     ("kwargs", "message"),
     [
         ({"interval": 0.1, "bound": 0.1}, r"coherence\.interval .* must be below"),
+        # A poll begun in time must never look stuck to the watchdog, which drops L1
+        # after bound - interval * PUBLISH_DELAY - WATCH_TICK without one.
+        ({"interval": 0.065, "bound": 0.1}, r"interval \(0\.065\) must be below 0\.064"),
+        ({"interval": 0.01, "bound": 0.02}, r"must be below 0 for coherence\.bound \(0\.02\)"),
         ({"interval": 0.0}, r"coherence\.interval"),
         ({"bound": -1.0}, r"coherence\.bound"),
         ({"bound": float("inf")}, r"coherence\.bound"),

@@ -64,7 +64,7 @@ def map_key(key: str, prefix: str) -> bytes:
     :class:`~cachechain.InvalidKeyError` when ``key`` is not a ``str``."""
     if not isinstance(key, str):
         check_key(key)
-    if len(key) + len(prefix) <= MAX_KEY_LENGTH and _RAW_KEY.fullmatch(key):
+    if str.__len__(key) + len(prefix) <= MAX_KEY_LENGTH and _RAW_KEY.fullmatch(key):
         return (prefix + key).encode("ascii")
     digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
     hashed = base64.urlsafe_b64encode(digest).rstrip(b"=")
@@ -118,7 +118,8 @@ def _map_raw(keys: list[str], prefix: str, inner: str) -> dict[bytes, str] | Non
     elif _RAW_BATCH(joined) is None:
         return None
     whole = prefix + inner
-    if max(map(len, keys)) > MAX_KEY_LENGTH - len(whole):
+    # str's own length, not a subclass's __len__ (map_key measures inner + key, a str)
+    if max(map(str.__len__, keys)) > MAX_KEY_LENGTH - len(whole):
         return None
     sep = " " + whole
     mkeys = (whole + joined.replace(" ", sep) if whole else joined).encode("ascii").split(b" ")

@@ -14,7 +14,8 @@
   connection that was open before the call and turns out dead (the server restarted)
   is retried once on a new one, within the same deadline (the command's last
   argument). :meth:`Pool.call_once` runs a command that must not run twice (``incr``,
-  ``add``, ``cas``...): never retried, on a connection checked first.
+  ``add``, ``cas``...): never retried, on a connection checked first (unless it
+  answered one less than :data:`RECENT` seconds before).
 """
 
 from __future__ import annotations
@@ -315,8 +316,10 @@ class Pool:
         connection that the server has closed since its last use (a restart) is found
         without waiting, by a zero-timeout poll, and replaced before the command is
         sent, unless such a command was answered on it less than :data:`RECENT`
-        seconds before this one began (a burst of them pays one poll: a restart in so
-        short a gap is as likely as one during the command itself); a connection that
+        seconds before it is taken for this one (by the pool's ``monotonic`` clock,
+        after any wait for the connection or for an earlier write of the key: a burst
+        of commands pays one poll, and a restart in so short an idle gap is as likely
+        as one during the command itself); a connection that
         fails after sending it raises, and the command may or may not have run (a
         timeout holds ``keys`` until memcached says, as in :meth:`call`)."""
         if self.cluster:
@@ -327,8 +330,7 @@ class Pool:
             client = node.idle.pop()
         except IndexError:
             client = self._acquire_slow(node)
-        deadline = args[-1]
-        if client.sock is not None and deadline - client.used > RECENT and stale(client):
+        if client.sock is not None and self._monotonic() - client.used > RECENT and stale(client):
             node.discard(client)  # its server went away: the others are as stale
             node.drop_idle()
             client = self._acquire_slow(node)
@@ -340,7 +342,7 @@ class Pool:
         except BaseException:
             self._drop(node, client, None, keys, op)
             raise
-        client.used = deadline  # deadlines are start + timeout: their gap is the starts'
+        client.used = self._monotonic()  # answered: idle from now
         node.idle.append(client)
         if self.closed or node.waiting:
             self._returned(node)

@@ -152,8 +152,9 @@ class Connection:
         #: The ``poll`` object :func:`stale` asks about ``sock`` (made on its first
         #: use, dropped with the socket), or None.
         self.poller: Any = None
-        #: The deadline of the last command that must not run twice answered on this
-        #: connection (see :meth:`Pool.call_once <._pool.Pool.call_once>`).
+        #: When the last command that must not run twice was answered on this
+        #: connection (the pool's monotonic clock; see :meth:`Pool.call_once
+        #: <._pool.Pool.call_once>`).
         self.used = -math.inf
 
     def connect(self, deadline: float) -> socket.socket:
@@ -685,8 +686,9 @@ def stale(conn: Connection) -> bool:
     socket is readable before any command was sent (the server closed it, or sent
     bytes nobody asked for), or cannot be polled (closed, an invalid descriptor). No
     waiting: :func:`readable_now`, with one ``poll`` object kept by the connection
-    instead of one made and registered at each call (the pool checks every idle
-    connection it hands to a write that must not run twice)."""
+    instead of one made and registered at each call (the pool checks the idle
+    connections it hands to a write that must not run twice: see
+    :meth:`Pool.call_once <._pool.Pool.call_once>`)."""
     try:
         poller = conn.poller
         if poller is None:
