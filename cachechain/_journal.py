@@ -380,8 +380,8 @@ class MemcachedJournal:
         if not self._follow:
             return
         for _ in range(_MAX_ROUNDS):
-            if not self._apply(got, receiver):
-                return
+            if not self._apply(got, receiver) or self._stop.is_set():
+                return  # caught up, or closed: no round trip after close() returned
             got = self._get(self._last)
 
     def _get(self, last: int | None) -> Mapping[str, Any]:

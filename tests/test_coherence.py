@@ -476,6 +476,31 @@ def test_a_poll_stuck_on_an_unanswering_layer_still_drops_within_the_bound() -> 
         journal.close(WAIT)
 
 
+def test_a_closed_journal_reads_no_further_round_of_a_poll(
+    store: Store, mono: FakeClock, wall: FakeClock
+) -> None:
+    """A poll behind the ring reads it in rounds (``read_ahead`` entries each). When
+    close() returns while a round is in I/O (its join timed out), the poll reads no
+    further round: the poller makes no round trip after close() but the one in flight
+    (in the full suite such rounds landed in later tests' spies on memcached)."""
+    a, b = Process(store, mono, wall), Process(store, mono, wall, read_ahead=2)
+    a.join()
+    b.join()
+    for i in range(10):
+        a.publish(f"k{i}")  # 10 entries: b reads them 2 per round
+    gate = threading.Event()
+    store.block_many = gate
+    poller = threading.Thread(target=b.journal.poll)
+    poller.start()
+    assert store.many_entered.wait(WAIT)  # the first round is in I/O
+    b.journal.close(0.0)
+    before = len(store.calls)
+    gate.set()
+    poller.join(WAIT)
+    assert not poller.is_alive()
+    assert [op for op, _ in store.calls[before:] if op.startswith("get")] == []
+
+
 def test_a_generation_moved_by_another_process_is_adopted_and_clears(
     store: Store, mono: FakeClock, wall: FakeClock
 ) -> None:
