@@ -647,10 +647,12 @@ def bench_get_many(ctx: Ctx) -> Section:
             found = chain.get_many(batches[0])
             after = mc_stats(ctx)
         gets = [f for f in fetches if f[0] in (b"get", b"gets")]
-        # memcached counts every key asked, the journal's polls too (another thread).
+        # memcached counts every key asked, the journal's polls too (another thread). The
+        # spy's window holds the stats' window: a poll just outside the latter is in
+        # ``polled`` but not in the deltas, so the chain's share is between the two.
         polled = sum(count for _, count in fetches.others)  # type: ignore[attr-defined]
-        cmd_get = after["cmd_get"] - before["cmd_get"] - polled
-        hits = after["get_hits"] - before["get_hits"] - polled
+        cmd_get = after["cmd_get"] - before["cmd_get"]
+        hits = after["get_hits"] - before["get_hits"]
         sec.check(
             "Chain.get_many(100 keys) is ONE memcached round trip",
             len(gets) == 1 and gets[0][1] == size,
@@ -658,9 +660,11 @@ def bench_get_many(ctx: Ctx) -> Section:
         )
         sec.check(
             "memcached served all 100 keys",
-            cmd_get == size and hits == size and len(found) == size,
-            f"memcached stats delta: cmd_get={cmd_get}, get_hits={hits}; "
-            f"chain returned {len(found)} keys",
+            size <= cmd_get <= size + polled
+            and size <= hits <= size + polled
+            and len(found) == size,
+            f"memcached stats delta: cmd_get={cmd_get}, get_hits={hits} (journal polls in "
+            f"the window: up to {polled} keys); chain returned {len(found)} keys",
         )
         sec.check(
             "after the call, L1 holds the batch and none of the other",
