@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from ._chain import Chain
     from ._fence import MutationFence
 
-__all__ = ["AtomicPlan"]
+__all__ = ["AtomicPlan", "chain_wrappers"]
 
 _CAPABILITIES: dict[str, type] = {
     "add": SupportsAdd,
@@ -108,23 +108,33 @@ class AtomicPlan:
         return plan
 
 
-def _resolve(plan: AtomicPlan, layer: Any) -> Any:
-    """Take the breaker and the namespace of the wrappers around the shared layer into
-    ``plan`` and return the layer they wrap; or, for a stack of wrappers the plan does
-    not know (no breaker outside, a subclass, wrappers nested otherwise), ``layer``
-    itself, resolving nothing."""
-    if type(layer) is not ResilientLayer:
-        return layer
-    inner = layer.layer
+def chain_wrappers(layer: Any) -> tuple[ResilientLayer | None, Namespace | None, Any]:
+    """The chain's own wrappers around ``layer`` (a tier's layer), outermost first: a
+    :class:`~cachechain._resilience.ResilientLayer` or None, the namespace of a
+    :class:`~cachechain._namespace.NamespacedLayer` inside it or None, and the layer
+    they wrap; that last is None for a stack the chain did not build (a subclass of
+    either, another proxy, wrappers nested otherwise), whose forwarding must not be
+    made in their place."""
+    resilient = layer if type(layer) is ResilientLayer else None
+    inner = layer.layer if resilient is not None else layer
     ns: Namespace | None = None
     if type(inner) is NamespacedLayer:
         ns = inner.namespace
         inner = inner.layer
-    if inner is not unwrapped(layer):
+    return resilient, ns, (inner if inner is unwrapped(layer) else None)
+
+
+def _resolve(plan: AtomicPlan, layer: Any) -> Any:
+    """Take the breaker and the namespace of the wrappers around the shared layer into
+    ``plan`` and return the layer they wrap; or, for a stack of wrappers the plan does
+    not know (no breaker outside, see :func:`chain_wrappers`), ``layer`` itself,
+    resolving nothing."""
+    resilient, ns, inner = chain_wrappers(layer)
+    if resilient is None or inner is None:
         return layer
-    plan.breaker = layer.breaker
-    plan.timeout = layer.timeout
-    plan.clock = layer._clock
+    plan.breaker = resilient.breaker
+    plan.timeout = resilient.timeout
+    plan.clock = resilient._clock
     plan.namespace = ns
     return inner
 

@@ -297,7 +297,7 @@ class Chain(AtomicOps, LoaderOps):
         start = _perf() if m is not None else 0.0
         tickets = self._fence.tickets()
         if self._pair_batch is not None:  # read_through in one step: the usual chain
-            return self._pair_batch.read(wanted, tickets, self._backfill)
+            return self._pair_batch.read(wanted, tickets)
         found, served = read_through(self._tiers, wanted, tickets, self._backfill)
         if m is not None:
             record_batch(m, wanted, served, _perf() - start)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from ._atomic_plan import chain_wrappers
 from ._chain_metrics import Reporter
 from ._fence import MutationFence, Ticket, Tickets
-from ._namespace import Namespace, NamespacedLayer, batch_under
-from ._resilience import ResilientLayer, unwrapped
+from ._namespace import Namespace, batch_under
+from ._resilience import ResilientLayer
 from ._tier import Tier
 from .metrics._base import CollectorGuard
 
@@ -185,22 +186,21 @@ class PairBatch:
 
     __slots__ = ("_backfill", "_first", "_namespace", "_report", "_resilient", "_second", "_under")
 
-    def __init__(self, tiers: Sequence[Tier], report: Reporter, backfill: Backfiller) -> None:
+    def __init__(
+        self,
+        tiers: Sequence[Tier],
+        report: Reporter,
+        backfill: Backfiller,
+        resilient: ResilientLayer | None,
+        namespace: Namespace | None,
+        under: Callable[[str, Sequence[str]], dict[str, tuple[Any, float | None]]],
+    ) -> None:
         self._first, self._second = tiers
         self._report = report
         self._backfill = backfill
-        layer = self._second.layer
-        self._resilient: ResilientLayer | None = None
-        if type(layer) is ResilientLayer:
-            self._resilient = layer
-            layer = layer.layer
-        self._namespace: Namespace | None = None
-        if type(layer) is NamespacedLayer:
-            self._namespace = layer.namespace
-            layer = layer.layer
-        self._under: Callable[[str, Sequence[str]], dict[str, tuple[Any, float | None]]] = (
-            batch_under(layer)  # type: ignore[assignment]  # checked by of()
-        )
+        self._resilient = resilient
+        self._namespace = namespace
+        self._under = under
 
     @classmethod
     def of(cls, tiers: Sequence[Tier], report: Reporter, backfill: Backfiller) -> PairBatch | None:
@@ -208,14 +208,13 @@ class PairBatch:
         it is not the usual one (see the class docstring)."""
         if len(tiers) != 2 or type(tiers[0]) is not Tier or not backfill.batches:
             return None
-        layer = tiers[1].layer
-        inner = layer.layer if type(layer) is ResilientLayer else layer
-        inner = inner.layer if type(inner) is NamespacedLayer else inner
-        if inner is not unwrapped(layer) or batch_under(inner) is None:
-            return None  # wrappers the reader does not know
-        return cls(tiers, report, backfill)
+        resilient, namespace, inner = chain_wrappers(tiers[1].layer)
+        under = None if inner is None else batch_under(inner)
+        if under is None:
+            return None  # wrappers the reader does not know, or no get_many_under
+        return cls(tiers, report, backfill, resilient, namespace, under)
 
-    def read(self, wanted: list[str], tickets: Tickets, backfill: Backfill) -> dict[str, Any]:
+    def read(self, wanted: list[str], tickets: Tickets) -> dict[str, Any]:
         """The values of ``wanted`` found in either tier (see :func:`read_through`,
         whose result it returns). Never raises for a layer failure."""
         if not wanted:
@@ -229,7 +228,7 @@ class PairBatch:
             remaining = wanted
         second = self._second
         if second.held(remaining):  # the writer's keys: read_through skips them
-            more, _ = read_through((second,), remaining, tickets, backfill)
+            more, _ = read_through((second,), remaining, tickets, self._backfill)
             found.update(more)
             return found
         try:

@@ -140,6 +140,14 @@ PUBLISH_DELAY: Final = 0.25
 WATCH_TICK: Final = 0.02
 
 
+def stuck_after(interval: float, bound: float) -> float:
+    """Seconds without a poll that began successfully after which a journal polling
+    every ``interval`` seconds has lost track (its watchdog drops the in-process
+    layers): ``bound`` less a publisher's delay and one watchdog tick, so no entry is
+    served past ``bound``. :class:`CoherenceConfig` keeps it above ``interval``."""
+    return bound - interval * PUBLISH_DELAY - WATCH_TICK
+
+
 @dataclass(frozen=True)
 class CoherenceConfig:
     """How a chain stays coherent with the other processes sharing its shared layer
@@ -173,8 +181,8 @@ class CoherenceConfig:
             raise ConfigError(
                 f"coherence.interval ({self.interval}) must be below coherence.bound ({self.bound})"
             )
-        longest = (self.bound - WATCH_TICK) / (1 + PUBLISH_DELAY)
-        if self.interval >= longest:
+        if stuck_after(self.interval, self.bound) <= self.interval:
+            longest = (self.bound - WATCH_TICK) / (1 + PUBLISH_DELAY)  # where they meet
             raise ConfigError(
                 f"coherence.interval ({self.interval}) must be below {max(longest, 0.0):.6g} "
                 f"for coherence.bound ({self.bound}): (bound - {WATCH_TICK}) / "

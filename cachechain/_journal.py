@@ -53,7 +53,7 @@ from typing import Any, Final
 
 from . import _fork
 from ._backplane import Receiver
-from ._config import PUBLISH_DELAY, WATCH_TICK
+from ._config import PUBLISH_DELAY, WATCH_TICK, stuck_after
 from ._errors import LayerUnavailableError
 from ._logonce import LogOnce
 from ._namespace import Namespace
@@ -242,7 +242,7 @@ class MemcachedJournal:
         now = self._clock()
         # Fresh as of the last good poll's start, less a publisher's delay; the
         # watchdog looks again one tick later: drop before that could exceed the bound.
-        if now - self._last_ok > self._bound - self._interval * PUBLISH_DELAY - WATCH_TICK:
+        if now - self._last_ok > stuck_after(self._interval, self._bound):
             self._last_ok = now
             receiver.lost("unreachable")
 
