@@ -25,7 +25,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from . import _chain_clear, _chain_close, _fork, _tier
 from ._breaker import CircuitBreaker
@@ -60,6 +60,7 @@ __all__ = ["Chain"]
 C = TypeVar("C", bound="Chain")
 
 _perf = time.perf_counter
+_STR: Final = frozenset({str})  # the one key type a batch may hold
 
 
 class Chain(AtomicOps, LoaderOps):
@@ -584,7 +585,7 @@ def _key_list(keys: Iterable[str], operation: str) -> list[str]:
     if isinstance(keys, str):
         raise InvalidKeyError(f"{operation} takes an iterable of keys, not one str")
     wanted = list(dict.fromkeys(keys))
-    if not all([key.__class__ is str for key in wanted]):  # a subclass, or an error
+    if {*map(type, wanted)} - _STR:  # a subclass, or an error (a pass in C)
         for key in wanted:
             check_key(key)
     return wanted

@@ -151,13 +151,8 @@ class Backfiller:
         fill_many = self._l1_fill_many
         if index != 1 or not self._plain or fill_many is None:
             return False
-        items = [
-            (key, (key, value, ttl))
-            for key, (value, ttl) in hits.items()
-            if ttl is None or ttl > 0.0
-        ]
-        try:
-            self._fence.if_unchanged_many(tickets, items, fill_many)
+        try:  # fill_many skips what a counter's 0.0 says: a TTL it cannot tell
+            self._fence.if_unchanged_many(tickets, hits, fill_many)
         except Exception as exc:
             self._report.failed(self._l1_name, "set", exc)
         return True
@@ -240,8 +235,10 @@ class PairBatch:
         except Exception as exc:
             self._report.failed(second.name, "get_many", exc)
             return found
-        for key, (value, _) in hits.items():
-            found[key] = value
+        if found:
+            found.update({key: value for key, (value, _) in hits.items()})
+        else:
+            found = {key: value for key, (value, _) in hits.items()}
         self._backfill.many(1, hits, tickets)
         return found
 

@@ -75,9 +75,9 @@ def test_a_batch_ticket_taken_during_a_mutation_is_refused_during_and_after_it()
         tickets = fence.tickets()
         assert tickets["k0"] is not None
         assert fence.if_unchanged(tickets["k0"], pytest.fail) is False  # running
-        assert fence.if_unchanged_many(tickets, [("k0", "k0")], pytest.fail) == 0
+        assert fence.if_unchanged_many(tickets, {"k0": "k0"}, pytest.fail) == 0
     assert fence.if_unchanged(tickets["k0"], pytest.fail) is False  # ended: bumped
-    assert fence.if_unchanged_many(tickets, [("k0", "k0")], pytest.fail) == 0
+    assert fence.if_unchanged_many(tickets, {"k0": "k0"}, pytest.fail) == 0
     assert fence.if_unchanged(tickets[other], calls.append, other) is True
     assert tickets[other] == fence.ticket(other)
     assert calls == [other]
@@ -327,14 +327,38 @@ def test_a_batch_backfill_passes_only_the_unchanged_keys_under_one_lock() -> Non
     with fence.mutating([moved], lambda: None):
         pass  # a write of ``moved`` after its ticket was taken
     held: list[bool] = []
-    got: list[list[str]] = []
+    got: list[dict[str, str]] = []
 
-    def fill(items: list[str]) -> None:
+    def fill(items: dict[str, str]) -> None:
         held.append(fence._lock.locked())
-        got.append(items)
+        got.append(dict(items))
 
-    items = [(stay, stay), (moved, moved)]
-    assert fence.if_unchanged_many(tickets, items, fill) == 1
-    assert got == [[stay]] and held == [True]
-    assert fence.if_unchanged_many(tickets, [(moved, moved)], fill) == 0
-    assert got == [[stay]]  # not called for nothing
+    hits = {stay: stay, moved: moved}
+    assert fence.if_unchanged_many(tickets, hits, fill) == 1
+    assert got == [{stay: stay}] and held == [True]
+    assert fence.if_unchanged_many(tickets, {moved: moved}, fill) == 0
+    assert got == [{stay: stay}]  # not called for nothing
+
+
+def test_a_batch_backfill_with_no_stripe_moved_passes_the_hits_themselves() -> None:
+    """The usual batch backfill (issue 14): no stripe moved since the tickets and none
+    is being mutated, so ``fn`` gets the caller's mapping, not a filtered copy."""
+    fence = MutationFence()
+    tickets = fence.tickets()
+    hits = {f"k{i}": i for i in range(100)}
+    got: list[object] = []
+    assert fence.if_unchanged_many(tickets, hits, got.append) == 100
+    assert got == [hits] and got[0] is hits
+
+
+def test_a_batch_backfill_refuses_a_stripe_mutated_since_before_the_tickets() -> None:
+    """A mutation in progress when the tickets were taken has not bumped its stripe
+    yet: the sequence numbers are all as taken, and its key is still refused (the
+    fast path also asks that no stripe be active)."""
+    fence = MutationFence()
+    other = key_in_another_stripe("k0")
+    got: list[dict[str, int]] = []
+    with fence.mutating(["k0"], lambda: None):
+        tickets = fence.tickets()
+        assert fence.if_unchanged_many(tickets, {"k0": 0, other: 1}, got.append) == 1
+    assert got == [{other: 1}]

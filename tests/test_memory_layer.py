@@ -9,9 +9,12 @@ from typing import Any
 
 import pytest
 from cachetools import LRUCache
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cachechain import MISSING, ConfigError, InvalidValueError, MemoryLayer
 from cachechain.layers import CacheLayer, SupportsClear, SupportsStats, SupportsTimeout, _memory
+from cachechain.layers._memory import _LRU
 from cachechain.layers._stamps import Stamped
 from tests.support.fakes import FakeClock
 
@@ -215,14 +218,32 @@ def test_fill_many_stores_each_item_with_its_own_ttl() -> None:
     clock = FakeClock()
     layer = MemoryLayer(maxsize=3, default_ttl=100.0, max_ttl=50.0, clock=clock)
     layer.set("old", 0)
-    layer.fill_many([("a", 1, 10.0), ("b", 2, None), ("c", 3, 500.0)])
+    layer.fill_many({"a": (1, 10.0), "b": (2, None), "c": (3, 500.0)})
     assert layer.get_with_ttl("a") == (1, 10.0)
     assert layer.get_with_ttl("b") == (2, 50.0)  # the default, capped by max_ttl
     assert layer.get_with_ttl("c") == (3, 50.0)  # capped
     assert layer.get("old") is MISSING and layer.stats().evictions == 1  # LRU evicted
     with pytest.raises(InvalidValueError):
-        layer.fill_many([("d", 4, float("nan"))])
+        layer.fill_many({"d": (4, float("nan"))})
     assert layer.get("d") is MISSING
+
+
+def test_fill_many_skips_what_has_no_known_time_left() -> None:
+    """A lower layer's ``0.0`` (a memcached counter: it cannot tell) or a TTL already
+    spent is not copied up: the copy must not outlive its source. The other items of
+    the batch are stored."""
+    layer = MemoryLayer(maxsize=8, default_ttl=None)
+    layer.fill_many({"counter": (5, 0.0), "spent": (1, -1.0), "kept": (2, 10.0)})
+    assert layer.get("counter") is MISSING and layer.get("spent") is MISSING
+    assert layer.get("kept") == 2 and len(layer) == 1
+
+
+def test_a_batch_read_of_keys_none_held_asks_nothing_else() -> None:
+    layer = MemoryLayer(maxsize=8, default_ttl=None)
+    layer.set("a", 1)
+    assert layer.get_many_with_ttl(["x", "y"]) == {}
+    assert layer.get_many_with_ttl(["x", "a", "y"]) == {"a": (1, None)}
+    assert layer.get_many_with_ttl(()) == {}
 
 
 def test_a_batch_fill_keeps_the_lru_order_and_count() -> None:
@@ -231,7 +252,7 @@ def test_a_batch_fill_keeps_the_lru_order_and_count() -> None:
     layer = MemoryLayer(maxsize=4, default_ttl=None)
     layer.set("a", 1)
     layer.set("b", 2)
-    layer.fill_many([("c", 3, None), ("a", 10, None), ("d", 4, None), ("e", 5, None)])
+    layer.fill_many({"c": (3, None), "a": (10, None), "d": (4, None), "e": (5, None)})
     assert len(layer) == 4  # b (the least recent) made room for e
     assert list(layer._entries) == ["c", "a", "d", "e"] and layer.get("b") is MISSING
     assert layer.get("a") == 10 and layer.stats().evictions == 1
@@ -239,9 +260,36 @@ def test_a_batch_fill_keeps_the_lru_order_and_count() -> None:
     assert layer.get("c") is MISSING and len(layer) == 4
     layer.delete("d")
     assert len(layer) == 3
-    layer.fill_many([(f"k{i}", i, None) for i in range(10)])
+    layer.fill_many({f"k{i}": (i, None) for i in range(10)})
     assert list(layer._entries) == ["k6", "k7", "k8", "k9"]
     assert layer.stats().evictions == 2 + 9
+
+
+@given(
+    st.integers(min_value=1, max_value=6),
+    st.lists(st.integers(0, 9), max_size=8, unique=True),
+    st.lists(st.integers(0, 9), max_size=12, unique=True),
+)
+def test_a_batch_put_ends_as_puts_in_turn_would(
+    maxsize: int, before: list[int], batch: list[int]
+) -> None:
+    """``_LRU.put_many`` (one step, issue 14) leaves the entries in the order and with
+    the values that a ``put`` of each item in turn leaves, and counts as evicted the
+    entries that left (puts in turn may count more: a held key evicted, then put
+    again)."""
+    one_step, in_turn = _LRU(maxsize), _LRU(maxsize)
+    for lru in (one_step, in_turn):
+        for key in before:
+            lru.put(str(key), key)
+        lru.evictions = 0
+    kept = set(one_step.entries)
+    one_step.put_many({str(key): -key for key in batch})
+    for key in batch:
+        in_turn.put(str(key), -key)
+    assert list(one_step.entries.items()) == list(in_turn.entries.items())
+    assert len(one_step.entries) <= maxsize
+    left = kept | {str(key) for key in batch}
+    assert one_step.evictions == len(left) - len(one_step.entries) <= in_turn.evictions
 
 
 def test_a_set_keeps_the_lru_order_and_count() -> None:
@@ -281,7 +329,7 @@ def test_any_value_round_trips_as_itself(value: object, ttl: float | None) -> No
     clock = FakeClock()
     layer = MemoryLayer(clock=clock, default_ttl=None)
     layer.set("k", value, ttl)
-    layer.fill_many([("f", value, ttl)])
+    layer.fill_many({"f": (value, ttl)})
     layer.set_many({"m": value}, ttl)
     for key in ("k", "f", "m"):
         assert layer.get(key) is value
@@ -354,7 +402,7 @@ def test_a_reader_never_pairs_a_value_with_another_writes_expiry() -> None:
             if i % 2:
                 layer.set("k", "old", 5.0)
             else:
-                layer.fill_many([("k", "new", 50.0)])
+                layer.fill_many({"k": ("new", 50.0)})
         finished.append("writer")
 
     def read() -> None:

@@ -135,23 +135,29 @@ class _LRU:
             self.evictions += 1
         entries[key] = item
 
-    def put_many(self, pairs: Iterable[tuple[str, _Item]]) -> None:
-        """:meth:`put` of each pair, in order (a batch's items in one loop)."""
-        entries, maxsize = self.entries, self.maxsize
-        move, evict = entries.move_to_end, entries.popitem
-        evicted = 0
-        try:
-            for key, item in pairs:
-                if key in entries:
-                    entries[key] = item
-                    move(key)
-                    continue
-                if len(entries) >= maxsize:
-                    evict(last=False)
-                    evicted += 1
-                entries[key] = item
-        finally:
-            self.evictions += evicted
+    def put_many(self, batch: dict[str, _Item]) -> None:
+        """:meth:`put` of each item of ``batch``, in order, made as one step: the keys
+        already held leave their place, the least recent entries make room for the
+        whole batch (counted in :attr:`evictions`; a batch larger than ``maxsize``
+        keeps its last ``maxsize`` items, the others counted as evicted too), and the
+        batch joins the recent end in its own order. The C-level steps (a set
+        intersection, ``update``) do the per-item work (issue 14: a batch backfill)."""
+        entries = self.entries
+        if len(entries) < len(batch):
+            held = [key for key in entries if key in batch]
+        else:
+            held = [key for key in batch if key in entries]
+        for key in held:
+            del entries[key]
+        excess = len(entries) + len(batch) - self.maxsize
+        if excess > 0:
+            self.evictions += excess
+            evict = entries.popitem
+            for _ in range(min(excess, len(entries))):
+                evict(last=False)
+            if len(batch) > self.maxsize:  # its first items would evict each other
+                batch = dict(list(batch.items())[len(batch) - self.maxsize :])
+        entries.update(batch)
 
 
 @dataclass(frozen=True)
@@ -302,12 +308,10 @@ class MemoryLayer(BaseLayer):
 
     def get_many_with_ttl(self, keys: Sequence[str]) -> dict[str, tuple[Any, float | None]]:
         """Return the live entries among ``keys`` (read without the lock, as :meth:`get`)."""
+        if self._entries.keys().isdisjoint(keys):  # none held: one pass in C (issue 14)
+            return {}
         lookup = self._lookup
-        items: list[tuple[str, _Item]] = []
-        for key in keys:
-            item = lookup(key, _ABSENT)
-            if item is not _ABSENT:
-                items.append((key, item))
+        items = [(key, item) for key in keys if (item := lookup(key, _ABSENT)) is not _ABSENT]
         if items:
             reads = self._reads
             reads.extend(key for key, _ in items)
@@ -348,12 +352,12 @@ class MemoryLayer(BaseLayer):
         ttl = self.effective_ttl(ttl)
         now = self._clock()
         expires = None if ttl is None else now + ttl
-        entries: list[tuple[str, _Item]] = []
+        entries: dict[str, _Item] = {}
         for key, value in items.items():
             if value.__class__ is Stamped:
-                entries.append((key, _stamped(value, ttl, now)))
+                entries[key] = _stamped(value, ttl, now)
             else:
-                entries.append((key, value if expires is None else _expiring(value, expires)))
+                entries[key] = value if expires is None else _expiring(value, expires)
         with self._lock:
             if self._reads:
                 self._replay_locked()
@@ -384,28 +388,33 @@ class MemoryLayer(BaseLayer):
                 self._replay_locked()
             self._store.put(key, item)
 
-    def fill_many(self, items: Sequence[tuple[str, Any, float | None]]) -> None:
-        """Store each ``(key, value, ttl)`` (``ttl``: seconds, a finite number > 0, or
-        ``None`` for ``default_ttl``; capped by ``max_ttl``) under one lock
-        acquisition and one clock read: a chain's backfill of a batch read from a lower
-        layer (values of other layers, never :class:`Stamped`). Raises
-        :class:`~cachechain.InvalidValueError` for a bad TTL (nothing is stored)."""
+    def fill_many(self, hits: Mapping[str, tuple[Any, float | None]]) -> None:
+        """Store each ``key: (value, ttl)`` of ``hits`` under one lock acquisition and
+        one clock read: a chain's backfill of a batch read from a lower layer (values
+        of other layers, never :class:`Stamped`), in that layer's own shape. ``ttl``
+        is what the value has left there: seconds, a finite number > 0 (capped by
+        ``max_ttl``), ``None`` for no expiry there (``default_ttl``), or a float <= 0.0
+        when that layer cannot tell (``0.0``: a memcached counter) or none is left:
+        such an item is skipped, as a copy must not outlive its source. Raises
+        :class:`~cachechain.InvalidValueError` for any other TTL (nothing is
+        stored)."""
         now = self._clock()
         default, cap = self.default_ttl, self._max_ttl
-        entries: list[tuple[str, _Item]] = []
-        for key, value, ttl in items:
+        entries: dict[str, _Item] = {}
+        for key, (value, ttl) in hits.items():
             if ttl is None:
                 ttl = default
             elif ttl.__class__ is not float or not 0.0 < ttl < math.inf:
+                if ttl.__class__ is float and ttl <= 0.0:
+                    continue  # a TTL the lower layer cannot tell, or none left
                 ttl = self.effective_ttl(ttl)  # validated (raises for a bad one)
             if ttl is None:
-                entries.append((key, value))
+                entries[key] = value
                 continue
             if cap is not None and ttl > cap:
                 ttl = cap
-            item = _Expiring(now + ttl)
+            item = entries[key] = _Expiring(now + ttl)
             item.value = value
-            entries.append((key, item))
         with self._lock:
             if self._reads:
                 self._replay_locked()
