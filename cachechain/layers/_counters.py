@@ -19,8 +19,7 @@ On memcached a counter is stored as the decimal digits of the unsigned number (w
 memcached's ``incr`` works on) with the client flag :data:`COUNTER_FLAG` (2,
 pymemcache's ``FLAG_INTEGER``), and carries no envelope, so no expiry of its own: the
 layer reports its remaining TTL as unknown (``0.0``, see the layer contract).
-:class:`RawCounter` marks such bytes between the wire and the layer, and
-:class:`CounterSerde` gives pymemcache the flag both ways.
+:class:`RawCounter` marks such bytes between the wire and the layer.
 """
 
 from __future__ import annotations
@@ -32,8 +31,6 @@ from .._errors import CorruptValueError, InvalidValueError
 __all__ = [
     "COUNTER_FLAG",
     "COUNTER_FLAG_BYTES",
-    "CounterSerde",
-    "SERDE",
     "RawCounter",
     "check_delta",
     "countable",
@@ -114,24 +111,3 @@ def decr_value(value: int, delta: int) -> int:
     that is not negative stops at 0; a negative one goes down (modulo 2**64)."""
     unsigned = max(value % _MOD - delta, 0)
     return unsigned - _MOD if unsigned >= _HALF else unsigned
-
-
-class CounterSerde:
-    """pymemcache's serde for a :class:`~cachechain.MemcachedLayer`'s clients: values
-    are bytes both ways; a :class:`RawCounter` is written with :data:`COUNTER_FLAG`,
-    and a value read with that flag comes back as a :class:`RawCounter`. Stateless, so
-    one instance serves every client."""
-
-    __slots__ = ()
-
-    def serialize(self, key: bytes, value: bytes) -> tuple[bytes, int]:
-        """``(value, flags)``: :data:`COUNTER_FLAG` for a :class:`RawCounter`, else 0."""
-        return value, (COUNTER_FLAG if value.__class__ is RawCounter else 0)
-
-    def deserialize(self, key: bytes, value: bytes, flags: int) -> bytes:
-        """``value``, as a :class:`RawCounter` when ``flags`` is :data:`COUNTER_FLAG`."""
-        return RawCounter(value) if flags == COUNTER_FLAG else value
-
-
-#: The serde every pooled client gets.
-SERDE: Final = CounterSerde()
