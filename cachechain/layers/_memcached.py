@@ -328,7 +328,7 @@ class MemcachedLayer(MemcachedLeaseOps, MemcachedAtomicOps, MemcachedValues, Bas
     def _expiry(self, ttl: float | None) -> tuple[float | None, int]:
         """Resolve ``ttl``: return the envelope's ``expires_at`` and memcached's exptime."""
         cap = self._max_ttl
-        if ttl.__class__ is not float or not 0.0 < ttl < math.inf or (cap is not None and ttl > cap):
+        if ttl.__class__ is not float or not 0.0 < ttl < math.inf or (cap and ttl > cap):
             ttl = self.effective_ttl(ttl)  # the usual float needs none of its steps
         if ttl is None:
             return None, 0

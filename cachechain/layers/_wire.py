@@ -7,9 +7,10 @@ bounds).
 Three bounds hold for every command, whatever the server does:
 
 - **One deadline per call.** Each command takes ``deadline``, a :func:`time.monotonic`
-  time computed once by the layer call (so a compare-and-set loop shares it). Before
-  every socket operation (connect, send, each read) the socket's timeout is set to the
-  time left; a call with no time left raises ``TimeoutError`` (``socket.timeout``). A
+  time computed once by the layer call (so a compare-and-set loop shares it). The
+  server's name lookup waits for the resolver until then at most (:mod:`._resolve`).
+  Before every socket operation (connect, send, each read) the socket's timeout is set
+  to the time left; a call with no time left raises ``TimeoutError`` (``socket.timeout``). A
   server that answers one byte at a time cannot stretch a call past its deadline.
 - **Memory on the layer's word, not the server's.** A reply line longer than
   :data:`MAX_LINE` bytes, or a ``get`` reply with a key not asked for (or twice), is
@@ -67,6 +68,7 @@ from pymemcache.exceptions import (
 )
 
 from ._counters import COUNTER_FLAG_BYTES, RawCounter
+from ._resolve import RESOLVER
 
 codecs.lookup("idna")  # and in the codec registry's cache (see the import above)
 
@@ -159,13 +161,14 @@ class Connection:
 
     def connect(self, deadline: float) -> socket.socket:
         """Open the connection (``TCP_NODELAY``), trying each address of the host in
-        turn, within ``connect_timeout`` and the deadline; return its socket."""
+        turn, within ``connect_timeout`` and the deadline, the name lookup included
+        (:mod:`._resolve`: a last good answer stands in for a resolver that fails or
+        hangs); return its socket."""
         self.close()
         host, port = self.server
         error: OSError = OSError(f"no address found for {host!r}")
-        for family, kind, proto, _, address in socket.getaddrinfo(
-            host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, socket.IPPROTO_TCP
-        ):
+        found = RESOLVER.addresses(host, port, min(deadline, _monotonic() + self.connect_timeout))
+        for family, kind, proto, _, address in found:
             sock = socket.socket(family, kind, proto)
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
