@@ -116,7 +116,7 @@ class Backfiller:
         skip: tuple[int, ...],
     ) -> None:
         """Backfill ``key``'s ``value`` (``ttl`` seconds left) found at ``index``."""
-        if ttl is not None and ttl <= 0.0:
+        if ttl is not None and not ttl > 0.0:  # unknown (0.0), or none left (NaN too)
             return
         if index == 1 and self._plain:
             # The usual L2 hit: only the first layer to fill, nothing to record. Its set

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import sys
 import threading
 import tracemalloc
 from typing import Any
@@ -224,7 +225,7 @@ def test_fill_many_stores_each_item_with_its_own_ttl() -> None:
     assert layer.get_with_ttl("c") == (3, 50.0)  # capped
     assert layer.get("old") is MISSING and layer.stats().evictions == 1  # LRU evicted
     with pytest.raises(InvalidValueError):
-        layer.fill_many({"d": (4, float("nan"))})
+        layer.fill_many({"d": (4, float("inf"))})
     assert layer.get("d") is MISSING
 
 
@@ -233,8 +234,9 @@ def test_fill_many_skips_what_has_no_known_time_left() -> None:
     spent is not copied up: the copy must not outlive its source. The other items of
     the batch are stored."""
     layer = MemoryLayer(maxsize=8, default_ttl=None)
-    layer.fill_many({"counter": (5, 0.0), "spent": (1, -1.0), "kept": (2, 10.0)})
-    assert layer.get("counter") is MISSING and layer.get("spent") is MISSING
+    spent = {"zero": 0.0, "below": -1.0, "nan": float("nan"), "int": 0, "int_below": -3}
+    layer.fill_many({**{key: (1, ttl) for key, ttl in spent.items()}, "kept": (2, 10.0)})
+    assert all(layer.get(key) is MISSING for key in spent)
     assert layer.get("kept") == 2 and len(layer) == 1
 
 
@@ -244,6 +246,8 @@ def test_a_batch_read_of_keys_none_held_asks_nothing_else() -> None:
     assert layer.get_many_with_ttl(["x", "y"]) == {}
     assert layer.get_many_with_ttl(["x", "a", "y"]) == {"a": (1, None)}
     assert layer.get_many_with_ttl(()) == {}
+    # Any iterable of keys still reads every key once (a generator is not used up).
+    assert layer.get_many_with_ttl(k for k in ("a", "x")) == {"a": (1, None)}  # type: ignore[arg-type]
 
 
 def test_a_batch_fill_keeps_the_lru_order_and_count() -> None:
@@ -254,7 +258,9 @@ def test_a_batch_fill_keeps_the_lru_order_and_count() -> None:
     layer.set("b", 2)
     layer.fill_many({"c": (3, None), "a": (10, None), "d": (4, None), "e": (5, None)})
     assert len(layer) == 4  # b (the least recent) made room for e
-    assert list(layer._entries) == ["c", "a", "d", "e"] and layer.get("b") is MISSING
+    # a (held) took its new value in place and moved to the recent end before the new
+    # keys joined: the batch's items were all used at once.
+    assert list(layer._entries) == ["a", "c", "d", "e"] and layer.get("b") is MISSING
     assert layer.get("a") == 10 and layer.stats().evictions == 1
     layer.set("f", 6)  # the least recent now: c (a was just read)
     assert layer.get("c") is MISSING and len(layer) == 4
@@ -273,23 +279,63 @@ def test_a_batch_fill_keeps_the_lru_order_and_count() -> None:
 def test_a_batch_put_ends_as_puts_in_turn_would(
     maxsize: int, before: list[int], batch: list[int]
 ) -> None:
-    """``_LRU.put_many`` (one step, issue 14) leaves the entries in the order and with
-    the values that a ``put`` of each item in turn leaves, and counts as evicted the
-    entries that left (puts in turn may count more: a held key evicted, then put
-    again)."""
+    """``_LRU.put_many`` (one step, issue 14) keeps the entries, with their values,
+    that a ``put`` of each item in turn keeps: the entries that were there before in
+    their order, then the batch's (held keys first: their order among themselves is
+    free, as they were all used at once); and it counts as evicted the entries that
+    left (puts in turn may count more: a held key evicted, then put again; a batch
+    larger than the layer is put in turn)."""
     one_step, in_turn = _LRU(maxsize), _LRU(maxsize)
     for lru in (one_step, in_turn):
         for key in before:
             lru.put(str(key), key)
         lru.evictions = 0
     kept = set(one_step.entries)
-    one_step.put_many({str(key): -key for key in batch})
-    for key in batch:
-        in_turn.put(str(key), -key)
-    assert list(one_step.entries.items()) == list(in_turn.entries.items())
+    items = {str(key): -key for key in batch}
+    one_step.put_many(items)
+    for key, item in items.items():
+        in_turn.put(key, item)
+    assert dict(one_step.entries) == dict(in_turn.entries)
     assert len(one_step.entries) <= maxsize
-    left = kept | {str(key) for key in batch}
-    assert one_step.evictions == len(left) - len(one_step.entries) <= in_turn.evictions
+    order = list(one_step.entries)
+    older = [key for key in order if key not in items]
+    assert older == [key for key in in_turn.entries if key not in items]
+    assert order[: len(older)] == older  # the batch is the most recent
+    left = kept | set(items)
+    if len(items) > maxsize:  # put item by item
+        assert one_step.evictions == in_turn.evictions
+    else:
+        assert one_step.evictions == len(left) - len(one_step.entries) <= in_turn.evictions
+
+
+def test_a_batch_rewrite_never_hides_a_held_key_from_a_reader() -> None:
+    """Found by review: ``put_many`` deleted the held keys before putting them back,
+    so a lock-free reader in between missed a key that was only being rewritten (and
+    a chain's load could then overwrite a ``set_many`` that had returned)."""
+    layer = MemoryLayer(maxsize=10_000, default_ttl=None)
+    keys = [f"k{i}" for i in range(2_000)]
+    layer.set_many(dict.fromkeys(keys, 0))
+    stop = threading.Event()
+    misses: list[str] = []
+
+    def read() -> None:
+        while not stop.is_set():
+            if layer.get("k1000") is MISSING:
+                misses.append("k1000")
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for round_ in range(1, 40):
+            layer.set_many(dict.fromkeys(keys, round_))
+            layer.fill_many({key: (round_, 60.0) for key in keys})
+    finally:
+        stop.set()
+        reader.join()
+        sys.setswitchinterval(old)
+    assert misses == []
 
 
 def test_a_set_keeps_the_lru_order_and_count() -> None:

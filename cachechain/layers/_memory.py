@@ -110,6 +110,12 @@ def _expiring(value: Any, expires: float) -> _Expiring:
     return item
 
 
+def _spent(ttl: object) -> bool:
+    """Whether ``ttl`` (a remaining TTL a lower layer gave) is a number that is not
+    > 0: ``0.0`` (it cannot tell), below 0 or NaN (none left)."""
+    return ttl.__class__ is not bool and isinstance(ttl, (int, float)) and not ttl > 0.0
+
+
 class _LRU:
     """The entries, least recently used first, bounded to ``maxsize``; writes make room
     by evicting the least recent entries, counted in :attr:`evictions`. Not locked:
@@ -136,28 +142,32 @@ class _LRU:
         entries[key] = item
 
     def put_many(self, batch: dict[str, _Item]) -> None:
-        """:meth:`put` of each item of ``batch``, in order, made as one step: the keys
-        already held leave their place, the least recent entries make room for the
-        whole batch (counted in :attr:`evictions`; a batch larger than ``maxsize``
-        keeps its last ``maxsize`` items, the others counted as evicted too), and the
-        batch joins the recent end in its own order. The C-level steps (a set
-        intersection, ``update``) do the per-item work (issue 14: a batch backfill)."""
-        entries = self.entries
-        if len(entries) < len(batch):
-            held = [key for key in entries if key in batch]
-        else:
-            held = [key for key in batch if key in entries]
+        """Store every item of ``batch`` as the most recent entries (issue 14: a batch
+        backfill), with C-level steps doing the per-item work: the keys already held
+        take their new item in place and move to the recent end (a lock-free reader
+        never misses one), the least recent other entries make room for the new keys
+        (counted in :attr:`evictions`), and the new keys join in ``batch``'s order
+        with one ``update``. The entries end as a :meth:`put` of each item in turn
+        leaves them but for the order among the batch's own items (the held ones
+        first), and no fewer entries are kept. A batch larger than ``maxsize`` is
+        put item by item."""
+        entries, maxsize = self.entries, self.maxsize
+        if len(batch) > maxsize:
+            for key, item in batch.items():
+                self.put(key, item)
+            return
+        held = entries.keys() & batch.keys()  # iterates the smaller of the two
         for key in held:
-            del entries[key]
-        excess = len(entries) + len(batch) - self.maxsize
+            entries[key] = batch[key]
+            entries.move_to_end(key)
+        # With len(batch) <= maxsize, the entries evicted are never the batch's own.
+        excess = len(entries) + len(batch) - len(held) - maxsize
         if excess > 0:
             self.evictions += excess
             evict = entries.popitem
-            for _ in range(min(excess, len(entries))):
+            for _ in range(excess):
                 evict(last=False)
-            if len(batch) > self.maxsize:  # its first items would evict each other
-                batch = dict(list(batch.items())[len(batch) - self.maxsize :])
-        entries.update(batch)
+        entries.update(batch)  # the held keys again, in place: same items
 
 
 @dataclass(frozen=True)
@@ -308,8 +318,9 @@ class MemoryLayer(BaseLayer):
 
     def get_many_with_ttl(self, keys: Sequence[str]) -> dict[str, tuple[Any, float | None]]:
         """Return the live entries among ``keys`` (read without the lock, as :meth:`get`)."""
-        if self._entries.keys().isdisjoint(keys):  # none held: one pass in C (issue 14)
-            return {}
+        shape = keys.__class__
+        if (shape is list or shape is tuple) and self._entries.keys().isdisjoint(keys):
+            return {}  # none held: one pass in C over ``keys`` (issue 14)
         lookup = self._lookup
         items = [(key, item) for key in keys if (item := lookup(key, _ABSENT)) is not _ABSENT]
         if items:
@@ -393,9 +404,10 @@ class MemoryLayer(BaseLayer):
         one clock read: a chain's backfill of a batch read from a lower layer (values
         of other layers, never :class:`Stamped`), in that layer's own shape. ``ttl``
         is what the value has left there: seconds, a finite number > 0 (capped by
-        ``max_ttl``), ``None`` for no expiry there (``default_ttl``), or a float <= 0.0
-        when that layer cannot tell (``0.0``: a memcached counter) or none is left:
-        such an item is skipped, as a copy must not outlive its source. Raises
+        ``max_ttl``), ``None`` for no expiry there (``default_ttl``), or a number that is
+        not > 0 (``0.0``: that layer cannot tell, a memcached counter; below 0 or
+        NaN: none is left) for an item skipped, as a copy must not outlive its
+        source. Raises
         :class:`~cachechain.InvalidValueError` for any other TTL (nothing is
         stored)."""
         now = self._clock()
@@ -405,7 +417,7 @@ class MemoryLayer(BaseLayer):
             if ttl is None:
                 ttl = default
             elif ttl.__class__ is not float or not 0.0 < ttl < math.inf:
-                if ttl.__class__ is float and ttl <= 0.0:
+                if _spent(ttl):
                     continue  # a TTL the lower layer cannot tell, or none left
                 ttl = self.effective_ttl(ttl)  # validated (raises for a bad one)
             if ttl is None:
