@@ -54,11 +54,13 @@ do.
 from __future__ import annotations
 
 import math
+import sys
 import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
 from .. import _fork
@@ -164,9 +166,8 @@ class _LRU:
         excess = len(entries) + len(batch) - len(held) - maxsize
         if excess > 0:
             self.evictions += excess
-            evict = entries.popitem
-            for _ in range(excess):
-                evict(last=False)
+            # ``popitem(False)`` ``excess`` times, the loop in C (a consumed ``map``).
+            deque(map(entries.popitem, repeat(False, excess)), 0)
         entries.update(batch)  # the held keys again, in place: same items
 
 
@@ -412,8 +413,13 @@ class MemoryLayer(BaseLayer):
         stored)."""
         now = self._clock()
         default, cap = self.default_ttl, self._max_ttl
+        limit = sys.float_info.max if cap is None else cap  # finite: inf and NaN fail
         entries: dict[str, _Item] = {}
         for key, (value, ttl) in hits.items():
+            if ttl.__class__ is float and 0.0 < ttl <= limit:
+                item = entries[key] = _Expiring(now + ttl)  # the usual item, in one test
+                item.value = value
+                continue
             if ttl is None:
                 ttl = default
             elif ttl.__class__ is not float or not 0.0 < ttl < math.inf:
