@@ -11,7 +11,8 @@ the shared memcached that each process polls (no new server). A push transport
 (Redis pub/sub, a message bus) implements the same protocol: it calls the receiver
 from its own thread and promises the same thing, that a key published in one process
 is invalidated in every other within its ``bound``, or the receiver is told that
-track was lost (:meth:`Receiver.lost`), which drops every local entry.
+track was lost (:meth:`Receiver.lost`), which drops every local entry (or, for a
+transport merely late, sets them aside until :meth:`Receiver.caught_up`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,14 @@ class Receiver(Protocol):
 
     def lost(self, reason: str) -> None:
         """Track of the invalidations was lost (``reason`` in :data:`LOST_REASONS`):
-        drop every in-process entry, since any of them may be stale."""
+        drop every in-process entry, since any of them may be stale. For
+        ``unreachable`` no change is known to be missed, only late: the entries may be
+        set aside instead (not served), until :meth:`caught_up`."""
+
+    def caught_up(self) -> None:
+        """After ``lost("unreachable")``: every change published until after it has
+        now been delivered (:meth:`invalidate`); the entries set aside that no change
+        touched since may be served again."""
 
 
 @runtime_checkable

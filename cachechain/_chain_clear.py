@@ -15,7 +15,8 @@ Emptying in-process layers is one mutation of every key in the chain's fence
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING
 
 from . import _tier
@@ -51,15 +52,22 @@ def clear(chain: Chain, flush: bool) -> bool:
     return cleared and (flush or len(local) == len(chain._tiers)) and ok
 
 
-def clear_layers(fence: MutationFence, report: Reporter, tiers: Sequence[Tier]) -> bool:
+def clear_layers(
+    fence: MutationFence,
+    report: Reporter,
+    tiers: Sequence[Tier],
+    *,
+    first: Callable[[Tier], bool] | None = None,
+) -> bool:
     """Empty the layers of ``tiers`` as one mutation of every key (the first layer's,
-    if among them, under the fence's lock as the mutation ends). Return whether every
-    one could be emptied (a failure, or a layer without ``clear()``, is counted)."""
-    first = [t for t in tiers if t.index == 0]
+    if among them, under the fence's lock as the mutation ends: by ``first(tier)``,
+    which returns whether it was emptied, when given). Return whether every one could
+    be emptied (a failure, or a layer without ``clear()``, is counted)."""
+    empty = first or partial(_clear, report)
     done: list[bool] = []
 
     def then() -> None:
-        done.extend(_clear(report, t) for t in first)
+        done.extend(empty(t) for t in tiers if t.index == 0)
 
     with fence.mutating_all(then):
         done.extend(_clear(report, t) for t in tiers if t.index != 0)

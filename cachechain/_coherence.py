@@ -23,13 +23,16 @@ processes' in-process layers must drop what it changes. See docs/coherence.md.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
+from . import _fork
 from ._backplane import Backplane
 from ._chain_clear import clear_layers
 from ._chain_metrics import Reporter
 from ._config import CoherenceConfig, LayerConfig
-from ._fence import MutationFence
+from ._fence import MutationFence, Tickets
 from ._journal import MemcachedJournal
 from ._namespace import Namespace, NamespacedLayer
 from ._resilience import ResilientLayer, unwrapped
@@ -115,6 +118,11 @@ class Coherence:
         )
         #: Whether other processes' changes reach the in-process layers.
         self.tracking = track_keys
+        #: The first layer's entries set aside while the backplane is late (see
+        #: :meth:`lost`), with the fence's tickets taken then; None otherwise.
+        self._aside: tuple[Mapping[str, object], Tickets] | None = None
+        self._lock = threading.Lock()  # taken before the fence's, never after
+        _fork.track(self)
         #: Whether this process's changes are published (whenever coherence is on).
         self.publishing = config.enabled
         self.backplane.start(self)
@@ -174,16 +182,75 @@ class Coherence:
         self.drop_all()
 
     def lost(self, reason: str) -> None:
-        """Track was lost (``reason``): drop every in-process entry and count it."""
-        self.drop_all()
+        """Track was lost (``reason``): drop every in-process entry and count it. For
+        ``unreachable`` (the backplane could not poll in time: no change is known to
+        be missed, only late) the first layer's entries are set aside instead, when
+        it can (:meth:`MemoryLayer.set_aside <cachechain.MemoryLayer.set_aside>`), for
+        :meth:`caught_up` to bring back those no change touched since."""
+        if reason != "unreachable" or not self._set_aside():
+            self.drop_all()
         m = self._report.m
         if m is not None:
             m.record_coherence_lost(reason)
 
+    def caught_up(self) -> None:
+        """After ``lost("unreachable")``: every change published until after it was
+        delivered. The entries set aside come back, but those of a stripe of the
+        chain's fence that a mutation touched since (a change of any key of a stripe,
+        here or delivered from another process, sends back none of the stripe's
+        entries); each comes back only where its key has no newer entry and room is
+        left, with its own expiry."""
+        with self._lock:
+            aside, self._aside = self._aside, None
+        first = self._first
+        if aside is None or first is None:
+            return
+        entries, tickets = aside
+        layer: Any = first.layer  # one that could set its entries aside: it brings back
+        try:
+            self._fence.if_unchanged_many(tickets, entries, layer.bring_back)
+        except Exception as exc:
+            self._report.failed(first.name, "set", exc)
+
     def drop_all(self) -> None:
         """Empty the in-process layers above the shared one, as one mutation of every
-        key (no read in flight backfills after it)."""
-        clear_layers(self._fence, self._report, self._local)
+        key (no read in flight backfills after it); what was set aside goes too."""
+        with self._lock:
+            self._aside = None
+            clear_layers(self._fence, self._report, self._local)
+
+    def _set_aside(self) -> bool:
+        """:meth:`lost` for ``unreachable``: empty the in-process layers as
+        :meth:`drop_all` does, but the first layer's entries are kept aside, with the
+        fence's tickets as the mutation ends (a later mutation of a stripe then keeps
+        its entries out). False, to drop them instead, when the first layer cannot set
+        its entries aside, or when it has already (stalled again before
+        :meth:`caught_up`: late for a second bound, as in an outage)."""
+        first = self._first
+        if first is None or not callable(getattr(first.layer, "set_aside", None)):
+            return False
+        with self._lock:
+            if self._aside is not None:  # late for two bounds: an outage, not a hiccup
+                return False
+            fence = self._fence
+
+            def aside(tier: Tier) -> bool:
+                layer: Any = tier.layer
+                try:
+                    self._aside = (layer.set_aside(), fence.tickets())
+                except Exception as exc:
+                    self._report.failed(tier.name, "clear", exc)
+                    return False
+                return True
+
+            clear_layers(fence, self._report, self._local, first=aside)
+        return True
+
+    def _after_fork(self) -> None:
+        """In a forked child: a fresh lock; nothing set aside (the journal reads its
+        ring again from the head, which drops every entry)."""
+        self._lock = threading.Lock()
+        self._aside = None
 
     def close(self, timeout: float) -> None:
         """Publish what is pending and stop the backplane (``timeout`` seconds)."""

@@ -29,7 +29,9 @@ from its head and drops every local entry, since what was cached before it may
 predate entries it skips.
 
 **Losing track** drops every local entry (:meth:`~cachechain._backplane.Receiver.lost`)
-rather than serving one past the bound: the ring overran the entries not read yet, an
+rather than serving one past the bound (but for ``unreachable``, the receiver may set
+them aside until a poll begun after it succeeds:
+:meth:`~cachechain._backplane.Receiver.caught_up`): the ring overran the entries not read yet, an
 entry stayed unwritten for ``bound`` seconds (its publisher died between the ``incr``
 and the ``set_many``), the head vanished or went back (``flush_all``, a restart, an
 eviction), an entry is malformed, or no poll began successfully for ``bound -
@@ -192,6 +194,9 @@ class MemcachedJournal:
         self._gap_since: float | None = None
         self._last_ok = self._clock()
         self._troubled = False  # a poll is in flight, or the last one failed
+        #: When the watchdog last reported ``unreachable``, until a poll begun after it
+        #: succeeds (then the receiver is told it caught up); None otherwise.
+        self._stalled_at: float | None = None
         self._head_key = self._ns.reserved + "j/head"
 
     def _slot(self, seq: int) -> str:
@@ -243,7 +248,7 @@ class MemcachedJournal:
         # Fresh as of the last good poll's start, less a publisher's delay; the
         # watchdog looks again one tick later: drop before that could exceed the bound.
         if now - self._last_ok > stuck_after(self._interval, self._bound):
-            self._last_ok = now
+            self._last_ok = self._stalled_at = now
             receiver.lost("unreachable")
 
     def publish(self, keys: Sequence[str]) -> None:
@@ -290,9 +295,12 @@ class MemcachedJournal:
             woke = wake.wait(max(0.0, next_poll - clock()))
             if stop.is_set():
                 return
-            if clock() >= next_poll:
+            began = clock()
+            if began >= next_poll:
                 self.poll()
-                next_poll = clock() + interval
+                # At a fixed rate: a poll slowed down (the process busy, the GIL slow
+                # to come back) does not push the next one back by its own length.
+                next_poll = max(began + interval, clock() + gap)
             elif woke:
                 wake.clear()
                 self._publish_quietly()
@@ -322,6 +330,10 @@ class MemcachedJournal:
             return
         self._last_ok = max(self._last_ok, began)
         self._troubled = False
+        stalled = self._stalled_at
+        if stalled is not None and began > stalled:  # read all published since
+            self._stalled_at = None
+            receiver.caught_up()
 
     def _take(self) -> tuple[list[str], bool]:
         """The pending keys whose writes landed (the others stay), and the overflow."""

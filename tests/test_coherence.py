@@ -71,6 +71,9 @@ class Recorder:
         self.events.append(("lost", reason))
         self.lost_event.set()
 
+    def caught_up(self) -> None:
+        self.events.append(("caught_up",))
+
     def take(self) -> list[tuple[Any, ...]]:
         """The events so far, forgotten."""
         out, self.events = self.events, []
@@ -1197,3 +1200,151 @@ def test_a_shared_layer_given_by_layer_config_is_namespaced(
         assert chain.set("k", 1, 60)
         prefix = chain.coherence.namespace.current()  # type: ignore[union-attr]
         assert l2.get(prefix + "k") == 1
+
+
+# ------------------------------------------------- a late backplane: set aside, not lost
+
+
+def keys_in_distinct_stripes(count: int) -> list[str]:
+    """``count`` keys of as many stripes of the fence (64 of them, by ``hash``)."""
+    found: dict[int, str] = {}
+    for i in range(10_000):
+        found.setdefault(hash(f"s{i}") & 63, f"s{i}")
+        if len(found) == count:
+            break
+    return list(found.values())
+
+
+def stall(journal: MemcachedJournal) -> None:
+    """What the watchdog sees of a poll stuck past the bound: it reports unreachable."""
+    journal._troubled = True
+    journal._last_ok -= 10.0
+    journal.check_stuck()
+
+
+@pytest.mark.usefixtures("no_poller")
+def test_a_late_poll_sets_l1_aside_and_one_begun_after_it_brings_back_the_untouched() -> None:
+    """Lost track as ``unreachable`` (the poll was late: the process busy, the GIL slow
+    to come back, the shared layer slow) serves nothing from L1 until a poll begun
+    after it succeeds; then the entries come back but those whose stripe a change
+    touched (delivered by that poll, or made here meanwhile). Before: every entry was
+    dropped, and a busy process refilled its L1 from memcached after each late poll."""
+    store = Store()
+    collector = MemoryCollector()
+    chain, l1 = make_chain(store, collector)
+    with chain:
+        journal = chain_journal(chain)
+        journal.poll()
+        journal.poll()
+        kept, remote, local, reread = keys_in_distinct_stripes(4)
+        for key in (kept, remote, local, reread):
+            chain.set(key, "old", 60)
+        other = peer(store)
+        journal.poll()  # publishes this process's sets
+        stall(journal)
+        assert all(l1.get(key) is MISSING for key in (kept, remote, local, reread))
+        assert chain.get(reread) == "old"  # read from the shared layer meanwhile
+        p = other.ns.current()
+        store.set(p + remote, "new", 60)
+        other.publish(remote)  # another process's change, delivered late
+        chain.set(local, "mine", 60)  # and one made here while set aside
+        journal.poll()  # begun after the stall: caught up
+        assert l1.get(kept) == "old"  # brought back
+        assert l1.get(remote) is MISSING and chain.get(remote) == "new"
+        assert l1.get(local) == "mine" and l1.get(reread) == "old"
+        figures = collector.snapshot().chain_metrics
+        assert figures.coherence_lost_by_reason == {"unreachable": 1}
+
+
+@pytest.mark.usefixtures("no_poller")
+def test_only_a_poll_begun_after_the_stall_brings_entries_back(mono: FakeClock) -> None:
+    """A poll in flight when the watchdog reported (it began before) may have read the
+    ring before changes published since: it brings nothing back; the next one does."""
+    store = Store()
+    chain, l1 = make_chain(store)
+    with chain:
+        journal = chain_journal(chain)
+        journal.poll()
+        journal.poll()
+        chain.set("k", "v", 60)
+        journal.poll()
+        stall(journal)
+        journal._stalled_at = journal._clock() + 3600.0  # as if it came mid-poll
+        journal.poll()
+        assert l1.get("k") is MISSING
+        journal._stalled_at = journal._clock() - 0.001
+        journal.poll()
+        assert l1.get("k") == "v"
+
+
+@pytest.mark.usefixtures("no_poller")
+def test_a_loss_of_track_while_set_aside_drops_what_was_set_aside() -> None:
+    store = Store()
+    chain, l1 = make_chain(store)
+    with chain:
+        journal = chain_journal(chain)
+        journal.poll()
+        journal.poll()
+        chain.set("k", "v", 60)
+        journal.poll()
+        stall(journal)
+        other = peer(store)
+        other.journal._max_pending = 1
+        other.journal.publish(["x", "y"])  # overflow: changes were missed
+        other.journal.poll()
+        journal.poll()
+        assert l1.get("k") is MISSING
+        assert chain.coherence is not None and chain.coherence._aside is None
+
+
+@pytest.mark.usefixtures("no_poller")
+def test_a_second_stall_before_catching_up_drops_everything() -> None:
+    """Late for a second bound (an outage rather than a busy moment): what was set
+    aside goes too."""
+    store = Store()
+    chain, l1 = make_chain(store)
+    with chain:
+        journal = chain_journal(chain)
+        journal.poll()
+        journal.poll()
+        chain.set("first", 1, 60)
+        journal.poll()
+        stall(journal)
+        assert chain.get("first") == 1  # read again from the shared layer into L1
+        stall(journal)  # still late, one bound later
+        assert l1.get("first") is MISSING
+        journal.poll()
+        assert l1.get("first") is MISSING
+        assert chain.coherence is not None and chain.coherence._aside is None
+
+
+@pytest.mark.usefixtures("no_poller")
+def test_a_clear_while_set_aside_brings_nothing_back() -> None:
+    store = Store()
+    chain, l1 = make_chain(store)
+    with chain:
+        journal = chain_journal(chain)
+        journal.poll()
+        journal.poll()
+        chain.set("k", "v", 60)
+        journal.poll()
+        stall(journal)
+        assert chain.clear() is True
+        journal.poll()
+        assert l1.get("k") is MISSING and chain.get("k") is None
+
+
+def test_set_aside_and_bring_back_keep_order_room_expiry_and_newer_entries() -> None:
+    clock = FakeClock()
+    layer = MemoryLayer(maxsize=4, default_ttl=None, clock=clock)
+    for key in ("a", "b", "c"):
+        layer.set(key, key.upper())
+    layer.set("short", "S", 5.0)
+    aside = layer.set_aside()
+    assert len(layer) == 0 and list(aside) == ["a", "b", "c", "short"]
+    layer.set("b", "newer")
+    layer.set("d", "D")
+    clock.advance(10.0)  # "short" expired meanwhile
+    assert layer.bring_back(aside) == 2  # room for two: the most recent, c and a
+    assert list(layer._entries) == ["a", "c", "b", "d"]
+    assert layer.get("b") == "newer" and layer.get("short") is MISSING

@@ -112,6 +112,39 @@ def _expiring(value: Any, expires: float) -> _Expiring:
     return item
 
 
+def _backfills(
+    hits: Mapping[str, tuple[Any, float | None]],
+    now: float,
+    default: float | None,
+    cap: float | None,
+    layer: BaseLayer,
+) -> dict[str, _Item]:
+    """The entries of :meth:`MemoryLayer.fill_many`'s ``hits`` at ``now`` (see there),
+    ``default`` and ``cap`` the layer's ``default_ttl`` and ``max_ttl``; a TTL of
+    another kind is checked by ``layer.effective_ttl`` (which raises)."""
+    limit = sys.float_info.max if cap is None else cap  # finite: inf and NaN fail
+    entries: dict[str, _Item] = {}
+    for key, (value, ttl) in hits.items():
+        if ttl.__class__ is float and 0.0 < ttl <= limit:
+            item = entries[key] = _Expiring(now + ttl)  # the usual item, in one test
+            item.value = value
+            continue
+        if ttl is None:
+            ttl = default
+        elif ttl.__class__ is not float or not 0.0 < ttl < math.inf:
+            if _spent(ttl):
+                continue  # a TTL the lower layer cannot tell, or none left
+            ttl = layer.effective_ttl(ttl)  # validated (raises for a bad one)
+        if ttl is None:
+            entries[key] = value
+            continue
+        if cap is not None and ttl > cap:
+            ttl = cap
+        item = entries[key] = _Expiring(now + ttl)
+        item.value = value
+    return entries
+
+
 def _spent(ttl: object) -> bool:
     """Whether ``ttl`` (a remaining TTL a lower layer gave) is a number that is not
     > 0: ``0.0`` (it cannot tell), below 0 or NaN (none left)."""
@@ -169,6 +202,25 @@ class _LRU:
             # ``popitem(False)`` ``excess`` times, the loop in C (a consumed ``map``).
             deque(map(entries.popitem, repeat(False, excess)), 0)
         entries.update(batch)  # the held keys again, in place: same items
+
+    def put_back(self, aside: Mapping[str, _Item], now: float) -> int:
+        """Put ``aside``'s entries (least recent first) back as the least recent ones:
+        those whose key is not held now and that have not expired at ``now``, as many
+        as there is room for, the most recent of them first. Return how many."""
+        entries = self.entries
+        room = self.maxsize - len(entries)
+        if room <= 0:
+            return 0
+        back = [
+            (key, item)
+            for key, item in aside.items()
+            if key not in entries and not _gone(item, now)
+        ][-room:]
+        move = entries.move_to_end
+        for key, item in reversed(back):  # the most recent first, each to the front
+            entries[key] = item
+            move(key, last=False)
+        return len(back)
 
 
 @dataclass(frozen=True)
@@ -411,28 +463,7 @@ class MemoryLayer(BaseLayer):
         source. Raises
         :class:`~cachechain.InvalidValueError` for any other TTL (nothing is
         stored)."""
-        now = self._clock()
-        default, cap = self.default_ttl, self._max_ttl
-        limit = sys.float_info.max if cap is None else cap  # finite: inf and NaN fail
-        entries: dict[str, _Item] = {}
-        for key, (value, ttl) in hits.items():
-            if ttl.__class__ is float and 0.0 < ttl <= limit:
-                item = entries[key] = _Expiring(now + ttl)  # the usual item, in one test
-                item.value = value
-                continue
-            if ttl is None:
-                ttl = default
-            elif ttl.__class__ is not float or not 0.0 < ttl < math.inf:
-                if _spent(ttl):
-                    continue  # a TTL the lower layer cannot tell, or none left
-                ttl = self.effective_ttl(ttl)  # validated (raises for a bad one)
-            if ttl is None:
-                entries[key] = value
-                continue
-            if cap is not None and ttl > cap:
-                ttl = cap
-            item = entries[key] = _Expiring(now + ttl)
-            item.value = value
+        entries = _backfills(hits, self._clock(), self.default_ttl, self._max_ttl, self)
         with self._lock:
             if self._reads:
                 self._replay_locked()
@@ -526,6 +557,27 @@ class MemoryLayer(BaseLayer):
         """Remove every entry."""
         with self._lock:
             self._entries.clear()
+
+    def set_aside(self) -> Mapping[str, object]:
+        """Empty the layer and return what it held, for :meth:`bring_back`: its
+        entries, least recent first (opaque items: each value with its expiry). A
+        chain's coherence sets its entries aside while it cannot hear other processes'
+        changes in time, instead of dropping them."""
+        with self._lock:
+            if self._reads:
+                self._replay_locked()
+            aside = dict(self._entries)
+            self._entries.clear()
+        return aside
+
+    def bring_back(self, aside: Mapping[str, object]) -> int:
+        """Put back entries that :meth:`set_aside` returned, as the least recent ones:
+        each whose key the layer holds no entry of now and that has not expired, as
+        many as there is room for (the most recent of them first). Return how many
+        were put back."""
+        now = self._clock()
+        with self._lock:
+            return self._store.put_back(aside, now)
 
     def expire(self) -> int:
         """Remove every expired entry now (a stamped one once its physical expiry has
