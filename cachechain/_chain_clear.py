@@ -30,7 +30,7 @@ from .layers._base import SupportsClear
 if TYPE_CHECKING:
     from ._chain import Chain
 
-__all__ = ["FLUSH_TIMEOUT", "clear", "clear_layers"]
+__all__ = ["FLUSH_TIMEOUT", "clear", "clear_layer", "clear_layers"]
 
 #: Seconds ``clear()`` waits for the async writers to make what they hold.
 FLUSH_TIMEOUT = 1.0
@@ -63,14 +63,14 @@ def clear_layers(
     if among them, under the fence's lock as the mutation ends: by ``first(tier)``,
     which returns whether it was emptied, when given). Return whether every one could
     be emptied (a failure, or a layer without ``clear()``, is counted)."""
-    empty = first or partial(_clear, report)
+    empty = first or partial(clear_layer, report)
     done: list[bool] = []
 
     def then() -> None:
         done.extend(empty(t) for t in tiers if t.index == 0)
 
     with fence.mutating_all(then):
-        done.extend(_clear(report, t) for t in tiers if t.index != 0)
+        done.extend(clear_layer(report, t) for t in tiers if t.index != 0)
     return all(done)
 
 
@@ -79,11 +79,11 @@ def _flush_shared(tiers: Sequence[Tier], report: Reporter) -> bool:
     ok = True
     for tier in tiers:
         if not tier.layer.local:
-            ok = _clear(report, tier, unwrapped(tier.layer)) and ok
+            ok = clear_layer(report, tier, unwrapped(tier.layer)) and ok
     return ok
 
 
-def _clear(report: Reporter, tier: Tier, layer: object = None) -> bool:
+def clear_layer(report: Reporter, tier: Tier, layer: object = None) -> bool:
     """``clear()`` ``layer`` (default: the tier's); False, counted, when it cannot."""
     target = tier.layer if layer is None else layer
     try:

@@ -29,7 +29,7 @@ from typing import Any
 
 from . import _fork
 from ._backplane import Backplane
-from ._chain_clear import clear_layers
+from ._chain_clear import clear_layer, clear_layers
 from ._chain_metrics import Reporter
 from ._config import CoherenceConfig, LayerConfig
 from ._fence import MutationFence, Tickets
@@ -40,6 +40,9 @@ from ._tier import Tier
 from .layers._base import CacheLayer, SupportsAdd, SupportsCounters
 
 __all__ = ["Coherence", "namespaced", "shared_index"]
+
+#: Entries set aside brought back per hold of the fence's lock (see Coherence.caught_up).
+_CHUNK = 512
 
 
 def shared_index(configs: Sequence[LayerConfig]) -> int | None:
@@ -207,17 +210,22 @@ class Coherence:
             return
         entries, tickets = aside
         layer: Any = first.layer  # one that could set its entries aside: it brings back
-        try:
-            self._fence.if_unchanged_many(tickets, entries, layer.bring_back)
+        items = list(entries.items())  # least recent first
+        try:  # in chunks, the most recent first: writers wait for one chunk at most
+            for end in range(len(items), 0, -_CHUNK):
+                chunk = dict(items[max(0, end - _CHUNK) : end])
+                self._fence.if_unchanged_many(tickets, chunk, layer.bring_back)
         except Exception as exc:
             self._report.failed(first.name, "set", exc)
 
     def drop_all(self) -> None:
         """Empty the in-process layers above the shared one, as one mutation of every
-        key (no read in flight backfills after it); what was set aside goes too."""
+        key (no read in flight backfills after it); what was set aside goes too (were
+        entries set aside again meanwhile, their tickets were taken after this
+        mutation began: they are entries read since)."""
         with self._lock:
             self._aside = None
-            clear_layers(self._fence, self._report, self._local)
+        clear_layers(self._fence, self._report, self._local)
 
     def _set_aside(self) -> bool:
         """:meth:`lost` for ``unreachable``: empty the in-process layers as
@@ -238,9 +246,9 @@ class Coherence:
                 layer: Any = tier.layer
                 try:
                     self._aside = (layer.set_aside(), fence.tickets())
-                except Exception as exc:
+                except Exception as exc:  # empty it as drop_all would
                     self._report.failed(tier.name, "clear", exc)
-                    return False
+                    return clear_layer(self._report, tier)
                 return True
 
             clear_layers(fence, self._report, self._local, first=aside)

@@ -248,8 +248,11 @@ class MemcachedJournal:
         # Fresh as of the last good poll's start, less a publisher's delay; the
         # watchdog looks again one tick later: drop before that could exceed the bound.
         if now - self._last_ok > stuck_after(self._interval, self._bound):
-            self._last_ok = self._stalled_at = now
+            self._last_ok = now
             receiver.lost("unreachable")
+            # After the receiver set its entries aside: a poll that ended in between
+            # must not report a catch-up before there was anything to catch up.
+            self._stalled_at = now
 
     def publish(self, keys: Sequence[str]) -> None:
         """Queue ``keys`` for the poller thread, which publishes them within
@@ -323,7 +326,7 @@ class MemcachedJournal:
         self._troubled = True  # until this poll succeeds: in flight, or failed
         try:
             self._publish_pending()
-            self._read(receiver)
+            caught_up = self._read(receiver)
         except Exception as exc:
             _log_once(("poll", self._layer.name), "coherence: poll failed: %r", exc)
             self.check_stuck()
@@ -331,9 +334,12 @@ class MemcachedJournal:
         self._last_ok = max(self._last_ok, began)
         self._troubled = False
         stalled = self._stalled_at
-        if stalled is not None and began > stalled:  # read all published since
-            self._stalled_at = None
-            receiver.caught_up()
+        if caught_up and stalled is not None and began > stalled:
+            self._stalled_at = None  # every entry published before it was read
+            try:
+                receiver.caught_up()
+            except Exception as exc:
+                _log_once(("caught_up", self._layer.name), "coherence: catch-up failed: %r", exc)
 
     def _take(self) -> tuple[list[str], bool]:
         """The pending keys whose writes landed (the others stay), and the overflow."""
@@ -383,18 +389,24 @@ class MemcachedJournal:
         if refused:  # too big for the layer: "drop everything" in its place, not a gap
             self._layer.set_many({k: [*entries[k][:3], None] for k in refused}, ENTRY_TTL)
 
-    def _read(self, receiver: Receiver) -> None:
+    def _read(self, receiver: Receiver) -> bool:
+        """Read the generation and the ring, delivering to ``receiver``; return whether
+        every entry published before this read was delivered (the head reached, no
+        slot awaited), not when rounds ran out or the journal closed."""
         epoch = self._ns.epoch
         got = self._get(self._last)
         if self._ns.adopt(got.get(self._ns.generation_key), epoch):
             self._last = None  # what was published before the clear is cleared too
             receiver.cleared()
         if not self._follow:
-            return
+            return True
         for _ in range(_MAX_ROUNDS):
-            if not self._apply(got, receiver) or self._stop.is_set():
-                return  # caught up, or closed: no round trip after close() returned
+            if not self._apply(got, receiver):
+                return self._gap_since is None  # at the head, unless a slot is awaited
+            if self._stop.is_set():
+                return False  # closed: no round trip after close() returned
             got = self._get(self._last)
+        return False  # still behind the head
 
     def _get(self, last: int | None) -> Mapping[str, Any]:
         generation = self._ns.generation_key

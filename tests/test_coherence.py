@@ -1348,3 +1348,131 @@ def test_set_aside_and_bring_back_keep_order_room_expiry_and_newer_entries() -> 
     assert layer.bring_back(aside) == 2  # room for two: the most recent, c and a
     assert list(layer._entries) == ["a", "c", "b", "d"]
     assert layer.get("b") == "newer" and layer.get("short") is MISSING
+
+
+@pytest.mark.usefixtures("no_poller")
+def test_a_poll_that_did_not_reach_the_head_brings_nothing_back() -> None:
+    """Found by review: a poll stops after its rounds (512 entries) or at a slot not
+    written yet; one that began after the stall but stopped short had not delivered
+    every change, and entries came back stale."""
+    store = Store()
+    chain, l1 = make_chain(store)
+    with chain:
+        journal = chain_journal(chain)
+        journal.poll()
+        journal.poll()
+        chain.set("victim", "old", 60)
+        journal.poll()
+        other = peer(store)
+        stripe = hash("victim") & 63
+        fillers = (f"filler{i}" for i in range(200_000))
+        for key in [k for k in fillers if hash(k) & 63 != stripe][:600]:
+            other.publish(key)  # a backlog longer than one poll reads
+        p = other.ns.current()
+        store.set(p + "victim", "new", 60)
+        other.publish("victim")
+        stall(journal)
+        journal.poll()  # began after the stall, read 512 entries of 601
+        assert l1.get("victim") is MISSING
+        journal.poll()  # the rest, the victim's change included: caught up
+        assert chain.get("victim") == "new"
+
+
+@pytest.mark.usefixtures("no_poller")
+def test_a_poll_that_waits_for_a_slot_brings_nothing_back() -> None:
+    store = Store()
+    chain, l1 = make_chain(store)
+    with chain:
+        journal = chain_journal(chain)
+        journal.poll()
+        journal.poll()
+        chain.set("victim", "old", 60)
+        journal.poll()
+        other = peer(store)
+        store.incr(HEAD_KEY, 1)  # a publisher between its incr and its set_many
+        p = other.ns.current()
+        store.set(p + "victim", "new", 60)
+        other.publish("victim")
+        stall(journal)
+        journal.poll()
+        assert l1.get("victim") is MISSING and chain.get("victim") == "new"
+
+
+@pytest.mark.usefixtures("no_poller")
+def test_a_first_layer_that_fails_to_set_aside_is_emptied(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found by review: a failing ``set_aside`` left L1 serving past the bound."""
+    store = Store()
+    chain, l1 = make_chain(store)
+    with chain:
+        journal = chain_journal(chain)
+        journal.poll()
+        journal.poll()
+        chain.set("k", "v", 60)
+        journal.poll()
+
+        def fail() -> None:
+            raise MemoryError
+
+        monkeypatch.setattr(l1, "set_aside", fail)
+        stall(journal)
+        assert l1.get("k") is MISSING
+
+
+@pytest.mark.usefixtures("no_poller")
+def test_a_poll_ending_between_the_stall_and_its_report_does_not_strand_the_entries() -> None:
+    """Found by review: the watchdog marked the stall before the receiver set its
+    entries aside; a poll that ended in between reported a catch-up of nothing, and
+    the entries set aside then never came back."""
+    store = Store()
+    chain, l1 = make_chain(store)
+    with chain:
+        journal = chain_journal(chain)
+        journal.poll()
+        journal.poll()
+        chain.set("k", "v", 60)
+        journal.poll()
+        journal._troubled = True
+        journal._last_ok -= 10.0
+        coherence = chain.coherence
+        assert coherence is not None
+        lost = coherence.lost
+
+        def slow_lost(reason: str) -> None:  # a poll runs before the entries go aside
+            journal.poll()
+            lost(reason)
+
+        coherence.lost = slow_lost  # type: ignore[method-assign]
+        journal.check_stuck()
+        assert l1.get("k") is MISSING
+        journal.poll()
+        assert l1.get("k") == "v"
+
+
+def test_setting_entries_aside_swaps_the_store_instead_of_copying_it() -> None:
+    layer = MemoryLayer(maxsize=8, default_ttl=None)
+    layer.set("a", 1)
+    before = layer._entries
+    aside = layer.set_aside()
+    assert aside is before and layer._entries is not before and len(layer) == 0
+    layer.set("b", 2)
+    assert layer.get("b") == 2 and layer.get("a") is MISSING
+
+
+@pytest.mark.usefixtures("no_poller")
+def test_entries_come_back_in_chunks_in_their_order() -> None:
+    """A catch-up brings entries back 512 at a time (each chunk one hold of the
+    fence's lock), the most recent chunk first: the LRU order comes back whole."""
+    store = Store()
+    l1 = MemoryLayer("L1", maxsize=2_000)
+    with Chain([l1, store]) as chain:
+        journal = chain_journal(chain)
+        journal.poll()
+        journal.poll()
+        keys = [f"k{i}" for i in range(1_500)]
+        l1.set_many(dict.fromkeys(keys, 1))  # in the LRU order of ``keys``
+        stall(journal)
+        assert len(l1) == 0
+        journal.poll()
+        assert list(l1._entries) == keys

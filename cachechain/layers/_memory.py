@@ -566,9 +566,11 @@ class MemoryLayer(BaseLayer):
         with self._lock:
             if self._reads:
                 self._replay_locked()
-            aside = dict(self._entries)
-            self._entries.clear()
-        return aside
+            held = self._store
+            fresh = _LRU(held.maxsize)  # swapped in, not copied: O(1) under the lock
+            fresh.evictions = held.evictions
+            self._store, self._entries, self._lookup = fresh, fresh.entries, fresh.entries.get
+        return held.entries
 
     def bring_back(self, aside: Mapping[str, object]) -> int:
         """Put back entries that :meth:`set_aside` returned, as the least recent ones:
