@@ -71,11 +71,13 @@ from ._validate import check_optional_seconds, check_seconds
 __all__ = [
     "ENVELOPE_HEADER_SIZE",
     "ENVELOPE_MAGIC",
+    "EXPIRED",
     "STAMPED_HEADER_SIZE",
     "STAMPED_MAGIC",
     "Codec",
     "CorruptValueError",
     "Envelope",
+    "Expired",
     "JsonCodec",
     "SignedPickleCodec",
     "TaggedJsonCodec",
@@ -213,6 +215,20 @@ def _finite_float(text: str) -> float:
 #: what the encoders write: no NaN, no infinity, whether spelt out or out of range.
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 _SCAN = json.scanner.make_scanner(_DECODER)  # type: ignore[arg-type]  # the stub names the wrong type
+
+
+class Expired:
+    """The type of :data:`EXPIRED`."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "EXPIRED"
+
+
+#: What :meth:`Envelope.read_plain_many` gives, with ``now``, for an entry whose expiry
+#: has passed (a miss, not a corrupt value).
+EXPIRED: Final = Expired()
 
 
 #: The encoders, built once (``json.dumps`` with options builds one per call: about
@@ -541,27 +557,31 @@ class Envelope:
             return None
         return value, stamp or None
 
-    def read_plain_many(self, datas: Sequence[bytes]) -> list[tuple[Any, float | None] | None]:
-        """``(value, expires_at)`` of each of ``datas`` that is a plain envelope (not
-        stamped) of :class:`JsonCodec` with an ASCII payload, read in one pass: one text
-        decoded for the batch, each value scanned in place and checked to end exactly
-        where its payload does (what :meth:`unpack` accepts, and nothing else). ``None``
-        for every other item (another codec, a stamped or corrupt envelope, a counter, a
-        non-ASCII payload): the caller reads those one by one, as before, so that each
-        error is raised and counted as :meth:`read` does. Never raises."""
-        out: list[tuple[Any, float | None] | None] = [None] * len(datas)
+    def read_plain_many(
+        self, datas: Sequence[bytes], now: float
+    ) -> list[tuple[Any, float | None] | Expired | None]:
+        """``(value, seconds left at now)`` (``None``: no expiry) of each of ``datas``
+        that is a plain envelope (not stamped) of :class:`JsonCodec` with an ASCII
+        payload, or :data:`EXPIRED` when its expiry is not after ``now`` (unix
+        seconds), read in one pass: one text decoded for the batch, each value scanned
+        in place and checked to end exactly where its payload does (what
+        :meth:`unpack` accepts, and nothing else). ``None`` for every other item
+        (another codec, a stamped or corrupt envelope, a counter, a non-ASCII
+        payload): the caller reads those one by one, as before, so that each error is
+        raised and counted as :meth:`read` does. Never raises."""
+        out: list[tuple[Any, float | None] | Expired | None] = [None] * len(datas)
         if not self._plain_json:
             return out
         unpack, size = _HEADER.unpack_from, ENVELOPE_HEADER_SIZE
+        json_id, inf = JsonCodec.codec_id, math.inf
         at: list[tuple[int, int, float]] = []  # (item, payload length, stamp)
         parts: list[bytes] = []
         for i, data in enumerate(datas):
             if data.__class__ is bytes and len(data) > size and data[0] == ENVELOPE_MAGIC:
                 _, codec_id, stamp = unpack(data)
-                if codec_id == JsonCodec.codec_id and 0.0 <= stamp < math.inf:
-                    part = data[size:]
-                    at.append((i, len(part), stamp))
-                    parts.append(part)
+                if codec_id == json_id and 0.0 <= stamp < inf:
+                    at.append((i, len(data) - size, stamp))
+                    parts.append(data[size:])
         joined = b"\n".join(parts)
         if not parts or not joined.isascii():
             return out
@@ -573,7 +593,10 @@ class Envelope:
             except (StopIteration, ValueError, RecursionError):
                 end = -1
             if end == pos + n:
-                out[i] = (value, stamp or None)
+                if stamp > now:
+                    out[i] = (value, stamp - now)
+                else:  # 0.0: no expiry
+                    out[i] = EXPIRED if stamp else (value, None)
             pos += n + 1
         return out
 

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from cachechain._codecs import (
     _HEADER,
+    EXPIRED,
     CorruptValueError,
     Envelope,
     JsonCodec,
@@ -79,10 +80,15 @@ def test_a_batch_of_envelopes_reads_as_each_one_alone(seed: int) -> None:
         for _ in range(rng.randint(1, 12))
     ]
     datas += [pack(JsonCodec(), "stamped", None)]
-    for got, data in zip(JSON.read_plain_many(datas), datas, strict=True):
+    now = rng.choice([1.0e9, 1.5e9, 2.0e9])
+    for got, data in zip(JSON.read_plain_many(datas, now), datas, strict=True):
         if got is not None:  # read in the batch: exactly what unpack reads
-            assert got == JSON.unpack(data)
-            assert type(got[0]) is type(JSON.unpack(data)[0])
+            value, expires_at = JSON.unpack(data)
+            if expires_at is not None and expires_at <= now:
+                assert got is EXPIRED
+                continue
+            assert got == (value, None if expires_at is None else expires_at - now)
+            assert type(got[0]) is type(value)  # type: ignore[index]
 
 
 @pytest.mark.parametrize("payload", PAYLOADS)
@@ -112,8 +118,8 @@ def test_what_one_step_reads_and_what_it_leaves() -> None:
 
 
 def test_only_well_formed_ascii_json_envelopes_are_read_in_a_batch() -> None:
-    good = [envelope(b'{"id":1}'), envelope(b"[1,2]", 1.7e9), envelope(b"3")]
-    assert JSON.read_plain_many(good) == [({"id": 1}, None), ([1, 2], 1.7e9), (3, None)]
+    good = [envelope(b'{"id":1}'), envelope(b"[1,2]", 1.7e9), envelope(b"3", 1.2e9)]
+    assert JSON.read_plain_many(good, 1.5e9) == [({"id": 1}, None), ([1, 2], 2e8), EXPIRED]
     others = [
         envelope(b"1,2"),  # two values
         envelope(b'"caf\xc3\xa9"'),  # not ASCII: read alone
@@ -124,15 +130,15 @@ def test_only_well_formed_ascii_json_envelopes_are_read_in_a_batch() -> None:
         b"",  # a lease's stub
         RawCounter(b"12"),
     ]
-    assert JSON.read_plain_many(others) == [None] * len(others)
+    assert JSON.read_plain_many(others, 1.5e9) == [None] * len(others)
     # a batch with one non-ASCII payload is read one by one, none of it in the batch
-    assert JSON.read_plain_many([good[0], others[1]]) == [None, None]
+    assert JSON.read_plain_many([good[0], others[1]], 1.5e9) == [None, None]
 
 
 def test_another_codec_is_never_read_in_a_batch() -> None:
     env = Envelope(SignedPickleCodec(b"k" * 32))
     data = env.pack(1, None, b"k")
-    assert env.read_plain_many([data]) == [None]
+    assert env.read_plain_many([data], 1.5e9) == [None]
 
 
 class Sub(JsonCodec):
@@ -142,7 +148,7 @@ class Sub(JsonCodec):
 
 def test_a_subclass_of_the_json_codec_decodes_its_own_way() -> None:
     env = Envelope(Sub())
-    assert env.read_plain_many([envelope(b"1")]) == [None]
+    assert env.read_plain_many([envelope(b"1")], 1.5e9) == [None]
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from .._codecs import CorruptValueError, Envelope
+from .._codecs import EXPIRED, CorruptValueError, Envelope
 from .._errors import InvalidValueError
 from ._base import MISSING
 from ._counters import RawCounter, read_raw
@@ -114,22 +114,17 @@ class MemcachedValues:
         (counted). Plain JSON envelopes are read in one pass
         (:meth:`~cachechain._codecs.Envelope.read_plain_many`: a batch of 100 costs
         about half as much); every other one through :meth:`_decode`."""
-        datas = list(raw.values())
-        plains = self._envelope.read_plain_many(datas)
-        for mkey, data, plain in zip(raw, datas, plains, strict=True):
+        plains = self._envelope.read_plain_many(list(raw.values()), now)
+        for mkey, plain in zip(raw, plains, strict=True):
             if plain is None:
                 try:
-                    entry = self._decode(data, mkey, now)
+                    entry = self._decode(raw[mkey], mkey, now)
                 except CorruptValueError:
                     continue
                 if entry[0] is not MISSING:
                     found[keys[mkey]] = entry
-                continue
-            value, expires_at = plain
-            if expires_at is None:
-                found[keys[mkey]] = plain
-            elif expires_at > now:
-                found[keys[mkey]] = (value, expires_at - now)
+            elif plain is not EXPIRED:
+                found[keys[mkey]] = plain  # type: ignore[assignment]
 
     def _corrupted(self, exc: CorruptValueError) -> None:
         """Count a read of stored bytes that could not be decoded (see ``stats``)."""

@@ -203,12 +203,12 @@ class Connection:
         reply = self._command(b"get " + b" ".join(wanted) + b"\r\n", deadline)
         found: dict[bytes, bytes] = {}
         match, max_value = _VALUE.match, self.max_value
+        buf, pos = reply.buf, reply.pos
         while True:
             # A whole plain item already read: one regex match and two slices (a
             # batch's usual case; each item through line() and _header() cost twice as
-            # much). Anything else (END, an item in pieces, a flag, an error or a
-            # malformed line) takes the careful path below.
-            buf, pos = reply.buf, reply.pos
+            # much), the position kept here. Anything else (END, an item in pieces, a
+            # flag, an error or a malformed line) takes the careful path below.
             m = match(buf, pos)
             if m is not None:
                 key, size = m[1], int(m[2])
@@ -221,8 +221,9 @@ class Connection:
                     and key not in found
                 ):
                     found[key] = buf[start:end]
-                    reply.pos = end + 2
+                    pos = end + 2
                     continue
+            reply.pos = pos
             line = reply.line()
             if line == b"END":
                 break
@@ -230,6 +231,7 @@ class Connection:
             if key not in wanted or key in found:
                 raise MemcacheUnknownError(f"unexpected key in reply to get: {line[:80]!r}")
             found[key] = _BY_FLAGS.get(flags, bytes)(reply.block(size))
+            buf, pos = reply.buf, reply.pos
         reply.finish()
         return found
 
