@@ -99,6 +99,8 @@ _STAMPED_HEADER = struct.Struct(">BBddd")
 
 #: Bytes of envelope before the codec payload (magic, codec id, ``expires_at``).
 ENVELOPE_HEADER_SIZE = _HEADER.size
+#: A plain envelope's expiry alone (``_HEADER``'s last field, at offset 2).
+_STAMP = struct.Struct(">d")
 #: Bytes of a stamped envelope before the payload (plus ``fresh_until`` and ``ttl``).
 STAMPED_HEADER_SIZE = _STAMPED_HEADER.size
 
@@ -509,6 +511,10 @@ class SignedPickleCodec:
         return "SignedPickleCodec(secret=<hidden>)"
 
 
+#: The first two bytes of a plain envelope of :class:`JsonCodec`: magic and codec id.
+_JSON_HEAD: Final = bytes((ENVELOPE_MAGIC, JsonCodec.codec_id))
+
+
 class Envelope:
     """How a layer wraps the payloads of its ``codec`` (see :func:`pack`); made once
     per layer. When the codec binds its payloads to a context (:func:`binds_context`,
@@ -572,14 +578,13 @@ class Envelope:
         out: list[tuple[Any, float | None] | Expired | None] = [None] * len(datas)
         if not self._plain_json:
             return out
-        unpack, size = _HEADER.unpack_from, ENVELOPE_HEADER_SIZE
-        json_id, inf = JsonCodec.codec_id, math.inf
+        stamp_of, size, inf = _STAMP.unpack_from, ENVELOPE_HEADER_SIZE, math.inf
         at: list[tuple[int, int, float]] = []  # (item, payload length, stamp)
         parts: list[bytes] = []
         for i, data in enumerate(datas):
-            if data.__class__ is bytes and len(data) > size and data[0] == ENVELOPE_MAGIC:
-                _, codec_id, stamp = unpack(data)
-                if codec_id == json_id and 0.0 <= stamp < inf:
+            if data.__class__ is bytes and data.startswith(_JSON_HEAD) and len(data) > size:
+                stamp = stamp_of(data, 2)[0]
+                if 0.0 <= stamp < inf:
                     at.append((i, len(data) - size, stamp))
                     parts.append(data[size:])
         joined = b"\n".join(parts)
