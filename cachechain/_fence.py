@@ -101,11 +101,15 @@ class MutationFence:
         if ticket is None:
             return False
         stripe = ticket & _MASK
-        with self._lock:
+        lock = self._lock
+        lock.acquire()  # not ``with``: every L2 hit's backfill (see begin)
+        try:
             if self._seq[stripe] != ticket or self._active[stripe]:
                 return False
             fn(*args)
             return True
+        finally:
+            lock.release()
 
     def if_unchanged_many(
         self,

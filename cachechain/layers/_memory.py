@@ -203,6 +203,22 @@ class _LRU:
             deque(map(entries.popitem, repeat(False, excess)), 0)
         entries.update(batch)  # the held keys again, in place: same items
 
+    def live(self, key: str, now: float) -> _Item:
+        """The entry of ``key`` if it has not expired (a stamped one: its logical
+        expiry) at ``now``, else :data:`_ABSENT`."""
+        item = self.entries.get(key, _ABSENT)
+        if _timed(item) and item <= now:
+            return _ABSENT
+        return item
+
+    def drop_gone(self, now: float) -> int:
+        """Remove every entry past its physical expiry at ``now``; return how many."""
+        entries = self.entries
+        dead = [key for key, item in entries.items() if _gone(item, now)]
+        for key in dead:
+            del entries[key]
+        return len(dead)
+
     def put_back(self, aside: Mapping[str, _Item], now: float) -> int:
         """Put ``aside``'s entries (least recent first) back as the least recent ones:
         those whose key is not held now and that have not expired at ``now``, as many
@@ -406,10 +422,14 @@ class MemoryLayer(BaseLayer):
         else:
             item = _Expiring(self._clock() + ttl)
             item.value = value
-        with self._lock:
+        lock = self._lock
+        lock.acquire()  # not ``with``: a third cheaper on a write's path (issue 10)
+        try:
             if self._reads:
                 self._replay_locked()
             self._store.put(key, item)
+        finally:
+            lock.release()
 
     def set_many(self, items: Mapping[str, Any], ttl: float | None = None) -> list[str]:
         """Store every item under one lock acquisition; nothing is ever rejected."""
@@ -447,10 +467,14 @@ class MemoryLayer(BaseLayer):
             cap = self._max_ttl
             item = _Expiring(self._clock() + (ttl if cap is None or ttl <= cap else cap))
             item.value = value
-        with self._lock:
+        lock = self._lock
+        lock.acquire()  # not ``with``: a third cheaper on a write's path (issue 10)
+        try:
             if self._reads:
                 self._replay_locked()
             self._store.put(key, item)
+        finally:
+            lock.release()
 
     def fill_many(self, hits: Mapping[str, tuple[Any, float | None]]) -> None:
         """Store each ``key: (value, ttl)`` of ``hits`` under one lock acquisition and
@@ -483,14 +507,6 @@ class MemoryLayer(BaseLayer):
 
     # -- atomic operations (the chain's add/incr/decr/touch on an in-process chain) ------
 
-    def _live(self, key: str, now: float) -> _Item:
-        """The entry of ``key`` if it has not expired (a stamped one: its logical
-        expiry) at ``now``, else :data:`_ABSENT`; call under the lock."""
-        item = self._entries.get(key, _ABSENT)
-        if _timed(item) and item <= now:
-            return _ABSENT
-        return item
-
     def add(self, key: str, value: Any, ttl: float | None = None) -> bool:
         """Store ``value`` for ``ttl`` seconds (default: ``default_ttl``) unless ``key``
         holds a live entry; return whether it was stored. Atomic (under the layer's
@@ -498,7 +514,7 @@ class MemoryLayer(BaseLayer):
         ttl = self.effective_ttl(ttl)
         now = self._clock()
         with self._lock:
-            if self._live(key, now) is not _ABSENT:
+            if self._store.live(key, now) is not _ABSENT:
                 return False
             if self._reads:  # an eviction must see the reads, as for any write
                 self._replay_locked()
@@ -522,7 +538,7 @@ class MemoryLayer(BaseLayer):
     def _count(self, key: str, delta: int, apply: Callable[[int, int], int]) -> int | None:
         now = self._clock()
         with self._lock:
-            item = self._live(key, now)
+            item = self._store.live(key, now)
             if item is _ABSENT:
                 return None
             timed = _timed(item)
@@ -546,7 +562,7 @@ class MemoryLayer(BaseLayer):
         ttl = self.effective_ttl(ttl)
         now = self._clock()
         with self._lock:
-            item = self._live(key, now)
+            item = self._store.live(key, now)
             if item is _ABSENT:
                 return False
             value = item.value if _timed(item) else item
@@ -586,11 +602,7 @@ class MemoryLayer(BaseLayer):
         passed); return how many were removed."""
         now = self._clock()
         with self._lock:
-            entries = self._entries
-            dead = [k for k, item in entries.items() if _gone(item, now)]
-            for key in dead:
-                del entries[key]
-        return len(dead)
+            return self._store.drop_gone(now)
 
     def stats(self) -> MemoryLayerStats:
         """Return the entry count, the bound and the eviction count."""
