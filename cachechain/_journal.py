@@ -260,7 +260,9 @@ class MemcachedJournal:
         I/O, never raises."""
         if not self._keys:
             return
-        with self._lock:
+        lock = self._lock
+        lock.acquire()  # not ``with``: every mutation's path (a third cheaper)
+        try:
             pending = self._pending
             if not pending:
                 self._wake.set()
@@ -269,6 +271,8 @@ class MemcachedJournal:
             if len(pending) > self._max_pending:
                 pending.clear()
                 self._overflow = True
+        finally:
+            lock.release()
 
     def close(self, timeout: float) -> None:
         """Stop the poller (waiting at most ``timeout`` seconds) and publish what is
