@@ -26,10 +26,12 @@ entries (one ``dict.get``, bound once: ``OrderedDict`` inherits it from ``dict``
 records the key in a bounded *read buffer* (a ``deque``, whose ``append`` is atomic);
 the LRU order is brought up to date from the buffer by whichever thread next holds the
 lock: a writer before it writes (so an eviction sees the reads), or a reader that finds
-the buffer full enough and the lock free (``acquire(blocking=False)``: a reader never
-waits). Each key is moved once per replay however often it was read; a buffer past its
-bound drops its oldest reads, and a replay drops the reads recorded while it takes the
-buffer (between its ``copy`` and its ``clear``): the recency order is approximate,
+the buffer full enough and the lock free (``lock.locked()`` first: a reader waits only
+for a writer that took the lock in between; never ``acquire(blocking=False)`` then
+``try``, which a signal raised as the acquire returns would leave held). Each key is
+moved once per replay however often it was read; a buffer past its bound drops its
+oldest reads, and a replay drops the reads recorded while it takes the buffer (between
+its ``copy`` and its ``clear``): the recency order is approximate,
 exactly what a read sees is not. With threads on several CPUs a lock taken by every
 read made a convoy: 16 threads read a seventh of one thread's hits.
 
@@ -422,14 +424,10 @@ class MemoryLayer(BaseLayer):
         else:
             item = _Expiring(self._clock() + ttl)
             item.value = value
-        lock = self._lock
-        lock.acquire()  # not ``with``: a third cheaper on a write's path (issue 10)
-        try:
+        with self._lock:  # never acquire() then try (see _fence's _WITH_ONLY)
             if self._reads:
                 self._replay_locked()
             self._store.put(key, item)
-        finally:
-            lock.release()
 
     def set_many(self, items: Mapping[str, Any], ttl: float | None = None) -> list[str]:
         """Store every item under one lock acquisition; nothing is ever rejected."""
@@ -467,14 +465,10 @@ class MemoryLayer(BaseLayer):
             cap = self._max_ttl
             item = _Expiring(self._clock() + (ttl if cap is None or ttl <= cap else cap))
             item.value = value
-        lock = self._lock
-        lock.acquire()  # not ``with``: a third cheaper on a write's path (issue 10)
-        try:
+        with self._lock:  # never acquire() then try (see _fence's _WITH_ONLY)
             if self._reads:
                 self._replay_locked()
             self._store.put(key, item)
-        finally:
-            lock.release()
 
     def fill_many(self, hits: Mapping[str, tuple[Any, float | None]]) -> None:
         """Store each ``key: (value, ttl)`` of ``hits`` under one lock acquisition and
@@ -629,13 +623,14 @@ class MemoryLayer(BaseLayer):
 
     def _replay(self) -> None:
         """Replay the read buffer into the LRU order if the lock is free; else leave it
-        to the thread that holds it (never waits)."""
+        to the thread that holds it. The lock is taken with ``with`` once seen free (a
+        reader waits only for a writer that took it in between): ``acquire(False)``
+        then ``try`` would leave it held for good if a signal raised as the acquire
+        returned (see :mod:`cachechain._fence`)."""
         lock = self._lock
-        if lock.acquire(False):
-            try:
+        if not lock.locked():
+            with lock:
                 self._replay_locked()
-            finally:
-                lock.release()
 
     def _replay_locked(self) -> None:
         """Move each key read since the last replay to the recent end of the LRU order,
