@@ -78,7 +78,7 @@ def bench_threads(h: Any, ctx: Any) -> Any:
         "the work (n hits in all), parked on a barrier before the timed run. Unpinned: "
         "with a lock on every read, threads on several CPUs convoy on it (the GIL's "
         "hand-offs); MemoryLayer reads take no lock (a read buffer replayed under a "
-        "try-lock, see cachechain/layers/_memory.py)."
+        "lock a reader takes only when it sees it free, see cachechain/layers/_memory.py)."
     )
     key = "user:42"
     chain = Chain([MemoryLayer("L1")])
