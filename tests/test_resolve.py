@@ -142,13 +142,24 @@ def test_concurrent_connects_share_one_lookup(dns: FakeDNS) -> None:
     for worker in workers:
         worker.start()
     started.wait()
-    while not dns.names:  # the one lookup began (the others join it or wait to)
+    # Every connect waits on the one lookup in flight before it answers (one that came
+    # after it ended would rightly look the name up again).
+    deadline = time.monotonic() + 30
+    while not waiting_on_the_lookup(resolver, ("cache.test", 1), threads):
+        assert time.monotonic() < deadline, "the connects never all waited"
         time.sleep(0.001)
     dns.gate.set()
     for worker in workers:
         worker.join(30)
     assert answers == [("127.0.0.1", 1)] * threads
     assert dns.names == ["cache.test"]
+
+
+def waiting_on_the_lookup(resolver: Resolver, server: tuple[str, int], count: int) -> bool:
+    """Whether ``count`` threads wait on the lookup of ``server`` in flight (CPython's
+    ``Event``: a ``Condition`` whose waiters are a deque)."""
+    flight = resolver._flights.get(server)
+    return flight is not None and len(flight.done._cond._waiters) == count  # type: ignore[attr-defined]
 
 
 def test_a_forked_child_forgets_the_lookup_in_flight_and_keeps_the_answers(
