@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._namespace import Namespace, NamespacedLayer
 from ._resilience import ResilientLayer, unwrapped
-from ._tier import SettlingTier, Tier
+from ._tier import SettlingTier, Tier, fill_of
 from .layers._base import SupportsAdd, SupportsCounters, SupportsTouch
 
 if TYPE_CHECKING:
@@ -164,15 +164,15 @@ def _always(key: str) -> bool:
 def _first(chain: Chain) -> tuple[Callable[[str], Any], Any]:
     """What :attr:`AtomicPlan.l1_drop` and :attr:`AtomicPlan.l1_store` are for the first
     tier of ``chain``. For a plain :class:`~cachechain._tier.Tier` (every write
-    synchronous, no repair owed): the layer's own ``delete`` and ``set`` when the chain
-    has no collector (its ``fill`` if it has one, as a backfill has: ``set`` without
-    re-checking a TTL the chain checked; nothing to time; the caller reports what they
-    raise, as :meth:`Tier.call <cachechain._tier.Tier.call>` would), else through ``Tier.call``,
-    which times and records them. Otherwise the tier's ``delete``, and None."""
+    synchronous, no repair owed): the layer's own ``delete`` and its write of a checked
+    value (:func:`~cachechain._tier.fill_of`) when the chain has no collector (nothing
+    to time; the caller reports what they raise, as :meth:`Tier.call
+    <cachechain._tier.Tier.call>` would), else through ``Tier.call``, which times and
+    records them. Otherwise the tier's ``delete``, and None."""
     first = chain._first
     if type(first) is not Tier:
         return first.delete, None
     layer = first.layer
-    if chain._report.m is None:  # MemoryLayer.fill: its set, without re-checking the TTL
-        return layer.delete, getattr(layer, "fill", None) or layer.set
+    if chain._report.m is None:
+        return layer.delete, fill_of(layer)
     return partial(first.call, "delete", layer.delete), partial(first.call, "set", layer.set)

@@ -10,7 +10,7 @@ from ._chain_metrics import Reporter
 from ._fence import MutationFence, Ticket, Tickets
 from ._namespace import Namespace, batch_under
 from ._resilience import ResilientLayer
-from ._tier import Tier
+from ._tier import Tier, fill_of
 from .metrics._base import CollectorGuard
 
 __all__ = ["Backfill", "Backfiller", "PairBatch", "read_through"]
@@ -96,10 +96,7 @@ class Backfiller:
         self._tiers = tiers
         self._fence = fence
         self._report = report
-        # The first layer's one-item fill for a backfill (MemoryLayer.fill: set without
-        # re-checking the TTL a lower layer gave), else its set.
-        layer = tiers[0].layer
-        self._l1_set = getattr(layer, "fill", None) or layer.set
+        self._l1_set = fill_of(tiers[0].layer)  # the first layer's one-item backfill
         #: The first layer's batch fill (``MemoryLayer.fill_many``), if it has one.
         self._l1_fill_many = getattr(tiers[0].layer, "fill_many", None)
         self._l1_name = tiers[0].name
@@ -235,10 +232,7 @@ class PairBatch:
         except Exception as exc:
             self._report.failed(second.name, "get_many", exc)
             return found
-        if found:
-            found.update({key: value for key, (value, _) in hits.items()})
-        else:
-            found = {key: value for key, (value, _) in hits.items()}
+        found.update({key: value for key, (value, _) in hits.items()})
         self._backfill.many(1, hits, tickets)
         return found
 

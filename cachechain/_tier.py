@@ -43,6 +43,7 @@ __all__ = [
     "build_tier",
     "build_tiers",
     "close",
+    "fill_of",
     "flush",
 ]
 
@@ -51,6 +52,14 @@ __all__ = [
 SETTLE_DEFAULT = 1.0
 _perf = time.perf_counter
 _NONE_HELD: frozenset[str] = frozenset()
+
+
+def fill_of(layer: CacheLayer) -> Callable[[str, Any, float | None], Any]:
+    """How a chain writes a value it already checked into the first layer ``layer``
+    (a backfill, an ``add`` that stored): its ``fill`` (``MemoryLayer.fill``: ``set``
+    without re-checking the TTL) when it has one, else its ``set``."""
+    fill: Callable[[str, Any, float | None], Any] | None = getattr(layer, "fill", None)
+    return fill or layer.set
 
 
 class Tier:

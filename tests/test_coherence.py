@@ -11,6 +11,7 @@ that need the real poller thread say so and synchronise on events.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -1215,6 +1216,23 @@ def keys_in_distinct_stripes(count: int) -> list[str]:
     return list(found.values())
 
 
+@contextlib.contextmanager
+def settled(
+    store: Store, entries: Mapping[str, Any], collector: MemoryCollector | None = None
+) -> Iterator[tuple[Chain, MemoryLayer, MemcachedJournal]]:
+    """A chain on ``store`` (its journal polled by the test: ``no_poller``) whose
+    journal made its first reads, with ``entries`` set for 60 s and published."""
+    chain, l1 = make_chain(store, collector)
+    with chain:
+        journal = chain_journal(chain)
+        journal.poll()
+        journal.poll()
+        for key, value in entries.items():
+            chain.set(key, value, 60)
+        journal.poll()
+        yield chain, l1, journal
+
+
 def stall(journal: MemcachedJournal) -> None:
     """What the watchdog sees of a poll stuck past the bound: it reports unreachable."""
     journal._troubled = True
@@ -1231,16 +1249,10 @@ def test_a_late_poll_sets_l1_aside_and_one_begun_after_it_brings_back_the_untouc
     dropped, and a busy process refilled its L1 from memcached after each late poll."""
     store = Store()
     collector = MemoryCollector()
-    chain, l1 = make_chain(store, collector)
-    with chain:
-        journal = chain_journal(chain)
-        journal.poll()
-        journal.poll()
-        kept, remote, local, reread = keys_in_distinct_stripes(4)
-        for key in (kept, remote, local, reread):
-            chain.set(key, "old", 60)
+    kept, remote, local, reread = keys_in_distinct_stripes(4)
+    entries = dict.fromkeys((kept, remote, local, reread), "old")
+    with settled(store, entries, collector) as (chain, l1, journal):
         other = peer(store)
-        journal.poll()  # publishes this process's sets
         stall(journal)
         assert all(l1.get(key) is MISSING for key in (kept, remote, local, reread))
         assert chain.get(reread) == "old"  # read from the shared layer meanwhile
@@ -1257,17 +1269,11 @@ def test_a_late_poll_sets_l1_aside_and_one_begun_after_it_brings_back_the_untouc
 
 
 @pytest.mark.usefixtures("no_poller")
-def test_only_a_poll_begun_after_the_stall_brings_entries_back(mono: FakeClock) -> None:
+def test_only_a_poll_begun_after_the_stall_brings_entries_back() -> None:
     """A poll in flight when the watchdog reported (it began before) may have read the
     ring before changes published since: it brings nothing back; the next one does."""
     store = Store()
-    chain, l1 = make_chain(store)
-    with chain:
-        journal = chain_journal(chain)
-        journal.poll()
-        journal.poll()
-        chain.set("k", "v", 60)
-        journal.poll()
+    with settled(store, {"k": "v"}) as (_, l1, journal):
         stall(journal)
         journal._stalled_at = journal._clock() + 3600.0  # as if it came mid-poll
         journal.poll()
@@ -1280,13 +1286,7 @@ def test_only_a_poll_begun_after_the_stall_brings_entries_back(mono: FakeClock) 
 @pytest.mark.usefixtures("no_poller")
 def test_a_loss_of_track_while_set_aside_drops_what_was_set_aside() -> None:
     store = Store()
-    chain, l1 = make_chain(store)
-    with chain:
-        journal = chain_journal(chain)
-        journal.poll()
-        journal.poll()
-        chain.set("k", "v", 60)
-        journal.poll()
+    with settled(store, {"k": "v"}) as (chain, l1, journal):
         stall(journal)
         other = peer(store)
         other.journal._max_pending = 1
@@ -1302,13 +1302,7 @@ def test_a_second_stall_before_catching_up_drops_everything() -> None:
     """Late for a second bound (an outage rather than a busy moment): what was set
     aside goes too."""
     store = Store()
-    chain, l1 = make_chain(store)
-    with chain:
-        journal = chain_journal(chain)
-        journal.poll()
-        journal.poll()
-        chain.set("first", 1, 60)
-        journal.poll()
+    with settled(store, {"first": 1}) as (chain, l1, journal):
         stall(journal)
         assert chain.get("first") == 1  # read again from the shared layer into L1
         stall(journal)  # still late, one bound later
@@ -1321,13 +1315,7 @@ def test_a_second_stall_before_catching_up_drops_everything() -> None:
 @pytest.mark.usefixtures("no_poller")
 def test_a_clear_while_set_aside_brings_nothing_back() -> None:
     store = Store()
-    chain, l1 = make_chain(store)
-    with chain:
-        journal = chain_journal(chain)
-        journal.poll()
-        journal.poll()
-        chain.set("k", "v", 60)
-        journal.poll()
+    with settled(store, {"k": "v"}) as (chain, l1, journal):
         stall(journal)
         assert chain.clear() is True
         journal.poll()
@@ -1356,13 +1344,7 @@ def test_a_poll_that_did_not_reach_the_head_brings_nothing_back() -> None:
     written yet; one that began after the stall but stopped short had not delivered
     every change, and entries came back stale."""
     store = Store()
-    chain, l1 = make_chain(store)
-    with chain:
-        journal = chain_journal(chain)
-        journal.poll()
-        journal.poll()
-        chain.set("victim", "old", 60)
-        journal.poll()
+    with settled(store, {"victim": "old"}) as (chain, l1, journal):
         other = peer(store)
         stripe = hash("victim") & 63
         fillers = (f"filler{i}" for i in range(200_000))
@@ -1381,13 +1363,7 @@ def test_a_poll_that_did_not_reach_the_head_brings_nothing_back() -> None:
 @pytest.mark.usefixtures("no_poller")
 def test_a_poll_that_waits_for_a_slot_brings_nothing_back() -> None:
     store = Store()
-    chain, l1 = make_chain(store)
-    with chain:
-        journal = chain_journal(chain)
-        journal.poll()
-        journal.poll()
-        chain.set("victim", "old", 60)
-        journal.poll()
+    with settled(store, {"victim": "old"}) as (chain, l1, journal):
         other = peer(store)
         store.incr(HEAD_KEY, 1)  # a publisher between its incr and its set_many
         p = other.ns.current()
@@ -1404,13 +1380,7 @@ def test_a_first_layer_that_fails_to_set_aside_is_emptied(
 ) -> None:
     """Found by review: a failing ``set_aside`` left L1 serving past the bound."""
     store = Store()
-    chain, l1 = make_chain(store)
-    with chain:
-        journal = chain_journal(chain)
-        journal.poll()
-        journal.poll()
-        chain.set("k", "v", 60)
-        journal.poll()
+    with settled(store, {"k": "v"}) as (_, l1, journal):
 
         def fail() -> None:
             raise MemoryError
@@ -1426,15 +1396,7 @@ def test_a_poll_ending_between_the_stall_and_its_report_does_not_strand_the_entr
     entries aside; a poll that ended in between reported a catch-up of nothing, and
     the entries set aside then never came back."""
     store = Store()
-    chain, l1 = make_chain(store)
-    with chain:
-        journal = chain_journal(chain)
-        journal.poll()
-        journal.poll()
-        chain.set("k", "v", 60)
-        journal.poll()
-        journal._troubled = True
-        journal._last_ok -= 10.0
+    with settled(store, {"k": "v"}) as (chain, l1, journal):
         coherence = chain.coherence
         assert coherence is not None
         lost = coherence.lost
@@ -1444,7 +1406,7 @@ def test_a_poll_ending_between_the_stall_and_its_report_does_not_strand_the_entr
             lost(reason)
 
         coherence.lost = slow_lost  # type: ignore[method-assign]
-        journal.check_stuck()
+        stall(journal)
         assert l1.get("k") is MISSING
         journal.poll()
         assert l1.get("k") == "v"

@@ -115,33 +115,22 @@ def _expiring(value: Any, expires: float) -> _Expiring:
 
 
 def _backfills(
-    hits: Mapping[str, tuple[Any, float | None]],
-    now: float,
-    default: float | None,
-    cap: float | None,
-    layer: BaseLayer,
+    hits: Mapping[str, tuple[Any, float | None]], now: float, layer: BaseLayer
 ) -> dict[str, _Item]:
-    """The entries of :meth:`MemoryLayer.fill_many`'s ``hits`` at ``now`` (see there),
-    ``default`` and ``cap`` the layer's ``default_ttl`` and ``max_ttl``; a TTL of
-    another kind is checked by ``layer.effective_ttl`` (which raises)."""
+    """The entries of :meth:`MemoryLayer.fill_many`'s ``hits`` at ``now`` (see there):
+    the usual float TTL in one test, any other through ``layer.effective_ttl`` (the
+    default for ``None``, the cap, and an error for a bad one)."""
+    cap = layer.max_ttl
     limit = sys.float_info.max if cap is None else cap  # finite: inf and NaN fail
     entries: dict[str, _Item] = {}
     for key, (value, ttl) in hits.items():
-        if ttl.__class__ is float and 0.0 < ttl <= limit:
-            item = entries[key] = _Expiring(now + ttl)  # the usual item, in one test
-            item.value = value
-            continue
-        if ttl is None:
-            ttl = default
-        elif ttl.__class__ is not float or not 0.0 < ttl < math.inf:
+        if ttl.__class__ is not float or not 0.0 < ttl <= limit:
             if _spent(ttl):
                 continue  # a TTL the lower layer cannot tell, or none left
-            ttl = layer.effective_ttl(ttl)  # validated (raises for a bad one)
-        if ttl is None:
-            entries[key] = value
-            continue
-        if cap is not None and ttl > cap:
-            ttl = cap
+            ttl = layer.effective_ttl(ttl)
+            if ttl is None:
+                entries[key] = value
+                continue
         item = entries[key] = _Expiring(now + ttl)
         item.value = value
     return entries
@@ -481,7 +470,7 @@ class MemoryLayer(BaseLayer):
         source. Raises
         :class:`~cachechain.InvalidValueError` for any other TTL (nothing is
         stored)."""
-        entries = _backfills(hits, self._clock(), self.default_ttl, self._max_ttl, self)
+        entries = _backfills(hits, self._clock(), self)
         with self._lock:
             if self._reads:
                 self._replay_locked()
