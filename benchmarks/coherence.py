@@ -343,6 +343,7 @@ def bench_l1_hit(h: Any, ctx: Any) -> Any:
 
 def bench_atomic(h: Any, ctx: Any) -> Any:
     from cachechain import Chain, MemcachedLayer, MemoryLayer
+    from cachechain.layers._memcached import memcached_key
 
     sec = h.Section("coherence_atomic", "11. Chain.add / Chain.incr vs raw pymemcache")
     sec.notes.append(
@@ -351,24 +352,39 @@ def bench_atomic(h: Any, ctx: Any) -> Any:
         "memcached's own command on the namespaced key, the L1 update and the key "
         "queued for the journal (published by the poller thread, batched)."
     )
+    sec.notes.append(
+        "The raw client sends the bytes the chain sends: its keys carry the chain's "
+        "namespace prefix (key tags of equal length), and its add stores the chain's "
+        "encoded value of 1 (read back from memcached)."
+    )
     chain = Chain([MemoryLayer("L1"), MemcachedLayer("L2", ctx.address)])
     plain = Chain([MemoryLayer("L1"), MemcachedLayer("L2", ctx.address)], coherence=False)
     raw = h.mc_client(ctx)
     rounds: dict[str, int] = {}  # per contender: its keys of the last round
     try:
-        raw.set(b"raw:counter", b"0", expire=600)
+        assert chain.coherence is not None
+        prefix = chain.coherence.namespace.current()
+        chain.add("add:probe", 1, 60)
+        stored = raw.get(memcached_key(prefix + "add:probe"))
+        sec.check("raw Client.get reads the chain's encoded value", stored is not None)
+        encoded: bytes = stored or b"1"
+        raw_counter = memcached_key(prefix + "counteR")  # the length of the chain's key
+        raw.set(raw_counter, b"0", expire=600)
         chain.set("counter", 0, 600)
         plain.set("counter", 0, 600)
         sec.check("Chain.incr counts on memcached", chain.incr("counter") == 1)
-        sec.check("raw incr counts", raw.incr(b"raw:counter", 1) == 1)
+        sec.check("raw incr counts", raw.incr(raw_counter, 1) == 1)
 
-        def adds(tag: str, fn: Callable[[str, int], object], encode: bool) -> Any:
+        def adds(tag: str, fn: Callable[[Any, int], object], encode: bool) -> Any:
             keys: list[Any] = []
 
             def before() -> None:
                 rounds[tag] = rounds.get(tag, 0) + 1
                 base = f"add:{tag}:{rounds[tag]}"
-                keys[:] = [(f"{base}:{i}".encode() if encode else f"{base}:{i}") for i in range(n)]
+                keys[:] = [
+                    (memcached_key(f"{prefix}{base}:{i}") if encode else f"{base}:{i}")
+                    for i in range(n)
+                ]
 
             def run(count: int) -> None:
                 f = fn
@@ -378,7 +394,7 @@ def bench_atomic(h: Any, ctx: Any) -> Any:
             return before, run
 
         n = ctx.n(300)
-        raw_before, raw_run = adds("raw", lambda k, v: raw.add(k, b"1", 60, False), True)
+        raw_before, raw_run = adds("rawad", lambda k, v: raw.add(k, encoded, 60, False), True)
         chain_before, chain_run = adds("chain", lambda k, v: chain.add(k, v, 60), False)
         plain_before, plain_run = adds("plain", lambda k, v: plain.add(k, v, 60), False)
         contenders = [
@@ -392,7 +408,7 @@ def bench_atomic(h: Any, ctx: Any) -> Any:
             h.Contender(
                 "raw_incr",
                 "pymemcache Client.incr",
-                h.loop(lambda k: raw.incr(k, 1, False), b"raw:counter"),
+                h.loop(lambda k: raw.incr(k, 1, False), raw_counter),
             ),
             h.Contender("chain_incr", "Chain.incr, coherence on", h.loop(chain.incr, "counter")),
             h.Contender("plain_incr", "Chain.incr, coherence=False", h.loop(plain.incr, "counter")),
