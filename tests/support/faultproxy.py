@@ -533,10 +533,13 @@ class FaultProxy:
             name=f"faultproxy-{self._port}-c{conn.number}-{role}",
             daemon=True,
         )
+        # Started under the lock: a thread listed but not started yet is not alive, so
+        # another start's sweep of finished threads would drop it from the list, and
+        # stop() would neither join it nor report it (found under CI's load).
         with self._cond:
             self._threads = [t for t in self._threads if t.is_alive()]
             self._threads.append(thread)
-        thread.start()
+            thread.start()
 
     def _hold_delay(self, data: bytes) -> float | None:
         """The hold for client segment ``data`` (seconds), counted; None if none."""
