@@ -10,7 +10,7 @@ from ._chain_metrics import Reporter
 from ._fence import MutationFence, Ticket, Tickets
 from ._namespace import Namespace, batch_under
 from ._resilience import ResilientLayer
-from ._tier import Tier, fill_of
+from ._tier import Tier, fill_of, shortcut
 from .metrics._base import CollectorGuard
 
 __all__ = ["Backfill", "Backfiller", "PairBatch", "read_through"]
@@ -97,8 +97,9 @@ class Backfiller:
         self._fence = fence
         self._report = report
         self._l1_set = fill_of(tiers[0].layer)  # the first layer's one-item backfill
-        #: The first layer's batch fill (``MemoryLayer.fill_many``), if it has one.
-        self._l1_fill_many = getattr(tiers[0].layer, "fill_many", None)
+        #: The first layer's batch fill (``MemoryLayer.fill_many``), if it has one that
+        #: bypasses no override of its writes.
+        self._l1_fill_many = shortcut(tiers[0].layer, "fill_many", "set", "set_many", "fill")
         self._l1_name = tiers[0].name
         self._plain = m is None  # nothing recorded: an L2 hit's fill is L1's set alone
         self._m = m

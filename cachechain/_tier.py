@@ -45,6 +45,7 @@ __all__ = [
     "close",
     "fill_of",
     "flush",
+    "shortcut",
 ]
 
 #: Seconds a synchronous write waits for a write of its key in flight, for a layer
@@ -57,9 +58,27 @@ _NONE_HELD: frozenset[str] = frozenset()
 def fill_of(layer: CacheLayer) -> Callable[[str, Any, float | None], Any]:
     """How a chain writes a value it already checked into the first layer ``layer``
     (a backfill, an ``add`` that stored): its ``fill`` (``MemoryLayer.fill``: ``set``
-    without re-checking the TTL) when it has one, else its ``set``."""
-    fill: Callable[[str, Any, float | None], Any] | None = getattr(layer, "fill", None)
+    without re-checking the TTL) when it has one that its ``set`` does not override
+    (see :func:`shortcut`), else its ``set``."""
+    fill: Callable[[str, Any, float | None], Any] | None = shortcut(layer, "fill", "set")
     return fill or layer.set
+
+
+def shortcut(layer: object, name: str, *bypassed: str) -> Any:
+    """``layer``'s method ``name``, a shortcut that does the work of its methods
+    ``bypassed`` without calling them (``MemoryLayer.fill`` for ``set``), or None when
+    it has none or when a subclass overrides one of ``bypassed`` below the class that
+    defines ``name``: a ``MemoryLayer`` subclass whose ``set`` adds a check or a side
+    effect then gets every write through that ``set``."""
+    mro = type(layer).__mro__
+    owner = next((cls for cls in mro if name in vars(cls)), None)
+    if owner is None:
+        return None
+    for other in bypassed:
+        defined = next((cls for cls in mro if other in vars(cls)), None)
+        if defined is not None and defined is not owner and issubclass(defined, owner):
+            return None
+    return getattr(layer, name)
 
 
 class Tier:

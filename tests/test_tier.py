@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -27,7 +28,9 @@ from cachechain._tier import (
     build_tier,
     build_tiers,
     close,
+    fill_of,
     flush,
+    shortcut,
 )
 from cachechain.metrics._base import adapt
 from cachechain.metrics._memory import MemoryCollector
@@ -413,3 +416,61 @@ def test_flush_and_close_cover_every_tier_with_a_writer() -> None:
     assert close(made, 0.05) == 1  # "d" was dropped
     l3.block_set.set()
     assert l2.closed and l3.closed
+
+
+# -- a first layer's shortcuts never bypass a subclass's own writes -----------------------
+
+
+class AuditedL1(MemoryLayer):
+    """A user's L1 that audits every write in its ``set`` (and ``set_many``)."""
+
+    def __init__(self) -> None:
+        super().__init__("L1")
+        self.audited: list[str] = []
+
+    def set(self, key: str, value: Any, ttl: float | None = None) -> None:
+        self.audited.append(key)
+        super().set(key, value, ttl)
+
+
+class FillingL1(AuditedL1):
+    """An audited L1 that also defines the fast write, ``fill``, of its own."""
+
+    def fill(self, key: str, value: Any, ttl: float | None) -> None:
+        self.audited.append(f"fill:{key}")
+        super().set(key, value, ttl)
+
+
+def test_shortcut_is_refused_when_a_subclass_overrides_what_it_bypasses() -> None:
+    plain, audited, filling = MemoryLayer("L1"), AuditedL1(), FillingL1()
+    assert shortcut(plain, "fill", "set") == plain.fill
+    assert fill_of(plain) == plain.fill
+    assert shortcut(audited, "fill", "set") is None
+    assert fill_of(audited) == audited.set
+    assert shortcut(filling, "fill", "set") == filling.fill  # its own fill, below its set
+    assert shortcut(filling, "fill_many", "set", "set_many", "fill") is None
+    assert shortcut(FakeLayer("x"), "fill", "set") is None  # no such method
+
+
+@pytest.mark.memcached
+def test_a_subclass_set_sees_every_backfill_and_add(memcached: Any) -> None:
+    """Noticed in session 10: a MemoryLayer subclass overriding ``set`` alone was bypassed by
+    the chain's backfills (one key and a batch) and by ``add``, which called
+    ``MemoryLayer.fill`` and ``fill_many`` directly."""
+    from cachechain import Chain, MemcachedLayer
+
+    prefix = f"{uuid.uuid4().hex[:8]}:"
+    writer = Chain([MemcachedLayer("L2", memcached.address, key_prefix=prefix)], coherence=False)
+    l1 = AuditedL1()
+    chain = Chain([l1, MemcachedLayer("L2", memcached.address, key_prefix=prefix)], coherence=False)
+    try:
+        for key in ("one", "b1", "b2"):
+            assert writer.set(key, key.upper())
+        assert chain.get("one") == "ONE"  # an L2 hit, backfilled
+        assert chain.get_many(["b1", "b2"]) == {"b1": "B1", "b2": "B2"}  # a batch
+        assert chain.add("new", 1)
+        assert sorted(l1.audited) == ["b1", "b2", "new", "one"]
+        assert chain.get("new") == 1 and l1.get("one") == "ONE"
+    finally:
+        chain.close()
+        writer.close()
