@@ -35,6 +35,7 @@ methods, ``get_or_load`` and ``cached``.
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
@@ -47,11 +48,14 @@ from ._load_policy import DEFAULT, Default, LoadPolicy
 from ._loads import LoadJob
 from ._singleflight import LoadTimeoutError, ReentrantLoadError
 from ._validate import check_key, check_ttl
-from .layers._base import MISSING
+from .layers._base import MISSING, Lease
 from .metrics._base import CollectorGuard
 
 if TYPE_CHECKING:
     from ._chain import Chain
+    from ._tier import Tier
+
+log = logging.getLogger("cachechain")
 
 __all__ = [
     "LoaderOps",
@@ -221,11 +225,14 @@ def load_and_store(
     policy: LoadPolicy | None,
     *,
     recheck: bool = True,
+    lease: Lease | None = None,
 ) -> tuple[Any, bool]:
     """Load ``key`` and store the value in every layer unless the fence saw a mutation
     of it since the load began; return ``(value, stored)``. ``recheck``: first look in
     the first layer again (a load that just ended may have filled it; not for an eager
-    refresh, whose point is to replace that value)."""
+    refresh, whose point is to replace that value). ``lease``: the shared layer's
+    lease this process won for the key; when it :attr:`stores
+    <cachechain.layers.Lease.stores>`, see :func:`_store_over`."""
     fence = chain._fence
     ticket = fence.ticket(key)
     if recheck:
@@ -238,6 +245,8 @@ def load_and_store(
     loaded = invoke_loader(chain, key, loader)
     if ticket is None:
         return loaded, False
+    if lease is not None and lease.stores:
+        return loaded, _store_over(chain, key, loaded, ttl, policy, ticket, lease)
     if policy is None or not policy.stamps:
         return loaded, fence.if_unchanged(ticket, _store, chain, key, loaded, ttl)
     return loaded, fence.if_unchanged(ticket, _failsafe.store, chain, key, loaded, ttl, policy)
@@ -263,8 +272,10 @@ def load_leased(
         return load_and_store(chain, key, loader, ttl, policy, recheck=recheck)
     outcome: list[Any] = [MISSING, False]
 
-    def here() -> tuple[Any, bool]:
-        outcome[0], outcome[1] = load_and_store(chain, key, loader, ttl, policy, recheck=recheck)
+    def here(won: Lease | None) -> tuple[Any, bool]:
+        outcome[0], outcome[1] = load_and_store(
+            chain, key, loader, ttl, policy, recheck=recheck, lease=won
+        )
         return outcome[0], outcome[1]
 
     serve = None
@@ -278,11 +289,77 @@ def load_leased(
     return value, bool(outcome[1])
 
 
-def _store(chain: Chain, key: str, value: Any, ttl: float | None) -> None:
+def _store(
+    chain: Chain, key: str, value: Any, ttl: float | None, tiers: tuple[Tier, ...] | None = None
+) -> None:
+    """Store a loaded ``value`` in every layer (or those of ``tiers``), lowest first
+    (call it through the fence); nothing once background loads were abandoned."""
     if chain._loads.abandoned:  # a background load that outlived close() stores nothing
         return
-    for tier in reversed(chain._tiers):  # the first tier's fill is a set
+    for tier in reversed(chain._tiers if tiers is None else tiers):  # the first: a set
         tier.fill(key, value, ttl)
+
+
+def _store_over(
+    chain: Chain,
+    key: str,
+    value: Any,
+    ttl: float | None,
+    policy: LoadPolicy | None,
+    ticket: int,
+    lease: Lease,
+) -> bool:
+    """Store a value loaded under ``lease`` (won on the shared layer): first in the
+    shared layer over the lease, at once and outside the fence's lock (a round trip
+    must not hold up this process's writes), then, if it took the value, in the layers
+    above it through the fence under ``ticket``. Return whether the shared layer took
+    it. Nothing is stored when the fence saw a mutation of the key's stripe since
+    ``ticket``, when a write or a delete of the key by any process ended the lease
+    (the value may be older than that change), when the layer's breaker refuses calls
+    or the store failed (counted and logged); the caller then releases the lease. A
+    value the shared layer refuses (its codec cannot encode it) is kept by the layers
+    above, as a ``set`` of it would be."""
+    fence, shared = chain._fence, chain._shared
+    if chain._loads.abandoned or fence.ticket(key) != ticket:
+        return False
+    breaker = shared.breaker
+    if breaker is not None and breaker.refusing():
+        return False
+    stamps = policy is not None and policy.stamps
+    form = (value, ttl)
+    if policy is not None and stamps:
+        form = _failsafe.stored_form(shared, value, ttl, policy)
+    taken = _stored_over(chain, shared, key, lease, form)
+    if taken is False:
+        return False
+    above = chain._tiers[: shared.index]
+    if stamps:
+        fence.if_unchanged(ticket, _failsafe.store, chain, key, value, ttl, policy, above)
+    else:
+        fence.if_unchanged(ticket, _store, chain, key, value, ttl, above)
+    return taken is True
+
+
+def _stored_over(
+    chain: Chain, shared: Tier, key: str, lease: Lease, form: tuple[Any, float | None]
+) -> bool | None:
+    """``lease.store(*form)``, timed and recorded as a set of the shared layer: whether
+    the layer took the value (False too when the store failed: counted and logged),
+    or None for a value its codec refuses (the value's fault, not the layer's)."""
+    m = chain._m
+    t0 = _perf() if m is not None else 0.0
+    try:
+        taken = lease.store(*form)
+    except Exception as exc:
+        if m is not None:
+            m.record_set(shared.name, False, _perf() - t0)
+        chain._report.failed(shared.name, "set", exc)
+        return None if isinstance(exc, InvalidValueError) else False
+    if m is not None:  # a set answered, whether the lease still held or not
+        m.record_set(shared.name, True, _perf() - t0)
+    if not taken:
+        log.debug("get_or_load of %r: the key changed during the load; not stored", key)
+    return taken
 
 
 def _timed_load(m: CollectorGuard | None, loader: Callable[[], Any]) -> Any:

@@ -228,18 +228,31 @@ def _fill(
             tier.fill(key, value, fresh)
 
 
-def store(chain: Chain, key: str, value: Any, ttl: float | None, policy: LoadPolicy) -> None:
-    """Store a loaded ``value`` in every layer, lowest first (call it through the
-    fence): stamped where the layer keeps stamps and the TTL is known (``ttl``, or the
-    layer's ``default_ttl``), kept ``policy.grace`` seconds past it; plain elsewhere.
-    Nothing once the chain's background loads were abandoned (``close``)."""
+def store(
+    chain: Chain,
+    key: str,
+    value: Any,
+    ttl: float | None,
+    policy: LoadPolicy,
+    tiers: tuple[Tier, ...] | None = None,
+) -> None:
+    """Store a loaded ``value`` in every layer (or those of ``tiers``), lowest first
+    (call it through the fence), each in the form :func:`stored_form` gives. Nothing
+    once the chain's background loads were abandoned (``close``)."""
     if chain._loads.abandoned:  # a background load that outlived close() stores nothing
         return
-    grace = policy.grace
-    for tier in reversed(chain._tiers):
-        layer = unwrapped(tier.layer)
-        fresh = ttl if ttl is not None else getattr(layer, "default_ttl", None)
-        if fresh is None or not keeps_stamps(layer):
-            tier.fill(key, value, ttl)
-        else:
-            tier.fill(key, Stamped(value, fresh, fresh), fresh + grace)
+    for tier in reversed(chain._tiers if tiers is None else tiers):
+        tier.fill(key, *stored_form(tier, value, ttl, policy))
+
+
+def stored_form(
+    tier: Tier, value: Any, ttl: float | None, policy: LoadPolicy
+) -> tuple[Any, float | None]:
+    """``(value, ttl)`` as ``tier`` stores a loaded value: stamped where its layer keeps
+    stamps and the TTL is known (``ttl``, or the layer's ``default_ttl``), kept
+    ``policy.grace`` seconds past it; plain elsewhere."""
+    layer = unwrapped(tier.layer)
+    fresh = ttl if ttl is not None else getattr(layer, "default_ttl", None)
+    if fresh is None or not keeps_stamps(layer):
+        return value, ttl
+    return Stamped(value, fresh, fresh), fresh + policy.grace

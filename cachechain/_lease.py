@@ -8,12 +8,18 @@ memcached) for the lease to fill the key
 :mod:`cachechain.layers._memcached_lease`), so that one process in the whole cluster
 runs the loader:
 
-- **won**: this process loads and stores the value (the chain's store of a load,
-  through the fence), and that write ends the lease. A load that raises, or a value
-  not stored (the fence saw a mutation of the key's stripe meanwhile: a write of the
-  key, of another key of its 64th, or the drop of every in-process entry when the
-  coherence journal starts or loses track), releases the lease at once: the next
-  process wins then, instead of waiting for the lease's TTL.
+- **won**: this process loads and stores the value, and that write ends the lease.
+  The shared layer's store is made over the lease (:meth:`Lease.store
+  <cachechain.layers.Lease.store>`, memcached's ``cas`` with the lease's token), at
+  once and outside the fence's lock: a delete or a write of the key by any process
+  during the load ends the lease, and the value, loaded before that change and maybe
+  older, is then stored nowhere ("stale sets" in the paper). Only once the shared
+  layer took it do the layers above get it (through the fence). A load that raises,
+  or a value not stored (the fence saw a mutation of the key's stripe meanwhile: a
+  write of the key, of another key of its 64th, or the drop of every in-process
+  entry when the coherence journal starts or loses track; the lease was ended by
+  another process; the store failed), releases the lease at once: the next process
+  wins then, instead of waiting for the lease's TTL.
 - **held** by another process: wait for its value, polling the shared layer (each poll
   one lease call: a value that arrived is returned; a lease that ended without one, its
   holder dead past the TTL or its load failed, is won by the first poller, which
@@ -61,8 +67,9 @@ MAX_POLL: Final = 0.05
 #: A lease call that failed (counted and logged): load here.
 _FAILED: Final = Lease()
 
-#: Loads a key here and stores it through the fence: ``(value, stored)``.
-LoadAndStore = Callable[[], "tuple[Any, bool]"]
+#: Loads a key here and stores it through the fence, over the lease won if one is
+#: given (:meth:`Lease.store <cachechain.layers.Lease.store>`): ``(value, stored)``.
+LoadAndStore = Callable[["Lease | None"], "tuple[Any, bool]"]
 
 
 #: The default lease settings, and leases off.
@@ -86,7 +93,7 @@ class _Load:
 
     def here(self) -> Any:
         """Load and store here, with no lease."""
-        return self.load()[0]
+        return self.load(None)[0]
 
 
 def leased_load(
@@ -102,16 +109,17 @@ def leased_load(
     """Load ``key`` once across the processes sharing ``chain``'s shared layer and
     return its value.
 
-    ``load_and_store()`` loads the key here as the chain does (the loader timed, its
-    value stored in every layer through the fence under a ticket taken before the
-    load) and returns ``(value, stored)``; it is called after the lease is won (or
-    without a lease), so a write of the key made while this process waited is never
-    overwritten. A value another process loaded is copied into the layers above the
-    shared one (under a ticket taken before the poll that found it), never stored
-    again. ``fallback`` is called when a wait ends without a value: it returns a value
-    to serve (a fail-safe value, not stored) or :data:`~cachechain.MISSING` to load
-    here. ``config`` (:class:`LeaseConfig`) sets the lease; ``clock`` (monotonic
-    seconds) and ``sleep`` time the wait.
+    ``load_and_store(lease)`` loads the key here as the chain does (the loader timed,
+    its value stored in every layer through the fence under a ticket taken before the
+    load; over ``lease`` in the shared layer when it is given and :attr:`stores
+    <cachechain.layers.Lease.stores>`) and returns ``(value, stored)``; it is called
+    after the lease is won (or without a lease), so a write of the key made while
+    this process waited is never overwritten. A value another process loaded is copied
+    into the layers above the shared one (under a ticket taken before the poll that
+    found it), never stored again. ``fallback`` is called when a wait ends without a
+    value: it returns a value to serve (a fail-safe value, not stored) or
+    :data:`~cachechain.MISSING` to load here. ``config`` (:class:`LeaseConfig`) sets
+    the lease; ``clock`` (monotonic seconds) and ``sleep`` time the wait.
 
     Raises what ``load_and_store()`` raises (a lease won is released first), and
     :class:`~cachechain.ChainClosedError` when the chain closes meanwhile; never a
@@ -138,7 +146,7 @@ def _settle(job: _Load, lease: Lease, ticket: Ticket) -> Any:
             m.record_lease("won")
         stored = False
         try:
-            value, stored = job.load()
+            value, stored = job.load(lease)
         finally:
             if not stored:
                 _release(job, lease)

@@ -31,8 +31,8 @@ from cachechain import (
     MemcachedLayer,
     MemoryCollector,
     MemoryLayer,
+    _chain_load,
 )
-from cachechain._chain_load import _store, _timed_load
 from cachechain._lease import DEFAULT, FIRST_POLL, MAX_POLL, OFF, LeaseConfig, leased_load
 from cachechain.layers._base import Lease, SupportsLease
 from cachechain.layers._memcached_keys import map_key
@@ -136,22 +136,19 @@ def leased_get_or_load(
         again = chain._l1_get(key)
         if again is not MISSING:
             return again
-        return leased_load(chain, key, lambda: load_and_store(chain, key, loader, ttl), **options)
+        return leased_load(
+            chain, key, lambda won: load_and_store(chain, key, loader, ttl, won), **options
+        )
 
     return chain._flight.do(key, load, None)[0]
 
 
 def load_and_store(
-    chain: Chain, key: str, loader: Callable[[], Any], ttl: float | None
+    chain: Chain, key: str, loader: Callable[[], Any], ttl: float | None, won: Lease | None
 ) -> tuple[Any, bool]:
-    """What ``get_or_load`` does on a miss without the lease: load (timed), store the
-    value through the fence; ``(value, stored)``."""
-    fence = chain._fence
-    ticket = fence.ticket(key)
-    loaded = _timed_load(chain._m, loader)
-    return loaded, ticket is not None and fence.if_unchanged(
-        ticket, _store, chain, key, loaded, ttl
-    )
+    """What ``get_or_load`` does on a miss: load (timed), store the value (over the
+    lease ``won``, if any, then through the fence); ``(value, stored)``."""
+    return _chain_load.load_and_store(chain, key, loader, ttl, None, recheck=False, lease=won)
 
 
 @pytest.fixture()
@@ -339,6 +336,55 @@ def test_a_value_past_its_expiry_is_leased_to_one_client(
     b.close()
 
 
+@pytest.mark.parametrize("mode", ["meta", "classic"])
+def test_the_winner_stores_over_its_lease_only_while_the_key_is_unchanged(
+    layers: tuple[MemcachedLayer, MemcachedLayer], mode: str
+) -> None:
+    """Leases against stale sets: a delete or a write of the key by another client
+    while the winner loads ends the lease, and the winner's value, loaded before it,
+    is not stored (it was stored over them before)."""
+    a, b = layers
+    if mode == "classic":
+        classic(a), classic(b)
+    won = a.lease("k", 5)
+    assert won is not None and won.won and won.stores
+    assert won.store({"v": 1}, 30) is True  # nothing came between: stored
+    assert b.get("k") == {"v": 1}
+    assert b.lease("k", 5).value == {"v": 1}  # type: ignore[union-attr]  # the lease ended
+    deleted = a.lease("gone", 5)
+    assert deleted is not None and deleted.won
+    b.delete("gone")  # the source changed: its key invalidated
+    assert deleted.store("loaded before the delete", 30) is False
+    assert b.get("gone") is MISSING
+    overwritten = a.lease("newer", 5)
+    assert overwritten is not None and overwritten.won
+    b.set("newer", "written during the load", 30)
+    assert overwritten.store("loaded before the write", 30) is False
+    assert a.get("newer") == "written during the load"
+
+
+def test_the_winner_stores_over_a_stale_copy_it_won(memcached: MemcachedProcess) -> None:
+    clock = FakeClock(time.time())
+    a, b = make_layer(memcached, clock=clock), make_layer(memcached, clock=clock)
+    try:
+        a.set("k", "old", 60)
+        clock.advance(61)  # expired for the layers; memcached still holds it
+        won = a.lease("k", 5)
+        assert won is not None and won.won and b"old" in raw_item(memcached, b"k")
+        assert won.store("new", 60) is True
+        assert b.get("k") == "new"
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_lease_of_a_layer_that_gives_no_store_says_so() -> None:
+    lease = Lease(won=True, release=lambda: None)
+    assert not lease.stores
+    with pytest.raises(TypeError, match="does not store"):
+        lease.store("v", 1.0)
+
+
 def test_a_lease_ends_at_its_ttl(layers: tuple[MemcachedLayer, MemcachedLayer]) -> None:
     a, b = layers
     won = a.lease("k", 1)
@@ -458,7 +504,7 @@ def test_corrupt_bytes_under_the_key_are_leased_over(
 def loader_counting(value: Any) -> tuple[Callable[[], Any], list[int]]:
     calls: list[int] = []
 
-    def load() -> Any:
+    def load(won: Lease | None = None) -> Any:  # a loader, or leased_load's load_and_store
         calls.append(1)
         return value
 
@@ -527,7 +573,7 @@ def test_a_wait_that_times_out_serves_the_fallback(
     got = leased_load(
         b,
         "k",
-        lambda: pytest.fail("loaded"),
+        lambda won: pytest.fail("loaded"),
         config=config,
         fallback=lambda: "stale",
         clock=polls.clock,
@@ -579,7 +625,7 @@ def test_a_value_not_stored_releases_the_lease(
     not stored, so the stub would stay until the lease's TTL, and every other process
     with it. It is released instead."""
     a, b = chains
-    got = leased_load(a, "k", lambda: ("v", False))
+    got = leased_load(a, "k", lambda won: ("v", False))
     assert got == "v" and lease_figures(a) == {"won": 1}
     lease = b.layers[1].lease("k", 30)  # type: ignore[attr-defined]
     assert lease.won  # at once
@@ -668,7 +714,7 @@ def test_a_value_that_arrived_since_the_read_is_served(
 ) -> None:
     a, b = chains
     a.set("k", "there", 60)
-    got = leased_load(b, "k", lambda: pytest.fail("loaded"))
+    got = leased_load(b, "k", lambda won: pytest.fail("loaded"))
     assert got == "there" and b.layers[0].get("k") == "there"
     assert lease_figures(b) == {"hit": 1}
 
@@ -680,7 +726,7 @@ def test_a_closed_chain_raises(memcached: MemcachedProcess) -> None:
     chain.get("k")  # the namespace generation is known
     chain.close()
     with pytest.raises(ChainClosedError):
-        leased_load(chain, "k", lambda: pytest.fail("loaded"))
+        leased_load(chain, "k", lambda won: pytest.fail("loaded"))
 
 
 def test_a_release_that_cannot_be_made_is_counted(own_memcached: MemcachedProcess) -> None:

@@ -18,9 +18,11 @@ from typing import Any
 import pytest
 
 from cachechain import (
+    MISSING,
     Chain,
     ConfigError,
     InvalidValueError,
+    LayerUnavailableError,
     LoadConfig,
     MemcachedLayer,
     MemoryCollector,
@@ -30,9 +32,10 @@ from cachechain._config import LeaseConfig
 from cachechain._load_policy import DEFAULT
 from cachechain._resilience import unwrapped
 from cachechain._settings import chain_config_from_mapping
+from cachechain.layers._base import Lease
 from cachechain.testing import FakeClock
 from tests.support.servers import MemcachedProcess
-from tests.test_lease import classic, lease_figures
+from tests.test_lease import classic, errors, lease_figures
 
 pytestmark = pytest.mark.memcached
 
@@ -169,6 +172,72 @@ def test_a_miss_waits_for_the_process_that_holds_the_lease(make: Callable[..., C
     assert lease_figures(a) == {"won": 1}
     assert lease_figures(b) == {"waited": 1}
     assert b.layers[0].get("k") == "from a"  # copied into b's L1
+
+
+@pytest.mark.parametrize("mode", ["meta", "classic"])
+@pytest.mark.parametrize("change", ["delete", "set"])
+def test_a_change_during_the_winners_load_keeps_its_older_value_out(
+    make: Callable[..., Chain], mode: str, change: str
+) -> None:
+    """Leases against stale sets: process b changes the source and writes or deletes
+    the key while a, the lease's winner, is still loading the older value. a's caller
+    gets what a loaded; no layer of any process keeps it (a stored it over b's change
+    before: memcached then served the older value until its TTL)."""
+    a, b = make(lease=HELD), make()
+    if mode == "classic":
+        classic(unwrapped(a.layers[1]))  # type: ignore[arg-type]
+    holder = Holder(a, "k", "loaded before the change", ttl=60)
+    if change == "delete":
+        assert b.delete("k")
+    else:
+        assert b.set("k", "written during the load", 60)
+    assert b.flush()
+    assert holder.finish() == "loaded before the change"
+    assert a.flush()
+    assert a.layers[0].get("k") is MISSING  # not in a's L1 either
+    expected = MISSING if change == "delete" else "written during the load"
+    assert unwrapped(b.layers[1]).get("k") == expected
+    assert a.get("k", MISSING) == expected
+    assert lease_figures(a) == {"won": 1}
+    assert a.metrics_collector.snapshot().layer_metrics["L2"].sets == 1  # type: ignore[union-attr]
+    if change == "delete":  # the next load stores as usual
+        assert b.get_or_load("k", lambda: "reloaded", 60) == "reloaded"
+        assert b.flush() and a.get("k") == "reloaded"
+
+
+def test_a_value_memcached_cannot_take_stays_in_the_winners_l1_and_frees_the_lease(
+    make: Callable[..., Chain],
+) -> None:
+    a, b = make(), make(lease=LeaseConfig(wait=0.0))
+    unencodable = object()  # the default codec is JSON
+    assert a.get_or_load("k", lambda: unencodable, 60) is unencodable
+    assert a.layers[0].get("k") is unencodable  # as a set of it would leave it
+    assert errors(a) == {"L2": 1}
+    assert b.get_or_load("k", lambda: "b's", 60) == "b's"  # the lease was released
+    assert lease_figures(b) == {"won": 1}
+
+
+def test_a_store_over_the_lease_that_fails_is_counted_and_frees_the_lease(
+    make: Callable[..., Chain],
+) -> None:
+    a, b = make(), make(lease=LeaseConfig(wait=0.0))
+    shared: Any = a._shared.layer
+    real = shared.lease
+
+    def failing(key: str, ttl: float) -> Any:
+        won = real(key, ttl)
+
+        def store(value: Any, ttl: float | None) -> bool:
+            raise LayerUnavailableError("memcached went away", layer="L2")
+
+        return Lease(won=True, release=won.release, store=store)
+
+    shared.lease = failing
+    assert a.get_or_load("k", lambda: "a's", 60) == "a's"  # the caller still gets it
+    assert a.layers[0].get("k") is MISSING  # nothing kept on a guess
+    assert errors(a) == {"L2": 1}
+    assert b.get_or_load("k", lambda: "b's", 60) == "b's"  # released: b won at once
+    assert lease_figures(b) == {"won": 1}
 
 
 def test_lease_false_loads_at_once_while_another_process_holds_it(

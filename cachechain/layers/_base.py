@@ -229,13 +229,17 @@ class Lease:
     """What :meth:`SupportsLease.lease` found, in one of three states:
 
     - :attr:`won`: this caller holds the lease: it loads the value and stores it (a
-      write of the key ends the lease), or calls :meth:`release` if it cannot;
+      write of the key ends the lease; with :meth:`store` when :attr:`stores`), or
+      calls :meth:`release` if it cannot;
     - a live value (:attr:`value` is not :data:`MISSING`, :attr:`ttl` its remaining
       seconds as :meth:`CacheLayer.get_with_ttl` gives them): the key was filled;
     - neither (:attr:`held`): another client holds the lease; wait for its value.
+
+    ``store`` (for a lease won) is what :meth:`store` calls; a layer that gives none
+    leaves the holder to store its value with a plain write.
     """
 
-    __slots__ = ("_release", "ttl", "value", "won")
+    __slots__ = ("_release", "_store", "ttl", "value", "won")
 
     def __init__(
         self,
@@ -244,11 +248,32 @@ class Lease:
         value: Any = MISSING,
         ttl: float | None = None,
         release: Callable[[], object] | None = None,
+        store: Callable[[Any, float | None], bool] | None = None,
     ) -> None:
         self.won = won
         self.value = value
         self.ttl = ttl
         self._release = release
+        self._store = store
+
+    @property
+    def stores(self) -> bool:
+        """Whether :meth:`store` can store this lease's value (a lease won on a layer
+        that checks the lease is still the key's version)."""
+        return self._store is not None
+
+    def store(self, value: Any, ttl: float | None) -> bool:
+        """Store ``value`` for ``ttl`` seconds (``None``: the layer's default) in place of
+        the lease this caller won, only if the key is still in the state the lease
+        found it: True when stored, False when a write or a delete of the key came
+        since (the value, loaded before it, may be older: it is not stored, as in
+        memcached's leases against stale sets). Raises
+        :class:`~cachechain.InvalidValueError` for a value the layer refuses, a layer
+        error when the backend fails (the value is then retracted if it landed), and
+        ``TypeError`` for a lease that does not :attr:`store <stores>`."""
+        if self._store is None:
+            raise TypeError("this lease does not store values: write the key instead")
+        return self._store(value, ttl)
 
     @property
     def held(self) -> bool:

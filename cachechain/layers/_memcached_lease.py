@@ -19,6 +19,11 @@ in "Scaling Memcache at Facebook" (NSDI 2013, 3.2.1), with memcached's own comma
   replaced by a stub with ``cas``, except a fail-safe copy (a stamped envelope
   memcached still keeps, see :mod:`._stamps`): a stub would destroy it, so there is no
   lease then (each process loads; the meta protocol has no such gap).
+- **Store** (:meth:`Lease.store <cachechain.layers.Lease.store>`, the winner's
+  value): ``cas`` with the token of the item the lease was won on (the stub, or the
+  stale copy; the classic ``cas`` works on a meta stub), so a delete or a write of the
+  key by any client since the win ends the lease and the value, loaded before that
+  change, is not stored (leases against stale sets, the paper's 3.2.1).
 - **Release** (the winner's load failed): ``md <key> C<cas>`` (meta) or ``cas <key> 0
   -1 0 <cas>`` (classic: stored already expired): only the stub this caller won, never
   a later lease or a value someone stored since. A stale copy is marked stale again
@@ -54,7 +59,8 @@ to retry.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Final, NamedTuple, cast
+from functools import partial
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, cast
 
 from pymemcache.exceptions import MemcacheUnknownError
 
@@ -164,8 +170,9 @@ def _won_meta(layer: MemcachedLayer, node: Node, mkey: bytes, got: _Got) -> Leas
     lease's TTL, so that a winner that dies blocks nobody past it): a fail-safe copy
     outlives a failed load, for every process."""
     data = got.data
+    store = partial(_cas_store, layer, node, mkey, got.cas)
     if not data:
-        return Lease(won=True, release=lambda: _md(layer, node, mkey, b"C" + got.cas))
+        return Lease(won=True, release=lambda: _md(layer, node, mkey, b"C" + got.cas), store=store)
 
     def release() -> None:
         # Its TTL given back (it is read now: the load took a while); a copy that
@@ -175,7 +182,29 @@ def _won_meta(layer: MemcachedLayer, node: Node, mkey: bytes, got: _Got) -> Leas
         if not _md(layer, node, mkey, flags) and keep is not None:
             _restore(layer, node, mkey, data, keep)
 
-    return Lease(won=True, release=release)
+    return Lease(won=True, release=release, store=store)
+
+
+def _cas_store(
+    layer: MemcachedLayer, node: Node, mkey: bytes, cas: bytes, value: Any, ttl: float | None
+) -> bool:
+    """:meth:`Lease.store <cachechain.layers.Lease.store>`: ``cas`` with the token of
+    the item the lease was won on (the stub, or the stale copy), so the value replaces
+    that item only: a delete (``NOT_FOUND``) or a write (``EXISTS``) since leaves it
+    unstored. Sent once: a store whose reply is lost is deleted behind it if it turns
+    out to have landed (the pool's fates)."""
+    pool = layer._pool
+    pool.check_open()
+    expires_at, exptime = layer._expiry(ttl)
+    data = layer._encode(value, mkey, expires_at)
+    deadline = pool.deadline()
+    return bool(pool.call_once(node, "cas", mkey, data, cas, exptime, deadline, keys=(mkey,)))
+
+
+def _stub_gone(value: Any, ttl: float | None) -> bool:
+    """The store of a lease whose stub was gone or replaced before its token was read:
+    a write or a delete came since, so nothing is stored."""
+    return False
 
 
 def _kept_exptime(data: bytes, now: float) -> int | None:
@@ -338,11 +367,15 @@ def _won_classic(layer: MemcachedLayer, node: Node, mkey: bytes, deadline: float
     """The lease on the stub this caller just stored, its CAS read as the token (a
     value stored since ended the lease: it is returned instead)."""
     data, cas = layer._pool.call(node, "gets", mkey, deadline)
-    if data:
-        return _live(layer, data, mkey) or Lease(won=True)  # replaced: nothing to release
+    if data:  # replaced: nothing to release, nothing to store over
+        return _live(layer, data, mkey) or Lease(won=True, store=_stub_gone)
     if data is None or cas is None:
-        return Lease(won=True)  # gone already: nothing to release
-    return Lease(won=True, release=lambda: _cas_expire(layer, node, mkey, cas))
+        return Lease(won=True, store=_stub_gone)  # gone already: deleted since
+    return Lease(
+        won=True,
+        release=lambda: _cas_expire(layer, node, mkey, cas),
+        store=partial(_cas_store, layer, node, mkey, cas),
+    )
 
 
 def _cas_expire(layer: MemcachedLayer, node: Node, mkey: bytes, cas: bytes) -> None:
