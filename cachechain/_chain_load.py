@@ -311,32 +311,35 @@ def _store_over(
 ) -> bool:
     """Store a value loaded under ``lease`` (won on the shared layer): first in the
     shared layer over the lease, at once and outside the fence's lock (a round trip
-    must not hold up this process's writes), then, if it took the value, in the layers
-    above it through the fence under ``ticket``. Return whether the shared layer took
+    must not hold up this process's writes), then, if it took the value, in the other
+    layers through the fence under ``ticket``. Return whether the shared layer took
     it. Nothing is stored when the fence saw a mutation of the key's stripe since
     ``ticket``, when a write or a delete of the key by any process ended the lease
-    (the value may be older than that change), when the layer's breaker refuses calls
-    or the store failed (counted and logged); the caller then releases the lease. A
-    value the shared layer refuses (its codec cannot encode it) is kept by the layers
-    above, as a ``set`` of it would be."""
+    (the value may be older than that change), or when the store failed (counted and
+    logged: whether it landed is not known); the caller then releases the lease. A
+    value the shared layer refuses (its codec cannot encode it) is kept by the other
+    layers, as a ``set`` of it would be; so is a value whose store the shared layer's
+    breaker refuses (its fill skipped and counted, as without the lease)."""
     fence, shared = chain._fence, chain._shared
     if chain._loads.abandoned or fence.ticket(key) != ticket:
         return False
-    breaker = shared.breaker
-    if breaker is not None and breaker.refusing():
-        return False
     stamps = policy is not None and policy.stamps
+    breaker = shared.breaker
+    if breaker is not None and breaker.refusing():  # as without the lease: the shared
+        if stamps:  # layer's fill is skipped (counted), the others' made
+            return fence.if_unchanged(ticket, _failsafe.store, chain, key, value, ttl, policy)
+        return fence.if_unchanged(ticket, _store, chain, key, value, ttl)
     form = (value, ttl)
     if policy is not None and stamps:
         form = _failsafe.stored_form(shared, value, ttl, policy)
     taken = _stored_over(chain, shared, key, lease, form)
     if taken is False:
         return False
-    above = chain._tiers[: shared.index]
+    others = tuple(tier for tier in chain._tiers if tier is not shared)
     if stamps:
-        fence.if_unchanged(ticket, _failsafe.store, chain, key, value, ttl, policy, above)
+        fence.if_unchanged(ticket, _failsafe.store, chain, key, value, ttl, policy, others)
     else:
-        fence.if_unchanged(ticket, _store, chain, key, value, ttl, above)
+        fence.if_unchanged(ticket, _store, chain, key, value, ttl, others)
     return taken is True
 
 

@@ -36,7 +36,7 @@ from cachechain import (
 from cachechain._lease import DEFAULT, FIRST_POLL, MAX_POLL, OFF, LeaseConfig, leased_load
 from cachechain.layers._base import Lease, SupportsLease
 from cachechain.layers._memcached_keys import map_key
-from cachechain.layers._memcached_lease import MAX_LEASE_TTL, lease_exptime
+from cachechain.layers._memcached_lease import MAX_LEASE_TTL, _Won, lease_exptime
 from cachechain.metrics._catalogue import LEASE_OUTCOMES, OPERATIONS
 from tests.support.fakes import FakeClock
 from tests.support.hostile import Flood, HostileServer, Request, Send, honest
@@ -376,6 +376,19 @@ def test_the_winner_stores_over_a_stale_copy_it_won(memcached: MemcachedProcess)
     finally:
         a.close()
         b.close()
+
+
+def test_a_server_without_cas_gives_leases_that_do_not_store(
+    layers: tuple[MemcachedLayer, MemcachedLayer],
+) -> None:
+    """Found by review: memcached started with ``-C`` gives every item the token 0 and
+    answers EXISTS to every ``cas``: the winner's value was never stored. Such a lease
+    leaves the store to a plain write."""
+    a, _ = layers
+    mkey = map_key("k", a._prefix)
+    node = a._pool.node_for(mkey)
+    assert not _Won(a, node, mkey, b"0", 2).lease(None).stores
+    assert _Won(a, node, mkey, b"17", 2).lease(None).stores
 
 
 def test_a_lease_of_a_layer_that_gives_no_store_says_so() -> None:

@@ -95,6 +95,16 @@ def make(memcached: MemcachedProcess, clocks: Clocks) -> Iterator[Callable[..., 
         chain.close()
 
 
+def _prefix() -> str:
+    return f"{uuid.uuid4().hex[:8]}:"
+
+
+def b_key(chain: Chain, key: str) -> bytes:
+    """The memcached key ``chain`` stores ``key`` under."""
+    layer: Any = unwrapped(chain.layers[1])
+    return layer._prefix.encode() + key.encode()
+
+
 def asked(chain: Chain) -> threading.Event:
     """An event set once ``chain`` has asked its shared layer for a lease."""
     shared: Any = chain._shared.layer
@@ -203,6 +213,102 @@ def test_a_change_during_the_winners_load_keeps_its_older_value_out(
     if change == "delete":  # the next load stores as usual
         assert b.get_or_load("k", lambda: "reloaded", 60) == "reloaded"
         assert b.flush() and a.get("k") == "reloaded"
+
+
+def test_a_load_slower_than_the_lease_is_still_stored_once(
+    make: Callable[..., Chain],
+) -> None:
+    """Found by review: memcached ends a lease at its TTL, so the winner of a load
+    slower than that found its stub gone, and stored nothing, anywhere: every call
+    loaded again. The load's slowness is the database's own, real time."""
+    a = make(lease=LeaseConfig(ttl=1.0))
+    calls: list[int] = []
+
+    def slow() -> str:
+        calls.append(1)
+        time.sleep(1.2)  # past the lease's TTL (memcached's clock: 1 s, to the second)
+        return "slow"
+
+    assert a.get_or_load("k", slow, 60) == "slow"
+    assert a.flush() and a.layers[0].get("k") == "slow"
+    assert unwrapped(a.layers[1]).get("k") == "slow"
+    assert a.get_or_load("k", slow, 60) == "slow" and calls == [1]
+    assert make().get_or_load("k", slow, 60) == "slow" and calls == [1]  # another process
+
+
+def test_a_stale_copy_deleted_during_the_reload_is_not_put_back(
+    make: Callable[..., Chain], clocks: Clocks, memcached: MemcachedProcess
+) -> None:
+    """Found by review: the winner's store, refused because another process deleted
+    the key, released the lease, and the release put the fail-safe copy the lease was
+    won on back with ``add``: the delete was undone for every process."""
+    options = {"fail_safe": True, "fail_safe_max_age": 60.0}
+    a = make(**options)
+    assert a.get_or_load("k", lambda: "v1", 1) == "v1"
+    assert a.flush()
+    clocks.advance(2)  # past its TTL: memcached keeps the copy for the fail-safe
+    b, c = make(**options, lease=HELD), make(**options)
+    holder = Holder(b, "k", "v2", ttl=1)  # b won the lease on the stale copy
+    assert c.delete("k") and c.flush()
+    assert holder.finish() == "v2"
+    assert b.flush()
+    assert memcached.raw(b"mg " + b_key(b, "k") + b" v\r\n").startswith(b"EN")
+    with pytest.raises(ConnectionError):  # no copy left to serve: the delete stands
+        make(**options).get_or_load("k", boom, 1)
+
+
+def test_every_layer_but_the_shared_one_gets_the_value_once_it_took_it(
+    memcached: MemcachedProcess,
+) -> None:
+    """Found by review: a layer below the shared one (an in-process layer at the
+    bottom of the chain) was left out of the winner's store."""
+    bottom = MemoryLayer("L3")
+    chain = Chain(
+        [MemoryLayer("L1"), MemcachedLayer("L2", memcached.address, key_prefix=_prefix()), bottom],
+        coherence=False,
+    )
+    try:
+        assert chain.get_or_load("k", lambda: "v", 60) == "v"
+        assert chain.flush()
+        assert [layer.get("k") for layer in chain.layers] == ["v", "v", "v"]
+    finally:
+        chain.close()
+
+
+def test_a_memcached_layer_subclass_set_stores_the_winners_value(
+    memcached: MemcachedProcess,
+) -> None:
+    written: list[str] = []
+
+    class Audited(MemcachedLayer):
+        def set(self, key: str, value: Any, ttl: float | None = None) -> None:
+            written.append(key)
+            super().set(key, value, ttl)
+
+    chain = Chain(
+        [MemoryLayer("L1"), Audited("L2", memcached.address, key_prefix=_prefix())],
+        coherence=False,
+    )
+    try:
+        assert chain.get_or_load("k", lambda: "v", 60) == "v"
+        assert chain.flush() and written == ["k"]
+    finally:
+        chain.close()
+
+
+def test_a_winner_whose_breaker_opened_during_the_load_keeps_the_value_in_l1(
+    make: Callable[..., Chain],
+) -> None:
+    a = make()
+    breaker = a.breakers["L2"]
+
+    def load() -> str:
+        for _ in range(breaker.max_failures):  # memcached failed for other requests
+            breaker.on_failure(breaker.acquire())
+        return "v"
+
+    assert a.get_or_load("k", load, 60) == "v"
+    assert breaker.refusing() and a.layers[0].get("k") == "v"  # as without the lease
 
 
 def test_a_value_memcached_cannot_take_stays_in_the_winners_l1_and_frees_the_lease(

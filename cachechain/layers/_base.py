@@ -267,13 +267,18 @@ class Lease:
         the lease this caller won, only if the key is still in the state the lease
         found it: True when stored, False when a write or a delete of the key came
         since (the value, loaded before it, may be older: it is not stored, as in
-        memcached's leases against stale sets). Raises
+        memcached's leases against stale sets), or when the lease's item is gone for
+        another reason (evicted; on memcached, a lease past its TTL is stored over
+        with ``add`` instead). Once it has answered, :meth:`release` does nothing.
+        Raises
         :class:`~cachechain.InvalidValueError` for a value the layer refuses, a layer
         error when the backend fails (the value is then retracted if it landed), and
         ``TypeError`` for a lease that does not :attr:`store <stores>`."""
         if self._store is None:
             raise TypeError("this lease does not store values: write the key instead")
-        return self._store(value, ttl)
+        stored = self._store(value, ttl)
+        self._release = None  # answered: the lease is over, stored or ended by a change
+        return stored
 
     @property
     def held(self) -> bool:

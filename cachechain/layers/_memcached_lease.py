@@ -6,7 +6,7 @@ in "Scaling Memcache at Facebook" (NSDI 2013, 3.2.1), with memcached's own comma
 - **Meta protocol** (memcached 1.6+, found once per node with ``mn``): ``mg <key> v c f
   N<ttl>``. On a miss memcached creates an empty *stub* item living ``ttl`` seconds and
   answers ``W`` (won) to this client alone; every other client then gets ``Z`` (a win
-  was handed out) with the empty stub, until a write replaces it (the winner's ``set``
+  was handed out) with the empty stub, until a write replaces it (the winner's store
   ends the lease) or it expires (a winner that died blocks nobody past ``ttl``). A live
   value comes back instead (the call doubles as a read). A value memcached still holds
   but whose envelope has expired (memcached keeps an entry to its next whole second, and
@@ -23,7 +23,9 @@ in "Scaling Memcache at Facebook" (NSDI 2013, 3.2.1), with memcached's own comma
   value): ``cas`` with the token of the item the lease was won on (the stub, or the
   stale copy; the classic ``cas`` works on a meta stub), so a delete or a write of the
   key by any client since the win ends the lease and the value, loaded before that
-  change, is not stored (leases against stale sets, the paper's 3.2.1).
+  change, is not stored (leases against stale sets, the paper's 3.2.1). A lease that
+  may have ended by its TTL (a slow load) stores with ``add`` instead; a server without
+  CAS (``-C``, every token 0) leaves the store to the plain write.
 - **Release** (the winner's load failed): ``md <key> C<cas>`` (meta) or ``cas <key> 0
   -1 0 <cas>`` (classic: stored already expired): only the stub this caller won, never
   a later lease or a value someone stored since. A stale copy is marked stale again
@@ -59,7 +61,8 @@ to retry.
 from __future__ import annotations
 
 import math
-from functools import partial
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, cast
 
 from pymemcache.exceptions import MemcacheUnknownError
@@ -149,7 +152,7 @@ def _meta_lease(
     for _ in range(_ROUNDS):
         got: _Got = pool.call_once(node, _mg, mkey, exptime, deadline)
         if got.won:
-            return _won_meta(layer, node, mkey, got)
+            return _won_meta(layer, node, mkey, got, exptime)
         if got.data is None:
             return None  # no item despite N: nothing to hold
         found = _live(layer, got.data, mkey)
@@ -163,42 +166,82 @@ def _meta_lease(
     return None
 
 
-def _won_meta(layer: MemcachedLayer, node: Node, mkey: bytes, got: _Got) -> Lease:
+def _won_meta(layer: MemcachedLayer, node: Node, mkey: bytes, got: _Got, exptime: int) -> Lease:
     """The lease ``got`` won. Its release deletes the stub; a stale copy (``data`` not
     empty) is marked stale again instead, so it stays readable and goes to the next
     client, and gets back the time it had to live (marking it for the lease gave it the
     lease's TTL, so that a winner that dies blocks nobody past it): a fail-safe copy
     outlives a failed load, for every process."""
+    won = _Won(layer, node, mkey, got.cas, exptime)
     data = got.data
-    store = partial(_cas_store, layer, node, mkey, got.cas)
     if not data:
-        return Lease(won=True, release=lambda: _md(layer, node, mkey, b"C" + got.cas), store=store)
+        return won.lease(lambda: _md(layer, node, mkey, b"C" + got.cas))
 
     def release() -> None:
         # Its TTL given back (it is read now: the load took a while); a copy that
         # expired meanwhile (the load outlived the lease's TTL) is put back, if absent.
+        # Not a copy deleted meanwhile: gone before the lease could end, it was deleted.
         keep = _kept_exptime(data, layer._clock())
         flags = b"I C" + got.cas + (b"" if keep is None else b" T%d" % keep)
-        if not _md(layer, node, mkey, flags) and keep is not None:
+        if not _md(layer, node, mkey, flags) and keep is not None and won.may_have_ended():
             _restore(layer, node, mkey, data, keep)
 
-    return Lease(won=True, release=release, store=store)
+    return won.lease(release)
 
 
-def _cas_store(
-    layer: MemcachedLayer, node: Node, mkey: bytes, cas: bytes, value: Any, ttl: float | None
-) -> bool:
-    """:meth:`Lease.store <cachechain.layers.Lease.store>`: ``cas`` with the token of
-    the item the lease was won on (the stub, or the stale copy), so the value replaces
-    that item only: a delete (``NOT_FOUND``) or a write (``EXISTS``) since leaves it
-    unstored. Sent once: a store whose reply is lost is deleted behind it if it turns
-    out to have landed (the pool's fates)."""
-    pool = layer._pool
-    pool.check_open()
-    expires_at, exptime = layer._expiry(ttl)
-    data = layer._encode(value, mkey, expires_at)
-    deadline = pool.deadline()
-    return bool(pool.call_once(node, "cas", mkey, data, cas, exptime, deadline, keys=(mkey,)))
+class _Won:
+    """A lease this client won on the item whose CAS token is ``cas`` (the stub, or a
+    stale copy) for ``exptime`` seconds, from now (:func:`time.monotonic`: memcached's
+    own clock ends it)."""
+
+    __slots__ = ("cas", "exptime", "layer", "mkey", "node", "won_at")
+
+    def __init__(
+        self, layer: MemcachedLayer, node: Node, mkey: bytes, cas: bytes, exptime: int
+    ) -> None:
+        self.layer, self.node, self.mkey, self.cas = layer, node, mkey, cas
+        self.exptime = exptime
+        self.won_at = time.monotonic()
+
+    def lease(self, release: Callable[[], object] | None) -> Lease:
+        """The :class:`Lease` won, released by ``release``; it stores over the item
+        unless the server gives no CAS (``memcached -C``: every token is 0) or a
+        subclass of the layer overrides ``set`` (the plain write then goes through it)."""
+        store = None if self.cas == b"0" or _set_overridden(self.layer) else self.store
+        return Lease(won=True, release=release, store=store)
+
+    def may_have_ended(self) -> bool:
+        """Whether memcached may have ended the lease by its TTL: it does so between
+        ``exptime - 1`` and ``exptime`` seconds after the win (its clock ticks once a
+        second). Before that, a lease's item that is gone was deleted."""
+        return time.monotonic() - self.won_at >= self.exptime - 1
+
+    def store(self, value: Any, ttl: float | None) -> bool:
+        """:meth:`Lease.store <cachechain.layers.Lease.store>`: ``cas`` with the lease's
+        token, so the value replaces the lease's item only: a write since (``EXISTS``)
+        or a delete (``NOT_FOUND`` before the lease could end) leaves it unstored. A
+        lease that may have ended by its TTL (a load slower than it) stores with
+        ``add`` instead, if the key is absent: a delete made during such a load is then
+        not told from the lease's end. Sent once: a store whose reply is lost is
+        deleted behind it if it turns out to have landed (the pool's fates)."""
+        layer, node, mkey = self.layer, self.node, self.mkey
+        pool = layer._pool
+        pool.check_open()
+        expires_at, exptime = layer._expiry(ttl)
+        data = layer._encode(value, mkey, expires_at)
+        keys = (mkey,)
+        stored = pool.call_once(
+            node, "cas", mkey, data, self.cas, exptime, pool.deadline(), keys=keys
+        )
+        if stored is None and self.may_have_ended():
+            stored = pool.call_once(node, "add", mkey, data, exptime, pool.deadline(), keys=keys)
+        return bool(stored)
+
+
+def _set_overridden(layer: MemcachedLayer) -> bool:
+    """Whether a subclass of ``MemcachedLayer`` overrides its ``set``."""
+    owner = next(cls for cls in type(layer).__mro__ if "set" in vars(cls))
+    return owner.__module__ != __name__.rsplit(".", 1)[0] + "._memcached"
 
 
 def _stub_gone(value: Any, ttl: float | None) -> bool:
@@ -334,7 +377,7 @@ def _classic_lease(
     keys = (mkey,)
     for _ in range(_ROUNDS):
         if pool.call_once(node, "add", mkey, b"", exptime, deadline, keys=keys):
-            return _won_classic(layer, node, mkey, deadline)
+            return _won_classic(layer, node, mkey, exptime, deadline)
         data, cas = pool.call(node, "gets", mkey, deadline)
         if data is None:
             continue  # gone since: add again
@@ -347,7 +390,7 @@ def _classic_lease(
             return None  # a stub would destroy it: no lease (the meta protocol keeps it)
         # Expired for us: replace it with a stub, if unchanged.
         if pool.call_once(node, "cas", mkey, b"", cas, exptime, deadline, keys=keys):
-            return _won_classic(layer, node, mkey, deadline)
+            return _won_classic(layer, node, mkey, exptime, deadline)
     return None
 
 
@@ -363,7 +406,9 @@ def _fail_safe_copy(data: bytes, now: float) -> bool:
     return stamped and (expires_at is None or expires_at > now)
 
 
-def _won_classic(layer: MemcachedLayer, node: Node, mkey: bytes, deadline: float) -> Lease:
+def _won_classic(
+    layer: MemcachedLayer, node: Node, mkey: bytes, exptime: int, deadline: float
+) -> Lease:
     """The lease on the stub this caller just stored, its CAS read as the token (a
     value stored since ended the lease: it is returned instead)."""
     data, cas = layer._pool.call(node, "gets", mkey, deadline)
@@ -371,11 +416,8 @@ def _won_classic(layer: MemcachedLayer, node: Node, mkey: bytes, deadline: float
         return _live(layer, data, mkey) or Lease(won=True, store=_stub_gone)
     if data is None or cas is None:
         return Lease(won=True, store=_stub_gone)  # gone already: deleted since
-    return Lease(
-        won=True,
-        release=lambda: _cas_expire(layer, node, mkey, cas),
-        store=partial(_cas_store, layer, node, mkey, cas),
-    )
+    won = _Won(layer, node, mkey, cas, exptime)
+    return won.lease(lambda: _cas_expire(layer, node, mkey, cas))
 
 
 def _cas_expire(layer: MemcachedLayer, node: Node, mkey: bytes, cas: bytes) -> None:
