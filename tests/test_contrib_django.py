@@ -43,7 +43,7 @@ from django.urls import path
 from django.views.decorators.cache import cache_page
 
 from cachechain import Chain, UnconfirmedError
-from cachechain._codecs import JsonCodec, SignedPickleCodec
+from cachechain._codecs import JsonCodec, SignedPickleCodec, TaggedJsonCodec
 from cachechain._config import LeaseConfig
 from cachechain._errors import ChainClosedError, ConfigError
 from cachechain._namespace import NamespacedLayer
@@ -53,7 +53,7 @@ from cachechain.contrib.django import DEFAULT_L1, CachechainCache, chain_options
 from cachechain.layers._base import MISSING
 from cachechain.layers._memcached import MemcachedLayer
 from cachechain.testing import FakeClock
-from tests.support.fakes import wait_for_waiters
+from tests.support.fakes import UNPICKLED, Boom, wait_for_waiters
 from tests.support.processes import WAIT, reported, run_processes
 from tests.support.servers import MemcachedProcess
 
@@ -553,6 +553,26 @@ def test_memcached_gets_a_signed_pickle_codec_keyed_by_secret_key(
             assert other.get(made, MISSING) is MISSING  # a bad signature is a miss
         with l2_reader(memcached.address, JsonCodec()) as other:
             assert other.get(made, MISSING) is MISSING
+
+
+@pytest.mark.memcached
+def test_a_codec_that_does_not_sign_never_has_memcached_bytes_unpickled(
+    memcached: MemcachedProcess,
+) -> None:
+    """Found by review: with ``"codec": "tagged_json"`` the backend pickled values and
+    unpickled every ``bytes`` value read back from memcached (code run in every worker
+    by whoever can write there). It now uses tagged JSON unless every remote layer
+    signs."""
+    with django_app(caches_setting(memcached.address, codec="tagged_json")):
+        b = backend()
+        made = b.make_key("evil")
+        with l2_reader(memcached.address, TaggedJsonCodec()) as other:
+            assert other.set(made, pickle.dumps(Boom()), 60)
+        assert b.get("evil") is None and b.get_many(["evil"]) == {}
+        assert UNPICKLED == []
+        b.set("obj", {"a": (1, 2)})
+        forget_l1(b)
+        assert b.get("obj") == {"a": (1, 2)}  # shared through memcached, as tagged JSON
 
 
 def test_a_memcached_layer_without_codec_needs_secret_key(memcached: MemcachedProcess) -> None:

@@ -311,6 +311,37 @@ def test_without_secret_key_nothing_read_from_memcached_is_unpickled(
         web.backend.close()
 
 
+@pytest.mark.memcached
+@pytest.mark.parametrize("codec", ["tagged_json", "json"])
+def test_a_codec_that_does_not_sign_never_has_memcached_bytes_unpickled(
+    memcached: MemcachedProcess, codec: str
+) -> None:
+    """Found by review: with ``SECRET_KEY`` set and a memcached layer naming a codec
+    that does not sign (``tagged_json``), the backend pickled values and unpickled
+    every ``bytes`` value read back: whoever could write to memcached ran code in
+    every worker. The backend now uses tagged JSON unless every remote layer signs."""
+    layers = [
+        {"type": "memory", "name": "L1", "maxsize": 1000},
+        {"type": "memcached", "name": "L2", "servers": [memcached.address], "key_prefix": "fl:",
+         "codec": codec, "timeout": 0.2, "connect_timeout": 0.2},
+    ]  # fmt: skip
+    web = WebApp(None, CACHE_OPTIONS={"name": "flask-test", "layers": layers})
+    try:
+        b = web.backend
+        with l2_reader(memcached.address, TaggedJsonCodec()) as other:
+            assert other.set("app:evil", pickle.dumps(Boom()), 60)
+        assert b.get("evil") is None and b.get_many("evil") == [None]
+        assert UNPICKLED == []
+        assert b.set("obj", {"a": (1, 2)}) is (codec == "tagged_json")  # json: L1 only
+        assert b.get("obj") == {"a": (1, 2)}
+        if codec == "tagged_json":  # still shared through memcached, as tagged JSON
+            forget_l1(b)
+            assert b.get("obj") == {"a": (1, 2)}
+    finally:
+        web.backend.close()
+
+
+# -- the cache API ---------------------------------------------------------------------
 # -- the cache API ---------------------------------------------------------------------
 
 

@@ -32,7 +32,10 @@ backends share, and why:
   holds JSON values, ``bytes``, tuples, sets, dates and times, ``Decimal`` and
   ``UUID``, and nothing read from memcached is unpickled; other values stay in the
   in-process layers. A layer with an explicit ``"codec": "json"`` stores only the
-  plain values above; the others stay in the layers that can hold them.
+  plain values above; the others stay in the layers that can hold them. Values are
+  pickled only when every remote layer signs (:func:`_form_of`): with any other codec
+  (``json``, ``tagged_json``, the application's own) they are stored as tagged JSON, so
+  bytes that someone else wrote to memcached are never unpickled.
 - **"Never expires"** is stored as :data:`NO_EXPIRY_TTL` seconds (ten years): the
   layers take finite TTLs. Each layer's ``max_ttl`` still caps every TTL.
 - **clear() clears the cache for every process** sharing the memcached
@@ -66,6 +69,7 @@ from .. import _fork
 from .._chain import Chain
 from .._codecs import SignedPickleCodec, TaggedJsonCodec
 from .._errors import InvalidValueError
+from .._resilience import unwrapped
 from ..layers._base import MISSING
 from ._values import PICKLED, TAGGED, ValueForm, log
 
@@ -141,18 +145,16 @@ def _needs_default_codec(options: Mapping[str, Any]) -> bool:
 
 def _with_default_codec(
     options: Mapping[str, Any], secret: str | bytes | None
-) -> tuple[Mapping[str, Any], ValueForm, list[str]]:
+) -> tuple[Mapping[str, Any], list[str]]:
     """Return ``options`` with a codec given to every ``memcached`` layer that names no
-    ``codec``, the value form the backend must use with them, and the names of those
-    layers that got tagged JSON. With a ``secret``, the codec is a
-    :class:`~cachechain.SignedPickleCodec` keyed by it, and the form
-    :data:`~cachechain.contrib._values.PICKLED`; without one,
-    :class:`~cachechain.TaggedJsonCodec` and :data:`~cachechain.contrib._values.TAGGED`
-    (nothing read from memcached is ever unpickled then). ``options`` is not changed;
-    anything malformed is passed on untouched for the settings to report."""
+    ``codec``, and the names of those layers that got tagged JSON. With a ``secret``,
+    the codec is a :class:`~cachechain.SignedPickleCodec` keyed by it; without one,
+    :class:`~cachechain.TaggedJsonCodec`. The value form the backend uses follows from
+    the chain built (:func:`_form_of`). ``options`` is not changed; anything malformed
+    is passed on untouched for the settings to report."""
     layers = _layer_entries(options)
     if not layers:
-        return options, PICKLED, []
+        return options, []
     entries: list[Any] = []
     tagged: list[str] = []
     codec: SignedPickleCodec | TaggedJsonCodec | None = None
@@ -165,7 +167,26 @@ def _with_default_codec(
                 tagged.append(str(entry.get("name", f"L{index + 1}")))
             entry = {**entry, "codec": codec}
         entries.append(entry)
-    return {**options, "layers": entries}, (TAGGED if tagged else PICKLED), tagged
+    return {**options, "layers": entries}, tagged
+
+
+def _form_of(chain: Chain) -> ValueForm:
+    """The value form a backend uses over ``chain``:
+    :data:`~cachechain.contrib._values.PICKLED` only when every layer that keeps values
+    outside this process signs them (:class:`~cachechain.SignedPickleCodec`: nothing it
+    reads back is unpickled unless its signature checks out), else
+    :data:`~cachechain.contrib._values.TAGGED`. Another codec (``json``,
+    ``tagged_json``, the application's own) or a remote layer of the application's could
+    hand back bytes that anyone able to write to the server stored, and the pickled
+    form would unpickle them: code run in every worker (found by review: a memcached
+    layer with ``"codec": "tagged_json"`` and a ``SECRET_KEY``)."""
+    for layer in chain.layers:
+        inner = unwrapped(layer)
+        if getattr(inner, "local", False):
+            continue  # this process's own objects
+        if not isinstance(getattr(inner, "codec", None), SignedPickleCodec):
+            return TAGGED
+    return PICKLED
 
 
 #: The chains built by the backends and not yet garbage collected, closed at exit.

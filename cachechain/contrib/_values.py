@@ -3,19 +3,20 @@
 Values are copies, as in every Django and Flask-Caching backend: ``str``, ``int``,
 ``float``, ``bool`` and ``None`` are stored as they are (immutable; memcached counters
 need ``int``), any other value in a serialized form that each read turns into a fresh
-object. Which form depends on the codec the backend gave memcached
-(:func:`cachechain.contrib._with_default_codec`):
+object. Which form depends on the codecs of the chain's remote layers
+(:func:`cachechain.contrib._form_of`):
 
-- :data:`PICKLED` (memcached gets the signed pickle codec, or has a codec of its own;
-  in-process-only chains): the pickle of the value, as ``bytes``. Memcached's codec
-  signs it, and nothing read from memcached is unpickled unless its signature checks
-  out.
-- :data:`TAGGED` (memcached gets :class:`~cachechain.TaggedJsonCodec` because the
-  application has no secret): the value's tagged JSON (:mod:`cachechain._tagged`), as
-  ``bytes``; reading it never runs code, so nothing from memcached is ever unpickled.
-  A value tagged JSON cannot hold (an instance of an application class, a ``Response``)
-  is pickled into a :class:`LocalOnly` that memcached's codec refuses: it stays in the
-  in-process layers (the chain counts memcached's refusal).
+- :data:`PICKLED` (every remote layer signs: the signed pickle codec the backend gives
+  memcached with the application's secret, or one named explicitly; in-process-only
+  chains): the pickle of the value, as ``bytes``. Memcached's codec signs it, and
+  nothing read from memcached is unpickled unless its signature checks out.
+- :data:`TAGGED` (any other remote codec: :class:`~cachechain.TaggedJsonCodec` given
+  because the application has no secret, or ``json``, ``tagged_json`` or a codec of the
+  application's named explicitly): the value's tagged JSON (:mod:`cachechain._tagged`),
+  as ``bytes``; reading it never runs code, so nothing from memcached is ever
+  unpickled. A value tagged JSON cannot hold (an instance of an application class, a
+  ``Response``) is pickled into a :class:`LocalOnly` that memcached's codec refuses: it
+  stays in the in-process layers (the chain counts memcached's refusal).
 """
 
 from __future__ import annotations

@@ -128,6 +128,7 @@ from . import (
     _count,
     _delete,
     _exiting,
+    _form_of,
     _needs_default_codec,
     _with_default_codec,
 )
@@ -237,12 +238,12 @@ def _shared_for(options: Mapping[str, Any]) -> _Shared:
     with _SHARED_LOCK:
         shared = _SHARED.get(fingerprint)
         if shared is None or (shared.chain.closed and not _exiting()):
-            resolved, form, _ = _with_default_codec(options, secret)
+            resolved, _ = _with_default_codec(options, secret)
             try:
                 chain = Chain.from_config(resolved)
             except ConfigError as exc:
                 raise ConfigError(f"CACHES OPTIONS of a cachechain cache: {exc}") from exc
-            shared = _SHARED[fingerprint] = _Shared(chain, form)
+            shared = _SHARED[fingerprint] = _Shared(chain, _form_of(chain))
             _close_at_exit(chain)
     return shared
 

@@ -107,6 +107,7 @@ from . import (
     _close_at_exit,
     _count,
     _delete,
+    _form_of,
     _with_default_codec,
     log,
 )
@@ -150,7 +151,7 @@ class CachechainBackend(BaseCache):
             )
         if not isinstance(key_prefix, str):
             raise ConfigError(f"CACHE_KEY_PREFIX must be a str, got {key_prefix!r}")
-        resolved, form, tagged = _with_default_codec(options, secret)
+        resolved, tagged = _with_default_codec(options, secret)
         try:
             chain = Chain.from_config(resolved)
         except ConfigError as exc:
@@ -164,7 +165,7 @@ class CachechainBackend(BaseCache):
                 name,
             )
         self._chain = chain
-        self._form = form
+        self._form = _form_of(chain)
         self._prefix = key_prefix
         _close_at_exit(chain)
 
