@@ -271,6 +271,13 @@ class CircuitBreaker:
             and self._clock() - self._opened_at < self._reset_timeout
         )
 
+    def failing(self) -> bool:
+        """True while the last outcome reported was a failure (no success since), or
+        the breaker is not CLOSED: a caller about to make a second call in one
+        operation can skip it rather than wait out another timeout. Lock-free, without
+        side effects."""
+        return self._state is not CircuitState.CLOSED or self._counts.consecutive > 0
+
     def acquire(self) -> Permit:
         """Ask to make one guarded call; return its :class:`Permit`.
 

@@ -31,8 +31,10 @@ runs the loader:
 - **the value was there** (stored since the caller's read): returned, backfilled.
 - **no lease**: the chain has no shared layer that leases, its writer still holds a
   write of the key (the layer's value may be older than this process's), the layer
-  failed (counted and logged once, as any layer failure) or its breaker refuses calls:
-  this process loads at once, with no wait.
+  failed (counted and logged once, as any layer failure), its last call failed (the
+  breaker's :meth:`~cachechain.CircuitBreaker.failing`: most likely the read that just
+  missed; a lease call would wait out a second timeout in the same ``get_or_load``) or
+  its breaker refuses calls: this process loads at once, with no wait.
 
 Only the process's flight leader asks or waits: the other threads of the process wait
 on the single flight, so a cluster of N processes polls N times per interval at most.
@@ -128,6 +130,12 @@ def leased_load(
     job = _Load(chain, key, load_and_store, config)
     tier = job.tier
     if not config.enabled or not tier.supports(SupportsLease) or _writing(tier, key):
+        return job.here()
+    breaker = tier.breaker
+    if breaker is not None and breaker.failing():  # the read that missed, most likely:
+        m = chain._m  # a lease call would wait out a second timeout in this call
+        if m is not None:
+            m.record_lease("unavailable")
         return job.here()
     ticket = job.fence.ticket(key)
     lease = _ask(job)

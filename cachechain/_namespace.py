@@ -90,6 +90,8 @@ class Namespace:
 
     __slots__ = (
         "__weakref__",
+        "_failed",
+        "_fetches",
         "_layer",
         "_lock",
         "epoch",
@@ -117,6 +119,10 @@ class Namespace:
         #: How many times this process moved the generation: a poll that read the
         #: generation before a move must not adopt what it read.
         self.epoch = 0
+        #: Fetches of the generation ended (guarded by _lock), and the last one's
+        #: failure: callers that waited for a fetch that failed take its answer.
+        self._fetches = 0
+        self._failed: Exception | None = None
         _fork.track(self)
 
     @property
@@ -135,12 +141,21 @@ class Namespace:
         prefix = self.prefix
         if prefix is not None:
             return prefix
+        fetches = self._fetches
         with self._lock:
             if self.prefix is None:
+                failed = self._failed
+                if self._fetches != fetches and failed is not None:
+                    # A fetch began and failed while this caller waited: its answer,
+                    # not a second timeout (found by review: 2x the timeout per call).
+                    raise self._unknown(failed)
                 try:
                     self._set(self._fetch())
                 except Exception as exc:
+                    self._failed = exc
                     raise self._unknown(exc) from exc
+                finally:
+                    self._fetches += 1  # ended: a caller that came meanwhile saw fewer
             return self.prefix  # type: ignore[return-value]  # set just above
 
     def _unknown(self, exc: Exception) -> LayerUnavailableError:

@@ -20,6 +20,7 @@ from cachechain import (
     CircuitBreaker,
     CircuitState,
     LayerConfig,
+    LayerUnavailableError,
     MemcachedLayer,
     MemoryLayer,
 )
@@ -161,7 +162,7 @@ def test_black_hole_bounds_every_get_and_the_open_breaker_costs_no_io(
     assert watch.entered[CircuitState.OPEN].is_set()
     latencies.sort()
     worst = latencies[-1]
-    assert worst <= TIMEOUT * 2 + 0.15, f"a get took {worst:.3f} s under a black hole"
+    assert worst <= TIMEOUT + 0.1, f"a get took {worst:.3f} s under a black hole"
 
     # The backfills queued by the loads above may still be in flight (a timeout each);
     # those that timed out went to the reaper, which sends their retraction and its
@@ -313,3 +314,107 @@ def test_a_collector_that_raises_changes_no_result(caplog: pytest.LogCaptureFixt
         assert chain._m.failures == 10
         chain.close()
     assert len([r for r in caplog.records if "metrics collector" in r.getMessage()]) == 1
+
+
+# -- row 3: one timeout per call, not one per round trip of the call ---------------------
+
+
+def test_get_or_load_under_a_black_hole_asks_no_lease_after_its_read_failed(
+    proxy: FaultProxy,
+) -> None:
+    """Found by review: a ``get_or_load`` miss read memcached (a timeout) and then asked
+    it for the lease (a second timeout): 2x the timeout per call, 3x with the namespace.
+    The lease is skipped once the layer's last call failed, and counted unavailable."""
+    chain = Chain(
+        [MemoryLayer("L1"), MemcachedLayer("L2", proxy.address, timeout=TIMEOUT)],
+        coherence=False,
+        metrics=MemoryCollector(),
+    )
+    shared: Any = chain._shared.layer
+    asked: list[str] = []
+    real = shared.lease
+
+    def lease(key: str, ttl: float) -> Any:
+        asked.append(key)
+        return real(key, ttl)
+
+    shared.lease = lease
+    try:
+        proxy.black_hole()
+        assert chain.get_or_load("k", lambda: "loaded") == "loaded"
+        assert asked == []
+        snap: Any = chain.metrics_collector.snapshot()
+        assert dict(snap.chain_metrics.leases_by_outcome) == {"unavailable": 1}
+        assert snap.layer_metrics["L2"].errors == 1  # the read alone
+    finally:
+        chain.close(0.5)
+
+
+class _ArrivalLock:
+    """A lock that sets ``waiting`` when a second caller starts to wait for it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.waiting = threading.Event()
+
+    def __enter__(self) -> None:
+        if not self.lock.acquire(blocking=False):
+            self.waiting.set()
+            self.lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
+
+
+def test_callers_waiting_for_a_generation_fetch_that_fails_take_its_answer() -> None:
+    """Found by review: a caller that waited for another thread's fetch of the
+    namespace generation (memcached unreachable) fetched again once it failed: 2x the
+    timeout per call."""
+    from cachechain._namespace import Namespace
+    from tests.support.fakes import FakeLayer
+
+    entered, release = threading.Event(), threading.Event()
+    fetches: list[int] = []
+
+    class Unreachable(FakeLayer):
+        def add(self, key: str, value: Any, ttl: float | None = None) -> bool:
+            raise AssertionError("a fetch that failed creates nothing")
+
+        def incr(self, key: str, delta: int = 1) -> int | None:
+            raise AssertionError("not moved")
+
+        def decr(self, key: str, delta: int = 1) -> int | None:
+            raise AssertionError("not moved")
+
+        def get_with_ttl(self, key: str) -> tuple[Any, float | None]:
+            fetches.append(1)
+            entered.set()
+            assert release.wait(10)
+            raise LayerUnavailableError("timed out", layer="L2")
+
+    ns = Namespace(Unreachable("L2"))
+    ns._lock = arrival = _ArrivalLock()  # type: ignore[assignment]
+    errors: list[BaseException] = []
+
+    def current() -> None:
+        try:
+            ns.current()
+        except LayerUnavailableError as exc:
+            errors.append(exc)
+
+    first = threading.Thread(target=current)
+    first.start()
+    assert entered.wait(10)
+    second = threading.Thread(target=current)
+    second.start()
+    assert arrival.waiting.wait(10)  # the second caller waits for the first's fetch
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert len(errors) == 2 and fetches == [1]  # one fetch, one timeout, both told
+    release.clear()
+    entered.clear()
+    threading.Thread(target=release.set).start()
+    with pytest.raises(LayerUnavailableError):
+        ns.current()  # a later call fetches again
+    assert fetches == [1, 1]
