@@ -34,7 +34,6 @@ methods, ``get_or_load`` and ``cached``.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import time
@@ -103,9 +102,7 @@ class LoaderOps:
         ``lease.wait`` seconds, then serve a fail-safe value or load themselves. A
         ``None`` result is cached like any other value. A thread that joined another's
         load waits at most ``wait_timeout`` seconds, then raises
-        :class:`~cachechain.LoadTimeoutError`; a wait for another process's load is
-        cut to ``wait_timeout`` too (then this process loads, or serves a fail-safe
-        value). If the key is set or deleted while the
+        :class:`~cachechain.LoadTimeoutError`. If the key is set or deleted while the
         loader runs, the loaded value is returned but not cached.
 
         The other options default to the chain's :class:`~cachechain.LoadConfig`
@@ -182,7 +179,6 @@ def get_or_load(
     """What :meth:`Chain.get_or_load <cachechain.Chain.get_or_load>` does; see there."""
     loads = chain._loads
     leasing = loads.lease if lease is DEFAULT else loads.lease_for(lease)
-    leasing = _waiting_at_most(leasing, wait_timeout)
     policies = loads.policies
     if soft_timeout is DEFAULT and hard_timeout is DEFAULT and eager_refresh is DEFAULT:
         if fail_safe is DEFAULT:
@@ -213,16 +209,6 @@ def get_or_load(
     if shared and chain._m is not None:
         chain._m.record_singleflight_shared()
     return value
-
-
-def _waiting_at_most(lease: LeaseConfig, wait_timeout: float | None) -> LeaseConfig:
-    """``lease`` with its wait for another process's load cut to ``wait_timeout``
-    seconds: a caller waits no longer for another process than for another thread
-    (found by review: ``wait_timeout=0.3`` waited out the lease's 2 s). The wait that
-    ends then loads here, or serves a fail-safe value, as any lease wait that ends."""
-    if wait_timeout is not None and lease.enabled and 0 <= wait_timeout < lease.max_wait:
-        return dataclasses.replace(lease, wait=float(wait_timeout))
-    return lease
 
 
 def invoke_loader(chain: Chain, key: str, loader: Callable[[], Any]) -> Any:

@@ -346,22 +346,6 @@ def test_a_store_over_the_lease_that_fails_is_counted_and_frees_the_lease(
     assert lease_figures(b) == {"won": 1}
 
 
-def test_wait_timeout_bounds_the_wait_for_another_processs_load(
-    make: Callable[..., Chain],
-) -> None:
-    """Found by review: a caller's ``wait_timeout`` bounded its wait for another
-    thread's load, not for another process's: it waited out the whole lease."""
-    a, b = make(lease=HELD), make(lease=HELD)
-    holder = Holder(a, "k", "from a")
-    try:
-        started = time.monotonic()
-        assert b.get_or_load("k", lambda: "from b", 1, wait_timeout=0.2) == "from b"
-        assert time.monotonic() - started < WAIT / 2  # the lease's wait is 60 s
-        assert lease_figures(b) == {"timed_out": 1}
-    finally:
-        holder.finish()
-
-
 def test_lease_false_loads_at_once_while_another_process_holds_it(
     make: Callable[..., Chain],
 ) -> None:
