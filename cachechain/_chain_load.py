@@ -102,7 +102,9 @@ class LoaderOps:
         ``lease.wait`` seconds, then serve a fail-safe value or load themselves. A
         ``None`` result is cached like any other value. A thread that joined another's
         load waits at most ``wait_timeout`` seconds, then raises
-        :class:`~cachechain.LoadTimeoutError`. If the key is set or deleted while the
+        :class:`~cachechain.LoadTimeoutError`; a wait for another process's load is
+        bounded by ``LeaseConfig.wait`` instead (cutting it short would run the loader
+        a second time, and make the call slower). If the key is set or deleted while the
         loader runs, the loaded value is returned but not cached.
 
         The other options default to the chain's :class:`~cachechain.LoadConfig`
