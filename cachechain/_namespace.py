@@ -119,10 +119,11 @@ class Namespace:
         #: How many times this process moved the generation: a poll that read the
         #: generation before a move must not adopt what it read.
         self.epoch = 0
-        #: Fetches of the generation ended (guarded by _lock), and the last one's
-        #: failure: callers that waited for a fetch that failed take its answer.
+        #: Fetches of the generation that ended (guarded by _lock), and the last one's
+        #: failure (its repr; None once one succeeded): callers that waited for a
+        #: fetch that failed take its answer.
         self._fetches = 0
-        self._failed: Exception | None = None
+        self._failed: str | None = None
         _fork.track(self)
 
     @property
@@ -146,22 +147,24 @@ class Namespace:
             if self.prefix is None:
                 failed = self._failed
                 if self._fetches != fetches and failed is not None:
-                    # A fetch began and failed while this caller waited: its answer,
-                    # not a second timeout (found by review: 2x the timeout per call).
+                    # A fetch failed while this caller waited: its answer, not a second
+                    # timeout (found by review: 2x the timeout per call).
                     raise self._unknown(failed)
+                self._failed = None
                 try:
-                    self._set(self._fetch())
+                    generation = self._fetch()
                 except Exception as exc:
-                    self._failed = exc
-                    raise self._unknown(exc) from exc
-                finally:
-                    self._fetches += 1  # ended: a caller that came meanwhile saw fewer
+                    self._failed = repr(exc)  # not exc: its frames hold the caller's
+                    self._fetches += 1
+                    raise self._unknown(self._failed) from exc
+                self._fetches += 1
+                self._set(generation)
             return self.prefix  # type: ignore[return-value]  # set just above
 
-    def _unknown(self, exc: Exception) -> LayerUnavailableError:
-        why = f"could not be read: {exc!r}"
+    def _unknown(self, why: str) -> LayerUnavailableError:
         return LayerUnavailableError(
-            f"the namespace generation of layer {self._layer.name!r} is unknown (the layer {why})",
+            f"the namespace generation of layer {self._layer.name!r} is unknown (the "
+            f"layer could not be read: {why})",
             layer=self._layer.name,
         )
 

@@ -17,11 +17,12 @@ import pytest
 from flask import Flask, Response, jsonify
 from flask_caching import Cache
 
-from cachechain import Chain
+from cachechain import Chain, MemoryLayer
 from cachechain._codecs import SignedPickleCodec, TaggedJsonCodec
-from cachechain._errors import ChainClosedError, ConfigError, InvalidKeyError
+from cachechain._errors import ChainClosedError, ConfigError, InvalidKeyError, InvalidValueError
 from cachechain._resilience import unwrapped
-from cachechain.contrib import _EXITING, NO_EXPIRY_TTL, _close_open_chains
+from cachechain.contrib import _EXITING, NO_EXPIRY_TTL, _close_open_chains, _form_of
+from cachechain.contrib._values import PICKLED, TAGGED, LocalOnly
 from cachechain.contrib.flask import CachechainBackend
 from cachechain.layers._base import MISSING
 from cachechain.layers._memcached import MemcachedLayer
@@ -341,6 +342,47 @@ def test_a_codec_that_does_not_sign_never_has_memcached_bytes_unpickled(
         web.backend.close()
 
 
+def test_a_local_only_value_never_leaves_the_process() -> None:
+    """Found by review: under tagged JSON a value it cannot hold is kept as a
+    ``LocalOnly`` pickle for the in-process layers, but a pickle codec on another
+    layer encoded it, and a process reading that layer's pickles took it for a value."""
+    stays = LocalOnly(pickle.dumps(Response("hi")))
+    with pytest.raises(InvalidValueError, match="cannot be pickled"):
+        SignedPickleCodec(SECRET).encode(stays)
+    assert PICKLED.decode(stays) is MISSING
+
+
+@pytest.mark.memcached
+def test_a_layer_with_a_codec_that_does_not_sign_is_judged_by_it_even_if_local(
+    memcached: MemcachedProcess,
+) -> None:
+    """Found by review: a memcached layer that called itself local (synchronous
+    writes, no breaker) was trusted whatever its codec."""
+
+    class Sidecar(MemcachedLayer):
+        local = True
+
+    chain = Chain(
+        [MemoryLayer("L1"), Sidecar("L2", [memcached.address], codec=TaggedJsonCodec())],
+        coherence=False,
+    )
+    signed = Chain(
+        [
+            MemoryLayer("L1"),
+            MemcachedLayer("L2", [memcached.address], codec=SignedPickleCodec("s")),
+        ],
+        coherence=False,
+    )
+    try:
+        assert _form_of(chain) is TAGGED
+        assert _form_of(signed) is PICKLED
+        assert _form_of(Chain([MemoryLayer("L1")])) is PICKLED  # in-process only
+    finally:
+        chain.close()
+        signed.close()
+
+
+# -- the cache API ---------------------------------------------------------------------
 # -- the cache API ---------------------------------------------------------------------
 # -- the cache API ---------------------------------------------------------------------
 

@@ -417,3 +417,45 @@ def test_callers_waiting_for_a_generation_fetch_that_fails_take_its_answer() -> 
     with pytest.raises(LayerUnavailableError):
         ns.current()  # a later call fetches again
     assert fetches == [1, 1]
+    # What is kept of a failure is its text: an exception would keep its traceback's
+    # frames, and with them the callers' objects, alive (found by review).
+    assert isinstance(ns._failed, str) and "timed out" in ns._failed
+
+
+def test_a_fetch_interrupted_by_a_base_exception_tells_the_waiters_nothing_stale() -> None:
+    """Found by review: an interrupted fetch (a gevent timeout, a KeyboardInterrupt)
+    counted as ended while the last failure stayed recorded, so a caller that waited
+    for it raised an older failure instead of fetching."""
+    from cachechain._namespace import Namespace
+    from tests.support.fakes import FakeLayer
+
+    outcomes: list[BaseException | None] = [
+        LayerUnavailableError("timed out", layer="L2"),
+        KeyboardInterrupt(),
+        None,
+    ]
+
+    class Flaky(FakeLayer):
+        def add(self, key: str, value: Any, ttl: float | None = None) -> bool:
+            return True
+
+        def incr(self, key: str, delta: int = 1) -> int | None:
+            raise AssertionError("not moved")
+
+        def decr(self, key: str, delta: int = 1) -> int | None:
+            raise AssertionError("not moved")
+
+        def get_with_ttl(self, key: str) -> tuple[Any, float | None]:
+            outcome = outcomes.pop(0)
+            if outcome is not None:
+                raise outcome
+            return 7, None
+
+    ns = Namespace(Flaky("L2"))
+    with pytest.raises(LayerUnavailableError):
+        ns.current()
+    fetches = ns._fetches
+    with pytest.raises(KeyboardInterrupt):
+        ns.current()
+    assert ns._fetches == fetches  # not an ended fetch: nobody takes its answer
+    assert ns.current() == "7/" and ns._failed is None

@@ -182,10 +182,11 @@ def _form_of(chain: Chain) -> ValueForm:
     layer with ``"codec": "tagged_json"`` and a ``SECRET_KEY``)."""
     for layer in chain.layers:
         inner = unwrapped(layer)
-        if getattr(inner, "local", False):
-            continue  # this process's own objects
-        if not isinstance(getattr(inner, "codec", None), SignedPickleCodec):
-            return TAGGED
+        codec = getattr(inner, "codec", None)
+        if codec is None and getattr(inner, "local", False):
+            continue  # an in-process layer: this process's own objects
+        if not isinstance(codec, SignedPickleCodec):  # a layer with a codec that does not
+            return TAGGED  # sign is judged by it, whatever it says of itself (local)
     return PICKLED
 
 

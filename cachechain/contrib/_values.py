@@ -81,12 +81,19 @@ def _unpickle(data: bytes) -> Any:
 
 class LocalOnly:
     """A pickled value that must not leave this process (:data:`TAGGED`): no codec
-    encodes it, so only the in-process layers hold it."""
+    encodes it (JSON cannot, and it refuses to be pickled), so only the in-process
+    layers hold it."""
 
     __slots__ = ("data",)
 
     def __init__(self, data: bytes) -> None:
         self.data = data
+
+    def __reduce__(self) -> Any:
+        """Refused: a pickle codec (``SignedPickleCodec``, an application's) would
+        carry it to another process, which could take it for a value (found by
+        review: a signed layer beside a JSON one). Raises ``TypeError``."""
+        raise TypeError("a LocalOnly value stays in this process: it cannot be pickled")
 
     def __repr__(self) -> str:
         return f"LocalOnly(<{len(self.data)} bytes of pickle>)"
@@ -126,9 +133,12 @@ class _Pickled(ValueForm):
         return _pickle(value)
 
     def decode(self, stored: Any) -> Any:
-        if stored.__class__ is not bytes:
-            return stored
-        return _unpickle(stored)
+        kind = stored.__class__
+        if kind is bytes:
+            return _unpickle(stored)
+        if kind is LocalOnly:  # another form's, from elsewhere: never this one's
+            return MISSING
+        return stored
 
     def __repr__(self) -> str:
         return "PICKLED"
