@@ -249,9 +249,7 @@ def load_and_store(
         return loaded, False
     if lease is not None and lease.stores:
         return loaded, _store_over(chain, key, loaded, ttl, policy, ticket, lease)
-    if policy is None or not policy.stamps:
-        return loaded, fence.if_unchanged(ticket, _store, chain, key, loaded, ttl)
-    return loaded, fence.if_unchanged(ticket, _failsafe.store, chain, key, loaded, ttl, policy)
+    return loaded, _fenced_store(chain, ticket, key, loaded, ttl, policy)
 
 
 def load_leased(
@@ -322,27 +320,38 @@ def _store_over(
     value the shared layer refuses (its codec cannot encode it) is kept by the other
     layers, as a ``set`` of it would be; so is a value whose store the shared layer's
     breaker refuses (its fill skipped and counted, as without the lease)."""
-    fence, shared = chain._fence, chain._shared
-    if chain._loads.abandoned or fence.ticket(key) != ticket:
+    shared = chain._shared
+    if chain._loads.abandoned or chain._fence.ticket(key) != ticket:
         return False
-    stamps = policy is not None and policy.stamps
     breaker = shared.breaker
     if breaker is not None and breaker.refusing():  # as without the lease: the shared
-        if stamps:  # layer's fill is skipped (counted), the others' made
-            return fence.if_unchanged(ticket, _failsafe.store, chain, key, value, ttl, policy)
-        return fence.if_unchanged(ticket, _store, chain, key, value, ttl)
+        return _fenced_store(chain, ticket, key, value, ttl, policy)  # layer's fill skipped
     form = (value, ttl)
-    if policy is not None and stamps:
+    if policy is not None and policy.stamps:
         form = _failsafe.stored_form(shared, value, ttl, policy)
     taken = _stored_over(chain, shared, key, lease, form)
     if taken is False:
         return False
     others = tuple(tier for tier in chain._tiers if tier is not shared)
-    if stamps:
-        fence.if_unchanged(ticket, _failsafe.store, chain, key, value, ttl, policy, others)
-    else:
-        fence.if_unchanged(ticket, _store, chain, key, value, ttl, others)
+    _fenced_store(chain, ticket, key, value, ttl, policy, others)
     return taken is True
+
+
+def _fenced_store(
+    chain: Chain,
+    ticket: int,
+    key: str,
+    value: Any,
+    ttl: float | None,
+    policy: LoadPolicy | None,
+    tiers: tuple[Tier, ...] | None = None,
+) -> bool:
+    """Store a loaded ``value`` in every layer (or those of ``tiers``) through the
+    fence, unless it saw a mutation of the key's stripe since ``ticket``: plain, or
+    stamped for fail-safe when ``policy`` keeps stamps. Return whether it stored."""
+    if policy is None or not policy.stamps:
+        return chain._fence.if_unchanged(ticket, _store, chain, key, value, ttl, tiers)
+    return chain._fence.if_unchanged(ticket, _failsafe.store, chain, key, value, ttl, policy, tiers)
 
 
 def _stored_over(

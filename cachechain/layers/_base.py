@@ -270,8 +270,7 @@ class Lease:
         memcached's leases against stale sets), or when the lease's item is gone for
         another reason (evicted; on memcached, a lease past its TTL is stored over
         with ``add`` instead). Once it has answered, :meth:`release` does nothing.
-        Raises
-        :class:`~cachechain.InvalidValueError` for a value the layer refuses, a layer
+        Raises :class:`~cachechain.InvalidValueError` for a value the layer refuses, a layer
         error when the backend fails (the value is then retracted if it landed), and
         ``TypeError`` for a lease that does not :attr:`store <stores>`."""
         if self._store is None:
