@@ -125,7 +125,8 @@ class LoaderOps:
         - ``eager_refresh`` (in ``(0, 1)``): a hit on a value past that share of its
           TTL returns it and starts one background reload of the key.
         - ``lease`` (bool): take the shared layer's lease before loading (True: the
-          chain's ``LoadConfig.lease``, or the default one if the chain's is off).
+          chain's ``LoadConfig.lease``, turned on with its ``ttl`` and ``wait`` if the
+          chain's is off).
 
         Raises :class:`~cachechain.InvalidValueError` naming the option for a bad
         value (before anything is read), :class:`~cachechain.InvalidKeyError` for a

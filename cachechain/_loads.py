@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Final
 
 from ._background import BackgroundLoads
@@ -42,7 +43,6 @@ STORED, DISCARDED, FAILED, REJECTED, ABANDONED = (
     "abandoned",
 )
 
-_LEASE_ON: Final = LeaseConfig()
 _LEASE_OFF: Final = LeaseConfig(enabled=False)
 
 _REASONS: Final = {
@@ -111,6 +111,7 @@ class Loads:
     ``config`` of another type or a ``clock`` that is not callable."""
 
     __slots__ = (
+        "_lease_on",
         "_log",
         "abandoned",
         "background",
@@ -137,6 +138,7 @@ class Loads:
         self.policies = Policies(config)
         #: The lease a ``get_or_load`` takes unless it says otherwise.
         self.lease: LeaseConfig = LeaseConfig.of(config.lease)
+        self._lease_on = replace(self.lease, enabled=True)  # a call's ``lease=True``
         self.clock = clock
         self.throttle = Throttle(clock)
         self.background = BackgroundLoads(name, config.max_background_loads)
@@ -155,13 +157,13 @@ class Loads:
         return self.read
 
     def lease_for(self, flag: bool | Default) -> LeaseConfig:
-        """The lease of a call that passes ``lease=flag``: :data:`DEFAULT` or True the
-        chain's (True: the default one when the chain's is off), False none. Raises
+        """The lease of a call that passes ``lease=flag``: :data:`DEFAULT` the chain's,
+        True the chain's turned on (its ``ttl`` and ``wait`` kept), False none. Raises
         :class:`~cachechain.InvalidValueError` for anything else."""
         if flag is DEFAULT:
             return self.lease
         if flag is True:
-            return self.lease if self.lease.enabled else _LEASE_ON
+            return self._lease_on
         if flag is False:
             return _LEASE_OFF
         raise InvalidValueError(f"lease must be a bool, got {flag!r}")

@@ -34,7 +34,7 @@ from cachechain.metrics import MetricsCollector
 from tests.support.fakes import FakeClock, FakeLayer
 from tests.support.faultproxy import FaultProxy
 from tests.support.processes import WAIT, reported, run_processes
-from tests.support.servers import MemcachedProcess
+from tests.support.servers import MemcachedProcess, just_stored
 
 TOP = 2**63  # counters are signed 64-bit: [-TOP, TOP)
 NOT_COUNTERS: tuple[Any, ...] = (1.5, True, "abc", "", " 5", "5.0", [1], None, TOP, -TOP - 1)
@@ -43,15 +43,6 @@ NOT_COUNTERS: tuple[Any, ...] = (1.5, True, "abc", "", " 5", "5.0", [1], None, T
 def mc_get(server: MemcachedProcess, mkey: bytes) -> bytes:
     """memcached's own reply to ``get`` (flags and bytes as stored)."""
     return server.raw(b"get " + mkey + b"\r\n")
-
-
-def mc_ttl(server: MemcachedProcess, mkey: bytes) -> int | None:
-    """memcached's remaining TTL for ``mkey``: -1 = never, None = absent."""
-    reply = server.raw(b"mg " + mkey + b" t\r\n")
-    if reply.startswith(b"EN"):
-        return None
-    assert reply.startswith(b"HD t"), reply
-    return int(reply.split()[1][1:])
 
 
 def make_layer(server: MemcachedProcess | str, **kwargs: Any) -> MemcachedLayer:
@@ -213,10 +204,10 @@ def test_memcached_add(layer: MemcachedLayer, memcached: MemcachedProcess) -> No
     assert layer.add("k", {"v": 1}, 30) is True
     assert layer.add("k", {"v": 2}, 30) is False
     assert layer.get("k") == {"v": 1}
-    assert mc_ttl(memcached, b"k") == 30
+    assert memcached.ttl(b"k") in just_stored(30)
     with pytest.raises(InvalidValueError):
         layer.add("bad", {1, 2})  # JSON cannot encode it: nothing stored
-    assert mc_ttl(memcached, b"bad") is None
+    assert memcached.ttl(b"bad") is None
     with pytest.raises(InvalidValueError):
         layer.add("bad", 1, -1)
     # bytes that are not cachechain's are a value held: never a second lock owner
@@ -240,11 +231,11 @@ def test_memcached_add_replaces_an_entry_expired_for_its_readers(
 def test_memcached_counters_are_native_after_the_first_change(
     layer: MemcachedLayer, memcached: MemcachedProcess
 ) -> None:
-    assert layer.incr("n") is None and mc_ttl(memcached, b"n") is None
+    assert layer.incr("n") is None and memcached.ttl(b"n") is None
     layer.set("n", "5", 100)  # an envelope: memcached cannot count it...
     assert layer.incr("n") == 6  # ...so it is made a counter by compare-and-set
     assert mc_get(memcached, b"n") == b"VALUE n 2 1\r\n6\r\nEND\r\n"  # flag 2, digits
-    assert 99 <= mc_ttl(memcached, b"n") <= 100  # type: ignore[operator]  # TTL kept
+    assert 99 <= memcached.ttl(b"n") <= 100  # type: ignore[operator]  # TTL kept
     assert layer.get("n") == 6
     assert layer.get_with_ttl("n") == (6, 0.0)  # a counter's remaining TTL is unknown
     assert layer.get_many_with_ttl(["n"]) == {"n": (6, 0.0)}
@@ -284,10 +275,10 @@ def test_memcached_touch(layer: MemcachedLayer, memcached: MemcachedProcess) -> 
     layer.set("k", {"v": 1}, 5)
     assert layer.touch("k", 100) is True
     assert layer.get_with_ttl("k")[1] == pytest.approx(100, abs=1)  # the envelope's
-    assert mc_ttl(memcached, b"k") == 100  # and memcached's
+    assert memcached.ttl(b"k") in just_stored(100)  # and memcached's
     layer.set("n", 1)
     layer.incr("n")
-    assert layer.touch("n", 50) is True and mc_ttl(memcached, b"n") == 50
+    assert layer.touch("n", 50) is True and memcached.ttl(b"n") in just_stored(50)
     assert layer.get("n") == 2
     assert memcached.raw(b"set foreign 0 0 3\r\nabc\r\n") == b"STORED\r\n"
     with pytest.raises(CorruptValueError):
@@ -374,9 +365,9 @@ def test_memcached_compare_and_set_loops_give_up_when_always_beaten(
 ) -> None:
     clock = FakeClock(time.time())
     layer._clock = clock
-    layer.set("k", "v", 0.5)
+    layer.set("k", "v", 30)  # not 1 s: memcached may end that at once, at its tick
     layer.set("n", 1)
-    clock.advance(1)  # "k" expired for us, still in memcached
+    clock.advance(31)  # "k" expired for us, still in memcached
     Scripted(monkeypatch, layer, cas=[False] * 1000)  # every cas loses
     for call in (lambda: layer.add("k", 1), lambda: layer.incr("n"), lambda: layer.touch("n")):
         with pytest.raises(ContendedError, match="kept changing") as info:

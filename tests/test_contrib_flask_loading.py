@@ -160,7 +160,11 @@ def test_another_process_waits_for_the_view_that_holds_the_lease(
     sites: list[Site], memcached: MemcachedProcess
 ) -> None:
     prefix = f"{uuid.uuid4().hex[:8]}:"
-    a, b = Site("worker-a", memcached.address, prefix), Site("worker-b", memcached.address, prefix)
+    # A minute's lease: memcached may end the default 2 s one a second after a won it,
+    # before a loaded machine's b asked (b would then build the page too).
+    held = {"lease": {"ttl": 60}}
+    a = Site("worker-a", memcached.address, prefix, **held)
+    b = Site("worker-b", memcached.address, prefix, **held)
     sites += [a, b]
     entered, release = threading.Event(), threading.Event()
     for site in (a, b):

@@ -403,7 +403,7 @@ def test_a_lease_ends_at_its_ttl(layers: tuple[MemcachedLayer, MemcachedLayer]) 
     won = a.lease("k", 1)
     assert won is not None and won.won
     start = time.monotonic()
-    deadline = start + 3.0
+    deadline = start + 4.0
     while time.monotonic() < deadline:  # polling memcached's clock: bounded
         lease = b.lease("k", 1)
         assert lease is not None
@@ -412,7 +412,9 @@ def test_a_lease_ends_at_its_ttl(layers: tuple[MemcachedLayer, MemcachedLayer]) 
         assert lease.held
         time.sleep(0.01)
     took = time.monotonic() - start
-    assert lease is not None and lease.won and took <= 1.1  # memcached's second: at most ceil(ttl)
+    # memcached's second: at most ceil(ttl) after the win, plus a poll and a loaded
+    # machine's delays (1.1 s was exceeded under load)
+    assert lease is not None and lease.won and took <= 2.0
 
 
 def test_lease_ttls_are_checked_and_rounded_up() -> None:

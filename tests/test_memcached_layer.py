@@ -62,7 +62,7 @@ from cachechain.layers._memcached import (
 from cachechain.layers._wire import Connection
 from tests.support.fakes import UNPICKLED, Boom, FakeClock
 from tests.support.hostile import Close, HostileServer, Reply, Request, Send
-from tests.support.servers import MemcachedProcess, free_port
+from tests.support.servers import MemcachedProcess, free_port, just_stored, ttl_as_stored
 
 pytestmark = pytest.mark.memcached
 
@@ -73,15 +73,6 @@ THIRTY_DAYS = 30 * 24 * 3600
 def raw_client(server: MemcachedProcess) -> Client:
     """A plain pymemcache client: raw bytes, waits for replies."""
     return Client(("127.0.0.1", server.port), default_noreply=False, timeout=2, connect_timeout=2)
-
-
-def mc_ttl(server: MemcachedProcess, mkey: bytes) -> int | None:
-    """memcached's remaining TTL for ``mkey`` (meta get): -1 = never, None = absent."""
-    reply = server.raw(b"mg " + mkey + b" t\r\n")
-    if reply.startswith(b"EN"):
-        return None
-    assert reply.startswith(b"HD t"), reply
-    return int(reply.split()[1][1:])
 
 
 def make_layer(server: MemcachedProcess, **kwargs: Any) -> MemcachedLayer:
@@ -554,8 +545,8 @@ def test_sub_second_ttl_uses_the_envelope(memcached: MemcachedProcess) -> None:
     # 2.5 s, not 0.5 s: memcached's clock ticks once a second, so an item stored for
     # 1 s may be gone after a fraction of a second of real time (a flake under load);
     # for 3 s it stays at least 2 s, while the injected clock runs the envelope out.
-    lay.set("k", "v", ttl=2.5)
-    assert mc_ttl(memcached, b"k") == 3  # memcached gets whole seconds, rounded up
+    # memcached gets whole seconds, rounded up
+    assert ttl_as_stored(memcached, lambda: lay.set("k", "v", ttl=2.5), b"k") == 3
     assert lay.get_with_ttl("k") == ("v", 2.5)
     clock.advance(0.2)
     value, remaining = lay.get_with_ttl("k")
@@ -566,29 +557,28 @@ def test_sub_second_ttl_uses_the_envelope(memcached: MemcachedProcess) -> None:
     assert lay.get_with_ttl("k") == (MISSING, None)  # still in memcached, expired for us
     assert lay.get("k") is MISSING
     assert lay.get_many_with_ttl(["k"]) == {}
-    assert mc_ttl(memcached, b"k") is not None
+    assert memcached.ttl(b"k") is not None
 
 
 def test_ttl_rounding_default_and_cap(memcached: MemcachedProcess) -> None:
     clock = FakeClock(time.time())
     lay = make_layer(memcached, clock=clock, max_ttl=60)
-    lay.set("ten", 1, ttl=9.2)
-    assert mc_ttl(memcached, b"ten") == 10
+    assert ttl_as_stored(memcached, lambda: lay.set("ten", 1, ttl=9.2), b"ten") == 10
     assert lay.get_with_ttl("ten") == (1, pytest.approx(9.2))
     lay.set("default", 1)
-    assert mc_ttl(memcached, b"default") == 60  # default 300, capped by max_ttl
+    assert memcached.ttl(b"default") in just_stored(60)  # default 300, capped by max_ttl
     lay.set("capped", 1, ttl=100)
-    assert mc_ttl(memcached, b"capped") == 60
+    assert memcached.ttl(b"capped") in just_stored(60)
     assert lay.get_with_ttl("capped") == (1, 60.0)
     lay.set_many({"many": 1}, ttl=7)
-    assert mc_ttl(memcached, b"many") == 7
+    assert memcached.ttl(b"many") in just_stored(7)
     assert lay.get_many_with_ttl(["many"]) == {"many": (1, 7.0)}
 
 
 def test_no_ttl_never_expires(memcached: MemcachedProcess) -> None:
     lay = make_layer(memcached, default_ttl=None)
     lay.set("k", 1)
-    assert mc_ttl(memcached, b"k") == -1
+    assert memcached.ttl(b"k") == -1
     assert lay.get_with_ttl("k") == (1, None)
     assert lay.get_many_with_ttl(["k"]) == {"k": (1, None)}
 
@@ -601,11 +591,11 @@ def test_ttl_over_thirty_days_is_sent_as_absolute_time(memcached: MemcachedProce
     # Sent as a relative 3,456,000 s, memcached would read a 1970 date: already expired.
     assert lay.get("long") == "v"
     assert lay.get("long2") == "w"
-    remaining = mc_ttl(memcached, b"long")
+    remaining = memcached.ttl(b"long")
     assert remaining is not None
     assert ttl - 5 <= remaining <= ttl + 5  # memcached keeps its own, coarse clock
     lay.set("thirty", "v", ttl=THIRTY_DAYS)
-    assert mc_ttl(memcached, b"thirty") == THIRTY_DAYS
+    assert memcached.ttl(b"thirty") in just_stored(THIRTY_DAYS)
 
 
 def test_ttl_beyond_2038_keeps_the_item_and_the_envelope_expiry(
@@ -614,7 +604,7 @@ def test_ttl_beyond_2038_keeps_the_item_and_the_envelope_expiry(
     lay = make_layer(memcached)
     ttl = 200 * 365 * 24 * 3600.0
     lay.set("far", "v", ttl=ttl)
-    assert mc_ttl(memcached, b"far") == -1
+    assert memcached.ttl(b"far") == -1
     value, remaining = lay.get_with_ttl("far")
     assert value == "v"
     assert remaining == pytest.approx(ttl, abs=5)

@@ -10,8 +10,9 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 
-__all__ = ["MemcachedProcess", "free_port"]
+__all__ = ["MemcachedProcess", "free_port", "just_stored", "ttl_as_stored"]
 
 
 def free_port() -> int:
@@ -89,3 +90,39 @@ class MemcachedProcess:
         with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
             s.sendall(command)
             return s.recv(65536)
+
+    def clock(self) -> int:
+        """memcached's own clock (``stats`` ``time``): unix seconds, moved once a
+        second."""
+        reply = self.raw(b"stats\r\n")
+        line = next(x for x in reply.split(b"\r\n") if x.startswith(b"STAT time "))
+        return int(line.split()[2])
+
+    def ttl(self, mkey: bytes) -> int | None:
+        """memcached's remaining TTL of ``mkey`` in whole seconds (meta get): -1 =
+        never, None = absent."""
+        reply = self.raw(b"mg " + mkey + b" t\r\n")
+        if reply.startswith(b"EN"):
+            return None
+        assert reply.startswith(b"HD t"), reply
+        return int(reply.split()[1][1:])
+
+
+def ttl_as_stored(server: MemcachedProcess, store: Callable[[], object], mkey: bytes) -> int | None:
+    """Call ``store`` and return memcached's remaining TTL of ``mkey`` right after, in
+    whole seconds, as it was stored: tried again (up to 5 times) while memcached's clock
+    ticked in between, which would make it one less. For the checks of a rounding."""
+    for _ in range(5):
+        before = server.clock()
+        store()
+        ttl = server.ttl(mkey)
+        if server.clock() == before:
+            return ttl
+    raise AssertionError("memcached's clock ticked during every try")
+
+
+def just_stored(seconds: int) -> tuple[int, int]:
+    """The remaining TTLs memcached may report for an item stored for ``seconds`` a
+    moment ago: ``seconds``, or one less if its clock (which ticks once a second) moved
+    in between."""
+    return (seconds - 1, seconds)
