@@ -666,6 +666,9 @@ def test_a_chain_configured_with_statsd_by_name_reports_to_a_real_daemon(
     config = chain_config_from_mapping(
         {
             "name": "shop",
+            # Exact counts, not coherence: under load a late poll set L1's entries aside
+            # (14 of the 60 L1 hits missed, one backfill was skipped on 3.10 and 3.12).
+            "coherence": False,
             "layers": [
                 {"type": "memory", "name": "L1", "maxsize": 1000, "default_ttl": 60},
                 {

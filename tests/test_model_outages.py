@@ -59,6 +59,7 @@ from cachechain import (
     MemoryLayer,
     WriterConfig,
 )
+from cachechain._resilience import unwrapped
 from tests.support.faultproxy import FaultProxy
 from tests.support.servers import MemcachedProcess
 from tests.support.stalemodel import Ack, Checker, KeyModel, Odd, decode, encode
@@ -92,6 +93,12 @@ WAIT = 10.0
 def _seed() -> int:
     fixed = os.environ.get("CACHECHAIN_MODEL_SEED")
     return int(fixed) if fixed else random.SystemRandom().randrange(2**32)
+
+
+def _pool(chain: Chain) -> Any:
+    """The memcached pool of ``chain``'s shared layer (its writes in doubt: ``fates``)."""
+    layer: Any = unwrapped(chain.layers[-1])
+    return layer._pool
 
 
 def _memcached_layer(address: str, timeout: float, name: str = "L2") -> MemcachedLayer:
@@ -293,12 +300,24 @@ class Run:
         writer = self.by_name[process].writers.get("L2")
         return writer is not None and writer.holds(key)
 
+    def in_doubt(self, name: str) -> list[str]:
+        """The processes whose memcached pool holds a write of key ``name`` in doubt
+        now: it timed out after it was sent, and the reaper has not yet had the answer
+        to its retraction (the ``delete`` sent behind it; see ``layers/_fates.py``)."""
+        suffix = b"/" + name.encode()  # the key as memcached holds it: <generation>/name
+        return [
+            chain.name
+            for chain in self.chains
+            if any(k.endswith(suffix) for k in list(_pool(chain).fates.held))
+        ]
+
     def read(self, reader: Reader, model: KeyModel) -> None:
         floor = model.floor(reader.process, reader.lag, self.held)
         bound = model.floor(reader.process, BOUND, self.held) if reader.lag > BOUND else None
+        doubt = self.in_doubt(model.name)
         started = time.monotonic()
         value = reader.get(model.name)
-        self.checker.judge(reader.process, model, floor, started, value)
+        self.checker.judge(reader.process, model, floor, started, value, doubt)
         self.note_lag(floor, bound, started, value)
 
     def note_lag(self, floor: Ack | None, bound: Ack | None, started: float, value: Any) -> None:
@@ -314,11 +333,12 @@ class Run:
         chain = self.by_name[reader.process]
         floors = [m.floor(reader.process, reader.lag, self.held) for m in models]
         bounds = [m.floor(reader.process, BOUND, self.held) for m in models]
+        doubts = [self.in_doubt(m.name) for m in models]
         started = time.monotonic()
         found = chain.get_many([m.name for m in models])
-        for model, floor, bound in zip(models, floors, bounds, strict=True):
+        for model, floor, bound, doubt in zip(models, floors, bounds, doubts, strict=True):
             value = found.get(model.name)
-            self.checker.judge(reader.process, model, floor, started, value)
+            self.checker.judge(reader.process, model, floor, started, value, doubt)
             if reader.lag > BOUND:
                 self.note_lag(floor, bound, started, value)
 
@@ -457,7 +477,8 @@ def _report(run: Run, elapsed: float) -> str:
         f"{c.reads} reads ({c.hits} hits), {c.acks} acknowledged and {c.unknowns} failed "
         f"mutations; {len(run.past_bound)} reads through another chain's L1 past the "
         f"{BOUND}s bound (latest {lag:.3f}s, allowed up to {LAG:.2f}s); chains that did "
-        f"not flush: {run.unflushed or 'none'}; {len(odd)} reads broke the model"
+        f"not flush: {run.unflushed or 'none'}; {c.in_doubt_reads} reads of a failed "
+        f"write while its process held it in doubt; {len(odd)} reads broke the model"
     ]
     groups: dict[str, list[Odd]] = {}
     for o in odd:

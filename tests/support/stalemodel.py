@@ -33,7 +33,7 @@ from __future__ import annotations
 import bisect
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -237,6 +237,11 @@ class Checker:
         self.reads = 0
         self.hits = 0
         self.odd: list[Odd] = []
+        #: Reads that returned a failed write's value while its process still held
+        #: the write in doubt: the late write and its retraction (a ``delete`` sent
+        #: right behind it on its connection) had not both run yet. Not stale by the
+        #: chain's promise (docs/design.md, "Writes in doubt"); reported as a figure.
+        self.in_doubt_reads = 0
 
     def acked(self) -> None:
         """One more acknowledged mutation."""
@@ -257,12 +262,22 @@ class Checker:
             return self._cond.wait_for(lambda: predicate(self), timeout)
 
     def judge(
-        self, reader: str, model: KeyModel, floor: Ack | None, started: float, value: Any
+        self,
+        reader: str,
+        model: KeyModel,
+        floor: Ack | None,
+        started: float,
+        value: Any,
+        in_doubt: Collection[str] = (),
     ) -> None:
         """Check ``value``, read from ``model``'s key through ``reader`` by a read that
         began at ``started`` (monotonic s) when its floor was ``floor``; a miss is
-        ``None``."""
+        ``None``. ``in_doubt``: the processes that held a write of the key in doubt
+        when the read began (it timed out after it was sent; its retraction had not
+        been answered): a failed write of theirs may show until then (see
+        :attr:`in_doubt_reads`)."""
         odd: Odd | None = None
+        doubtful = False
         if value is not None:
             decoded = decode(value)
             got = None if decoded is None else decoded[1]
@@ -270,10 +285,14 @@ class Checker:
                 odd = self._odd("unexplained", reader, model, value, got, floor, started)
             elif floor is not None and decoded[1] < floor.version:
                 odd = self._odd("stale", reader, model, value, got, floor, started)
+                made = odd.got_attempt
+                doubtful = made is not None and not made.acked and made.process in in_doubt
         with self._cond:
             self.reads += 1
             self.hits += value is not None
-            if odd is not None:
+            if doubtful:
+                self.in_doubt_reads += 1
+            elif odd is not None:
                 self.odd.append(odd)
 
     def judge_count(self, reader: str, model: KeyModel, floor: Ack | None, count: int) -> None:
