@@ -37,7 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 class WebApp:
     """A Flask app with cached and memoized views, its Cache and its backend."""
 
-    def __init__(self, address: str | None, **config: Any) -> None:
+    def __init__(
+        self, address: str | None, options: dict[str, Any] | None = None, **config: Any
+    ) -> None:
         layers: list[dict[str, Any]] = [{"type": "memory", "name": "L1", "maxsize": 1000}]
         if address is not None:
             layers.append(
@@ -56,7 +58,7 @@ class WebApp:
             CACHE_TYPE="cachechain.contrib.flask.CachechainBackend",
             CACHE_DEFAULT_TIMEOUT=120,
             CACHE_KEY_PREFIX="app:",
-            CACHE_OPTIONS={"name": "flask-test", "layers": layers},
+            CACHE_OPTIONS={"name": "flask-test", "layers": layers, **(options or {})},
         )
         app.config.update(config)
         cache = Cache(app)
@@ -400,8 +402,18 @@ def backend(web: WebApp) -> CachechainBackend:
     return web.backend
 
 
+@pytest.fixture()
+def incoherent(memcached: MemcachedProcess) -> Iterator[CachechainBackend]:
+    """The backend of a :class:`WebApp` without coherence: for tests that read L1 back,
+    which coherence's first read or a late poll could empty in between."""
+    web = WebApp(memcached.address, {"coherence": False})
+    yield web.backend
+    web.backend.close()
+
+
 @pytest.mark.memcached
-def test_timeouts_follow_flask_caching(backend: CachechainBackend) -> None:
+def test_timeouts_follow_flask_caching(incoherent: CachechainBackend) -> None:
+    backend = incoherent
     l1, l2 = backend.chain.layers
 
     def ttls() -> list[float]:

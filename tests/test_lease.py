@@ -53,12 +53,18 @@ def make_layer(server: MemcachedProcess | str, **kwargs: Any) -> MemcachedLayer:
 
 
 def make_chain(
-    server: MemcachedProcess | str, load: LoadConfig | None = None, **kwargs: Any
+    server: MemcachedProcess | str,
+    load: LoadConfig | None = None,
+    coherence: CoherenceConfig | None = None,
+    **kwargs: Any,
 ) -> Chain:
-    """A default chain (L1 over memcached, coherence and its namespace on), with
-    ``load`` (its ``get_or_load`` defaults) and ``kwargs`` for the memcached layer."""
+    """A default chain (L1 over memcached, coherence and its namespace on: ``coherence``
+    or the default config), with ``load`` (its ``get_or_load`` defaults) and
+    ``kwargs`` for the memcached layer."""
     layers = [MemoryLayer("L1"), make_layer(server, **kwargs)]
-    return Chain(layers, metrics=MemoryCollector(), load=load)
+    return Chain(
+        layers, metrics=MemoryCollector(), load=load, coherence=coherence or CoherenceConfig()
+    )
 
 
 def settled(chain: Chain) -> Chain:
@@ -546,7 +552,9 @@ def test_a_waiter_gets_the_holders_value_without_writing_it_back(
     holder = a.layers[1].lease("k", 30)  # type: ignore[attr-defined]
     assert holder.won
     polls = Polls()
-    polls.hooks[3] = lambda: a.set("k", "theirs", 60)  # the holder stores, mid-wait
+    # The holder stores, mid-wait: on the shared layer alone, as a.set's publication
+    # would make b's poller drop b's copy whenever its next poll lands (after the fill).
+    polls.hooks[3] = lambda: a.layers[1].set("k", "theirs", 60)
     got = leased_get_or_load(
         b, "k", lambda: pytest.fail("the waiter loaded"), 30, clock=polls.clock, sleep=polls.sleep
     )
@@ -728,7 +736,7 @@ def test_a_value_that_arrived_since_the_read_is_served(
     memcached: MemcachedProcess, chains: tuple[Chain, Chain]
 ) -> None:
     a, b = chains
-    a.set("k", "there", 60)
+    a.layers[1].set("k", "there", 60)  # not a.set: its publication could empty b's L1
     got = leased_load(b, "k", lambda won: pytest.fail("loaded"))
     assert got == "there" and b.layers[0].get("k") == "there"
     assert lease_figures(b) == {"hit": 1}

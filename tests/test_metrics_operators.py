@@ -418,6 +418,7 @@ def test_a_memcached_layer_behind_a_proxy_is_still_seen(memcached: MemcachedProc
         [MemoryLayer("L1"), _Wrapper(l2)],
         name="px",
         metrics=PrometheusCollector(registry=registry),
+        coherence=False,  # the journal's polls share the pool: one connection, exactly
     )
     try:
         chain.set("k", 1)

@@ -83,6 +83,7 @@ def test_a_full_mapping_builds_the_chain_config(memcached: MemcachedProcess) -> 
     config = parse(
         {
             "name": "web",
+            "coherence": False,  # its first read or a late poll would empty L1: exact hits
             "layers": [
                 {"type": "memory", "name": "L1", "maxsize": 500, "default_ttl": 30, "max_ttl": 60},
                 {
