@@ -62,9 +62,10 @@ _PROBE: Final = ["cachechain-namespace", 1]
 
 def codec_tag(layer: CacheLayer) -> str:
     """A short tag naming what ``layer``'s codec can read: its ``namespace_tag``
-    attribute when it has one, else a digest of its encoding of a fixed probe (the same
-    for every process with the same codec and secret); ``"plain"`` for a layer without
-    a ``codec``."""
+    attribute when it has one, else a digest of its ``codec_id`` and its encoding of a
+    fixed probe (the same for every process with the same codec and secret; the id
+    tells apart codecs that encode the probe alike, such as JSON and tagged JSON, whose
+    values the envelope keeps apart); ``"plain"`` for a layer without a ``codec``."""
     codec = getattr(layer, "codec", None)
     if codec is None:
         return "plain"
@@ -75,7 +76,9 @@ def codec_tag(layer: CacheLayer) -> str:
         probe = codec.encode(_PROBE)
     except Exception:
         return type(codec).__name__
-    return hashlib.sha256(bytes(probe)).hexdigest()[:12]
+    codec_id = getattr(codec, "codec_id", 0)
+    head = str(codec_id).encode() + b":" if isinstance(codec_id, int) else b""
+    return hashlib.sha256(head + bytes(probe)).hexdigest()[:12]
 
 
 class Namespace:

@@ -10,6 +10,7 @@ import json
 import pickle
 import struct
 import threading
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +20,7 @@ from pymemcache.client.base import Client
 from cachechain import (
     MISSING,
     Chain,
+    CoherenceConfig,
     ConfigError,
     CorruptValueError,
     JsonCodec,
@@ -294,6 +296,37 @@ def test_the_namespace_tag_still_tells_secrets_apart() -> None:
     assert tag(SignedPickleCodec(b"a")) == tag(SignedPickleCodec(b"a"))
     assert tag(SignedPickleCodec(b"a")) != tag(SignedPickleCodec(b"b"))
     assert tag(SignedPickleCodec(b"a")) not in (tag(JsonCodec()), tag(TaggedJsonCodec()))
+    # Found in session 12: JSON and tagged JSON encode the probe alike, so they shared
+    # one generation and journal, each unable to read what the other stored there.
+    assert tag(JsonCodec()) != tag(TaggedJsonCodec())
+    assert tag(JsonCodec()) == tag(JsonCodec())
+
+
+def test_chains_of_json_and_tagged_json_share_a_memcached_without_clearing_each_other(
+    memcached: MemcachedProcess,
+) -> None:
+    """Each reads its own generation: neither finds the other's unreadable and replaces
+    it (a clear of every process of the other codec), neither fails on it."""
+    prefix = f"{uuid.uuid4().hex[:8]}:"
+
+    def chain(codec: Any) -> Chain:
+        layer = MemcachedLayer("L2", memcached.address, key_prefix=prefix, codec=codec)
+        return Chain([MemoryLayer("L1"), layer], coherence=CoherenceConfig(bound=30.0))
+
+    plain, tagged = chain(JsonCodec()), chain(TaggedJsonCodec())
+    try:
+        assert plain.set("k", "plain's") and tagged.set("k", "tagged's")
+        for c in (plain, tagged):
+            c.layers[0].clear()  # type: ignore[attr-defined]
+        assert plain.get("k") == "plain's" and tagged.get("k") == "tagged's"
+        later = chain(JsonCodec())  # another process of the first codec, later
+        assert later.get("k") == "plain's"  # in the same namespace: nothing was cleared
+        later.close()
+        assert plain.coherence is not None and tagged.coherence is not None
+        assert plain.coherence.namespace.generation_key != tagged.coherence.namespace.generation_key
+    finally:
+        plain.close()
+        tagged.close()
 
 
 # -- 10(b). the JSON decoders refuse what the encoders refuse -------------------------
