@@ -118,6 +118,13 @@ class Codec(Protocol):
     the envelope's header (its expiry included) followed by the memcached key, so an
     entry whose expiry was edited, or that was copied under another key, reads as a
     corrupt value. A codec that reads untrusted bytes safely (JSON) needs no context.
+
+    Processes whose codecs cannot read each other's values keep apart in a shared
+    memcached (each its own namespace generation and coherence journal), told apart by
+    a digest of ``codec_id`` and the codec's encoding of a fixed probe. A codec may name
+    its group itself with a ``namespace_tag`` attribute (a non-empty ``str``); it must
+    then differ between any two codecs, or secrets, that cannot read each other's
+    values.
     """
 
     @property

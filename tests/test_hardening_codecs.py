@@ -305,8 +305,9 @@ def test_the_namespace_tag_still_tells_secrets_apart() -> None:
 def test_chains_of_json_and_tagged_json_share_a_memcached_without_clearing_each_other(
     memcached: MemcachedProcess,
 ) -> None:
-    """Each reads its own generation: neither finds the other's unreadable and replaces
-    it (a clear of every process of the other codec), neither fails on it."""
+    """Each reads its own generation. They shared one (JSON and tagged JSON encode the
+    namespace probe alike): the chain of the second codec could not read it, and every
+    call of its shared layer failed."""
     prefix = f"{uuid.uuid4().hex[:8]}:"
 
     def chain(codec: Any) -> Chain:

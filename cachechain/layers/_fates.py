@@ -20,9 +20,11 @@ memcached that resumed). So:
   the abandoned command (or never will, when the server closes the connection or the
   connection fails). Only then is the connection closed and its keys released.
 - A ``set`` in doubt is also retracted: the reaper sends ``delete`` of its keys right
-  behind it on the same connection, so memcached runs the late set and its delete back
-  to back. Its caller was told it failed, and another process's write of the key,
-  which no hold here can order, is not undone for longer than that. An ``add`` or a
+  behind it on the same connection, so memcached runs the late set, then its delete.
+  Its caller was told it failed, and another process's write of the key, which no
+  hold here can order, is undone only until the delete has run: at once when the two
+  were held up together, up to about one timeout when the set was only slow (the
+  delete leaves at the timeout; see docs/design.md, "Writes in doubt"). An ``add`` or a
   ``cas`` is retracted only once its reply says it stored (one that did not store left
   another client's value, a lock, which a delete would remove): one round trip later.
 - A connection that gets no answer for :data:`LIMIT` seconds (a server stopped for that

@@ -363,8 +363,8 @@ class Pool:
         keys and hand the connection to the reaper, which discards it once memcached
         has answered (see :mod:`._fates`). A ``set`` in doubt is retracted: the reaper
         sends a delete of its keys right behind it, on the same connection, so that a
-        set that lands late is gone at once (its caller was told it failed); an ``add``
-        or ``cas`` once its reply says it stored."""
+        set that lands late is gone once that delete has run (its caller was told it
+        failed); an ``add`` or ``cas`` once its reply says it stored."""
         if not (keys and client.pending and (exc is None or isinstance(exc, TimeoutError))):
             node.discard(client)
             return

@@ -286,7 +286,12 @@ class Checker:
             elif floor is not None and decoded[1] < floor.version:
                 odd = self._odd("stale", reader, model, value, got, floor, started)
                 made = odd.got_attempt
-                doubtful = made is not None and not made.acked and made.process in in_doubt
+                doubtful = (
+                    made is not None
+                    and made.op in ("set", "add")
+                    and not made.acked
+                    and made.process in in_doubt
+                )
         with self._cond:
             self.reads += 1
             self.hits += value is not None
