@@ -87,13 +87,11 @@ class Recorder:
 
 class Store(FakeLayer):
     """The shared layer of the tests: a FakeLayer that can be cleared (``flush_all``),
-    can reject given values in ``set_many``, can block ``get_many`` once armed, and
-    sets :attr:`published` when a ring slot is written."""
+    can reject given values in ``set_many`` and can block ``get_many`` once armed."""
 
     def __init__(self, name: str = "L2", **kwargs: Any) -> None:
         super().__init__(name, **kwargs)
         self.rejects: set[Any] = set()
-        self.published = threading.Event()
         self.block_many: threading.Event | None = None
         self.many_entered = threading.Event()
         self.cleared = 0
@@ -106,8 +104,6 @@ class Store(FakeLayer):
     def set_many(self, items: Mapping[str, Any], ttl: float | None = None) -> list[str]:
         bad = [k for k, v in items.items() if repr(v) in self.rejects]
         super().set_many({k: v for k, v in items.items() if k not in bad}, ttl)
-        if any(k.startswith("__cachechain__/j/") for k in items):
-            self.published.set()
         return bad
 
     def get_many_with_ttl(self, keys: Sequence[str]) -> dict[str, tuple[Any, float | None]]:
