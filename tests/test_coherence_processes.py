@@ -178,7 +178,10 @@ def workers(server: MemcachedProcess) -> Iterator[list[Worker]]:
 
 
 def raw_client(server: MemcachedProcess) -> Client:
-    return Client(("127.0.0.1", server.port), connect_timeout=2, timeout=2)
+    """Another application's client. It waits for each reply (pymemcache's default
+    ``noreply`` returns at once: memcached, with a worker thread per connection, could
+    then run the set after a flush sent later on another connection; seen under load)."""
+    return Client(("127.0.0.1", server.port), connect_timeout=2, timeout=2, default_noreply=False)
 
 
 def prime(readers: list[Worker], key: str, expected: Any) -> None:
@@ -279,7 +282,7 @@ def test_clear_in_one_process_empties_every_process_but_not_other_apps_keys(
 ) -> None:
     raw = raw_client(server)
     try:
-        raw.set(b"otherapp:key", b"theirs", expire=600)
+        assert raw.set(b"otherapp:key", b"theirs", expire=600)
         writer, readers = workers[1], [workers[0], *workers[2:]]
         keys = ["c:0", "c:1"]
         for key in keys:
@@ -302,7 +305,7 @@ def test_clear_flush_empties_memcached_and_every_process(
 ) -> None:
     raw = raw_client(server)
     try:
-        raw.set(b"otherapp:key", b"theirs", expire=600)
+        assert raw.set(b"otherapp:key", b"theirs", expire=600)
         writer, readers = workers[2], [workers[0], workers[1], workers[3]]
         writer.call("seed", "f:0", "v")
         prime(readers, "f:0", "v")
