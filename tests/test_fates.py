@@ -1,7 +1,8 @@
 """Writes of unknown fate (issue 11, item 1): a write that timed out after it was sent
 must not land after a later write of the same key was acknowledged.
 
-:class:`tests.support.uplink.HoldingProxy` holds one chunk a client sends for 0.6 s,
+:meth:`tests.support.faultproxy.FaultProxy.hold_requests` holds one segment a client
+sends for 0.6 s,
 longer than the layer's 0.25 s timeout: the abandoned ``set`` reaches memcached after
 the caller was told it failed, as on a congested network or a paused server. Before the
 fix the connection was dropped and the next write went out on a new one, which
@@ -25,8 +26,8 @@ from cachechain.layers._fates import Fates, Reaper
 from cachechain.layers._memcached import MemcachedLayer
 from cachechain.layers._memcached_keys import map_key
 from cachechain.layers._wire import Connection
+from tests.support.faultproxy import FaultProxy
 from tests.support.servers import MemcachedProcess
-from tests.support.uplink import HoldingProxy
 
 TIMEOUT = 0.25
 HOLD = 0.6
@@ -35,12 +36,23 @@ WATCH = HOLD + 0.6
 
 
 @pytest.fixture()
-def proxy(memcached: MemcachedProcess) -> Iterator[HoldingProxy]:
-    with HoldingProxy(("127.0.0.1", memcached.port)) as p:
+def proxy(memcached: MemcachedProcess) -> Iterator[FaultProxy]:
+    with FaultProxy(("127.0.0.1", memcached.port)) as p:
         yield p
 
 
-def via(proxy: HoldingProxy, name: str = "L2") -> MemcachedLayer:
+def hold_next(proxy: FaultProxy) -> None:
+    """Deliver the next segment any client sends HOLD seconds late (what that client
+    sends after it waits behind it, as TCP orders it)."""
+    proxy.hold_requests(lambda _: True, HOLD)
+
+
+def answered(proxy: FaultProxy, held: int = 1) -> bool:
+    """Wait until memcached has answered ``held`` held segments (so it ran them)."""
+    return proxy.wait_until(lambda s: s.held_replies >= held, 5.0)
+
+
+def via(proxy: FaultProxy, name: str = "L2") -> MemcachedLayer:
     return MemcachedLayer(name, proxy.address, timeout=TIMEOUT, connect_timeout=TIMEOUT)
 
 
@@ -73,21 +85,21 @@ def acknowledged(call: object, seconds: float = 5.0) -> int:
 
 
 def test_an_abandoned_set_cannot_undo_a_later_delete(
-    proxy: HoldingProxy, memcached: MemcachedProcess
+    proxy: FaultProxy, memcached: MemcachedProcess
 ) -> None:
     layer = via(proxy)
     direct = MemcachedLayer("D", memcached.address)
     try:
         layer.set("k", "v0")
-        proxy.hold(HOLD)
+        hold_next(proxy)
         with pytest.raises(LayerTimeoutError):
             layer.set("k", "v1")
-        assert proxy.held.is_set()
+        assert proxy.stats().held == 1
         # The delete is refused while the set is in doubt, then acknowledged.
         refused = acknowledged(lambda: layer.delete("k"))
         assert never_seen(lambda: direct.get("k"), "v1")
         assert refused >= 1
-        assert proxy.delivered.is_set()  # the set reached memcached before the delete
+        assert proxy.stats().held_replies == 1  # memcached ran the set before the delete
         assert layer.get("k") is MISSING
         assert layer._pool.fates.held == {}
     finally:
@@ -96,18 +108,18 @@ def test_an_abandoned_set_cannot_undo_a_later_delete(
 
 
 def test_a_set_in_doubt_is_deleted_right_behind_itself(
-    proxy: HoldingProxy, memcached: MemcachedProcess
+    proxy: FaultProxy, memcached: MemcachedProcess
 ) -> None:
     """Another process's acknowledged write is not ordered by this one's holds: the
     late set is retracted on its own connection, so it cannot outlive that write."""
     layer = via(proxy)
     other = MemcachedLayer("B", memcached.address)
     try:
-        proxy.hold(HOLD)
+        hold_next(proxy)
         with pytest.raises(LayerTimeoutError):
             layer.set("k", "late")
         other.set("k", "theirs")  # acknowledged while the set is on its way
-        assert proxy.delivered.wait(5.0)
+        assert answered(proxy)
         layer._pool.fates.wait([map_key("k", "")], time.monotonic() + 5.0, "L2")
         assert never_seen(lambda: other.get("k"), "late", 0.3)
         assert other.get("k") is MISSING  # the late set, then its delete: a miss
@@ -117,7 +129,7 @@ def test_a_set_in_doubt_is_deleted_right_behind_itself(
 
 
 def test_an_add_in_doubt_is_retracted_only_if_it_stored(
-    proxy: HoldingProxy, memcached: MemcachedProcess
+    proxy: FaultProxy, memcached: MemcachedProcess
 ) -> None:
     """A late ``add`` that found the key absent is deleted behind itself (its caller was
     told it failed: no phantom lock, no value older than a later write); one that found
@@ -125,13 +137,13 @@ def test_an_add_in_doubt_is_retracted_only_if_it_stored(
     layer = via(proxy)
     other = MemcachedLayer("B", memcached.address)
     try:
-        proxy.hold(HOLD)
+        hold_next(proxy)
         with pytest.raises(LayerTimeoutError):
             layer.add("free", "phantom")
         layer._pool.fates.wait([map_key("free", "")], time.monotonic() + 5.0, "L2")
         assert other.get("free") is MISSING  # stored late, then retracted
         other.set("taken", "theirs")
-        proxy.hold(HOLD)
+        hold_next(proxy)
         with pytest.raises(LayerTimeoutError):
             layer.add("taken", "mine")
         layer._pool.fates.wait([map_key("taken", "")], time.monotonic() + 5.0, "L2")
@@ -141,10 +153,10 @@ def test_an_add_in_doubt_is_retracted_only_if_it_stored(
         other.close()
 
 
-def test_a_refused_write_is_never_sent(proxy: HoldingProxy) -> None:
+def test_a_refused_write_is_never_sent(proxy: FaultProxy) -> None:
     layer = via(proxy)
     try:
-        proxy.hold(HOLD)
+        hold_next(proxy)
         with pytest.raises(LayerTimeoutError):
             layer.set("k", "v1")
         start = time.monotonic()
@@ -162,7 +174,7 @@ def test_a_refused_write_is_never_sent(proxy: HoldingProxy) -> None:
 
 
 def test_chains_never_read_the_abandoned_value_after_the_delete(
-    proxy: HoldingProxy, memcached: MemcachedProcess
+    proxy: FaultProxy, memcached: MemcachedProcess
 ) -> None:
     """The issue's sequence: ``set -> False``, ``delete``, ``flush() -> True``, then no
     read in this process or in another one returns the abandoned value."""
@@ -170,11 +182,11 @@ def test_chains_never_read_the_abandoned_value_after_the_delete(
     there = Chain([MemcachedLayer("L2", memcached.address)], coherence=False)
     try:
         assert here.set("k", "v0")
-        proxy.hold(HOLD)
+        hold_next(proxy)
         assert here.set("k", "v1") is False
         here.delete("k")
         assert here.flush(5.0) is True
-        assert proxy.delivered.wait(5.0)
+        assert answered(proxy)
         assert never_seen(lambda: here.get("k"), "v1")
         assert never_seen(lambda: there.get("k"), "v1", 0.2)
         assert here.get("k") is None and there.get("k") is None
@@ -184,14 +196,14 @@ def test_chains_never_read_the_abandoned_value_after_the_delete(
 
 
 def test_an_abandoned_delete_cannot_free_a_later_lock(
-    proxy: HoldingProxy, memcached: MemcachedProcess
+    proxy: FaultProxy, memcached: MemcachedProcess
 ) -> None:
     """A delete in doubt holds the key: the process's next ``add`` (a lock) waits for
     it, so the late delete cannot remove the lock it then takes."""
     layer = via(proxy)
     direct = MemcachedLayer("D", memcached.address)
     try:
-        proxy.hold(HOLD)
+        hold_next(proxy)
         with pytest.raises(LayerTimeoutError):
             layer.delete("lock")  # a release that timed out
         acknowledged(lambda: layer.add("lock", "mine"))  # taken again
@@ -293,10 +305,10 @@ def test_fates_count_each_write_in_doubt() -> None:
     assert released.is_set() and fates.held == {}
 
 
-def test_mapped_keys_are_what_is_held(proxy: HoldingProxy) -> None:
+def test_mapped_keys_are_what_is_held(proxy: FaultProxy) -> None:
     layer = via(proxy)
     try:
-        proxy.hold(HOLD)
+        hold_next(proxy)
         with pytest.raises(LayerTimeoutError):
             layer.set_many({"a": 1, "b": 2})
         assert set(layer._pool.fates.held) == {map_key("a", ""), map_key("b", "")}
