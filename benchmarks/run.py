@@ -500,7 +500,8 @@ def bench_l2_hit_pinned(ctx: Ctx) -> Section:
     sec.notes.append(
         "Section 2 again, with this thread and memcached's threads on one CPU: no "
         "wake-up of another CPU per round trip, so the round trip is short and steady "
-        "(~22 us here against 60-100 us unpinned) and the chain's own cost weighs most."
+        "(22-42 us on the hosts measured, against 100-150 us unpinned) and the chain's "
+        "own cost weighs most."
     )
     try:
         cpu, saved = _pin_to_one_cpu(ctx.server_pid)
