@@ -382,7 +382,7 @@ def bench_atomic(h: Any, ctx: Any) -> Any:
     sec.notes.append(
         "Same memcached (one worker thread), fresh keys for add (every add stores), one "
         "counter for incr. The chain's operation: the fence, the shared writer's drain, "
-        "memcached's own command on the namespaced key, the L1 update and the key "
+        "memcached's own command on the namespaced key, the L1 drop and the key "
         "queued for the journal (published by the poller thread, batched)."
     )
     sec.notes.append(

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._namespace import Namespace, NamespacedLayer
 from ._resilience import ResilientLayer, unwrapped
-from ._tier import SettlingTier, Tier, fill_of
+from ._tier import SettlingTier, Tier
 from .layers._base import SupportsAdd, SupportsCounters, SupportsTouch
 
 if TYPE_CHECKING:
@@ -61,7 +61,6 @@ class AtomicPlan:
         "held",
         "incr",
         "l1_drop",
-        "l1_store",
         "namespace",
         "others",
         "shared",
@@ -82,11 +81,9 @@ class AtomicPlan:
         #: first: its writer's ``holds`` (the test ``SettlingTier.drain`` starts with),
         #: or None for a tier without a writer (its ``drain`` is always True).
         self.held: Callable[[str], bool] | None = _held(shared)
-        #: What deletes the key from the first layer, and what stores an ``add``'s value
-        #: there (None: ``_settle`` does), under the fence's lock (see :func:`_first`).
-        self.l1_drop: Callable[[str], Any]
-        self.l1_store: Callable[[str, Any, float | None], Any] | None
-        self.l1_drop, self.l1_store = _first(chain)
+        #: What deletes the key from the first layer, under the fence's lock (see
+        #: :func:`_first`).
+        self.l1_drop: Callable[[str], Any] = _first(chain)
         self.breaker: CircuitBreaker | None = None
         self.timeout: float | None = None
         self.clock: Callable[[], float] | None = None
@@ -161,18 +158,17 @@ def _always(key: str) -> bool:
     return True
 
 
-def _first(chain: Chain) -> tuple[Callable[[str], Any], Any]:
-    """What :attr:`AtomicPlan.l1_drop` and :attr:`AtomicPlan.l1_store` are for the first
-    tier of ``chain``. For a plain :class:`~cachechain._tier.Tier` (every write
-    synchronous, no repair owed): the layer's own ``delete`` and its write of a checked
-    value (:func:`~cachechain._tier.fill_of`) when the chain has no collector (nothing
-    to time; the caller reports what they raise, as :meth:`Tier.call
-    <cachechain._tier.Tier.call>` would), else through ``Tier.call``, which times and
-    records them. Otherwise the tier's ``delete``, and None."""
+def _first(chain: Chain) -> Callable[[str], Any]:
+    """What :attr:`AtomicPlan.l1_drop` is for the first tier of ``chain``. For a plain
+    :class:`~cachechain._tier.Tier` (every write synchronous, no repair owed): the
+    layer's own ``delete`` when the chain has no collector (nothing to time; the caller
+    reports what it raises, as :meth:`Tier.call <cachechain._tier.Tier.call>` would),
+    else through ``Tier.call``, which times and records it. Otherwise the tier's
+    ``delete``."""
     first = chain._first
     if type(first) is not Tier:
-        return first.delete, None
+        return first.delete
     layer = first.layer
     if chain._report.m is None:
-        return layer.delete, fill_of(layer)
-    return partial(first.call, "delete", layer.delete), partial(first.call, "set", layer.set)
+        return layer.delete
+    return partial(first.call, "delete", layer.delete)

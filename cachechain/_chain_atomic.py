@@ -16,10 +16,12 @@ began before it can backfill an older value after it. Inside the mutation:
    not made (the layer is slow or down);
 2. the operation runs on the shared layer, behind its circuit breaker;
 3. the other layers are updated, bottom up, the first layer last under the fence's
-   lock: after an ``add`` that stored its value, the layers above get the value; after
-   anything else the key is deleted there (a ``touch`` that found the key re-times it
-   in the first layer instead, when that layer can ``touch``). Layers below the shared
-   one lose the key.
+   lock: the key is deleted there (a ``touch`` that found the key re-times it in the
+   first layer instead, when that layer can ``touch``). An ``add`` that stored leaves
+   its value in the shared layer alone: an ``add`` is most often a lock or a first
+   write, whose holder is known only there (a lock released by another process must
+   not stay "held" in this one's copy), and the next ``get`` of the key reads it from
+   there and backfills it.
 
 A shared layer that fails (an error, a timeout, its breaker open) makes nothing up:
 ``add`` returns False, ``incr``/``decr`` None, ``touch`` False, and the failure is
@@ -50,7 +52,7 @@ per chain in its :class:`~cachechain._atomic_plan.AtomicPlan`: the shared layer'
 breaker, timeout and namespace, whose forwarding the call makes itself (as
 :class:`~cachechain._resilience.ResilientLayer` and
 :class:`~cachechain._namespace.NamespacedLayer` would), the layer's own bound
-operation, and the first layer's ``set``/``delete``.
+operation, and the first layer's ``delete``.
 """
 
 from __future__ import annotations
@@ -89,8 +91,7 @@ _COUNTERS: Final = ("incr", "decr")
 # What the other tiers do once the shared layer answered (see _settle).
 _FORGET: Final = 0  # the call failed: drop the copy, owe nothing
 _DROP: Final = 1  # delete the key
-_STORE: Final = 2  # an add that stored: set above the shared layer, delete below
-_RETIME: Final = 3  # a touch that found the key: re-time the first layer's copy
+_RETIME: Final = 2  # a touch that found the key: re-time the first layer's copy
 
 
 class UnconfirmedError(LayerError):
@@ -147,8 +148,9 @@ class AtomicOps:
         every process sharing that layer (on memcached: its ``add``), so it can serve
         as a lock (``add("lock:job", owner, ttl=30)``: exactly one caller wins).
 
-        Returns True when the shared layer stored the value; the layers above then get
-        it too. Returns False when the key was there or the shared layer refused the
+        Returns True when the shared layer stored the value; the layers above drop any
+        copy of ``key`` (the next ``get`` reads the value from the shared layer and
+        backfills it). Returns False when the key was there or the shared layer refused the
         value (its codec cannot encode it, it is too large), and also, unless
         ``strict``, when the shared layer could not be asked (down, timed out, its
         breaker open; counted and logged once): no lock is granted and nothing is
@@ -167,9 +169,7 @@ class AtomicOps:
             _checked(chain, key, SupportsAdd, "add", strict)
         if ttl is not None and not (ttl.__class__ is float and 0.0 < ttl < _INF):
             ttl = float(ttl) if ttl.__class__ is int and 0 < ttl < _BIG else _ttl(ttl)
-        stored: bool = _run(
-            chain, plan, "add", key, method, (value, ttl), _STORE, value, ttl, strict
-        )
+        stored: bool = _run(chain, plan, "add", key, method, (value, ttl), _DROP, ttl, strict)
         return stored
 
     def incr(self, key: str, delta: int = 1, *, strict: bool = False) -> int | None:
@@ -201,9 +201,7 @@ class AtomicOps:
             _checked(chain, key, SupportsCounters, "incr", strict)
         if delta.__class__ is not int or not 0 <= delta < _MOD:
             delta = check_delta(delta)
-        count: int | None = _run(
-            chain, plan, "incr", key, method, (delta,), _DROP, None, None, strict
-        )
+        count: int | None = _run(chain, plan, "incr", key, method, (delta,), _DROP, None, strict)
         return count
 
     def decr(
@@ -229,7 +227,7 @@ class AtomicOps:
             fn, args = plan.decr, (delta,)
         else:
             fn, args = plan.incr, ((-delta) % _MOD,)
-        count: int | None = _run(chain, plan, "decr", key, fn, args, _DROP, None, None, strict)
+        count: int | None = _run(chain, plan, "decr", key, fn, args, _DROP, None, strict)
         return count
 
     def touch(self, key: str, ttl: float | None = None, *, strict: bool = False) -> bool:
@@ -246,9 +244,7 @@ class AtomicOps:
         chain = _checked(self, key, SupportsTouch, "touch", strict)
         ttl = check_ttl(ttl, error=InvalidValueError)
         plan = AtomicPlan.of(chain)
-        found: bool = _run(
-            chain, plan, "touch", key, plan.touch, (ttl,), _RETIME, None, ttl, strict
-        )
+        found: bool = _run(chain, plan, "touch", key, plan.touch, (ttl,), _RETIME, ttl, strict)
         return found
 
     def _publish_invalidation(self, keys: Sequence[str]) -> None:
@@ -294,7 +290,6 @@ def _run(
     fn: Any,
     args: tuple[Any, ...],
     hit: int,
-    value: Any,
     ttl: float | None,
     strict: bool,
 ) -> Any:
@@ -311,7 +306,7 @@ def _run(
         failure = result.__class__ is _Failure
         kind = _FORGET if failure else (hit if result else _DROP)
         for tier in plan.others:  # the lower tiers but the shared one, bottom up
-            _settle(chain, tier, key, kind, value, ttl)
+            _settle(chain, tier, key, kind, ttl)
     finally:
         # The first layer, under the fence's lock, as the mutation ends.
         first = plan.first
@@ -320,12 +315,10 @@ def _run(
                 fence.end(stripe)
             elif kind == _DROP:
                 fence.end(stripe, plan.l1_drop, key)
-            elif kind == _STORE and plan.l1_store is not None:
-                fence.end(stripe, plan.l1_store, key, value, ttl)
             else:
-                fence.end(stripe, _settle, chain, first, key, kind, value, ttl)
-        except Exception as exc:  # only the first layer's own delete or set raises
-            chain._report.failed(first.name, "delete" if kind == _DROP else "set", exc)
+                fence.end(stripe, _settle, chain, first, key, kind, ttl)
+        except Exception as exc:  # only the first layer's own delete raises
+            chain._report.failed(first.name, "delete", exc)
     if failure:
         return _failed(chain, operation, key, result, strict)
     if result is not None and result is not False:  # the key may have changed there
@@ -333,14 +326,12 @@ def _run(
     return result
 
 
-def _settle(chain: Chain, tier: Tier, key: str, kind: int, value: Any, ttl: float | None) -> None:
+def _settle(chain: Chain, tier: Tier, key: str, kind: int, ttl: float | None) -> None:
     """Update ``tier`` (not the shared one) after the shared layer's answer."""
     if kind == _DROP:
         tier.delete(key)
     elif kind == _FORGET:
         tier.forget(key)  # nothing was written: nothing is owed
-    elif kind == _STORE and tier.index < chain._shared.index:
-        tier.set(key, value, ttl)
     elif kind == _RETIME and tier.index == 0:
         _retime(chain, tier, key, ttl)
     else:

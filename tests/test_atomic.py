@@ -459,8 +459,9 @@ def test_the_shared_layer_is_the_lowest_remote_one() -> None:
     local = [MemoryLayer("A"), MemoryLayer("B")]
     with Chain(local, coherence=False) as chain:
         assert chain._shared.name == "B"  # every layer local: the last one
-        chain.add("k", 1)
-        assert local[1].get("k") == 1 and local[0].get("k") == 1
+        local[0].set("k", "stale")
+        assert chain.add("k", 1) is True
+        assert local[1].get("k") == 1 and local[0].get("k") is MISSING
     with Chain([MemoryLayer("A")]) as chain:
         assert chain.add("k", 1) is True and chain.incr("k") == 2 and chain.get("k") == 2
     remote, below = FakeLayer("R"), MemoryLayer("C")
@@ -472,11 +473,38 @@ def test_the_shared_layer_is_the_lowest_remote_one() -> None:
         assert below.get("k") is MISSING  # a layer below the shared one loses the key
 
 
+def test_a_lock_released_by_another_process_is_free_here_at_once(
+    memcached: MemcachedProcess,
+) -> None:
+    """An ``add`` that won keeps no copy in this process's L1: the lock's holder is known
+    only to memcached. Before, L1 kept the lock's value and this process read the lock
+    as held after another process released it, until coherence's poll (here: a bound of
+    30 s, so the poll cannot hide it)."""
+    from cachechain import CoherenceConfig
+
+    loose = CoherenceConfig(bound=30.0, interval=20.0)
+    here = Chain([MemoryLayer("L1"), MemcachedLayer("L2", memcached.address)], coherence=loose)
+    there = Chain([MemoryLayer("L1"), MemcachedLayer("L2", memcached.address)], coherence=loose)
+    try:
+        assert here.add("lock:job", "here", 30) is True
+        assert there.get("lock:job") == "here"
+        assert there.delete("lock:job") is True  # released (its holder crashed, say)
+        assert here.get("lock:job") is None
+        assert here.add("lock:job", "here again", 30) is True
+    finally:
+        here.close()
+        there.close()
+
+
 def test_chain_add() -> None:
     chain, l1, l2, _ = two_layers()
     with chain:
+        l1.set("k", "stale local copy")  # memcached evicted the key, L1 still has it
         assert chain.add("k", "v", 30) is True
-        assert l2.get("k") == "v" and l1.get_with_ttl("k") == ("v", pytest.approx(30))
+        # The value stays in the shared layer only: an add is a lock or a first write,
+        # whose holder only the shared layer knows; the next get reads it from there.
+        assert l2.get("k") == "v" and l1.get("k") is MISSING
+        assert chain.get("k") == "v" and l1.get_with_ttl("k") == ("v", pytest.approx(30))
         l1.set("k", "stale local copy")
         assert chain.add("k", "w", 30) is False
         assert l1.get("k") is MISSING  # removed: the next get reads the shared value
