@@ -50,7 +50,6 @@ import secrets
 import threading
 import time
 import weakref
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
@@ -188,10 +187,6 @@ class MemcachedJournal:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()  # keys are pending: publish them soon
-        #: Keys written since the poller last took them: appended without a lock (a
-        #: ``deque``'s appends are thread-safe, with or without the GIL), taken into
-        #: ``_pending`` under the lock by the poller.
-        self._incoming: deque[str] = deque()
         self._pending: dict[str, None] = {}
         self._overflow = False
         self._origin = f"{os.getpid()}-{secrets.token_hex(4)}"
@@ -262,27 +257,18 @@ class MemcachedJournal:
     def publish(self, keys: Sequence[str]) -> None:
         """Queue ``keys`` for the poller thread, which publishes them within
         :data:`PUBLISH_DELAY` of the ``interval`` (at once when idle). Never blocks on
-        I/O, never raises. Takes no lock but past ``max_pending`` keys (every write
-        calls it): the keys join a ``deque`` and the poller is woken unless it already
-        is. The poller clears the wake-up before it takes the keys, so a key appended
-        before that clear is taken by it, and one appended after sees the wake-up
-        cleared and sets it again."""
+        I/O, never raises."""
         if not self._keys:
             return
-        incoming = self._incoming
-        incoming.extend(keys)
-        if len(incoming) > self._max_pending:
-            self._overflowed()
-        wake = self._wake
-        if not wake.is_set():
-            wake.set()
-
-    def _overflowed(self) -> None:
-        """More than ``max_pending`` keys wait: publish "drop everything" instead."""
-        with self._lock:
-            self._overflow = True
-            self._incoming.clear()
-            self._pending.clear()
+        with self._lock:  # never acquire() then try (see _fence's _WITH_ONLY)
+            pending = self._pending
+            if not pending:
+                self._wake.set()
+            for key in keys:
+                pending[key] = None
+            if len(pending) > self._max_pending:
+                pending.clear()
+                self._overflow = True
 
     def close(self, timeout: float) -> None:
         """Stop the poller (waiting at most ``timeout`` seconds) and publish what is
@@ -358,13 +344,7 @@ class MemcachedJournal:
     def _take(self) -> tuple[list[str], bool]:
         """The pending keys whose writes landed (the others stay), and the overflow."""
         with self._lock:
-            pending, incoming = self._pending, self._incoming
-            for _ in range(len(incoming)):  # what was appended before this point
-                pending[incoming.popleft()] = None
-            if len(pending) > self._max_pending:
-                pending.clear()
-                self._overflow = True
-            overflow = self._overflow
+            pending, overflow = self._pending, self._overflow
             if not pending and not overflow:
                 return [], False
             held = self._held

@@ -285,48 +285,6 @@ def test_past_max_pending_one_drop_everything_entry_is_published(
     assert b.rec.take() == [("lost", "overflow")]
 
 
-def test_keys_published_by_many_threads_while_the_poller_takes_them_are_all_delivered(
-    store: Store, wall: FakeClock
-) -> None:
-    """``publish`` takes no lock (a deque): 8 writer threads publishing one key at a time
-    while a poller thread publishes and reads lose no key and wake the poller for the
-    last of them."""
-    a = Process(store, wall=wall)
-    b = Process(store, wall=wall)
-    a.join()
-    b.join()
-    writers, per_writer = 8, 250
-    start = threading.Barrier(writers + 1)
-    done = threading.Event()
-
-    def write(n: int) -> None:
-        start.wait(WAIT)
-        for i in range(per_writer):
-            a.journal.publish([f"w{n}:{i}"])
-
-    def poll() -> None:
-        start.wait(WAIT)
-        while not done.is_set():
-            a.journal._wake.clear()  # as the poller thread does before it publishes
-            a.journal.poll()
-
-    threads = [threading.Thread(target=write, args=(n,)) for n in range(writers)]
-    poller = threading.Thread(target=poll)
-    for t in [*threads, poller]:
-        t.start()
-    for t in threads:
-        t.join(WAIT)
-    done.set()
-    poller.join(WAIT)
-    assert a.journal._wake.is_set() or not a.journal._incoming  # nothing left asleep
-    a.journal.poll()
-    b.journal.poll()
-    batches = b.rec.keys()  # the Recorder's entries, a list of key lists
-    got = [k for batch in batches for k in batch]
-    wanted = {f"w{n}:{i}" for n in range(writers) for i in range(per_writer)}
-    assert set(got) == wanted and len(got) == len(wanted)
-
-
 def test_a_publication_that_failed_is_made_again(
     store: Store, mono: FakeClock, wall: FakeClock
 ) -> None:
