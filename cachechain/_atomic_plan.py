@@ -15,10 +15,10 @@ breaker (a generation that cannot be fetched is a failure of the call). A wrappe
 that is a subclass, or a stack the plan does not know, is not resolved: the
 operation then goes through the wrappers themselves, as before.
 
-The plan also holds the tiers the operation settles (the first one's layer ``set``, or
-its ``fill`` when it has one, as a backfill does, and ``delete``, when it is a plain
-:class:`~cachechain._tier.Tier`, whose policy always writes synchronously and owes no
-repair) and the shared tier's ``drain`` (None for a tier that never holds writes).
+The plan also holds the tiers the operation settles (the first one's layer ``delete``,
+when it is a plain :class:`~cachechain._tier.Tier`, whose policy always writes
+synchronously and owes no repair) and the shared tier's ``drain`` (None for a tier
+that never holds writes).
 """
 
 from __future__ import annotations

@@ -1007,3 +1007,21 @@ def test_a_counter_keeps_its_timeout_and_can_be_touched(app: MemcachedProcess) -
     assert b.incr("f") == 2.5  # not a counter: value + delta, as the local-memory cache
     with pytest.raises(TypeError):
         b.incr("n", 1.5)  # type: ignore[arg-type]
+
+
+@pytest.mark.memcached
+def test_get_or_set_on_a_miss_stores_in_memcached_and_the_next_get_backfills(
+    memcached: MemcachedProcess,
+) -> None:
+    """``get_or_set`` adds its value: memcached keeps it, this process's L1 does not (an
+    ``add`` keeps no local copy) until the next ``get`` backfills it."""
+    with django_app(loose_setting(memcached.address)):
+        b = backend()
+        l1 = b.chain.layers[0]
+        assert b.get_or_set("gos", lambda: {"v": 1}, 60) == {"v": 1}
+        assert l1.get(b.make_key("gos")) is MISSING
+        with l2_reader(memcached.address, SignedPickleCodec(SECRET)) as other:
+            assert other.get(b.make_key("gos")) is not None
+        assert b.get("gos") == {"v": 1}
+        assert l1.get(b.make_key("gos")) is not MISSING
+        assert b.get_or_set("gos", lambda: {"v": 2}, 60) == {"v": 1}
