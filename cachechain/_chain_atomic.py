@@ -150,8 +150,8 @@ class AtomicOps:
 
         Returns True when the shared layer stored the value; the layers above drop any
         copy of ``key`` (the next ``get`` reads the value from the shared layer and
-        backfills it). Returns False when the key was there or the shared layer refused the
-        value (its codec cannot encode it, it is too large), and also, unless
+        backfills it). Returns False when the key was there or the shared layer refused
+        the value (its codec cannot encode it, it is too large), and also, unless
         ``strict``, when the shared layer could not be asked (down, timed out, its
         breaker open; counted and logged once): no lock is granted and nothing is
         stored in this process, whose copies of ``key`` are removed. With

@@ -57,9 +57,9 @@ _NONE_HELD: frozenset[str] = frozenset()
 
 def fill_of(layer: CacheLayer) -> Callable[[str, Any, float | None], Any]:
     """How a chain writes a value it already checked into the first layer ``layer``
-    (a backfill): its ``fill`` (``MemoryLayer.fill``: ``set``
-    without re-checking the TTL) when it has one that its ``set`` does not override
-    (see :func:`shortcut`), else its ``set``."""
+    (a backfill): its ``fill`` (``MemoryLayer.fill``: ``set`` without re-checking the
+    TTL) when it has one that its ``set`` does not override (see :func:`shortcut`),
+    else its ``set``."""
     fill: Callable[[str, Any, float | None], Any] | None = shortcut(layer, "fill", "set")
     return fill or layer.set
 

@@ -17,6 +17,7 @@ from cachechain import (
     MISSING,
     Chain,
     ChainClosedError,
+    CoherenceConfig,
     ConfigError,
     CorruptValueError,
     InvalidKeyError,
@@ -479,9 +480,8 @@ def test_a_lock_released_by_another_process_is_free_here_at_once(
     """An ``add`` that won keeps no copy in this process's L1: the lock's holder is known
     only to memcached. Before, L1 kept the lock's value and this process read the lock
     as held after another process released it, until coherence's poll (here: a bound of
-    30 s, so the poll cannot hide it)."""
-    from cachechain import CoherenceConfig
-
+    30 s and a poll every 20 s: no poll, not even the first journal read, which empties
+    L1, comes within the test to hide it)."""
     loose = CoherenceConfig(bound=30.0, interval=20.0)
     here = Chain([MemoryLayer("L1"), MemcachedLayer("L2", memcached.address)], coherence=loose)
     there = Chain([MemoryLayer("L1"), MemcachedLayer("L2", memcached.address)], coherence=loose)
