@@ -239,10 +239,11 @@ def test_a_forked_child_sends_its_own_counts_and_not_its_parents(daemon: Any) ->
 
 
 _FULL_SPEED_WORKER = """
-import json, sys, time
+import json, os, sys, time
 from cachechain import Chain, MemoryLayer
 from cachechain._exporters import create_exporter
 
+os.nice(19)  # the daemon keeps its CPU: three of these would starve it on two cores
 port, prefix, name, seconds = int(sys.argv[1]), sys.argv[2], sys.argv[3], float(sys.argv[4])
 x = create_exporter({"exporter": "statsd", "options": {
     "host": "127.0.0.1", "port": port, "prefix": prefix, "flush_interval": 0.2}})
@@ -273,15 +274,35 @@ print(json.dumps({"done": done, "stats": x.stats().__dict__}), flush=True)
 """
 
 
+def udp_drops(port: int) -> int | None:
+    """Datagrams the kernel dropped at the loopback UDP socket bound to ``port`` (its
+    receive buffer was full), from ``/proc/net/udp``; None where that is not readable."""
+    try:
+        with open("/proc/net/udp") as f:
+            rows = [line.split() for line in f.readlines()[1:]]
+    except OSError:
+        return None
+    for row in rows:
+        if int(row[1].rsplit(":", 1)[1], 16) == port:
+            return int(row[-1])
+    return None
+
+
 def test_three_processes_at_full_speed_lose_no_count(daemon: Any) -> None:
     """Issue 13: each flush used to send every value in one unpaced burst of about a
     thousand datagrams, which overran the daemon's socket buffer (up to 44% lost, 7.6%
     of request counts with three processes) while the exporter saw no error. Now the
     counters the daemon received are exactly what three chains driven at full speed
-    did, and every datagram sent arrives."""
+    did, and every datagram sent arrives.
+
+    The workers run at the lowest CPU priority. The promise is about the exporter's
+    bursts against a daemon that has its CPU (the README: "with a core to itself"); on a
+    two-core machine three busy senders at equal priority starved the daemon itself, and
+    it lost up to 55 of 831 datagrams for that reason alone."""
     prefix = fresh_prefix()
     bad_before = daemon.bad_lines_seen()
     packets_before = daemon.packets_received()
+    drops_before = udp_drops(daemon.port)
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _FULL_SPEED_WORKER, str(daemon.port), prefix, f"w{i}", "2.0"],
@@ -313,7 +334,12 @@ def test_three_processes_at_full_speed_lose_no_count(daemon: Any) -> None:
     with contextlib.suppress(AssertionError):  # what is lost never comes: compare then
         daemon.wait_for_packets(packets_before + sent, timeout=10)
     counters = daemon.counters()
-    report = f"sent {sent} datagrams, daemon got {daemon.packets_received() - packets_before}"
+    drops = udp_drops(daemon.port)
+    dropped = "unknown" if drops is None or drops_before is None else drops - drops_before
+    report = (
+        f"sent {sent} datagrams, daemon got {daemon.packets_received() - packets_before}, "
+        f"its socket's buffer dropped {dropped}"
+    )
     for i, r in enumerate(results):
         done, stats = r["done"], r["stats"]
         assert stats["send_errors"] == 0, stats
