@@ -299,6 +299,33 @@ def test_a_memcached_layer_subclass_set_stores_the_winners_value(
         chain.close()
 
 
+def test_an_override_of_set_is_judged_by_the_method_not_by_its_module(
+    memcached: MemcachedProcess,
+) -> None:
+    """A subclass's ``set`` is used for the winner's store wherever the subclass was
+    defined. The override used to be judged by the module of the class defining
+    ``set``, so one that named the layer's own module (a vendored copy, a class made
+    with ``type()``) was taken for the layer itself and bypassed."""
+    written: list[str] = []
+
+    def set_(self: MemcachedLayer, key: str, value: Any, ttl: float | None = None) -> None:
+        written.append(key)
+        MemcachedLayer.set(self, key, value, ttl)
+
+    Vendored = type(
+        "Vendored", (MemcachedLayer,), {"set": set_, "__module__": MemcachedLayer.__module__}
+    )
+    chain = Chain(
+        [MemoryLayer("L1"), Vendored("L2", memcached.address, key_prefix=_prefix())],
+        coherence=False,
+    )
+    try:
+        assert chain.get_or_load("k", lambda: "v", 60) == "v"
+        assert chain.flush() and written == ["k"]
+    finally:
+        chain.close()
+
+
 def test_a_winner_whose_breaker_opened_during_the_load_keeps_the_value_in_l1(
     make: Callable[..., Chain],
 ) -> None:

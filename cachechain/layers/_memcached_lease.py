@@ -239,9 +239,11 @@ class _Won:
 
 
 def _set_overridden(layer: MemcachedLayer) -> bool:
-    """Whether a subclass of ``MemcachedLayer`` overrides its ``set``."""
-    owner = next(cls for cls in type(layer).__mro__ if "set" in vars(cls))
-    return owner.__module__ != __name__.rsplit(".", 1)[0] + "._memcached"
+    """Whether a subclass of ``MemcachedLayer`` overrides its ``set``: the class's
+    ``set`` is not the one of the class that mixes these operations in (the layer)."""
+    cls = type(layer)
+    base = next(c for c in cls.__mro__ if MemcachedLeaseOps in c.__bases__)
+    return cls.set is not base.set  # type: ignore[attr-defined]
 
 
 def _stub_gone(value: Any, ttl: float | None) -> bool:
