@@ -3,11 +3,12 @@
 The first call marks the chain closed (every later read or write raises
 :class:`~cachechain.ChainClosedError`), then, within ``timeout`` seconds in all: the
 background loads end (their values are stored; those still running at the deadline
-are abandoned, and store nothing), the backplane publishes what is pending and stops,
-the async writers drain (what they cannot write in time is counted as dropped), the
-layers close, and a collector the chain's config made is closed last (the writers'
-last events are in). A concurrent call waits for that same drain, at most its own
-``timeout``.
+are abandoned, and store nothing), the async writers drain (what they cannot write in
+time is counted as dropped), the backplane publishes what is pending (the writes that
+just landed included: a key is published only once its write reached the shared
+layer) and stops, the layers close, and a collector the chain's config made is closed
+last (the writers' last events are in). A concurrent call waits for that same drain,
+at most its own ``timeout``.
 """
 
 from __future__ import annotations
@@ -48,9 +49,10 @@ def close(chain: Chain, timeout: float) -> int:
         return 0
     try:
         chain._loads.close(_left(deadline))  # background loads' values reach the writers
-        if chain._coherence is not None:  # its last publications, then the writers
+        lost = _tier.close_writers(chain._tiers, _left(deadline))
+        if chain._coherence is not None:  # the keys whose writes landed, the last ones too
             chain._coherence.close(_left(deadline))
-        lost = _tier.close(chain._tiers, _left(deadline))
+        _tier.close_layers(chain._tiers)
         if chain._owned_collector is not None:  # after the writers: their events are in
             _close_collector(chain._owned_collector, chain._m)
     finally:

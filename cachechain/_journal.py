@@ -33,13 +33,14 @@ rather than serving one past the bound (but for ``unreachable``, the receiver ma
 them aside until a poll begun after it succeeds:
 :meth:`~cachechain._backplane.Receiver.caught_up`): the ring overran the entries not read yet, an
 entry stayed unwritten for ``bound`` seconds (its publisher died between the ``incr``
-and the ``set_many``), the head vanished or went back (``flush_all``, a restart, an
-eviction), an entry is malformed, or no poll began successfully for ``bound -
-interval * PUBLISH_DELAY - WATCH_TICK`` seconds, 70 ms by default (the shared layer
-unreachable or stalled: a process-wide watchdog
-thread notices while the poll is still stuck in its socket timeout; then again every
-``bound`` while it lasts). A process paused (SIGSTOP, a long GC) catches up from the
-ring when it resumes, within one interval.
+and the ``set_many``), the head vanished, went back or names another ring
+(``flush_all``, a restart, an eviction: a new ring starts at a random multiple of
+``2 ** 32``, see :func:`ring_start`), an entry is malformed, or no poll began
+successfully for ``bound - interval * PUBLISH_DELAY - WATCH_TICK`` seconds, 70 ms by
+default (the shared layer unreachable or stalled: a process-wide watchdog thread
+notices while the poll, or a publication between polls, is still stuck in its socket
+timeout; then again every ``bound`` while it lasts). A process paused (SIGSTOP, a long
+GC) catches up from the ring when it resumes, within one interval.
 """
 
 from __future__ import annotations
@@ -72,6 +73,17 @@ ENTRY_TTL: Final = 300.0
 BATCH: Final = 1000
 BATCH_BYTES: Final = 400_000
 _MAX_ROUNDS: Final = 64  # reads per poll while behind, before the next interval
+#: A ring's sequence numbers start at a random multiple of ``2 ** RING_BITS``
+#: (:func:`ring_start`): their high bits name the ring, so that a ring made again (its
+#: head lost to a ``flush_all``, a restart, an eviction) is not taken for the one a
+#: reader was following, even when the new head has reached the reader's last number.
+RING_BITS: Final = 32
+
+
+def ring_start() -> int:
+    """The head of a new ring: a random multiple of ``2 ** RING_BITS`` below ``2 **
+    62`` (memcached's counters are 64-bit unsigned)."""
+    return secrets.randbits(62 - RING_BITS) << RING_BITS
 
 
 def batches_of(keys: Sequence[str]) -> list[list[str]]:
@@ -189,6 +201,8 @@ class MemcachedJournal:
         self._wake = threading.Event()  # keys are pending: publish them soon
         self._pending: dict[str, None] = {}
         self._overflow = False
+        #: Keys held back at an overflow because their writes had not landed yet.
+        self._held_over: dict[str, None] = {}
         self._origin = f"{os.getpid()}-{secrets.token_hex(4)}"
         self._last: int | None = None  # the last sequence number applied
         self._gap_since: float | None = None
@@ -235,12 +249,13 @@ class MemcachedJournal:
         _WATCHDOG.watch(self)
 
     def check_stuck(self) -> None:
-        """The watchdog's check, while a poll is in flight or the last one failed: no
-        poll began successfully for ``bound - interval * PUBLISH_DELAY - WATCH_TICK``
-        seconds (one stuck in I/O cannot say so itself): report lost track, then again
-        every ``bound``. More than ``interval`` (the configuration checks it), so a
-        poll begun in time is never taken for a stuck one. A poller merely late (the
-        process busy) is left alone. Never raises."""
+        """The watchdog's check, while a poll or a publication between polls is in
+        flight, or the last poll failed: no poll began successfully for ``bound -
+        interval * PUBLISH_DELAY - WATCH_TICK`` seconds (one stuck in I/O cannot say so
+        itself): report lost track, then again every ``bound``. More than ``interval``
+        (the configuration checks it), so a poll begun in time is never taken for a
+        stuck one. A poller merely late (the process busy) is left alone. Never
+        raises."""
         receiver = self._receiver
         if receiver is None or self._closed or not self._troubled:
             return
@@ -267,8 +282,18 @@ class MemcachedJournal:
             for key in keys:
                 pending[key] = None
             if len(pending) > self._max_pending:
-                pending.clear()
-                self._overflow = True
+                self._overflow_locked(pending)
+
+    def _overflow_locked(self, pending: dict[str, None]) -> None:
+        """Past ``max_pending`` keys (the journal's lock held): one "drop everything"
+        entry instead of the keys, but for those whose writes have not landed yet.
+        Those wait apart (as many as the writers hold, which bound them) and are
+        published once they land: the "drop everything" goes out before, and a process
+        that dropped its copy could read the old value back meanwhile."""
+        held = self._held
+        self._held_over.update((key, None) for key in pending if held(key))
+        pending.clear()
+        self._overflow = True
 
     def close(self, timeout: float) -> None:
         """Stop the poller (waiting at most ``timeout`` seconds) and publish what is
@@ -310,10 +335,16 @@ class MemcachedJournal:
                 stop.wait(min(gap, max(0.0, next_poll - clock())))  # never past a poll
 
     def _publish_quietly(self) -> None:
+        """Publish between polls. No poll runs while this is in flight, so the
+        watchdog watches it as it watches a poll: one stuck in I/O reports lost track."""
+        troubled = self._troubled
+        self._troubled = True
         try:
             self._publish_pending()
         except Exception as exc:
             _log_once(("publish", self._layer.name), "coherence: publish failed: %r", exc)
+        finally:
+            self._troubled = troubled  # the next poll tells whether the layer answers
 
     def poll(self) -> None:
         """One round: publish what is pending, then read the generation and the ring,
@@ -344,13 +375,18 @@ class MemcachedJournal:
     def _take(self) -> tuple[list[str], bool]:
         """The pending keys whose writes landed (the others stay), and the overflow."""
         with self._lock:
-            pending, overflow = self._pending, self._overflow
-            if not pending and not overflow:
+            pending, overflow, over = self._pending, self._overflow, self._held_over
+            if not pending and not overflow and not over:
                 return [], False
             held = self._held
             ready = [k for k in pending if not held(k)]
             for key in ready:
                 del pending[key]
+            if over:
+                landed = [k for k in over if not held(k) and k not in pending]
+                for key in landed:
+                    del over[key]
+                ready += landed
             self._overflow = False
             return ready, overflow
 
@@ -376,7 +412,7 @@ class MemcachedJournal:
         n = len(batches)
         top = self._layer.incr(self._head_key, n)
         if top is None:  # no head yet (or flushed): start one
-            self._layer.add(self._head_key, 0, None)
+            self._layer.add(self._head_key, ring_start(), None)
             top = self._layer.incr(self._head_key, n)
             if top is None:
                 raise LayerUnavailableError("the journal head could not be created")
@@ -423,17 +459,21 @@ class MemcachedJournal:
         if type(head) is not int:
             if self._last is not None:
                 receiver.lost("reset")
-            self._layer.add(self._head_key, 0, None)
+            self._layer.add(self._head_key, ring_start(), None)
             self._last = None
             return False
         last = self._last
-        if last is None or head <= last or head - last > self._slots:
+        # Another ring: the head went back, or its high bits changed (made again since
+        # this reader's last read; once in 2**32 entries, the ring's own count crossing
+        # into the next multiple is taken for one too, which costs one drop).
+        new_ring = last is not None and (head < last or head >> RING_BITS != last >> RING_BITS)
+        if last is None or new_ring or head == last or head - last > self._slots:
             self._gap_since = None  # a wait for a slot never outlives a restart
         if last is None:  # the first read (or after a reset): start from the head
             self._last = head
             receiver.cleared()  # what was cached before may predate entries skipped
             return False
-        if head < last:
+        if new_ring:
             receiver.lost("reset")
             self._last = head
             return False

@@ -42,7 +42,8 @@ __all__ = [
     "WriteBehindTier",
     "build_tier",
     "build_tiers",
-    "close",
+    "close_layers",
+    "close_writers",
     "fill_of",
     "flush",
     "shortcut",
@@ -449,17 +450,21 @@ def flush(tiers: Iterable[Tier], timeout: float | None) -> bool:
     return done
 
 
-def close(tiers: Sequence[Tier], timeout: float) -> int:
-    """Drain and close the writers of ``tiers`` within ``timeout`` seconds in all, then
-    close their layers. Return how many queued writes were dropped."""
+def close_writers(tiers: Sequence[Tier], timeout: float) -> int:
+    """Drain and close the writers of ``tiers`` within ``timeout`` seconds in all (the
+    layers stay open). Return how many queued writes were dropped."""
     deadline = time.monotonic() + timeout
     lost = 0
     for tier in tiers:
         if tier.writer is not None:
             lost += tier.writer.close(max(0.0, deadline - time.monotonic()))
+    return lost
+
+
+def close_layers(tiers: Sequence[Tier]) -> None:
+    """Close the layers of ``tiers`` (after :func:`close_writers`)."""
     for tier in tiers:
         tier.close()
-    return lost
 
 
 def build_tier(

@@ -31,7 +31,7 @@ from cachechain import (
     MemoryLayer,
     SignedPickleCodec,
 )
-from cachechain._journal import BATCH, MemcachedJournal
+from cachechain._journal import _WATCHDOG, BATCH, RING_BITS, MemcachedJournal
 from cachechain._namespace import Namespace, NamespacedLayer
 from cachechain.layers._base import BaseLayer
 from tests.support.fakes import FakeClock, FakeLayer
@@ -94,6 +94,8 @@ class Store(FakeLayer):
         self.rejects: set[Any] = set()
         self.block_many: threading.Event | None = None
         self.many_entered = threading.Event()
+        self.block_incr: threading.Event | None = None
+        self.incr_entered = threading.Event()
         self.cleared = 0
 
     def clear(self) -> None:
@@ -105,6 +107,14 @@ class Store(FakeLayer):
         bad = [k for k, v in items.items() if repr(v) in self.rejects]
         super().set_many({k: v for k, v in items.items() if k not in bad}, ttl)
         return bad
+
+    def incr(self, key: str, delta: int = 1) -> int | None:
+        gate = self.block_incr
+        if gate is not None:
+            self.block_incr = None  # once
+            self.incr_entered.set()
+            gate.wait(WAIT)
+        return super().incr(key, delta)
 
     def get_many_with_ttl(self, keys: Sequence[str]) -> dict[str, tuple[Any, float | None]]:
         found = super().get_many_with_ttl(keys)
@@ -177,7 +187,13 @@ def no_poller(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def head(store: Store) -> Any:
-    return store.data[HEAD_KEY][0]
+    """The ring's head, counted from the ring's start (a random multiple of 2**32)."""
+    return store.data[HEAD_KEY][0] % 2**RING_BITS
+
+
+def seq(store: Store, n: int) -> int:
+    """The sequence number of the ring's ``n``-th entry (as :func:`head` counts)."""
+    return store.data[HEAD_KEY][0] - head(store) + n
 
 
 # -------------------------------------------------------------------------- the journal
@@ -285,6 +301,32 @@ def test_past_max_pending_one_drop_everything_entry_is_published(
     assert b.rec.take() == [("lost", "overflow")]
 
 
+def test_an_overflow_keeps_the_keys_whose_writes_have_not_landed(
+    store: Store, mono: FakeClock, wall: FakeClock
+) -> None:
+    """The "drop everything" of an overflow goes out at once; a key whose write had not
+    landed yet (a write-behind set, a pending repair) must still be published once it
+    lands, or a process that dropped its copy reads the old value back meanwhile and
+    serves it for good. An overflow used to forget those keys with the others."""
+    held = {"slow"}
+    a = Process(store, mono, wall, max_pending=3, held=lambda key: key in held)
+    b = Process(store, mono, wall)
+    a.join()
+    b.join()
+    a.journal.publish(["slow"])
+    a.journal.publish(["1", "2", "3"])  # 4 pending > 3: overflow
+    a.journal.poll()
+    b.journal.poll()
+    assert b.rec.take() == [("lost", "overflow")]
+    a.journal.poll()
+    b.journal.poll()
+    assert b.rec.take() == []  # "slow" is still held: not yet
+    held.clear()  # its write landed
+    a.journal.poll()
+    b.journal.poll()
+    assert b.rec.keys() == [["slow"]]
+
+
 def test_a_publication_that_failed_is_made_again(
     store: Store, mono: FakeClock, wall: FakeClock
 ) -> None:
@@ -312,7 +354,7 @@ def test_a_reserved_slot_not_written_yet_is_waited_for_up_to_the_bound(
     mono.advance(BOUND * 0.9)
     b.journal.poll()
     assert b.rec.take() == []
-    store.set_many({slot_key(1, 1024): [1, "late-writer", wall(), ["late"]]}, 300)
+    store.set_many({slot_key(1, 1024): [seq(store, 1), "late-writer", wall(), ["late"]]}, 300)
     b.journal.poll()
     assert b.rec.keys() == [["late"], ["after"]]  # written in time: no loss
 
@@ -385,7 +427,7 @@ def test_a_slot_holding_a_later_lap_is_an_overrun(
     b.join()
     a.publish("k0")
     # slot of entry 1 already rewritten by entry 5 (the head read is older than the slot)
-    store.set_many({slot_key(5, 4): [5, "other", wall(), ["k4"]]}, 300)
+    store.set_many({slot_key(5, 4): [seq(store, 5), "other", wall(), ["k4"]]}, 300)
     b.journal.poll()
     assert b.rec.take() == [("lost", "overrun")]
 
@@ -474,6 +516,60 @@ def test_a_poll_stuck_on_an_unanswering_layer_still_drops_within_the_bound() -> 
     finally:
         store.block_many = None
         journal.close(WAIT)
+
+
+def test_a_publication_stuck_between_polls_still_drops_within_the_bound() -> None:
+    """Between two polls the poller publishes this process's keys; no poll runs while
+    that publication waits on memcached. It used to be invisible to the watchdog
+    (which watched polls only): a process went on serving entries other processes had
+    overwritten for as long as the publication's socket timeout (243-260 ms for the
+    default 250 ms, bound 100 ms)."""
+    store = Store()
+    rec = Recorder()
+    journal = MemcachedJournal(store, Namespace(store), interval=INTERVAL, bound=BOUND)
+    journal._receiver = rec  # the test is the poller: the publication runs between polls
+    journal.poll()
+    journal.poll()
+    assert rec.take() == [("cleared",)]
+    _WATCHDOG.watch(journal)
+    gate = threading.Event()
+    store.block_incr = gate  # the publication's incr of the head hangs
+    journal.publish(["k"])
+    publisher = threading.Thread(target=journal._publish_quietly)
+    publisher.start()
+    try:
+        assert store.incr_entered.wait(WAIT)
+        stuck = rec.lost_event.wait(2.0)  # 20 bounds; the publication is still stuck
+    finally:
+        gate.set()
+        publisher.join(WAIT)
+        journal.close(WAIT)
+    assert stuck, "no lost() while a publication was stuck in I/O for 2 s (bound 0.1 s)"
+    assert ("lost", "unreachable") in rec.take()
+
+
+def test_a_ring_made_again_up_to_the_readers_last_number_is_a_reset(
+    store: Store, mono: FakeClock, wall: FakeClock
+) -> None:
+    """memcached flushed (another application's ``flush_all``) or restarted: the ring
+    is made again by the next publication. When the new ring's head had reached a
+    reader's last sequence number before the reader polled (a young ring: one
+    publication is enough), the reader took it for the ring it followed and skipped
+    its entries, serving the key they invalidated for good. A new ring starts at a
+    random multiple of 2**32, so the reader sees another ring."""
+    a, b = Process(store, mono, wall), Process(store, mono, wall)
+    a.join()
+    b.join()
+    a.publish("k0")
+    b.journal.poll()
+    assert b.rec.keys() == [["k0"]]
+    store.clear()  # flush_all: the head, the entries and the generation are gone
+    a.publish("k")  # the first entry of a new ring
+    b.journal.poll()
+    assert ("lost", "reset") in b.rec.take(), "an entry of the new ring was skipped"
+    a.publish("k2")
+    b.journal.poll()
+    assert b.rec.keys() == [["k2"]]  # on track again, on the new ring
 
 
 def test_a_closed_journal_reads_no_further_round_of_a_poll(
@@ -881,6 +977,48 @@ def test_a_write_behind_set_is_published_once_it_reached_memcached() -> None:
         journal.poll()
         other.journal.poll()
         assert other.rec.keys() == [["k"]]
+
+
+def test_a_write_behind_set_drained_by_close_is_published() -> None:
+    """A gunicorn worker's last request writes behind, then the worker exits: close()
+    drains the writer, and the key must be published once its write landed. close()
+    used to publish first (skipping the key, still held by the writer) and drain after,
+    so the other processes served the old value until its TTL."""
+    store = Store()
+    chain = Chain([MemoryLayer("L1"), LayerConfig(layer=store, write_behind=True)])
+    other = peer(store)
+    journal = chain_journal(chain)
+    chain.coherence.namespace.current()  # type: ignore[union-attr]
+    writer = chain._tiers[1].writer
+    assert writer is not None
+    closing = threading.Event()  # close() is draining the writer, or has published
+    real_publish_close, real_writer_close = journal.close, writer.close
+
+    def journal_close(timeout: float) -> None:
+        real_publish_close(timeout)
+        closing.set()
+
+    def writer_close(timeout: float = 5.0) -> int:
+        closing.set()
+        return real_writer_close(timeout)
+
+    journal.close = journal_close  # type: ignore[method-assign]
+    writer.close = writer_close  # type: ignore[method-assign]
+    gate = threading.Event()
+    store.block_set = gate
+    closer = threading.Thread(target=chain.close, args=(WAIT,))
+    try:
+        assert chain.set("k", "new", 60)  # queued
+        assert store.write_entered.wait(WAIT)  # the writer is on it, not done
+        closer.start()
+        assert closing.wait(WAIT)
+    finally:
+        gate.set()
+        if closer.is_alive() or closer.ident is not None:
+            closer.join(WAIT)
+        chain.close()
+    other.journal.poll()
+    assert other.rec.keys() == [["k"]]
 
 
 @pytest.mark.usefixtures("no_poller")
