@@ -341,9 +341,13 @@ class CachechainBackend(BaseCache):
         value; a missing key starts at ``delta`` (stored with ``add`` for the default
         timeout). Return ``None`` when memcached could not be reached or did not answer
         (counted and logged by the chain): the count may then have been made, so
-        nothing is retried, and a call counts at most once. A stored value that is not
-        an integer counts as cachelib says, ``(value or 0) + delta``, stored with
-        ``set`` (not atomically; ``+`` raises :class:`TypeError` for a ``str``)."""
+        nothing is retried, and a call counts at most once. A stored ``str`` of
+        decimal digits counts as an integer, atomically, as memcached's own ``incr``
+        does (``set(k, "5")`` then ``inc(k)`` returns 6, and the key then holds the int
+        6; cachelib's ``SimpleCache`` raises :class:`TypeError` there). Any other value
+        that is not an integer counts as cachelib says, ``(value or 0) + delta``,
+        stored with ``set`` (not atomically; ``+`` raises :class:`TypeError` for other
+        ``str`` values)."""
         made = self._key(key)
         chain = self._chain
         try:  # strict: a failed incr or add is not "absent", whatever it returned
