@@ -1,8 +1,12 @@
 """``Chain.clear()``: the cache emptied for this process and, through the namespace
 generation, for every process sharing the chain's shared layer.
 
-1. The async writers make what they hold (at most :data:`FLUSH_TIMEOUT` seconds), so
-   no write queued before the clear lands after it.
+The whole clear is one mutation of every key in the chain's fence: no read or load in
+flight stores what it read or loaded while the clear runs, nor after it.
+
+1. The async writers make what they hold (at most :data:`FLUSH_TIMEOUT` seconds); the
+   sets still queued then are turned into deletes of their keys, so that no write
+   queued before the clear lands after it (in the new generation).
 2. With ``flush=True``, every shared layer that can be emptied is (memcached's
    ``flush_all``).
 3. With a :class:`~cachechain._coherence.Coherence`, the namespace generation moves
@@ -42,14 +46,20 @@ def clear(chain: Chain, flush: bool) -> bool:
         raise InvalidValueError(f"flush must be a bool, got {flush!r}")
     if chain._closed:
         raise ChainClosedError("the chain is closed")
-    _tier.flush(chain._tiers, FLUSH_TIMEOUT)
-    chain._flight.forget_all()  # no load begun before the clear is joined after it
-    ok = _flush_shared(chain._tiers, chain._report) if flush else True
-    if chain._coherence is not None:
-        return chain._coherence.clear() and ok
-    local = [t for t in chain._tiers if t.layer.local]
-    cleared = clear_layers(chain._fence, chain._report, local)
-    return cleared and (flush or len(local) == len(chain._tiers)) and ok
+    with chain._fence.mutating_all(_nothing):
+        _tier.flush(chain._tiers, FLUSH_TIMEOUT)
+        _tier.delete_queued_sets(chain._tiers)  # what is left was written before
+        chain._flight.forget_all()  # no load begun before the clear is joined after it
+        ok = _flush_shared(chain._tiers, chain._report) if flush else True
+        if chain._coherence is not None:
+            return chain._coherence.clear() and ok
+        local = [t for t in chain._tiers if t.layer.local]
+        cleared = clear_layers(chain._fence, chain._report, local)
+        return cleared and (flush or len(local) == len(chain._tiers)) and ok
+
+
+def _nothing() -> None:
+    """The end of the clear's outer mutation: its layers were emptied inside it."""
 
 
 def clear_layers(

@@ -287,11 +287,15 @@ class MemcachedJournal:
     def _overflow_locked(self, pending: dict[str, None]) -> None:
         """Past ``max_pending`` keys (the journal's lock held): one "drop everything"
         entry instead of the keys, but for those whose writes have not landed yet.
-        Those wait apart (as many as the writers hold, which bound them) and are
-        published once they land: the "drop everything" goes out before, and a process
-        that dropped its copy could read the old value back meanwhile."""
-        held = self._held
-        self._held_over.update((key, None) for key in pending if held(key))
+        Those wait apart and are published once they land: the "drop everything" goes
+        out before, and a process that dropped its copy could read the old value back
+        meanwhile. At most ``max_pending`` of them: more are held only by a writer
+        past its own bounds (overflowed: it holds every key), whose overflow handling
+        moves the namespace generation for every process instead."""
+        held, over = self._held, self._held_over
+        over.update((key, None) for key in pending if held(key))
+        if len(over) > self._max_pending:
+            over.clear()
         pending.clear()
         self._overflow = True
 

@@ -191,11 +191,16 @@ class Namespace:
     def move(self) -> bool:
         """Move to a new generation in the shared layer (``incr``, or a fresh one when
         the key is gone) and adopt it: every process stops reading what was written
-        before. Return True when it moved; raise what the layer raises."""
+        before. Return True when it moved; raise what the layer raises.
+
+        A fresh generation is stored with ``set``, not ``add``: what another process
+        stored since the key went missing is the generation it knew, put back by its
+        poll (:meth:`adopt`), and adopting that would move nothing."""
         with self._lock:
             moved = self._layer.incr(self.generation_key, 1)
             if not _is_generation(moved):
-                moved = self._create()
+                moved = secrets.randbits(_BITS) + 1
+                self._layer.set(self.generation_key, moved, None)
             self.epoch += 1
             self._set(moved)
             return True

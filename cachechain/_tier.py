@@ -44,6 +44,7 @@ __all__ = [
     "build_tiers",
     "close_layers",
     "close_writers",
+    "delete_queued_sets",
     "fill_of",
     "flush",
     "shortcut",
@@ -448,6 +449,14 @@ def flush(tiers: Iterable[Tier], timeout: float | None) -> bool:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             done = tier.writer.flush(left) and done
     return done
+
+
+def delete_queued_sets(tiers: Iterable[Tier]) -> None:
+    """Turn the sets still queued in the writers of ``tiers`` into deletes (see
+    :meth:`AsyncWriter.delete_queued_sets <cachechain.AsyncWriter.delete_queued_sets>`)."""
+    for tier in tiers:
+        if tier.writer is not None:
+            tier.writer.delete_queued_sets()
 
 
 def close_writers(tiers: Sequence[Tier], timeout: float) -> int:

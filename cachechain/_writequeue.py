@@ -117,6 +117,15 @@ class WriteQueue:
             self.held.discard(key)
         return True
 
+    def sets_to_deletes(self) -> int:
+        """Turn every queued set into a delete of its key, in place (its turn and its
+        hold kept); return how many were turned."""
+        pending = self._pending
+        turned = [key for key, op in pending.items() if op[0] is SET]
+        for key in turned:
+            pending[key] = DELETE_OP
+        return len(turned)
+
     def pop_all(self) -> list[tuple[str, Op]]:
         """Remove every queued operation and return them, oldest first. Their keys stay
         held: :meth:`release` those the caller does not keep."""

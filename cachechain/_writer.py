@@ -722,6 +722,14 @@ class _WriterIntake(_WriterWorkers):
         finally:
             self._room_waiters -= 1
 
+    def delete_queued_sets(self) -> int:
+        """Turn every set queued and not taken by a worker yet into a delete of its key
+        (a clear makes them stale: none may land after it, and if the clear fails the
+        deletes still leave no older value behind). Writes in flight are not affected.
+        Returns how many sets were turned; they are not counted as dropped."""
+        with self._lock:
+            return self._queue.sets_to_deletes()
+
     def _unqueue_set(self, key: str) -> bool:
         """Remove a queued set of ``key`` that no worker has taken; return whether there
         was one. Wakes a set waiting for room, and flush when idle."""
