@@ -214,6 +214,32 @@ def test_an_abandoned_delete_cannot_free_a_later_lock(
         direct.close()
 
 
+def test_a_lease_waits_for_a_set_in_doubt_whose_retraction_would_free_it(
+    proxy: FaultProxy, memcached: MemcachedProcess
+) -> None:
+    """The meta lease (``mg <key> N``) creates the stub it wins: a write, which must
+    wait for an earlier write of the key in doubt, as the classic lease's ``add`` does.
+    It did not: the late set then replaced the stub and its retraction deleted it, so
+    another process won the lease too (two loaders) and the winner's store failed."""
+    layer = via(proxy)
+    other = MemcachedLayer("B", memcached.address)
+    try:
+        hold_next(proxy)
+        with pytest.raises(LayerTimeoutError):
+            layer.set("k", "late")
+        won: list[object] = []
+        acknowledged(lambda: won.append(layer.lease("k", 10)))
+        mine = won[-1]
+        assert mine is not None and mine.won  # type: ignore[attr-defined]
+        assert answered(proxy)
+        layer._pool.fates.wait([map_key("k", "")], time.monotonic() + 5.0, "L2")
+        theirs = other.lease("k", 10)
+        assert theirs is not None and not theirs.won, "the stub this process won is gone"
+    finally:
+        layer.close()
+        other.close()
+
+
 # -- the reaper ---------------------------------------------------------------------------
 
 

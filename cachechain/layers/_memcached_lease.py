@@ -150,7 +150,7 @@ def _meta_lease(
 ) -> Lease | None:
     pool = layer._pool
     for _ in range(_ROUNDS):
-        got: _Got = pool.call_once(node, _mg, mkey, exptime, deadline)
+        got: _Got = pool.call_once(node, _mg, mkey, exptime, deadline, keys=(mkey,))
         if got.won:
             return _won_meta(layer, node, mkey, got, exptime)
         if got.data is None:
