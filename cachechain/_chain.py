@@ -445,14 +445,13 @@ class Chain(AtomicOps, LoaderOps):
 
     def close(self, timeout: float = 5.0) -> int:
         """Stop the chain: drain the async writers, publish its last invalidations
-        (those of the writes just drained too) and close every layer, within
-        ``timeout`` seconds in all (a finite number >= 0). Returns the number of
-        queued writes that could not be made in time (counted as dropped). A
-        concurrent ``close`` waits for the same drain (at most its own ``timeout``)
-        and returns 0; later calls return 0 at once, and every other method raises
-        :class:`~cachechain.ChainClosedError`. Raises
-        :class:`~cachechain.InvalidValueError` for a bad ``timeout``, before anything
-        changes."""
+        (the drained writes' too), close every layer, within ``timeout`` seconds in
+        all (a finite number >= 0). Returns the number of queued writes that could not
+        be made in time (counted as dropped). A concurrent ``close`` waits for the same
+        drain (at most its own ``timeout``) and returns 0; later calls return 0 at
+        once, and every other method raises :class:`~cachechain.ChainClosedError`.
+        Raises :class:`~cachechain.InvalidValueError` for a bad ``timeout``, before
+        anything changes."""
         return _chain_close.close(self, timeout)
 
     def __enter__(self) -> Chain:
