@@ -240,6 +240,40 @@ def test_a_lease_waits_for_a_set_in_doubt_whose_retraction_would_free_it(
         other.close()
 
 
+def test_the_wait_for_a_pooled_connection_does_not_eat_the_commands_timeout(
+    proxy: FaultProxy,
+) -> None:
+    """A caller waits up to ``pool_timeout`` for a client, then its command gets its own
+    ``timeout``. The deadline used to start before the wait: with one client busy for
+    0.3 s, the next caller's 0.3 s command timed out at 0.5 s on a healthy server (in
+    a cluster, the node was marked down for ``dead_timeout``)."""
+    layer = MemcachedLayer(
+        "L2", proxy.address, timeout=0.5, connect_timeout=0.5, pool_size=1, pool_timeout=5.0
+    )
+    try:
+        layer.set("a", 1)
+        layer.set("b", 2)
+        proxy.hold_requests(lambda seg: seg.startswith(b"get "), 0.3, count=2)
+        got: dict[str, object] = {}
+
+        def read(key: str) -> None:
+            try:
+                got[key] = layer.get(key)
+            except LayerError as exc:
+                got[key] = exc
+
+        first = threading.Thread(target=read, args=("a",))
+        first.start()
+        assert proxy.wait_until(lambda s: s.held >= 1, 5.0)  # it has the one client
+        second = threading.Thread(target=read, args=("b",))
+        second.start()
+        first.join(5.0)
+        second.join(5.0)
+        assert got == {"a": 1, "b": 2}
+    finally:
+        layer.close()
+
+
 # -- the reaper ---------------------------------------------------------------------------
 
 

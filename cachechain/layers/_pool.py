@@ -284,7 +284,7 @@ class Pool:
         try:
             client = node.idle.pop()  # the common case: no lock
         except IndexError:
-            client = self._acquire_slow(node)
+            client, args = self._acquire_slow_for(node, args)
         reused = client.sock is not None
         try:
             result = getattr(client, op)(*args) if isinstance(op, str) else op(client, *args)
@@ -329,11 +329,11 @@ class Pool:
         try:
             client = node.idle.pop()
         except IndexError:
-            client = self._acquire_slow(node)
+            client, args = self._acquire_slow_for(node, args)
         if client.sock is not None and self._monotonic() - client.used > RECENT and stale(client):
             node.discard(client)  # its server went away: the others are as stale
             node.drop_idle()
-            client = self._acquire_slow(node)
+            client, args = self._acquire_slow_for(node, args)
         try:
             result = getattr(client, op)(*args) if isinstance(op, str) else op(client, *args)
         except Exception as exc:
@@ -395,6 +395,16 @@ class Pool:
         if self.cluster:
             self.mark(node, down=isinstance(error, (LayerTimeoutError, LayerUnavailableError)))
         return error
+
+    def _acquire_slow_for(self, node: Node, args: tuple[Any, ...]) -> tuple[Any, tuple[Any, ...]]:
+        """:meth:`_acquire_slow` for a command whose last argument is its deadline:
+        the client, and the arguments with the deadline moved by the time waited for
+        it (a caller waits at most ``pool_timeout`` for a client before its
+        ``timeout`` starts: a busy pool must not make a healthy node time out)."""
+        began = time.monotonic()
+        client = self._acquire_slow(node)
+        waited = time.monotonic() - began
+        return client, (*args[:-1], args[-1] + waited)
 
     def _acquire_slow(self, node: Node) -> Any:
         """Wait for an idle client or room for a new one, at most ``pool_timeout`` s."""
