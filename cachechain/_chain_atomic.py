@@ -65,6 +65,7 @@ from ._errors import (
     ChainClosedError,
     CircuitOpenError,
     ConfigError,
+    CorruptValueError,
     InvalidValueError,
     LayerError,
     LayerUnavailableError,
@@ -415,6 +416,8 @@ def _on_shared(
         if isinstance(exc, InvalidValueError) and operation in _COUNTERS:
             raise  # not a counter: the stored value is the caller's, nothing changed
         chain._report.failed(plan.shared.name, operation, exc)
+        if isinstance(exc, CorruptValueError):  # unreadable, as a get finds it: absent
+            return None if operation in _COUNTERS else False  # and nothing was changed
         return _Failure(exc, sent=not isinstance(exc, CircuitOpenError))
 
 

@@ -40,6 +40,7 @@ from cachechain import (
     LayerError,
     LayerTimeoutError,
     LayerUnavailableError,
+    MemcachedLayer,
     MemoryLayer,
     UnconfirmedError,
 )
@@ -349,3 +350,32 @@ def test_flask_inc_from_many_threads_still_counts_each_call_once(
         assert backend.get("n") == 100
     finally:
         backend.close()
+
+
+@pytest.mark.parametrize(
+    ("flags", "stored"),
+    [(0, b"not an envelope"), (2, b"12ab")],  # garbage; counter bytes that are no number
+)
+def test_an_unreadable_value_is_absent_for_atomic_operations_strict_or_not(
+    memcached: MemcachedProcess, flags: int, stored: bytes
+) -> None:
+    """Bytes the layer cannot read are a miss for ``get`` (counted as corrupt); an
+    ``incr``, ``decr`` or ``touch`` of them changes nothing and must say "absent", not
+    "may have been made": strict ones raised ``UnconfirmedError`` (Django's ``incr``
+    let it reach the view), and counter bytes that are no number made ``incr`` spin 32
+    rounds of compare-and-set, then fail as contended."""
+    l2 = MemcachedLayer("L2", memcached.address, key_prefix="corrupt:")
+    chain = Chain([MemoryLayer("L1"), l2], coherence=False)
+    try:
+        mkey = b"corrupt:k"
+        head = b"set %s %d 0 %d\r\n" % (mkey, flags, len(stored))
+        assert memcached.raw(head + stored + b"\r\n") == b"STORED\r\n"
+        assert chain.get("k") is None
+        for strict in (False, True):
+            assert chain.incr("k", strict=strict) is None
+            assert chain.decr("k", strict=strict) is None
+            assert chain.touch("k", 10, strict=strict) is False
+        assert l2.stats().corrupt_values == 7  # the get, then each operation's read
+        assert memcached.raw(b"get " + mkey + b"\r\n").split(b"\r\n")[1] == stored
+    finally:
+        chain.close()
