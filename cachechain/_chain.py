@@ -584,7 +584,12 @@ def _key_list(keys: Iterable[str], operation: str) -> list[str]:
     ``str`` (a common slip for a list of one) or a key that is not a ``str``."""
     if isinstance(keys, str):
         raise InvalidKeyError(f"{operation} takes an iterable of keys, not one str")
-    wanted = list(dict.fromkeys(keys))
+    try:
+        wanted = list(dict.fromkeys(keys))
+    except TypeError:  # an unhashable key (a list): name it as check_key does
+        for key in keys:
+            check_key(key)
+        raise
     if {*map(type, wanted)} - _STR:  # a subclass, or an error (a pass in C)
         for key in wanted:
             check_key(key)

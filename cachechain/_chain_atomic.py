@@ -415,10 +415,17 @@ def _on_shared(
     except Exception as exc:
         if isinstance(exc, InvalidValueError) and operation in _COUNTERS:
             raise  # not a counter: the stored value is the caller's, nothing changed
-        chain._report.failed(plan.shared.name, operation, exc)
-        if isinstance(exc, CorruptValueError):  # unreadable, as a get finds it: absent
-            return None if operation in _COUNTERS else False  # and nothing was changed
-        return _Failure(exc, sent=not isinstance(exc, CircuitOpenError))
+        return _shared_failed(chain, plan.shared, operation, exc)
+
+
+def _shared_failed(chain: Chain, shared: Tier, operation: str, exc: Exception) -> Any:
+    """What :func:`_on_shared` answers for ``exc`` (counted and logged): bytes the layer
+    cannot read are absent, as a ``get`` finds them (nothing was changed); anything
+    else is a :class:`_Failure`."""
+    chain._report.failed(shared.name, operation, exc)
+    if isinstance(exc, CorruptValueError):
+        return None if operation in _COUNTERS else False
+    return _Failure(exc, sent=not isinstance(exc, CircuitOpenError))
 
 
 def _undrained(chain: Chain, shared: Tier, operation: str, key: str) -> _Failure:

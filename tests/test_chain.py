@@ -342,6 +342,11 @@ def test_invalid_keys_are_refused_with_a_clear_error() -> None:
             chain.delete_many("abc")
         with pytest.raises(InvalidKeyError):
             chain.get_many(["ok", 3])  # type: ignore[list-item]
+        # An unhashable key in a batch raised a bare TypeError (found by a review).
+        with pytest.raises(InvalidKeyError, match="unhashable list"):
+            chain.get_many([["k"]])  # type: ignore[list-item]
+        with pytest.raises(InvalidKeyError, match="unhashable list"):
+            chain.delete_many(["k", ["k"]])  # type: ignore[list-item]
 
 
 def test_an_empty_chain_and_bad_settings_are_refused() -> None:
