@@ -552,7 +552,10 @@ def _coherence(
                 )
     writer = tiers[at].writer
     held = writer.holds if writer is not None else _never_held
-    coherence = Coherence(tiers, at, namespace, chain._fence, chain._report, config, held)
+    overflowed = (lambda: writer.overflowed) if writer is not None else _never_overflowed
+    coherence = Coherence(
+        tiers, at, namespace, chain._fence, chain._report, config, held, overflowed
+    )
     for tier in tiers:  # past max_repairs, a shared layer is handled as a whole
         if tier.writer is not None and not tier.layer.local:
             tier.writer.overflow_handler = coherence.handle_overflow
@@ -560,6 +563,10 @@ def _coherence(
 
 
 def _never_held(key: str) -> bool:
+    return False
+
+
+def _never_overflowed() -> bool:
     return False
 
 
@@ -584,6 +591,8 @@ def _key_list(keys: Iterable[str], operation: str) -> list[str]:
     ``str`` (a common slip for a list of one) or a key that is not a ``str``."""
     if isinstance(keys, str):
         raise InvalidKeyError(f"{operation} takes an iterable of keys, not one str")
+    if not isinstance(keys, (list, tuple)):
+        keys = list(keys)  # an iterator: read once, checked below if need be
     try:
         wanted = list(dict.fromkeys(keys))
     except TypeError:  # an unhashable key (a list): name it as check_key does

@@ -86,8 +86,8 @@ class Coherence:
     applies other processes' changes to ``tiers`` (the chain's tiers) under ``fence``.
 
     The journal lives in the shared layer that holds ``namespace`` (unwrapped);
-    ``held(key)`` says whether a write of ``key`` has not reached it yet. Never raises
-    once built.
+    ``held(key)`` says whether a write of ``key`` has not reached it yet, and
+    ``overflowed()`` whether its writer gave up key by key. Never raises once built.
     """
 
     def __init__(
@@ -99,6 +99,7 @@ class Coherence:
         report: Reporter,
         config: CoherenceConfig,
         held: Callable[[str], bool],
+        overflowed: Callable[[], bool],
     ) -> None:
         local = [t for t in tiers[:shared_at] if t.layer.local]
         self._breaker = tiers[shared_at].breaker
@@ -118,6 +119,7 @@ class Coherence:
             bound=config.bound,
             slots=config.slots,
             held=held,
+            overflowed=overflowed,
         )
         #: Whether other processes' changes reach the in-process layers.
         self.tracking = track_keys

@@ -156,7 +156,9 @@ class MemcachedJournal:
     drop, but the other processes' in-process layers must hear of its writes).
     ``interval`` and ``bound``
     are seconds (``interval < bound``); ``slots`` the ring's size; ``held(key)`` says
-    whether a write of ``key`` has not reached the layer yet; ``clock`` (monotonic)
+    whether a write of ``key`` has not reached the layer yet, ``overflowed()`` whether
+    the layer's writer gave up key by key (it then holds every key, and its overflow
+    handling moves the namespace generation instead); ``clock`` (monotonic)
     and ``wall`` (epoch) return seconds. Thread-safe; :meth:`poll` may be called
     directly (tests) instead of :meth:`start`.
     """
@@ -174,6 +176,7 @@ class MemcachedJournal:
         read_ahead: int = 8,
         max_pending: int = 10_000,
         held: Callable[[str], bool] = lambda key: False,
+        overflowed: Callable[[], bool] = lambda: False,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
@@ -187,6 +190,7 @@ class MemcachedJournal:
         self._read_ahead = read_ahead
         self._max_pending = max_pending
         self._held = held
+        self._overflowed = overflowed
         self._clock = clock
         self._wall = wall
         self._receiver: Receiver | None = None
@@ -289,13 +293,13 @@ class MemcachedJournal:
         entry instead of the keys, but for those whose writes have not landed yet.
         Those wait apart and are published once they land: the "drop everything" goes
         out before, and a process that dropped its copy could read the old value back
-        meanwhile. At most ``max_pending`` of them: more are held only by a writer
-        past its own bounds (overflowed: it holds every key), whose overflow handling
-        moves the namespace generation for every process instead."""
-        held, over = self._held, self._held_over
-        over.update((key, None) for key in pending if held(key))
-        if len(over) > self._max_pending:
-            over.clear()
+        meanwhile. None while the writer is overflowed: it holds every key then, and
+        its overflow handling moves the namespace generation for every process."""
+        if self._overflowed():
+            self._held_over.clear()
+        else:
+            held = self._held
+            self._held_over.update((key, None) for key in pending if held(key))
         pending.clear()
         self._overflow = True
 

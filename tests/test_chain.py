@@ -347,6 +347,8 @@ def test_invalid_keys_are_refused_with_a_clear_error() -> None:
             chain.get_many([["k"]])  # type: ignore[list-item]
         with pytest.raises(InvalidKeyError, match="unhashable list"):
             chain.delete_many(["k", ["k"]])  # type: ignore[list-item]
+        with pytest.raises(InvalidKeyError, match="unhashable list"):
+            chain.get_many(k for k in ["a", ["b"]])  # type: ignore[misc]
 
 
 def test_an_empty_chain_and_bad_settings_are_refused() -> None:
