@@ -214,6 +214,28 @@ def test_an_abandoned_delete_cannot_free_a_later_lock(
         direct.close()
 
 
+def test_an_add_whose_stored_reply_came_split_by_its_timeout_is_still_retracted(
+    proxy: FaultProxy, memcached: MemcachedProcess
+) -> None:
+    """The caller of an ``add`` read "STO" of its reply, then timed out, and was told
+    the lock was not taken. The reaper read on from "RED" and did not recognize a
+    ``STORED``, so nothing retracted the add: memcached kept a lock nobody held, and
+    every process's ``add`` failed until its TTL."""
+    layer = via(proxy)
+    direct = MemcachedLayer("D", memcached.address)
+    try:
+        layer.get("warm")  # connected before the trickle
+        proxy.trickle(3, 2 * TIMEOUT)  # "STORED\r\n" as "STO", "RED", "\r\n"
+        with pytest.raises(LayerTimeoutError):
+            layer.add("lock", "mine", 60)
+        proxy.pass_through()
+        layer._pool.fates.wait([map_key("lock", "")], time.monotonic() + 10.0, "L2")
+        assert direct.get("lock") is MISSING, "the add the caller was told failed holds"
+    finally:
+        layer.close()
+        direct.close()
+
+
 def test_a_lease_waits_for_a_set_in_doubt_whose_retraction_would_free_it(
     proxy: FaultProxy, memcached: MemcachedProcess
 ) -> None:

@@ -144,7 +144,8 @@ class _Entry:
         self.first: bytes | None = None
         #: Answers to :data:`SENTINEL` still to read.
         self.answers = 1
-        self.buf = b""
+        #: What was read of the reply line before the caller's read timed out.
+        self.buf, conn.unread = conn.unread, b""
         self.since = since
 
     def step(self, events: int) -> bool:

@@ -130,6 +130,7 @@ class Connection:
         "server",
         "sock",
         "timeout",
+        "unread",
         "used",
     )
 
@@ -151,6 +152,9 @@ class Connection:
         #: out: what is left to send if the send itself timed out.
         self.out = b""
         self.sent = 0
+        #: The start of a reply line read before a read of its rest timed out (the
+        #: reaper reads on from it: a split ``STORED`` must still be recognized).
+        self.unread = b""
         #: The ``poll`` object :func:`stale` asks about ``sock`` (made on its first
         #: use, dropped with the socket), or None.
         self.poller: Any = None
@@ -543,7 +547,9 @@ class _Reply:
         while eol < 0:
             if len(buf) - pos > MAX_LINE:
                 raise MemcacheUnknownError(f"reply line too long: {buf[pos : pos + 80]!r}")
-            buf = buf[pos:] + _recv(self.conn, self.sock, self.deadline)
+            rest = self.conn.unread = buf[pos:]  # for the reaper, if this read times out
+            buf = rest + _recv(self.conn, self.sock, self.deadline)
+            self.conn.unread = b""
             pos = 0
             eol = buf.find(b"\r\n")
         if eol - pos > MAX_LINE:
