@@ -36,6 +36,7 @@ events, never on sleeps: a fault lasts until enough mutations failed in it.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import signal
@@ -252,6 +253,9 @@ class Run:
         #: did not see yet, past BOUND (allowed up to LAG).
         self.past_bound: list[float] = []
         self.unflushed: list[str] = []
+        #: When each (process, key) was last seen with a failed write that may still
+        #: show (see :meth:`in_doubt`), monotonic seconds.
+        self.doubt_seen: dict[tuple[str, str], float] = {}
         self.a = _chain("A", proxy.address, l1=True, timeout=TIMEOUT)
         self.b = _chain("B", server.address, l1=True, timeout=TIMEOUT)
         self.c = _chain("C", server.address, l1=False, timeout=TIMEOUT)
@@ -301,15 +305,26 @@ class Run:
         return writer is not None and writer.holds(key)
 
     def in_doubt(self, name: str) -> list[str]:
-        """The processes whose memcached pool holds a write of key ``name`` in doubt
-        now: it timed out after it was sent, and the reaper has not yet had the answer
-        to its retraction (the ``delete`` sent behind it; see ``layers/_fates.py``)."""
+        """The processes whose failed write of key ``name`` may still show, by
+        docs/design.md ("Writes in doubt"): their memcached pool holds a write of it in
+        doubt (it timed out after it was sent, and the reaper has not had the answer to
+        its retraction, the ``delete`` sent behind it; see ``layers/_fates.py``), or
+        their writer still holds the key (the repair queued when the write failed has
+        not landed, so the key is not published yet, and another process's L1 keeps a
+        copy of the late value it read meanwhile), or either was so less than LAG ago
+        (that copy is dropped within the bound of the publication)."""
         suffix = b"/" + name.encode()  # the key as memcached holds it: <generation>/name
-        return [
-            chain.name
-            for chain in self.chains
-            if any(k.endswith(suffix) for k in list(_pool(chain).fates.held))
-        ]
+        now = time.monotonic()
+        seen = self.doubt_seen
+        out = []
+        for chain in self.chains:
+            if self.held(chain.name, name) or any(
+                k.endswith(suffix) for k in list(_pool(chain).fates.held)
+            ):
+                seen[(chain.name, name)] = now
+            if now - seen.get((chain.name, name), -math.inf) < LAG:
+                out.append(chain.name)
+        return out
 
     def read(self, reader: Reader, model: KeyModel) -> None:
         floor = model.floor(reader.process, reader.lag, self.held)
@@ -478,7 +493,7 @@ def _report(run: Run, elapsed: float) -> str:
         f"mutations; {len(run.past_bound)} reads through another chain's L1 past the "
         f"{BOUND}s bound (latest {lag:.3f}s, allowed up to {LAG:.2f}s); chains that did "
         f"not flush: {run.unflushed or 'none'}; {c.in_doubt_reads} reads of a failed "
-        f"write while its process held it in doubt; {len(odd)} reads broke the model"
+        f"write while it could still show; {len(odd)} reads broke the model"
     ]
     groups: dict[str, list[Odd]] = {}
     for o in odd:

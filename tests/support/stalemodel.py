@@ -237,9 +237,10 @@ class Checker:
         self.reads = 0
         self.hits = 0
         self.odd: list[Odd] = []
-        #: Reads that returned a failed write's value while its process still held
-        #: the write in doubt: the late write and its retraction (a ``delete`` sent
-        #: right behind it on its connection) had not both run yet. Not stale by the
+        #: Reads that returned a failed write's value while it could still show: the
+        #: late write and its retraction (a ``delete`` sent right behind it on its
+        #: connection) had not both run yet, or a copy another process read meanwhile
+        #: was not dropped yet (the write's repair not published). Not stale by the
         #: chain's promise (docs/design.md, "Writes in doubt"); reported as a figure.
         self.in_doubt_reads = 0
 
@@ -272,10 +273,10 @@ class Checker:
     ) -> None:
         """Check ``value``, read from ``model``'s key through ``reader`` by a read that
         began at ``started`` (monotonic s) when its floor was ``floor``; a miss is
-        ``None``. ``in_doubt``: the processes that held a write of the key in doubt
-        when the read began (it timed out after it was sent; its retraction had not
-        been answered): a failed write of theirs may show until then (see
-        :attr:`in_doubt_reads`)."""
+        ``None``. ``in_doubt``: the processes whose failed write of the key could still
+        show when the read began (it timed out after it was sent, and its retraction
+        or the publication of its repair had not run yet; the caller says): a failed
+        write of theirs is not stale then (see :attr:`in_doubt_reads`)."""
         odd: Odd | None = None
         doubtful = False
         if value is not None:
