@@ -391,7 +391,7 @@ class MemcachedJournal:
             for key in ready:
                 del pending[key]
             if over:
-                landed = [k for k in over if not held(k) and k not in pending]
+                landed = [k for k in over if not held(k)]
                 for key in landed:
                     del over[key]
                 ready += landed

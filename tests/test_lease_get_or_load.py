@@ -278,29 +278,9 @@ def test_every_layer_but_the_shared_one_gets_the_value_once_it_took_it(
         chain.close()
 
 
+@pytest.mark.parametrize("module", ["its own", "the layer's"])
 def test_a_memcached_layer_subclass_set_stores_the_winners_value(
-    memcached: MemcachedProcess,
-) -> None:
-    written: list[str] = []
-
-    class Audited(MemcachedLayer):
-        def set(self, key: str, value: Any, ttl: float | None = None) -> None:
-            written.append(key)
-            super().set(key, value, ttl)
-
-    chain = Chain(
-        [MemoryLayer("L1"), Audited("L2", memcached.address, key_prefix=_prefix())],
-        coherence=False,
-    )
-    try:
-        assert chain.get_or_load("k", lambda: "v", 60) == "v"
-        assert chain.flush() and written == ["k"]
-    finally:
-        chain.close()
-
-
-def test_an_override_of_set_is_judged_by_the_method_not_by_its_module(
-    memcached: MemcachedProcess,
+    memcached: MemcachedProcess, module: str
 ) -> None:
     """A subclass's ``set`` is used for the winner's store wherever the subclass was
     defined. The override used to be judged by the module of the class defining
@@ -312,11 +292,12 @@ def test_an_override_of_set_is_judged_by_the_method_not_by_its_module(
         written.append(key)
         MemcachedLayer.set(self, key, value, ttl)
 
-    Vendored = type(
-        "Vendored", (MemcachedLayer,), {"set": set_, "__module__": MemcachedLayer.__module__}
-    )
+    body: dict[str, Any] = {"set": set_}
+    if module == "the layer's":
+        body["__module__"] = MemcachedLayer.__module__
+    audited = type("Audited", (MemcachedLayer,), body)
     chain = Chain(
-        [MemoryLayer("L1"), Vendored("L2", memcached.address, key_prefix=_prefix())],
+        [MemoryLayer("L1"), audited("L2", memcached.address, key_prefix=_prefix())],
         coherence=False,
     )
     try:

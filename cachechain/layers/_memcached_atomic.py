@@ -40,15 +40,7 @@ from pymemcache.exceptions import MemcacheClientError
 from .._codecs import CorruptValueError, expiry_of
 from .._errors import InvalidValueError, LayerError
 from ._base import MISSING
-from ._counters import (
-    RawCounter,
-    check_delta,
-    countable,
-    decr_value,
-    incr_value,
-    raw,
-    read_raw,
-)
+from ._counters import RawCounter, check_delta, countable, decr_value, incr_value, raw
 from ._memcached_keys import map_key
 from ._pool import Node
 
@@ -264,11 +256,10 @@ def _convert(
     found, cas = pool.call(node, "gets", mkey, deadline)
     if found is None:
         return None
-    if found.__class__ is RawCounter:
-        _check_counter(layer, found)  # memcached could not count it either: corrupt
-        return _AGAIN  # made a counter meanwhile: memcached's command works now
     now = layer._clock()
     value, remaining = layer._decode(found, mkey, now)  # counts and raises a corrupt value
+    if found.__class__ is RawCounter:  # a number (decoded above): made a counter
+        return _AGAIN  # meanwhile, so memcached's command works now
     if value is MISSING:
         return None
     current = countable(value)
@@ -297,7 +288,7 @@ def _touch(layer: MemcachedLayer, key: str, ttl: float | None) -> bool:
         if not found:
             return False  # absent, or a lease's stub
         if found.__class__ is RawCounter:
-            _check_counter(layer, found)  # bytes a get would not read are not touched
+            layer._decode(found, mkey, 0.0)  # counts and raises bytes a get would not read
             return bool(pool.call(node, "touch", mkey, exptime, deadline, keys=(mkey,)))
         try:
             data, old = layer._envelope.restamp(found, expires_at, mkey)
@@ -312,16 +303,6 @@ def _touch(layer: MemcachedLayer, key: str, ttl: float | None) -> bool:
         if stored:
             return True
     raise _contended(layer, key, "touch")
-
-
-def _check_counter(layer: MemcachedLayer, data: bytes) -> None:
-    """Raise :class:`~cachechain.CorruptValueError`, counted, when counter bytes
-    (memcached's flag for a counter) do not hold a 64-bit number."""
-    try:
-        read_raw(data)
-    except CorruptValueError as exc:
-        layer._corrupted(exc)
-        raise
 
 
 def _contended(layer: MemcachedLayer, key: str, operation: str) -> ContendedError:
