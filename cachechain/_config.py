@@ -114,8 +114,8 @@ class LayerConfig:
     remote layer, no for an in-process one). ``breaker`` overrides the chain's default
     breaker settings for this layer; ``timeout`` (seconds) is the longest a call may
     take before it counts as a failure (default: the layer's own socket ``timeout``
-    plus its ``connect_timeout``, as :class:`~cachechain._resilience.ResilientLayer`
-    computes it).
+    plus its ``connect_timeout`` and ``pool_timeout``, as
+    :class:`~cachechain._resilience.ResilientLayer` computes it).
     ``write_behind``: ``set`` queues writes to this layer instead of waiting for them.
     ``writer`` overrides the chain's default writer settings.
     """

@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 from ._breaker import BreakerStats, CircuitBreaker, CircuitState
 from ._errors import ConfigError
 from ._namespace import NamespacedLayer
-from ._validate import check_callable, check_optional_seconds
+from ._validate import check_callable, check_optional_seconds, check_seconds
 from .layers._base import (
     CacheLayer,
     Lease,
@@ -62,11 +62,13 @@ class ResilientLayer(LayerProxy):
 
     ``breaker`` defaults to ``CircuitBreaker(layer.name)``. ``timeout`` (seconds,
     ``None`` = no slow-call check) defaults to the wrapped layer's ``timeout`` plus its
-    ``connect_timeout`` when it has them (the layer's timeout bounds a whole call, and a
-    healthy call may also have to connect). ``clock`` returns monotonic seconds and
+    ``connect_timeout`` and ``pool_timeout`` when it has them (the layer's timeout
+    bounds a call once it has a connection; a healthy call may first wait for a pooled
+    one, then connect). ``clock`` returns monotonic seconds and
     times each call. Raises
     :class:`~cachechain.ConfigError` for a layer that is not a ``CacheLayer`` or
-    an invalid timeout (``layer.timeout`` is named when the default was invalid).
+    an invalid timeout (the layer's attribute, such as ``layer.timeout``, is named when
+    the default was invalid).
     Every operation raises :class:`~cachechain.CircuitOpenError` while the
     breaker refuses calls, and otherwise whatever the wrapped layer raises.
     """
@@ -85,13 +87,7 @@ class ResilientLayer(LayerProxy):
         elif not isinstance(breaker, CircuitBreaker):
             raise ConfigError(f"breaker must be a CircuitBreaker, got {breaker!r}")
         if timeout is None:
-            # The layer's timeout bounds a call; a healthy call may also connect.
-            own = layer.timeout if isinstance(layer, SupportsTimeout) else None
-            own = check_optional_seconds(own, "layer.timeout")
-            connect = check_optional_seconds(
-                getattr(layer, "connect_timeout", None), "layer.connect_timeout"
-            )
-            self._timeout = own if own is None or connect is None else own + connect
+            self._timeout = _slow_call_threshold(layer)
         else:
             self._timeout = check_optional_seconds(timeout, "timeout")
         check_callable(clock, "clock")
@@ -252,6 +248,22 @@ class ResilientLayer(LayerProxy):
         else:
             breaker.on_success(permit)
         return result
+
+
+def _slow_call_threshold(layer: CacheLayer) -> float | None:
+    """The default slow-call threshold of ``layer``: its ``timeout`` (None without
+    one), plus its ``connect_timeout`` and ``pool_timeout`` when it has them, as a
+    healthy call may wait for a pooled connection, then connect, before its timeout
+    runs out. Raises :class:`~cachechain.ConfigError` naming an invalid attribute."""
+    own = layer.timeout if isinstance(layer, SupportsTimeout) else None
+    threshold = check_optional_seconds(own, "layer.timeout")
+    if threshold is None:
+        return None
+    for name in ("connect_timeout", "pool_timeout"):
+        extra = getattr(layer, name, None)
+        if extra is not None:
+            threshold += check_seconds(extra, f"layer.{name}", zero_ok=True)
+    return threshold
 
 
 def unwrapped(layer: CacheLayer) -> CacheLayer:

@@ -357,6 +357,46 @@ def test_layer_timeout_used_for_slow_calls() -> None:
     assert r.breaker.state is CircuitState.OPEN
 
 
+class PooledFakeLayer(TimedFakeLayer):
+    """A fake layer with the memcached layer's three timeouts."""
+
+    connect_timeout = 0.1
+    pool_timeout = 0.3
+
+
+def test_a_call_that_waited_for_the_pool_is_not_slow() -> None:
+    """The pool's wait comes before the call's timeout starts (the memcached layer moves
+    its deadline by it): a healthy call that waited is no failure. The threshold was
+    the timeout plus the connect timeout alone, so such a call counted as slow, and a
+    busy pool could open the breaker of a healthy server."""
+    clock = FakeClock()
+    r, layer, _ = wrap(PooledFakeLayer(clock=clock), clock=clock, max_failures=1)
+    assert r.timeout == pytest.approx(0.25 + 0.1 + 0.3)
+    layer.delay = 0.3 + 0.25  # waited for the pool, then ran within its timeout
+    for _ in range(3):
+        r.get("k")
+    assert r.breaker.state is CircuitState.CLOSED
+    layer.delay = 0.7
+    r.get("k")
+    assert r.breaker.state is CircuitState.OPEN
+
+
+def test_memcached_layer_threshold_counts_its_three_timeouts() -> None:
+    mc = MemcachedLayer("L2", "127.0.0.1:1", timeout=0.2, connect_timeout=0.1, pool_timeout=0.4)
+    try:
+        assert mc.pool_timeout == 0.4
+        assert ResilientLayer(mc).timeout == pytest.approx(0.7)
+    finally:
+        mc.close()
+
+
+def test_invalid_pool_timeout_attribute_is_named() -> None:
+    layer = PooledFakeLayer()
+    layer.pool_timeout = float("nan")
+    with pytest.raises(ConfigError, match=r"layer\.pool_timeout"):
+        ResilientLayer(layer)
+
+
 def test_default_clock_times_real_calls() -> None:
     """With the default perf_counter clock, an instant call is never slow."""
     layer = FakeLayer()
@@ -505,9 +545,9 @@ def test_real_memcached_killed_then_restarted(own_memcached: MemcachedProcess) -
     clock = FakeClock()
     mc = MemcachedLayer("L2", own_memcached.address, connect_timeout=0.3, timeout=0.3)
     breaker = CircuitBreaker("L2", max_failures=2, reset_timeout=10.0, clock=clock)
-    r = ResilientLayer(mc, breaker=breaker)  # slow-call threshold: connect + read timeout
+    r = ResilientLayer(mc, breaker=breaker)  # slow-call threshold: pool + connect + timeout
     try:
-        assert r.timeout == pytest.approx(0.6)
+        assert r.timeout == pytest.approx(0.65)
         assert r.get("k") is MISSING
         r.set("k", {"v": 1}, ttl=60)
         assert r.get("k") == {"v": 1}

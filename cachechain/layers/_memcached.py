@@ -223,6 +223,12 @@ class MemcachedLayer(MemcachedLeaseOps, MemcachedAtomicOps, MemcachedValues, Bas
         return self._pool.connect_timeout
 
     @property
+    def pool_timeout(self) -> float:
+        """Seconds a call may wait for a pooled connection before its ``timeout``
+        starts."""
+        return self._pool.pool_timeout
+
+    @property
     def codec(self) -> Codec:
         """The codec that encodes this layer's values."""
         return self._codec
