@@ -61,7 +61,7 @@ import json.scanner
 import math
 import pickle
 import struct
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Final, Protocol, cast, runtime_checkable
 
 from . import _tagged
@@ -378,16 +378,28 @@ def _check_structure(value: dict[Any, Any] | list[Any] | tuple[Any, ...], max_de
 
 
 def _children(container: dict[Any, Any] | list[Any] | tuple[Any, ...]) -> Iterator[Any]:
-    """An iterator over the values of ``container``, after checking that every key of a
-    dict is a str."""
+    """An iterator over the values of ``container`` that may be containers (none when
+    every value is of a scalar type, told at C speed), after checking that every key of
+    a dict is a str."""
+    small = len(container) < _WALK_BELOW
     if isinstance(container, dict):
-        for key in container:
-            if not isinstance(key, str):
-                raise InvalidValueError(
-                    f"JSON object keys must be str, got {type(key).__name__} key {key!r}"
-                )
-        return iter(container.values())
-    return iter(container)
+        if small or not _STR.issuperset(map(type, container)):
+            for key in container:
+                if not isinstance(key, str):
+                    raise InvalidValueError(
+                        f"JSON object keys must be str, got {type(key).__name__} key {key!r}"
+                    )
+        values: Iterable[Any] = container.values()
+    else:
+        values = container
+    return iter(values) if small or not _SCALARS.issuperset(map(type, values)) else iter(())
+
+
+#: Containers shorter than this are walked item by item (cheaper than the sets' test).
+_WALK_BELOW: Final = 16
+#: Types that are never containers, and the type every JSON object key has.
+_SCALARS: Final = frozenset({str, int, float, bool, type(None)})
+_STR: Final = frozenset({str})
 
 
 class TaggedJsonCodec:

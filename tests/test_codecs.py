@@ -177,6 +177,37 @@ def test_json_rejects_circular_values() -> None:
     }
 
 
+def _long(tail: Any, n: int = 40) -> list[Any]:
+    """``n`` scalars of every JSON type, then ``tail``: a container long enough for
+    the structure check's C-speed pass."""
+    return [*(x for i in range(n // 4) for x in (f"s{i}", i, i + 0.5, None)), True, tail]
+
+
+def test_json_long_containers_are_checked_as_short_ones() -> None:
+    """The structure check passes over a long container of scalars at C speed; what
+    it must refuse it still refuses in one, however late it comes."""
+    codec = JsonCodec()
+    scalars = _long("end")
+    assert codec.decode(codec.encode(scalars)) == scalars
+    as_dict = {f"k{i}": v for i, v in enumerate(scalars)}
+    assert codec.decode(codec.encode(as_dict)) == as_dict
+    loop = _long(None)
+    loop[-1] = loop
+    keyed: dict[Any, Any] = dict(as_dict)
+    keyed[7] = "int key"
+    with pytest.raises(InvalidValueError, match="Circular"):
+        codec.encode(loop)
+    with pytest.raises(InvalidValueError, match="keys must be str"):
+        codec.encode(keyed)
+    deep = _long(nested(JsonCodec.MAX_DEPTH))  # one level more than the limit
+    with pytest.raises(InvalidValueError, match="nested more than"):
+        codec.encode(deep)
+    with pytest.raises(InvalidValueError, match="nested more than"):
+        codec.encode({f"k{i}": i for i in range(40)} | {"last": nested(JsonCodec.MAX_DEPTH)})
+    subclass = type("Text", (str,), {})
+    assert codec.decode(codec.encode(_long(subclass("x")))) == _long("x")
+
+
 @pytest.mark.parametrize("as_dict", [False, True])
 def test_json_nesting_limit_is_the_codecs_own_on_every_python(as_dict: bool) -> None:
     # The same values are refused on every Python: the interpreters' own limits differ

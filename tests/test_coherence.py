@@ -32,7 +32,14 @@ from cachechain import (
     SignedPickleCodec,
     _chain_clear,
 )
-from cachechain._journal import _WATCHDOG, BATCH, RING_BITS, MemcachedJournal
+from cachechain._journal import (
+    _WATCHDOG,
+    BATCH,
+    BATCH_BYTES,
+    RING_BITS,
+    MemcachedJournal,
+    batches_of,
+)
 from cachechain._namespace import Namespace, NamespacedLayer
 from cachechain.layers._base import BaseLayer
 from tests.support.fakes import FakeClock, FakeLayer
@@ -264,6 +271,33 @@ def test_a_batch_of_more_than_1000_keys_is_split_in_entries_read_in_order(
     got = b.rec.keys()
     assert [len(k) for k in got] == [BATCH, BATCH, 500]
     assert [k for batch in got for k in batch] == keys
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        [],
+        [5],
+        [5] * BATCH,
+        [5] * (BATCH + 1),
+        [BATCH_BYTES // 2 - 4, BATCH_BYTES // 2 - 4],  # exactly full
+        [BATCH_BYTES // 2 - 4, BATCH_BYTES // 2 - 3],  # one character over
+        [BATCH_BYTES // 2, BATCH_BYTES // 2 - 10, 3],
+        [BATCH_BYTES + 10, 1],  # a key longer than an entry still gets one
+    ],
+)
+def test_batches_are_cut_at_the_key_and_size_limits(sizes: list[int]) -> None:
+    keys = [f"{i}:" + "k" * max(0, n - len(f"{i}:")) for i, n in enumerate(sizes)]
+    batches = batches_of(keys)
+    assert [k for batch in batches for k in batch] == keys
+    for i, batch in enumerate(batches):
+        assert batch
+        assert len(batch) <= BATCH
+        fits = sum(len(k) + 4 for k in batch) - 4 <= BATCH_BYTES
+        assert fits or len(batch) == 1
+        if i + 1 < len(batches):  # cut only when the next key would not fit
+            with_next = [*batch, batches[i + 1][0]]
+            assert len(with_next) > BATCH or sum(len(k) + 4 for k in with_next) - 4 > BATCH_BYTES
 
 
 def test_a_key_whose_write_is_still_held_is_published_once_released(
