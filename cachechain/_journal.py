@@ -105,6 +105,38 @@ def batches_of(keys: Sequence[str]) -> list[list[str]]:
     return out
 
 
+class OwnEntries:
+    """The sequence numbers a journal reserved that its reader has not passed yet:
+    their entries are not read back, as what they hold is its own (a number missing
+    here is read, and skipped by its origin). At most about ``2 * slots`` are kept."""
+
+    __slots__ = ("_seqs", "_slots")
+
+    def __init__(self, slots: int) -> None:
+        self._slots = slots
+        self._seqs: set[int] = set()
+
+    def __contains__(self, seq: int) -> bool:
+        return seq in self._seqs
+
+    def reserved(self, first: int, top: int, last: int | None) -> None:
+        """This journal reserved ``first`` to ``top``; its reader's last is ``last``.
+        Past ``2 * slots`` numbers, those the reader passed (or will never reach: a
+        ring read again) are let go."""
+        seqs = self._seqs
+        seqs.update(range(first, top + 1))
+        if len(seqs) > 2 * self._slots:
+            floor = top - self._slots if last is None else max(last, top - self._slots)
+            self._seqs = {seq for seq in seqs if seq > floor}
+
+    def passed(self, seq: int) -> bool:
+        """Whether ``seq`` is this journal's own (the reader passes it: forgotten)."""
+        if seq in self._seqs:
+            self._seqs.discard(seq)
+            return True
+        return False
+
+
 class _Watchdog:
     """One daemon thread per process that reports lost track for the journals whose
     poll is stuck in I/O (a partition: a read waits for its socket timeout, longer
@@ -211,6 +243,7 @@ class MemcachedJournal:
         self._held_over: dict[str, None] = {}
         self._origin = f"{os.getpid()}-{secrets.token_hex(4)}"
         self._last: int | None = None  # the last sequence number applied
+        self._own = OwnEntries(self._slots)
         self._gap_since: float | None = None
         self._last_ok = self._clock()
         self._troubled = False  # a poll is in flight, or the last one failed
@@ -427,6 +460,8 @@ class MemcachedJournal:
             if top is None:
                 raise LayerUnavailableError("the journal head could not be created")
         first, now = top - n + 1, self._wall()
+        if self._follow:
+            self._own.reserved(first, top, self._last)
         entries = {
             self._slot(first + i): [first + i, self._origin, now, batch]
             for i, batch in enumerate(batches)
@@ -460,7 +495,10 @@ class MemcachedJournal:
             return self._layer.get_many([generation])  # type: ignore[no-any-return]
         wanted = [self._head_key, generation]
         if last is not None:
-            wanted += [self._slot(s) for s in range(last + 1, last + 1 + self._read_ahead)]
+            own = self._own
+            wanted += [
+                self._slot(s) for s in range(last + 1, last + 1 + self._read_ahead) if s not in own
+            ]
         return self._layer.get_many(wanted)  # type: ignore[no-any-return]
 
     def _apply(self, got: Mapping[str, Any], receiver: Receiver) -> bool:
@@ -495,19 +533,21 @@ class MemcachedJournal:
 
     def _entries(self, got: Mapping[str, Any], head: int, receiver: Receiver) -> bool:
         last = self._last or 0  # set by the caller: never None here
+        own = self._own
         for seq in range(last + 1, min(head, last + self._read_ahead) + 1):
-            entry = got.get(self._slot(seq))
-            found = _seq_of(entry)
-            if found == seq:
-                self._deliver(entry, receiver)
-            elif found is not None and found > seq:
-                receiver.lost("overrun")
-                self._last = head
-                return False
-            elif not self._gap_expired():
-                return False  # reserved, not written yet: read it again next round
-            else:
-                receiver.lost("gap")
+            if not own.passed(seq):  # not this journal's own entry (never read back)
+                entry = got.get(self._slot(seq))
+                found = _seq_of(entry)
+                if found == seq:
+                    self._deliver(entry, receiver)
+                elif found is not None and found > seq:
+                    receiver.lost("overrun")
+                    self._last = head
+                    return False
+                elif not self._gap_expired():
+                    return False  # reserved, not written yet: read it again next round
+                else:
+                    receiver.lost("gap")
             self._gap_since = None
             self._last = last = seq
         return last < head

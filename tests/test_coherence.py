@@ -232,6 +232,50 @@ def test_a_process_does_not_receive_its_own_entries(
     assert head(store) == 1  # it was published all the same
 
 
+def test_a_process_does_not_read_its_own_entries_back(
+    store: Store, mono: FakeClock, wall: FakeClock
+) -> None:
+    """A poll asks memcached only for the slots of other processes' entries: a
+    process's own are passed unread (in a process alone, every entry is its own)."""
+    a, b = Process(store, mono, wall), Process(store, mono, wall)
+    a.join()
+    b.join()
+    for p, keys in ((a, ["a1"]), (b, ["b1"]), (a, ["a2", "a3"])):
+        p.journal.publish(keys)
+        p.journal._publish_pending()  # published, not read (as a poll would)
+    store.calls.clear()
+    a.journal.poll()
+    b.journal.poll()
+    asked_by_a, asked_by_b = store.ops("get_many")
+    a_slots = {slot_key(seq(store, n), 1024) for n in (1, 3)}
+    b_slot = slot_key(seq(store, 2), 1024)
+    assert b_slot in asked_by_a and not a_slots & set(asked_by_a)
+    assert a_slots <= set(asked_by_b) and b_slot not in asked_by_b
+    assert a.rec.take() == [("invalidate", ["b1"], 0.0)]
+    assert b.rec.keys() == [["a1"], ["a2", "a3"]]
+    a.publish("a4")
+    b.publish("b2")
+    a.journal.poll()
+    assert a.rec.keys() == [["b2"]]  # read on past its own entries, in order
+    assert a.journal._own._seqs == set()  # each forgotten once passed
+
+
+def test_a_process_keeps_a_bounded_record_of_its_own_entries(
+    store: Store, mono: FakeClock, wall: FakeClock
+) -> None:
+    a, b = Process(store, mono, wall, slots=16), Process(store, mono, wall, slots=16)
+    a.join()
+    b.join()
+    for i in range(100):  # published, never read back: a's reader is not polling
+        a.journal.publish([f"k{i}"])
+        a.journal._publish_pending()
+    assert len(a.journal._own._seqs) <= 2 * 16 + 1
+    b.journal.poll()
+    assert b.rec.take() == [("lost", "overrun")]
+    a.journal.poll()  # a overran its own ring too: what it kept of it does not matter
+    assert a.rec.take() == [("lost", "overrun")]
+
+
 def test_entries_are_delivered_in_order_whoever_published_them(
     store: Store, mono: FakeClock, wall: FakeClock
 ) -> None:
