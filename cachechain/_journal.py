@@ -108,33 +108,49 @@ def batches_of(keys: Sequence[str]) -> list[list[str]]:
 class OwnEntries:
     """The sequence numbers a journal reserved that its reader has not passed yet:
     their entries are not read back, as what they hold is its own (a number missing
-    here is read, and skipped by its origin). At most about ``2 * slots`` are kept."""
+    here is read, and skipped by its origin). At most about ``2 * slots`` are kept.
+    Thread-safe (a ``close()`` may publish while the poller still reads)."""
 
-    __slots__ = ("_seqs", "_slots")
+    __slots__ = ("_lock", "_seqs", "_slots", "_top")
 
     def __init__(self, slots: int) -> None:
         self._slots = slots
+        self._lock = threading.Lock()
         self._seqs: set[int] = set()
+        self._top = 0  # the highest number kept
 
     def __contains__(self, seq: int) -> bool:
         return seq in self._seqs
 
     def reserved(self, first: int, top: int, last: int | None) -> None:
         """This journal reserved ``first`` to ``top``; its reader's last is ``last``.
-        Past ``2 * slots`` numbers, those the reader passed (or will never reach: a
-        ring read again) are let go."""
-        seqs = self._seqs
-        seqs.update(range(first, top + 1))
-        if len(seqs) > 2 * self._slots:
-            floor = top - self._slots if last is None else max(last, top - self._slots)
-            self._seqs = {seq for seq in seqs if seq > floor}
+        Past ``2 * slots`` numbers, those the reader passed or will never reach
+        (``slots`` or more below ``top``: it will find the ring overrun) are let go."""
+        with self._lock:
+            seqs = self._seqs
+            seqs.update(range(first, top + 1))
+            self._top = max(self._top, top)
+            if len(seqs) > 2 * self._slots:
+                floor = top - self._slots if last is None else max(last, top - self._slots)
+                self._seqs = {seq for seq in seqs if seq > floor}
+
+    def check_head(self, head: int) -> None:
+        """The reader found the ring's head at ``head``: if this journal reserved a
+        number above it, the head went back (a new ring, a server that lost
+        increments), and those numbers may be given to other processes: all are let
+        go (read and skipped by origin, like any number not kept)."""
+        if self._top > head:
+            with self._lock:
+                self._seqs = set()
+                self._top = 0
 
     def passed(self, seq: int) -> bool:
         """Whether ``seq`` is this journal's own (the reader passes it: forgotten)."""
-        if seq in self._seqs:
-            self._seqs.discard(seq)
-            return True
-        return False
+        with self._lock:
+            if seq in self._seqs:
+                self._seqs.discard(seq)
+                return True
+            return False
 
 
 class _Watchdog:
@@ -510,6 +526,7 @@ class MemcachedJournal:
             self._layer.add(self._head_key, ring_start(), None)
             self._last = None
             return False
+        self._own.check_head(head)
         last = self._last
         # Another ring: the head went back, or its high bits changed (made again since
         # this reader's last read; once in 2**32 entries, the ring's own count crossing

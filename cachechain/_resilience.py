@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 from ._breaker import BreakerStats, CircuitBreaker, CircuitState
 from ._errors import ConfigError
 from ._namespace import NamespacedLayer
-from ._validate import check_callable, check_optional_seconds, check_seconds
+from ._validate import check_callable, check_optional_seconds
 from .layers._base import (
     CacheLayer,
     Lease,
@@ -257,13 +257,15 @@ def _slow_call_threshold(layer: CacheLayer) -> float | None:
     runs out. Raises :class:`~cachechain.ConfigError` naming an invalid attribute."""
     own = layer.timeout if isinstance(layer, SupportsTimeout) else None
     threshold = check_optional_seconds(own, "layer.timeout")
+    connect = check_optional_seconds(
+        getattr(layer, "connect_timeout", None), "layer.connect_timeout"
+    )
+    pool = check_optional_seconds(
+        getattr(layer, "pool_timeout", None), "layer.pool_timeout", zero_ok=True
+    )
     if threshold is None:
         return None
-    for name in ("connect_timeout", "pool_timeout"):
-        extra = getattr(layer, name, None)
-        if extra is not None:
-            threshold += check_seconds(extra, f"layer.{name}", zero_ok=True)
-    return threshold
+    return threshold + (connect or 0.0) + (pool or 0.0)
 
 
 def unwrapped(layer: CacheLayer) -> CacheLayer:

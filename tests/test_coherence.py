@@ -12,6 +12,7 @@ that need the real poller thread say so and synchronise on events.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -38,6 +39,7 @@ from cachechain._journal import (
     BATCH_BYTES,
     RING_BITS,
     MemcachedJournal,
+    OwnEntries,
     batches_of,
 )
 from cachechain._namespace import Namespace, NamespacedLayer
@@ -274,6 +276,72 @@ def test_a_process_keeps_a_bounded_record_of_its_own_entries(
     assert b.rec.take() == [("lost", "overrun")]
     a.journal.poll()  # a overran its own ring too: what it kept of it does not matter
     assert a.rec.take() == [("lost", "overrun")]
+
+
+@pytest.mark.parametrize("below", [False, True])
+def test_numbers_a_process_reserved_before_the_head_went_back_are_read_again(
+    store: Store, mono: FakeClock, wall: FakeClock, below: bool
+) -> None:
+    """The head went back within one ring (a server that lost increments): the
+    numbers this process reserved above it go to other processes now, and their
+    entries are delivered, not passed as its own (found by review)."""
+    a, b = Process(store, mono, wall), Process(store, mono, wall)
+    a.join()
+    b.join()
+    start = store.data[HEAD_KEY][0]
+    if below:  # a's reader has passed start + 1 when the head goes back to start
+        b.publish("b0")
+        a.journal.poll()
+        assert a.rec.keys() == [["b0"]]
+        a.rec.take()
+    a.journal.publish(["mine"])
+    a.journal._publish_pending()  # reserved, not read back
+    store.data[HEAD_KEY] = (start, None)
+    a.journal.poll()
+    assert a.rec.take() == ([("lost", "reset")] if below else [])
+    for key in ("b1", "b2", "b3"):
+        b.publish(key)
+    a.journal.poll()
+    assert a.rec.keys() == [["b1"], ["b2"], ["b3"]]
+
+
+def test_own_entries_are_kept_safely_while_close_publishes_during_a_poll() -> None:
+    """close()'s last publication may run on the caller's thread while the poller
+    still reads (its join timed out): the record of own numbers is locked (a set
+    pruned while the reader discarded from it raised 'Set changed size')."""
+    own = OwnEntries(64)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+
+    def publisher() -> None:
+        top = 0
+        try:
+            for _ in range(100_000):
+                own.reserved(top + 1, top + 8, top - 200)
+                top += 8
+        except BaseException as exc:  # what the race raised
+            errors.append(exc)
+        finally:
+            stop.set()
+
+    def reader() -> None:
+        seq = 0
+        while not stop.is_set():
+            own.passed(seq)
+            seq = (seq + 7) % 200_000
+
+    threads = [threading.Thread(target=publisher), threading.Thread(target=reader)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(WAIT * 6)
+    finally:
+        sys.setswitchinterval(switch)
+    assert errors == []
+    assert len(own._seqs) <= 2 * 64 + 8
 
 
 def test_entries_are_delivered_in_order_whoever_published_them(

@@ -296,6 +296,76 @@ def test_the_wait_for_a_pooled_connection_does_not_eat_the_commands_timeout(
         layer.close()
 
 
+class _WaitingPool:
+    """Makes every wait of ``layer``'s pool for a client last ``WAITED`` seconds on a
+    fake monotonic clock (the one the pool measures its waits by), the first one
+    ending with the pool's one idle client (connected: a reused one), and records the
+    deadline each command is sent with."""
+
+    WAITED = 0.4
+
+    def __init__(self, layer: MemcachedLayer, monkeypatch: pytest.MonkeyPatch) -> None:
+        import cachechain.layers._pool as pool_module
+
+        self.pool = pool = layer._pool
+        self.now = 100.0
+        self.deadlines: list[float] = []
+        fake_time = type("FakeTime", (), {"monotonic": staticmethod(lambda: self.now)})
+        monkeypatch.setattr(pool_module, "time", fake_time)
+        acquire = pool._acquire_slow
+        kept = [pool.first.idle.pop()]  # busy: the next call waits for it
+        assert kept[0].sock is not None
+
+        def waited(node: object) -> object:
+            self.now += self.WAITED
+            return kept.pop() if kept else acquire(node)
+
+        monkeypatch.setattr(pool, "_acquire_slow", waited)
+
+    def op(self, fail_once: BaseException | None = None) -> object:
+        """A command that records its deadline (and raises ``fail_once`` once)."""
+
+        def command(client: object, deadline: float) -> str:
+            self.deadlines.append(deadline)
+            nonlocal fail_once
+            if fail_once is not None:
+                error, fail_once = fail_once, None
+                raise error
+            return "ok"
+
+        return command
+
+
+@pytest.mark.parametrize("path", ["stale before sending", "retry after a reset"])
+def test_a_call_moves_its_deadline_by_one_wait_for_the_pool(
+    memcached: MemcachedProcess, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """The deadline moves by the first wait for a pooled connection only. A second one
+    (a stale connection replaced before an ``add``, a read retried after a reset) came
+    out of the timeout no more: a call could last ``timeout + 2 * pool_timeout``, past
+    the breaker's slow-call threshold (found by review)."""
+    import cachechain.layers._pool as pool_module
+
+    layer = MemcachedLayer("L2", memcached.address, pool_size=1, pool_timeout=1.0)
+    try:
+        layer.set("k", 1)  # one pooled client, connected
+        spy = _WaitingPool(layer, monkeypatch)
+        pool, node = spy.pool, spy.pool.first
+        if path == "stale before sending":
+            checks = iter([True])  # the client it waited for looks stale, once
+            monkeypatch.setattr(pool_module, "stale", lambda client: next(checks, False))
+            monkeypatch.setattr(pool_module, "RECENT", -1.0)  # always checked
+            assert pool.call_once(node, spy.op(), 10.0) == "ok"
+        else:
+            reset = ConnectionResetError("reset by peer")
+            assert pool.attempt(node, spy.op(fail_once=reset), (10.0,), True) == "ok"
+            assert len(spy.deadlines) == 2  # sent, reset, sent again on a new client
+        assert spy.now == pytest.approx(100.0 + 2 * spy.WAITED)  # it waited twice
+        assert spy.deadlines[-1] == pytest.approx(10.0 + spy.WAITED)
+    finally:
+        layer.close()
+
+
 # -- the reaper ---------------------------------------------------------------------------
 
 

@@ -390,11 +390,26 @@ def test_memcached_layer_threshold_counts_its_three_timeouts() -> None:
         mc.close()
 
 
-def test_invalid_pool_timeout_attribute_is_named() -> None:
+@pytest.mark.parametrize(
+    ("timeout", "name", "bad"),
+    [
+        (0.25, "pool_timeout", float("nan")),
+        (0.25, "pool_timeout", True),
+        (0.25, "connect_timeout", 0),  # a connect timeout is > 0; a pool timeout may be 0
+        (None, "connect_timeout", "bad"),  # checked even when there is no threshold
+        (None, "pool_timeout", -1.0),
+    ],
+)
+def test_invalid_timeout_attributes_are_named(timeout: float | None, name: str, bad: Any) -> None:
     layer = PooledFakeLayer()
-    layer.pool_timeout = float("nan")
-    with pytest.raises(ConfigError, match=r"layer\.pool_timeout"):
+    layer.timeout = timeout  # type: ignore[assignment]
+    setattr(layer, name, bad)
+    with pytest.raises(ConfigError, match=rf"layer\.{name}"):
         ResilientLayer(layer)
+    setattr(layer, name, 0.0 if name == "pool_timeout" else 0.5)
+    connect, pool = (0.1, 0.0) if name == "pool_timeout" else (0.5, 0.3)
+    expected = None if timeout is None else pytest.approx(timeout + connect + pool)
+    assert ResilientLayer(layer).timeout == expected
 
 
 def test_default_clock_times_real_calls() -> None:

@@ -147,7 +147,8 @@ class SupportsTimeout(Protocol):
 
     The chain waits at most ``timeout`` for a write of a key in flight before it writes
     the key again, and the breaker wrapper the chain puts around a remote layer counts
-    a call slower than that (plus a ``connect_timeout`` attribute, if any) as a
+    a call slower than that (plus ``connect_timeout`` and ``pool_timeout``
+    attributes, if any: a call may wait for a pooled connection, then connect) as a
     failure. Without it the chain waits a default and counts no slow calls."""
 
     @property

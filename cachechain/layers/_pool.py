@@ -284,7 +284,10 @@ class Pool:
         try:
             client = node.idle.pop()  # the common case: no lock
         except IndexError:
-            client, args = self._acquire_slow_for(node, args)
+            if retry:
+                client, args = self._acquire_slow_for(node, args)
+            else:  # a retry: its wait comes out of the timeout (the deadline moved once)
+                client = self._acquire_slow(node)
         reused = client.sock is not None
         try:
             result = getattr(client, op)(*args) if isinstance(op, str) else op(client, *args)
@@ -333,7 +336,7 @@ class Pool:
         if client.sock is not None and self._monotonic() - client.used > RECENT and stale(client):
             node.discard(client)  # its server went away: the others are as stale
             node.drop_idle()
-            client, args = self._acquire_slow_for(node, args)
+            client = self._acquire_slow(node)  # out of the timeout: the deadline moved once
         try:
             result = getattr(client, op)(*args) if isinstance(op, str) else op(client, *args)
         except Exception as exc:
@@ -400,7 +403,9 @@ class Pool:
         """:meth:`_acquire_slow` for a command whose last argument is its deadline:
         the client, and the arguments with the deadline moved by the time waited for
         it (a caller waits at most ``pool_timeout`` for a client before its
-        ``timeout`` starts: a busy pool must not make a healthy node time out)."""
+        ``timeout`` starts: a busy pool must not make a healthy node time out). Once
+        per call: a second wait (a retry, a stale connection replaced) comes out of the
+        timeout, so that no call lasts longer than ``pool_timeout + timeout``."""
         began = time.monotonic()
         client = self._acquire_slow(node)
         waited = time.monotonic() - began
