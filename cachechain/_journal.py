@@ -59,7 +59,7 @@ from ._backplane import Receiver
 from ._config import PUBLISH_DELAY, WATCH_TICK, stuck_after
 from ._errors import LayerUnavailableError
 from ._logonce import LogOnce
-from ._namespace import Namespace
+from ._namespace import BOOKKEEPING_TTL, Namespace
 from .layers._base import CacheLayer
 
 __all__ = ["BATCH", "BATCH_BYTES", "MemcachedJournal", "batches_of"]
@@ -471,7 +471,7 @@ class MemcachedJournal:
         n = len(batches)
         top = self._layer.incr(self._head_key, n)
         if top is None:  # no head yet (or flushed): start one
-            self._layer.add(self._head_key, ring_start(), None)
+            self._layer.add(self._head_key, ring_start(), BOOKKEEPING_TTL)
             top = self._layer.incr(self._head_key, n)
             if top is None:
                 raise LayerUnavailableError("the journal head could not be created")
@@ -523,7 +523,7 @@ class MemcachedJournal:
         if type(head) is not int:
             if self._last is not None:
                 receiver.lost("reset")
-            self._layer.add(self._head_key, ring_start(), None)
+            self._layer.add(self._head_key, ring_start(), BOOKKEEPING_TTL)
             self._last = None
             return False
         self._own.check_head(head)

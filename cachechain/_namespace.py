@@ -51,11 +51,25 @@ from .layers._base import (
 )
 from .layers._proxy import LayerProxy
 
-__all__ = ["RESERVED_PREFIX", "Namespace", "NamespacedLayer", "batch_under", "codec_tag"]
+__all__ = [
+    "BOOKKEEPING_TTL",
+    "RESERVED_PREFIX",
+    "Namespace",
+    "NamespacedLayer",
+    "batch_under",
+    "codec_tag",
+]
 
 #: Keys of cachechain's own bookkeeping in a shared layer start with this; they are
 #: never namespaced (a namespaced key starts with a hex digit).
 RESERVED_PREFIX: Final = "__cachechain__/"
+#: Seconds (ten years: "never", as Django's ``timeout=None``) that the bookkeeping
+#: keys every process shares live: the namespace generation and the journal's head.
+#: Stored with the layer's ``default_ttl`` (300 s on memcached), they expired: the
+#: head's expiry made every process drop its in-process entries every five minutes,
+#: and a process that started just after the generation's made up a new one. A
+#: layer's ``max_ttl`` still caps it (then each expiry costs those drops once).
+BOOKKEEPING_TTL: Final = 10 * 365 * 24 * 3600.0
 _BITS: Final = 62  # a fresh generation: far below the 2**63 where counters wrap
 _PROBE: Final = ["cachechain-namespace", 1]
 
@@ -200,7 +214,7 @@ class Namespace:
             moved = self._layer.incr(self.generation_key, 1)
             if not _is_generation(moved):
                 moved = secrets.randbits(_BITS) + 1
-                self._layer.set(self.generation_key, moved, None)
+                self._layer.set(self.generation_key, moved, BOOKKEEPING_TTL)
             self.epoch += 1
             self._set(moved)
             return True
@@ -215,12 +229,12 @@ class Namespace:
         layer holds then."""
         fresh = known if known is not None else secrets.randbits(_BITS) + 1
         key = self.generation_key
-        if self._layer.add(key, fresh, None):
+        if self._layer.add(key, fresh, BOOKKEEPING_TTL):
             return fresh
         value = self._layer.get(key)
         if _is_generation(value):
             return int(value)
-        self._layer.set(key, fresh, None)  # unreadable: replace it
+        self._layer.set(key, fresh, BOOKKEEPING_TTL)  # unreadable: replace it
         return fresh
 
     def _set(self, generation: int) -> None:

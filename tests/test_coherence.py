@@ -344,6 +344,29 @@ def test_own_entries_are_kept_safely_while_close_publishes_during_a_poll() -> No
     assert len(own._seqs) <= 2 * 64 + 8
 
 
+def test_the_head_and_the_generation_outlive_the_layers_default_ttl(
+    mono: FakeClock, wall: FakeClock
+) -> None:
+    """The journal's head and the namespace generation are stored for ten years, not
+    the layer's ``default_ttl`` (300 s on memcached): the head's expiry made every
+    process drop its in-process entries every five minutes (``lost("reset")``), and a
+    process that fetched the generation just after its expiry made up a new one, so
+    that it did not see what the others wrote (found by review)."""
+    store = Store(clock=wall, default_ttl=300.0)
+    a, b = Process(store, mono, wall), Process(store, mono, wall)
+    a.join()
+    b.join()
+    generation = a.ns.generation
+    for _ in range(3):
+        wall.advance(301.0)
+        a.publish("k")
+        b.journal.poll()
+        assert b.rec.take() == [("invalidate", ["k"], 0.0)]  # the same ring, read on
+        assert Namespace(store).current() == a.ns.prefix  # a newcomer: the same one
+    assert a.ns.generation == b.ns.generation == generation
+    assert a.rec.take() == []
+
+
 def test_entries_are_delivered_in_order_whoever_published_them(
     store: Store, mono: FakeClock, wall: FakeClock
 ) -> None:
