@@ -59,7 +59,7 @@ from ._backplane import Receiver
 from ._config import PUBLISH_DELAY, WATCH_TICK, stuck_after
 from ._errors import LayerUnavailableError
 from ._logonce import LogOnce
-from ._namespace import BOOKKEEPING_TTL, Namespace
+from ._namespace import Namespace, bookkeeping_ttl
 from .layers._base import CacheLayer
 
 __all__ = ["BATCH", "BATCH_BYTES", "MemcachedJournal", "batches_of"]
@@ -103,54 +103,6 @@ def batches_of(keys: Sequence[str]) -> list[list[str]]:
     if batch:
         out.append(batch)
     return out
-
-
-class OwnEntries:
-    """The sequence numbers a journal reserved that its reader has not passed yet:
-    their entries are not read back, as what they hold is its own (a number missing
-    here is read, and skipped by its origin). At most about ``2 * slots`` are kept.
-    Thread-safe (a ``close()`` may publish while the poller still reads)."""
-
-    __slots__ = ("_lock", "_seqs", "_slots", "_top")
-
-    def __init__(self, slots: int) -> None:
-        self._slots = slots
-        self._lock = threading.Lock()
-        self._seqs: set[int] = set()
-        self._top = 0  # the highest number kept
-
-    def __contains__(self, seq: int) -> bool:
-        return seq in self._seqs
-
-    def reserved(self, first: int, top: int, last: int | None) -> None:
-        """This journal reserved ``first`` to ``top``; its reader's last is ``last``.
-        Past ``2 * slots`` numbers, those the reader passed or will never reach
-        (``slots`` or more below ``top``: it will find the ring overrun) are let go."""
-        with self._lock:
-            seqs = self._seqs
-            seqs.update(range(first, top + 1))
-            self._top = max(self._top, top)
-            if len(seqs) > 2 * self._slots:
-                floor = top - self._slots if last is None else max(last, top - self._slots)
-                self._seqs = {seq for seq in seqs if seq > floor}
-
-    def check_head(self, head: int) -> None:
-        """The reader found the ring's head at ``head``: if this journal reserved a
-        number above it, the head went back (a new ring, a server that lost
-        increments), and those numbers may be given to other processes: all are let
-        go (read and skipped by origin, like any number not kept)."""
-        if self._top > head:
-            with self._lock:
-                self._seqs = set()
-                self._top = 0
-
-    def passed(self, seq: int) -> bool:
-        """Whether ``seq`` is this journal's own (the reader passes it: forgotten)."""
-        with self._lock:
-            if seq in self._seqs:
-                self._seqs.discard(seq)
-                return True
-            return False
 
 
 class _Watchdog:
@@ -259,7 +211,6 @@ class MemcachedJournal:
         self._held_over: dict[str, None] = {}
         self._origin = f"{os.getpid()}-{secrets.token_hex(4)}"
         self._last: int | None = None  # the last sequence number applied
-        self._own = OwnEntries(self._slots)
         self._gap_since: float | None = None
         self._last_ok = self._clock()
         self._troubled = False  # a poll is in flight, or the last one failed
@@ -471,13 +422,11 @@ class MemcachedJournal:
         n = len(batches)
         top = self._layer.incr(self._head_key, n)
         if top is None:  # no head yet (or flushed): start one
-            self._layer.add(self._head_key, ring_start(), BOOKKEEPING_TTL)
+            self._layer.add(self._head_key, ring_start(), bookkeeping_ttl(self._layer))
             top = self._layer.incr(self._head_key, n)
             if top is None:
                 raise LayerUnavailableError("the journal head could not be created")
         first, now = top - n + 1, self._wall()
-        if self._follow:
-            self._own.reserved(first, top, self._last)
         entries = {
             self._slot(first + i): [first + i, self._origin, now, batch]
             for i, batch in enumerate(batches)
@@ -511,10 +460,7 @@ class MemcachedJournal:
             return self._layer.get_many([generation])  # type: ignore[no-any-return]
         wanted = [self._head_key, generation]
         if last is not None:
-            own = self._own
-            wanted += [
-                self._slot(s) for s in range(last + 1, last + 1 + self._read_ahead) if s not in own
-            ]
+            wanted += [self._slot(s) for s in range(last + 1, last + 1 + self._read_ahead)]
         return self._layer.get_many(wanted)  # type: ignore[no-any-return]
 
     def _apply(self, got: Mapping[str, Any], receiver: Receiver) -> bool:
@@ -523,10 +469,9 @@ class MemcachedJournal:
         if type(head) is not int:
             if self._last is not None:
                 receiver.lost("reset")
-            self._layer.add(self._head_key, ring_start(), BOOKKEEPING_TTL)
+            self._layer.add(self._head_key, ring_start(), bookkeeping_ttl(self._layer))
             self._last = None
             return False
-        self._own.check_head(head)
         last = self._last
         # Another ring: the head went back, or its high bits changed (made again since
         # this reader's last read; once in 2**32 entries, the ring's own count crossing
@@ -550,21 +495,19 @@ class MemcachedJournal:
 
     def _entries(self, got: Mapping[str, Any], head: int, receiver: Receiver) -> bool:
         last = self._last or 0  # set by the caller: never None here
-        own = self._own
         for seq in range(last + 1, min(head, last + self._read_ahead) + 1):
-            if not own.passed(seq):  # not this journal's own entry (never read back)
-                entry = got.get(self._slot(seq))
-                found = _seq_of(entry)
-                if found == seq:
-                    self._deliver(entry, receiver)
-                elif found is not None and found > seq:
-                    receiver.lost("overrun")
-                    self._last = head
-                    return False
-                elif not self._gap_expired():
-                    return False  # reserved, not written yet: read it again next round
-                else:
-                    receiver.lost("gap")
+            entry = got.get(self._slot(seq))
+            found = _seq_of(entry)
+            if found == seq:
+                self._deliver(entry, receiver)
+            elif found is not None and found > seq:
+                receiver.lost("overrun")
+                self._last = head
+                return False
+            elif not self._gap_expired():
+                return False  # reserved, not written yet: read it again next round
+            else:
+                receiver.lost("gap")
             self._gap_since = None
             self._last = last = seq
         return last < head

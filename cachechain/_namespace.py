@@ -57,6 +57,7 @@ __all__ = [
     "Namespace",
     "NamespacedLayer",
     "batch_under",
+    "bookkeeping_ttl",
     "codec_tag",
 ]
 
@@ -64,12 +65,21 @@ __all__ = [
 #: never namespaced (a namespaced key starts with a hex digit).
 RESERVED_PREFIX: Final = "__cachechain__/"
 #: Seconds (ten years: "never", as Django's ``timeout=None``) that the bookkeeping
-#: keys every process shares live: the namespace generation and the journal's head.
-#: Stored with the layer's ``default_ttl`` (300 s on memcached), they expired: the
-#: head's expiry made every process drop its in-process entries every five minutes,
-#: and a process that started just after the generation's made up a new one. A
-#: layer's ``max_ttl`` still caps it (then each expiry costs those drops once).
+#: keys every process shares live on a layer whose ``default_ttl`` is not ``None``:
+#: the namespace generation and the journal's head (see :func:`bookkeeping_ttl`).
 BOOKKEEPING_TTL: Final = 10 * 365 * 24 * 3600.0
+
+
+def bookkeeping_ttl(layer: object) -> float | None:
+    """The TTL to store a bookkeeping key with on ``layer``: ``None`` (the layer's
+    default) when that default is ``None`` (no expiry, and no ``max_ttl`` applies),
+    else :data:`BOOKKEEPING_TTL` (a layer's ``max_ttl`` caps it). With the layer's
+    300 s default they expired: the head's expiry made every process drop its
+    in-process entries every five minutes, and a process that fetched the generation
+    just after it expired made up a new one."""
+    return None if getattr(layer, "default_ttl", 0.0) is None else BOOKKEEPING_TTL
+
+
 _BITS: Final = 62  # a fresh generation: far below the 2**63 where counters wrap
 _PROBE: Final = ["cachechain-namespace", 1]
 
@@ -214,7 +224,7 @@ class Namespace:
             moved = self._layer.incr(self.generation_key, 1)
             if not _is_generation(moved):
                 moved = secrets.randbits(_BITS) + 1
-                self._layer.set(self.generation_key, moved, BOOKKEEPING_TTL)
+                self._layer.set(self.generation_key, moved, bookkeeping_ttl(self._layer))
             self.epoch += 1
             self._set(moved)
             return True
@@ -229,12 +239,12 @@ class Namespace:
         layer holds then."""
         fresh = known if known is not None else secrets.randbits(_BITS) + 1
         key = self.generation_key
-        if self._layer.add(key, fresh, BOOKKEEPING_TTL):
+        if self._layer.add(key, fresh, bookkeeping_ttl(self._layer)):
             return fresh
         value = self._layer.get(key)
         if _is_generation(value):
             return int(value)
-        self._layer.set(key, fresh, BOOKKEEPING_TTL)  # unreadable: replace it
+        self._layer.set(key, fresh, bookkeeping_ttl(self._layer))  # unreadable: replace it
         return fresh
 
     def _set(self, generation: int) -> None:
