@@ -64,9 +64,10 @@ __all__ = [
 #: Keys of cachechain's own bookkeeping in a shared layer start with this; they are
 #: never namespaced (a namespaced key starts with a hex digit).
 RESERVED_PREFIX: Final = "__cachechain__/"
-#: Seconds (ten years: "never", as Django's ``timeout=None``) that the bookkeeping
-#: keys every process shares live on a layer whose ``default_ttl`` is not ``None``:
-#: the namespace generation and the journal's head (see :func:`bookkeeping_ttl`).
+#: Seconds (ten years: "never", as Django's ``timeout=None``; the contrib backends'
+#: ``NO_EXPIRY_TTL`` is this value) that the bookkeeping keys every process shares
+#: live on a layer whose ``default_ttl`` is not ``None``: the namespace generation and
+#: the journal's head (see :func:`bookkeeping_ttl`).
 BOOKKEEPING_TTL: Final = 10 * 365 * 24 * 3600.0
 
 

@@ -69,6 +69,7 @@ from .. import _fork
 from .._chain import Chain
 from .._codecs import SignedPickleCodec, TaggedJsonCodec
 from .._errors import InvalidValueError
+from .._namespace import BOOKKEEPING_TTL
 from .._resilience import unwrapped
 from ..layers._base import MISSING
 from ._values import PICKLED, TAGGED, ValueForm, log
@@ -77,7 +78,7 @@ __all__ = ["NO_EXPIRY_TTL", "log"]
 
 #: The TTL, in seconds (ten years), that stands for "never expires" (Django's
 #: ``timeout=None``, Flask-Caching's ``timeout=0``).
-NO_EXPIRY_TTL: Final[float] = 10 * 365 * 24 * 3600.0
+NO_EXPIRY_TTL: Final[float] = BOOKKEEPING_TTL  # the one "never" of the project
 
 
 def _add(chain: Chain, key: str, stored: Any, ttl: float | None) -> bool:
